@@ -71,10 +71,23 @@ resolve_kernel() {
     echo "$pkg $ver"
 }
 
-if ! kinfo=$(resolve_kernel); then
-    # Fresh machine: the package lists may be empty or stale.
-    apt_update_once
-    kinfo=$(resolve_kernel) || die "cannot resolve the kernel package (linux-image-amd64 -> linux-image-<version>-amd64) from apt"
+# The answer only changes when apt's package lists do, so remember it keyed by
+# the lists' names/sizes/mtimes: this keeps the warm path (run-guest.sh calls
+# us before every boot) at a fraction of a second.
+lists_sig=$( { echo "${GUEST_KERNEL_PKG:-}"; stat -c '%n %s %Y' /var/lib/apt/lists/*Packages* 2>/dev/null; } | sha256sum | cut -c1-16)
+kinfo=""
+if [ -f "$GUEST_CACHE/kernel-resolved" ]; then
+    read -r sig p v <"$GUEST_CACHE/kernel-resolved" || true
+    [ "${sig:-}" = "$lists_sig" ] && [ -n "${v:-}" ] && kinfo="$p $v"
+fi
+if [ -z "$kinfo" ]; then
+    if ! kinfo=$(resolve_kernel); then
+        # Fresh machine: the package lists may be empty or stale.
+        apt_update_once
+        kinfo=$(resolve_kernel) || die "cannot resolve the kernel package (linux-image-amd64 -> linux-image-<version>-amd64) from apt"
+        lists_sig=$( { echo "${GUEST_KERNEL_PKG:-}"; stat -c '%n %s %Y' /var/lib/apt/lists/*Packages* 2>/dev/null; } | sha256sum | cut -c1-16)
+    fi
+    echo "$lists_sig $kinfo" >"$GUEST_CACHE/kernel-resolved"
 fi
 read -r KPKG KVER <<<"$kinfo"
 
