@@ -1,0 +1,390 @@
+#!/usr/bin/env bash
+# A/B benchmark: vhost-user-blkd ("ours") vs qemu-storage-daemon ("theirs").
+#
+# Both daemons get identical --blockdev/--export arguments on the same backing;
+# vub-bench (bench/) drives the vhost-user-blk socket. Every run starts a fresh
+# daemon, waits for its socket, runs the client, and kills the daemon. Runs are
+# interleaved A/B/A/B over --repeats; the report gives medians and min-max.
+#
+# Usage: scripts/bench.sh [options]
+#   --only-qsd            run only the QSD column(s) (also automatic when VUB_BIN
+#                         is not an executable)
+#   --qsd VARIANT         QSD variant(s) to measure: iothread (default; export
+#                         moved to --object iothread,id=iot0), main (export in
+#                         the main loop) or both. The first one is the reference.
+#   --quick               smoke run: 1 repeat, 2 s, 0.5 s ramp, fewer cases,
+#                         backings null,shm
+#   --repeats N           repeats per backend per case (default 3)
+#   --runtime S           measured seconds per run (default 5)
+#   --ramp S              warm-up seconds per run (default 1)
+#   --backings LIST       comma list of null,shm,disk (default: all three)
+#   --cases LIST          comma list of case-name globs, e.g. 'randread-*,read-128k*'
+#   --placements LIST     comma list of same,split (default both)
+#   --disk-dir DIR        directory for the cache.direct=on image (default /var/tmp)
+#   --file-size SIZE      size of the image files in MiB (default 1024)
+#   --client-poll         run vub-bench with --poll (busy-polling poll queues)
+#   --cpus B,C            backend CPU and client CPU for "split" (default 0,1);
+#                         "same-cpu" puts both on B
+#   --out DIR             output directory (default target/bench/<timestamp>):
+#                         report.txt, results.jsonl, commands.txt, logs/
+#   -h, --help
+#
+# Environment: VUB_BIN (default target/release/vhost-user-blkd; may point to a
+# wrapper such as bench/qsd-wrapper.sh), QSD_BIN (default qemu-storage-daemon),
+# VUB_BENCH (default: built with cargo into ${CARGO_TARGET_DIR:-target}).
+
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VUB_BIN=${VUB_BIN:-$ROOT/target/release/vhost-user-blkd}
+QSD_BIN=${QSD_BIN:-qemu-storage-daemon}
+COMPARE="$ROOT/bench/compare.py"
+
+ONLY_QSD=0
+QSD_VARIANTS=iothread
+QUICK=0
+REPEATS=
+RUNTIME=
+RAMP=
+BACKINGS=
+CASES=
+PLACEMENTS=same,split
+DISK_DIR=/var/tmp
+FILE_MIB=1024
+CLIENT_POLL=0
+CPUS=0,1
+OUT=
+
+die() { echo "bench.sh: $*" >&2; exit 2; }
+usage() { sed -n '2,/^$/{s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; }
+
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --only-qsd) ONLY_QSD=1 ;;
+        --qsd) QSD_VARIANTS=${2:?}; shift ;;
+        --quick) QUICK=1 ;;
+        --repeats) REPEATS=${2:?}; shift ;;
+        --runtime) RUNTIME=${2:?}; shift ;;
+        --ramp) RAMP=${2:?}; shift ;;
+        --backings) BACKINGS=${2:?}; shift ;;
+        --cases) CASES=${2:?}; shift ;;
+        --placements) PLACEMENTS=${2:?}; shift ;;
+        --disk-dir) DISK_DIR=${2:?}; shift ;;
+        --file-size) FILE_MIB=${2:?}; shift ;;
+        --client-poll) CLIENT_POLL=1 ;;
+        --cpus) CPUS=${2:?}; shift ;;
+        --out) OUT=${2:?}; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) die "unknown option $1 (see --help)" ;;
+    esac
+    shift
+done
+
+if [[ $QUICK == 1 ]]; then
+    : "${REPEATS:=1}" "${RUNTIME:=2}" "${RAMP:=0.5}" "${BACKINGS:=null,shm}"
+    : "${CASES:=randread-4k-qd1-q1,randread-4k-qd32-q1,randwrite-4k-qd32-q1,read-128k-qd32-q1}"
+fi
+: "${REPEATS:=3}" "${RUNTIME:=5}" "${RAMP:=1}" "${BACKINGS:=null,shm,disk}" "${CASES:=*}"
+[[ $REPEATS =~ ^[1-9][0-9]*$ ]] || die "--repeats must be a positive integer"
+[[ $FILE_MIB =~ ^[1-9][0-9]*$ ]] || die "--file-size is in MiB (integer)"
+case $QSD_VARIANTS in
+    iothread) QSD_VARIANTS=(iothread) ;;
+    main) QSD_VARIANTS=(main) ;;
+    both) QSD_VARIANTS=(iothread main) ;;
+    *) die "--qsd must be iothread, main or both" ;;
+esac
+BCPU=${CPUS%,*}
+CCPU=${CPUS#*,}
+
+command -v "$QSD_BIN" >/dev/null || die "$QSD_BIN not found (apt-get install qemu-system-common)"
+command -v taskset >/dev/null || die "taskset not found (util-linux)"
+command -v python3 >/dev/null || die "python3 not found"
+
+if [[ $ONLY_QSD == 0 && ! -x $VUB_BIN ]]; then
+    echo "bench.sh: VUB_BIN=$VUB_BIN is not executable; running the QSD column(s) only" >&2
+    ONLY_QSD=1
+fi
+
+if [[ -z ${VUB_BENCH:-} ]]; then
+    echo "bench.sh: building vub-bench..." >&2
+    (cd "$ROOT" && cargo build --release --quiet -p vub-bench) || die "building vub-bench failed"
+    VUB_BENCH=${CARGO_TARGET_DIR:-$ROOT/target}/release/vub-bench
+fi
+[[ -x $VUB_BENCH ]] || die "vub-bench not found at $VUB_BENCH"
+
+NCPU=$(nproc)
+if [[ $PLACEMENTS == *split* && $NCPU -lt 2 ]]; then
+    echo "bench.sh: only $NCPU CPU: skipping the split placement" >&2
+    PLACEMENTS=same
+fi
+
+OUT=${OUT:-$ROOT/target/bench/$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$OUT/logs"
+RESULTS=$OUT/results.jsonl
+COMMANDS=$OUT/commands.txt
+: >"$RESULTS"
+: >"$COMMANDS"
+WORK=$(mktemp -d /tmp/vub-bench.XXXXXX)
+
+DAEMON_PID=
+SHM_IMG=
+DISK_IMG=
+# shellcheck disable=SC2317 # invoked via trap
+cleanup() {
+    if [[ -n $DAEMON_PID ]]; then
+        kill -KILL "$DAEMON_PID" 2>/dev/null || true
+        wait "$DAEMON_PID" 2>/dev/null || true
+    fi
+    rm -rf "$WORK"
+    [[ -n $SHM_IMG ]] && rm -f "$SHM_IMG"
+    [[ -n $DISK_IMG ]] && rm -f "$DISK_IMG"
+    return 0
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---------------------------------------------------------------- cases
+# name rw bs iodepth queues
+ALL_CASES=(
+    "randread-4k-qd1-q1 randread 4k 1 1"
+    "randread-4k-qd32-q1 randread 4k 32 1"
+    "randread-4k-qd128-q1 randread 4k 128 1"
+    "randread-4k-qd32-q4 randread 4k 32 4"
+    "randwrite-4k-qd1-q1 randwrite 4k 1 1"
+    "randwrite-4k-qd32-q1 randwrite 4k 32 1"
+    "randwrite-4k-qd128-q1 randwrite 4k 128 1"
+    "randwrite-4k-qd32-q4 randwrite 4k 32 4"
+    "read-128k-qd32-q1 read 128k 32 1"
+    "write-128k-qd32-q1 write 128k 32 1"
+)
+
+case_selected() {
+    local name=$1 pat
+    IFS=, read -ra pats <<<"$CASES"
+    for pat in "${pats[@]}"; do
+        # shellcheck disable=SC2053 # glob match intended
+        [[ $name == $pat ]] && return 0
+    done
+    return 1
+}
+
+SELECTED=()
+for c in "${ALL_CASES[@]}"; do
+    case_selected "${c%% *}" && SELECTED+=("$c")
+done
+[[ ${#SELECTED[@]} -gt 0 ]] || die "--cases '$CASES' selects no case"
+
+IFS=, read -ra BACKING_LIST <<<"$BACKINGS"
+IFS=, read -ra PLACEMENT_LIST <<<"$PLACEMENTS"
+for b in "${BACKING_LIST[@]}"; do
+    [[ $b =~ ^(null|shm|disk)$ ]] || die "unknown backing '$b'"
+done
+for p in "${PLACEMENT_LIST[@]}"; do
+    [[ $p =~ ^(same|split)$ ]] || die "unknown placement '$p'"
+done
+
+# Backends in run order: label role
+BACKENDS=()
+[[ $ONLY_QSD == 0 ]] && BACKENDS+=("vub ours")
+first=1
+for v in "${QSD_VARIANTS[@]}"; do
+    if [[ $first == 1 ]]; then BACKENDS+=("qsd-$v theirs"); first=0
+    else BACKENDS+=("qsd-$v other"); fi
+done
+
+# ---------------------------------------------------------------- helpers
+# Shell-quote a command line, leaving plain words (QEMU-style option lists) readable.
+quote() {
+    local out='' a
+    for a in "$@"; do
+        if [[ $a =~ ^[A-Za-z0-9_./=,:+@%-]+$ ]]; then out+="$a "; else out+="$(printf '%q' "$a") "; fi
+    done
+    echo "${out% }"
+}
+
+make_image() { # path direct(0/1)
+    local flag=()
+    [[ $2 == 1 ]] && flag=(oflag=direct)
+    echo "bench.sh: writing ${FILE_MIB} MiB image $1" >&2
+    dd if=/dev/zero of="$1" bs=1M count="$FILE_MIB" "${flag[@]}" conv=fsync status=none
+}
+
+# Sets BLOCKDEV_ARGS and NODE for a backing.
+blockdev_args() {
+    case $1 in
+        null)
+            BLOCKDEV_ARGS=(--blockdev "driver=null-co,node-name=n0,size=$((FILE_MIB << 20))")
+            NODE=n0 ;;
+        shm|disk)
+            local img=$SHM_IMG direct=off
+            [[ $1 == disk ]] && { img=$DISK_IMG; direct=on; }
+            BLOCKDEV_ARGS=(--blockdev "driver=file,node-name=f0,filename=$img,cache.direct=$direct"
+                           --blockdev "driver=raw,node-name=d0,file=f0")
+            NODE=d0 ;;
+    esac
+}
+
+# Sets DAEMON_CMD for backend label, socket, queues.
+daemon_cmd() {
+    local label=$1 sock=$2 q=$3
+    local export="type=vhost-user-blk,id=e0,node-name=$NODE,addr.type=unix,addr.path=$sock,num-queues=$q,writable=on"
+    case $label in
+        vub) DAEMON_CMD=("$VUB_BIN" "${BLOCKDEV_ARGS[@]}" --export "$export") ;;
+        qsd-main) DAEMON_CMD=("$QSD_BIN" "${BLOCKDEV_ARGS[@]}" --export "$export") ;;
+        qsd-iothread) DAEMON_CMD=("$QSD_BIN" "${BLOCKDEV_ARGS[@]}" --object 'iothread,id=iot0'
+                                  --export "$export,iothread=iot0") ;;
+    esac
+}
+
+stop_daemon() {
+    local pid=$DAEMON_PID i
+    [[ -n $pid ]] || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 50; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    DAEMON_PID=
+}
+
+RUN_NO=0
+RUN_TOTAL=0
+FAILED=0
+
+run_one() { # backing case-spec placement repeat label role
+    local backing=$1 spec=$2 placement=$3 rep=$4 label=$5 role=$6
+    local name rw bs qd q
+    read -r name rw bs qd q <<<"$spec"
+    local ccpu=$CCPU
+    [[ $placement == same-cpu ]] && ccpu=$BCPU
+    local sock=$WORK/vhost-user-blk.sock
+    local log=$OUT/logs/$backing-$name-$placement-$rep-$label.log
+    rm -f "$sock"
+    blockdev_args "$backing"
+    daemon_cmd "$label" "$sock" "$q"
+    local client=("$VUB_BENCH" --socket "$sock" --rw "$rw" --bs "$bs" --iodepth "$qd"
+                  --queues "$q" --runtime "$RUNTIME" --ramp "$RAMP" --json)
+    [[ $CLIENT_POLL == 1 ]] && client+=(--poll)
+    local dcmd ccmd
+    dcmd="taskset -c $BCPU $(quote "${DAEMON_CMD[@]}")"
+    ccmd="taskset -c $ccpu $(quote "${client[@]}") --backend-pid PID"
+    printf 'daemon (%s, %s, num-queues=%s): %s\n' "$backing" "$label" "$q" "$dcmd" >>"$COMMANDS"
+    printf 'client (%s, %s): %s\n' "$name" "$placement" "$ccmd" >>"$COMMANDS"
+
+    RUN_NO=$((RUN_NO + 1))
+    printf '[%d/%d] %s %s %s rep %d %s: ' "$RUN_NO" "$RUN_TOTAL" "$backing" "$name" \
+        "$placement" "$rep" "$label" >&2
+
+    local err=
+
+    taskset -c "$BCPU" "${DAEMON_CMD[@]}" >"$log" 2>&1 &
+    DAEMON_PID=$!
+    local meta=(backing="$backing" case="$name" placement="$placement" repeat="$rep"
+                backend="$label" role="$role" rw="$rw" bs="$bs" iodepth="$qd" queues="$q"
+                backend_cpu="$BCPU" client_cpu="$ccpu" daemon_pid="$DAEMON_PID"
+                daemon_cmd="$dcmd" client_cmd="${ccmd/%PID/$DAEMON_PID}")
+    local i
+    for ((i = 0; i < 200; i++)); do
+        [[ -S $sock ]] && break
+        kill -0 "$DAEMON_PID" 2>/dev/null || break
+        sleep 0.05
+    done
+    if [[ ! -S $sock ]]; then
+        err="daemon did not create $sock: $(tail -n 3 "$log" | tr '\n' ' ')"
+    else
+        local out rc=0 limit
+        limit=$(python3 -c "print(int($RAMP + $RUNTIME + 60))")
+        out=$(taskset -c "$ccpu" timeout "$limit" "${client[@]}" --backend-pid "$DAEMON_PID" \
+              2>"$WORK/client.err") || rc=$?
+        if [[ $rc != 0 ]]; then
+            err="vub-bench exit $rc: $(tr '\n' ' ' <"$WORK/client.err")"
+        fi
+    fi
+    stop_daemon
+
+    if [[ -n $err ]]; then
+        FAILED=$((FAILED + 1))
+        echo "FAILED: $err" >&2
+        python3 "$COMPARE" wrap "${meta[@]}" --error "$err" >>"$RESULTS"
+    else
+        python3 "$COMPARE" wrap "${meta[@]}" <<<"$out" >>"$RESULTS"
+        local iops mibs
+        iops=$(grep -o '"iops":[0-9.]*' <<<"$out" | head -n1 | cut -d: -f2)
+        mibs=$(grep -o '"mib_s":[0-9.]*' <<<"$out" | head -n1 | cut -d: -f2)
+        printf '%.0f IOPS, %.0f MiB/s\n' "$iops" "$mibs" >&2
+    fi
+}
+
+# ---------------------------------------------------------------- header
+print_header() {
+cpu_model=$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -n1)
+[[ -n $cpu_model ]] || cpu_model=$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -n1)
+echo "== vhost-user-blk A/B benchmark, $(date -Is)"
+echo "host:       $(uname -n), kernel $(uname -r), $NCPU CPUs, $cpu_model"
+echo "qsd:        $("$QSD_BIN" --version | head -n1)"
+echo "vub-bench:  $("$VUB_BENCH" --version)"
+if [[ $ONLY_QSD == 0 ]]; then
+    echo "ours:       $VUB_BIN ($(timeout 5 "$VUB_BIN" --version 2>/dev/null | head -n1 || true))"
+else
+    echo "ours:       not run (QSD only)"
+fi
+echo "git:        $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet 2>/dev/null || echo ' (dirty)')"
+qsd_desc=()
+for v in "${QSD_VARIANTS[@]}"; do
+    case $v in
+        iothread) qsd_desc+=("qsd-iothread (--object iothread,id=iot0, export iothread=iot0)") ;;
+        main) qsd_desc+=("qsd-main (export in the main loop, no iothread)") ;;
+    esac
+done
+echo "qsd variants: $(IFS=';'; echo "${qsd_desc[*]}"); reference: qsd-${QSD_VARIANTS[0]}"
+echo "runs:       repeats=$REPEATS runtime=${RUNTIME}s ramp=${RAMP}s client=$([[ $CLIENT_POLL == 1 ]] && echo poll || echo event)"
+echo "placement:  same = backend+client on CPU $BCPU; split = backend on CPU $BCPU, client on CPU $CCPU"
+echo "backings:   ${BACKINGS} (null = null-co $FILE_MIB MiB; shm = raw file on /dev/shm, cache.direct=off; disk = raw file in $DISK_DIR, cache.direct=on)"
+echo "output:     $OUT"
+}
+print_header | tee "$OUT/report.txt"
+
+for b in "${BACKING_LIST[@]}"; do
+    case $b in
+        shm) SHM_IMG=/dev/shm/vub-bench-$$.img; make_image "$SHM_IMG" 0 ;;
+        disk) mkdir -p "$DISK_DIR"; DISK_IMG=$DISK_DIR/vub-bench-$$.img; make_image "$DISK_IMG" 1 ;;
+    esac
+done
+
+RUN_TOTAL=$(( ${#BACKING_LIST[@]} * ${#SELECTED[@]} * ${#PLACEMENT_LIST[@]} * REPEATS * ${#BACKENDS[@]} ))
+
+# ---------------------------------------------------------------- runs
+for backing in "${BACKING_LIST[@]}"; do
+    for spec in "${SELECTED[@]}"; do
+        for p in "${PLACEMENT_LIST[@]}"; do
+            placement=$p
+            [[ $p == same ]] && placement=same-cpu
+            for ((rep = 1; rep <= REPEATS; rep++)); do
+                for be in "${BACKENDS[@]}"; do
+                    read -r label role <<<"$be"
+                    run_one "$backing" "$spec" "$placement" "$rep" "$label" "$role"
+                done
+            done
+        done
+    done
+done
+
+# ---------------------------------------------------------------- report
+print_report() {
+    local rc=0
+    python3 "$COMPARE" report "$RESULTS" || rc=$?
+    echo
+    echo "== command lines (PID = the daemon's pid; every run's exact lines are in results.jsonl)"
+    grep '^daemon' "$COMMANDS" | awk '!seen[$0]++'
+    grep '^client' "$COMMANDS" | awk '!seen[$0]++'
+    echo
+    echo "raw results: $RESULTS"
+    echo "report:      $OUT/report.txt"
+    [[ $FAILED == 0 ]] || echo "$FAILED run(s) failed; daemon logs in $OUT/logs"
+    return $rc
+}
+rc=0
+print_report | tee -a "$OUT/report.txt" || rc=$?
+exit $rc
