@@ -262,6 +262,18 @@ for tool in blkdiscard blockdev fallocate; do
     fi
 done
 
+# /bin/sh = dash. Debian's busybox-static is built with "prefer applets"
+# (FEATURE_SH_STANDALONE): its ash runs the busybox applet for any command
+# that has one, ignoring PATH, so `blkdiscard -z` in a test script would hit
+# busybox's blkdiscard (no -z) instead of util-linux's. dash does normal PATH
+# lookup; busybox applets still work through their symlinks.
+if [ -x /bin/dash ]; then
+    copy_bin /bin/dash /usr/bin/dash
+    ln -sfn dash "$root/usr/bin/sh"
+else
+    log "warning: /bin/dash not found; guest /bin/sh is busybox ash, which shadows util-linux tools with applets"
+fi
+
 # Loader cache so every copied library directory (e.g. .../ceph for fio's
 # librbd dependency chain) is found without LD_LIBRARY_PATH.
 find "$root/usr/lib" "$root/usr/lib64" -name '*.so*' -printf '%h\n' | sed "s#^$root##" | sort -u >"$root/etc/ld.so.conf"

@@ -73,7 +73,8 @@ if [ "$load_failed" = 1 ]; then
     rc=126
 elif [ -f /test.sh ]; then
     cd /tmp
-    # Run through sh so a #!/bin/bash line (no bash here) does not matter.
+    # Run through sh (dash; see build-guest.sh) so a #!/bin/bash line (there
+    # is no bash here) does not matter.
     /bin/sh /test.sh
     rc=$?
     cd /

@@ -10,8 +10,8 @@
 #   --socket PATH      vhost-user-blk socket; one virtio-blk disk per socket,
 #                      in order: /dev/vda, /dev/vdb, ... (repeatable; zero
 #                      sockets boots a guest without disks)
-#   --script FILE      script run in the guest as /test.sh by busybox sh
-#                      (ash: no bash in the guest), cwd /tmp (a tmpfs)
+#   --script FILE      script run in the guest as /test.sh by /bin/sh (dash;
+#                      no bash in the guest), cwd /tmp (a tmpfs)
 #   --num-queues N     virtqueues per disk (default: QEMU's, = vCPUs)
 #   --mem SIZE         guest RAM, e.g. 512M, 1G (default 512M)
 #   --smp N            vCPUs (default 2)
