@@ -1,1 +1,24 @@
+//! vhost-user-blkd: a vhost-user-blk storage daemon with a QEMU-style block
+//! graph.
+//!
+//! The modules follow the data path, and depend one way:
+//!
+//! ```text
+//!   vhost_user -> virtio_blk -> block -> drivers -> io
+//!   config (shared option types) ; daemon (start-up, shutdown)
+//! ```
+//!
+//! See docs/ARCHITECTURE.md for the design.
 
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+pub mod block;
+pub mod config;
+pub mod daemon;
+pub mod drivers;
+pub mod io;
+pub mod opts;
+pub mod signals;
+pub mod vhost_user;
+pub mod virtio_blk;

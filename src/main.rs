@@ -1,1 +1,40 @@
-fn main(){}
+//! `vhost-user-blkd`: parse, validate, run.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use vhost_user_blkd::config::{Args, Config};
+use vhost_user_blkd::daemon;
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            // --help and --version print and succeed; usage errors exit 1.
+            let code = if e.use_stderr() { 1 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let config = match Config::try_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vhost-user-blkd: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match daemon::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            eprintln!("vhost-user-blkd: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}

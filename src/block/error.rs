@@ -1,0 +1,71 @@
+//! Errors of the block layer.
+
+use std::io;
+
+use super::Perm;
+
+/// A failed I/O request, with the coordinates of what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("request at offset {offset} length {len} is outside node {node} ({size} bytes)")]
+    OutOfRange {
+        node: String,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
+    #[error("node {node} is read-only")]
+    ReadOnly { node: String },
+    #[error("{op} at offset {offset} length {len} on node {node} failed")]
+    Io {
+        node: String,
+        op: &'static str,
+        offset: u64,
+        len: u64,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl BlockError {
+    /// The errno a guest-visible error policy would look at (ENOSPC, EIO, ...).
+    pub fn errno(&self) -> i32 {
+        match self {
+            BlockError::OutOfRange { .. } => libc::EINVAL,
+            BlockError::ReadOnly { .. } => libc::EROFS,
+            BlockError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+        }
+    }
+}
+
+/// A graph change that was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum GraphError {
+    #[error("node name '{0}' is already in use")]
+    DuplicateNode(String),
+    #[error("cannot find node '{0}'")]
+    NodeNotFound(String),
+    #[error("node '{node}' is read-only, but {parent} needs write permission on it")]
+    ReadOnly { node: String, parent: String },
+    #[error(
+        "conflicting permissions on node '{node}': {new_parent} needs {wanted} which {old_parent} does not share (it shares {shared}); \
+         or {old_parent} holds {held} which {new_parent} does not share"
+    )]
+    PermissionConflict {
+        node: String,
+        new_parent: String,
+        old_parent: String,
+        wanted: Perm,
+        shared: Perm,
+        held: Perm,
+    },
+    #[error("cannot open node '{node}': {reason}")]
+    Open { node: String, reason: String },
+    #[error("cannot open '{filename}' for node '{node}'")]
+    OpenFile {
+        node: String,
+        filename: String,
+        #[source]
+        source: io::Error,
+    },
+}

@@ -1,0 +1,26 @@
+//! The block graph: nodes, the edges between them, and the BlockBackend that
+//! an export (or, later, a job) holds as its root.
+//!
+//! ```text
+//!   export --BlockBackend--> Node "d0" (raw) --Child(file)--> Node "f0" (file)
+//! ```
+//!
+//! Knows nothing of virtio. Names follow QEMU's block layer: [`Node`] is
+//! BlockDriverState, [`Child`] is BdrvChild, [`BlockBackend`] is blk_*.
+
+mod backend;
+mod error;
+mod graph;
+mod node;
+mod perm;
+mod stats;
+
+pub use backend::BlockBackend;
+pub use error::{BlockError, GraphError};
+pub use graph::Graph;
+pub use node::{Child, ChildRole, DrainCounter, Node};
+pub use perm::Perm;
+pub use stats::{BlockStats, IoKind, KindStats};
+
+/// Bytes in a sector, the unit of virtio-blk and QEMU offsets.
+pub const SECTOR_SIZE: u64 = 512;

@@ -1,0 +1,351 @@
+//! A node of the block graph (QEMU's BlockDriverState) and the edge to a
+//! child (BdrvChild), with the permissions each parent holds.
+//!
+//! Locking: `parents` is a mutex taken only when edges are added or removed
+//! (start-up and management), never on the I/O path. The drain counter is
+//! atomic on the I/O path; its mutex and condvar are touched only when a
+//! waiter exists.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::LocalBoxFuture;
+
+use super::{BlockError, GraphError, Perm};
+use crate::drivers::Driver;
+use crate::io::IoVecs;
+
+/// What a child is to its parent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChildRole {
+    /// The protocol node under a format (raw's `file`).
+    File,
+    /// The node that unallocated data falls through to.
+    Backing,
+    /// The node a filter passes requests to.
+    Filtered,
+    /// The root of a BlockBackend (an export or a job).
+    Root,
+}
+
+impl ChildRole {
+    pub fn name(self) -> &'static str {
+        match self {
+            ChildRole::File => "file",
+            ChildRole::Backing => "backing",
+            ChildRole::Filtered => "filtered",
+            ChildRole::Root => "root",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct ParentLink {
+    parent: String,
+    role: ChildRole,
+    perm: Perm,
+    shared: Perm,
+}
+
+/// Counts requests in flight and lets a drain wait for zero.
+#[derive(Default, Debug)]
+pub struct DrainCounter {
+    in_flight: AtomicUsize,
+    waiting: AtomicBool,
+    lock: Mutex<()>,
+    idle: Condvar,
+}
+
+impl DrainCounter {
+    pub fn inc(&self) {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn dec(&self) {
+        let before = self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        debug_assert!(before > 0, "drain counter underflow");
+        if before == 1 && self.waiting.load(Ordering::Acquire) {
+            let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.idle.notify_all();
+        }
+    }
+
+    pub fn get(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Waits until nothing is in flight, or `timeout` passes; returns whether
+    /// the counter reached zero.
+    pub fn wait_idle(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.waiting.store(true, Ordering::Release);
+        let idle = loop {
+            if self.get() == 0 {
+                break true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break false;
+            }
+            // Short waits as a guard against a missed wake-up between the
+            // check and the wait; the notify path holds the same lock.
+            let step = (deadline - now).min(Duration::from_millis(100));
+            g = self
+                .idle
+                .wait_timeout(g, step)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        };
+        self.waiting.store(false, Ordering::Release);
+        idle
+    }
+}
+
+/// A node of the graph.
+pub struct Node {
+    name: String,
+    driver: Driver,
+    read_only: bool,
+    parents: Mutex<Vec<ParentLink>>,
+    drain: DrainCounter,
+}
+
+impl fmt::Debug for Node {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Node")
+            .field("name", &self.name)
+            .field("driver", &self.driver.name())
+            .field("read_only", &self.read_only)
+            .finish()
+    }
+}
+
+impl Node {
+    pub fn new(name: String, driver: Driver, read_only: bool) -> Arc<Node> {
+        Arc::new(Node {
+            name,
+            driver,
+            read_only,
+            parents: Mutex::new(Vec::new()),
+            drain: DrainCounter::default(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn driver(&self) -> &Driver {
+        &self.driver
+    }
+
+    pub fn driver_name(&self) -> &'static str {
+        self.driver.name()
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.driver.size()
+    }
+
+    /// Offsets and lengths of requests must be multiples of this.
+    pub fn request_alignment(&self) -> u32 {
+        self.driver.request_alignment()
+    }
+
+    pub fn children(&self) -> Vec<&Child> {
+        self.driver.children()
+    }
+
+    /// Names of the parents that hold an edge to this node.
+    pub fn parents(&self) -> Vec<String> {
+        self.lock_parents()
+            .iter()
+            .map(|p| p.parent.clone())
+            .collect()
+    }
+
+    pub fn drain_counter(&self) -> &DrainCounter {
+        &self.drain
+    }
+
+    fn lock_parents(&self) -> std::sync::MutexGuard<'_, Vec<ParentLink>> {
+        self.parents.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a new parent edge after checking its permissions against every
+    /// existing parent: what one takes, the others must share.
+    fn attach_parent(
+        &self,
+        parent: &str,
+        role: ChildRole,
+        perm: Perm,
+        shared: Perm,
+    ) -> Result<(), GraphError> {
+        if self.read_only && (perm.contains(Perm::WRITE) || perm.contains(Perm::RESIZE)) {
+            return Err(GraphError::ReadOnly {
+                node: self.name.clone(),
+                parent: parent.to_string(),
+            });
+        }
+        let mut parents = self.lock_parents();
+        for p in parents.iter() {
+            let conflict = !(perm & !p.shared).is_empty() || !(p.perm & !shared).is_empty();
+            if conflict {
+                return Err(GraphError::PermissionConflict {
+                    node: self.name.clone(),
+                    new_parent: parent.to_string(),
+                    old_parent: p.parent.clone(),
+                    wanted: perm,
+                    shared: p.shared,
+                    held: p.perm,
+                });
+            }
+        }
+        parents.push(ParentLink {
+            parent: parent.to_string(),
+            role,
+            perm,
+            shared,
+        });
+        Ok(())
+    }
+
+    fn detach_parent(&self, parent: &str, role: ChildRole) {
+        let mut parents = self.lock_parents();
+        if let Some(i) = parents
+            .iter()
+            .position(|p| p.parent == parent && p.role == role)
+        {
+            parents.remove(i);
+        }
+    }
+
+    // The I/O interface, mirroring QEMU's driver callbacks. Offsets and
+    // lengths are in bytes and already checked against the node's size by the
+    // caller (BlockBackend or parent driver).
+
+    pub fn preadv<'a>(
+        &'a self,
+        offset: u64,
+        iov: &'a IoVecs,
+    ) -> LocalBoxFuture<'a, Result<(), BlockError>> {
+        self.driver.preadv(self, offset, iov)
+    }
+
+    /// Writes `iov` at `offset`; with `fua` the data is durable on return.
+    pub fn pwritev<'a>(
+        &'a self,
+        offset: u64,
+        iov: &'a IoVecs,
+        fua: bool,
+    ) -> LocalBoxFuture<'a, Result<(), BlockError>> {
+        if self.read_only {
+            return Box::pin(std::future::ready(Err(BlockError::ReadOnly {
+                node: self.name.clone(),
+            })));
+        }
+        self.driver.pwritev(self, offset, iov, fua)
+    }
+
+    pub fn flush(&self) -> LocalBoxFuture<'_, Result<(), BlockError>> {
+        self.driver.flush(self)
+    }
+
+    pub fn pdiscard(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<(), BlockError>> {
+        if self.read_only {
+            return Box::pin(std::future::ready(Err(BlockError::ReadOnly {
+                node: self.name.clone(),
+            })));
+        }
+        self.driver.pdiscard(self, offset, len)
+    }
+
+    /// Makes `len` bytes at `offset` read as zeroes; with `may_unmap` the
+    /// space may be deallocated.
+    pub fn pwrite_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        fua: bool,
+    ) -> LocalBoxFuture<'_, Result<(), BlockError>> {
+        if self.read_only {
+            return Box::pin(std::future::ready(Err(BlockError::ReadOnly {
+                node: self.name.clone(),
+            })));
+        }
+        self.driver.pwrite_zeroes(self, offset, len, may_unmap, fua)
+    }
+}
+
+/// An edge from a parent to a child node, holding permissions on the child.
+/// Dropping it releases them.
+pub struct Child {
+    parent: String,
+    role: ChildRole,
+    node: Arc<Node>,
+    perm: Perm,
+    shared: Perm,
+}
+
+impl fmt::Debug for Child {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Child")
+            .field("parent", &self.parent)
+            .field("role", &self.role)
+            .field("node", &self.node.name())
+            .field("perm", &self.perm)
+            .field("shared", &self.shared)
+            .finish()
+    }
+}
+
+impl Child {
+    /// Attaches `parent` to `node`, taking `perm` and sharing `shared`.
+    pub fn attach(
+        parent: &str,
+        role: ChildRole,
+        node: Arc<Node>,
+        perm: Perm,
+        shared: Perm,
+    ) -> Result<Child, GraphError> {
+        node.attach_parent(parent, role, perm, shared)?;
+        Ok(Child {
+            parent: parent.to_string(),
+            role,
+            node,
+            perm,
+            shared,
+        })
+    }
+
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    pub fn role(&self) -> ChildRole {
+        self.role
+    }
+
+    pub fn perm(&self) -> Perm {
+        self.perm
+    }
+
+    pub fn shared(&self) -> Perm {
+        self.shared
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        self.node.detach_parent(&self.parent, self.role);
+    }
+}

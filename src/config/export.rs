@@ -1,0 +1,59 @@
+//! Export options, spelled as qapi/block-export.json has them for
+//! `type=vhost-user-blk`, plus our iothread mapping.
+
+use serde::Deserialize;
+
+use crate::opts;
+
+/// `--export` / block-export-add, tagged by `type`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum ExportOptions {
+    VhostUserBlk(VhostUserBlkOptions),
+}
+
+/// QAPI's SocketAddress, flat.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum SocketAddress {
+    /// A path to listen on; a stale socket file there is removed.
+    Unix { path: String },
+    /// An already listening socket, passed by the orchestrator: `str` is
+    /// its file descriptor number.
+    Fd { str: String },
+}
+
+/// Default number of queues: enough that a guest with one queue per vCPU
+/// attaches without tuning (QEMU refuses a device with more queues than the
+/// backend offers). A frontend may use fewer.
+pub const DEFAULT_NUM_QUEUES: u16 = 16;
+/// Default (maximum) queue size the frontend may choose.
+pub const DEFAULT_QUEUE_SIZE: u16 = 1024;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct VhostUserBlkOptions {
+    pub id: String,
+    pub node_name: String,
+    pub addr: SocketAddress,
+    #[serde(default, deserialize_with = "opts::bool")]
+    pub writable: bool,
+    /// The write cache the guest starts with is off: every write is durable
+    /// when it completes.
+    #[serde(default, deserialize_with = "opts::bool")]
+    pub writethrough: bool,
+    #[serde(default, deserialize_with = "opts::opt_uint")]
+    pub num_queues: Option<u64>,
+    /// Largest virtqueue the frontend may set up (a power of two).
+    #[serde(default, deserialize_with = "opts::opt_uint")]
+    pub queue_size: Option<u64>,
+    #[serde(default, deserialize_with = "opts::opt_size")]
+    pub logical_block_size: Option<u64>,
+    /// GET_ID answer, at most 20 bytes.
+    #[serde(default)]
+    pub serial: Option<String>,
+    /// Worker threads (iothreads) serving the queues: queue q goes to thread
+    /// q % num-iothreads. Default: one per queue.
+    #[serde(default, deserialize_with = "opts::opt_uint")]
+    pub num_iothreads: Option<u64>,
+}

@@ -1,0 +1,429 @@
+//! The `file` protocol driver: regular files and block devices.
+//!
+//! ```text
+//!   preadv/pwritev --(aligned?)--yes--> io_uring readv/writev on guest memory
+//!                          \--no---> aligned bounce buffer, copy, readv/writev
+//! ```
+//!
+//! With `cache.direct=on` the file is opened with O_DIRECT; the request and
+//! memory alignment it needs are probed at open (as QEMU does) and buffers
+//! that do not meet the memory alignment go through a bounce buffer. Request
+//! offsets and lengths must meet the request alignment: the export checks
+//! that its logical block size is a multiple of it.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Deserialize;
+
+use super::DiscardMode;
+use crate::block::{BlockError, GraphError, Node};
+use crate::io::{self as aio, AlignedBuf, IoVecs, Op};
+use crate::opts;
+
+/// `cache.*` options.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct CacheOptions {
+    /// O_DIRECT: bypass the host page cache.
+    #[serde(default, deserialize_with = "opts::bool")]
+    pub direct: bool,
+    /// Ignore flush requests (unsafe; for benchmarks and scratch disks).
+    #[serde(default, deserialize_with = "opts::bool")]
+    pub no_flush: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct FileOptions {
+    #[serde(default)]
+    pub node_name: String,
+    pub filename: String,
+    #[serde(default, deserialize_with = "opts::bool")]
+    pub read_only: bool,
+    #[serde(default)]
+    pub cache: CacheOptions,
+    #[serde(default)]
+    pub discard: DiscardMode,
+}
+
+pub struct FileDriver {
+    file: File,
+    filename: String,
+    block_device: bool,
+    direct: bool,
+    no_flush: bool,
+    discard: DiscardMode,
+    size: AtomicU64,
+    request_alignment: u32,
+    mem_alignment: usize,
+}
+
+// Linux ioctls for block devices.
+const BLKSSZGET: libc::c_ulong = 0x1268;
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+
+/// Largest bounce or zero buffer we allocate at once.
+const MAX_BOUNCE_CHUNK: u64 = 1 << 20;
+
+impl FileDriver {
+    pub fn open(o: &FileOptions) -> Result<Self, GraphError> {
+        let open_err = |source: io::Error| GraphError::OpenFile {
+            node: o.node_name.clone(),
+            filename: o.filename.clone(),
+            source,
+        };
+        let mut flags = libc::O_CLOEXEC;
+        if o.cache.direct {
+            flags |= libc::O_DIRECT;
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!o.read_only)
+            .custom_flags(flags)
+            .open(&o.filename)
+            .map_err(open_err)?;
+        let meta = file.metadata().map_err(open_err)?;
+        let block_device = meta.file_type().is_block_device();
+        if !block_device && !meta.is_file() {
+            return Err(GraphError::Open {
+                node: o.node_name.clone(),
+                reason: format!(
+                    "'{}' is neither a regular file nor a block device",
+                    o.filename
+                ),
+            });
+        }
+        let size = if block_device {
+            let mut size: u64 = 0;
+            // SAFETY: BLKGETSIZE64 writes one u64 to the pointer we pass,
+            // which points at a live local.
+            let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size) };
+            if r < 0 {
+                return Err(open_err(io::Error::last_os_error()));
+            }
+            size
+        } else {
+            meta.len()
+        };
+        let (request_alignment, mem_alignment) = if o.cache.direct {
+            probe_alignment(&file, block_device)
+        } else {
+            (1, 1)
+        };
+        log::debug!(
+            "file {}: size {size}, direct {}, request alignment {request_alignment}, memory alignment {mem_alignment}",
+            o.filename,
+            o.cache.direct
+        );
+        Ok(FileDriver {
+            file,
+            filename: o.filename.clone(),
+            block_device,
+            direct: o.cache.direct,
+            no_flush: o.cache.no_flush,
+            discard: o.discard,
+            size: AtomicU64::new(size),
+            request_alignment,
+            mem_alignment,
+        })
+    }
+
+    pub fn filename(&self) -> &str {
+        &self.filename
+    }
+
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Relaxed)
+    }
+
+    pub fn request_alignment(&self) -> u32 {
+        self.request_alignment
+    }
+
+    fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    fn io_err(
+        node: &Node,
+        op: &'static str,
+        offset: u64,
+        len: u64,
+        source: io::Error,
+    ) -> BlockError {
+        BlockError::Io {
+            node: node.name().to_string(),
+            op,
+            offset,
+            len,
+            source,
+        }
+    }
+
+    pub async fn preadv(&self, node: &Node, offset: u64, iov: &IoVecs) -> Result<(), BlockError> {
+        let len = iov.len();
+        if self.direct && !iov.is_aligned(self.mem_alignment) {
+            let (bounce, view) = IoVecs::bounce(len as usize, self.mem_alignment);
+            self.read_full(node, offset, &bounce).await?;
+            view.with_bytes(&bounce, |b| iov.copy_from(b));
+            return Ok(());
+        }
+        self.read_full(node, offset, iov).await
+    }
+
+    /// Reads all of `iov`, continuing after short reads; past the end of the
+    /// file the rest reads as zeroes.
+    async fn read_full(&self, node: &Node, offset: u64, iov: &IoVecs) -> Result<(), BlockError> {
+        let io = aio::current();
+        let mut done = 0u64;
+        let len = iov.len();
+        while done < len {
+            let part = if done == 0 {
+                iov.clone()
+            } else {
+                iov.tail(done)
+            };
+            let n = io
+                .run(Op::Readv {
+                    fd: self.fd(),
+                    iov: part.clone(),
+                    offset: offset + done,
+                })
+                .await
+                .map_err(|e| Self::io_err(node, "read", offset, len, e))?;
+            if n == 0 {
+                // End of file (the file shrank under us): zeroes, as QEMU.
+                part.fill_zero();
+                break;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    pub async fn pwritev(
+        &self,
+        node: &Node,
+        offset: u64,
+        iov: &IoVecs,
+        fua: bool,
+    ) -> Result<(), BlockError> {
+        let len = iov.len();
+        if self.direct && !iov.is_aligned(self.mem_alignment) {
+            let (bounce, view) = IoVecs::bounce(len as usize, self.mem_alignment);
+            view.with_bytes(&bounce, |b| iov.copy_to(b));
+            return self.write_full(node, offset, &bounce, fua).await;
+        }
+        self.write_full(node, offset, iov, fua).await
+    }
+
+    async fn write_full(
+        &self,
+        node: &Node,
+        offset: u64,
+        iov: &IoVecs,
+        fua: bool,
+    ) -> Result<(), BlockError> {
+        let io = aio::current();
+        let mut done = 0u64;
+        let len = iov.len();
+        while done < len {
+            let part = if done == 0 {
+                iov.clone()
+            } else {
+                iov.tail(done)
+            };
+            let n = io
+                .run(Op::Writev {
+                    fd: self.fd(),
+                    iov: part,
+                    offset: offset + done,
+                    dsync: fua,
+                })
+                .await
+                .map_err(|e| Self::io_err(node, "write", offset, len, e))?;
+            if n == 0 {
+                return Err(Self::io_err(
+                    node,
+                    "write",
+                    offset,
+                    len,
+                    io::Error::from_raw_os_error(libc::ENOSPC),
+                ));
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    pub async fn flush(&self, node: &Node) -> Result<(), BlockError> {
+        if self.no_flush {
+            return Ok(());
+        }
+        aio::current()
+            .run(Op::Fdatasync { fd: self.fd() })
+            .await
+            .map(|_| ())
+            .map_err(|e| Self::io_err(node, "flush", 0, 0, e))
+    }
+
+    pub async fn pdiscard(&self, node: &Node, offset: u64, len: u64) -> Result<(), BlockError> {
+        if self.discard == DiscardMode::Ignore || len == 0 {
+            return Ok(());
+        }
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        match self.fallocate(mode, offset, len).await {
+            Ok(()) => Ok(()),
+            // Discard is advisory: storage that cannot deallocate keeps the data.
+            Err(e) if is_unsupported(&e) => Ok(()),
+            Err(e) => Err(Self::io_err(node, "discard", offset, len, e)),
+        }
+    }
+
+    pub async fn pwrite_zeroes(
+        &self,
+        node: &Node,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        fua: bool,
+    ) -> Result<(), BlockError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let err = |e| Self::io_err(node, "write-zeroes", offset, len, e);
+        let mut done = false;
+        if may_unmap && self.discard == DiscardMode::Unmap {
+            // Punching a hole reads back as zeroes on files and, through
+            // REQ_OP_WRITE_ZEROES, on block devices.
+            let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            match self.fallocate(mode, offset, len).await {
+                Ok(()) => done = true,
+                Err(e) if is_unsupported(&e) => {}
+                Err(e) => return Err(err(e)),
+            }
+        }
+        if !done {
+            let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+            match self.fallocate(mode, offset, len).await {
+                Ok(()) => done = true,
+                Err(e) if is_unsupported(&e) => {}
+                Err(e) => return Err(err(e)),
+            }
+        }
+        if !done {
+            self.write_zero_buffers(node, offset, len).await?;
+        }
+        if fua {
+            self.flush(node).await?;
+        }
+        Ok(())
+    }
+
+    async fn write_zero_buffers(
+        &self,
+        node: &Node,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), BlockError> {
+        let align = self.mem_alignment.max(512);
+        let chunk = len.min(MAX_BOUNCE_CHUNK);
+        let (zeroes, _view) = IoVecs::bounce(chunk as usize, align);
+        let mut pos = 0;
+        while pos < len {
+            let n = (len - pos).min(chunk);
+            let part = if n == chunk {
+                zeroes.clone()
+            } else {
+                zeroes.head(n)
+            };
+            self.write_full(node, offset + pos, &part, false).await?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    async fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+        aio::current()
+            .run(Op::Fallocate {
+                fd: self.fd(),
+                mode,
+                offset,
+                len,
+            })
+            .await
+            .map(|_| ())
+    }
+
+    pub fn is_block_device(&self) -> bool {
+        self.block_device
+    }
+}
+
+fn is_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) | Some(libc::ENOSYS) | Some(libc::EINVAL)
+    )
+}
+
+/// Finds the request and memory alignment O_DIRECT needs on `file`, the way
+/// QEMU's raw_probe_alignment does: the smallest read size, then buffer
+/// offset, that the kernel accepts. Falls back to 4096 for both.
+fn probe_alignment(file: &File, block_device: bool) -> (u32, usize) {
+    const MAX_ALIGN: usize = 4096;
+    let fd = file.as_raw_fd();
+    let mut buf = AlignedBuf::new(2 * MAX_ALIGN, MAX_ALIGN);
+    let base = buf.as_mut_slice().as_mut_ptr();
+    let aligned_read = |ptr: *mut u8, len: usize| {
+        // SAFETY: `ptr..ptr + len` lies within `buf` (callers pass offsets and
+        // lengths of at most MAX_ALIGN into a 2 * MAX_ALIGN buffer).
+        let r = unsafe { libc::pread(fd, ptr.cast(), len, 0) };
+        r >= 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL)
+    };
+    let mut request = 0u32;
+    if block_device {
+        let mut sector: libc::c_int = 0;
+        // SAFETY: BLKSSZGET writes one int to the pointer, a live local.
+        if unsafe { libc::ioctl(fd, BLKSSZGET, &mut sector) } == 0 && sector > 0 {
+            request = sector as u32;
+        }
+    }
+    if request == 0 {
+        let mut align = 512;
+        while align <= MAX_ALIGN {
+            if aligned_read(base, align) {
+                request = align as u32;
+                break;
+            }
+            align *= 2;
+        }
+    }
+    if request == 0 {
+        request = MAX_ALIGN as u32;
+    }
+    let mut mem = 0usize;
+    let mut align = 512;
+    while align <= MAX_ALIGN {
+        // SAFETY: align <= MAX_ALIGN, so base + align stays inside `buf` and
+        // leaves MAX_ALIGN bytes after it.
+        let p = unsafe { base.add(align) };
+        if aligned_read(p, MAX_ALIGN) {
+            mem = align;
+            break;
+        }
+        align *= 2;
+    }
+    if mem == 0 {
+        mem = MAX_ALIGN;
+    }
+    (request, mem)
+}

@@ -1,0 +1,194 @@
+//! Block drivers, by layer: protocol (`file`, `null-co`) and format (`raw`).
+//!
+//! The set of drivers is closed, so [`Driver`] is an enum that dispatches to
+//! each driver's async callbacks (QEMU's bdrv_co_* interface).
+
+mod file;
+mod null;
+mod raw;
+
+pub use file::{CacheOptions, FileDriver, FileOptions};
+pub use null::{NullDriver, NullOptions};
+pub use raw::{RawDriver, RawOptions};
+
+use futures::future::LocalBoxFuture;
+use serde::Deserialize;
+
+use crate::block::{BlockError, Child, Graph, GraphError, Node};
+use crate::io::IoVecs;
+
+/// Options of `--blockdev` / blockdev-add, tagged by `driver`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "driver", rename_all = "kebab-case")]
+pub enum BlockdevOptions {
+    File(FileOptions),
+    NullCo(NullOptions),
+    Raw(RawOptions),
+}
+
+/// A reference to a child node: the name of an existing node, or the
+/// options of a node to open in place (given a generated name).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum BlockdevRef {
+    Name(String),
+    Inline(Box<BlockdevOptions>),
+}
+
+/// `discard` option: whether discard requests reach the storage.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiscardMode {
+    /// Discard requests succeed without effect (QEMU's default).
+    #[default]
+    Ignore,
+    /// Discard requests deallocate space.
+    Unmap,
+}
+
+impl BlockdevOptions {
+    pub fn node_name(&self) -> &str {
+        match self {
+            BlockdevOptions::File(o) => &o.node_name,
+            BlockdevOptions::NullCo(o) => &o.node_name,
+            BlockdevOptions::Raw(o) => &o.node_name,
+        }
+    }
+
+    pub fn set_node_name(&mut self, name: String) {
+        match self {
+            BlockdevOptions::File(o) => o.node_name = name,
+            BlockdevOptions::NullCo(o) => o.node_name = name,
+            BlockdevOptions::Raw(o) => o.node_name = name,
+        }
+    }
+
+    pub fn read_only(&self) -> bool {
+        match self {
+            BlockdevOptions::File(o) => o.read_only,
+            BlockdevOptions::NullCo(o) => o.read_only,
+            BlockdevOptions::Raw(o) => o.read_only,
+        }
+    }
+
+    pub fn driver_name(&self) -> &'static str {
+        match self {
+            BlockdevOptions::File(_) => "file",
+            BlockdevOptions::NullCo(_) => "null-co",
+            BlockdevOptions::Raw(_) => "raw",
+        }
+    }
+}
+
+/// An open driver instance.
+pub enum Driver {
+    File(FileDriver),
+    Null(NullDriver),
+    Raw(RawDriver),
+}
+
+impl Driver {
+    /// Opens the driver `opts` names; child references are resolved in (or
+    /// added to) `graph`.
+    pub fn open(opts: &BlockdevOptions, graph: &mut Graph) -> Result<Driver, GraphError> {
+        match opts {
+            BlockdevOptions::File(o) => FileDriver::open(o).map(Driver::File),
+            BlockdevOptions::NullCo(o) => NullDriver::open(o).map(Driver::Null),
+            BlockdevOptions::Raw(o) => RawDriver::open(o, graph).map(Driver::Raw),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Driver::File(_) => "file",
+            Driver::Null(_) => "null-co",
+            Driver::Raw(_) => "raw",
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        match self {
+            Driver::File(d) => d.size(),
+            Driver::Null(d) => d.size(),
+            Driver::Raw(d) => d.size(),
+        }
+    }
+
+    pub fn request_alignment(&self) -> u32 {
+        match self {
+            Driver::File(d) => d.request_alignment(),
+            Driver::Null(_) => 1,
+            Driver::Raw(d) => d.request_alignment(),
+        }
+    }
+
+    pub fn children(&self) -> Vec<&Child> {
+        match self {
+            Driver::File(_) | Driver::Null(_) => Vec::new(),
+            Driver::Raw(d) => vec![d.file()],
+        }
+    }
+
+    pub fn preadv<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        iov: &'a IoVecs,
+    ) -> LocalBoxFuture<'a, Result<(), BlockError>> {
+        match self {
+            Driver::File(d) => Box::pin(d.preadv(node, offset, iov)),
+            Driver::Null(d) => Box::pin(std::future::ready(d.preadv(iov))),
+            Driver::Raw(d) => d.preadv(offset, iov),
+        }
+    }
+
+    pub fn pwritev<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        iov: &'a IoVecs,
+        fua: bool,
+    ) -> LocalBoxFuture<'a, Result<(), BlockError>> {
+        match self {
+            Driver::File(d) => Box::pin(d.pwritev(node, offset, iov, fua)),
+            Driver::Null(_) => Box::pin(std::future::ready(Ok(()))),
+            Driver::Raw(d) => d.pwritev(offset, iov, fua),
+        }
+    }
+
+    pub fn flush<'a>(&'a self, node: &'a Node) -> LocalBoxFuture<'a, Result<(), BlockError>> {
+        match self {
+            Driver::File(d) => Box::pin(d.flush(node)),
+            Driver::Null(_) => Box::pin(std::future::ready(Ok(()))),
+            Driver::Raw(d) => d.flush(),
+        }
+    }
+
+    pub fn pdiscard<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        len: u64,
+    ) -> LocalBoxFuture<'a, Result<(), BlockError>> {
+        match self {
+            Driver::File(d) => Box::pin(d.pdiscard(node, offset, len)),
+            Driver::Null(_) => Box::pin(std::future::ready(Ok(()))),
+            Driver::Raw(d) => d.pdiscard(offset, len),
+        }
+    }
+
+    pub fn pwrite_zeroes<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        fua: bool,
+    ) -> LocalBoxFuture<'a, Result<(), BlockError>> {
+        match self {
+            Driver::File(d) => Box::pin(d.pwrite_zeroes(node, offset, len, may_unmap, fua)),
+            Driver::Null(_) => Box::pin(std::future::ready(Ok(()))),
+            Driver::Raw(d) => d.pwrite_zeroes(offset, len, may_unmap, fua),
+        }
+    }
+}

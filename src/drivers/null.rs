@@ -1,0 +1,52 @@
+//! The `null-co` protocol driver: no storage; writes vanish, reads return
+//! zeroes with `read-zeroes=on` and leave the buffer untouched otherwise.
+//! For benchmarks of the request path itself.
+
+use serde::Deserialize;
+
+use crate::block::{BlockError, GraphError};
+use crate::io::IoVecs;
+use crate::opts;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct NullOptions {
+    #[serde(default)]
+    pub node_name: String,
+    /// Size in bytes; QEMU's default is 1 GiB.
+    #[serde(default = "default_size", deserialize_with = "opts::size")]
+    pub size: u64,
+    #[serde(default, deserialize_with = "opts::bool")]
+    pub read_zeroes: bool,
+    #[serde(default, deserialize_with = "opts::bool")]
+    pub read_only: bool,
+}
+
+fn default_size() -> u64 {
+    1 << 30
+}
+
+pub struct NullDriver {
+    size: u64,
+    read_zeroes: bool,
+}
+
+impl NullDriver {
+    pub fn open(o: &NullOptions) -> Result<Self, GraphError> {
+        Ok(NullDriver {
+            size: o.size,
+            read_zeroes: o.read_zeroes,
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn preadv(&self, iov: &IoVecs) -> Result<(), BlockError> {
+        if self.read_zeroes {
+            iov.fill_zero();
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,143 @@
+//! The `raw` format driver: the bytes of its `file` child, optionally a
+//! window of them (`offset`, `size`).
+
+use futures::future::LocalBoxFuture;
+use serde::Deserialize;
+
+use super::{BlockdevRef, DiscardMode};
+use crate::block::{BlockError, Child, ChildRole, Graph, GraphError, Perm};
+use crate::io::IoVecs;
+use crate::opts;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RawOptions {
+    #[serde(default)]
+    pub node_name: String,
+    pub file: BlockdevRef,
+    #[serde(default, deserialize_with = "opts::size")]
+    pub offset: u64,
+    #[serde(default, deserialize_with = "opts::opt_size")]
+    pub size: Option<u64>,
+    #[serde(default, deserialize_with = "opts::bool")]
+    pub read_only: bool,
+    #[serde(default)]
+    pub discard: DiscardMode,
+}
+
+pub struct RawDriver {
+    file: Child,
+    offset: u64,
+    size: u64,
+    discard: DiscardMode,
+}
+
+impl RawDriver {
+    pub fn open(o: &RawOptions, graph: &mut Graph) -> Result<Self, GraphError> {
+        let child = match &o.file {
+            BlockdevRef::Name(name) => graph.get(name)?,
+            BlockdevRef::Inline(inner) => {
+                let mut inner = (**inner).clone();
+                if inner.node_name().is_empty() {
+                    inner.set_node_name(format!("{}-file", o.node_name));
+                }
+                graph.add(&inner)?
+            }
+        };
+        let err = |reason: String| GraphError::Open {
+            node: o.node_name.clone(),
+            reason,
+        };
+        let child_size = child.size();
+        if o.offset > child_size {
+            return Err(err(format!(
+                "offset {} is beyond the end of '{}' ({child_size} bytes)",
+                o.offset,
+                child.name()
+            )));
+        }
+        let size = o.size.unwrap_or(child_size - o.offset);
+        if o.offset
+            .checked_add(size)
+            .is_none_or(|end| end > child_size)
+        {
+            return Err(err(format!(
+                "offset {} + size {size} is beyond the end of '{}' ({child_size} bytes)",
+                o.offset,
+                child.name()
+            )));
+        }
+        let align = u64::from(child.request_alignment());
+        if o.offset % align != 0 || size % align != 0 {
+            return Err(err(format!(
+                "offset {} and size {size} must be multiples of {align}, the request alignment of '{}'",
+                o.offset,
+                child.name()
+            )));
+        }
+        let mut perm = Perm::CONSISTENT_READ;
+        if !o.read_only {
+            perm = perm | Perm::WRITE;
+        }
+        let file = Child::attach(&o.node_name, ChildRole::File, child, perm, Perm::ALL)?;
+        Ok(RawDriver {
+            file,
+            offset: o.offset,
+            size,
+            discard: o.discard,
+        })
+    }
+
+    pub fn file(&self) -> &Child {
+        &self.file
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn request_alignment(&self) -> u32 {
+        self.file.node().request_alignment()
+    }
+
+    pub fn preadv<'a>(
+        &'a self,
+        offset: u64,
+        iov: &'a IoVecs,
+    ) -> LocalBoxFuture<'a, Result<(), BlockError>> {
+        self.file.node().preadv(self.offset + offset, iov)
+    }
+
+    pub fn pwritev<'a>(
+        &'a self,
+        offset: u64,
+        iov: &'a IoVecs,
+        fua: bool,
+    ) -> LocalBoxFuture<'a, Result<(), BlockError>> {
+        self.file.node().pwritev(self.offset + offset, iov, fua)
+    }
+
+    pub fn flush(&self) -> LocalBoxFuture<'_, Result<(), BlockError>> {
+        self.file.node().flush()
+    }
+
+    pub fn pdiscard(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<(), BlockError>> {
+        if self.discard == DiscardMode::Ignore {
+            return Box::pin(std::future::ready(Ok(())));
+        }
+        self.file.node().pdiscard(self.offset + offset, len)
+    }
+
+    pub fn pwrite_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        fua: bool,
+    ) -> LocalBoxFuture<'_, Result<(), BlockError>> {
+        let may_unmap = may_unmap && self.discard == DiscardMode::Unmap;
+        self.file
+            .node()
+            .pwrite_zeroes(self.offset + offset, len, may_unmap, fua)
+    }
+}

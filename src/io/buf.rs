@@ -1,0 +1,220 @@
+//! Scatter-gather lists and aligned bounce buffers.
+//!
+//! An [`IoVecs`] is a list of `(pointer, length)` pairs plus an owner that
+//! keeps the memory mapped. For guest requests the owner is the guest memory
+//! snapshot the request was parsed against, so a memory-table change never
+//! unmaps a buffer that an I/O still uses.
+
+use std::alloc::{self, Layout};
+use std::any::Any;
+use std::fmt;
+use std::rc::Rc;
+
+/// A scatter-gather list whose memory stays valid while the value lives.
+#[derive(Clone)]
+pub struct IoVecs {
+    inner: Rc<Inner>,
+}
+
+struct Inner {
+    iov: Vec<libc::iovec>,
+    len: u64,
+    // Keeps the memory behind `iov` mapped.
+    _owner: Box<dyn Any>,
+}
+
+impl fmt::Debug for IoVecs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IoVecs")
+            .field("segments", &self.inner.iov.len())
+            .field("len", &self.inner.len)
+            .finish()
+    }
+}
+
+impl IoVecs {
+    /// # Safety
+    ///
+    /// Every `iovec` must describe memory that is valid for reads and writes
+    /// for as long as `owner` is alive, and `owner` must not move that memory.
+    pub unsafe fn from_raw(iov: Vec<libc::iovec>, owner: Box<dyn Any>) -> Self {
+        let len = iov.iter().map(|v| v.iov_len as u64).sum();
+        IoVecs {
+            inner: Rc::new(Inner {
+                iov,
+                len,
+                _owner: owner,
+            }),
+        }
+    }
+
+    /// An aligned buffer of `len` bytes, zero-filled, as a one-segment list.
+    pub fn bounce(len: usize, align: usize) -> (Self, BounceView) {
+        let buf = AlignedBuf::new(len, align);
+        let iov = vec![libc::iovec {
+            iov_base: buf.ptr.cast(),
+            iov_len: len,
+        }];
+        let view = BounceView { ptr: buf.ptr, len };
+        // SAFETY: the iovec covers exactly the allocation of `buf`, which the
+        // IoVecs owns and which does not move when the Box moves.
+        let v = unsafe { IoVecs::from_raw(iov, Box::new(buf)) };
+        (v, view)
+    }
+
+    pub fn len(&self) -> u64 {
+        self.inner.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inner.len == 0
+    }
+
+    pub fn as_slice(&self) -> &[libc::iovec] {
+        &self.inner.iov
+    }
+
+    /// True when every segment's address and length are multiples of `align`.
+    pub fn is_aligned(&self, align: usize) -> bool {
+        self.inner
+            .iov
+            .iter()
+            .all(|v| (v.iov_base as usize) % align == 0 && v.iov_len % align == 0)
+    }
+
+    /// The bytes from `skip` to the end, as a list that keeps `self` alive.
+    pub fn tail(&self, skip: u64) -> IoVecs {
+        self.sub(skip, self.len().saturating_sub(skip))
+    }
+
+    /// The first `len` bytes, as a list that keeps `self` alive.
+    pub fn head(&self, len: u64) -> IoVecs {
+        self.sub(0, len.min(self.len()))
+    }
+
+    /// `len` bytes starting `skip` bytes in.
+    pub fn sub(&self, mut skip: u64, mut len: u64) -> IoVecs {
+        let mut iov = Vec::new();
+        for v in &self.inner.iov {
+            if len == 0 {
+                break;
+            }
+            let vlen = v.iov_len as u64;
+            if skip >= vlen {
+                skip -= vlen;
+                continue;
+            }
+            let n = (vlen - skip).min(len);
+            iov.push(libc::iovec {
+                // SAFETY: skip < iov_len, so the pointer stays inside the segment.
+                iov_base: unsafe { v.iov_base.cast::<u8>().add(skip as usize) }.cast(),
+                iov_len: n as usize,
+            });
+            len -= n;
+            skip = 0;
+        }
+        // SAFETY: every new segment lies within a segment of `self`, and the
+        // new list owns a clone of `self`, which keeps that memory valid.
+        unsafe { IoVecs::from_raw(iov, Box::new(self.clone())) }
+    }
+
+    /// Fills the whole list with zeroes.
+    pub fn fill_zero(&self) {
+        for v in &self.inner.iov {
+            // SAFETY: by the contract of `from_raw`, each iovec is valid for
+            // writes while `self` (and so its owner) is alive.
+            unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
+        }
+    }
+
+    /// Copies the list's bytes, in order, into `dst` (at most `dst.len()`).
+    pub fn copy_to(&self, dst: &mut [u8]) {
+        let mut done = 0;
+        for v in &self.inner.iov {
+            if done == dst.len() {
+                break;
+            }
+            let n = v.iov_len.min(dst.len() - done);
+            // SAFETY: the iovec is valid for reads of `iov_len` bytes (from_raw
+            // contract) and `dst[done..done + n]` is in bounds; the regions do
+            // not overlap because `dst` is a Rust slice we own exclusively.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    v.iov_base.cast::<u8>(),
+                    dst.as_mut_ptr().add(done),
+                    n,
+                )
+            };
+            done += n;
+        }
+    }
+
+    /// Copies `src` into the list's bytes, in order (at most the list's length).
+    pub fn copy_from(&self, src: &[u8]) {
+        let mut done = 0;
+        for v in &self.inner.iov {
+            if done == src.len() {
+                break;
+            }
+            let n = v.iov_len.min(src.len() - done);
+            // SAFETY: the iovec is valid for writes of `iov_len` bytes
+            // (from_raw contract) and `src[done..done + n]` is in bounds.
+            unsafe {
+                std::ptr::copy_nonoverlapping(src.as_ptr().add(done), v.iov_base.cast::<u8>(), n)
+            };
+            done += n;
+        }
+    }
+}
+
+/// A heap buffer aligned for O_DIRECT.
+pub struct AlignedBuf {
+    ptr: *mut u8,
+    layout: Layout,
+}
+
+impl AlignedBuf {
+    /// A zeroed buffer of `len` bytes (at least one) aligned to `align`.
+    pub fn new(len: usize, align: usize) -> Self {
+        let layout = Layout::from_size_align(len.max(1), align.max(1))
+            .expect("bounce buffer size and alignment are checked by callers");
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            alloc::handle_alloc_error(layout);
+        }
+        AlignedBuf { ptr, layout }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr` is a live allocation of `layout.size()` bytes that we
+        // own exclusively, initialised by alloc_zeroed.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` was allocated with exactly `layout`.
+        unsafe { alloc::dealloc(self.ptr, self.layout) };
+    }
+}
+
+/// Access to the bytes of a bounce buffer owned by an [`IoVecs`].
+pub struct BounceView {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl BounceView {
+    /// The buffer's bytes. The caller holds the IoVecs that owns them, and no
+    /// I/O is running on the buffer while the slice is used.
+    pub fn with_bytes<R>(&self, owner: &IoVecs, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        debug_assert_eq!(owner.as_slice()[0].iov_base.cast::<u8>(), self.ptr);
+        // SAFETY: `owner` keeps the allocation alive for this call; callers
+        // only use the view while no I/O on the buffer is in flight, so no one
+        // else accesses the bytes.
+        let s = unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) };
+        f(s)
+    }
+}

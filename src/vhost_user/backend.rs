@@ -1,0 +1,338 @@
+//! The vhost-user backend of one connection, and the export state that
+//! outlives connections.
+//!
+//! Locking: per-connection fields are atomics or mutexes taken only by the
+//! vhost-user control thread (memory, backend channel, ring hand-over). The
+//! I/O path touches only the per-queue drain counters (atomics) and the
+//! vring's own lock, which is per queue.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::Backend;
+use vhost_user_backend::{VhostUserBackend, VringRwLock};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use super::worker;
+use crate::block::{BlockBackend, DrainCounter};
+use crate::config::ExportConfig;
+use crate::io::{EngineKind, PreparedRing};
+use crate::virtio_blk::{
+    self, DeviceConfig, DeviceParams, GuestMem, Limits, MemGuard, WRITEBACK_OFFSET,
+};
+
+pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMem>>;
+
+/// Longest a queue stop or device reset waits for requests in flight.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// Submission queue entries of each iothread's io_uring.
+const RING_ENTRIES: u32 = 256;
+
+/// The part of an export that lives across connections.
+pub struct ExportState {
+    pub config: ExportConfig,
+    pub blk: Arc<BlockBackend>,
+    pub engine: EngineKind,
+    /// Set while the export must not take new requests (shutdown, drain).
+    quiesced: AtomicBool,
+    /// Requests popped and not yet returned, over every queue.
+    in_flight: DrainCounter,
+}
+
+impl ExportState {
+    pub fn new(config: ExportConfig, blk: Arc<BlockBackend>, engine: EngineKind) -> Self {
+        blk.set_write_cache(!config.writethrough);
+        ExportState {
+            config,
+            blk,
+            engine,
+            quiesced: AtomicBool::new(false),
+            in_flight: DrainCounter::default(),
+        }
+    }
+
+    pub fn is_quiesced(&self) -> bool {
+        self.quiesced.load(Ordering::Acquire)
+    }
+
+    /// Stops popping new requests (requests already popped complete).
+    pub fn quiesce(&self) {
+        self.quiesced.store(true, Ordering::Release);
+    }
+
+    pub fn in_flight(&self) -> &DrainCounter {
+        &self.in_flight
+    }
+
+    pub fn read_only(&self) -> bool {
+        !self.config.writable
+    }
+
+    /// The device parameters for the node's current size.
+    pub fn params(&self) -> DeviceParams {
+        let c = &self.config;
+        let lbs = c.logical_block_size;
+        let seg_max = (u32::from(c.queue_size).saturating_sub(2)).clamp(1, 1022);
+        // Largest discard / write-zeroes range: 1 GiB, in sectors.
+        let max_range_sectors = (1u32 << 30) / 512;
+        DeviceParams {
+            capacity_bytes: self.blk.size() / u64::from(lbs) * u64::from(lbs),
+            logical_block_size: lbs,
+            physical_block_size: lbs.max(self.blk.node().request_alignment()),
+            num_queues: c.num_queues,
+            seg_max,
+            size_max: 1 << 20,
+            max_discard_sectors: max_range_sectors,
+            max_discard_seg: 32,
+            max_write_zeroes_sectors: max_range_sectors,
+            max_write_zeroes_seg: 32,
+            write_zeroes_may_unmap: true,
+            read_only: self.read_only(),
+        }
+    }
+
+    pub fn limits(&self) -> Limits {
+        let p = self.params();
+        Limits {
+            capacity: p.capacity_bytes,
+            logical_block_size: p.logical_block_size,
+            seg_max: p.seg_max,
+            size_max: p.size_max,
+            max_discard_sectors: p.max_discard_sectors,
+            max_discard_seg: p.max_discard_seg,
+            max_write_zeroes_sectors: p.max_write_zeroes_sectors,
+            max_write_zeroes_seg: p.max_write_zeroes_seg,
+            read_only: p.read_only,
+        }
+    }
+
+    /// Queue-to-thread masks: queue q is served by thread q % threads.
+    pub fn queues_per_thread(&self) -> Vec<u64> {
+        let threads = self.config.num_iothreads;
+        let mut masks = vec![0u64; threads];
+        for q in 0..usize::from(self.config.num_queues) {
+            masks[q % threads] |= 1 << q;
+        }
+        masks
+    }
+}
+
+/// The backend of one vhost-user connection.
+pub struct VhostUserBlk {
+    pub(super) export: Arc<ExportState>,
+    mem: RwLock<Option<GuestMemoryAtomic<GuestMem>>>,
+    writeback: AtomicBool,
+    /// Requests in flight per queue, for GET_VRING_BASE.
+    pub(super) queues: Vec<DrainCounter>,
+    /// io_urings prepared for each iothread, taken on its first event.
+    rings: Vec<Mutex<Option<PreparedRing>>>,
+    backend_req: Mutex<Option<Backend>>,
+}
+
+impl VhostUserBlk {
+    pub fn new(export: Arc<ExportState>) -> io::Result<Self> {
+        let threads = export.config.num_iothreads;
+        let mut rings = Vec::with_capacity(threads);
+        for _ in 0..threads {
+            let ring = match export.engine {
+                EngineKind::IoUring => Some(PreparedRing::new(RING_ENTRIES)?),
+                EngineKind::Sync => None,
+            };
+            rings.push(Mutex::new(ring));
+        }
+        let queues = (0..export.config.num_queues)
+            .map(|_| DrainCounter::default())
+            .collect();
+        let writeback = !export.config.writethrough;
+        export.blk.set_write_cache(writeback);
+        Ok(VhostUserBlk {
+            export,
+            mem: RwLock::new(None),
+            writeback: AtomicBool::new(writeback),
+            queues,
+            rings,
+            backend_req: Mutex::new(None),
+        })
+    }
+
+    /// The event id of the iothreads' io_uring eventfd: above the ids the
+    /// library reserves for queues and the exit event.
+    pub fn io_event_id(&self) -> u16 {
+        self.export.config.num_queues + 1
+    }
+
+    /// The eventfd of thread `t`'s ring, to register with its epoll.
+    pub fn ring_eventfd(&self, t: usize) -> Option<std::os::fd::RawFd> {
+        self.rings[t]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|r| r.eventfd())
+    }
+
+    pub(super) fn take_ring(&self, t: usize) -> Option<PreparedRing> {
+        self.rings
+            .get(t)?
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    pub(super) fn memory(&self) -> Option<MemGuard> {
+        self.mem
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|m| m.memory())
+    }
+
+    fn config(&self) -> DeviceConfig {
+        DeviceConfig {
+            params: self.export.params(),
+            writeback: self.writeback.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Waits until every request popped from every queue has completed.
+    pub fn drain_all(&self) -> bool {
+        let mut ok = true;
+        for (q, c) in self.queues.iter().enumerate() {
+            if !c.wait_idle(DRAIN_TIMEOUT) {
+                log::error!(
+                    "export {}: queue {q} still has {} requests in flight after {:?}",
+                    self.export.config.id,
+                    c.get(),
+                    DRAIN_TIMEOUT
+                );
+                ok = false;
+            }
+        }
+        ok
+    }
+
+    fn set_writeback(&self, on: bool) {
+        let was = self.writeback.swap(on, Ordering::Relaxed);
+        self.export.blk.set_write_cache(on);
+        if was && !on {
+            // Writes completed while the cache was on must be durable once
+            // the guest sees write-through.
+            if let Err(e) = futures::executor::block_on(self.export.blk.flush()) {
+                log::warn!(
+                    "export {}: flush on switch to write-through failed: {e}",
+                    self.export.config.id
+                );
+            }
+        }
+    }
+}
+
+impl VhostUserBackend for VhostUserBlk {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.export.config.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.export.config.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        virtio_blk::device_features(self.export.read_only())
+            | vhost::vhost_user::message::VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::RESET_DEVICE
+            | VhostUserProtocolFeatures::BACKEND_REQ
+    }
+
+    fn reset_device(&self) {
+        // The library has unregistered every kick; wait for what was popped.
+        self.drain_all();
+        let default = !self.export.config.writethrough;
+        self.writeback.store(default, Ordering::Relaxed);
+        self.export.blk.set_write_cache(default);
+        log::debug!("export {}: device reset", self.export.config.id);
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {
+        // The library sets EVENT_IDX on each vring; the worker reads it there.
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        // An empty reply tells the frontend the read failed.
+        self.config().read(offset, size).unwrap_or_default()
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        if offset as usize == WRITEBACK_OFFSET && buf.len() == 1 {
+            self.set_writeback(buf[0] != 0);
+            return Ok(());
+        }
+        log::debug!(
+            "export {}: refused config write at offset {offset} length {}",
+            self.export.config.id,
+            buf.len()
+        );
+        Err(io::Error::from_raw_os_error(libc::EPERM))
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMem>) -> io::Result<()> {
+        // Requests hold a snapshot (an Arc) of the memory they were parsed
+        // against, so old mappings live until those requests complete.
+        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
+        Ok(())
+    }
+
+    fn set_backend_req_fd(&self, backend: Backend) {
+        *self.backend_req.lock().unwrap_or_else(|e| e.into_inner()) = Some(backend);
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        self.export.queues_per_thread()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // GET_VRING_BASE: the ring is no longer ready, so nothing new is
+        // popped; answer once what was popped is back on the used ring.
+        if let Some(c) = self.queues.get(queue_index as usize) {
+            if !c.wait_idle(DRAIN_TIMEOUT) {
+                log::error!(
+                    "export {}: queue {queue_index} stopped with {} requests still in flight",
+                    self.export.config.id,
+                    c.get()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        // Never return an error: the library would end the worker thread.
+        worker::handle_event(self, device_event, vrings, thread_id);
+        Ok(())
+    }
+}

@@ -1,0 +1,183 @@
+//! The listening socket of an export and its accept loop: one frontend at a
+//! time; when it goes away, its state is dropped and the next one accepted.
+
+use std::io;
+use std::os::fd::{FromRawFd, RawFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use super::backend::{ExportState, VhostUserBlk};
+use crate::config::SocketAddress;
+
+pub use vhost::vhost_user::Listener;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("export {export}: cannot listen on {path}")]
+    Listen {
+        export: String,
+        path: String,
+        #[source]
+        source: vhost::vhost_user::Error,
+    },
+    #[error("export {export}: file descriptor {fd} is not a listening UNIX socket")]
+    BadFd {
+        export: String,
+        fd: RawFd,
+        #[source]
+        source: io::Error,
+    },
+    #[error("export {export}: cannot set up the connection")]
+    Setup {
+        export: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("export {export}: vhost-user daemon error: {reason}")]
+    Daemon { export: String, reason: String },
+}
+
+/// An export's socket and the state that outlives connections.
+pub struct Server {
+    export: Arc<ExportState>,
+    listener: Listener,
+    path: Option<PathBuf>,
+}
+
+/// Checks that `fd` is a listening UNIX stream socket.
+fn check_listening_unix_socket(fd: RawFd) -> io::Result<()> {
+    let get = |opt: libc::c_int| -> io::Result<libc::c_int> {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `v`, a live local.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(v)
+        }
+    };
+    if get(libc::SO_DOMAIN)? != libc::AF_UNIX {
+        return Err(io::Error::other("not an AF_UNIX socket"));
+    }
+    if get(libc::SO_ACCEPTCONN)? != 1 {
+        return Err(io::Error::other("socket is not listening"));
+    }
+    Ok(())
+}
+
+impl Server {
+    /// Opens the export's listening socket (removing a stale socket file).
+    pub fn bind(export: Arc<ExportState>) -> Result<Server, ServerError> {
+        let id = export.config.id.clone();
+        let (listener, path) = match &export.config.addr {
+            SocketAddress::Unix { path } => {
+                let l = Listener::new(path, true).map_err(|source| ServerError::Listen {
+                    export: id.clone(),
+                    path: path.clone(),
+                    source,
+                })?;
+                (l, Some(PathBuf::from(path)))
+            }
+            SocketAddress::Fd { str } => {
+                let fd: RawFd = str.parse().map_err(|_| ServerError::BadFd {
+                    export: id.clone(),
+                    fd: -1,
+                    source: io::Error::other("not a number"),
+                })?;
+                check_listening_unix_socket(fd).map_err(|source| ServerError::BadFd {
+                    export: id.clone(),
+                    fd,
+                    source,
+                })?;
+                // SAFETY: the fd was handed to us by the orchestrator for this
+                // export, checked above to be a listening UNIX socket; the
+                // Listener takes sole ownership of it.
+                (unsafe { Listener::from_raw_fd(fd) }, None)
+            }
+        };
+        Ok(Server {
+            export,
+            listener,
+            path,
+        })
+    }
+
+    /// The socket file, if the export listens on a path.
+    pub fn socket_path(&self) -> Option<&PathBuf> {
+        self.path.as_ref()
+    }
+
+    pub fn export(&self) -> &Arc<ExportState> {
+        &self.export
+    }
+
+    /// Serves frontends one after another, forever.
+    pub fn run(mut self) {
+        loop {
+            if let Err(e) = self.serve_one() {
+                log::error!("{e}");
+                // Do not spin if accept itself keeps failing.
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+    }
+
+    /// Accepts one frontend and serves it until it disconnects.
+    pub fn serve_one(&mut self) -> Result<(), ServerError> {
+        let id = self.export.config.id.clone();
+        let backend = Arc::new(VhostUserBlk::new(self.export.clone()).map_err(|source| {
+            ServerError::Setup {
+                export: id.clone(),
+                source,
+            }
+        })?);
+        let daemon_err = |reason: String| ServerError::Daemon {
+            export: id.clone(),
+            reason,
+        };
+        let mut daemon = VhostUserDaemon::new(
+            format!("vub-{id}"),
+            backend.clone(),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .map_err(|e| daemon_err(e.to_string()))?;
+        for (t, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+            if let Some(fd) = backend.ring_eventfd(t) {
+                handler
+                    .register_listener(fd, EventSet::IN, u64::from(backend.io_event_id()))
+                    .map_err(|source| ServerError::Setup {
+                        export: id.clone(),
+                        source,
+                    })?;
+            }
+        }
+        daemon
+            .start(&mut self.listener)
+            .map_err(|e| daemon_err(e.to_string()))?;
+        log::info!("export {id}: frontend connected");
+        let result = daemon.wait();
+        // The frontend is gone (or broke the protocol). Requests it popped
+        // may still be running: let them finish before the worker threads and
+        // their rings go away with the daemon.
+        backend.drain_all();
+        drop(daemon);
+        match result {
+            Ok(()) => log::info!("export {id}: frontend disconnected"),
+            Err(e) => log::warn!("export {id}: connection ended: {e}"),
+        }
+        Ok(())
+    }
+}

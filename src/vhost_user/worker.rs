@@ -1,0 +1,265 @@
+//! The iothread: one vhost-user-backend worker thread, its io_uring and a
+//! local executor for request tasks.
+//!
+//! ```text
+//!   kick ---> pop every available chain (EVENT_IDX: until none is left)
+//!               parse --fail--> status, completion
+//!               parse --ok----> spawn task: execute on BlockBackend
+//!   run: poll tasks -> submit SQEs (one syscall) -> reap CQEs -> repeat
+//!   flush: add_used for every completion, one notification per queue
+//!   io_uring eventfd ---> reap -> run -> flush
+//! ```
+//!
+//! The worker lives in a thread-local: futures here are not `Send`, and the
+//! thread belongs to one connection's daemon, so it never serves two
+//! backends.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use futures::executor::{LocalPool, LocalSpawner};
+use futures::task::LocalSpawnExt;
+use vhost_user_backend::{VringState, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestMemoryAtomic};
+
+use super::backend::{VhostUserBlk, Vring};
+use crate::io::{self as aio, IoCtx};
+use crate::virtio_blk::{self, GuestMem, Parsed};
+
+/// One request returned to the used ring.
+#[derive(Clone, Copy, Debug)]
+struct Completion {
+    queue: u16,
+    head: u16,
+    len: u32,
+}
+
+/// Which descriptor heads of one queue are in flight (a head number is a
+/// u16, so 65536 bits).
+struct HeadSet {
+    bits: Vec<u64>,
+}
+
+impl HeadSet {
+    fn new() -> Self {
+        HeadSet {
+            bits: vec![0; 1024],
+        }
+    }
+
+    /// Marks `head` busy; false if it already was.
+    fn insert(&mut self, head: u16) -> bool {
+        let (w, b) = (usize::from(head) / 64, head % 64);
+        let was = self.bits[w] & (1 << b) != 0;
+        self.bits[w] |= 1 << b;
+        !was
+    }
+
+    fn remove(&mut self, head: u16) {
+        let (w, b) = (usize::from(head) / 64, head % 64);
+        self.bits[w] &= !(1 << b);
+    }
+}
+
+struct Worker {
+    io: IoCtx,
+    pool: LocalPool,
+    spawner: LocalSpawner,
+    done: Rc<RefCell<Vec<Completion>>>,
+    /// Global queue index of each of this thread's vrings.
+    queues: Vec<u16>,
+    heads: Vec<HeadSet>,
+}
+
+thread_local! {
+    static WORKER: RefCell<Option<Worker>> = const { RefCell::new(None) };
+}
+
+impl Worker {
+    fn new(blk: &VhostUserBlk, thread_id: usize) -> Worker {
+        let io = match blk.take_ring(thread_id) {
+            Some(ring) => IoCtx::from_ring(ring),
+            None => IoCtx::sync(),
+        };
+        aio::set_current(Some(io.clone()));
+        let mask = blk
+            .export
+            .queues_per_thread()
+            .get(thread_id)
+            .copied()
+            .unwrap_or(0);
+        let queues: Vec<u16> = (0..64u16).filter(|q| mask & (1 << q) != 0).collect();
+        let heads = queues.iter().map(|_| HeadSet::new()).collect();
+        let pool = LocalPool::new();
+        let spawner = pool.spawner();
+        log::debug!(
+            "export {}: iothread {thread_id} serves queues {queues:?} with {:?}",
+            blk.export.config.id,
+            io.kind()
+        );
+        Worker {
+            io,
+            pool,
+            spawner,
+            done: Rc::new(RefCell::new(Vec::new())),
+            queues,
+            heads,
+        }
+    }
+
+    /// Pops and starts every available request of this thread's vring `local`.
+    fn process_queue(&mut self, blk: &VhostUserBlk, local: usize, vring: &Vring) {
+        let Some(&queue) = self.queues.get(local) else {
+            return;
+        };
+        if blk.export.is_quiesced() {
+            return;
+        }
+        let Some(mem) = blk.memory() else {
+            return;
+        };
+        let limits = blk.export.limits();
+        let mut state = vring.get_mut();
+        if !state.is_enabled() || !state.get_queue().ready() {
+            return;
+        }
+        let event_idx = state.get_queue().event_idx_enabled();
+        loop {
+            if event_idx {
+                let _ = state.disable_notification();
+            }
+            while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
+                let head = chain.head_index();
+                if !self.heads[local].insert(head) {
+                    log::debug!(
+                        "queue {queue}: head {head} made available while in flight; ignored"
+                    );
+                    continue;
+                }
+                blk.queues[usize::from(queue)].inc();
+                blk.export.in_flight().inc();
+                self.start(blk, queue, virtio_blk::parse(chain, mem.clone(), &limits));
+            }
+            if !event_idx {
+                break;
+            }
+            match state.enable_notification() {
+                Ok(true) => continue,
+                _ => break,
+            }
+        }
+    }
+
+    fn start(&mut self, blk: &VhostUserBlk, queue: u16, parsed: Parsed) {
+        match parsed {
+            Parsed::Failed {
+                head,
+                status,
+                error,
+                mem,
+            } => {
+                log::debug!("queue {queue}: request at head {head} refused: {error}");
+                let len = match status {
+                    Some(addr) if mem.write_obj(error.status() as u8, addr).is_ok() => 1,
+                    _ => 0,
+                };
+                self.done.borrow_mut().push(Completion { queue, head, len });
+            }
+            Parsed::Request(req) => {
+                let backend = blk.export.blk.clone();
+                let serial = blk.export.config.serial.clone();
+                let done = self.done.clone();
+                let task = async move {
+                    let status = virtio_blk::execute(&req, &backend, &serial).await;
+                    let len = if status == virtio_blk::Status::Ok {
+                        req.used_len
+                    } else {
+                        1
+                    };
+                    let len = match req.mem.write_obj(status as u8, req.status) {
+                        Ok(()) => len,
+                        Err(_) => 0,
+                    };
+                    done.borrow_mut().push(Completion {
+                        queue,
+                        head: req.head,
+                        len,
+                    });
+                };
+                if let Err(e) = self.spawner.spawn_local(task) {
+                    // Only fails while the pool shuts down; the request is
+                    // dropped with its thread.
+                    log::error!("queue {queue}: cannot start request: {e}");
+                }
+            }
+        }
+    }
+
+    /// Runs tasks and I/O until nothing more can progress without waiting.
+    fn run(&mut self) {
+        loop {
+            self.pool.run_until_stalled();
+            self.io.submit();
+            if self.io.reap() == 0 {
+                break;
+            }
+        }
+    }
+
+    /// Returns completed requests to their used rings; one notification per
+    /// queue per batch, as EVENT_IDX allows.
+    fn flush(&mut self, blk: &VhostUserBlk, vrings: &[Vring]) {
+        let done: Vec<Completion> = std::mem::take(&mut *self.done.borrow_mut());
+        if done.is_empty() {
+            return;
+        }
+        for (local, &queue) in self.queues.iter().enumerate() {
+            if !done.iter().any(|c| c.queue == queue) {
+                continue;
+            }
+            let Some(vring) = vrings.get(local) else {
+                continue;
+            };
+            {
+                let mut state = vring.get_mut();
+                for c in done.iter().filter(|c| c.queue == queue) {
+                    if let Err(e) = state.add_used(c.head, c.len) {
+                        log::debug!("queue {queue}: cannot return head {}: {e}", c.head);
+                    }
+                }
+                notify(&mut state, queue);
+            }
+            for c in done.iter().filter(|c| c.queue == queue) {
+                self.heads[local].remove(c.head);
+                blk.queues[usize::from(queue)].dec();
+                blk.export.in_flight().dec();
+            }
+        }
+    }
+}
+
+fn notify(state: &mut VringState<GuestMemoryAtomic<GuestMem>>, queue: u16) {
+    let needed = state.needs_notification().unwrap_or(true);
+    if needed {
+        if let Err(e) = state.signal_used_queue() {
+            log::debug!("queue {queue}: cannot signal the guest: {e}");
+        }
+    }
+}
+
+/// Entry point from `VhostUserBackend::handle_event` on the worker thread.
+pub fn handle_event(blk: &VhostUserBlk, device_event: u16, vrings: &[Vring], thread_id: usize) {
+    WORKER.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let worker = slot.get_or_insert_with(|| Worker::new(blk, thread_id));
+        if device_event == blk.io_event_id() {
+            worker.io.clear_event();
+            worker.io.reap();
+        } else if let Some(vring) = vrings.get(usize::from(device_event)) {
+            worker.process_queue(blk, usize::from(device_event), vring);
+        }
+        worker.run();
+        worker.flush(blk, vrings);
+    });
+}
