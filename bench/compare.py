@@ -15,6 +15,10 @@ import statistics
 import sys
 from collections import OrderedDict
 
+# A run whose machine had more than this much CPU (% of one CPU) busy outside
+# client and backend is flagged as disturbed.
+NOISY_OTHER_CPU_PCT = 10
+
 
 def wrap(argv):
     meta = OrderedDict()
@@ -106,6 +110,7 @@ def report(path):
         others = [b for b in backends if b != theirs]
         ours = others[0] if others else None
     failures = 0
+    noisy = 0
 
     summary = []
     for (backing, case, placement), rs in cases.items():
@@ -115,7 +120,7 @@ def report(path):
         print(f"\n== {backing} | {case} | {placement}")
         hdr = (f"  {'backend':<16} {mlabel + ' median [min-max]':<28} "
                f"{'p50 us':>8} {'p99 us':>8} {'p99.9 us':>9} "
-               f"{'IOPS/bCPU-s':>12} {'bCPU%':>6} {'cCPU%':>6} {'n':>2}")
+               f"{'IOPS/bCPU-s':>12} {'bCPU%':>6} {'cCPU%':>6} {'oCPU%':>6} {'n':>2}")
         print(hdr)
         per_backend = {}
         for b in backends:
@@ -133,12 +138,14 @@ def report(path):
                 "eff": stats([x.get("iops_per_backend_cpu_s") for x in ok]),
                 "bcpu": stats([x.get("backend_cpu_pct") for x in ok]),
                 "ccpu": stats([x.get("client_cpu_pct") for x in ok]),
+                "ocpu": stats([x.get("other_cpu_pct") for x in ok]),
             }
+            noisy += sum(1 for x in ok if (x.get("other_cpu_pct") or 0) > NOISY_OTHER_CPU_PCT)
             per_backend[b] = s
             med = lambda k: fmt_num(s[k][0]) if s[k] else "-"
             print(f"  {b:<16} {fmt_stat(s['metric'], mlabel):<28} {med('p50'):>8} "
                   f"{med('p99'):>8} {med('p999'):>9} {med('eff'):>12} "
-                  f"{med('bcpu'):>6} {med('ccpu'):>6} {len(ok):>2}")
+                  f"{med('bcpu'):>6} {med('ccpu'):>6} {med('ocpu'):>6} {len(ok):>2}")
             for r in bad:
                 print(f"  {'':<16} FAILED (repeat {r.get('repeat')}): {r['error']}")
         if ours in per_backend and theirs in per_backend:
@@ -163,6 +170,9 @@ def report(path):
             f = lambda v: f"{v:.2f}x" if v is not None else "-"
             print(f"  {backing:<8} {case:<24} {placement:<9} {unit:<5} "
                   f"{va:>12} {vb:>12} {f(rm):>7} {f(re):>9}")
+    if noisy:
+        print(f"\nWARNING: {noisy} run(s) saw more than {NOISY_OTHER_CPU_PCT}% CPU used by "
+              "other processes (oCPU%); their numbers are disturbed")
     if failures:
         print(f"\n{failures} run(s) FAILED")
     return 1 if failures else 0

@@ -29,6 +29,9 @@
 #                         report.txt, results.jsonl, commands.txt, logs/
 #   -h, --help
 #
+# Use a quiet machine: the report's oCPU% column shows CPU used by other
+# processes during each run and flags disturbed runs.
+#
 # Environment: VUB_BIN (default target/release/vhost-user-blkd; may point to a
 # wrapper such as bench/qsd-wrapper.sh), QSD_BIN (default qemu-storage-daemon),
 # VUB_BENCH (default: built with cargo into ${CARGO_TARGET_DIR:-target}).
@@ -338,11 +341,15 @@ for v in "${QSD_VARIANTS[@]}"; do
         main) qsd_desc+=("qsd-main (export in the main loop, no iothread)") ;;
     esac
 done
-echo "qsd variants: $(IFS=';'; echo "${qsd_desc[*]}"); reference: qsd-${QSD_VARIANTS[0]}"
+echo "qsd variants: $(printf '%s; ' "${qsd_desc[@]}")reference: qsd-${QSD_VARIANTS[0]}"
 echo "runs:       repeats=$REPEATS runtime=${RUNTIME}s ramp=${RAMP}s client=$([[ $CLIENT_POLL == 1 ]] && echo poll || echo event)"
 echo "placement:  same = backend+client on CPU $BCPU; split = backend on CPU $BCPU, client on CPU $CCPU"
 echo "backings:   ${BACKINGS} (null = null-co $FILE_MIB MiB; shm = raw file on /dev/shm, cache.direct=off; disk = raw file in $DISK_DIR, cache.direct=on)"
 echo "output:     $OUT"
+read -r load1 _ </proc/loadavg
+if awk -v l="$load1" 'BEGIN { exit !(l > 0.5) }'; then
+    echo "WARNING:    load average $load1 at start: other work on this machine disturbs the numbers"
+fi
 }
 print_header | tee "$OUT/report.txt"
 

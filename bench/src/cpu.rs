@@ -1,7 +1,7 @@
 //! CPU-time accounting for the backend process (via /proc/PID/stat) and for
 //! this process (via getrusage).
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use std::time::Duration;
 
 /// Clock ticks per second used by /proc/PID/stat.
@@ -62,6 +62,53 @@ impl ProcCpu {
     }
 }
 
+/// Machine-wide CPU time from the aggregate "cpu" line of /proc/stat, in
+/// seconds summed over all CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SystemCpu {
+    /// user + nice + system + irq + softirq.
+    pub busy_s: f64,
+    /// Time the hypervisor ran something else while a vCPU wanted to run.
+    pub steal_s: f64,
+}
+
+impl std::ops::Sub for SystemCpu {
+    type Output = SystemCpu;
+    fn sub(self, o: SystemCpu) -> SystemCpu {
+        SystemCpu {
+            busy_s: self.busy_s - o.busy_s,
+            steal_s: self.steal_s - o.steal_s,
+        }
+    }
+}
+
+/// Parse the aggregate "cpu" line of /proc/stat (values in clock ticks).
+pub fn parse_proc_stat(stat: &str, ticks_per_sec: u64) -> Result<SystemCpu> {
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .context("no aggregate cpu line in /proc/stat")?;
+    let v: Vec<u64> = line
+        .split_ascii_whitespace()
+        .skip(1)
+        .map(|f| f.parse().context("bad /proc/stat field"))
+        .collect::<Result<_>>()?;
+    ensure!(v.len() >= 8, "short cpu line in /proc/stat");
+    // user nice system idle iowait irq softirq steal [guest guest_nice]
+    let busy = v[0] + v[1] + v[2] + v[5] + v[6];
+    let t = ticks_per_sec as f64;
+    Ok(SystemCpu {
+        busy_s: busy as f64 / t,
+        steal_s: v[7] as f64 / t,
+    })
+}
+
+/// Current machine-wide CPU counters.
+pub fn system_cpu() -> Result<SystemCpu> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    parse_proc_stat(&stat, clock_ticks_per_sec()?)
+}
+
 /// user + system CPU time of this process (all threads), in seconds.
 pub fn self_cpu_seconds() -> f64 {
     // SAFETY: getrusage writes into the zeroed struct we pass; RUSAGE_SELF is valid.
@@ -80,6 +127,15 @@ mod tests {
         let stat = "1234 (qemu (x) d) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 3 0 \
                     100 1000 10 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0";
         assert_eq!(parse_stat_ticks(stat).unwrap(), 325);
+    }
+
+    #[test]
+    fn parses_proc_stat() {
+        let stat = "cpu  100 5 50 1000 20 3 2 7 0 0\ncpu0 50 2 25 500 10 1 1 3 0 0\n";
+        let c = parse_proc_stat(stat, 100).unwrap();
+        assert_eq!(c.busy_s, 1.6);
+        assert_eq!(c.steal_s, 0.07);
+        assert!(system_cpu().unwrap().busy_s > 0.0);
     }
 
     #[test]

@@ -10,6 +10,7 @@ use anyhow::{bail, ensure, Context, Result};
 use blkio::Blkio;
 use clap::Parser;
 use cli::Cli;
+use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use worker::{Pattern, WorkerConfig, WorkerResult};
@@ -171,11 +172,14 @@ fn run(cli: &Cli) -> Result<()> {
     })?;
 
     let rep = report::build(cli, &dev, size, &results, &window);
+    let mut out = std::io::stdout().lock();
     if cli.json {
-        println!("{}", serde_json::to_string(&rep)?);
+        serde_json::to_writer(&mut out, &rep)?;
+        writeln!(out)?;
     } else {
-        report::print_table(&rep);
+        report::print_table(&mut out, &rep)?;
     }
+    out.flush()?;
     Ok(())
 }
 
@@ -289,6 +293,8 @@ pub struct Window {
     pub wall_s: f64,
     pub client_cpu_s: f64,
     pub backend_cpu_s: Option<f64>,
+    /// Machine-wide CPU use over the window (all processes, all CPUs).
+    pub system: cpu::SystemCpu,
 }
 
 fn sleep_until(t: Instant, abort: &AtomicBool) {
@@ -310,10 +316,12 @@ fn sample_window(
     sleep_until(ramp_end, abort);
     let w0 = Instant::now();
     let c0 = cpu::self_cpu_seconds();
+    let s0 = cpu::system_cpu()?;
     let b0 = backend.map(|b| b.sample()).transpose()?;
     sleep_until(end, abort);
     let w1 = Instant::now();
     let c1 = cpu::self_cpu_seconds();
+    let s1 = cpu::system_cpu()?;
     let b1 = backend
         .map(|b| b.sample())
         .transpose()
@@ -322,6 +330,7 @@ fn sample_window(
         wall_s: (w1 - w0).as_secs_f64(),
         client_cpu_s: c1 - c0,
         backend_cpu_s: b0.zip(b1).map(|(a, b)| b - a),
+        system: s1 - s0,
     })
 }
 

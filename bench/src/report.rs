@@ -5,6 +5,7 @@ use crate::hist::{Histogram, LatencySummary};
 use crate::worker::{DirResult, WorkerResult};
 use crate::{merge, DeviceInfo, Window};
 use serde::Serialize;
+use std::io::{self, Write};
 
 const MIB: f64 = 1024.0 * 1024.0;
 
@@ -56,6 +57,14 @@ pub struct Report {
     pub backend_cpu_s: Option<f64>,
     pub backend_cpu_pct: Option<f64>,
     pub iops_per_backend_cpu_s: Option<f64>,
+    /// Busy CPU time of the whole machine in the window, as % of one CPU
+    /// (so up to nproc * 100).
+    pub system_cpu_pct: f64,
+    /// system_cpu_pct minus client and backend: other load on the machine.
+    /// More than a few % means the numbers are disturbed.
+    pub other_cpu_pct: f64,
+    /// Hypervisor steal time in the window, as % of one CPU.
+    pub steal_pct: f64,
 }
 
 fn dir_stats(d: &DirResult, secs: f64) -> DirStats {
@@ -133,6 +142,12 @@ pub fn build(
         backend_cpu_s: window.backend_cpu_s,
         backend_cpu_pct,
         iops_per_backend_cpu_s,
+        system_cpu_pct: pct(window.system.busy_s),
+        other_cpu_pct: pct((window.system.busy_s
+            - window.client_cpu_s
+            - window.backend_cpu_s.unwrap_or(0.0))
+        .max(0.0)),
+        steal_pct: pct(window.system.steal_s),
     }
 }
 
@@ -140,9 +155,10 @@ fn opt(v: Option<f64>, prec: usize) -> String {
     v.map_or_else(|| "-".to_string(), |v| format!("{v:.prec$}"))
 }
 
-pub fn print_table(r: &Report) {
+pub fn print_table(out: &mut impl Write, r: &Report) -> io::Result<()> {
     let p = &r.params;
-    println!(
+    writeln!(
+        out,
         "vub-bench {}: {} rw={} bs={} iodepth={} queues={} mode={} queue-size={} \
          size={} ramp={}s runtime={}s",
         r.version,
@@ -156,42 +172,59 @@ pub fn print_table(r: &Report) {
         r.size,
         p.ramp,
         p.runtime,
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "{:<6} {:>12} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
         "", "IOPS", "MiB/s", "mean(us)", "p50(us)", "p99(us)", "p99.9(us)", "max(us)"
-    );
-    let row = |name: &str, iops: f64, mib: f64, l: &LatencySummary| {
-        println!(
+    )?;
+    let mut row = |name: &str, iops: f64, mib: f64, l: &LatencySummary| {
+        writeln!(
+            out,
             "{name:<6} {iops:>12.0} {mib:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
             l.mean_us, l.p50_us, l.p99_us, l.p99_9_us, l.max_us
-        );
+        )
     };
     if r.read.ios > 0 {
-        row("read", r.read.iops, r.read.mib_s, &r.read.lat);
+        row("read", r.read.iops, r.read.mib_s, &r.read.lat)?;
     }
     if r.write.ios > 0 {
-        row("write", r.write.iops, r.write.mib_s, &r.write.lat);
+        row("write", r.write.iops, r.write.mib_s, &r.write.lat)?;
     }
-    row("total", r.iops, r.mib_s, &r.lat);
+    row("total", r.iops, r.mib_s, &r.lat)?;
     if r.per_queue.len() > 1 {
         let qs: Vec<String> = r
             .per_queue
             .iter()
             .map(|q| format!("q{}={:.0}", q.queue, q.iops))
             .collect();
-        println!("per-queue IOPS: {}", qs.join(" "));
+        writeln!(out, "per-queue IOPS: {}", qs.join(" "))?;
     }
-    println!(
+    writeln!(
+        out,
         "client CPU: {:.1}% ({:.2} s)   completions/do_io: {:.2}",
         r.client_cpu_pct, r.client_cpu_s, r.completions_per_do_io
-    );
+    )?;
     if let Some(pid) = r.backend_pid {
-        println!(
+        writeln!(
+            out,
             "backend pid {pid} CPU: {}% ({} s)   IOPS per backend CPU-second: {}",
             opt(r.backend_cpu_pct, 1),
             opt(r.backend_cpu_s, 2),
             opt(r.iops_per_backend_cpu_s, 0),
-        );
+        )?;
     }
+    writeln!(
+        out,
+        "machine CPU: {:.1}% busy, {:.1}% other than client{}, {:.1}% steal",
+        r.system_cpu_pct,
+        r.other_cpu_pct,
+        if r.backend_pid.is_some() {
+            " and backend"
+        } else {
+            " (backend unknown)"
+        },
+        r.steal_pct
+    )?;
+    Ok(())
 }
