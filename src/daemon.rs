@@ -131,8 +131,10 @@ fn daemonize() -> Result<std::fs::File, DaemonError> {
     }
     if pid > 0 {
         // Parent: wait for one byte from the child, then exit with its verdict.
-        // SAFETY: fds[1] is ours to close; fds[0] becomes owned by the File.
+        // SAFETY: fds[1] is the child's end; the parent owns its copy and
+        // closes it so that EOF arrives if the child dies.
         unsafe { libc::close(fds[1]) };
+        // SAFETY: fds[0] is an open pipe end that nothing else owns.
         let mut r = unsafe { std::fs::File::from_raw_fd(fds[0]) };
         let mut b = [0u8; 1];
         let ok = std::io::Read::read(&mut r, &mut b).map(|n| n == 1 && b[0] == b'1');

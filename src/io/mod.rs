@@ -89,7 +89,7 @@ pub enum Op {
 
 /// The engine of one iothread.
 pub enum Engine {
-    IoUring(uring::UringEngine),
+    IoUring(Box<uring::UringEngine>),
     Sync,
 }
 
@@ -119,7 +119,7 @@ impl IoCtx {
     /// An io_uring context from a ring prepared on another thread.
     pub fn from_ring(ring: PreparedRing) -> Self {
         IoCtx {
-            engine: Rc::new(Engine::IoUring(uring::UringEngine::new(ring.0))),
+            engine: Rc::new(Engine::IoUring(Box::new(uring::UringEngine::new(ring.0)))),
         }
     }
 
