@@ -49,6 +49,8 @@ if have flock; then
     exec 9>"$GUEST_CACHE/.lock"
     flock 9
 fi
+# Leftovers of an interrupted build (we hold the lock, so none is running).
+rm -rf "$GUEST_CACHE"/work.*
 
 # --- Resolve the kernel package -------------------------------------------
 

@@ -78,7 +78,13 @@ done
 [[ "$timeout" =~ ^[0-9]+$ ]] && [ "$timeout" -gt 0 ] || die "--timeout must be a positive integer, got '$timeout'"
 [[ "$smp" =~ ^[0-9]+$ ]] || die "--smp must be an integer, got '$smp'"
 [ -z "$num_queues" ] || [[ "$num_queues" =~ ^[0-9]+$ ]] || die "--num-queues must be an integer, got '$num_queues'"
-[[ "$mem" =~ ^[0-9]+[MGmg]?$ ]] || die "--mem must look like 512M or 1G, got '$mem'"
+[[ "$mem" =~ ^([0-9]+)([MGmg]?)$ ]] || die "--mem must look like 512M or 1G, got '$mem'"
+mem_mib=${BASH_REMATCH[1]}
+[[ "${BASH_REMATCH[2]}" == [Gg] ]] && mem_mib=$((mem_mib * 1024))
+# The initramfs is ~85 MiB unpacked (fio drags in ceph/gluster/ICU libraries)
+# and lives in RAM next to the initrd image during unpacking; at 256M the
+# kernel fails with "Initramfs unpacking failed: write error".
+[ "$mem_mib" -ge 320 ] || die "--mem $mem is too small: the guest needs at least 320M"
 for s in ${sockets[@]+"${sockets[@]}"}; do
     [ -S "$s" ] || die "vhost-user socket not found (is the backend running?): $s"
 done

@@ -71,6 +71,7 @@ yes "$pat_word" | head -c "$PAT_LEN" >"$tmp/pattern" || true   # yes gets SIGPIP
 
 cat >"$tmp/guest.sh" <<EOF
 set -e
+echo "guest uptime at script start: \$(cut -d' ' -f1 /proc/uptime) s"
 d=vda
 [ -b /dev/\$d ] || { echo "no /dev/\$d"; ls /sys/block; exit 10; }
 q=/sys/block/\$d/queue
