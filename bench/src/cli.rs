@@ -103,6 +103,11 @@ pub struct Cli {
     #[arg(long)]
     pub json: bool,
 
+    /// Testing aid: split each request's buffer into segments of at most
+    /// this many bytes (readv/writev), as if the device had this max-segment-len.
+    #[arg(long, hide = true, value_parser = parse_size)]
+    pub split_segments: Option<u64>,
+
     /// Seed for random offsets (per queue: seed + queue index).
     #[arg(long, default_value_t = 0x5eed)]
     pub seed: u64,

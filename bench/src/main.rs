@@ -57,6 +57,11 @@ fn run(cli: &Cli) -> Result<()> {
         .to_str()
         .context("socket path is not valid UTF-8")?;
     b.set_str("path", path).map_err(bkerr("setting path"))?;
+    if cli.rw.read_pct(cli.rwmixread) == 100 {
+        // Lets read-only workloads run against writable=off exports too.
+        b.set_bool("read-only", true)
+            .map_err(bkerr("setting read-only"))?;
+    }
     b.connect()
         .map_err(bkerr("connecting"))
         .with_context(|| format!("vhost-user socket {}", cli.socket.display()))?;
@@ -229,11 +234,13 @@ fn probe_device(b: &Blkio, cli: &Cli) -> Result<DeviceInfo> {
             cli.bs
         );
     }
-    let segments = if max_segment_len > 0 {
-        cli.bs.div_ceil(max_segment_len as u64)
-    } else {
-        1
+    let seg_limit = match (max_segment_len, cli.split_segments) {
+        (m, Some(s)) if m > 0 => s.min(m as u64),
+        (_, Some(s)) => s,
+        (m, None) if m > 0 => m as u64,
+        _ => u64::MAX,
     };
+    let segments = cli.bs.div_ceil(seg_limit);
     if segments > 1 && max_segments > 0 && segments > max_segments as u64 {
         bail!(
             "--bs {} needs {segments} segments of at most {max_segment_len} bytes, \
