@@ -4,6 +4,8 @@
 GUEST_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$GUEST_DIR/../.." && pwd)"
 GUEST_CACHE="${GUEST_CACHE:-$REPO/.cache/guest}"
+case "$GUEST_CACHE" in /*) ;; *) GUEST_CACHE="$PWD/$GUEST_CACHE" ;; esac
+export GUEST_CACHE
 
 log() { printf '[%s] %s\n' "${LOG_TAG:-guest}" "$*" >&2; }
 die() { printf '[%s] ERROR: %s\n' "${LOG_TAG:-guest}" "$*" >&2; exit 1; }

@@ -75,7 +75,7 @@ done
 
 [ -n "$script" ] || die "--script is required (see --help)"
 [ -f "$script" ] || die "guest script not found: $script"
-[[ "$timeout" =~ ^[0-9]+$ ]] && [ "$timeout" -gt 0 ] || die "--timeout must be a positive integer, got '$timeout'"
+[[ "$timeout" =~ ^[1-9][0-9]*$ ]] || die "--timeout must be a positive integer, got '$timeout'"
 [[ "$smp" =~ ^[0-9]+$ ]] || die "--smp must be an integer, got '$smp'"
 [ -z "$num_queues" ] || [[ "$num_queues" =~ ^[0-9]+$ ]] || die "--num-queues must be an integer, got '$num_queues'"
 [[ "$mem" =~ ^([0-9]+)([MGmg]?)$ ]] || die "--mem must look like 512M or 1G, got '$mem'"
@@ -113,6 +113,7 @@ have "$QEMU" || [ -x "$QEMU" ] || die "QEMU binary not found: $QEMU"
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/run-guest.XXXXXX")
 qpid=""
 spid=""
+# shellcheck disable=SC2317  # invoked via trap
 cleanup() {
     if [ -n "$qpid" ] && kill -0 "$qpid" 2>/dev/null; then
         kill -TERM "$qpid" 2>/dev/null || true
@@ -154,7 +155,7 @@ args=(
     -m "$mem" -smp "$smp"
     # vhost-user needs guest RAM in a shareable fd the backend can mmap.
     -object "memory-backend-memfd,id=mem,size=$mem,share=on"
-    -numa node,memdev=mem
+    -numa "node,memdev=mem"
     -kernel "$kernel" -initrd "$tmp/initrd"
     -append "console=ttyS0 quiet panic=-1 guest.ndisks=${#sockets[@]}$append"
     # Serial console on stdio, with a copy in a log file we parse for the

@@ -33,6 +33,7 @@ tmp=$(mktemp -d "${TMPDIR:-/tmp}/selftest-qsd.XXXXXX")
 img="$tmp/disk.img"
 sock="$tmp/vub.sock"
 qsd_pid=""
+# shellcheck disable=SC2317  # invoked via trap
 cleanup() {
     if [ -n "$qsd_pid" ] && kill -0 "$qsd_pid" 2>/dev/null; then
         kill -TERM "$qsd_pid" 2>/dev/null || true
