@@ -1,0 +1,498 @@
+//! Queues, notifications, connections, drains and the daemon's life cycle.
+
+mod common;
+
+use std::os::unix::process::CommandExt;
+use std::time::Duration;
+
+use common::*;
+use vhost::vhost_user::VhostUserFrontend;
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
+use vm_memory::{Bytes, GuestAddress};
+
+const MIB: u64 = 1 << 20;
+
+/// Makes `n` writes of `len` bytes available on queue `q` (one kick) and
+/// returns (head, sector, seed, status address) of each.
+fn submit_writes(
+    vm: &mut Vm,
+    q: usize,
+    n: usize,
+    len: u32,
+    first_sector: u64,
+) -> Vec<(u16, u64, u64, GuestAddress)> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let sector = first_sector + i as u64 * u64::from(len) / 512;
+        let seed = (q * 1000 + i) as u64;
+        let h = vm.write_header(T_OUT, sector);
+        let d = vm.alloc(u64::from(len));
+        vm.mem.write_slice(&pattern(seed, len as usize), d).unwrap();
+        let s = vm.status_buf();
+        let mut descs = vec![Desc::r(h, 16)];
+        descs.extend(split_segments(d, len, true));
+        descs.push(Desc::w(s, 1));
+        let head = vm.queues[q].add_chain(&vm.mem, &descs);
+        out.push((head, sector, seed, s));
+    }
+    vm.queues[q].kick();
+    out
+}
+
+fn wait_first_completion(vm: &Vm, q: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while vm.queues[q].used_idx(&vm.mem) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no completion");
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn four_queues_on_four_iothreads_serve_requests_in_parallel() {
+    let d = Daemon::raw(64 * MIB, &["--num-queues", "4"]);
+    let mut vm = Vm::connect(
+        &d.socket,
+        VmOptions {
+            num_queues: 4,
+            ..Default::default()
+        },
+    );
+    let mut all = Vec::new();
+    for q in 0..4 {
+        all.push(submit_writes(
+            &mut vm,
+            q,
+            16,
+            65536,
+            q as u64 * 16 * MIB / 512,
+        ));
+    }
+    for (q, reqs) in all.iter().enumerate() {
+        let used = vm.queues[q].wait_used(&vm.mem, reqs.len(), Duration::from_secs(20));
+        assert_eq!(used.len(), reqs.len(), "queue {q} completed everything");
+        for &(_, sector, seed, s) in reqs {
+            assert_eq!(vm.status_at(s), S_OK);
+            assert_eq!(
+                read_file_at(&d.image(), sector * 512, 65536),
+                pattern(seed, 65536)
+            );
+        }
+    }
+}
+
+#[test]
+fn event_idx_suppresses_notifications_until_used_event_is_passed() {
+    let d = Daemon::raw(16 * MIB, &[]);
+    let mut vm = Vm::connect(
+        &d.socket,
+        VmOptions {
+            event_idx: true,
+            ..Default::default()
+        },
+    );
+    assert_ne!(vm.features & VIRTIO_RING_F_EVENT_IDX, 0);
+    // Ask to be notified only after 10 more completions.
+    vm.queues[0].set_used_event(&vm.mem, 10);
+    let _ = vm.queues[0].take_call();
+    assert_eq!(vm.write(0, 0, &[1u8; 512]), S_OK);
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        !vm.queues[0].take_call(),
+        "no notification before used_event"
+    );
+    // Now ask for a notification on the next completion.
+    let next = vm.queues[0].last_used;
+    vm.queues[0].set_used_event(&vm.mem, next);
+    assert_eq!(vm.write(0, 0, &[2u8; 512]), S_OK);
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(
+        vm.queues[0].take_call(),
+        "notification once used_event is passed"
+    );
+}
+
+#[test]
+fn without_event_idx_every_batch_is_notified() {
+    let d = Daemon::raw(16 * MIB, &[]);
+    let mut vm = Vm::connect(&d.socket, VmOptions::default());
+    assert_eq!(vm.features & VIRTIO_RING_F_EVENT_IDX, 0);
+    for i in 0..3u8 {
+        let _ = vm.queues[0].take_call();
+        assert_eq!(vm.write(0, 0, &[i; 512]), S_OK);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(vm.queues[0].take_call(), "notified after request {i}");
+    }
+}
+
+#[test]
+fn indirect_descriptor_tables_carry_whole_requests() {
+    let d = Daemon::raw(16 * MIB, &[]);
+    let mut vm = Vm::connect(&d.socket, VmOptions::default());
+    let data = pattern(11, 3 * 4096);
+    let h = vm.write_header(T_OUT, 64);
+    let buf = vm.alloc(data.len() as u64);
+    vm.mem.write_slice(&data, buf).unwrap();
+    let s = vm.status_buf();
+    let table = vm.alloc(16 * 5);
+    let descs = [
+        Desc::r(h, 16),
+        Desc::r(buf, 4096),
+        Desc::r(GuestAddress(buf.0 + 4096), 4096),
+        Desc::r(GuestAddress(buf.0 + 8192), 4096),
+        Desc::w(s, 1),
+    ];
+    for (i, d) in descs.iter().enumerate() {
+        let next = (i + 1 < descs.len()).then_some(i as u16 + 1);
+        VirtQueue::write_desc_at(&vm.mem, table, i as u16, *d, next);
+    }
+    let (st, _) = vm.run_chain(0, &[Desc::indirect(table, 5)], s);
+    assert_eq!(st, S_OK);
+    assert_eq!(read_file_at(&d.image(), 64 * 512, data.len()), data);
+}
+
+#[test]
+fn reconnecting_frontend_finds_the_data_intact() {
+    let d = Daemon::raw(16 * MIB, &[]);
+    let data = pattern(12, 8192);
+    {
+        let mut vm = Vm::connect(&d.socket, VmOptions::default());
+        assert_eq!(vm.write(0, 100, &data), S_OK);
+    }
+    // The daemon drops the old connection's state and accepts the next.
+    for _ in 0..3 {
+        let mut vm = Vm::connect(
+            &d.socket,
+            VmOptions {
+                num_queues: 2,
+                ..Default::default()
+            },
+        );
+        let (st, back) = vm.read(1, 100, 8192);
+        assert_eq!(st, S_OK);
+        assert_eq!(back, data);
+    }
+}
+
+#[test]
+fn get_vring_base_answers_only_after_requests_in_flight_complete() {
+    let d = Daemon::raw(80 * MIB, &[]);
+    let mut vm = Vm::connect(&d.socket, VmOptions::default());
+    let reqs = submit_writes(&mut vm, 0, 40, 1 << 20, 0);
+    // The worker pops the whole batch before it returns the first request,
+    // so once one is back, the other 39 are popped and (mostly) in flight.
+    wait_first_completion(&vm, 0);
+    let base = vm.frontend.get_vring_base(0).expect("GET_VRING_BASE");
+    assert_eq!(base as usize, reqs.len(), "every request was popped");
+    // Everything popped up to `base` is already in the used ring.
+    let used = vm.queues[0].used_idx(&vm.mem);
+    assert_eq!(
+        u32::from(used),
+        base,
+        "used index equals the returned ring base"
+    );
+    let done = vm.queues[0].wait_used(&vm.mem, base as usize, Duration::from_secs(1));
+    for u in done {
+        let (_, sector, seed, s) = reqs.iter().find(|r| u32::from(r.0) == u.id).unwrap();
+        assert_eq!(vm.status_at(*s), S_OK);
+        assert_eq!(
+            read_file_at(&d.image(), sector * 512, 1 << 20),
+            pattern(*seed, 1 << 20)
+        );
+    }
+}
+
+#[test]
+fn reset_device_drains_and_restores_the_write_cache_default() {
+    let d = Daemon::raw(80 * MIB, &[]);
+    let mut vm = Vm::connect(&d.socket, VmOptions::default());
+    vm.set_writeback(false);
+    assert_eq!(vm.config(32, 1), vec![0]);
+    let reqs = submit_writes(&mut vm, 0, 32, 1 << 20, 0);
+    vm.frontend.reset_device().expect("RESET_DEVICE");
+    let popped = vm.queues[0].used_idx(&vm.mem);
+    assert!(usize::from(popped) <= reqs.len());
+    assert_eq!(vm.config(32, 1), vec![1], "write cache back to its default");
+}
+
+#[test]
+fn sigterm_with_requests_in_flight_drains_flushes_and_exits_zero() {
+    let mut d = Daemon::raw(80 * MIB, &[]);
+    let socket = d.socket.clone();
+    let mut vm = Vm::connect(&d.socket, VmOptions::default());
+    let reqs = submit_writes(&mut vm, 0, 40, 1 << 20, 0);
+    wait_first_completion(&vm, 0);
+    let status = d.terminate();
+    assert!(status.success(), "exit status {status}");
+    assert!(!socket.exists(), "socket removed at exit");
+    let used = vm.queues[0].wait_used(&vm.mem, reqs.len(), Duration::from_millis(100));
+    assert_eq!(
+        used.len(),
+        reqs.len(),
+        "every popped request completed before exit"
+    );
+    for u in &used {
+        let (_, sector, seed, s) = reqs.iter().find(|r| u32::from(r.0) == u.id).unwrap();
+        assert_eq!(vm.status_at(*s), S_OK);
+        assert_eq!(
+            read_file_at(&d.image(), sector * 512, 1 << 20),
+            pattern(*seed, 1 << 20)
+        );
+    }
+}
+
+#[test]
+fn pidfile_is_written_once_listening_and_removed_at_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("d.pid");
+    let mut d = Daemon::start_in(
+        dir,
+        &[
+            "--blockdev",
+            "driver=null-co,node-name=n0",
+            "--export",
+            "vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path={sock}",
+            "--pidfile",
+            "{dir}/d.pid",
+        ],
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !pidfile.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pidfile never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(pid, d.pid());
+    assert!(d.terminate().success());
+    assert!(!pidfile.exists());
+}
+
+#[test]
+fn daemonize_returns_once_the_socket_listens() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let pidfile = dir.path().join("d.pid");
+    let export = format!(
+        "vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path={}",
+        sock.display()
+    );
+    let (code, err) = run_daemon(&[
+        "--blockdev",
+        "driver=null-co,node-name=n0",
+        "--export",
+        &export,
+        "--daemonize",
+        "--pidfile",
+        pidfile.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(sock.exists(), "socket listens when the parent returns");
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let mut vm = Vm::connect(&sock, VmOptions::default());
+    assert_eq!(vm.flush(0), S_OK);
+    drop(vm);
+    // SAFETY: kill only takes a pid and a signal number.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    // SAFETY: signal 0 only checks that the process exists.
+    while unsafe { libc::kill(pid, 0) } == 0 {
+        assert!(std::time::Instant::now() < deadline, "daemon did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!sock.exists());
+}
+
+#[test]
+fn listening_socket_passed_as_fd_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fd.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::File::create(&img).unwrap().set_len(MIB).unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
+    let mut cmd = std::process::Command::new(daemon_bin());
+    cmd.args(["--image", img.to_str().unwrap(), "--fd", "3"]);
+    // SAFETY: dup2 in the child before exec; it only manipulates fds.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop(listener);
+    let mut vm = Vm::connect(&path, VmOptions::default());
+    assert_eq!(vm.write(0, 0, &[5u8; 512]), S_OK);
+    assert_eq!(read_file_at(&img, 0, 512), vec![5u8; 512]);
+    drop(vm);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn stale_socket_file_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("vub.sock"), b"stale").unwrap();
+    let d = Daemon::start_in(
+        dir,
+        &[
+            "--blockdev",
+            "driver=null-co,node-name=n0",
+            "--export",
+            "vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path={sock}",
+        ],
+    );
+    let mut vm = Vm::connect(&d.socket, VmOptions::default());
+    assert_eq!(vm.flush(0), S_OK);
+}
+
+#[test]
+fn invalid_options_fail_at_start_naming_the_option() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &[
+                "--blockdev",
+                "driver=file,node-name=f0",
+                "--export",
+                "vhost-user-blk,id=e,node-name=f0,addr.type=unix,addr.path=/tmp/x",
+            ],
+            "filename",
+        ),
+        (
+            &[
+                "--blockdev",
+                "driver=null-co,node-name=n0",
+                "--export",
+                "vhost-user-blk,id=e,node-name=n0,addr.type=unix,addr.path=/tmp/x,num-queues=0",
+            ],
+            "num-queues",
+        ),
+        (
+            &[
+                "--blockdev",
+                "driver=file,node-name=f0,filename=/nonexistent/disk.img",
+                "--export",
+                "vhost-user-blk,id=e,node-name=f0,addr.type=unix,addr.path=/tmp/x",
+            ],
+            "/nonexistent/disk.img",
+        ),
+        (
+            &[
+                "--blockdev",
+                "driver=null-co,node-name=n0",
+                "--export",
+                "vhost-user-blk,id=e,node-name=missing,addr.type=unix,addr.path=/tmp/x",
+            ],
+            "missing",
+        ),
+        (
+            &[
+                "--blockdev",
+                "driver=null-co,node-name=n0,read-only=on",
+                "--export",
+                "vhost-user-blk,id=e,node-name=n0,addr.type=unix,addr.path=/tmp/x,writable=on",
+            ],
+            "read-only",
+        ),
+        (
+            &[
+                "--blockdev",
+                "driver=null-co,node-name=n0",
+                "--blockdev",
+                "driver=null-co,node-name=n0",
+                "--export",
+                "vhost-user-blk,id=e,node-name=n0,addr.type=unix,addr.path=/tmp/x",
+            ],
+            "'n0' is already in use",
+        ),
+        (&["--bogus-flag"], "bogus"),
+    ];
+    for (args, needle) in cases {
+        let (code, err) = run_daemon(args);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: '{needle}' not in: {err}");
+    }
+}
+
+#[test]
+fn memory_regions_added_and_removed_while_queues_run() {
+    let d = Daemon::raw(16 * MIB, &[]);
+    let mut vm = Vm::connect(&d.socket, VmOptions::default());
+    assert_eq!(vm.write(0, 0, &[1u8; 4096]), S_OK);
+    // A second region at 1 GiB, from its own memfd.
+    let extra =
+        vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(1 << 30), 1 << 20)]).unwrap();
+    let file = {
+        let name = std::ffi::CString::new("extra").unwrap();
+        // SAFETY: valid C string and flags.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        // SAFETY: fresh fd that we own.
+        let f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        f.set_len(1 << 20).unwrap();
+        f
+    };
+    let map = vm_memory::GuestMemoryMmap::<()>::from_ranges_with_files([(
+        GuestAddress(1 << 30),
+        1 << 20,
+        Some(vm_memory::FileOffset::new(file.try_clone().unwrap(), 0)),
+    )])
+    .unwrap();
+    drop(extra);
+    let region = VhostUserMemoryRegionInfo {
+        guest_phys_addr: 1 << 30,
+        memory_size: 1 << 20,
+        userspace_addr: vm_memory::GuestMemoryBackend::get_host_address(&map, GuestAddress(1 << 30))
+            .unwrap() as u64,
+        mmap_offset: 0,
+        mmap_handle: std::os::fd::AsRawFd::as_raw_fd(&file),
+    };
+    vm.frontend.add_mem_region(&region).expect("ADD_MEM_REG");
+    // A read into the new region.
+    let data = pattern(13, 4096);
+    assert_eq!(vm.write(0, 8, &data), S_OK);
+    let h = vm.write_header(T_IN, 8);
+    let s = vm.status_buf();
+    let (st, _) = vm.run_chain(
+        0,
+        &[
+            Desc::r(h, 16),
+            Desc::w(GuestAddress(1 << 30), 4096),
+            Desc::w(s, 1),
+        ],
+        s,
+    );
+    assert_eq!(st, S_OK);
+    let mut back = vec![0u8; 4096];
+    map.read_slice(&mut back, GuestAddress(1 << 30)).unwrap();
+    assert_eq!(back, data);
+    // Remove it: a buffer there is now outside guest memory.
+    vm.frontend.remove_mem_region(&region).expect("REM_MEM_REG");
+    let h = vm.write_header(T_IN, 8);
+    let s = vm.status_buf();
+    let (st, _) = vm.run_chain(
+        0,
+        &[
+            Desc::r(h, 16),
+            Desc::w(GuestAddress(1 << 30), 4096),
+            Desc::w(s, 1),
+        ],
+        s,
+    );
+    assert_eq!(st, S_IOERR);
+    vm.reset_alloc();
+    let (st, back) = vm.read(0, 8, 4096);
+    assert_eq!(st, S_OK);
+    assert_eq!(back, data);
+}
