@@ -20,7 +20,7 @@ use std::rc::Rc;
 use futures::executor::{LocalPool, LocalSpawner};
 use futures::task::LocalSpawnExt;
 use vhost_user_backend::{VringState, VringT};
-use virtio_queue::QueueT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryAtomic};
 
 use super::backend::{VhostUserBlk, Vring};
@@ -129,7 +129,17 @@ impl Worker {
             if event_idx {
                 let _ = state.disable_notification();
             }
-            while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
+            // Iterate ourselves rather than with pop_descriptor_chain, which
+            // logs a broken avail index at error level: a guest must not be
+            // able to flood the log.
+            let iter = match state.get_queue_mut().iter(mem.clone()) {
+                Ok(iter) => iter,
+                Err(e) => {
+                    log::debug!("queue {queue}: cannot read the avail ring: {e}");
+                    return;
+                }
+            };
+            for chain in iter {
                 let head = chain.head_index();
                 if !self.heads[local].insert(head) {
                     log::debug!(
@@ -223,7 +233,16 @@ impl Worker {
             };
             {
                 let mut state = vring.get_mut();
+                let size = state.get_queue().size();
                 for c in done.iter().filter(|c| c.queue == queue) {
+                    if c.head >= size {
+                        // Not a descriptor of this queue: nothing to return.
+                        log::debug!(
+                            "queue {queue}: head {} is beyond the queue size {size}",
+                            c.head
+                        );
+                        continue;
+                    }
                     if let Err(e) = state.add_used(c.head, c.len) {
                         log::debug!("queue {queue}: cannot return head {}: {e}", c.head);
                     }

@@ -24,7 +24,7 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-pub use queue::{Desc, Used, VirtQueue};
+pub use queue::{Desc, VirtQueue};
 
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
@@ -117,7 +117,7 @@ impl Daemon {
     fn wait_for_socket(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !self.socket.exists() {
-            if let Some(status) = self.child.as_ref().and_then(|_| None::<ExitStatus>) {
+            if let Some(status) = self.child.as_ref().and(None::<ExitStatus>) {
                 panic!("daemon exited: {status}");
             }
             assert!(Instant::now() < deadline, "daemon socket never appeared");
