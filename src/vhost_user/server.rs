@@ -176,8 +176,21 @@ impl Server {
         drop(daemon);
         match result {
             Ok(()) => log::info!("export {id}: frontend disconnected"),
+            Err(e) if is_disconnect(&e) => log::info!("export {id}: frontend disconnected"),
             Err(e) => log::warn!("export {id}: connection ended: {e}"),
         }
         Ok(())
     }
+}
+
+/// A frontend that closed its socket (VM shut down, QEMU killed) is the
+/// normal end of a connection, not a warning.
+fn is_disconnect(e: &vhost_user_backend::Error) -> bool {
+    use vhost::vhost_user::Error as VuError;
+    matches!(
+        e,
+        vhost_user_backend::Error::HandleRequest(
+            VuError::Disconnected | VuError::PartialMessage | VuError::SocketBroken(_)
+        )
+    )
 }

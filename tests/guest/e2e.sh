@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# QEMU guest end-to-end test: a Linux guest (TCG) with two vhost-user-blk
+# disks served by one vhost-user-blkd, booted twice against the same daemon.
+#
+#   vda: raw file, writable, 2 queues, discard on   (checks, fio, discard)
+#   vdb: raw file, read-only, 4096-byte blocks, serial, writethrough
+#
+# Usage: tests/guest/e2e.sh [path/to/vhost-user-blkd]
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+bin=${1:-$repo/target/debug/vhost-user-blkd}
+guest=$repo/scripts/guest
+
+[[ -x $bin ]] || { echo "ERROR: daemon binary $bin not found (cargo build first)" >&2; exit 1; }
+"$guest/install-deps.sh"
+"$guest/build-guest.sh"
+command -v qemu-img >/dev/null || { echo "ERROR: qemu-img missing" >&2; exit 1; }
+
+work=$(mktemp -d /tmp/vub-e2e.XXXXXX)
+daemon_pid=
+cleanup() {
+    [[ -n $daemon_pid ]] && kill -9 "$daemon_pid" 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+truncate -s 256M "$work/a.img"
+truncate -s 64M "$work/b.img"
+"$bin" \
+    --blockdev "driver=file,node-name=fa,filename=$work/a.img,discard=unmap" \
+    --blockdev "driver=raw,node-name=a,file=fa,discard=unmap" \
+    --blockdev "driver=file,node-name=fb,filename=$work/b.img,read-only=on" \
+    --blockdev "driver=raw,node-name=b,file=fb,read-only=on" \
+    --export "type=vhost-user-blk,id=ea,node-name=a,addr.type=unix,addr.path=$work/a.sock,writable=on,num-queues=2" \
+    --export "type=vhost-user-blk,id=eb,node-name=b,addr.type=unix,addr.path=$work/b.sock,logical-block-size=4096,serial=vub-e2e-ro,writethrough=on" \
+    --pidfile "$work/pid" >"$work/daemon.log" 2>&1 &
+daemon_pid=$!
+for _ in $(seq 200); do [[ -e $work/pid ]] && break; sleep 0.05; done
+[[ -e $work/pid ]] || { cat "$work/daemon.log"; echo "ERROR: daemon did not start" >&2; exit 1; }
+
+files=(--file "$here/lib.sh:/e2e/lib.sh" --file "$here/verify.fio:/e2e/verify.fio")
+run() {
+    "$guest/run-guest.sh" --socket "$work/a.sock" --socket "$work/b.sock" \
+        --num-queues 2 --smp 2 --mem 512M --timeout 300 "${files[@]}" --script "$1"
+}
+
+host_pass=0
+host_fail=0
+host_check() {
+    if eval "$2"; then echo "ok: host: $1"; host_pass=$((host_pass + 1));
+    else echo "FAIL: host: $1"; host_fail=$((host_fail + 1)); fi
+}
+
+echo "=== boot 1"
+boot1=0
+run "$here/boot1.sh" || boot1=$?
+host_check "boot 1 checks passed" "[[ $boot1 -eq 0 ]]"
+host_check "guest's marker is at 150 MiB of the image" \
+    "cmp -s <(yes VUBMARK | head -c 1048576) <(dd if=$work/a.img bs=1M skip=150 count=1 2>/dev/null)"
+host_check "read-only image untouched" "[[ \$(tr -d '\\000' < $work/b.img | wc -c) -eq 0 ]]"
+host_check "daemon survived the guest's shutdown" "kill -0 $daemon_pid"
+
+echo "=== boot 2 (reconnect to the same daemon)"
+boot2=0
+run "$here/boot2.sh" || boot2=$?
+host_check "boot 2 checks passed" "[[ $boot2 -eq 0 ]]"
+
+kill -TERM "$daemon_pid"
+rc=0
+wait "$daemon_pid" || rc=$?
+daemon_pid=
+host_check "daemon exits 0 on SIGTERM" "[[ $rc -eq 0 ]]"
+host_check "sockets removed at exit" "[[ ! -e $work/a.sock && ! -e $work/b.sock ]]"
+if [[ $host_fail -ne 0 ]]; then
+    echo "--- daemon log"; cat "$work/daemon.log"
+fi
+echo "guest e2e: $host_pass passed, $host_fail failed"
+[[ $host_fail -eq 0 ]]
