@@ -490,6 +490,15 @@ writable = true
     }
 
     #[test]
+    fn example_config_file_is_valid() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.toml");
+        let c = Config::try_from(args(&["--config", path])).unwrap();
+        assert_eq!(c.blockdevs.len(), 3);
+        assert_eq!(c.exports[0].num_queues, 4);
+        assert!(c.exports[0].writable);
+    }
+
+    #[test]
     fn nothing_to_serve_is_a_usage_error() {
         assert!(matches!(
             Config::try_from(args(&[])),

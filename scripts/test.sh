@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it on a fresh machine:
+#   1. system packages the tests need (QEMU, qemu-storage-daemon, qemu-img,
+#      fio, busybox) -- installed only when missing;
+#   2. formatting and lints;
+#   3. unit and integration tests (frontend harness, hostile input, libblkio);
+#   4. the QEMU guest end-to-end test (Linux guest under TCG running fio).
+# Nothing is skipped: a missing tool is a failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/guest/install-deps.sh
+command -v qemu-img >/dev/null || { echo "ERROR: qemu-img is missing" >&2; exit 1; }
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo build --workspace --all-targets
+cargo test --workspace
+
+bash tests/guest/e2e.sh target/debug/vhost-user-blkd
