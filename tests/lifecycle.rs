@@ -496,3 +496,104 @@ fn memory_regions_added_and_removed_while_queues_run() {
     assert_eq!(st, S_OK);
     assert_eq!(back, data);
 }
+
+#[test]
+fn synchronous_fallback_engine_serves_every_request_type() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::File::create(dir.path().join("disk.img"))
+        .unwrap()
+        .set_len(16 * MIB)
+        .unwrap();
+    let d = Daemon::start_env(
+        dir,
+        &[
+            "--image",
+            "{dir}/disk.img",
+            "--socket",
+            "{sock}",
+            "--writethrough",
+        ],
+        &[("VUB_FORCE_SYNC_IO", "1")],
+    );
+    let mut vm = Vm::connect(&d.socket, VmOptions::default());
+    let data = pattern(21, 3 * MIB as usize);
+    assert_eq!(vm.write(0, 0, &data), S_OK);
+    assert_eq!(read_file_at(&d.image(), 0, data.len()), data);
+    let (st, back) = vm.read(0, 0, data.len() as u32);
+    assert_eq!(st, S_OK);
+    assert_eq!(back, data);
+    assert_eq!(vm.flush(0), S_OK);
+    assert_eq!(vm.ranges(0, T_DISCARD, &[(0, 8, 0)]), S_OK);
+    assert_eq!(vm.ranges(0, T_WRITE_ZEROES, &[(8, 8, 0)]), S_OK);
+    assert!(read_file_at(&d.image(), 0, 8192).iter().all(|&b| b == 0));
+}
+
+#[test]
+fn queues_share_iothreads_as_num_iothreads_says() {
+    let d = Daemon::start(&[
+        "--blockdev",
+        "driver=null-co,node-name=n0,size=64M,read-zeroes=on",
+        "--export",
+        "vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path={sock},writable=on,num-queues=4,num-iothreads=2",
+    ]);
+    let mut vm = Vm::connect(
+        &d.socket,
+        VmOptions {
+            num_queues: 4,
+            ..Default::default()
+        },
+    );
+    let mut all = Vec::new();
+    for q in 0..4 {
+        all.push(submit_writes(&mut vm, q, 8, 4096, 0));
+    }
+    for (q, reqs) in all.iter().enumerate() {
+        let used = vm.queues[q].wait_used(&vm.mem, reqs.len(), Duration::from_secs(10));
+        assert_eq!(used.len(), reqs.len(), "queue {q}");
+        assert!(reqs.iter().all(|r| vm.status_at(r.3) == S_OK));
+    }
+    let threads = std::fs::read_dir(format!("/proc/{}/task", d.pid()))
+        .unwrap()
+        .count();
+    assert!(threads >= 2);
+}
+
+#[test]
+fn memory_table_replaced_while_requests_are_in_flight() {
+    let d = Daemon::raw(80 * MIB, &[]);
+    let mut vm = Vm::connect(&d.socket, VmOptions::default());
+    let reqs = submit_writes(&mut vm, 0, 40, 1 << 20, 0);
+    // The same layout again, as a VMM does after a memory hot-plug event.
+    let regions: Vec<VhostUserMemoryRegionInfo> = vm
+        .opts
+        .regions
+        .iter()
+        .scan(0u64, |off, &(gpa, size)| {
+            let r = VhostUserMemoryRegionInfo {
+                guest_phys_addr: gpa,
+                memory_size: size,
+                userspace_addr: vm_memory::GuestMemoryBackend::get_host_address(
+                    &vm.mem,
+                    GuestAddress(gpa),
+                )
+                .unwrap() as u64,
+                mmap_offset: *off,
+                mmap_handle: vm.memfd_raw(),
+            };
+            *off += size;
+            Some(r)
+        })
+        .collect();
+    vm.frontend.set_mem_table(&regions).expect("SET_MEM_TABLE");
+    let used = vm.queues[0].wait_used(&vm.mem, reqs.len(), Duration::from_secs(20));
+    assert_eq!(used.len(), reqs.len());
+    for &(_, sector, seed, s) in &reqs {
+        assert_eq!(vm.status_at(s), S_OK);
+        assert_eq!(
+            read_file_at(&d.image(), sector * 512, 1 << 20),
+            pattern(seed, 1 << 20)
+        );
+    }
+    vm.reset_alloc();
+    assert_eq!(vm.write(0, 0, &[3u8; 4096]), S_OK);
+}

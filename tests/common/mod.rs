@@ -73,6 +73,11 @@ impl Daemon {
     }
 
     pub fn start_in(dir: tempfile::TempDir, args: &[&str]) -> Daemon {
+        Daemon::start_env(dir, args, &[])
+    }
+
+    /// Like `start_in`, with extra environment variables.
+    pub fn start_env(dir: tempfile::TempDir, args: &[&str], env: &[(&str, &str)]) -> Daemon {
         let socket = dir.path().join("vub.sock");
         let args: Vec<String> = args
             .iter()
@@ -508,6 +513,10 @@ pub fn eventfd() -> EventFd {
 }
 
 impl Vm {
+    pub fn memfd_raw(&self) -> std::os::fd::RawFd {
+        self.memfd.as_raw_fd()
+    }
+
     pub fn frontend_queue_num(&mut self) -> u64 {
         self.frontend.get_queue_num().expect("GET_QUEUE_NUM")
     }
