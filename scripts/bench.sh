@@ -144,7 +144,10 @@ cleanup() {
     return 0
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+# bash defers traps while a foreground child runs, and a client killed by the
+# same Ctrl-C looks like an ordinary failure: remember and check explicitly.
+INTERRUPTED=0
+trap 'INTERRUPTED=1' INT TERM
 
 # ---------------------------------------------------------------- cases
 # name rw bs iodepth queues
@@ -280,7 +283,7 @@ run_one() { # backing case-spec placement repeat label role
     printf '[%d/%d] %s %s %s rep %d %s: ' "$RUN_NO" "$RUN_TOTAL" "$backing" "$name" \
         "$placement" "$rep" "$label" >&2
 
-    local err=
+    local err='' rc=0
 
     taskset -c "$BCPU" "${DAEMON_CMD[@]}" >"$log" 2>&1 &
     DAEMON_PID=$!
@@ -297,15 +300,19 @@ run_one() { # backing case-spec placement repeat label role
     if [[ ! -S $sock ]]; then
         err="daemon did not create $sock: $(tail -n 3 "$log" | tr '\n' ' ')"
     else
-        local out rc=0 limit
+        local out limit
         limit=$(python3 -c "print(int($RAMP + $RUNTIME + 60))")
-        out=$(taskset -c "$ccpu" timeout "$limit" "${client[@]}" --backend-pid "$DAEMON_PID" \
+        out=$(taskset -c "$ccpu" timeout --foreground "$limit" "${client[@]}" --backend-pid "$DAEMON_PID" \
               2>"$WORK/client.err") || rc=$?
         if [[ $rc != 0 ]]; then
             err="vub-bench exit $rc: $(tr '\n' ' ' <"$WORK/client.err")"
         fi
     fi
     stop_daemon
+    if [[ $INTERRUPTED == 1 || ${rc:-0} == 130 || ${rc:-0} == 143 ]]; then
+        echo "interrupted" >&2
+        exit 130
+    fi
 
     if [[ -n $err ]]; then
         FAILED=$((FAILED + 1))
@@ -321,6 +328,17 @@ run_one() { # backing case-spec placement repeat label role
 }
 
 # ---------------------------------------------------------------- header
+# Busy CPU of the whole machine over one second, in % of one CPU.
+machine_busy_pct() {
+    local a b
+    read -ra a </proc/stat
+    sleep 1
+    read -ra b </proc/stat
+    # cpu user nice system idle iowait irq softirq steal
+    local busy=$(( (b[1] + b[2] + b[3] + b[6] + b[7]) - (a[1] + a[2] + a[3] + a[6] + a[7]) ))
+    echo $(( busy * 100 / $(getconf CLK_TCK) ))
+}
+
 print_header() {
 cpu_model=$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -n1)
 [[ -n $cpu_model ]] || cpu_model=$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -n1)
@@ -346,9 +364,10 @@ echo "runs:       repeats=$REPEATS runtime=${RUNTIME}s ramp=${RAMP}s client=$([[
 echo "placement:  same = backend+client on CPU $BCPU; split = backend on CPU $BCPU, client on CPU $CCPU"
 echo "backings:   ${BACKINGS} (null = null-co $FILE_MIB MiB; shm = raw file on /dev/shm, cache.direct=off; disk = raw file in $DISK_DIR, cache.direct=on)"
 echo "output:     $OUT"
-read -r load1 _ </proc/loadavg
-if awk -v l="$load1" 'BEGIN { exit !(l > 0.5) }'; then
-    echo "WARNING:    load average $load1 at start: other work on this machine disturbs the numbers"
+local busy
+busy=$(machine_busy_pct)
+if [[ $busy -gt 10 ]]; then
+    echo "WARNING:    the machine was ${busy}% busy (of one CPU) before the start: other work disturbs the numbers"
 fi
 }
 print_header | tee "$OUT/report.txt"

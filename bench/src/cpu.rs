@@ -54,6 +54,21 @@ impl ProcCpu {
         Ok(s)
     }
 
+    /// False once the process has exited (gone, zombie or dead).
+    pub fn alive(&self) -> bool {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) else {
+            return false;
+        };
+        let state = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_ascii_whitespace().next());
+        !matches!(state, None | Some("Z") | Some("X") | Some("x"))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     /// utime + stime of the process, in seconds.
     pub fn sample(&self) -> Result<f64> {
         let path = format!("/proc/{}/stat", self.pid);
@@ -142,5 +157,7 @@ mod tests {
     fn reads_own_stat() {
         let me = ProcCpu::new(std::process::id()).unwrap();
         assert!(me.sample().unwrap() >= 0.0);
+        assert!(me.alive());
+        assert_eq!(me.pid(), std::process::id());
     }
 }

@@ -158,7 +158,14 @@ fn run(cli: &Cli) -> Result<()> {
             })
             .collect();
 
-        let window = sample_window(ramp_end, end, backend.as_ref(), &abort);
+        let window = sample_window(ramp_end, end, backend.as_ref(), &abort).and_then(|w| {
+            // Keep watching the backend while the workers drain.
+            while !handles.iter().all(|h| h.is_finished()) {
+                check_backend(backend.as_ref(), &abort)?;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok(w)
+        });
 
         let mut results = Vec::with_capacity(handles.len());
         let mut first_err = None;
@@ -304,14 +311,29 @@ pub struct Window {
     pub system: cpu::SystemCpu,
 }
 
-fn sleep_until(t: Instant, abort: &AtomicBool) {
+/// Fails (and tells the workers to stop) once the backend has exited:
+/// libblkio itself does not notice, its requests just never complete.
+fn check_backend(backend: Option<&cpu::ProcCpu>, abort: &AtomicBool) -> Result<()> {
+    match backend {
+        Some(b) if !b.alive() => {
+            abort.store(true, Ordering::Relaxed);
+            bail!("backend process {} exited during the run", b.pid())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Sleeps until `t` (or until a worker aborts), watching the backend.
+fn sleep_until(t: Instant, backend: Option<&cpu::ProcCpu>, abort: &AtomicBool) -> Result<()> {
     while !abort.load(Ordering::Relaxed) {
+        check_backend(backend, abort)?;
         let now = Instant::now();
         if now >= t {
-            return;
+            break;
         }
-        std::thread::sleep((t - now).min(Duration::from_millis(100)));
+        std::thread::sleep((t - now).min(Duration::from_millis(50)));
     }
+    Ok(())
 }
 
 fn sample_window(
@@ -320,12 +342,12 @@ fn sample_window(
     backend: Option<&cpu::ProcCpu>,
     abort: &AtomicBool,
 ) -> Result<Window> {
-    sleep_until(ramp_end, abort);
+    sleep_until(ramp_end, backend, abort)?;
     let w0 = Instant::now();
     let c0 = cpu::self_cpu_seconds();
     let s0 = cpu::system_cpu()?;
     let b0 = backend.map(|b| b.sample()).transpose()?;
-    sleep_until(end, abort);
+    sleep_until(end, backend, abort)?;
     let w1 = Instant::now();
     let c1 = cpu::self_cpu_seconds();
     let s1 = cpu::system_cpu()?;

@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 /// How long an event-mode `do_io()` may block without any completion before
 /// the run is declared stuck.
 const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Event-mode waits are cut into slices this long so the abort flag is seen
+/// even when the backend has stopped answering.
+const WAIT_SLICE: Duration = Duration::from_millis(200);
 
 /// Access pattern of one worker.
 #[derive(Clone, Copy, Debug)]
@@ -210,25 +213,28 @@ pub fn run(mut q: Blkioq, cfg: WorkerConfig, abort: &AtomicBool) -> Result<Worke
         let n = if cfg.poll {
             q.do_io(&mut completions, min_completions, None, None)
         } else {
-            let mut timeout = STALL_TIMEOUT;
+            let mut timeout = WAIT_SLICE;
             q.do_io(&mut completions, min_completions, Some(&mut timeout), None)
         };
         let n = match n {
             Ok(n) => n,
-            Err(e) if e.errno() == Errno::TIME => bail!(
-                "queue {}: no completion within {:?} ({inflight} requests in flight)",
-                cfg.queue_index,
-                STALL_TIMEOUT
-            ),
+            // Timed-out completions are kept by libblkio for the next call.
+            Err(e) if e.errno() == Errno::TIME => 0,
             Err(e) => bail!("queue {}: do_io failed: {e}", cfg.queue_index),
         };
         let now = Instant::now();
+        if abort.load(Ordering::Relaxed) {
+            // Another thread (or the backend monitor) reports the error; the
+            // requests still in flight are abandoned, their buffers stay
+            // mapped until the Blkio instance is dropped.
+            return Ok(res);
+        }
 
         if !measuring && now >= cfg.ramp_end {
             res = WorkerResult::default();
             measuring = true;
         }
-        if !stopping && (now >= cfg.end || abort.load(Ordering::Relaxed)) {
+        if !stopping && now >= cfg.end {
             stopping = true;
         }
         let in_window = measuring && now < cfg.end;
@@ -275,7 +281,7 @@ pub fn run(mut q: Blkioq, cfg: WorkerConfig, abort: &AtomicBool) -> Result<Worke
         }
         if n > 0 {
             last_progress = now;
-        } else if cfg.poll && now.duration_since(last_progress) > STALL_TIMEOUT {
+        } else if now.duration_since(last_progress) > STALL_TIMEOUT {
             bail!(
                 "queue {}: no completion within {:?} ({inflight} requests in flight)",
                 cfg.queue_index,
