@@ -515,6 +515,7 @@ fn synchronous_fallback_engine_serves_every_request_type() {
         ],
         &[("VUB_FORCE_SYNC_IO", "1")],
     );
+    assert!(d.log().contains("I/O engine: sync"), "{}", d.log());
     let mut vm = Vm::connect(&d.socket, VmOptions::default());
     let data = pattern(21, 3 * MIB as usize);
     assert_eq!(vm.write(0, 0, &data), S_OK);

@@ -86,13 +86,16 @@ impl Daemon {
                     .replace("{dir}", dir.path().to_str().unwrap())
             })
             .collect();
+        let log = File::create(dir.path().join("daemon.log")).expect("daemon log");
         let child = Command::new(daemon_bin())
             .args(&args)
             .env(
                 "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("spawn daemon");
         let d = Daemon {
@@ -152,8 +155,18 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// What the daemon logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- daemon log\n{}", self.log());
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
