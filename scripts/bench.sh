@@ -18,11 +18,15 @@
 #   --runtime S           measured seconds per run (default 5)
 #   --ramp S              warm-up seconds per run (default 1)
 #   --backings LIST       comma list of null,shm,disk (default: all three)
-#   --cases LIST          comma list of case-name globs, e.g. 'randread-*,read-128k*'
+#   --cases LIST          comma list of case-name globs, e.g. 'randread-*,read-128k*';
+#                         cases: randread-4k-qd{1,32,128}-q1, randread-4k-qd32-q4,
+#                         the same for randwrite, read-128k-qd32-q1, write-128k-qd32-q1
 #   --placements LIST     comma list of same,split (default both)
 #   --disk-dir DIR        directory for the cache.direct=on image (default /var/tmp)
 #   --file-size SIZE      size of the image files in MiB (default 1024)
 #   --client-poll         run vub-bench with --poll (busy-polling poll queues)
+#   --queue-size N        virtqueue size the client asks for (default 1024; each
+#                         request takes 3 descriptors, so QD128 needs >= 384)
 #   --cpus B,C            backend CPU and client CPU for "split" (default 0,1);
 #                         "same-cpu" puts both on B
 #   --out DIR             output directory (default target/bench/<timestamp>):
@@ -55,6 +59,7 @@ PLACEMENTS=same,split
 DISK_DIR=/var/tmp
 FILE_MIB=1024
 CLIENT_POLL=0
+QUEUE_SIZE=1024
 CPUS=0,1
 OUT=
 
@@ -75,6 +80,7 @@ while [[ $# -gt 0 ]]; do
         --disk-dir) DISK_DIR=${2:?}; shift ;;
         --file-size) FILE_MIB=${2:?}; shift ;;
         --client-poll) CLIENT_POLL=1 ;;
+        --queue-size) QUEUE_SIZE=${2:?}; shift ;;
         --cpus) CPUS=${2:?}; shift ;;
         --out) OUT=${2:?}; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -271,7 +277,7 @@ run_one() { # backing case-spec placement repeat label role
     blockdev_args "$backing"
     daemon_cmd "$label" "$sock" "$q"
     local client=("$VUB_BENCH" --socket "$sock" --rw "$rw" --bs "$bs" --iodepth "$qd"
-                  --queues "$q" --runtime "$RUNTIME" --ramp "$RAMP" --json)
+                  --queues "$q" --queue-size "$QUEUE_SIZE" --runtime "$RUNTIME" --ramp "$RAMP" --json)
     [[ $CLIENT_POLL == 1 ]] && client+=(--poll)
     local dcmd ccmd
     dcmd="taskset -c $BCPU $(quote "${DAEMON_CMD[@]}")"
@@ -360,7 +366,7 @@ for v in "${QSD_VARIANTS[@]}"; do
     esac
 done
 echo "qsd variants: $(printf '%s; ' "${qsd_desc[@]}")reference: qsd-${QSD_VARIANTS[0]}"
-echo "runs:       repeats=$REPEATS runtime=${RUNTIME}s ramp=${RAMP}s client=$([[ $CLIENT_POLL == 1 ]] && echo poll || echo event)"
+echo "runs:       repeats=$REPEATS runtime=${RUNTIME}s ramp=${RAMP}s client=$([[ $CLIENT_POLL == 1 ]] && echo poll || echo event) queue-size=$QUEUE_SIZE"
 echo "placement:  same = backend+client on CPU $BCPU; split = backend on CPU $BCPU, client on CPU $CCPU"
 echo "backings:   ${BACKINGS} (null = null-co $FILE_MIB MiB; shm = raw file on /dev/shm, cache.direct=off; disk = raw file in $DISK_DIR, cache.direct=on)"
 echo "output:     $OUT"
