@@ -18,6 +18,8 @@ from collections import OrderedDict
 # A run whose machine had more than this much CPU (% of one CPU) busy outside
 # client and backend is flagged as disturbed.
 NOISY_OTHER_CPU_PCT = 10
+# Hypervisor steal time (% of one CPU) above which a run is flagged.
+STEAL_PCT = 10
 
 
 def wrap(argv):
@@ -111,6 +113,7 @@ def report(path):
         ours = others[0] if others else None
     failures = 0
     noisy = 0
+    stolen = 0
 
     summary = []
     for (backing, case, placement), rs in cases.items():
@@ -120,7 +123,7 @@ def report(path):
         print(f"\n== {backing} | {case} | {placement}")
         hdr = (f"  {'backend':<16} {mlabel + ' median [min-max]':<28} "
                f"{'p50 us':>8} {'p99 us':>8} {'p99.9 us':>9} "
-               f"{'IOPS/bCPU-s':>12} {'bCPU%':>6} {'cCPU%':>6} {'oCPU%':>6} {'n':>2}")
+               f"{'IOPS/bCPU-s':>12} {'bCPU%':>6} {'cCPU%':>6} {'oCPU%':>6} {'steal%':>6} {'n':>2}")
         print(hdr)
         per_backend = {}
         for b in backends:
@@ -139,13 +142,15 @@ def report(path):
                 "bcpu": stats([x.get("backend_cpu_pct") for x in ok]),
                 "ccpu": stats([x.get("client_cpu_pct") for x in ok]),
                 "ocpu": stats([x.get("other_cpu_pct") for x in ok]),
+                "steal": stats([x.get("steal_pct") for x in ok]),
             }
+            stolen += sum(1 for x in ok if (x.get("steal_pct") or 0) > STEAL_PCT)
             noisy += sum(1 for x in ok if (x.get("other_cpu_pct") or 0) > NOISY_OTHER_CPU_PCT)
             per_backend[b] = s
             med = lambda k: fmt_num(s[k][0]) if s[k] else "-"
             print(f"  {b:<16} {fmt_stat(s['metric'], mlabel):<28} {med('p50'):>8} "
                   f"{med('p99'):>8} {med('p999'):>9} {med('eff'):>12} "
-                  f"{med('bcpu'):>6} {med('ccpu'):>6} {med('ocpu'):>6} {len(ok):>2}")
+                  f"{med('bcpu'):>6} {med('ccpu'):>6} {med('ocpu'):>6} {med('steal'):>6} {len(ok):>2}")
             for r in bad:
                 print(f"  {'':<16} FAILED (repeat {r.get('repeat')}): {r['error']}")
         if ours in per_backend and theirs in per_backend:
@@ -173,6 +178,9 @@ def report(path):
     if noisy:
         print(f"\nWARNING: {noisy} run(s) saw more than {NOISY_OTHER_CPU_PCT}% CPU used by "
               "other processes (oCPU%); their numbers are disturbed")
+    if stolen:
+        print(f"\nWARNING: {stolen} run(s) lost more than {STEAL_PCT}% of a CPU to hypervisor "
+              "steal (steal%): the host did not run this VM's vCPUs when they were ready")
     if failures:
         print(f"\n{failures} run(s) FAILED")
     return 1 if failures else 0

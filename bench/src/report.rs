@@ -57,12 +57,15 @@ pub struct Report {
     pub backend_cpu_s: Option<f64>,
     pub backend_cpu_pct: Option<f64>,
     pub iops_per_backend_cpu_s: Option<f64>,
-    /// Busy CPU time of the whole machine in the window, as % of one CPU
-    /// (so up to nproc * 100).
+    /// Busy CPU time of the whole machine in the window (process time plus
+    /// interrupts), as % of one CPU (so up to nproc * 100).
     pub system_cpu_pct: f64,
-    /// system_cpu_pct minus client and backend: other load on the machine.
+    /// Process CPU time of the machine minus client and backend: other load.
     /// More than a few % means the numbers are disturbed.
     pub other_cpu_pct: f64,
+    /// Hard and soft interrupt time of the machine (includes the IPIs of
+    /// cross-CPU wakeups caused by the benchmark itself).
+    pub irq_pct: f64,
     /// Hypervisor steal time in the window, as % of one CPU.
     pub steal_pct: f64,
 }
@@ -142,7 +145,8 @@ pub fn build(
         backend_cpu_s: window.backend_cpu_s,
         backend_cpu_pct,
         iops_per_backend_cpu_s,
-        system_cpu_pct: pct(window.system.busy_s),
+        system_cpu_pct: pct(window.system.busy_s + window.system.irq_s),
+        irq_pct: pct(window.system.irq_s),
         other_cpu_pct: pct((window.system.busy_s
             - window.client_cpu_s
             - window.backend_cpu_s.unwrap_or(0.0))
@@ -216,8 +220,9 @@ pub fn print_table(out: &mut impl Write, r: &Report) -> io::Result<()> {
     }
     writeln!(
         out,
-        "machine CPU: {:.1}% busy, {:.1}% other than client{}, {:.1}% steal",
+        "machine CPU: {:.1}% busy, {:.1}% irq, {:.1}% other processes than client{}, {:.1}% steal",
         r.system_cpu_pct,
+        r.irq_pct,
         r.other_cpu_pct,
         if r.backend_pid.is_some() {
             " and backend"
