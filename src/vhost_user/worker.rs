@@ -15,7 +15,9 @@
 //! backends.
 
 use std::cell::RefCell;
+use std::num::Wrapping;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 
 use futures::executor::{LocalPool, LocalSpawner};
 use futures::task::LocalSpawnExt;
@@ -116,9 +118,9 @@ impl Worker {
         if blk.export.is_quiesced() {
             return;
         }
-        let Some(mem) = blk.memory() else {
+        if blk.memory().is_none() {
             return;
-        };
+        }
         let limits = blk.export.limits();
         let mut state = vring.get_mut();
         if !state.is_enabled() || !state.get_queue().ready() {
@@ -129,28 +131,7 @@ impl Worker {
             if event_idx {
                 let _ = state.disable_notification();
             }
-            // Iterate ourselves rather than with pop_descriptor_chain, which
-            // logs a broken avail index at error level: a guest must not be
-            // able to flood the log.
-            let iter = match state.get_queue_mut().iter(mem.clone()) {
-                Ok(iter) => iter,
-                Err(e) => {
-                    log::debug!("queue {queue}: cannot read the avail ring: {e}");
-                    return;
-                }
-            };
-            for chain in iter {
-                let head = chain.head_index();
-                if !self.heads[local].insert(head) {
-                    log::debug!(
-                        "queue {queue}: head {head} made available while in flight; ignored"
-                    );
-                    continue;
-                }
-                blk.queues[usize::from(queue)].inc();
-                blk.export.in_flight().inc();
-                self.start(blk, queue, virtio_blk::parse(chain, mem.clone(), &limits));
-            }
+            while self.pop_published(blk, local, queue, &limits, &mut state) {}
             if !event_idx {
                 break;
             }
@@ -159,6 +140,61 @@ impl Worker {
                 _ => break,
             }
         }
+    }
+
+    /// Starts the chains published so far; returns whether there were any.
+    ///
+    /// The memory snapshot is taken *after* the avail index is read, and only
+    /// the chains that read counted are taken: the frontend publishes a chain
+    /// only after the memory update its buffers need was acknowledged, and
+    /// that update is in place before the acknowledgement is sent. A snapshot
+    /// taken earlier could miss a region added meanwhile.
+    fn pop_published(
+        &mut self,
+        blk: &VhostUserBlk,
+        local: usize,
+        queue: u16,
+        limits: &virtio_blk::Limits,
+        state: &mut VringState<GuestMemoryAtomic<GuestMem>>,
+    ) -> bool {
+        let Some(probe) = blk.memory() else {
+            return false;
+        };
+        let avail = match state.get_queue().avail_idx(&*probe, Ordering::Acquire) {
+            Ok(idx) => idx,
+            Err(e) => {
+                log::debug!("queue {queue}: cannot read the avail index: {e}");
+                return false;
+            }
+        };
+        let published = (avail - Wrapping(state.get_queue().next_avail())).0;
+        if published == 0 {
+            return false;
+        }
+        let Some(mem) = blk.memory() else {
+            return false;
+        };
+        // Iterate ourselves rather than with pop_descriptor_chain, which
+        // logs a broken avail index at error level: a guest must not be
+        // able to flood the log.
+        let iter = match state.get_queue_mut().iter(mem.clone()) {
+            Ok(iter) => iter,
+            Err(e) => {
+                log::debug!("queue {queue}: cannot read the avail ring: {e}");
+                return false;
+            }
+        };
+        for chain in iter.take(usize::from(published)) {
+            let head = chain.head_index();
+            if !self.heads[local].insert(head) {
+                log::debug!("queue {queue}: head {head} made available while in flight; ignored");
+                continue;
+            }
+            blk.queues[usize::from(queue)].inc();
+            blk.export.in_flight().inc();
+            self.start(blk, queue, virtio_blk::parse(chain, mem.clone(), limits));
+        }
+        true
     }
 
     fn start(&mut self, blk: &VhostUserBlk, queue: u16, parsed: Parsed) {
