@@ -4,17 +4,21 @@
 #      fio, busybox) -- installed only when missing;
 #   2. formatting and lints;
 #   3. unit and integration tests (frontend harness, hostile input, libblkio);
-#   4. the QEMU guest end-to-end test (Linux guest under TCG running fio).
+#   4. the QMP monitor tests, driven by the qemu.qmp Python client;
+#   5. the QEMU guest end-to-end test (Linux guest under TCG running fio).
 # Nothing is skipped: a missing tool is a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/guest/install-deps.sh
 command -v qemu-img >/dev/null || { echo "ERROR: qemu-img is missing" >&2; exit 1; }
+python3 -c "import qemu.qmp, pytest" 2>/dev/null ||
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "qemu.qmp==0.0.6" "pytest>=7"
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace --all-targets
 cargo test --workspace
+python3 -m pytest -q tests/qmp
 
 bash tests/guest/e2e.sh target/debug/vhost-user-blkd

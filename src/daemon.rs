@@ -1,22 +1,32 @@
-//! Start-up and shutdown of the daemon.
+//! The running daemon: its block graph and exports, changed at start-up and
+//! at run time (QMP), and its start-up and shutdown.
 //!
 //! ```text
-//!   Config -> open nodes (Graph) -> BlockBackend per export -> bind sockets
-//!          -> [daemonize] -> pidfile -> one server thread per export
-//!   SIGTERM/SIGINT -> quiesce exports -> drain -> flush every node
+//!   Config -> State::add_blockdev (Graph) -> State::bind_export (socket)
+//!          -> [daemonize] -> pidfile -> start exports and monitors
+//!   SIGTERM/SIGINT/quit -> quiesce exports -> drain -> flush every node
 //!          -> remove sockets and pidfile -> exit 0
 //! ```
+//!
+//! Locking: `graph` and `exports` are taken by management only (start-up,
+//! monitor threads), always in that order; the I/O path never takes them.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use crate::block::{BlockBackend, Graph, GraphError};
-use crate::config::Config;
+use serde_json::json;
+
+use crate::block::{BlockBackend, Graph, GraphError, Node};
+use crate::config::{Config, ExportConfig};
+use crate::drivers::BlockdevOptions;
+use crate::events::EventBus;
 use crate::io::EngineKind;
+use crate::qmp::{Monitor, MonitorError};
 use crate::signals::TerminationSignals;
-use crate::vhost_user::{ExportState, Server};
+use crate::vhost_user::{ExportState, Server, ServerControl, ServerError};
 
 /// How long shutdown waits for requests in flight.
 const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -28,7 +38,9 @@ pub enum DaemonError {
     #[error("export '{export}': {reason}")]
     Export { export: String, reason: String },
     #[error(transparent)]
-    Server(#[from] crate::vhost_user::ServerError),
+    Server(#[from] ServerError),
+    #[error(transparent)]
+    Monitor(#[from] MonitorError),
     #[error("cannot write pidfile {path}")]
     Pidfile {
         path: PathBuf,
@@ -41,20 +53,43 @@ pub enum DaemonError {
     Signals(#[source] std::io::Error),
 }
 
-/// The running daemon's pieces, as start-up leaves them.
-pub struct Daemon {
-    pub graph: Graph,
-    pub servers: Vec<Server>,
+/// An export whose server thread runs.
+struct RunningExport {
+    state: Arc<ExportState>,
+    control: Arc<ServerControl>,
+    socket: Option<PathBuf>,
+    shutting_down: bool,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// Opens the graph and the exports' sockets: everything that can fail on a
-/// bad configuration, before anything is detached or announced.
-pub fn open(config: &Config) -> Result<Daemon, DaemonError> {
-    let engine = EngineKind::probe();
-    log::info!("I/O engine: {}", engine.name());
-    let mut graph = Graph::new();
-    for opts in &config.blockdevs {
-        let node = graph.add(opts)?;
+/// The graph and the exports, shared by start-up, the monitors and shutdown.
+pub struct State {
+    engine: EngineKind,
+    graph: Mutex<Graph>,
+    exports: Mutex<BTreeMap<String, RunningExport>>,
+    pub events: EventBus,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl State {
+    pub fn new(engine: EngineKind) -> Arc<State> {
+        Arc::new(State {
+            engine,
+            graph: Mutex::new(Graph::new()),
+            exports: Mutex::new(BTreeMap::new()),
+            events: EventBus::default(),
+        })
+    }
+
+    pub fn graph(&self) -> MutexGuard<'_, Graph> {
+        lock(&self.graph)
+    }
+
+    pub fn add_blockdev(&self, opts: &BlockdevOptions) -> Result<Arc<Node>, GraphError> {
+        let node = self.graph().add(opts)?;
         log::info!(
             "node {} ({}): {} bytes{}",
             node.name(),
@@ -66,14 +101,27 @@ pub fn open(config: &Config) -> Result<Daemon, DaemonError> {
                 ""
             }
         );
+        Ok(node)
     }
-    let mut servers = Vec::new();
-    for e in &config.exports {
-        let node = graph.get(&e.node_name)?;
+
+    /// Removes a node no one uses (no export, no parent node).
+    pub fn del_blockdev(&self, name: &str) -> Result<(), GraphError> {
+        self.graph().remove(name)?;
+        log::info!("node {name}: deleted");
+        Ok(())
+    }
+
+    /// Validates an export against its node and opens its socket; the
+    /// server does not run until [`State::start_export`].
+    pub fn bind_export(&self, e: &ExportConfig) -> Result<Server, DaemonError> {
         let err = |reason: String| DaemonError::Export {
             export: e.id.clone(),
             reason,
         };
+        if lock(&self.exports).contains_key(&e.id) {
+            return Err(err("an export with this id already exists".into()));
+        }
+        let node = self.graph().get(&e.node_name)?;
         let align = node.request_alignment();
         if e.logical_block_size % align != 0 {
             return Err(err(format!(
@@ -92,7 +140,7 @@ pub fn open(config: &Config) -> Result<Daemon, DaemonError> {
             )));
         }
         let blk = BlockBackend::new(&e.id, node, e.writable)?;
-        let state = Arc::new(ExportState::new(e.clone(), Arc::new(blk), engine));
+        let state = Arc::new(ExportState::new(e.clone(), Arc::new(blk), self.engine));
         let server = Server::bind(state)?;
         log::info!(
             "export {}: vhost-user-blk on {}, {} queues, {} iothreads, {}",
@@ -105,13 +153,132 @@ pub fn open(config: &Config) -> Result<Daemon, DaemonError> {
             e.num_iothreads,
             if e.writable { "writable" } else { "read-only" }
         );
-        servers.push(server);
+        Ok(server)
     }
-    Ok(daemon_parts(graph, servers))
-}
 
-fn daemon_parts(graph: Graph, servers: Vec<Server>) -> Daemon {
-    Daemon { graph, servers }
+    /// Runs a bound export's server on its own thread.
+    pub fn start_export(&self, server: Server) -> Result<(), DaemonError> {
+        let id = server.export().config.id.clone();
+        let mut running = RunningExport {
+            state: server.export().clone(),
+            control: server.control(),
+            socket: server.socket_path().cloned(),
+            shutting_down: false,
+            thread: None,
+        };
+        running.thread = Some(
+            std::thread::Builder::new()
+                .name(format!("vub-accept-{id}"))
+                .spawn(move || server.run())
+                .map_err(DaemonError::Daemonize)?,
+        );
+        lock(&self.exports).insert(id, running);
+        Ok(())
+    }
+
+    /// block-export-add: bind and start.
+    pub fn add_export(&self, e: &ExportConfig) -> Result<(), DaemonError> {
+        let server = self.bind_export(e)?;
+        self.start_export(server)
+    }
+
+    /// block-export-del. Without `hard`, refused while a frontend is
+    /// connected. The export goes away in the background; BLOCK_EXPORT_DELETED
+    /// says when.
+    pub fn del_export(self: &Arc<Self>, id: &str, hard: bool) -> Result<(), String> {
+        let (control, thread) = {
+            let mut exports = lock(&self.exports);
+            let Some(e) = exports.get_mut(id) else {
+                return Err(format!("Export '{id}' is not found"));
+            };
+            if e.shutting_down {
+                return Err(format!("Export '{id}' is already shutting down"));
+            }
+            if !hard && e.control.is_connected() {
+                return Err(format!(
+                    "export '{id}' has a connected frontend; use mode=hard to disconnect it"
+                ));
+            }
+            e.shutting_down = true;
+            (e.control.clone(), e.thread.take())
+        };
+        control.stop(true);
+        let state = self.clone();
+        let id = id.to_string();
+        std::thread::spawn(move || {
+            // The server thread ends once the connection (if any) has
+            // drained; with it go the socket file and its hold on the node.
+            if let Some(t) = thread {
+                let _ = t.join();
+            }
+            lock(&state.exports).remove(&id);
+            log::info!("export {id}: deleted");
+            state
+                .events
+                .emit("BLOCK_EXPORT_DELETED", json!({ "id": id }));
+        });
+        Ok(())
+    }
+
+    /// query-block-exports.
+    pub fn query_exports(&self) -> serde_json::Value {
+        let exports = lock(&self.exports);
+        json!(exports
+            .iter()
+            .map(|(id, e)| json!({
+                "type": "vhost-user-blk",
+                "id": id,
+                "node-name": e.state.blk.node().name(),
+                "shutting-down": e.shutting_down,
+            }))
+            .collect::<Vec<_>>())
+    }
+
+    /// The BlockBackends of the exports.
+    pub fn export_backends(&self) -> Vec<Arc<BlockBackend>> {
+        lock(&self.exports)
+            .values()
+            .map(|e| e.state.blk.clone())
+            .collect()
+    }
+
+    fn export_states(&self) -> Vec<Arc<ExportState>> {
+        lock(&self.exports)
+            .values()
+            .map(|e| e.state.clone())
+            .collect()
+    }
+
+    fn socket_paths(&self) -> Vec<PathBuf> {
+        lock(&self.exports)
+            .values()
+            .filter_map(|e| e.socket.clone())
+            .collect()
+    }
+
+    /// Stops taking requests, waits for those in flight, flushes every node.
+    pub fn shutdown(&self) {
+        let exports = self.export_states();
+        for e in &exports {
+            e.quiesce();
+        }
+        for e in &exports {
+            if !e.in_flight().wait_idle(SHUTDOWN_DRAIN_TIMEOUT) {
+                log::error!(
+                    "export {}: {} requests still in flight after {:?}",
+                    e.config.id,
+                    e.in_flight().get(),
+                    SHUTDOWN_DRAIN_TIMEOUT
+                );
+            }
+        }
+        let nodes: Vec<Arc<Node>> = self.graph().nodes().cloned().collect();
+        for node in nodes {
+            if let Err(e) = futures::executor::block_on(node.flush()) {
+                log::error!("flush of node {} failed: {e}", node.name());
+            }
+        }
+    }
 }
 
 /// Forks; the parent exits once the child reports it is ready (or failed).
@@ -130,9 +297,8 @@ fn daemonize() -> Result<std::fs::File, DaemonError> {
         return Err(DaemonError::Daemonize(std::io::Error::last_os_error()));
     }
     if pid > 0 {
-        // Parent: wait for one byte from the child, then exit with its verdict.
-        // SAFETY: fds[1] is the child's end; the parent owns its copy and
-        // closes it so that EOF arrives if the child dies.
+        // SAFETY: fds[1] is the child's end; the parent closes its copy so
+        // that EOF arrives if the child dies.
         unsafe { libc::close(fds[1]) };
         // SAFETY: fds[0] is an open pipe end that nothing else owns.
         let mut r = unsafe { std::fs::File::from_raw_fd(fds[0]) };
@@ -140,13 +306,11 @@ fn daemonize() -> Result<std::fs::File, DaemonError> {
         let ok = std::io::Read::read(&mut r, &mut b).map(|n| n == 1 && b[0] == b'1');
         std::process::exit(if matches!(ok, Ok(true)) { 0 } else { 1 });
     }
-    // Child.
     // SAFETY: fds[0] is the parent's end, closed here; setsid has no inputs.
     unsafe {
         libc::close(fds[0]);
         libc::setsid();
     }
-    redirect_stdio_to_null();
     // SAFETY: fds[1] is the child's end of the pipe, now owned by the File.
     Ok(unsafe { std::fs::File::from_raw_fd(fds[1]) })
 }
@@ -178,9 +342,25 @@ fn write_pidfile(path: &Path) -> Result<(), DaemonError> {
     Ok(())
 }
 
-/// Runs the daemon until SIGTERM or SIGINT, then shuts down cleanly.
+/// Runs the daemon until SIGTERM, SIGINT or QMP `quit`, then shuts down
+/// cleanly.
 pub fn run(config: Config) -> Result<(), DaemonError> {
-    let daemon = open(&config)?;
+    let engine = EngineKind::probe();
+    log::info!("I/O engine: {}", engine.name());
+    let state = State::new(engine);
+    // Everything that can fail on a bad configuration, before anything is
+    // detached, announced or threaded.
+    for opts in &config.blockdevs {
+        state.add_blockdev(opts)?;
+    }
+    let mut servers = Vec::new();
+    for e in &config.exports {
+        servers.push(state.bind_export(e)?);
+    }
+    let mut monitors = Vec::new();
+    for m in &config.monitors {
+        monitors.push(Monitor::bind(m, state.clone())?);
+    }
     let mut ready_pipe = if config.daemonize {
         Some(daemonize()?)
     } else {
@@ -190,30 +370,24 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     if let Some(p) = &config.pidfile {
         write_pidfile(p)?;
     }
-    let exports: Vec<Arc<ExportState>> =
-        daemon.servers.iter().map(|s| s.export().clone()).collect();
-    let sockets: Vec<PathBuf> = daemon
-        .servers
-        .iter()
-        .filter_map(|s| s.socket_path().cloned())
-        .collect();
-    for server in daemon.servers {
-        let name = format!("vub-accept-{}", server.export().config.id);
-        std::thread::Builder::new()
-            .name(name)
-            .spawn(move || server.run())
-            .map_err(DaemonError::Daemonize)?;
+    for server in servers {
+        state.start_export(server)?;
+    }
+    let monitor_sockets: Vec<PathBuf> = monitors.iter().map(|m| m.path().to_path_buf()).collect();
+    for m in monitors {
+        m.start().map_err(DaemonError::Daemonize)?;
     }
     if let Some(p) = ready_pipe.as_mut() {
         let _ = p.write_all(b"1");
+        redirect_stdio_to_null();
     }
     drop(ready_pipe);
     log::info!("ready");
 
     let sig = signals.wait();
     log::info!("signal {sig}: draining and flushing");
-    shutdown(&daemon.graph, &exports);
-    for s in &sockets {
+    state.shutdown();
+    for s in state.socket_paths().iter().chain(&monitor_sockets) {
         let _ = std::fs::remove_file(s);
     }
     if let Some(p) = &config.pidfile {
@@ -221,26 +395,4 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     }
     log::info!("exiting");
     Ok(())
-}
-
-/// Stops taking requests, waits for those in flight, flushes every node.
-pub fn shutdown(graph: &Graph, exports: &[Arc<ExportState>]) {
-    for e in exports {
-        e.quiesce();
-    }
-    for e in exports {
-        if !e.in_flight().wait_idle(SHUTDOWN_DRAIN_TIMEOUT) {
-            log::error!(
-                "export {}: {} requests still in flight after {:?}",
-                e.config.id,
-                e.in_flight().get(),
-                SHUTDOWN_DRAIN_TIMEOUT
-            );
-        }
-    }
-    for node in graph.nodes() {
-        if let Err(e) = futures::executor::block_on(node.flush()) {
-            log::error!("flush of node {} failed: {e}", node.name());
-        }
-    }
 }

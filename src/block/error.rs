@@ -59,6 +59,8 @@ pub enum GraphError {
         shared: Perm,
         held: Perm,
     },
+    #[error("node '{node}' is in use by {users}")]
+    InUse { node: String, users: String },
     #[error("cannot open node '{node}': {reason}")]
     Open { node: String, reason: String },
     #[error("cannot open '{filename}' for node '{node}'")]

@@ -54,9 +54,9 @@ impl Graph {
         let node = self.get(name)?;
         let parents = node.parents();
         if !parents.is_empty() {
-            return Err(GraphError::Open {
+            return Err(GraphError::InUse {
                 node: name.to_string(),
-                reason: format!("node is in use by {}", parents.join(", ")),
+                users: parents.join(", "),
             });
         }
         self.nodes.remove(name);

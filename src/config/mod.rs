@@ -48,6 +48,13 @@ pub struct Args {
     /// A TOML file with [[blockdev]] and [[export]] tables (see config/).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// A character device for --monitor, as qemu-storage-daemon's --chardev:
+    /// socket,id=ID,path=PATH,server=on,wait=off
+    #[arg(long = "chardev", value_name = "OPTIONS")]
+    pub chardev: Vec<String>,
+    /// A QMP monitor on a --chardev: chardev=ID[,pretty=on]
+    #[arg(long = "monitor", value_name = "OPTIONS")]
+    pub monitor: Vec<String>,
     /// Write the daemon's PID here once every export listens.
     #[arg(long, value_name = "FILE")]
     pub pidfile: Option<PathBuf>,
@@ -102,11 +109,54 @@ pub struct ExportConfig {
     pub num_iothreads: usize,
 }
 
+/// A QMP monitor socket.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct MonitorConfig {
+    pub path: PathBuf,
+    #[serde(default, deserialize_with = "crate::opts::bool")]
+    pub pretty: bool,
+}
+
+/// `--chardev`: only listening UNIX sockets, the kind a monitor uses.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "backend", rename_all = "kebab-case")]
+enum ChardevOptions {
+    Socket(SocketChardev),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct SocketChardev {
+    id: String,
+    path: PathBuf,
+    #[serde(default = "yes", deserialize_with = "crate::opts::bool")]
+    server: bool,
+    #[serde(default, deserialize_with = "crate::opts::bool")]
+    wait: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `--monitor`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct MonitorOptions {
+    chardev: String,
+    #[serde(default)]
+    mode: Option<String>,
+    #[serde(default, deserialize_with = "crate::opts::bool")]
+    pretty: bool,
+}
+
 /// Everything the daemon needs to start.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub blockdevs: Vec<BlockdevOptions>,
     pub exports: Vec<ExportConfig>,
+    pub monitors: Vec<MonitorConfig>,
     pub pidfile: Option<PathBuf>,
     pub daemonize: bool,
 }
@@ -152,6 +202,8 @@ struct ConfigFile {
     blockdev: Vec<BlockdevOptions>,
     #[serde(default)]
     export: Vec<ExportOptions>,
+    #[serde(default)]
+    monitor: Vec<MonitorConfig>,
     #[serde(default)]
     pidfile: Option<PathBuf>,
     #[serde(default)]
@@ -319,6 +371,7 @@ impl TryFrom<Args> for Config {
     fn try_from(args: Args) -> Result<Self, ConfigError> {
         let mut blockdevs = Vec::new();
         let mut exports = Vec::new();
+        let mut monitors = Vec::new();
         let mut pidfile = args.pidfile.clone();
         let mut daemonize = args.daemonize;
 
@@ -337,6 +390,7 @@ impl TryFrom<Args> for Config {
                     .into_iter()
                     .map(|ExportOptions::VhostUserBlk(o)| o),
             );
+            monitors.extend(file.monitor);
             pidfile = pidfile.or(file.pidfile);
             daemonize |= file.daemonize;
         }
@@ -352,9 +406,48 @@ impl TryFrom<Args> for Config {
             let ExportOptions::VhostUserBlk(o) = from_keyval("--export", arg, Some("type"))?;
             exports.push(o);
         }
-        if exports.is_empty() {
+        let mut chardevs = std::collections::BTreeMap::new();
+        for arg in &args.chardev {
+            let ChardevOptions::Socket(c) = from_keyval("--chardev", arg, Some("backend"))?;
+            if !c.server {
+                return Err(ConfigError::Invalid {
+                    option: "--chardev",
+                    arg: arg.clone(),
+                    reason: "only server=on sockets are supported".into(),
+                });
+            }
+            let _ = c.wait;
+            if chardevs.insert(c.id.clone(), c.path).is_some() {
+                return Err(ConfigError::Usage(format!(
+                    "chardev id '{}' is used twice",
+                    c.id
+                )));
+            }
+        }
+        for arg in &args.monitor {
+            let m: MonitorOptions = from_keyval("--monitor", arg, Some("chardev"))?;
+            if m.mode.as_deref().is_some_and(|mode| mode != "control") {
+                return Err(ConfigError::Invalid {
+                    option: "--monitor",
+                    arg: arg.clone(),
+                    reason: "only mode=control (QMP) is supported".into(),
+                });
+            }
+            let path = chardevs
+                .get(&m.chardev)
+                .ok_or_else(|| ConfigError::Invalid {
+                    option: "--monitor",
+                    arg: arg.clone(),
+                    reason: format!("no --chardev with id '{}'", m.chardev),
+                })?;
+            monitors.push(MonitorConfig {
+                path: path.clone(),
+                pretty: m.pretty,
+            });
+        }
+        if exports.is_empty() && monitors.is_empty() {
             return Err(ConfigError::Usage(
-                "nothing to serve: give --image and --socket, or --blockdev and --export, or --config (see --help)".into(),
+                "nothing to serve: give --image and --socket, or --blockdev and --export, or a --monitor, or --config (see --help)".into(),
             ));
         }
         let exports = exports
@@ -372,6 +465,7 @@ impl TryFrom<Args> for Config {
         Ok(Config {
             blockdevs,
             exports,
+            monitors,
             pidfile,
             daemonize,
         })
@@ -496,6 +590,23 @@ writable = true
         assert_eq!(c.blockdevs.len(), 3);
         assert_eq!(c.exports[0].num_queues, 4);
         assert!(c.exports[0].writable);
+    }
+
+    #[test]
+    fn monitor_on_a_chardev_parses_as_qsd_spells_it() {
+        let c = Config::try_from(args(&[
+            "--chardev",
+            "socket,id=mon0,path=/tmp/qmp.sock,server=on,wait=off",
+            "--monitor",
+            "chardev=mon0",
+        ]))
+        .unwrap();
+        assert_eq!(
+            c.monitors[0].path,
+            std::path::PathBuf::from("/tmp/qmp.sock")
+        );
+        let e = Config::try_from(args(&["--monitor", "chardev=nope"])).unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
     }
 
     #[test]

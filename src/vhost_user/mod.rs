@@ -14,4 +14,4 @@ mod server;
 mod worker;
 
 pub use backend::{ExportState, VhostUserBlk};
-pub use server::{Listener, Server, ServerError};
+pub use server::{Listener, Server, ServerControl, ServerError};

@@ -2,11 +2,12 @@
 //! time; when it goes away, its state is dropped and the next one accepted.
 
 use std::io;
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
-use vhost_user_backend::VhostUserDaemon;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
@@ -46,6 +47,49 @@ pub struct Server {
     export: Arc<ExportState>,
     listener: Listener,
     path: Option<PathBuf>,
+    control: Arc<ServerControl>,
+}
+
+/// Stops a running server from another thread (block-export-del, quit).
+pub struct ServerControl {
+    stopping: AtomicBool,
+    listener_fd: RawFd,
+    connection: Mutex<Option<ShutdownHandle>>,
+}
+
+impl ServerControl {
+    /// Whether a frontend is connected now.
+    pub fn is_connected(&self) -> bool {
+        self.connection
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// Stops accepting; with `drop_connection`, also ends the current
+    /// connection (its requests in flight complete first). The server
+    /// thread then returns, removing the socket file.
+    pub fn stop(&self, drop_connection: bool) {
+        self.stopping.store(true, Ordering::Release);
+        // SAFETY: shutdown on the listening socket wakes a blocked accept
+        // (it then fails with EINVAL); the fd stays open until the server
+        // thread drops the listener.
+        unsafe { libc::shutdown(self.listener_fd, libc::SHUT_RDWR) };
+        if drop_connection {
+            if let Some(h) = self
+                .connection
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+            {
+                h.shutdown();
+            }
+        }
+    }
+
+    fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
 }
 
 /// Checks that `fd` is a listening UNIX stream socket.
@@ -108,11 +152,21 @@ impl Server {
                 (unsafe { Listener::from_raw_fd(fd) }, None)
             }
         };
+        let control = Arc::new(ServerControl {
+            stopping: AtomicBool::new(false),
+            listener_fd: listener.as_raw_fd(),
+            connection: Mutex::new(None),
+        });
         Ok(Server {
             export,
             listener,
             path,
+            control,
         })
+    }
+
+    pub fn control(&self) -> Arc<ServerControl> {
+        self.control.clone()
     }
 
     /// The socket file, if the export listens on a path.
@@ -124,15 +178,20 @@ impl Server {
         &self.export
     }
 
-    /// Serves frontends one after another, forever.
+    /// Serves frontends one after another, until stopped.
     pub fn run(mut self) {
-        loop {
+        while !self.control.is_stopping() {
             if let Err(e) = self.serve_one() {
+                if self.control.is_stopping() {
+                    break;
+                }
                 log::error!("{e}");
                 // Do not spin if accept itself keeps failing.
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
         }
+        log::info!("export {}: stopped", self.export.config.id);
+        // Dropping the listener removes the socket file.
     }
 
     /// Accepts one frontend and serves it until it disconnects.
@@ -168,7 +227,20 @@ impl Server {
             .start(&mut self.listener)
             .map_err(|e| daemon_err(e.to_string()))?;
         log::info!("export {id}: frontend connected");
+        *self
+            .control
+            .connection
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = daemon.shutdown_handle();
+        if self.control.is_stopping() {
+            daemon.request_shutdown();
+        }
         let result = daemon.wait();
+        *self
+            .control
+            .connection
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
         // The frontend is gone (or broke the protocol). Requests it popped
         // may still be running: let them finish before the worker threads and
         // their rings go away with the daemon.

@@ -289,6 +289,9 @@ impl Vm {
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::RESET_DEVICE;
         frontend.set_protocol_features(pf & want_pf)?;
+        // Ask for a reply to every message (REPLY_ACK), as QEMU does for
+        // memory updates: a call returns once the daemon has applied it.
+        frontend.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
         frontend.set_features(features)?;
         let mut regions = Vec::new();
         let mut offset = 0;

@@ -1,0 +1,309 @@
+//! QMP commands, named and shaped as in qapi/block-core.json and
+//! qapi/block-export.json. Each takes typed arguments (unknown members are
+//! errors) and answers with QEMU's return shape.
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use super::protocol::{Command, ErrorClass, QmpError};
+use crate::block::{Node, Perm};
+use crate::config::{ExportConfig, ExportOptions};
+use crate::daemon::State;
+use crate::drivers::{BlockdevOptions, Driver};
+use crate::opts;
+
+pub const PACKAGE: &str = concat!("vhost-user-blkd ", env!("CARGO_PKG_VERSION"));
+
+/// Our version, in QEMU's major/minor/micro shape.
+pub fn version() -> (u64, u64, u64) {
+    let parse = |s: &str| s.parse().unwrap_or(0);
+    (
+        parse(env!("CARGO_PKG_VERSION_MAJOR")),
+        parse(env!("CARGO_PKG_VERSION_MINOR")),
+        parse(env!("CARGO_PKG_VERSION_PATCH")),
+    )
+}
+
+/// What a command answers.
+pub struct Done {
+    pub value: Value,
+    /// Shut the daemon down once the reply is sent.
+    pub quit: bool,
+}
+
+fn ok(value: Value) -> Result<Done, QmpError> {
+    Ok(Done { value, quit: false })
+}
+
+const COMMANDS: &[&str] = &[
+    "qmp_capabilities",
+    "query-version",
+    "query-commands",
+    "quit",
+    "blockdev-add",
+    "blockdev-del",
+    "query-named-block-nodes",
+    "x-debug-query-block-graph",
+    "block-export-add",
+    "block-export-del",
+    "query-block-exports",
+];
+
+fn args<T: serde::de::DeserializeOwned>(cmd: &Command) -> Result<T, QmpError> {
+    serde_json::from_value(Value::Object(cmd.arguments.clone()))
+        .map_err(|e| QmpError::generic(format!("Invalid arguments for '{}': {e}", cmd.name)))
+}
+
+fn no_args(cmd: &Command) -> Result<(), QmpError> {
+    match cmd.arguments.keys().next() {
+        None => Ok(()),
+        Some(k) => Err(QmpError::generic(format!("Parameter '{k}' is unexpected"))),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct Capabilities {
+    #[serde(default)]
+    enable: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct NodeName {
+    node_name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct Flat {
+    #[serde(default, deserialize_with = "opts::bool")]
+    flat: bool,
+}
+
+#[derive(Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+enum RemoveMode {
+    #[default]
+    Safe,
+    Hard,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct ExportDel {
+    id: String,
+    #[serde(default)]
+    mode: RemoveMode,
+}
+
+/// Runs `cmd`. Before capabilities negotiation only qmp_capabilities works.
+pub fn dispatch(
+    state: &Arc<State>,
+    cmd: &Command,
+    negotiated: &mut bool,
+) -> Result<Done, QmpError> {
+    if !*negotiated {
+        if cmd.name != "qmp_capabilities" {
+            return Err(QmpError {
+                class: ErrorClass::CommandNotFound,
+                desc: "Expecting capabilities negotiation with 'qmp_capabilities'".into(),
+            });
+        }
+        let caps: Capabilities = args(cmd)?;
+        if let Some(c) = caps.enable.first() {
+            return Err(QmpError::generic(format!(
+                "Capability '{c}' is not available"
+            )));
+        }
+        *negotiated = true;
+        return ok(json!({}));
+    }
+    match cmd.name.as_str() {
+        "qmp_capabilities" => Err(QmpError {
+            class: ErrorClass::CommandNotFound,
+            desc: "Capabilities negotiation is already complete, command ignored".into(),
+        }),
+        "query-version" => {
+            no_args(cmd)?;
+            let (major, minor, micro) = version();
+            ok(
+                json!({"qemu": {"major": major, "minor": minor, "micro": micro}, "package": PACKAGE}),
+            )
+        }
+        "query-commands" => {
+            no_args(cmd)?;
+            ok(json!(COMMANDS
+                .iter()
+                .map(|n| json!({"name": n}))
+                .collect::<Vec<_>>()))
+        }
+        "quit" => {
+            no_args(cmd)?;
+            Ok(Done {
+                value: json!({}),
+                quit: true,
+            })
+        }
+        "blockdev-add" => {
+            let opts: BlockdevOptions = args(cmd)?;
+            if opts.node_name().is_empty() {
+                return Err(QmpError::generic(
+                    "'node-name' must be specified for the root node",
+                ));
+            }
+            state
+                .add_blockdev(&opts)
+                .map_err(|e| QmpError::generic(e.to_string()))?;
+            ok(json!({}))
+        }
+        "blockdev-del" => {
+            let a: NodeName = args(cmd)?;
+            state.del_blockdev(&a.node_name).map_err(|e| match e {
+                crate::block::GraphError::NodeNotFound(n) => {
+                    QmpError::generic(format!("Failed to find node with node-name='{n}'"))
+                }
+                other => QmpError::generic(other.to_string()),
+            })?;
+            ok(json!({}))
+        }
+        "query-named-block-nodes" => {
+            let a: Flat = args(cmd)?;
+            let graph = state.graph();
+            ok(json!(graph
+                .nodes()
+                .map(|n| block_device_info(n, a.flat))
+                .collect::<Vec<_>>()))
+        }
+        "x-debug-query-block-graph" => {
+            no_args(cmd)?;
+            ok(block_graph(state))
+        }
+        "block-export-add" => {
+            let ExportOptions::VhostUserBlk(o) = args(cmd)?;
+            let e = ExportConfig::try_from(o).map_err(|e| QmpError::generic(e.to_string()))?;
+            state
+                .add_export(&e)
+                .map_err(|e| QmpError::generic(error_chain(&e)))?;
+            ok(json!({}))
+        }
+        "block-export-del" => {
+            let a: ExportDel = args(cmd)?;
+            state
+                .del_export(&a.id, a.mode == RemoveMode::Hard)
+                .map_err(QmpError::generic)?;
+            ok(json!({}))
+        }
+        "query-block-exports" => {
+            no_args(cmd)?;
+            ok(state.query_exports())
+        }
+        other => Err(QmpError::command_not_found(other)),
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(&format!(": {c}"));
+        src = c.source();
+    }
+    s
+}
+
+/// The file a node's data comes from, as QEMU names it.
+fn filename(node: &Node) -> String {
+    match node.driver() {
+        Driver::File(f) => f.filename().to_string(),
+        Driver::Null(_) => "null-co://".to_string(),
+        Driver::Raw(r) => filename(r.file().node()),
+    }
+}
+
+fn direct(node: &Node) -> bool {
+    match node.driver() {
+        Driver::File(f) => f.is_direct(),
+        Driver::Null(_) => false,
+        Driver::Raw(r) => direct(r.file().node()),
+    }
+}
+
+/// BlockDeviceInfo (qapi/block-core.json).
+fn block_device_info(node: &Node, flat: bool) -> Value {
+    let mut image = Map::new();
+    image.insert("filename".into(), json!(filename(node)));
+    image.insert("format".into(), json!(node.driver_name()));
+    image.insert("virtual-size".into(), json!(node.size()));
+    image.insert("dirty-flag".into(), json!(false));
+    let _ = flat; // no backing chains yet: flat and nested are the same
+    json!({
+        "node-name": node.name(),
+        "drv": node.driver_name(),
+        "file": filename(node),
+        "ro": node.is_read_only(),
+        "encrypted": false,
+        "backing_file_depth": 0,
+        "detect_zeroes": "off",
+        "bps": 0, "bps_rd": 0, "bps_wr": 0,
+        "iops": 0, "iops_rd": 0, "iops_wr": 0,
+        "write_threshold": 0,
+        "image": Value::Object(image),
+        "cache": {"writeback": true, "direct": direct(node), "no-flush": false},
+    })
+}
+
+fn perm_names(p: Perm) -> Vec<&'static str> {
+    [
+        (Perm::CONSISTENT_READ, "consistent-read"),
+        (Perm::WRITE, "write"),
+        (Perm::WRITE_UNCHANGED, "write-unchanged"),
+        (Perm::RESIZE, "resize"),
+    ]
+    .iter()
+    .filter(|(b, _)| p.contains(*b))
+    .map(|(_, n)| *n)
+    .collect()
+}
+
+/// XDbgBlockGraph: every node, every export's BlockBackend, and the edges
+/// with the permissions they hold and share.
+fn block_graph(state: &Arc<State>) -> Value {
+    let graph = state.graph();
+    let nodes: Vec<&Arc<Node>> = graph.nodes().collect();
+    let id_of = |n: &Node| {
+        nodes
+            .iter()
+            .position(|m| std::ptr::eq(&***m, n))
+            .map(|i| i + 1)
+    };
+    let mut out_nodes = Vec::new();
+    let mut edges = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        out_nodes.push(json!({"id": i + 1, "type": "block-driver", "name": n.name()}));
+        for c in n.children() {
+            if let Some(child) = id_of(c.node()) {
+                edges.push(json!({
+                    "parent": i + 1, "child": child, "name": c.role().name(),
+                    "perm": perm_names(c.perm()), "shared-perm": perm_names(c.shared()),
+                }));
+            }
+        }
+    }
+    for (next, e) in (nodes.len() + 1..).zip(state.export_backends()) {
+        out_nodes.push(json!({"id": next, "type": "block-backend", "name": e.name()}));
+        if let Some(child) = id_of(e.node()) {
+            let mut perm = Perm::CONSISTENT_READ;
+            if e.is_writable() {
+                perm = perm | Perm::WRITE;
+            }
+            edges.push(json!({
+                "parent": next, "child": child, "name": "root",
+                "perm": perm_names(perm), "shared-perm": perm_names(Perm::ALL),
+            }));
+        }
+    }
+    json!({"nodes": out_nodes, "edges": edges})
+}
