@@ -80,7 +80,7 @@ impl State {
             engine,
             graph: Mutex::new(Graph::new()),
             exports: Mutex::new(BTreeMap::new()),
-            events: EventBus::default(),
+            events: crate::events::global().clone(),
         })
     }
 
@@ -220,6 +220,43 @@ impl State {
         Ok(())
     }
 
+    /// Runs `f` in a drained section of every export whose graph reaches
+    /// `node`: they stop popping requests, the ones in flight complete, `f`
+    /// runs, then the queues run again.
+    pub fn drained<R>(&self, node: &Node, f: impl FnOnce() -> R) -> R {
+        let affected: Vec<Arc<ExportState>> = self
+            .export_states()
+            .into_iter()
+            .filter(|e| e.blk.node().reaches(node))
+            .collect();
+        for e in &affected {
+            if !e.drained_begin(SHUTDOWN_DRAIN_TIMEOUT) {
+                log::error!(
+                    "export {}: {} requests still in flight after {:?}; going on",
+                    e.config.id,
+                    e.in_flight().get(),
+                    SHUTDOWN_DRAIN_TIMEOUT
+                );
+            }
+        }
+        let r = f();
+        for e in &affected {
+            e.drained_end();
+        }
+        r
+    }
+
+    /// block_resize: the node's new size, set in a drained section.
+    pub fn resize(&self, name: &str, size: u64) -> Result<(), String> {
+        let node = self.graph().get(name).map_err(|e| e.to_string())?;
+        if size % 512 != 0 {
+            return Err(format!("size {size} is not a multiple of 512"));
+        }
+        self.drained(&node, || node.truncate(size))?;
+        log::info!("node {name}: resized to {size} bytes");
+        Ok(())
+    }
+
     /// query-block-exports.
     pub fn query_exports(&self) -> serde_json::Value {
         let exports = lock(&self.exports);
@@ -242,7 +279,12 @@ impl State {
             .collect()
     }
 
-    fn export_states(&self) -> Vec<Arc<ExportState>> {
+    /// The export named `id`.
+    pub fn export(&self, id: &str) -> Option<Arc<ExportState>> {
+        lock(&self.exports).get(id).map(|e| e.state.clone())
+    }
+
+    pub fn export_states(&self) -> Vec<Arc<ExportState>> {
         lock(&self.exports)
             .values()
             .map(|e| e.state.clone())
@@ -261,6 +303,7 @@ impl State {
         let exports = self.export_states();
         for e in &exports {
             e.quiesce();
+            e.abort_parked();
         }
         for e in &exports {
             if !e.in_flight().wait_idle(SHUTDOWN_DRAIN_TIMEOUT) {

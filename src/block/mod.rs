@@ -20,7 +20,7 @@ pub use error::{BlockError, GraphError};
 pub use graph::Graph;
 pub use node::{Child, ChildRole, DrainCounter, Node};
 pub use perm::Perm;
-pub use stats::{BlockStats, IoKind, KindStats};
+pub use stats::{BlockStats, HistogramKind, IoKind, KindStats, LatencyHistogram};
 
 /// Bytes in a sector, the unit of virtio-blk and QEMU offsets.
 pub const SECTOR_SIZE: u64 = 512;

@@ -7,7 +7,7 @@
 //! waiter exists.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -111,6 +111,9 @@ pub struct Node {
     read_only: bool,
     parents: Mutex<Vec<ParentLink>>,
     drain: DrainCounter,
+    /// block-set-write-threshold: a write ending past this offset emits
+    /// BLOCK_WRITE_THRESHOLD once; 0 means off.
+    write_threshold: AtomicU64,
 }
 
 impl fmt::Debug for Node {
@@ -131,6 +134,7 @@ impl Node {
             read_only,
             parents: Mutex::new(Vec::new()),
             drain: DrainCounter::default(),
+            write_threshold: AtomicU64::new(0),
         })
     }
 
@@ -164,6 +168,30 @@ impl Node {
         self.driver.children()
     }
 
+    /// Whether `other` is this node or below it in the graph.
+    pub fn reaches(&self, other: &Node) -> bool {
+        std::ptr::eq(self, other) || self.children().iter().any(|c| c.node().reaches(other))
+    }
+
+    /// Changes the node's size (block_resize). The caller holds the nodes'
+    /// users in a drained section.
+    pub fn truncate(&self, size: u64) -> Result<(), String> {
+        if self.read_only {
+            return Err(format!("node '{}' is read-only", self.name));
+        }
+        match &self.driver {
+            Driver::File(f) => f.truncate(self, size).map_err(|e| {
+                let mut s = e.to_string();
+                if let Some(src) = std::error::Error::source(&e) {
+                    s.push_str(&format!(": {src}"));
+                }
+                s
+            }),
+            Driver::Raw(r) => r.truncate(size),
+            Driver::Null(_) => Err(format!("node '{}' (null-co) cannot be resized", self.name)),
+        }
+    }
+
     /// Names of the parents that hold an edge to this node.
     pub fn parents(&self) -> Vec<String> {
         self.lock_parents()
@@ -174,6 +202,36 @@ impl Node {
 
     pub fn drain_counter(&self) -> &DrainCounter {
         &self.drain
+    }
+
+    pub fn write_threshold(&self) -> u64 {
+        self.write_threshold.load(Ordering::Relaxed)
+    }
+
+    pub fn set_write_threshold(&self, t: u64) {
+        self.write_threshold.store(t, Ordering::Relaxed);
+    }
+
+    /// Emits BLOCK_WRITE_THRESHOLD (once) when a write ends past the threshold.
+    fn check_write_threshold(&self, offset: u64, len: u64) {
+        let t = self.write_threshold.load(Ordering::Relaxed);
+        let end = offset.saturating_add(len);
+        if t > 0
+            && end > t
+            && self
+                .write_threshold
+                .compare_exchange(t, 0, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            crate::events::global().emit(
+                "BLOCK_WRITE_THRESHOLD",
+                serde_json::json!({
+                    "node-name": self.name,
+                    "amount-exceeded": end - t,
+                    "write-threshold": t,
+                }),
+            );
+        }
     }
 
     fn lock_parents(&self) -> std::sync::MutexGuard<'_, Vec<ParentLink>> {
@@ -252,6 +310,7 @@ impl Node {
                 node: self.name.clone(),
             })));
         }
+        self.check_write_threshold(offset, iov.len());
         self.driver.pwritev(self, offset, iov, fua)
     }
 
@@ -282,6 +341,7 @@ impl Node {
                 node: self.name.clone(),
             })));
         }
+        self.check_write_threshold(offset, len);
         self.driver.pwrite_zeroes(self, offset, len, may_unmap, fua)
     }
 }

@@ -23,6 +23,33 @@ pub enum SocketAddress {
     Fd { str: String },
 }
 
+/// What happens when the storage fails a request (QEMU's rerror/werror).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorAction {
+    /// The guest gets an I/O error.
+    #[default]
+    Report,
+    /// The guest is told the request succeeded.
+    Ignore,
+    /// Stop on ENOSPC (until `cont`), report anything else.
+    Enospc,
+    /// Park the request and stop the export's queues until `cont`, which
+    /// retries it: the guest sees no error once the cause is fixed.
+    Stop,
+}
+
+impl ErrorAction {
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorAction::Report => "report",
+            ErrorAction::Ignore => "ignore",
+            ErrorAction::Enospc => "enospc",
+            ErrorAction::Stop => "stop",
+        }
+    }
+}
+
 /// Default number of queues: enough that a guest with one queue per vCPU
 /// attaches without tuning (QEMU refuses a device with more queues than the
 /// backend offers). A frontend may use fewer.
@@ -52,6 +79,13 @@ pub struct VhostUserBlkOptions {
     /// GET_ID answer, at most 20 bytes.
     #[serde(default)]
     pub serial: Option<String>,
+    /// Policy for failed reads (default report).
+    #[serde(default)]
+    pub on_read_error: Option<ErrorAction>,
+    /// Policy for failed writes, flushes, discards (default enospc, as
+    /// QEMU's werror).
+    #[serde(default)]
+    pub on_write_error: Option<ErrorAction>,
     /// Worker threads (iothreads) serving the queues: queue q goes to thread
     /// q % num-iothreads. Default: one per queue.
     #[serde(default, deserialize_with = "opts::opt_uint")]

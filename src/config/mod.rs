@@ -12,7 +12,8 @@ mod export;
 pub mod keyval;
 
 pub use export::{
-    ExportOptions, SocketAddress, VhostUserBlkOptions, DEFAULT_NUM_QUEUES, DEFAULT_QUEUE_SIZE,
+    ErrorAction, ExportOptions, SocketAddress, VhostUserBlkOptions, DEFAULT_NUM_QUEUES,
+    DEFAULT_QUEUE_SIZE,
 };
 
 use std::path::PathBuf;
@@ -107,6 +108,8 @@ pub struct ExportConfig {
     pub logical_block_size: u32,
     pub serial: Vec<u8>,
     pub num_iothreads: usize,
+    pub on_read_error: ErrorAction,
+    pub on_write_error: ErrorAction,
 }
 
 /// A QMP monitor socket.
@@ -297,6 +300,8 @@ impl TryFrom<VhostUserBlkOptions> for ExportConfig {
             logical_block_size: lbs as u32,
             serial,
             num_iothreads: num_iothreads as usize,
+            on_read_error: o.on_read_error.unwrap_or(ErrorAction::Report),
+            on_write_error: o.on_write_error.unwrap_or(ErrorAction::Enospc),
         })
     }
 }
@@ -360,6 +365,8 @@ impl Args {
             logical_block_size: self.logical_block_size.map(u64::from),
             serial: self.serial.clone(),
             num_iothreads: None,
+            on_read_error: None,
+            on_write_error: None,
         };
         Ok((vec![file, raw], export))
     }

@@ -366,6 +366,24 @@ impl FileDriver {
     pub fn is_block_device(&self) -> bool {
         self.block_device
     }
+
+    /// Grows or shrinks a regular file (block_resize).
+    pub fn truncate(&self, node: &Node, size: u64) -> Result<(), BlockError> {
+        if self.block_device {
+            return Err(Self::io_err(
+                node,
+                "resize",
+                size,
+                0,
+                io::Error::other("a block device cannot be resized from here"),
+            ));
+        }
+        self.file
+            .set_len(size)
+            .map_err(|e| Self::io_err(node, "resize", size, 0, e))?;
+        self.size.store(size, Ordering::Relaxed);
+        Ok(())
+    }
 }
 
 fn is_unsupported(e: &io::Error) -> bool {

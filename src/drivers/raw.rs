@@ -1,6 +1,8 @@
 //! The `raw` format driver: the bytes of its `file` child, optionally a
 //! window of them (`offset`, `size`).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use futures::future::LocalBoxFuture;
 use serde::Deserialize;
 
@@ -28,7 +30,9 @@ pub struct RawOptions {
 pub struct RawDriver {
     file: Child,
     offset: u64,
-    size: u64,
+    size: AtomicU64,
+    /// `size` was given: the window is fixed and cannot be resized.
+    fixed_size: bool,
     discard: DiscardMode,
 }
 
@@ -83,7 +87,8 @@ impl RawDriver {
         Ok(RawDriver {
             file,
             offset: o.offset,
-            size,
+            size: AtomicU64::new(size),
+            fixed_size: o.size.is_some(),
             discard: o.discard,
         })
     }
@@ -93,7 +98,21 @@ impl RawDriver {
     }
 
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Relaxed)
+    }
+
+    /// Resizes the file child so that this node is `size` bytes.
+    pub fn truncate(&self, size: u64) -> Result<(), String> {
+        if self.fixed_size {
+            return Err("a raw node with a fixed 'size' cannot be resized".into());
+        }
+        let end = self
+            .offset
+            .checked_add(size)
+            .ok_or_else(|| format!("size {size} is too large"))?;
+        self.file.node().truncate(end)?;
+        self.size.store(size, Ordering::Relaxed);
+        Ok(())
     }
 
     pub fn request_alignment(&self) -> u32 {

@@ -8,7 +8,9 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::protocol::{Command, ErrorClass, QmpError};
-use crate::block::{Node, Perm};
+use std::sync::atomic::Ordering;
+
+use crate::block::{BlockStats, HistogramKind, IoKind, LatencyHistogram, Node, Perm};
 use crate::config::{ExportConfig, ExportOptions};
 use crate::daemon::State;
 use crate::drivers::{BlockdevOptions, Driver};
@@ -49,6 +51,11 @@ const COMMANDS: &[&str] = &[
     "block-export-add",
     "block-export-del",
     "query-block-exports",
+    "block_resize",
+    "query-blockstats",
+    "block-latency-histogram-set",
+    "block-set-write-threshold",
+    "cont",
 ];
 
 fn args<T: serde::de::DeserializeOwned>(cmd: &Command) -> Result<T, QmpError> {
@@ -81,6 +88,48 @@ struct NodeName {
 struct Flat {
     #[serde(default, deserialize_with = "opts::bool")]
     flat: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct Resize {
+    #[serde(default)]
+    device: Option<String>,
+    #[serde(default)]
+    node_name: Option<String>,
+    #[serde(deserialize_with = "opts::size")]
+    size: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct BlockStatsArgs {
+    #[serde(default, deserialize_with = "opts::bool")]
+    query_nodes: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct HistogramSet {
+    id: String,
+    #[serde(default)]
+    boundaries: Option<Vec<u64>>,
+    #[serde(default)]
+    boundaries_read: Option<Vec<u64>>,
+    #[serde(default)]
+    boundaries_write: Option<Vec<u64>>,
+    #[serde(default)]
+    boundaries_zap: Option<Vec<u64>>,
+    #[serde(default)]
+    boundaries_flush: Option<Vec<u64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct WriteThreshold {
+    node_name: String,
+    #[serde(deserialize_with = "opts::uint")]
+    write_threshold: u64,
 }
 
 #[derive(Deserialize, Default, PartialEq, Eq)]
@@ -200,8 +249,179 @@ pub fn dispatch(
             no_args(cmd)?;
             ok(state.query_exports())
         }
+        "block_resize" => {
+            let a: Resize = args(cmd)?;
+            let node = match (a.node_name, a.device) {
+                (Some(n), None) => n,
+                (None, Some(d)) => match state.export(&d) {
+                    Some(e) => e.blk.node().name().to_string(),
+                    None => return Err(QmpError::not_found(format!("Device '{d}' not found"))),
+                },
+                _ => {
+                    return Err(QmpError::generic(
+                        "Need exactly one of 'device' and 'node-name'",
+                    ))
+                }
+            };
+            state.resize(&node, a.size).map_err(QmpError::generic)?;
+            ok(json!({}))
+        }
+        "query-blockstats" => {
+            let a: BlockStatsArgs = args(cmd)?;
+            ok(block_stats(state, a.query_nodes))
+        }
+        "block-latency-histogram-set" => {
+            let a: HistogramSet = args(cmd)?;
+            let Some(e) = state.export(&a.id) else {
+                return Err(QmpError::not_found(format!("Device '{}' not found", a.id)));
+            };
+            let pick =
+                |specific: &Option<Vec<u64>>| specific.clone().or_else(|| a.boundaries.clone());
+            let slots = [
+                (HistogramKind::Read, pick(&a.boundaries_read)),
+                (HistogramKind::Write, pick(&a.boundaries_write)),
+                (HistogramKind::Zap, pick(&a.boundaries_zap)),
+                (HistogramKind::Flush, pick(&a.boundaries_flush)),
+            ];
+            let mut built = Vec::new();
+            for (kind, b) in slots {
+                let h = match b {
+                    Some(b) => Some(LatencyHistogram::new(b).ok_or_else(|| {
+                        QmpError::generic("histogram boundaries must be strictly increasing")
+                    })?),
+                    None => None,
+                };
+                built.push((kind, h));
+            }
+            for (kind, h) in built {
+                e.blk.stats().set_histogram(kind, h);
+            }
+            ok(json!({}))
+        }
+        "block-set-write-threshold" => {
+            let a: WriteThreshold = args(cmd)?;
+            let node = state
+                .graph()
+                .get(&a.node_name)
+                .map_err(|_| QmpError::not_found(format!("Device '{}' not found", a.node_name)))?;
+            node.set_write_threshold(a.write_threshold);
+            ok(json!({}))
+        }
+        "cont" => {
+            no_args(cmd)?;
+            for e in state.export_states() {
+                e.resume();
+            }
+            ok(json!({}))
+        }
         other => Err(QmpError::command_not_found(other)),
     }
+}
+
+fn histogram_json(h: &LatencyHistogram) -> Value {
+    json!({
+        "boundaries": h.boundaries,
+        "bins": h.bins.iter().map(|b| b.load(Ordering::Relaxed)).collect::<Vec<_>>(),
+    })
+}
+
+/// BlockDeviceStats of one BlockBackend, in QEMU's names. Write-zeroes
+/// count as writes and discards as unmaps, as QEMU's virtio-blk accounts them.
+fn device_stats(stats: &BlockStats) -> Map<String, Value> {
+    let k = |kind| stats.kind(kind);
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let (r, w, z, f, u) = (
+        k(IoKind::Read),
+        k(IoKind::Write),
+        k(IoKind::WriteZeroes),
+        k(IoKind::Flush),
+        k(IoKind::Discard),
+    );
+    let mut m = Map::new();
+    let mut put = |key: &str, v: u64| {
+        m.insert(key.to_string(), json!(v));
+    };
+    put("rd_bytes", get(&r.bytes));
+    put("wr_bytes", get(&w.bytes) + get(&z.bytes));
+    put("unmap_bytes", get(&u.bytes));
+    put("rd_operations", get(&r.ops));
+    put("wr_operations", get(&w.ops) + get(&z.ops));
+    put("flush_operations", get(&f.ops));
+    put("unmap_operations", get(&u.ops));
+    put("rd_merged", 0);
+    put("wr_merged", 0);
+    put("unmap_merged", 0);
+    put("rd_total_time_ns", get(&r.total_time_ns));
+    put(
+        "wr_total_time_ns",
+        get(&w.total_time_ns) + get(&z.total_time_ns),
+    );
+    put("flush_total_time_ns", get(&f.total_time_ns));
+    put("unmap_total_time_ns", get(&u.total_time_ns));
+    put(
+        "wr_highest_offset",
+        stats.wr_highest_offset.load(Ordering::Relaxed),
+    );
+    put("failed_rd_operations", get(&r.failed));
+    put("failed_wr_operations", get(&w.failed) + get(&z.failed));
+    put("failed_flush_operations", get(&f.failed));
+    put("failed_unmap_operations", get(&u.failed));
+    put("invalid_rd_operations", get(&r.invalid));
+    put("invalid_wr_operations", get(&w.invalid) + get(&z.invalid));
+    put("invalid_flush_operations", get(&f.invalid));
+    put("invalid_unmap_operations", get(&u.invalid));
+    if let Some(idle) = stats.idle_time() {
+        put(
+            "idle_time_ns",
+            u64::try_from(idle.as_nanos()).unwrap_or(u64::MAX),
+        );
+    }
+    m.insert("account_invalid".into(), json!(true));
+    m.insert("account_failed".into(), json!(true));
+    m.insert("timed_stats".into(), json!([]));
+    for (key, kind) in [
+        ("rd_latency_histogram", HistogramKind::Read),
+        ("wr_latency_histogram", HistogramKind::Write),
+        ("zap_latency_histogram", HistogramKind::Zap),
+        ("flush_latency_histogram", HistogramKind::Flush),
+    ] {
+        if let Some(h) = stats.histogram(kind) {
+            m.insert(key.into(), histogram_json(&h));
+        }
+    }
+    m
+}
+
+/// query-blockstats: one entry per export's BlockBackend (`device` is the
+/// export id), with per-queue request counts as the `x-queues` extension;
+/// with `query-nodes`, one entry per node as well (node-level counters are
+/// not kept, as in QEMU most of them stay zero).
+fn block_stats(state: &Arc<State>, query_nodes: bool) -> Value {
+    let mut out = Vec::new();
+    for e in state.export_states() {
+        let queues: Vec<Value> = e
+            .queue_requests()
+            .iter()
+            .enumerate()
+            .map(|(q, n)| json!({"queue": q, "requests": n}))
+            .collect();
+        out.push(json!({
+            "device": e.config.id,
+            "node-name": e.blk.node().name(),
+            "stats": Value::Object(device_stats(e.blk.stats())),
+            "x-queues": queues,
+        }));
+    }
+    if query_nodes {
+        let empty = BlockStats::default();
+        for n in state.graph().nodes() {
+            out.push(json!({
+                "node-name": n.name(),
+                "stats": Value::Object(device_stats(&empty)),
+            }));
+        }
+    }
+    json!(out)
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -249,7 +469,7 @@ fn block_device_info(node: &Node, flat: bool) -> Value {
         "detect_zeroes": "off",
         "bps": 0, "bps_rd": 0, "bps_wr": 0,
         "iops": 0, "iops_rd": 0, "iops_wr": 0,
-        "write_threshold": 0,
+        "write_threshold": node.write_threshold(),
         "image": Value::Object(image),
         "cache": {"writeback": true, "direct": direct(node), "no-flush": false},
     })

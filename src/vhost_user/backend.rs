@@ -7,7 +7,7 @@
 //! vring's own lock, which is per queue.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::worker;
 use crate::block::{BlockBackend, DrainCounter};
@@ -40,35 +41,140 @@ pub struct ExportState {
     pub config: ExportConfig,
     pub blk: Arc<BlockBackend>,
     pub engine: EngineKind,
-    /// Set while the export must not take new requests (shutdown, drain).
-    quiesced: AtomicBool,
+    /// Drained sections open on this export: while above zero, no new
+    /// request is popped.
+    quiesce: AtomicUsize,
     /// Requests popped and not yet returned, over every queue.
     in_flight: DrainCounter,
+    /// Requests completed per queue (query-blockstats extension).
+    queue_requests: Vec<AtomicU64>,
+    /// Stopped by the `stop` error policy (holding one quiesce reference).
+    stopped: AtomicBool,
+    /// Bumped by `cont`: parked requests retry.
+    resume_gen: AtomicU64,
+    /// Bumped when parked requests must give up (disconnect, shutdown).
+    abort_gen: AtomicU64,
+    /// Wakes the current connection's iothreads (one eventfd each), so that
+    /// they look at their rings again when a drained section ends: the
+    /// guest's kicks were consumed while the export was quiesced.
+    wakers: Mutex<Vec<EventFd>>,
 }
 
 impl ExportState {
     pub fn new(config: ExportConfig, blk: Arc<BlockBackend>, engine: EngineKind) -> Self {
         blk.set_write_cache(!config.writethrough);
+        let queue_requests = (0..config.num_queues).map(|_| AtomicU64::new(0)).collect();
         ExportState {
             config,
             blk,
             engine,
-            quiesced: AtomicBool::new(false),
+            quiesce: AtomicUsize::new(0),
             in_flight: DrainCounter::default(),
+            queue_requests,
+            stopped: AtomicBool::new(false),
+            resume_gen: AtomicU64::new(0),
+            abort_gen: AtomicU64::new(0),
+            wakers: Mutex::new(Vec::new()),
         }
     }
 
     pub fn is_quiesced(&self) -> bool {
-        self.quiesced.load(Ordering::Acquire)
+        self.quiesce.load(Ordering::Acquire) > 0
     }
 
-    /// Stops popping new requests (requests already popped complete).
+    /// Stops popping new requests; requests already popped complete. For
+    /// shutdown, which never ends the section.
     pub fn quiesce(&self) {
-        self.quiesced.store(true, Ordering::Release);
+        self.quiesce.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Opens a drained section: no new request is popped, and on return
+    /// every request popped before has completed (or `timeout` passed, in
+    /// which case false is returned and the section is open all the same).
+    pub fn drained_begin(&self, timeout: Duration) -> bool {
+        self.quiesce.fetch_add(1, Ordering::AcqRel);
+        self.in_flight.wait_idle(timeout)
+    }
+
+    /// Closes a drained section; the last one lets the queues run again.
+    pub fn drained_end(&self) {
+        if self.quiesce.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.wake_iothreads();
+        }
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+
+    /// The (resume, abort) generations a parked request waits to change.
+    pub(super) fn park_state(&self) -> (u64, u64) {
+        (
+            self.resume_gen.load(Ordering::Acquire),
+            self.abort_gen.load(Ordering::Acquire),
+        )
+    }
+
+    /// The `stop` policy: no new requests are popped until `resume`.
+    pub(super) fn stop_on_error(&self) {
+        if !self.stopped.swap(true, Ordering::AcqRel) {
+            self.quiesce.fetch_add(1, Ordering::AcqRel);
+            log::warn!(
+                "export {}: stopped after an I/O error; `cont` resumes it",
+                self.config.id
+            );
+        }
+    }
+
+    /// `cont`: parked requests are retried and the queues run again.
+    /// Returns whether the export was stopped.
+    pub fn resume(&self) -> bool {
+        if !self.stopped.swap(false, Ordering::AcqRel) {
+            return false;
+        }
+        self.resume_gen.fetch_add(1, Ordering::AcqRel);
+        log::info!("export {}: resumed", self.config.id);
+        self.drained_end();
+        true
+    }
+
+    /// Parked requests fail with an I/O error and the export is no longer
+    /// stopped: its frontend is going away, or the daemon is.
+    pub fn abort_parked(&self) {
+        self.abort_gen.fetch_add(1, Ordering::AcqRel);
+        if self.stopped.swap(false, Ordering::AcqRel) {
+            self.drained_end();
+        } else {
+            self.wake_iothreads();
+        }
+    }
+
+    fn wake_iothreads(&self) {
+        for w in self.wakers.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = w.write(1);
+        }
+    }
+
+    pub(crate) fn set_wakers(&self, wakers: Vec<EventFd>) {
+        *self.wakers.lock().unwrap_or_else(|e| e.into_inner()) = wakers;
     }
 
     pub fn in_flight(&self) -> &DrainCounter {
         &self.in_flight
+    }
+
+    /// Requests completed on each queue since the export started.
+    pub fn queue_requests(&self) -> Vec<u64> {
+        self.queue_requests
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    pub(super) fn count_completions(&self, queue: u16, n: u64) {
+        if let Some(c) = self.queue_requests.get(usize::from(queue)) {
+            c.fetch_add(n, Ordering::Relaxed);
+        }
     }
 
     pub fn read_only(&self) -> bool {
@@ -133,6 +239,8 @@ pub struct VhostUserBlk {
     pub(super) queues: Vec<DrainCounter>,
     /// io_urings prepared for each iothread, taken on its first event.
     rings: Vec<Mutex<Option<PreparedRing>>>,
+    /// One wake-up eventfd per iothread (see ExportState::drained_end).
+    wakers: Vec<EventFd>,
     backend_req: Mutex<Option<Backend>>,
 }
 
@@ -152,14 +260,46 @@ impl VhostUserBlk {
             .collect();
         let writeback = !export.config.writethrough;
         export.blk.set_write_cache(writeback);
+        let wakers = (0..threads)
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<io::Result<Vec<_>>>()?;
         Ok(VhostUserBlk {
             export,
             mem: RwLock::new(None),
             writeback: AtomicBool::new(writeback),
             queues,
             rings,
+            wakers,
             backend_req: Mutex::new(None),
         })
+    }
+
+    /// The event id of the iothreads' wake-up eventfd.
+    pub fn wake_event_id(&self) -> u16 {
+        self.export.config.num_queues + 2
+    }
+
+    /// Thread `t`'s wake-up eventfd, to register with its epoll.
+    pub fn wake_eventfd(&self, t: usize) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.wakers[t].as_raw_fd()
+    }
+
+    pub(super) fn clear_wake(&self, t: usize) {
+        if let Some(w) = self.wakers.get(t) {
+            let _ = w.read();
+        }
+    }
+
+    /// Hands the export clones of this connection's wake-up eventfds.
+    pub fn publish_wakers(&self) -> io::Result<()> {
+        let clones = self
+            .wakers
+            .iter()
+            .map(|w| w.try_clone())
+            .collect::<io::Result<Vec<_>>>()?;
+        self.export.set_wakers(clones);
+        Ok(())
     }
 
     /// The event id of the iothreads' io_uring eventfd: above the ids the
@@ -200,8 +340,10 @@ impl VhostUserBlk {
         }
     }
 
-    /// Waits until every request popped from every queue has completed.
+    /// Waits until every request popped from every queue has completed
+    /// (requests parked by the `stop` policy fail).
     pub fn drain_all(&self) -> bool {
+        self.export.abort_parked();
         let mut ok = true;
         for (q, c) in self.queues.iter().enumerate() {
             if !c.wait_idle(DRAIN_TIMEOUT) {
@@ -313,6 +455,9 @@ impl VhostUserBackend for VhostUserBlk {
         // GET_VRING_BASE: the ring is no longer ready, so nothing new is
         // popped; answer once what was popped is back on the used ring.
         if let Some(c) = self.queues.get(queue_index as usize) {
+            if c.get() > 0 && self.export.is_stopped() {
+                self.export.abort_parked();
+            }
             if !c.wait_idle(DRAIN_TIMEOUT) {
                 log::error!(
                     "export {}: queue {queue_index} stopped with {} requests still in flight",

@@ -213,16 +213,25 @@ impl Server {
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
         )
         .map_err(|e| daemon_err(e.to_string()))?;
+        let setup_err = |source| ServerError::Setup {
+            export: id.clone(),
+            source,
+        };
         for (t, handler) in daemon.get_epoll_handlers().iter().enumerate() {
             if let Some(fd) = backend.ring_eventfd(t) {
                 handler
                     .register_listener(fd, EventSet::IN, u64::from(backend.io_event_id()))
-                    .map_err(|source| ServerError::Setup {
-                        export: id.clone(),
-                        source,
-                    })?;
+                    .map_err(setup_err)?;
             }
+            handler
+                .register_listener(
+                    backend.wake_eventfd(t),
+                    EventSet::IN,
+                    u64::from(backend.wake_event_id()),
+                )
+                .map_err(setup_err)?;
         }
+        backend.publish_wakers().map_err(setup_err)?;
         daemon
             .start(&mut self.listener)
             .map_err(|e| daemon_err(e.to_string()))?;

@@ -15,9 +15,13 @@
 //! backends.
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::num::Wrapping;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 
 use futures::executor::{LocalPool, LocalSpawner};
 use futures::task::LocalSpawnExt;
@@ -25,7 +29,8 @@ use vhost_user_backend::{VringState, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryAtomic};
 
-use super::backend::{VhostUserBlk, Vring};
+use super::backend::{ExportState, VhostUserBlk, Vring};
+use crate::config::ErrorAction;
 use crate::io::{self as aio, IoCtx};
 use crate::virtio_blk::{self, GuestMem, Parsed};
 
@@ -213,11 +218,10 @@ impl Worker {
                 self.done.borrow_mut().push(Completion { queue, head, len });
             }
             Parsed::Request(req) => {
-                let backend = blk.export.blk.clone();
-                let serial = blk.export.config.serial.clone();
+                let export = blk.export.clone();
                 let done = self.done.clone();
                 let task = async move {
-                    let status = virtio_blk::execute(&req, &backend, &serial).await;
+                    let status = run_request(&req, &export).await;
                     let len = if status == virtio_blk::Status::Ok {
                         req.used_len
                     } else {
@@ -285,11 +289,14 @@ impl Worker {
                 }
                 notify(&mut state, queue);
             }
+            let mut n = 0;
             for c in done.iter().filter(|c| c.queue == queue) {
+                n += 1;
                 self.heads[local].remove(c.head);
                 blk.queues[usize::from(queue)].dec();
                 blk.export.in_flight().dec();
             }
+            blk.export.count_completions(queue, n);
         }
     }
 }
@@ -303,6 +310,91 @@ fn notify(state: &mut VringState<GuestMemoryAtomic<GuestMem>>, queue: u16) {
     }
 }
 
+/// Runs a request, applying the export's error policy to storage failures.
+async fn run_request(req: &virtio_blk::Request, export: &Arc<ExportState>) -> virtio_blk::Status {
+    use virtio_blk::{IoDirection, Outcome, Status};
+    loop {
+        let (direction, error) =
+            match virtio_blk::execute(req, &export.blk, &export.config.serial).await {
+                Outcome::Done(status) => return status,
+                Outcome::Failed { direction, error } => (direction, error),
+            };
+        let errno = error.errno();
+        let policy = match direction {
+            IoDirection::Read => export.config.on_read_error,
+            IoDirection::Write => export.config.on_write_error,
+        };
+        let action = match policy {
+            ErrorAction::Enospc if errno == libc::ENOSPC => ErrorAction::Stop,
+            ErrorAction::Enospc => ErrorAction::Report,
+            other => other,
+        };
+        let reason = std::io::Error::from_raw_os_error(errno).to_string();
+        crate::events::global().emit(
+            "BLOCK_IO_ERROR",
+            serde_json::json!({
+                "device": export.config.id,
+                "node-name": export.blk.node().name(),
+                "operation": if direction == IoDirection::Read { "read" } else { "write" },
+                "action": action.name(),
+                "nospace": errno == libc::ENOSPC,
+                "reason": reason,
+            }),
+        );
+        match action {
+            ErrorAction::Ignore => return Status::Ok,
+            ErrorAction::Stop => {
+                let (resume, abort) = export.park_state();
+                export.stop_on_error();
+                match (Parked {
+                    export: export.clone(),
+                    resume,
+                    abort,
+                })
+                .await
+                {
+                    ParkEnd::Resume => continue,
+                    ParkEnd::Abort => return Status::IoErr,
+                }
+            }
+            _ => return Status::IoErr,
+        }
+    }
+}
+
+thread_local! {
+    /// Requests parked by the `stop` policy on this iothread.
+    static PARKED: RefCell<Vec<Waker>> = const { RefCell::new(Vec::new()) };
+}
+
+enum ParkEnd {
+    Resume,
+    Abort,
+}
+
+/// Waits for `cont` (retry) or an abort (fail).
+struct Parked {
+    export: Arc<ExportState>,
+    resume: u64,
+    abort: u64,
+}
+
+impl Future for Parked {
+    type Output = ParkEnd;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<ParkEnd> {
+        let (resume, abort) = self.export.park_state();
+        if abort != self.abort {
+            return Poll::Ready(ParkEnd::Abort);
+        }
+        if resume != self.resume {
+            return Poll::Ready(ParkEnd::Resume);
+        }
+        PARKED.with(|p| p.borrow_mut().push(cx.waker().clone()));
+        Poll::Pending
+    }
+}
+
 /// Entry point from `VhostUserBackend::handle_event` on the worker thread.
 pub fn handle_event(blk: &VhostUserBlk, device_event: u16, vrings: &[Vring], thread_id: usize) {
     WORKER.with(|cell| {
@@ -311,6 +403,16 @@ pub fn handle_event(blk: &VhostUserBlk, device_event: u16, vrings: &[Vring], thr
         if device_event == blk.io_event_id() {
             worker.io.clear_event();
             worker.io.reap();
+        } else if device_event == blk.wake_event_id() {
+            // A drained section ended, or parked requests may go on:
+            // requests may wait in every ring.
+            blk.clear_wake(thread_id);
+            for w in PARKED.with(|p| std::mem::take(&mut *p.borrow_mut())) {
+                w.wake();
+            }
+            for (local, vring) in vrings.iter().enumerate() {
+                worker.process_queue(blk, local, vring);
+            }
         } else if let Some(vring) = vrings.get(usize::from(device_event)) {
             worker.process_queue(blk, usize::from(device_event), vring);
         }

@@ -4,43 +4,67 @@ use super::request::write_id;
 use super::{Request, RequestKind, Status};
 use crate::block::{BlockBackend, BlockError};
 
-fn status_of(r: Result<(), BlockError>) -> Status {
+/// Which error policy a failure falls under (QEMU's rerror / werror).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoDirection {
+    Read,
+    Write,
+}
+
+/// What running a request came to.
+#[derive(Debug)]
+pub enum Outcome {
+    Done(Status),
+    /// The storage failed (not the request): the export's error policy
+    /// decides what the guest sees.
+    Failed {
+        direction: IoDirection,
+        error: BlockError,
+    },
+}
+
+fn outcome(r: Result<(), BlockError>, direction: IoDirection) -> Outcome {
     match r {
-        Ok(()) => Status::Ok,
-        Err(e) => {
-            // Host-side failures are worth a warning, but a guest can trigger
-            // them at will (e.g. by filling the disk): keep them at debug.
-            log::debug!("request failed: {e}");
-            Status::IoErr
+        Ok(()) => Outcome::Done(Status::Ok),
+        // Requests the parser let through but the block layer refuses are
+        // the guest's doing, not the storage's: no policy applies.
+        Err(e @ (BlockError::OutOfRange { .. } | BlockError::ReadOnly { .. })) => {
+            log::debug!("request refused: {e}");
+            Outcome::Done(Status::IoErr)
+        }
+        Err(error) => {
+            log::debug!("request failed: {error}");
+            Outcome::Failed { direction, error }
         }
     }
 }
 
-/// Runs `req` and returns the status to report.
-pub async fn execute(req: &Request, blk: &BlockBackend, serial: &[u8]) -> Status {
+/// Runs `req` once.
+pub async fn execute(req: &Request, blk: &BlockBackend, serial: &[u8]) -> Outcome {
+    use IoDirection::{Read, Write};
     match &req.kind {
-        RequestKind::Read { offset, data } => status_of(blk.preadv(*offset, data).await),
-        RequestKind::Write { offset, data } => status_of(blk.pwritev(*offset, data).await),
-        RequestKind::Flush => status_of(blk.flush().await),
+        RequestKind::Read { offset, data } => outcome(blk.preadv(*offset, data).await, Read),
+        RequestKind::Write { offset, data } => outcome(blk.pwritev(*offset, data).await, Write),
+        RequestKind::Flush => outcome(blk.flush().await, Write),
         RequestKind::GetId { data } => match write_id(&req.mem, data, serial) {
-            Ok(()) => Status::Ok,
-            Err(_) => Status::IoErr,
+            Ok(()) => Outcome::Done(Status::Ok),
+            Err(_) => Outcome::Done(Status::IoErr),
         },
         RequestKind::Discard { ranges } => {
             for r in ranges {
                 if let Err(e) = blk.pdiscard(r.offset, r.len).await {
-                    return status_of(Err(e));
+                    return outcome(Err(e), Write);
                 }
             }
-            Status::Ok
+            Outcome::Done(Status::Ok)
         }
         RequestKind::WriteZeroes { ranges } => {
             for r in ranges {
                 if let Err(e) = blk.pwrite_zeroes(r.offset, r.len, r.unmap).await {
-                    return status_of(Err(e));
+                    return outcome(Err(e), Write);
                 }
             }
-            Status::Ok
+            Outcome::Done(Status::Ok)
         }
     }
 }

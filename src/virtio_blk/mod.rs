@@ -14,7 +14,7 @@ mod execute;
 mod request;
 
 pub use config::{DeviceConfig, DeviceParams, CONFIG_SIZE, WRITEBACK_OFFSET};
-pub use execute::execute;
+pub use execute::{execute, IoDirection, Outcome};
 pub use request::{
     parse, GuestMem, Limits, MemGuard, ParseError, Parsed, Range, Request, RequestKind, Segment,
     Status,
