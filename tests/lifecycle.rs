@@ -604,3 +604,108 @@ fn memory_table_replaced_while_requests_are_in_flight() {
     vm.reset_alloc();
     assert_eq!(vm.write(0, 0, &[3u8; 4096]), S_OK);
 }
+
+#[test]
+fn graph_changes_under_continuous_verified_io_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::File::create(dir.path().join("disk.img"))
+        .unwrap()
+        .set_len(32 * MIB)
+        .unwrap();
+    let d = Daemon::start_in(
+        dir,
+        &[
+            "--blockdev",
+            "driver=file,node-name=f0,filename={dir}/disk.img",
+            "--blockdev",
+            "driver=raw,node-name=d0,file=f0",
+            "--export",
+            "vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={sock},writable=on,num-queues=2",
+            "--chardev",
+            "socket,id=m,path={dir}/qmp.sock,server=on,wait=off",
+            "--monitor",
+            "chardev=m",
+        ],
+    );
+    let qmp_path = d.dir.path().join("qmp.sock");
+    let mut vm = Vm::connect(
+        &d.socket,
+        VmOptions {
+            num_queues: 2,
+            ..Default::default()
+        },
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let changer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut q = Qmp::connect(&qmp_path);
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // Grow, then shrink back: both drain the export.
+                let size = if n % 2 == 0 { 48 * MIB } else { 32 * MIB };
+                let r = q.execute(
+                    "block_resize",
+                    serde_json::json!({"node-name": "d0", "size": size}),
+                );
+                assert!(r.get("return").is_some(), "{r}");
+                let r = q.execute(
+                    "block-set-write-threshold",
+                    serde_json::json!({"node-name": "f0", "write-threshold": 1 << 20}),
+                );
+                assert!(r.get("return").is_some(), "{r}");
+                n += 1;
+            }
+            n
+        })
+    };
+    // Rounds of 16 writes per queue in flight, each verified by a read.
+    let mut rounds = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < deadline {
+        let mut all = Vec::new();
+        for q in 0..2 {
+            all.push(submit_writes(
+                &mut vm,
+                q,
+                16,
+                65536,
+                (q as u64 * 16 + rounds % 4) * MIB / 512,
+            ));
+        }
+        for (q, reqs) in all.iter().enumerate() {
+            let used = vm.queues[q].wait_used(&vm.mem, reqs.len(), Duration::from_secs(20));
+            assert_eq!(
+                used.len(),
+                reqs.len(),
+                "round {rounds} queue {q}: requests lost"
+            );
+            for &(_, _, _, s) in reqs {
+                assert_eq!(
+                    vm.status_at(s),
+                    S_OK,
+                    "round {rounds} queue {q}: request failed"
+                );
+            }
+        }
+        vm.reset_alloc();
+        for reqs in &all {
+            for &(_, sector, seed, _) in reqs {
+                let (st, back) = vm.read(0, sector, 65536);
+                assert_eq!(st, S_OK);
+                assert!(
+                    back == pattern(seed, 65536),
+                    "round {rounds}: data at sector {sector} wrong"
+                );
+            }
+        }
+        rounds += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let changes = changer.join().unwrap();
+    eprintln!("{changes} graph changes during {rounds} rounds of verified I/O");
+    assert!(
+        changes > 2 && rounds > 2,
+        "changes {changes}, rounds {rounds}"
+    );
+}

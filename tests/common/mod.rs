@@ -567,3 +567,43 @@ pub fn split_segments(a: GuestAddress, len: u32, readable: bool) -> Vec<Desc> {
     }
     out
 }
+
+/// A minimal QMP client for tests that drive the monitor from Rust.
+pub struct Qmp {
+    stream: std::io::BufReader<std::os::unix::net::UnixStream>,
+}
+
+impl Qmp {
+    pub fn connect(path: &Path) -> Qmp {
+        let s = std::os::unix::net::UnixStream::connect(path).expect("QMP connect");
+        let mut q = Qmp {
+            stream: std::io::BufReader::new(s),
+        };
+        let greeting = q.read();
+        assert!(greeting.get("QMP").is_some(), "{greeting}");
+        let r = q.execute("qmp_capabilities", serde_json::json!({}));
+        assert!(r.get("return").is_some(), "{r}");
+        q
+    }
+
+    fn read(&mut self) -> serde_json::Value {
+        use std::io::BufRead;
+        let mut line = String::new();
+        self.stream.read_line(&mut line).expect("QMP read");
+        serde_json::from_str(&line).expect("QMP JSON")
+    }
+
+    /// Runs a command; returns its reply (events before it are skipped).
+    pub fn execute(&mut self, cmd: &str, args: serde_json::Value) -> serde_json::Value {
+        use std::io::Write;
+        let msg = serde_json::json!({"execute": cmd, "arguments": args});
+        let mut s = self.stream.get_ref();
+        writeln!(s, "{msg}").expect("QMP write");
+        loop {
+            let v = self.read();
+            if v.get("event").is_none() {
+                return v;
+            }
+        }
+    }
+}
