@@ -254,6 +254,11 @@ impl State {
         }
         self.drained(&node, || node.truncate(size))?;
         log::info!("node {name}: resized to {size} bytes");
+        for e in self.export_states() {
+            if e.blk.node().reaches(&node) {
+                e.notify_config_change();
+            }
+        }
         Ok(())
     }
 

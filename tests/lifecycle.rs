@@ -709,3 +709,74 @@ fn graph_changes_under_continuous_verified_io_lose_nothing() {
         "changes {changes}, rounds {rounds}"
     );
 }
+
+#[test]
+fn resize_sends_a_config_change_to_the_connected_frontend() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["a.img", "b.img"] {
+        std::fs::File::create(dir.path().join(name))
+            .unwrap()
+            .set_len(16 * MIB)
+            .unwrap();
+    }
+    let d = Daemon::start_in(
+        dir,
+        &[
+            "--blockdev",
+            "driver=file,node-name=fa,filename={dir}/a.img",
+            "--blockdev",
+            "driver=raw,node-name=a,file=fa",
+            "--blockdev",
+            "driver=file,node-name=fb,filename={dir}/b.img",
+            "--blockdev",
+            "driver=raw,node-name=b,file=fb",
+            "--export",
+            "vhost-user-blk,id=ea,node-name=a,addr.type=unix,addr.path={sock},writable=on",
+            "--export",
+            "vhost-user-blk,id=eb,node-name=b,addr.type=unix,addr.path={dir}/b.sock,writable=on",
+            "--chardev",
+            "socket,id=m,path={dir}/qmp.sock,server=on,wait=off",
+            "--monitor",
+            "chardev=m",
+        ],
+    );
+    // Two frontends from one process: each notice must reach its own channel.
+    let opts = VmOptions {
+        backend_channel: true,
+        ..Default::default()
+    };
+    let mut va = Vm::connect(&d.socket, opts.clone());
+    let mut vb = Vm::connect(&d.dir.path().join("b.sock"), opts);
+    for v in [&va, &vb] {
+        v.backend_channel
+            .as_ref()
+            .unwrap()
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+    }
+    let mut q = Qmp::connect(&d.dir.path().join("qmp.sock"));
+    let r = q.execute(
+        "block_resize",
+        serde_json::json!({"node-name": "b", "size": 32 * MIB}),
+    );
+    assert!(r.get("return").is_some(), "{r}");
+    let mut msg = [0u8; 12];
+    std::io::Read::read_exact(vb.backend_channel.as_mut().unwrap(), &mut msg)
+        .expect("CONFIG_CHANGE_MSG for b");
+    assert_eq!(
+        u32::from_le_bytes(msg[0..4].try_into().unwrap()),
+        2,
+        "CONFIG_CHANGE_MSG"
+    );
+    assert_eq!(vb.capacity_sectors(), 32 * MIB / 512);
+    // Nothing for a: its disk did not change.
+    va.backend_channel
+        .as_ref()
+        .unwrap()
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    assert!(std::io::Read::read(va.backend_channel.as_mut().unwrap(), &mut msg).is_err());
+    assert_eq!(va.capacity_sectors(), 16 * MIB / 512);
+    // The new size serves I/O at the new end.
+    assert_eq!(vb.write(0, 32 * MIB / 512 - 8, &[7u8; 4096]), S_OK);
+}

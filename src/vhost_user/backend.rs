@@ -21,6 +21,7 @@ use vmm_sys_util::event::{
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::notify::ConfigNotifier;
 use super::worker;
 use crate::block::{BlockBackend, DrainCounter};
 use crate::config::ExportConfig;
@@ -28,6 +29,7 @@ use crate::io::{EngineKind, PreparedRing};
 use crate::virtio_blk::{
     self, DeviceConfig, DeviceParams, GuestMem, Limits, MemGuard, WRITEBACK_OFFSET,
 };
+use std::os::unix::ffi::OsStrExt;
 
 pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMem>>;
 
@@ -58,6 +60,10 @@ pub struct ExportState {
     /// they look at their rings again when a drained section ends: the
     /// guest's kicks were consumed while the export was quiesced.
     wakers: Mutex<Vec<EventFd>>,
+    /// The current connection's backend channel, for config-change notices.
+    notifier: Mutex<Option<Arc<ConfigNotifier>>>,
+    /// The name the export's listening socket is bound to.
+    listener_name: Mutex<Vec<u8>>,
 }
 
 impl ExportState {
@@ -75,6 +81,8 @@ impl ExportState {
             resume_gen: AtomicU64::new(0),
             abort_gen: AtomicU64::new(0),
             wakers: Mutex::new(Vec::new()),
+            notifier: Mutex::new(None),
+            listener_name: Mutex::new(Vec::new()),
         }
     }
 
@@ -153,6 +161,40 @@ impl ExportState {
         for w in self.wakers.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             let _ = w.write(1);
         }
+    }
+
+    /// Tells the connected frontend (if any) that the config space changed,
+    /// e.g. the capacity after a resize.
+    pub fn notify_config_change(&self) {
+        let n = self
+            .notifier
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match n {
+            Some(n) => match n.notify() {
+                Ok(()) => log::info!(
+                    "export {}: config change sent to the frontend",
+                    self.config.id
+                ),
+                Err(e) => log::warn!(
+                    "export {}: cannot send a config change: {e}",
+                    self.config.id
+                ),
+            },
+            None => log::debug!(
+                "export {}: no backend channel for a config change",
+                self.config.id
+            ),
+        }
+    }
+
+    pub(super) fn set_notifier(&self, n: Option<Arc<ConfigNotifier>>) {
+        *self.notifier.lock().unwrap_or_else(|e| e.into_inner()) = n;
+    }
+
+    pub(super) fn set_listener_name(&self, name: Vec<u8>) {
+        *self.listener_name.lock().unwrap_or_else(|e| e.into_inner()) = name;
     }
 
     pub(crate) fn set_wakers(&self, wakers: Vec<EventFd>) {
@@ -441,6 +483,14 @@ impl VhostUserBackend for VhostUserBlk {
 
     fn set_backend_req_fd(&self, backend: Backend) {
         *self.backend_req.lock().unwrap_or_else(|e| e.into_inner()) = Some(backend);
+        let name = self
+            .export
+            .listener_name
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let notifier = ConfigNotifier::find(std::ffi::OsStr::from_bytes(&name)).map(Arc::new);
+        self.export.set_notifier(notifier);
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {

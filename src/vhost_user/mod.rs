@@ -10,6 +10,7 @@
 //! ```
 
 mod backend;
+mod notify;
 mod server;
 mod worker;
 

@@ -152,6 +152,7 @@ impl Server {
                 (unsafe { Listener::from_raw_fd(fd) }, None)
             }
         };
+        export.set_listener_name(super::notify::listener_name(listener.as_raw_fd()));
         let control = Arc::new(ServerControl {
             stopping: AtomicBool::new(false),
             listener_fd: listener.as_raw_fd(),

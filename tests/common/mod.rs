@@ -219,6 +219,8 @@ pub struct VmOptions {
     pub event_idx: bool,
     /// Guest memory as (guest address, size) regions, all from one memfd.
     pub regions: Vec<(u64, u64)>,
+    /// Give the daemon a backend request channel (SET_BACKEND_REQ_FD).
+    pub backend_channel: bool,
 }
 
 impl Default for VmOptions {
@@ -228,6 +230,7 @@ impl Default for VmOptions {
             queue_size: 256,
             event_idx: false,
             regions: vec![(0, MEM_SIZE)],
+            backend_channel: false,
         }
     }
 }
@@ -239,6 +242,8 @@ pub struct Vm {
     pub queues: Vec<VirtQueue>,
     pub features: u64,
     pub opts: VmOptions,
+    /// Our end of the backend request channel, if any.
+    pub backend_channel: Option<std::os::unix::net::UnixStream>,
     memfd: File,
     next_buf: u64,
 }
@@ -287,7 +292,8 @@ impl Vm {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::RESET_DEVICE;
+            | VhostUserProtocolFeatures::RESET_DEVICE
+            | VhostUserProtocolFeatures::BACKEND_REQ;
         frontend.set_protocol_features(pf & want_pf)?;
         // Ask for a reply to every message (REPLY_ACK), as QEMU does for
         // memory updates: a call returns once the daemon has applied it.
@@ -306,12 +312,20 @@ impl Vm {
             offset += size;
         }
         frontend.set_mem_table(&regions)?;
+        let backend_channel = if opts.backend_channel {
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+            frontend.set_backend_request_fd(&theirs)?;
+            Some(ours)
+        } else {
+            None
+        };
         let mut vm = Vm {
             mem,
             frontend,
             queues: Vec::new(),
             features,
             opts: opts.clone(),
+            backend_channel,
             memfd: file,
             next_buf: DATA_BASE,
         };
