@@ -19,9 +19,9 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::block::{BlockBackend, Graph, GraphError, Node};
+use crate::block::{BlockBackend, ChildRole, Graph, GraphError, Node};
 use crate::config::{Config, ExportConfig};
-use crate::drivers::BlockdevOptions;
+use crate::drivers::{BlockdevOptions, Driver};
 use crate::events::EventBus;
 use crate::io::EngineKind;
 use crate::qmp::{Monitor, MonitorError};
@@ -224,10 +224,15 @@ impl State {
     /// `node`: they stop popping requests, the ones in flight complete, `f`
     /// runs, then the queues run again.
     pub fn drained<R>(&self, node: &Node, f: impl FnOnce() -> R) -> R {
+        self.drained_many(&[node], f)
+    }
+
+    /// Like [`State::drained`], for every export that reaches any of `nodes`.
+    pub fn drained_many<R>(&self, nodes: &[&Node], f: impl FnOnce() -> R) -> R {
         let affected: Vec<Arc<ExportState>> = self
             .export_states()
             .into_iter()
-            .filter(|e| e.blk.node().reaches(node))
+            .filter(|e| nodes.iter().any(|n| e.blk.node().reaches(n)))
             .collect();
         for e in &affected {
             if !e.drained_begin(SHUTDOWN_DRAIN_TIMEOUT) {
@@ -259,6 +264,106 @@ impl State {
                 e.notify_config_change();
             }
         }
+        Ok(())
+    }
+
+    /// blockdev-reopen: every listed node takes its new options together,
+    /// in one drained section, or none does. What may change: `read-only`,
+    /// `cache.*` and `discard` (file), `read-only` and `discard` (raw),
+    /// `read-only` and `read-zeroes` (null-co).
+    pub fn reopen(&self, list: &[BlockdevOptions]) -> Result<(), String> {
+        let graph = self.graph();
+        let mut items: Vec<(Arc<Node>, &BlockdevOptions)> = Vec::new();
+        for o in list {
+            let node = graph.get(o.node_name()).map_err(|e| e.to_string())?;
+            if node.driver_name() != o.driver_name() {
+                return Err(format!(
+                    "node '{}': the driver cannot be changed ({} -> {})",
+                    node.name(),
+                    node.driver_name(),
+                    o.driver_name()
+                ));
+            }
+            if items.iter().any(|(n, _)| Arc::ptr_eq(n, &node)) {
+                return Err(format!("node '{}' is listed twice", node.name()));
+            }
+            items.push((node, o));
+        }
+        let final_ro = |n: &Node| -> bool {
+            items
+                .iter()
+                .find(|(m, _)| std::ptr::eq(&**m, n))
+                .map_or(n.is_read_only(), |(_, o)| o.read_only())
+        };
+        // Prepare: open new descriptors, check what may not change.
+        let mut prepared = Vec::new();
+        for (node, o) in &items {
+            let p = match (node.driver(), o) {
+                (Driver::File(f), BlockdevOptions::File(fo)) => Some(f.prepare_reopen(fo)?),
+                (Driver::Raw(r), BlockdevOptions::Raw(ro)) => {
+                    r.check_reopen(ro)?;
+                    None
+                }
+                (Driver::Null(n), BlockdevOptions::NullCo(no)) => {
+                    n.check_reopen(no)?;
+                    None
+                }
+                _ => return Err(format!("node '{}': driver mismatch", node.name())),
+            };
+            prepared.push(p);
+        }
+        // Permissions in the final state: a read-only node keeps no writer.
+        let exports = self.export_states();
+        for node in graph.nodes() {
+            for (parent, role, _) in node.parent_perms() {
+                let writes = match role {
+                    ChildRole::Root => exports
+                        .iter()
+                        .any(|e| e.config.id == parent && e.config.writable),
+                    _ => graph.get(&parent).is_ok_and(|p| !final_ro(&p)),
+                };
+                if writes && final_ro(node) {
+                    let who = if role == ChildRole::Root {
+                        format!("export '{parent}'")
+                    } else {
+                        format!("node '{parent}' (make it read-only in the same blockdev-reopen)")
+                    };
+                    return Err(format!(
+                        "node '{}' cannot be read-only: {who} writes to it",
+                        node.name()
+                    ));
+                }
+            }
+        }
+        // Alignment: exports over a file node must still meet it.
+        for ((node, _), p) in items.iter().zip(&prepared) {
+            if let Some(fr) = p {
+                let align = fr.request_alignment();
+                for e in &exports {
+                    if e.blk.node().reaches(node) && e.config.logical_block_size % align != 0 {
+                        return Err(format!(
+                            "node '{}' would need {align}-byte alignment, but export '{}' has logical-block-size {}",
+                            node.name(),
+                            e.config.id,
+                            e.config.logical_block_size
+                        ));
+                    }
+                }
+            }
+        }
+        let nodes: Vec<&Node> = items.iter().map(|(n, _)| &**n).collect();
+        self.drained_many(&nodes, || {
+            for ((node, o), p) in items.iter().zip(prepared) {
+                node.set_read_only(o.read_only());
+                match (node.driver(), o, p) {
+                    (Driver::File(f), _, Some(fr)) => f.commit_reopen(fr),
+                    (Driver::Raw(r), BlockdevOptions::Raw(ro), _) => r.commit_reopen(ro),
+                    (Driver::Null(n), BlockdevOptions::NullCo(no), _) => n.commit_reopen(no),
+                    _ => {}
+                }
+                log::info!("node {}: reopened", node.name());
+            }
+        });
         Ok(())
     }
 

@@ -108,7 +108,7 @@ impl DrainCounter {
 pub struct Node {
     name: String,
     driver: Driver,
-    read_only: bool,
+    read_only: AtomicBool,
     parents: Mutex<Vec<ParentLink>>,
     drain: DrainCounter,
     /// block-set-write-threshold: a write ending past this offset emits
@@ -121,7 +121,7 @@ impl fmt::Debug for Node {
         f.debug_struct("Node")
             .field("name", &self.name)
             .field("driver", &self.driver.name())
-            .field("read_only", &self.read_only)
+            .field("read_only", &self.is_read_only())
             .finish()
     }
 }
@@ -131,7 +131,7 @@ impl Node {
         Arc::new(Node {
             name,
             driver,
-            read_only,
+            read_only: AtomicBool::new(read_only),
             parents: Mutex::new(Vec::new()),
             drain: DrainCounter::default(),
             write_threshold: AtomicU64::new(0),
@@ -151,7 +151,31 @@ impl Node {
     }
 
     pub fn is_read_only(&self) -> bool {
-        self.read_only
+        self.read_only.load(Ordering::Relaxed)
+    }
+
+    /// Parents holding an edge to this node: name, role, permissions taken.
+    pub fn parent_perms(&self) -> Vec<(String, ChildRole, Perm)> {
+        self.lock_parents()
+            .iter()
+            .map(|p| (p.parent.clone(), p.role, p.perm))
+            .collect()
+    }
+
+    /// blockdev-reopen: switches read-only. The caller has checked that no
+    /// parent keeps write permission, and holds a drained section.
+    pub fn set_read_only(&self, ro: bool) {
+        self.read_only.store(ro, Ordering::Relaxed);
+    }
+
+    fn update_parent_perm(&self, parent: &str, role: ChildRole, perm: Perm) {
+        if let Some(p) = self
+            .lock_parents()
+            .iter_mut()
+            .find(|p| p.parent == parent && p.role == role)
+        {
+            p.perm = perm;
+        }
     }
 
     /// Size in bytes.
@@ -176,7 +200,7 @@ impl Node {
     /// Changes the node's size (block_resize). The caller holds the nodes'
     /// users in a drained section.
     pub fn truncate(&self, size: u64) -> Result<(), String> {
-        if self.read_only {
+        if self.is_read_only() {
             return Err(format!("node '{}' is read-only", self.name));
         }
         match &self.driver {
@@ -247,7 +271,7 @@ impl Node {
         perm: Perm,
         shared: Perm,
     ) -> Result<(), GraphError> {
-        if self.read_only && (perm.contains(Perm::WRITE) || perm.contains(Perm::RESIZE)) {
+        if self.is_read_only() && (perm.contains(Perm::WRITE) || perm.contains(Perm::RESIZE)) {
             return Err(GraphError::ReadOnly {
                 node: self.name.clone(),
                 parent: parent.to_string(),
@@ -305,7 +329,7 @@ impl Node {
         iov: &'a IoVecs,
         fua: bool,
     ) -> LocalBoxFuture<'a, Result<(), BlockError>> {
-        if self.read_only {
+        if self.is_read_only() {
             return Box::pin(std::future::ready(Err(BlockError::ReadOnly {
                 node: self.name.clone(),
             })));
@@ -319,7 +343,7 @@ impl Node {
     }
 
     pub fn pdiscard(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<(), BlockError>> {
-        if self.read_only {
+        if self.is_read_only() {
             return Box::pin(std::future::ready(Err(BlockError::ReadOnly {
                 node: self.name.clone(),
             })));
@@ -336,7 +360,7 @@ impl Node {
         may_unmap: bool,
         fua: bool,
     ) -> LocalBoxFuture<'_, Result<(), BlockError>> {
-        if self.read_only {
+        if self.is_read_only() {
             return Box::pin(std::future::ready(Err(BlockError::ReadOnly {
                 node: self.name.clone(),
             })));
@@ -352,7 +376,7 @@ pub struct Child {
     parent: String,
     role: ChildRole,
     node: Arc<Node>,
-    perm: Perm,
+    perm: std::sync::atomic::AtomicU8,
     shared: Perm,
 }
 
@@ -362,7 +386,7 @@ impl fmt::Debug for Child {
             .field("parent", &self.parent)
             .field("role", &self.role)
             .field("node", &self.node.name())
-            .field("perm", &self.perm)
+            .field("perm", &self.perm())
             .field("shared", &self.shared)
             .finish()
     }
@@ -382,7 +406,7 @@ impl Child {
             parent: parent.to_string(),
             role,
             node,
-            perm,
+            perm: std::sync::atomic::AtomicU8::new(perm.bits()),
             shared,
         })
     }
@@ -396,7 +420,13 @@ impl Child {
     }
 
     pub fn perm(&self) -> Perm {
-        self.perm
+        Perm::from_bits(self.perm.load(Ordering::Relaxed))
+    }
+
+    /// blockdev-reopen: takes `perm` instead (checked by the caller).
+    pub fn set_perm(&self, perm: Perm) {
+        self.perm.store(perm.bits(), Ordering::Relaxed);
+        self.node.update_parent_perm(&self.parent, self.role, perm);
     }
 
     pub fn shared(&self) -> Perm {

@@ -27,6 +27,14 @@ impl Perm {
     pub fn is_empty(self) -> bool {
         self.0 == 0
     }
+
+    pub fn bits(self) -> u8 {
+        self.0
+    }
+
+    pub fn from_bits(b: u8) -> Perm {
+        Perm(b & Perm::ALL.0)
+    }
 }
 
 impl BitOr for Perm {

@@ -15,7 +15,8 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use serde::Deserialize;
 
@@ -50,16 +51,37 @@ pub struct FileOptions {
     pub discard: DiscardMode,
 }
 
+/// The driver's state. What blockdev-reopen may change is atomic: it is
+/// changed inside a drained section, and read (relaxed) by every request.
 pub struct FileDriver {
-    file: File,
+    /// Owns the descriptor in `fd`.
+    file: Mutex<File>,
+    fd: AtomicI32,
     filename: String,
     block_device: bool,
+    direct: AtomicBool,
+    no_flush: AtomicBool,
+    discard_unmap: AtomicBool,
+    size: AtomicU64,
+    request_alignment: AtomicU32,
+    mem_alignment: AtomicUsize,
+}
+
+/// A reopen prepared (new descriptor opened, alignment probed), not yet
+/// applied.
+pub struct FileReopen {
+    file: File,
     direct: bool,
     no_flush: bool,
-    discard: DiscardMode,
-    size: AtomicU64,
+    discard_unmap: bool,
     request_alignment: u32,
     mem_alignment: usize,
+}
+
+impl FileReopen {
+    pub fn request_alignment(&self) -> u32 {
+        self.request_alignment
+    }
 }
 
 // Linux ioctls for block devices.
@@ -70,7 +92,9 @@ const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 const MAX_BOUNCE_CHUNK: u64 = 1 << 20;
 
 impl FileDriver {
-    pub fn open(o: &FileOptions) -> Result<Self, GraphError> {
+    /// Opens the file as `o` says: the descriptor, its size and the
+    /// alignment O_DIRECT needs.
+    fn open_file(o: &FileOptions) -> Result<(File, bool, u64, u32, usize), GraphError> {
         let open_err = |source: io::Error| GraphError::OpenFile {
             node: o.node_name.clone(),
             filename: o.filename.clone(),
@@ -119,17 +143,62 @@ impl FileDriver {
             o.filename,
             o.cache.direct
         );
+        Ok((file, block_device, size, request_alignment, mem_alignment))
+    }
+
+    pub fn open(o: &FileOptions) -> Result<Self, GraphError> {
+        let (file, block_device, size, request_alignment, mem_alignment) = Self::open_file(o)?;
         Ok(FileDriver {
-            file,
+            fd: AtomicI32::new(file.as_raw_fd()),
+            file: Mutex::new(file),
             filename: o.filename.clone(),
             block_device,
+            direct: AtomicBool::new(o.cache.direct),
+            no_flush: AtomicBool::new(o.cache.no_flush),
+            discard_unmap: AtomicBool::new(o.discard == DiscardMode::Unmap),
+            size: AtomicU64::new(size),
+            request_alignment: AtomicU32::new(request_alignment),
+            mem_alignment: AtomicUsize::new(mem_alignment),
+        })
+    }
+
+    /// Opens the file again with the options of a blockdev-reopen.
+    pub fn prepare_reopen(&self, o: &FileOptions) -> Result<FileReopen, String> {
+        if o.filename != self.filename {
+            return Err(format!(
+                "node '{}': 'filename' cannot be changed by reopen ({} -> {})",
+                o.node_name, self.filename, o.filename
+            ));
+        }
+        let (file, _, _, request_alignment, mem_alignment) = Self::open_file(o).map_err(|e| {
+            let mut s = e.to_string();
+            if let Some(src) = std::error::Error::source(&e) {
+                s.push_str(&format!(": {src}"));
+            }
+            s
+        })?;
+        Ok(FileReopen {
+            file,
             direct: o.cache.direct,
             no_flush: o.cache.no_flush,
-            discard: o.discard,
-            size: AtomicU64::new(size),
+            discard_unmap: o.discard == DiscardMode::Unmap,
             request_alignment,
             mem_alignment,
         })
+    }
+
+    /// Applies a prepared reopen. Called with no request in flight (in a
+    /// drained section); the old descriptor is closed here.
+    pub fn commit_reopen(&self, r: FileReopen) {
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        self.fd.store(r.file.as_raw_fd(), Ordering::Release);
+        self.direct.store(r.direct, Ordering::Relaxed);
+        self.no_flush.store(r.no_flush, Ordering::Relaxed);
+        self.discard_unmap.store(r.discard_unmap, Ordering::Relaxed);
+        self.request_alignment
+            .store(r.request_alignment, Ordering::Relaxed);
+        self.mem_alignment.store(r.mem_alignment, Ordering::Relaxed);
+        *file = r.file;
     }
 
     pub fn filename(&self) -> &str {
@@ -137,7 +206,19 @@ impl FileDriver {
     }
 
     pub fn is_direct(&self) -> bool {
-        self.direct
+        self.direct.load(Ordering::Relaxed)
+    }
+
+    pub fn is_no_flush(&self) -> bool {
+        self.no_flush.load(Ordering::Relaxed)
+    }
+
+    fn discards(&self) -> bool {
+        self.discard_unmap.load(Ordering::Relaxed)
+    }
+
+    fn mem_alignment(&self) -> usize {
+        self.mem_alignment.load(Ordering::Relaxed)
     }
 
     pub fn size(&self) -> u64 {
@@ -145,11 +226,11 @@ impl FileDriver {
     }
 
     pub fn request_alignment(&self) -> u32 {
-        self.request_alignment
+        self.request_alignment.load(Ordering::Relaxed)
     }
 
     fn fd(&self) -> RawFd {
-        self.file.as_raw_fd()
+        self.fd.load(Ordering::Acquire)
     }
 
     fn io_err(
@@ -170,8 +251,8 @@ impl FileDriver {
 
     pub async fn preadv(&self, node: &Node, offset: u64, iov: &IoVecs) -> Result<(), BlockError> {
         let len = iov.len();
-        if self.direct && !iov.is_aligned(self.mem_alignment) {
-            let (bounce, view) = IoVecs::bounce(len as usize, self.mem_alignment);
+        if self.is_direct() && !iov.is_aligned(self.mem_alignment()) {
+            let (bounce, view) = IoVecs::bounce(len as usize, self.mem_alignment());
             self.read_full(node, offset, &bounce).await?;
             view.with_bytes(&bounce, |b| iov.copy_from(b));
             return Ok(());
@@ -217,8 +298,8 @@ impl FileDriver {
         fua: bool,
     ) -> Result<(), BlockError> {
         let len = iov.len();
-        if self.direct && !iov.is_aligned(self.mem_alignment) {
-            let (bounce, view) = IoVecs::bounce(len as usize, self.mem_alignment);
+        if self.is_direct() && !iov.is_aligned(self.mem_alignment()) {
+            let (bounce, view) = IoVecs::bounce(len as usize, self.mem_alignment());
             view.with_bytes(&bounce, |b| iov.copy_to(b));
             return self.write_full(node, offset, &bounce, fua).await;
         }
@@ -265,7 +346,7 @@ impl FileDriver {
     }
 
     pub async fn flush(&self, node: &Node) -> Result<(), BlockError> {
-        if self.no_flush {
+        if self.is_no_flush() {
             return Ok(());
         }
         aio::current()
@@ -276,7 +357,7 @@ impl FileDriver {
     }
 
     pub async fn pdiscard(&self, node: &Node, offset: u64, len: u64) -> Result<(), BlockError> {
-        if self.discard == DiscardMode::Ignore || len == 0 {
+        if !self.discards() || len == 0 {
             return Ok(());
         }
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
@@ -301,7 +382,7 @@ impl FileDriver {
         }
         let err = |e| Self::io_err(node, "write-zeroes", offset, len, e);
         let mut done = false;
-        if may_unmap && self.discard == DiscardMode::Unmap {
+        if may_unmap && self.discards() {
             // Punching a hole reads back as zeroes on files and, through
             // REQ_OP_WRITE_ZEROES, on block devices.
             let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
@@ -334,7 +415,7 @@ impl FileDriver {
         offset: u64,
         len: u64,
     ) -> Result<(), BlockError> {
-        let align = self.mem_alignment.max(512);
+        let align = self.mem_alignment().max(512);
         let chunk = len.min(MAX_BOUNCE_CHUNK);
         let (zeroes, _view) = IoVecs::bounce(chunk as usize, align);
         let mut pos = 0;
@@ -379,6 +460,8 @@ impl FileDriver {
             ));
         }
         self.file
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
             .set_len(size)
             .map_err(|e| Self::io_err(node, "resize", size, 0, e))?;
         self.size.store(size, Ordering::Relaxed);

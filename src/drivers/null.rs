@@ -2,6 +2,8 @@
 //! zeroes with `read-zeroes=on` and leave the buffer untouched otherwise.
 //! For benchmarks of the request path itself.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use serde::Deserialize;
 
 use crate::block::{BlockError, GraphError};
@@ -28,14 +30,14 @@ fn default_size() -> u64 {
 
 pub struct NullDriver {
     size: u64,
-    read_zeroes: bool,
+    read_zeroes: AtomicBool,
 }
 
 impl NullDriver {
     pub fn open(o: &NullOptions) -> Result<Self, GraphError> {
         Ok(NullDriver {
             size: o.size,
-            read_zeroes: o.read_zeroes,
+            read_zeroes: AtomicBool::new(o.read_zeroes),
         })
     }
 
@@ -43,8 +45,23 @@ impl NullDriver {
         self.size
     }
 
+    /// Checks a blockdev-reopen: only `read-only` and `read-zeroes` may change.
+    pub fn check_reopen(&self, o: &NullOptions) -> Result<(), String> {
+        if o.size != self.size {
+            return Err(format!(
+                "node '{}': 'size' cannot be changed by reopen",
+                o.node_name
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn commit_reopen(&self, o: &NullOptions) {
+        self.read_zeroes.store(o.read_zeroes, Ordering::Relaxed);
+    }
+
     pub fn preadv(&self, iov: &IoVecs) -> Result<(), BlockError> {
-        if self.read_zeroes {
+        if self.read_zeroes.load(Ordering::Relaxed) {
             iov.fill_zero();
         }
         Ok(())

@@ -1,7 +1,7 @@
 //! The `raw` format driver: the bytes of its `file` child, optionally a
 //! window of them (`offset`, `size`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use futures::future::LocalBoxFuture;
 use serde::Deserialize;
@@ -33,7 +33,7 @@ pub struct RawDriver {
     size: AtomicU64,
     /// `size` was given: the window is fixed and cannot be resized.
     fixed_size: bool,
-    discard: DiscardMode,
+    discard_unmap: AtomicBool,
 }
 
 impl RawDriver {
@@ -89,7 +89,7 @@ impl RawDriver {
             offset: o.offset,
             size: AtomicU64::new(size),
             fixed_size: o.size.is_some(),
-            discard: o.discard,
+            discard_unmap: AtomicBool::new(o.discard == DiscardMode::Unmap),
         })
     }
 
@@ -99,6 +99,43 @@ impl RawDriver {
 
     pub fn size(&self) -> u64 {
         self.size.load(Ordering::Relaxed)
+    }
+
+    fn discards(&self) -> bool {
+        self.discard_unmap.load(Ordering::Relaxed)
+    }
+
+    /// Checks a blockdev-reopen of this node: only `read-only` and
+    /// `discard` may change.
+    pub fn check_reopen(&self, o: &RawOptions) -> Result<(), String> {
+        let same_file = match &o.file {
+            BlockdevRef::Name(n) => n == self.file.node().name(),
+            BlockdevRef::Inline(_) => false,
+        };
+        if !same_file {
+            return Err(format!(
+                "node '{}': 'file' must stay '{}' (give it by name)",
+                o.node_name,
+                self.file.node().name()
+            ));
+        }
+        if o.offset != self.offset || o.size.is_some_and(|s| s != self.size()) {
+            return Err(format!(
+                "node '{}': 'offset' and 'size' cannot be changed by reopen",
+                o.node_name
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn commit_reopen(&self, o: &RawOptions) {
+        self.discard_unmap
+            .store(o.discard == DiscardMode::Unmap, Ordering::Relaxed);
+        let mut perm = Perm::CONSISTENT_READ;
+        if !o.read_only {
+            perm = perm | Perm::WRITE;
+        }
+        self.file.set_perm(perm);
     }
 
     /// Resizes the file child so that this node is `size` bytes.
@@ -141,7 +178,7 @@ impl RawDriver {
     }
 
     pub fn pdiscard(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<(), BlockError>> {
-        if self.discard == DiscardMode::Ignore {
+        if !self.discards() {
             return Box::pin(std::future::ready(Ok(())));
         }
         self.file.node().pdiscard(self.offset + offset, len)
@@ -154,7 +191,7 @@ impl RawDriver {
         may_unmap: bool,
         fua: bool,
     ) -> LocalBoxFuture<'_, Result<(), BlockError>> {
-        let may_unmap = may_unmap && self.discard == DiscardMode::Unmap;
+        let may_unmap = may_unmap && self.discards();
         self.file
             .node()
             .pwrite_zeroes(self.offset + offset, len, may_unmap, fua)

@@ -56,6 +56,7 @@ const COMMANDS: &[&str] = &[
     "block-latency-histogram-set",
     "block-set-write-threshold",
     "cont",
+    "blockdev-reopen",
 ];
 
 fn args<T: serde::de::DeserializeOwned>(cmd: &Command) -> Result<T, QmpError> {
@@ -88,6 +89,12 @@ struct NodeName {
 struct Flat {
     #[serde(default, deserialize_with = "opts::bool")]
     flat: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct Reopen {
+    options: Vec<BlockdevOptions>,
 }
 
 #[derive(Deserialize)]
@@ -307,6 +314,11 @@ pub fn dispatch(
             node.set_write_threshold(a.write_threshold);
             ok(json!({}))
         }
+        "blockdev-reopen" => {
+            let a: Reopen = args(cmd)?;
+            state.reopen(&a.options).map_err(QmpError::generic)?;
+            ok(json!({}))
+        }
         "cont" => {
             no_args(cmd)?;
             for e in state.export_states() {
@@ -451,6 +463,14 @@ fn direct(node: &Node) -> bool {
     }
 }
 
+fn no_flush(node: &Node) -> bool {
+    match node.driver() {
+        Driver::File(f) => f.is_no_flush(),
+        Driver::Null(_) => false,
+        Driver::Raw(r) => no_flush(r.file().node()),
+    }
+}
+
 /// BlockDeviceInfo (qapi/block-core.json).
 fn block_device_info(node: &Node, flat: bool) -> Value {
     let mut image = Map::new();
@@ -471,7 +491,7 @@ fn block_device_info(node: &Node, flat: bool) -> Value {
         "iops": 0, "iops_rd": 0, "iops_wr": 0,
         "write_threshold": node.write_threshold(),
         "image": Value::Object(image),
-        "cache": {"writeback": true, "direct": direct(node), "no-flush": false},
+        "cache": {"writeback": true, "direct": direct(node), "no-flush": no_flush(node)},
     })
 }
 

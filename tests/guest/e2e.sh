@@ -35,6 +35,7 @@ truncate -s 64M "$work/b.img"
     --blockdev "driver=raw,node-name=b,file=fb,read-only=on" \
     --export "type=vhost-user-blk,id=ea,node-name=a,addr.type=unix,addr.path=$work/a.sock,writable=on,num-queues=2" \
     --export "type=vhost-user-blk,id=eb,node-name=b,addr.type=unix,addr.path=$work/b.sock,logical-block-size=4096,serial=vub-e2e-ro,writethrough=on" \
+    --chardev "socket,id=mon0,path=$work/qmp.sock,server=on,wait=off" --monitor chardev=mon0 \
     --pidfile "$work/pid" >"$work/daemon.log" 2>&1 &
 daemon_pid=$!
 for _ in $(seq 200); do [[ -e $work/pid ]] && break; sleep 0.05; done
@@ -43,7 +44,8 @@ for _ in $(seq 200); do [[ -e $work/pid ]] && break; sleep 0.05; done
 files=(--file "$here/lib.sh:/e2e/lib.sh" --file "$here/verify.fio:/e2e/verify.fio")
 run() {
     "$guest/run-guest.sh" --socket "$work/a.sock" --socket "$work/b.sock" \
-        --num-queues 2 --smp 2 --mem 512M --timeout 300 "${files[@]}" --script "$1"
+        --num-queues 2 --smp 2 --mem 512M --timeout 300 "${files[@]}" --script "$1" \
+        | tee "$work/console.log"
 }
 
 host_pass=0
@@ -62,10 +64,19 @@ host_check "guest's marker is at 150 MiB of the image" \
 host_check "read-only image untouched" "[[ \$(tr -d '\\000' < $work/b.img | wc -c) -eq 0 ]]"
 host_check "daemon survived the guest's shutdown" "kill -0 $daemon_pid"
 
-echo "=== boot 2 (reconnect to the same daemon)"
+echo "=== boot 2 (reconnect to the same daemon; resize while it runs)"
+: >"$work/console.log"
+(
+    for _ in $(seq 600); do grep -q RESIZE-ME "$work/console.log" 2>/dev/null && break; sleep 0.2; done
+    python3 "$here/qmp.py" "$work/qmp.sock" \
+        '{"execute": "block_resize", "arguments": {"node-name": "a", "size": 335544320}}'
+) &
+resizer=$!
 boot2=0
 run "$here/boot2.sh" || boot2=$?
+wait "$resizer" || true
 host_check "boot 2 checks passed" "[[ $boot2 -eq 0 ]]"
+host_check "image grew to 320 MiB" "[[ \$(stat -c %s $work/a.img) -eq 335544320 ]]"
 
 kill -TERM "$daemon_pid"
 rc=0

@@ -206,3 +206,60 @@ def test_report_and_ignore_policies(daemon, workdir, small_tmpfs):
         assert results["ignore"].returncode == 0, results["ignore"].stderr
         await c.disconnect()
     run(go())
+
+
+def test_reopen_switches_read_only_and_cache_mode_atomically(daemon, workdir):
+    async def go():
+        c = await connect(daemon.monitor)
+        img, sock = await setup_raw(c, workdir, "o0", 32 << 20)
+        f = lambda **kw: file_node("f-o0", img, **kw)
+        raw = lambda **kw: {"driver": "raw", "node-name": "o0", "file": "f-o0", **kw}
+        # The writable export writes through o0 to f-o0: neither may go read-only.
+        for opts, needle in [([f(**{"read-only": True})], "node 'o0'"),
+                             ([raw(**{"read-only": True}), f(**{"read-only": True})], "export 'o0'")]:
+            with pytest.raises(ExecuteError) as e:
+                await c.execute("blockdev-reopen", {"options": opts})
+            assert needle in str(e.value), str(e.value)
+        # Nothing changed on a refusal.
+        nodes = {n["node-name"]: n for n in await c.execute("query-named-block-nodes")}
+        assert not nodes["o0"]["ro"] and not nodes["f-o0"]["ro"]
+        # Changes reopen may not make.
+        for opts, needle in [([{"driver": "null-co", "node-name": "o0"}], "driver"),
+                             ([file_node("f-o0", workdir / "other.img")], "filename"),
+                             ([raw(offset=4096)], "offset")]:
+            with pytest.raises(ExecuteError) as e:
+                await c.execute("blockdev-reopen", {"options": opts})
+            assert needle in str(e.value), str(e.value)
+        # cache.direct on and off while the guest writes: no request fails.
+        proc = await asyncio.create_subprocess_exec(
+            *bench_cmd(sock, rw="randwrite", runtime="2"),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        await wait_log(daemon, "frontend connected")
+        for i in range(20):
+            await c.execute("blockdev-reopen", {"options": [f(cache={"direct": i % 2 == 0})]})
+            await asyncio.sleep(0.05)
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+        nodes = {n["node-name"]: n for n in await c.execute("query-named-block-nodes")}
+        assert nodes["f-o0"]["cache"]["direct"] is False
+        # Delete the writable export; a read-only one lets both nodes go ro together.
+        await c.execute("block-export-del", {"id": "o0", "mode": "hard"})
+        while (await asyncio.wait_for(c.events.get(), 10))["event"] != "BLOCK_EXPORT_DELETED":
+            pass
+        await c.execute("block-export-add", export("ro", "o0", workdir / "ro.sock"))
+        await c.execute("blockdev-reopen", {"options": [raw(**{"read-only": True}),
+                                                        f(**{"read-only": True})]})
+        nodes = {n["node-name"]: n for n in await c.execute("query-named-block-nodes")}
+        assert nodes["o0"]["ro"] and nodes["f-o0"]["ro"]
+        graph = await c.execute("x-debug-query-block-graph")
+        assert all("write" not in e["perm"] for e in graph["edges"])
+        r = await asyncio.to_thread(bench, workdir / "ro.sock", rw="randread")
+        assert r["iops"] > 0
+        # Back to read-write: the raw node alone would write to a read-only file.
+        with pytest.raises(ExecuteError):
+            await c.execute("blockdev-reopen", {"options": [raw()]})
+        await c.execute("blockdev-reopen", {"options": [raw(), f()]})
+        graph = await c.execute("x-debug-query-block-graph")
+        assert any(e["name"] == "file" and "write" in e["perm"] for e in graph["edges"])
+        await c.disconnect()
+    run(go())
