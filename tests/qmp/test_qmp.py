@@ -324,3 +324,27 @@ def test_replies_have_the_shape_qemu_storage_daemon_gives(daemon, qsd, workdir):
         ours, theirs = await both("no-such-command")
         assert ours == theirs == {"error-class": "CommandNotFound"}
     run(go())
+
+
+def test_stalled_and_abusive_monitor_clients_do_not_stall_guest_io(daemon, workdir):
+    sock = workdir / "io.sock"
+
+    async def go():
+        c = await connect(daemon.monitor)
+        await c.execute("blockdev-add", {"driver": "null-co", "node-name": "n0"})
+        await c.execute("block-export-add", export("io", "n0", sock, writable=True))
+        # Clients stuck half-way through a command, and one that never reads.
+        stuck = []
+        for _ in range(10):
+            s, f, _ = raw_socket(daemon.monitor)
+            f.write(b'{"execute": "qmp_capabilities"}\n{"execute": "query-version", "argu')
+            f.flush()
+            stuck.append(s)
+        result = await asyncio.to_thread(bench, sock, "randread", "1")
+        assert result["iops"] > 0
+        v = await c.execute("query-version")
+        assert "package" in v
+        for s in stuck:
+            s.close()
+        await c.disconnect()
+    run(go())
