@@ -310,6 +310,15 @@ impl Node {
         }
     }
 
+    fn refuse_if_read_only<'a>(&self) -> Option<LocalBoxFuture<'a, Result<(), BlockError>>> {
+        self.is_read_only()
+            .then(|| -> LocalBoxFuture<'a, Result<(), BlockError>> {
+                Box::pin(std::future::ready(Err(BlockError::ReadOnly {
+                    node: self.name.clone(),
+                })))
+            })
+    }
+
     // The I/O interface, mirroring QEMU's driver callbacks. Offsets and
     // lengths are in bytes and already checked against the node's size by the
     // caller (BlockBackend or parent driver).
@@ -329,10 +338,8 @@ impl Node {
         iov: &'a IoVecs,
         fua: bool,
     ) -> LocalBoxFuture<'a, Result<(), BlockError>> {
-        if self.is_read_only() {
-            return Box::pin(std::future::ready(Err(BlockError::ReadOnly {
-                node: self.name.clone(),
-            })));
+        if let Some(refused) = self.refuse_if_read_only() {
+            return refused;
         }
         self.check_write_threshold(offset, iov.len());
         self.driver.pwritev(self, offset, iov, fua)
@@ -343,10 +350,8 @@ impl Node {
     }
 
     pub fn pdiscard(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<(), BlockError>> {
-        if self.is_read_only() {
-            return Box::pin(std::future::ready(Err(BlockError::ReadOnly {
-                node: self.name.clone(),
-            })));
+        if let Some(refused) = self.refuse_if_read_only() {
+            return refused;
         }
         self.driver.pdiscard(self, offset, len)
     }
@@ -360,10 +365,8 @@ impl Node {
         may_unmap: bool,
         fua: bool,
     ) -> LocalBoxFuture<'_, Result<(), BlockError>> {
-        if self.is_read_only() {
-            return Box::pin(std::future::ready(Err(BlockError::ReadOnly {
-                node: self.name.clone(),
-            })));
+        if let Some(refused) = self.refuse_if_read_only() {
+            return refused;
         }
         self.check_write_threshold(offset, len);
         self.driver.pwrite_zeroes(self, offset, len, may_unmap, fua)

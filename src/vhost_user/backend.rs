@@ -246,19 +246,9 @@ impl ExportState {
         }
     }
 
+    /// What requests are checked against: the device's parameters.
     pub fn limits(&self) -> Limits {
-        let p = self.params();
-        Limits {
-            capacity: p.capacity_bytes,
-            logical_block_size: p.logical_block_size,
-            seg_max: p.seg_max,
-            size_max: p.size_max,
-            max_discard_sectors: p.max_discard_sectors,
-            max_discard_seg: p.max_discard_seg,
-            max_write_zeroes_sectors: p.max_write_zeroes_sectors,
-            max_write_zeroes_seg: p.max_write_zeroes_seg,
-            read_only: p.read_only,
-        }
+        self.params()
     }
 
     /// Queue-to-thread masks: queue q is served by thread q % threads.

@@ -41,7 +41,7 @@ struct SockInfo {
     peer_pid: Option<i32>,
 }
 
-fn getsockopt_int(fd: RawFd, opt: libc::c_int) -> Option<libc::c_int> {
+pub(super) fn getsockopt_int(fd: RawFd, opt: libc::c_int) -> Option<libc::c_int> {
     let mut v: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `v`, a live local.

@@ -94,29 +94,13 @@ impl ServerControl {
 
 /// Checks that `fd` is a listening UNIX stream socket.
 fn check_listening_unix_socket(fd: RawFd) -> io::Result<()> {
-    let get = |opt: libc::c_int| -> io::Result<libc::c_int> {
-        let mut v: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: getsockopt writes at most `len` bytes into `v`, a live local.
-        let r = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                (&mut v as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        if r < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(v)
-        }
-    };
-    if get(libc::SO_DOMAIN)? != libc::AF_UNIX {
-        return Err(io::Error::other("not an AF_UNIX socket"));
+    use super::notify::getsockopt_int;
+    match getsockopt_int(fd, libc::SO_DOMAIN) {
+        None => return Err(io::Error::last_os_error()),
+        Some(d) if d != libc::AF_UNIX => return Err(io::Error::other("not an AF_UNIX socket")),
+        Some(_) => {}
     }
-    if get(libc::SO_ACCEPTCONN)? != 1 {
+    if getsockopt_int(fd, libc::SO_ACCEPTCONN) != Some(1) {
         return Err(io::Error::other("socket is not listening"));
     }
     Ok(())

@@ -134,18 +134,7 @@ pub enum Parsed {
 }
 
 /// What the device advertises, against which requests are checked.
-#[derive(Clone, Debug)]
-pub struct Limits {
-    pub capacity: u64,
-    pub logical_block_size: u32,
-    pub seg_max: u32,
-    pub size_max: u32,
-    pub max_discard_sectors: u32,
-    pub max_discard_seg: u32,
-    pub max_write_zeroes_sectors: u32,
-    pub max_write_zeroes_seg: u32,
-    pub read_only: bool,
-}
+pub type Limits = super::DeviceParams;
 
 /// Largest data transfer of one request: the kernel's limit on one readv.
 const MAX_TRANSFER: u64 = i32::MAX as u64 & !4095;
@@ -307,7 +296,7 @@ fn check_rw(sector: u64, len: u64, limits: &Limits) -> Result<u64, ParseError> {
     let out_of_range = ParseError::OutOfRange {
         sector,
         len,
-        capacity: limits.capacity,
+        capacity: limits.capacity_bytes,
     };
     let offset = sector.checked_mul(SECTOR).ok_or(out_of_range.clone())?;
     let end = offset.checked_add(len).ok_or(out_of_range.clone())?;
@@ -319,7 +308,7 @@ fn check_rw(sector: u64, len: u64, limits: &Limits) -> Result<u64, ParseError> {
             lbs: limits.logical_block_size,
         });
     }
-    if end > limits.capacity {
+    if end > limits.capacity_bytes {
         return Err(out_of_range);
     }
     if len > MAX_TRANSFER {
@@ -493,8 +482,11 @@ mod tests {
 
     fn limits() -> Limits {
         Limits {
-            capacity: 1 << 20,
+            capacity_bytes: 1 << 20,
             logical_block_size: 512,
+            physical_block_size: 512,
+            num_queues: 1,
+            write_zeroes_may_unmap: true,
             seg_max: 8,
             size_max: 1 << 16,
             max_discard_sectors: 64,
