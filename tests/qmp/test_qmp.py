@@ -174,6 +174,14 @@ def test_nodes_and_exports_are_added_used_and_deleted_at_run_time(daemon, workdi
         assert result["iops"] > 0
         await wait_log(daemon, "frontend disconnected")
 
+        # Statistics of that I/O, then a resize.
+        [stats] = await c.execute("query-blockstats")
+        assert stats["device"] == "e0" and stats["stats"]["wr_operations"] > 0
+        assert stats["stats"]["wr_bytes"] == 4096 * stats["stats"]["wr_operations"]
+        await c.execute("block_resize", {"node-name": "d0", "size": 96 << 20})
+        nodes = {n["node-name"]: n for n in await c.execute("query-named-block-nodes")}
+        assert nodes["d0"]["image"]["virtual-size"] == 96 << 20
+
         # In use: the node cannot go, the export and then the nodes can.
         with pytest.raises(ExecuteError) as e:
             await c.execute("blockdev-del", {"node-name": "d0"})
@@ -195,8 +203,7 @@ def test_nodes_and_exports_are_added_used_and_deleted_at_run_time(daemon, workdi
         assert "f0" in str(e.value)
         await c.disconnect()
     run(go())
-    # The data the benchmark wrote reached the image.
-    assert os.path.getsize(img) == 64 << 20
+    assert os.path.getsize(img) == 96 << 20
 
 
 def test_export_with_a_connected_frontend_needs_mode_hard(daemon, workdir):
