@@ -780,3 +780,34 @@ fn resize_sends_a_config_change_to_the_connected_frontend() {
     // The new size serves I/O at the new end.
     assert_eq!(vb.write(0, 32 * MIB / 512 - 8, &[7u8; 4096]), S_OK);
 }
+
+#[test]
+fn polling_iothreads_serve_every_request() {
+    let d = Daemon::start(&[
+        "--blockdev",
+        "driver=null-co,node-name=n0,size=64M,read-zeroes=on",
+        "--export",
+        "vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path={sock},writable=on,num-queues=2,poll-max-ns=200000",
+    ]);
+    let mut vm = Vm::connect(
+        &d.socket,
+        VmOptions {
+            num_queues: 2,
+            event_idx: true,
+            ..Default::default()
+        },
+    );
+    // Many small batches, so the pollers grow, find work and shrink.
+    for round in 0..50 {
+        let mut all = Vec::new();
+        for q in 0..2 {
+            all.push(submit_writes(&mut vm, q, 1 + round % 8, 4096, 0));
+        }
+        for (q, reqs) in all.iter().enumerate() {
+            let used = vm.queues[q].wait_used(&vm.mem, reqs.len(), Duration::from_secs(10));
+            assert_eq!(used.len(), reqs.len(), "round {round} queue {q}");
+            assert!(reqs.iter().all(|r| vm.status_at(r.3) == S_OK));
+        }
+        vm.reset_alloc();
+    }
+}

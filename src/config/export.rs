@@ -54,6 +54,9 @@ impl ErrorAction {
 /// attaches without tuning (QEMU refuses a device with more queues than the
 /// backend offers). A frontend may use fewer.
 pub const DEFAULT_NUM_QUEUES: u16 = 16;
+/// Default poll-max-ns: off until the performance work settles it (QEMU's
+/// iothreads default to 32768; see docs/PERFORMANCE.md).
+pub const DEFAULT_POLL_MAX_NS: u64 = 0;
 /// Default (maximum) queue size the frontend may choose.
 pub const DEFAULT_QUEUE_SIZE: u16 = 1024;
 
@@ -86,6 +89,12 @@ pub struct VhostUserBlkOptions {
     /// QEMU's werror).
     #[serde(default)]
     pub on_write_error: Option<ErrorAction>,
+    /// Longest time an iothread polls its rings for more work before it
+    /// sleeps, in ns (like QEMU's iothread poll-max-ns); 0, the default,
+    /// turns polling off. The window adapts: it grows after polling found
+    /// work and shrinks when it found none. An idle export never polls.
+    #[serde(default, deserialize_with = "opts::opt_uint")]
+    pub poll_max_ns: Option<u64>,
     /// Worker threads (iothreads) serving the queues: queue q goes to thread
     /// q % num-iothreads. Default: one per queue.
     #[serde(default, deserialize_with = "opts::opt_uint")]

@@ -110,6 +110,7 @@ pub struct ExportConfig {
     pub num_iothreads: usize,
     pub on_read_error: ErrorAction,
     pub on_write_error: ErrorAction,
+    pub poll_max_ns: u64,
 }
 
 /// A QMP monitor socket.
@@ -275,6 +276,12 @@ impl TryFrom<VhostUserBlkOptions> for ExportConfig {
             ));
         }
         let num_iothreads = o.num_iothreads.unwrap_or(num_queues);
+        if o.poll_max_ns.is_some_and(|n| n > 1_000_000_000) {
+            return Err(err(
+                "poll-max-ns",
+                "must be at most 1 s (1000000000)".into(),
+            ));
+        }
         if num_iothreads == 0 || num_iothreads > num_queues {
             return Err(err(
                 "num-iothreads",
@@ -302,6 +309,7 @@ impl TryFrom<VhostUserBlkOptions> for ExportConfig {
             num_iothreads: num_iothreads as usize,
             on_read_error: o.on_read_error.unwrap_or(ErrorAction::Report),
             on_write_error: o.on_write_error.unwrap_or(ErrorAction::Enospc),
+            poll_max_ns: o.poll_max_ns.unwrap_or(export::DEFAULT_POLL_MAX_NS),
         })
     }
 }
@@ -367,6 +375,7 @@ impl Args {
             num_iothreads: None,
             on_read_error: None,
             on_write_error: None,
+            poll_max_ns: None,
         };
         Ok((vec![file, raw], export))
     }
