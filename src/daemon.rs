@@ -41,6 +41,8 @@ pub enum DaemonError {
     Server(#[from] ServerError),
     #[error(transparent)]
     Monitor(#[from] MonitorError),
+    #[error("--object: {reason}")]
+    Object { reason: String },
     #[error("cannot write pidfile {path}")]
     Pidfile {
         path: PathBuf,
@@ -102,6 +104,14 @@ impl State {
             }
         );
         Ok(node)
+    }
+
+    /// object-add.
+    pub fn add_object(&self, o: &crate::config::ObjectOptions) -> Result<(), String> {
+        let crate::config::ObjectOptions::ThrottleGroup(t) = o;
+        self.graph().add_throttle_group(&t.id, t.limits.clone())?;
+        log::info!("throttle group {}: created", t.id);
+        Ok(())
     }
 
     /// Removes a node no one uses (no export, no parent node).
@@ -308,6 +318,12 @@ impl State {
                     n.check_reopen(no)?;
                     None
                 }
+                (Driver::Throttle(_), BlockdevOptions::Throttle(_)) => {
+                    return Err(format!(
+                        "node '{}': throttle nodes cannot be reopened yet; change the group's limits with qom-set",
+                        node.name()
+                    ))
+                }
                 _ => return Err(format!("node '{}': driver mismatch", node.name())),
             };
             prepared.push(p);
@@ -416,7 +432,7 @@ impl State {
             e.abort_parked();
         }
         for e in &exports {
-            if !e.in_flight().wait_idle(SHUTDOWN_DRAIN_TIMEOUT) {
+            if !e.with_throttling_off(|| e.in_flight().wait_idle(SHUTDOWN_DRAIN_TIMEOUT)) {
                 log::error!(
                     "export {}: {} requests still in flight after {:?}",
                     e.config.id,
@@ -502,7 +518,13 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     log::info!("I/O engine: {}", engine.name());
     let state = State::new(engine);
     // Everything that can fail on a bad configuration, before anything is
-    // detached, announced or threaded.
+    // detached, announced or threaded (throttle groups start their timer
+    // threads: they hold no lock a fork could leave taken).
+    for o in &config.objects {
+        state
+            .add_object(o)
+            .map_err(|reason| DaemonError::Object { reason })?;
+    }
     for opts in &config.blockdevs {
         state.add_blockdev(opts)?;
     }

@@ -22,5 +22,6 @@ pub mod io;
 pub mod opts;
 pub mod qmp;
 pub mod signals;
+pub mod throttle;
 pub mod vhost_user;
 pub mod virtio_blk;

@@ -8,10 +8,13 @@ use std::sync::Arc;
 
 use super::{GraphError, Node};
 use crate::drivers::{BlockdevOptions, Driver};
+use crate::throttle::{ThrottleGroup, ThrottleLimits};
 
 #[derive(Default)]
 pub struct Graph {
     nodes: BTreeMap<String, Arc<Node>>,
+    /// Throttle groups (`throttle-group` objects), by id.
+    throttle_groups: BTreeMap<String, Arc<ThrottleGroup>>,
 }
 
 impl Graph {
@@ -47,6 +50,46 @@ impl Graph {
         let node = Node::new(name.clone(), driver, read_only);
         self.nodes.insert(name, node.clone());
         Ok(node)
+    }
+
+    pub fn throttle_group(&self, id: &str) -> Option<Arc<ThrottleGroup>> {
+        self.throttle_groups.get(id).cloned()
+    }
+
+    pub fn throttle_groups(&self) -> impl Iterator<Item = &Arc<ThrottleGroup>> {
+        self.throttle_groups.values()
+    }
+
+    /// object-add of a throttle group.
+    pub fn add_throttle_group(&mut self, id: &str, limits: ThrottleLimits) -> Result<(), String> {
+        if id.is_empty() {
+            return Err("'id' must not be empty".into());
+        }
+        if self.throttle_groups.contains_key(id) {
+            return Err(format!(
+                "attempt to add duplicate property '{id}' to object (type 'container')"
+            ));
+        }
+        let g = ThrottleGroup::new(id, limits)?;
+        self.throttle_groups.insert(id.to_string(), g);
+        Ok(())
+    }
+
+    /// object-del of a throttle group no node uses.
+    pub fn remove_throttle_group(&mut self, id: &str) -> Result<(), String> {
+        let g = self
+            .throttle_groups
+            .get(id)
+            .ok_or_else(|| format!("object '{id}' not found"))?;
+        if g.member_count() > 0 {
+            return Err(format!(
+                "throttle group '{id}' is in use by {} node(s)",
+                g.member_count()
+            ));
+        }
+        g.close();
+        self.throttle_groups.remove(id);
+        Ok(())
     }
 
     /// Removes a node that no parent uses any more.

@@ -192,6 +192,23 @@ impl Node {
         self.driver.children()
     }
 
+    /// The throttle group memberships of this node and every node below it.
+    pub fn throttle_members(
+        &self,
+    ) -> Vec<(
+        Arc<crate::throttle::ThrottleGroup>,
+        Arc<crate::throttle::Member>,
+    )> {
+        let mut out = Vec::new();
+        if let Driver::Throttle(t) = &self.driver {
+            out.push((t.group().clone(), t.member().clone()));
+        }
+        for c in self.children() {
+            out.extend(c.node().throttle_members());
+        }
+        out
+    }
+
     /// Whether `other` is this node or below it in the graph.
     pub fn reaches(&self, other: &Node) -> bool {
         std::ptr::eq(self, other) || self.children().iter().any(|c| c.node().reaches(other))
@@ -212,6 +229,8 @@ impl Node {
                 s
             }),
             Driver::Raw(r) => r.truncate(size),
+            // A filter resizes what it filters.
+            Driver::Throttle(t) => t.file().node().truncate(size),
             Driver::Null(_) => Err(format!("node '{}' (null-co) cannot be resized", self.name)),
         }
     }

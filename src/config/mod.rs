@@ -49,6 +49,10 @@ pub struct Args {
     /// A TOML file with [[blockdev]] and [[export]] tables (see config/).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// A QOM object, as qemu-storage-daemon's --object:
+    /// throttle-group,id=tg0,limits.iops-total=1000
+    #[arg(long = "object", value_name = "OPTIONS")]
+    pub object: Vec<String>,
     /// A character device for --monitor, as qemu-storage-daemon's --chardev:
     /// socket,id=ID,path=PATH,server=on,wait=off
     #[arg(long = "chardev", value_name = "OPTIONS")]
@@ -113,6 +117,21 @@ pub struct ExportConfig {
     pub poll_max_ns: u64,
 }
 
+/// `--object` / object-add, tagged by `qom-type`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "qom-type", rename_all = "kebab-case")]
+pub enum ObjectOptions {
+    ThrottleGroup(ThrottleGroupOptions),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ThrottleGroupOptions {
+    pub id: String,
+    #[serde(default)]
+    pub limits: crate::throttle::ThrottleLimits,
+}
+
 /// A QMP monitor socket.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -158,6 +177,7 @@ struct MonitorOptions {
 /// Everything the daemon needs to start.
 #[derive(Debug, Clone)]
 pub struct Config {
+    pub objects: Vec<ObjectOptions>,
     pub blockdevs: Vec<BlockdevOptions>,
     pub exports: Vec<ExportConfig>,
     pub monitors: Vec<MonitorConfig>,
@@ -202,6 +222,8 @@ pub enum ConfigError {
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 struct ConfigFile {
+    #[serde(default)]
+    object: Vec<ObjectOptions>,
     #[serde(default)]
     blockdev: Vec<BlockdevOptions>,
     #[serde(default)]
@@ -385,6 +407,7 @@ impl TryFrom<Args> for Config {
     type Error = ConfigError;
 
     fn try_from(args: Args) -> Result<Self, ConfigError> {
+        let mut objects = Vec::new();
         let mut blockdevs = Vec::new();
         let mut exports = Vec::new();
         let mut monitors = Vec::new();
@@ -400,6 +423,7 @@ impl TryFrom<Args> for Config {
                 path: path.clone(),
                 reason: e.to_string(),
             })?;
+            objects.extend(file.object);
             blockdevs.extend(file.blockdev);
             exports.extend(
                 file.export
@@ -414,6 +438,9 @@ impl TryFrom<Args> for Config {
             let (nodes, export) = args.short_form()?;
             blockdevs.extend(nodes);
             exports.push(export);
+        }
+        for arg in &args.object {
+            objects.push(from_keyval("--object", arg, Some("qom-type"))?);
         }
         for arg in &args.blockdev {
             blockdevs.push(from_keyval("--blockdev", arg, None)?);
@@ -479,6 +506,7 @@ impl TryFrom<Args> for Config {
             )));
         }
         Ok(Config {
+            objects,
             blockdevs,
             exports,
             monitors,

@@ -6,10 +6,12 @@
 mod file;
 mod null;
 mod raw;
+mod throttle;
 
 pub use file::{CacheOptions, FileDriver, FileOptions};
 pub use null::{NullDriver, NullOptions};
 pub use raw::{RawDriver, RawOptions};
+pub use throttle::{ThrottleDriver, ThrottleOptions};
 
 use futures::future::LocalBoxFuture;
 use serde::Deserialize;
@@ -24,6 +26,7 @@ pub enum BlockdevOptions {
     File(FileOptions),
     NullCo(NullOptions),
     Raw(RawOptions),
+    Throttle(ThrottleOptions),
 }
 
 /// A reference to a child node: the name of an existing node, or the
@@ -52,6 +55,7 @@ impl BlockdevOptions {
             BlockdevOptions::File(o) => &o.node_name,
             BlockdevOptions::NullCo(o) => &o.node_name,
             BlockdevOptions::Raw(o) => &o.node_name,
+            BlockdevOptions::Throttle(o) => &o.node_name,
         }
     }
 
@@ -60,6 +64,7 @@ impl BlockdevOptions {
             BlockdevOptions::File(o) => o.node_name = name,
             BlockdevOptions::NullCo(o) => o.node_name = name,
             BlockdevOptions::Raw(o) => o.node_name = name,
+            BlockdevOptions::Throttle(o) => o.node_name = name,
         }
     }
 
@@ -68,6 +73,7 @@ impl BlockdevOptions {
             BlockdevOptions::File(o) => o.read_only,
             BlockdevOptions::NullCo(o) => o.read_only,
             BlockdevOptions::Raw(o) => o.read_only,
+            BlockdevOptions::Throttle(o) => o.read_only,
         }
     }
 
@@ -76,6 +82,7 @@ impl BlockdevOptions {
             BlockdevOptions::File(_) => "file",
             BlockdevOptions::NullCo(_) => "null-co",
             BlockdevOptions::Raw(_) => "raw",
+            BlockdevOptions::Throttle(_) => "throttle",
         }
     }
 }
@@ -85,6 +92,7 @@ pub enum Driver {
     File(FileDriver),
     Null(NullDriver),
     Raw(RawDriver),
+    Throttle(ThrottleDriver),
 }
 
 impl Driver {
@@ -95,6 +103,7 @@ impl Driver {
             BlockdevOptions::File(o) => FileDriver::open(o).map(Driver::File),
             BlockdevOptions::NullCo(o) => NullDriver::open(o).map(Driver::Null),
             BlockdevOptions::Raw(o) => RawDriver::open(o, graph).map(Driver::Raw),
+            BlockdevOptions::Throttle(o) => ThrottleDriver::open(o, graph).map(Driver::Throttle),
         }
     }
 
@@ -103,6 +112,7 @@ impl Driver {
             Driver::File(_) => "file",
             Driver::Null(_) => "null-co",
             Driver::Raw(_) => "raw",
+            Driver::Throttle(_) => "throttle",
         }
     }
 
@@ -111,6 +121,7 @@ impl Driver {
             Driver::File(d) => d.size(),
             Driver::Null(d) => d.size(),
             Driver::Raw(d) => d.size(),
+            Driver::Throttle(d) => d.size(),
         }
     }
 
@@ -119,6 +130,7 @@ impl Driver {
             Driver::File(d) => d.request_alignment(),
             Driver::Null(_) => 1,
             Driver::Raw(d) => d.request_alignment(),
+            Driver::Throttle(d) => d.request_alignment(),
         }
     }
 
@@ -126,6 +138,7 @@ impl Driver {
         match self {
             Driver::File(_) | Driver::Null(_) => Vec::new(),
             Driver::Raw(d) => vec![d.file()],
+            Driver::Throttle(d) => vec![d.file()],
         }
     }
 
@@ -139,6 +152,7 @@ impl Driver {
             Driver::File(d) => Box::pin(d.preadv(node, offset, iov)),
             Driver::Null(d) => Box::pin(std::future::ready(d.preadv(iov))),
             Driver::Raw(d) => d.preadv(offset, iov),
+            Driver::Throttle(d) => d.preadv(offset, iov),
         }
     }
 
@@ -153,6 +167,7 @@ impl Driver {
             Driver::File(d) => Box::pin(d.pwritev(node, offset, iov, fua)),
             Driver::Null(_) => Box::pin(std::future::ready(Ok(()))),
             Driver::Raw(d) => d.pwritev(offset, iov, fua),
+            Driver::Throttle(d) => d.pwritev(offset, iov, fua),
         }
     }
 
@@ -161,6 +176,7 @@ impl Driver {
             Driver::File(d) => Box::pin(d.flush(node)),
             Driver::Null(_) => Box::pin(std::future::ready(Ok(()))),
             Driver::Raw(d) => d.flush(),
+            Driver::Throttle(d) => d.flush(),
         }
     }
 
@@ -174,6 +190,7 @@ impl Driver {
             Driver::File(d) => Box::pin(d.pdiscard(node, offset, len)),
             Driver::Null(_) => Box::pin(std::future::ready(Ok(()))),
             Driver::Raw(d) => d.pdiscard(offset, len),
+            Driver::Throttle(d) => d.pdiscard(offset, len),
         }
     }
 
@@ -189,6 +206,7 @@ impl Driver {
             Driver::File(d) => Box::pin(d.pwrite_zeroes(node, offset, len, may_unmap, fua)),
             Driver::Null(_) => Box::pin(std::future::ready(Ok(()))),
             Driver::Raw(d) => d.pwrite_zeroes(offset, len, may_unmap, fua),
+            Driver::Throttle(d) => d.pwrite_zeroes(offset, len, may_unmap, fua),
         }
     }
 }

@@ -247,3 +247,19 @@ pub fn set_current(ctx: Option<IoCtx>) {
 pub fn current() -> IoCtx {
     CURRENT.with(|c| c.borrow_mut().get_or_insert_with(IoCtx::sync).clone())
 }
+
+thread_local! {
+    static WAKE_FD: RefCell<Option<std::sync::Arc<vmm_sys_util::eventfd::EventFd>>> =
+        const { RefCell::new(None) };
+}
+
+/// Sets the eventfd that wakes this iothread (written by other threads
+/// that make one of its tasks ready, e.g. a throttle group's timer).
+pub fn set_current_wake_fd(fd: Option<std::sync::Arc<vmm_sys_util::eventfd::EventFd>>) {
+    WAKE_FD.with(|w| *w.borrow_mut() = fd);
+}
+
+/// This thread's wake eventfd, if it is an iothread.
+pub fn current_wake_fd() -> Option<std::sync::Arc<vmm_sys_util::eventfd::EventFd>> {
+    WAKE_FD.with(|w| w.borrow().clone())
+}

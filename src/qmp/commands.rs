@@ -57,6 +57,10 @@ const COMMANDS: &[&str] = &[
     "block-set-write-threshold",
     "cont",
     "blockdev-reopen",
+    "object-add",
+    "object-del",
+    "qom-get",
+    "qom-set",
 ];
 
 fn args<T: serde::de::DeserializeOwned>(cmd: &Command) -> Result<T, QmpError> {
@@ -89,6 +93,27 @@ struct NodeName {
 struct Flat {
     #[serde(default, deserialize_with = "opts::bool")]
     flat: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct ObjectId {
+    id: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct QomGet {
+    path: String,
+    property: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct QomSet {
+    path: String,
+    property: String,
+    value: Value,
 }
 
 #[derive(Deserialize)]
@@ -314,6 +339,41 @@ pub fn dispatch(
             node.set_write_threshold(a.write_threshold);
             ok(json!({}))
         }
+        "object-add" => {
+            let o: crate::config::ObjectOptions = args(cmd)?;
+            state.add_object(&o).map_err(QmpError::generic)?;
+            ok(json!({}))
+        }
+        "object-del" => {
+            let a: ObjectId = args(cmd)?;
+            state
+                .graph()
+                .remove_throttle_group(&a.id)
+                .map_err(QmpError::generic)?;
+            ok(json!({}))
+        }
+        "qom-get" => {
+            let a: QomGet = args(cmd)?;
+            let g = throttle_group_at(state, &a.path)?;
+            match a.property.as_str() {
+                "limits" => ok(serde_json::to_value(g.limits().filled()).unwrap_or(Value::Null)),
+                p => Err(QmpError::generic(format!("Property '{p}' not found"))),
+            }
+        }
+        "qom-set" => {
+            let a: QomSet = args(cmd)?;
+            let g = throttle_group_at(state, &a.path)?;
+            if a.property != "limits" {
+                return Err(QmpError::generic(format!(
+                    "Property '{}' not found",
+                    a.property
+                )));
+            }
+            let limits: crate::throttle::ThrottleLimits = serde_json::from_value(a.value)
+                .map_err(|e| QmpError::generic(format!("Invalid 'limits': {e}")))?;
+            g.set_limits(limits).map_err(QmpError::generic)?;
+            ok(json!({}))
+        }
         "blockdev-reopen" => {
             let a: Reopen = args(cmd)?;
             state.reopen(&a.options).map_err(QmpError::generic)?;
@@ -417,10 +477,26 @@ fn block_stats(state: &Arc<State>, query_nodes: bool) -> Value {
             .enumerate()
             .map(|(q, n)| json!({"queue": q, "requests": n}))
             .collect();
+        let mut stats = device_stats(e.blk.stats());
+        let members = e.blk.node().throttle_members();
+        let throttled = |dir| {
+            members
+                .iter()
+                .map(|(_, m)| m.throttled_ns(dir))
+                .sum::<u64>()
+        };
+        stats.insert(
+            "x-throttled-rd-time-ns".into(),
+            json!(throttled(crate::throttle::Direction::Read)),
+        );
+        stats.insert(
+            "x-throttled-wr-time-ns".into(),
+            json!(throttled(crate::throttle::Direction::Write)),
+        );
         out.push(json!({
             "device": e.config.id,
             "node-name": e.blk.node().name(),
-            "stats": Value::Object(device_stats(e.blk.stats())),
+            "stats": Value::Object(stats),
             "x-queues": queues,
         }));
     }
@@ -434,6 +510,18 @@ fn block_stats(state: &Arc<State>, query_nodes: bool) -> Value {
         }
     }
     json!(out)
+}
+
+/// The throttle group a QOM path names: `tg0` or `/objects/tg0`.
+fn throttle_group_at(
+    state: &Arc<State>,
+    path: &str,
+) -> Result<Arc<crate::throttle::ThrottleGroup>, QmpError> {
+    let id = path.strip_prefix("/objects/").unwrap_or(path);
+    state
+        .graph()
+        .throttle_group(id)
+        .ok_or_else(|| QmpError::not_found(format!("Device '{path}' not found")))
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -452,6 +540,7 @@ fn filename(node: &Node) -> String {
         Driver::File(f) => f.filename().to_string(),
         Driver::Null(_) => "null-co://".to_string(),
         Driver::Raw(r) => filename(r.file().node()),
+        Driver::Throttle(t) => filename(t.file().node()),
     }
 }
 
@@ -460,6 +549,7 @@ fn direct(node: &Node) -> bool {
         Driver::File(f) => f.is_direct(),
         Driver::Null(_) => false,
         Driver::Raw(r) => direct(r.file().node()),
+        Driver::Throttle(t) => direct(t.file().node()),
     }
 }
 
@@ -468,6 +558,7 @@ fn no_flush(node: &Node) -> bool {
         Driver::File(f) => f.is_no_flush(),
         Driver::Null(_) => false,
         Driver::Raw(r) => no_flush(r.file().node()),
+        Driver::Throttle(t) => no_flush(t.file().node()),
     }
 }
 

@@ -101,7 +101,22 @@ impl ExportState {
     /// which case false is returned and the section is open all the same).
     pub fn drained_begin(&self, timeout: Duration) -> bool {
         self.quiesce.fetch_add(1, Ordering::AcqRel);
-        self.in_flight.wait_idle(timeout)
+        self.with_throttling_off(|| self.in_flight.wait_idle(timeout))
+    }
+
+    /// Runs `f` with the I/O limits below this export off, so that a drain
+    /// never waits behind a limit (QEMU disables throttling during drain);
+    /// requests already throttled go at once.
+    pub fn with_throttling_off<R>(&self, f: impl FnOnce() -> R) -> R {
+        let members = self.blk.node().throttle_members();
+        for (g, m) in &members {
+            g.disable(m);
+        }
+        let r = f();
+        for (g, m) in &members {
+            g.enable(m);
+        }
+        r
     }
 
     /// Closes a drained section; the last one lets the queues run again.
@@ -272,7 +287,7 @@ pub struct VhostUserBlk {
     /// io_urings prepared for each iothread, taken on its first event.
     rings: Vec<Mutex<Option<PreparedRing>>>,
     /// One wake-up eventfd per iothread (see ExportState::drained_end).
-    wakers: Vec<EventFd>,
+    wakers: Vec<Arc<EventFd>>,
     backend_req: Mutex<Option<Backend>>,
 }
 
@@ -293,7 +308,7 @@ impl VhostUserBlk {
         let writeback = !export.config.writethrough;
         export.blk.set_write_cache(writeback);
         let wakers = (0..threads)
-            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .map(|_| EventFd::new(EFD_NONBLOCK).map(Arc::new))
             .collect::<io::Result<Vec<_>>>()?;
         Ok(VhostUserBlk {
             export,
@@ -315,6 +330,12 @@ impl VhostUserBlk {
     pub fn wake_eventfd(&self, t: usize) -> std::os::fd::RawFd {
         use std::os::fd::AsRawFd;
         self.wakers[t].as_raw_fd()
+    }
+
+    /// Thread `t`'s wake-up eventfd, for other threads that make its tasks
+    /// ready.
+    pub(super) fn waker(&self, t: usize) -> Option<Arc<EventFd>> {
+        self.wakers.get(t).cloned()
     }
 
     pub(super) fn clear_wake(&self, t: usize) {
@@ -376,6 +397,10 @@ impl VhostUserBlk {
     /// (requests parked by the `stop` policy fail).
     pub fn drain_all(&self) -> bool {
         self.export.abort_parked();
+        self.export.with_throttling_off(|| self.drain_queues())
+    }
+
+    fn drain_queues(&self) -> bool {
         let mut ok = true;
         for (q, c) in self.queues.iter().enumerate() {
             if !c.wait_idle(DRAIN_TIMEOUT) {
@@ -498,7 +523,10 @@ impl VhostUserBackend for VhostUserBlk {
             if c.get() > 0 && self.export.is_stopped() {
                 self.export.abort_parked();
             }
-            if !c.wait_idle(DRAIN_TIMEOUT) {
+            if !self
+                .export
+                .with_throttling_off(|| c.wait_idle(DRAIN_TIMEOUT))
+            {
                 log::error!(
                     "export {}: queue {queue_index} stopped with {} requests still in flight",
                     self.export.config.id,

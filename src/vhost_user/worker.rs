@@ -139,6 +139,7 @@ impl Worker {
             None => IoCtx::sync(),
         };
         aio::set_current(Some(io.clone()));
+        aio::set_current_wake_fd(blk.waker(thread_id));
         let mask = blk
             .export
             .queues_per_thread()

@@ -1,0 +1,147 @@
+//! The `throttle` filter driver: passes requests to its `file` child once
+//! its throttle group lets them go. It can sit anywhere in the graph, so
+//! several exports, queues and iothreads share one group.
+
+use std::sync::Arc;
+
+use futures::future::LocalBoxFuture;
+use serde::Deserialize;
+
+use super::BlockdevRef;
+use crate::block::{BlockError, Child, ChildRole, Graph, GraphError, Perm};
+use crate::io::IoVecs;
+use crate::opts;
+use crate::throttle::{Direction, Member, ThrottleGroup};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ThrottleOptions {
+    #[serde(default)]
+    pub node_name: String,
+    pub throttle_group: String,
+    pub file: BlockdevRef,
+    #[serde(default, deserialize_with = "opts::bool")]
+    pub read_only: bool,
+}
+
+pub struct ThrottleDriver {
+    group: Arc<ThrottleGroup>,
+    member: Arc<Member>,
+    file: Child,
+}
+
+impl ThrottleDriver {
+    pub fn open(o: &ThrottleOptions, graph: &mut Graph) -> Result<Self, GraphError> {
+        let group = graph
+            .throttle_group(&o.throttle_group)
+            .ok_or_else(|| GraphError::Open {
+                node: o.node_name.clone(),
+                reason: format!("throttle group '{}' does not exist", o.throttle_group),
+            })?;
+        let child = match &o.file {
+            BlockdevRef::Name(name) => graph.get(name)?,
+            BlockdevRef::Inline(inner) => {
+                let mut inner = (**inner).clone();
+                if inner.node_name().is_empty() {
+                    inner.set_node_name(format!("{}-file", o.node_name));
+                }
+                graph.add(&inner)?
+            }
+        };
+        let mut perm = Perm::CONSISTENT_READ;
+        if !o.read_only {
+            perm = perm | Perm::WRITE;
+        }
+        let file = Child::attach(&o.node_name, ChildRole::Filtered, child, perm, Perm::ALL)?;
+        let member = group.join();
+        Ok(ThrottleDriver {
+            group,
+            member,
+            file,
+        })
+    }
+
+    pub fn file(&self) -> &Child {
+        &self.file
+    }
+
+    pub fn group(&self) -> &Arc<ThrottleGroup> {
+        &self.group
+    }
+
+    pub fn member(&self) -> &Arc<Member> {
+        &self.member
+    }
+
+    pub fn size(&self) -> u64 {
+        self.file.node().size()
+    }
+
+    pub fn request_alignment(&self) -> u32 {
+        self.file.node().request_alignment()
+    }
+
+    pub fn preadv<'a>(
+        &'a self,
+        offset: u64,
+        iov: &'a IoVecs,
+    ) -> LocalBoxFuture<'a, Result<(), BlockError>> {
+        Box::pin(async move {
+            self.group
+                .intercept(&self.member, Direction::Read, iov.len())
+                .await;
+            self.file.node().preadv(offset, iov).await
+        })
+    }
+
+    pub fn pwritev<'a>(
+        &'a self,
+        offset: u64,
+        iov: &'a IoVecs,
+        fua: bool,
+    ) -> LocalBoxFuture<'a, Result<(), BlockError>> {
+        Box::pin(async move {
+            self.group
+                .intercept(&self.member, Direction::Write, iov.len())
+                .await;
+            self.file.node().pwritev(offset, iov, fua).await
+        })
+    }
+
+    pub fn flush(&self) -> LocalBoxFuture<'_, Result<(), BlockError>> {
+        self.file.node().flush()
+    }
+
+    pub fn pdiscard(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<(), BlockError>> {
+        Box::pin(async move {
+            self.group
+                .intercept(&self.member, Direction::Write, len)
+                .await;
+            self.file.node().pdiscard(offset, len).await
+        })
+    }
+
+    pub fn pwrite_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        fua: bool,
+    ) -> LocalBoxFuture<'_, Result<(), BlockError>> {
+        Box::pin(async move {
+            self.group
+                .intercept(&self.member, Direction::Write, len)
+                .await;
+            self.file
+                .node()
+                .pwrite_zeroes(offset, len, may_unmap, fua)
+                .await
+        })
+    }
+}
+
+impl Drop for ThrottleDriver {
+    fn drop(&mut self) {
+        self.group.leave(&self.member);
+    }
+}
