@@ -4,5 +4,5 @@
 mod group;
 mod limits;
 
-pub use group::{Member, ThrottleGroup, ThrottleWait};
+pub use group::{release_local, take_local_deadline, Member, ThrottleGroup, ThrottleWait};
 pub use limits::{Direction, ThrottleLimits, ThrottleState, VALUE_MAX};

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use std::os::fd::AsRawFd;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Backend;
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
@@ -20,6 +21,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::notify::ConfigNotifier;
 use super::worker;
@@ -288,6 +290,8 @@ pub struct VhostUserBlk {
     rings: Vec<Mutex<Option<PreparedRing>>>,
     /// One wake-up eventfd per iothread (see ExportState::drained_end).
     wakers: Vec<Arc<EventFd>>,
+    /// One timerfd per iothread, for I/O limits; taken on its first event.
+    timers: Vec<Mutex<Option<TimerFd>>>,
     backend_req: Mutex<Option<Backend>>,
 }
 
@@ -310,6 +314,18 @@ impl VhostUserBlk {
         let wakers = (0..threads)
             .map(|_| EventFd::new(EFD_NONBLOCK).map(Arc::new))
             .collect::<io::Result<Vec<_>>>()?;
+        let mut timers = Vec::with_capacity(threads);
+        for _ in 0..threads {
+            let t = TimerFd::new()?;
+            // Non-blocking: a re-armed timer may have nothing to read.
+            // SAFETY: fcntl on a descriptor we own changes only its flags.
+            unsafe {
+                let fd = t.as_raw_fd();
+                let flags = libc::fcntl(fd, libc::F_GETFL);
+                libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+            }
+            timers.push(Mutex::new(Some(t)));
+        }
         Ok(VhostUserBlk {
             export,
             mem: RwLock::new(None),
@@ -317,6 +333,7 @@ impl VhostUserBlk {
             queues,
             rings,
             wakers,
+            timers,
             backend_req: Mutex::new(None),
         })
     }
@@ -324,6 +341,28 @@ impl VhostUserBlk {
     /// The event id of the iothreads' wake-up eventfd.
     pub fn wake_event_id(&self) -> u16 {
         self.export.config.num_queues + 2
+    }
+
+    /// The event id of the iothreads' timerfd.
+    pub fn timer_event_id(&self) -> u16 {
+        self.export.config.num_queues + 3
+    }
+
+    /// Thread `t`'s timerfd, to register with its epoll.
+    pub fn timer_fd(&self, t: usize) -> Option<std::os::fd::RawFd> {
+        self.timers[t]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|t| t.as_raw_fd())
+    }
+
+    pub(super) fn take_timer(&self, t: usize) -> Option<TimerFd> {
+        self.timers
+            .get(t)?
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     /// Thread `t`'s wake-up eventfd, to register with its epoll.

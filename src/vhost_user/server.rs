@@ -208,6 +208,11 @@ impl Server {
                     .register_listener(fd, EventSet::IN, u64::from(backend.io_event_id()))
                     .map_err(setup_err)?;
             }
+            if let Some(fd) = backend.timer_fd(t) {
+                handler
+                    .register_listener(fd, EventSet::IN, u64::from(backend.timer_event_id()))
+                    .map_err(setup_err)?;
+            }
             handler
                 .register_listener(
                     backend.wake_eventfd(t),

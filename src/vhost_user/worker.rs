@@ -29,6 +29,7 @@ use futures::task::LocalSpawnExt;
 use vhost_user_backend::{VringState, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryAtomic};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::backend::{ExportState, VhostUserBlk, Vring};
 use crate::config::ErrorAction;
@@ -119,6 +120,9 @@ impl Poller {
 
 struct Worker {
     poll: Poller,
+    /// For I/O limits: fires when throttled requests of this thread may go.
+    timer: Option<TimerFd>,
+    timer_at: Option<Instant>,
     io: IoCtx,
     pool: LocalPool,
     spawner: LocalSpawner,
@@ -157,6 +161,8 @@ impl Worker {
         );
         Worker {
             poll: Poller::new(blk.export.config.poll_max_ns),
+            timer: blk.take_timer(thread_id),
+            timer_at: None,
             io,
             pool,
             spawner,
@@ -342,6 +348,25 @@ impl Worker {
         }
     }
 
+    /// Arms the timer for the earliest moment a throttled request of this
+    /// thread may go.
+    fn arm_timer(&mut self) {
+        let Some(at) = crate::throttle::take_local_deadline() else {
+            return;
+        };
+        if self.timer_at.is_some_and(|t| t <= at && t > Instant::now()) {
+            return;
+        }
+        if let Some(t) = self.timer.as_mut() {
+            let d = at
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_micros(1));
+            if t.reset(d, None).is_ok() {
+                self.timer_at = Some(at);
+            }
+        }
+    }
+
     /// Runs tasks and I/O until nothing more can progress without waiting.
     fn run(&mut self) {
         loop {
@@ -500,6 +525,12 @@ pub fn handle_event(blk: &VhostUserBlk, device_event: u16, vrings: &[Vring], thr
         if device_event == blk.io_event_id() {
             worker.io.clear_event();
             worker.io.reap();
+        } else if device_event == blk.timer_event_id() {
+            if let Some(t) = worker.timer.as_mut() {
+                let _ = t.wait();
+            }
+            worker.timer_at = None;
+            crate::throttle::release_local();
         } else if device_event == blk.wake_event_id() {
             // A drained section ended, or parked requests may go on:
             // requests may wait in every ring.
@@ -516,5 +547,6 @@ pub fn handle_event(blk: &VhostUserBlk, device_event: u16, vrings: &[Vring], thr
         worker.run();
         worker.flush(blk, vrings);
         worker.poll(blk, vrings);
+        worker.arm_timer();
     });
 }
