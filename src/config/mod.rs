@@ -654,6 +654,45 @@ writable = true
     }
 
     #[test]
+    fn throttle_group_objects_parse_from_the_command_line_and_the_file() {
+        let c = Config::try_from(args(&[
+            "--object",
+            "throttle-group,id=tg0,limits.iops-total=1000,limits.bps-total=50M",
+            "--blockdev",
+            "driver=null-co,node-name=n0",
+            "--blockdev",
+            "driver=throttle,node-name=t0,throttle-group=tg0,file=n0",
+            "--export",
+            "vhost-user-blk,id=e0,node-name=t0,addr.type=unix,addr.path=s",
+        ]))
+        .unwrap();
+        let ObjectOptions::ThrottleGroup(t) = &c.objects[0];
+        assert_eq!(t.id, "tg0");
+        assert_eq!(t.limits.iops_total, Some(1000));
+        assert_eq!(t.limits.bps_total, Some(50 << 20));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[[object]]\nqom-type = \"throttle-group\"\nid = \"tg1\"\nlimits = { iops-read = 10, iops-read-max = 20, iops-read-max-length = 3 }\n[[blockdev]]\ndriver = \"null-co\"\nnode-name = \"n0\"\n[[export]]\ntype = \"vhost-user-blk\"\nid = \"e0\"\nnode-name = \"n0\"\naddr = { type = \"unix\", path = \"/tmp/x\" }\n",
+        )
+        .unwrap();
+        let c = Config::try_from(args(&["--config", path.to_str().unwrap()])).unwrap();
+        let ObjectOptions::ThrottleGroup(t) = &c.objects[0];
+        assert_eq!(t.limits.iops_read_max_length, Some(3));
+        let e = Config::try_from(args(&[
+            "--object",
+            "throttle-group,id=t,limits.iops-totl=1",
+            "--image",
+            "x",
+            "--socket",
+            "y",
+        ]))
+        .unwrap_err();
+        assert!(e.to_string().contains("iops-totl"), "{e}");
+    }
+
+    #[test]
     fn nothing_to_serve_is_a_usage_error() {
         assert!(matches!(
             Config::try_from(args(&[])),

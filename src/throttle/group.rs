@@ -408,3 +408,70 @@ pub fn release_local() {
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(iops: u64) -> ThrottleLimits {
+        ThrottleLimits {
+            iops_total: Some(iops),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn requests_queue_over_the_limit_and_a_raised_limit_releases_them_in_place() {
+        let g = ThrottleGroup::new("t", limits(1)).unwrap();
+        let (a, b) = (g.join(), g.join());
+        // The first request fits the initial allowance; the next ones queue.
+        assert!(g.intercept(&a, Direction::Read, 512).waiter.is_none());
+        let waits: Vec<ThrottleWait> = (0..4)
+            .map(|i| g.intercept(if i % 2 == 0 { &a } else { &b }, Direction::Read, 512))
+            .collect();
+        assert!(waits.iter().all(|w| w.waiter.is_some()));
+        // A write queues too, behind nobody in its own direction but over the limit.
+        g.set_limits(limits(u32::MAX.into())).unwrap();
+        assert!(g.release_ready().is_none(), "nothing left waiting");
+        for w in &waits {
+            assert!(w.waiter.as_ref().unwrap().released.load(Ordering::Acquire));
+        }
+        g.close();
+    }
+
+    #[test]
+    fn a_disabled_member_passes_and_releases_what_it_queued() {
+        let g = ThrottleGroup::new("t2", limits(1)).unwrap();
+        let a = g.join();
+        assert!(g.intercept(&a, Direction::Write, 512).waiter.is_none());
+        let w = g.intercept(&a, Direction::Write, 512);
+        assert!(w.waiter.is_some());
+        g.disable(&a);
+        assert!(w.waiter.as_ref().unwrap().released.load(Ordering::Acquire));
+        assert!(g.intercept(&a, Direction::Write, 512).waiter.is_none());
+        g.enable(&a);
+        assert!(g.intercept(&a, Direction::Write, 512).waiter.is_some());
+        g.close();
+    }
+
+    #[test]
+    fn invalid_limits_are_refused_and_the_old_ones_kept() {
+        let g = ThrottleGroup::new("t3", limits(100)).unwrap();
+        let bad = ThrottleLimits {
+            iops_total: Some(10),
+            iops_total_max: Some(5),
+            ..Default::default()
+        };
+        assert!(g.set_limits(bad).is_err());
+        assert_eq!(g.limits().iops_total, Some(100));
+        assert!(ThrottleGroup::new(
+            "t4",
+            ThrottleLimits {
+                iops_size: Some(1),
+                ..Default::default()
+            }
+        )
+        .is_err());
+        g.close();
+    }
+}
