@@ -21,7 +21,7 @@ mod buf;
 mod sync;
 mod uring;
 
-pub use buf::{AlignedBuf, IoVecs};
+pub use buf::{AlignedBuf, IoVecs, Owner};
 
 use std::cell::RefCell;
 use std::future::Future;

@@ -127,6 +127,8 @@ struct Worker {
     pool: LocalPool,
     spawner: LocalSpawner,
     done: Rc<RefCell<Vec<Completion>>>,
+    /// The other completion buffer, swapped with `done` at each flush.
+    spare: Vec<Completion>,
     /// Global queue index of each of this thread's vrings.
     queues: Vec<u16>,
     heads: Vec<HeadSet>,
@@ -166,7 +168,8 @@ impl Worker {
             io,
             pool,
             spawner,
-            done: Rc::new(RefCell::new(Vec::new())),
+            done: Rc::new(RefCell::new(Vec::with_capacity(256))),
+            spare: Vec::with_capacity(256),
             queues,
             heads,
         }
@@ -381,8 +384,12 @@ impl Worker {
     /// Returns completed requests to their used rings; one notification per
     /// queue per batch, as EVENT_IDX allows.
     fn flush(&mut self, blk: &VhostUserBlk, vrings: &[Vring]) {
-        let done: Vec<Completion> = std::mem::take(&mut *self.done.borrow_mut());
+        // Swap with a kept buffer: taking the Vec would regrow it from
+        // empty on every batch.
+        let mut done = std::mem::take(&mut self.spare);
+        std::mem::swap(&mut done, &mut *self.done.borrow_mut());
         if done.is_empty() {
+            self.spare = done;
             return;
         }
         for (local, &queue) in self.queues.iter().enumerate() {
@@ -419,6 +426,8 @@ impl Worker {
             }
             blk.export.count_completions(queue, n);
         }
+        done.clear();
+        self.spare = done;
     }
 }
 

@@ -19,7 +19,7 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryLoadGuard, GuestMemoryMmap};
 
 use super::{HEADER_SIZE, RANGE_SIZE, SECTOR};
-use crate::io::IoVecs;
+use crate::io::{IoVecs, Owner};
 
 /// Guest memory as the vhost-user adapter maps it.
 pub type GuestMem = GuestMemoryMmap<()>;
@@ -143,8 +143,9 @@ const MAX_TRANSFER: u64 = i32::MAX as u64 & !4095;
 /// chain was popped with.
 pub fn parse(chain: DescriptorChain<MemGuard>, mem: MemGuard, limits: &Limits) -> Parsed {
     let head = chain.head_index();
-    let mut readable = Vec::new();
-    let mut writable: Vec<Segment> = Vec::new();
+    // A typical chain is header, one or two data buffers, status.
+    let mut readable = Vec::with_capacity(4);
+    let mut writable: Vec<Segment> = Vec::with_capacity(4);
     let mut order_ok = true;
     for d in chain {
         let seg = Segment {
@@ -289,7 +290,7 @@ fn to_iovecs(mem: &MemGuard, segs: &[Segment], limits: &Limits) -> Result<IoVecs
     // SAFETY: each iovec was produced from a VolatileSlice of `mem`, a
     // snapshot of guest memory whose mappings stay in place while the guard
     // lives; the IoVecs owns a clone of that guard.
-    Ok(unsafe { IoVecs::from_raw(iov, Box::new(mem.clone())) })
+    Ok(unsafe { IoVecs::from_raw(iov, Owner::Guest(mem.clone())) })
 }
 
 fn check_rw(sector: u64, len: u64, limits: &Limits) -> Result<u64, ParseError> {
