@@ -168,13 +168,17 @@ impl Node {
         self.read_only.store(ro, Ordering::Relaxed);
     }
 
-    fn update_parent_perm(&self, parent: &str, role: ChildRole, perm: Perm) {
-        if let Some(p) = self
-            .lock_parents()
+    fn update_parent_perm(&self, parent: &str, role: ChildRole, perm: Perm, shared: Perm) {
+        let mut parents = self.lock_parents();
+        if let Some(p) = parents
             .iter_mut()
             .find(|p| p.parent == parent && p.role == role)
         {
             p.perm = perm;
+            p.shared = shared;
+        }
+        if let Err(e) = self.update_locks(&parents) {
+            log::warn!("node {}: {e}", self.name);
         }
     }
 
@@ -316,7 +320,24 @@ impl Node {
             perm,
             shared,
         });
+        if let Err(reason) = self.update_locks(&parents) {
+            parents.pop();
+            return Err(GraphError::Open {
+                node: self.name.clone(),
+                reason,
+            });
+        }
         Ok(())
+    }
+
+    /// Image locks for what all parents take and do not share (file nodes).
+    fn update_locks(&self, parents: &[ParentLink]) -> Result<(), String> {
+        let Driver::File(f) = &self.driver else {
+            return Ok(());
+        };
+        let perm = parents.iter().fold(Perm::NONE, |a, p| a | p.perm);
+        let shared = parents.iter().fold(Perm::ALL, |a, p| a & p.shared);
+        f.update_locks(perm, shared)
     }
 
     fn detach_parent(&self, parent: &str, role: ChildRole) {
@@ -326,6 +347,9 @@ impl Node {
             .position(|p| p.parent == parent && p.role == role)
         {
             parents.remove(i);
+        }
+        if let Err(e) = self.update_locks(&parents) {
+            log::warn!("node {}: {e}", self.name);
         }
     }
 
@@ -399,7 +423,7 @@ pub struct Child {
     role: ChildRole,
     node: Arc<Node>,
     perm: std::sync::atomic::AtomicU8,
-    shared: Perm,
+    shared: std::sync::atomic::AtomicU8,
 }
 
 impl fmt::Debug for Child {
@@ -409,7 +433,7 @@ impl fmt::Debug for Child {
             .field("role", &self.role)
             .field("node", &self.node.name())
             .field("perm", &self.perm())
-            .field("shared", &self.shared)
+            .field("shared", &self.shared())
             .finish()
     }
 }
@@ -429,7 +453,7 @@ impl Child {
             role,
             node,
             perm: std::sync::atomic::AtomicU8::new(perm.bits()),
-            shared,
+            shared: std::sync::atomic::AtomicU8::new(shared.bits()),
         })
     }
 
@@ -446,13 +470,15 @@ impl Child {
     }
 
     /// blockdev-reopen: takes `perm` instead (checked by the caller).
-    pub fn set_perm(&self, perm: Perm) {
+    pub fn set_perm(&self, perm: Perm, shared: Perm) {
         self.perm.store(perm.bits(), Ordering::Relaxed);
-        self.node.update_parent_perm(&self.parent, self.role, perm);
+        self.shared.store(shared.bits(), Ordering::Relaxed);
+        self.node
+            .update_parent_perm(&self.parent, self.role, perm, shared);
     }
 
     pub fn shared(&self) -> Perm {
-        self.shared
+        Perm::from_bits(self.shared.load(Ordering::Relaxed))
     }
 }
 

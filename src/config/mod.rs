@@ -375,6 +375,7 @@ impl Args {
                 no_flush: false,
             },
             discard: DiscardMode::Unmap,
+            locking: crate::drivers::Locking::Auto,
         });
         let raw = BlockdevOptions::Raw(RawOptions {
             node_name: "disk0".into(),

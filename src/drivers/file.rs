@@ -21,7 +21,7 @@ use std::sync::Mutex;
 use serde::Deserialize;
 
 use super::DiscardMode;
-use crate::block::{BlockError, GraphError, Node};
+use crate::block::{BlockError, GraphError, Node, Perm};
 use crate::io::{self as aio, AlignedBuf, IoVecs, Op};
 use crate::opts;
 
@@ -37,6 +37,18 @@ pub struct CacheOptions {
     pub no_flush: bool,
 }
 
+/// `locking`: OFD byte locks as QEMU's file driver takes them, so that
+/// two processes (two daemons, a daemon and qemu-img) cannot both write an
+/// image, or read one while another writes it without sharing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Locking {
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct FileOptions {
@@ -49,6 +61,8 @@ pub struct FileOptions {
     pub cache: CacheOptions,
     #[serde(default)]
     pub discard: DiscardMode,
+    #[serde(default)]
+    pub locking: Locking,
 }
 
 /// The driver's state. What blockdev-reopen may change is atomic: it is
@@ -65,6 +79,50 @@ pub struct FileDriver {
     size: AtomicU64,
     request_alignment: AtomicU32,
     mem_alignment: AtomicUsize,
+    locking: bool,
+    /// The permissions locked now: (taken, not shared).
+    locks: Mutex<(Perm, Perm)>,
+}
+
+/// QEMU's lock bytes: 100 + bit while a permission is taken, 200 + bit
+/// while it is not shared (block/file-posix.c).
+const LOCK_PERM_BASE: i64 = 100;
+const LOCK_SHARED_BASE: i64 = 200;
+const PERM_BITS: [(Perm, i64, &str); 4] = [
+    (Perm::CONSISTENT_READ, 0, "consistent read"),
+    (Perm::WRITE, 1, "write"),
+    (Perm::WRITE_UNCHANGED, 2, "write unchanged"),
+    (Perm::RESIZE, 3, "resize"),
+];
+
+fn flock(ty: i32, byte: i64) -> libc::flock {
+    // SAFETY: flock is plain data; zeroed is valid (l_pid must be 0 for OFD).
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = ty as i16;
+    fl.l_whence = libc::SEEK_SET as i16;
+    fl.l_start = byte;
+    fl.l_len = 1;
+    fl
+}
+
+/// Sets (F_RDLCK) or drops (F_UNLCK) an OFD lock on one byte.
+fn ofd_set(fd: RawFd, byte: i64, ty: i32) -> io::Result<()> {
+    let fl = flock(ty, byte);
+    // SAFETY: F_OFD_SETLK reads the flock struct we pass, a live local.
+    if unsafe { libc::fcntl(fd, libc::F_OFD_SETLK, &fl) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether another open file (process) holds a lock on `byte`.
+fn ofd_taken(fd: RawFd, byte: i64) -> io::Result<bool> {
+    let mut fl = flock(libc::F_WRLCK, byte);
+    // SAFETY: F_OFD_GETLK reads and writes the flock struct, a live local.
+    if unsafe { libc::fcntl(fd, libc::F_OFD_GETLK, &mut fl) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(i32::from(fl.l_type) != libc::F_UNLCK)
 }
 
 /// A reopen prepared (new descriptor opened, alignment probed), not yet
@@ -159,7 +217,46 @@ impl FileDriver {
             size: AtomicU64::new(size),
             request_alignment: AtomicU32::new(request_alignment),
             mem_alignment: AtomicUsize::new(mem_alignment),
+            locking: o.locking != Locking::Off,
+            locks: Mutex::new((Perm::NONE, Perm::NONE)),
         })
+    }
+
+    /// Locks the image for what the node's parents take and do not share,
+    /// after checking no other process holds a conflicting lock.
+    pub fn update_locks(&self, perm: Perm, shared: Perm) -> Result<(), String> {
+        if !self.locking {
+            return Ok(());
+        }
+        let fd = self.fd();
+        let unshared = !shared;
+        let err = |e: io::Error| format!("cannot lock '{}': {e}", self.filename);
+        for (bit, i, name) in PERM_BITS {
+            if perm.contains(bit) && ofd_taken(fd, LOCK_SHARED_BASE + i).map_err(err)? {
+                return Err(format!(
+                    "Failed to get \"{name}\" lock: is another process using the image '{}'?",
+                    self.filename
+                ));
+            }
+            if unshared.contains(bit) && ofd_taken(fd, LOCK_PERM_BASE + i).map_err(err)? {
+                return Err(format!(
+                    "Failed to get shared \"{name}\" lock: is another process using the image '{}'?",
+                    self.filename
+                ));
+            }
+        }
+        self.apply_locks(fd, perm, unshared).map_err(err)?;
+        *self.locks.lock().unwrap_or_else(|e| e.into_inner()) = (perm, unshared);
+        Ok(())
+    }
+
+    fn apply_locks(&self, fd: RawFd, perm: Perm, unshared: Perm) -> io::Result<()> {
+        for (bit, i, _) in PERM_BITS {
+            let ty = |on: bool| if on { libc::F_RDLCK } else { libc::F_UNLCK };
+            ofd_set(fd, LOCK_PERM_BASE + i, ty(perm.contains(bit)))?;
+            ofd_set(fd, LOCK_SHARED_BASE + i, ty(unshared.contains(bit)))?;
+        }
+        Ok(())
     }
 
     /// Opens the file again with the options of a blockdev-reopen.
@@ -198,7 +295,17 @@ impl FileDriver {
         self.request_alignment
             .store(r.request_alignment, Ordering::Relaxed);
         self.mem_alignment.store(r.mem_alignment, Ordering::Relaxed);
+        // The old descriptor's locks go with it; the new one takes them.
         *file = r.file;
+        if self.locking {
+            let (perm, unshared) = *self.locks.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = self.apply_locks(file.as_raw_fd(), perm, unshared) {
+                log::error!(
+                    "file {}: cannot lock the reopened image: {e}",
+                    self.filename
+                );
+            }
+        }
     }
 
     pub fn filename(&self) -> &str {

@@ -8,7 +8,7 @@ mod null;
 mod raw;
 mod throttle;
 
-pub use file::{CacheOptions, FileDriver, FileOptions};
+pub use file::{CacheOptions, FileDriver, FileOptions, Locking};
 pub use null::{NullDriver, NullOptions};
 pub use raw::{RawDriver, RawOptions};
 pub use throttle::{ThrottleDriver, ThrottleOptions};

@@ -27,6 +27,19 @@ pub struct RawOptions {
     pub discard: DiscardMode,
 }
 
+/// What raw takes on its file, and shares: like QEMU's format drivers, a
+/// writing raw node lets no one else write or resize the file under it.
+fn raw_perms(read_only: bool) -> (Perm, Perm) {
+    if read_only {
+        (Perm::CONSISTENT_READ, Perm::ALL)
+    } else {
+        (
+            Perm::CONSISTENT_READ | Perm::WRITE,
+            Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
+        )
+    }
+}
+
 pub struct RawDriver {
     file: Child,
     offset: u64,
@@ -79,11 +92,8 @@ impl RawDriver {
                 child.name()
             )));
         }
-        let mut perm = Perm::CONSISTENT_READ;
-        if !o.read_only {
-            perm = perm | Perm::WRITE;
-        }
-        let file = Child::attach(&o.node_name, ChildRole::File, child, perm, Perm::ALL)?;
+        let (perm, shared) = raw_perms(o.read_only);
+        let file = Child::attach(&o.node_name, ChildRole::File, child, perm, shared)?;
         Ok(RawDriver {
             file,
             offset: o.offset,
@@ -131,11 +141,8 @@ impl RawDriver {
     pub fn commit_reopen(&self, o: &RawOptions) {
         self.discard_unmap
             .store(o.discard == DiscardMode::Unmap, Ordering::Relaxed);
-        let mut perm = Perm::CONSISTENT_READ;
-        if !o.read_only {
-            perm = perm | Perm::WRITE;
-        }
-        self.file.set_perm(perm);
+        let (perm, shared) = raw_perms(o.read_only);
+        self.file.set_perm(perm, shared);
     }
 
     /// Resizes the file child so that this node is `size` bytes.
