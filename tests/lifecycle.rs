@@ -952,15 +952,7 @@ fn locking_off_lets_a_second_opener_in_and_readers_are_welcome() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "daemon with locking=off exited"
-        );
-        assert!(std::time::Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_listening(&mut child, &sock, "daemon with locking=off");
     let _ = child.kill();
     let _ = child.wait();
     // A read-only opener shares writing: it may read an image in use.
@@ -976,15 +968,20 @@ fn locking_off_lets_a_second_opener_in_and_readers_are_welcome() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !ro_sock.exists() {
-        assert!(
-            reader.try_wait().unwrap().is_none(),
-            "read-only daemon exited"
-        );
-        assert!(std::time::Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_listening(&mut reader, &ro_sock, "read-only daemon");
     let _ = reader.kill();
     let _ = reader.wait();
+}
+
+/// Waits for `child` to create `sock`; fails if it exits first.
+fn wait_listening(child: &mut std::process::Child, sock: &std::path::Path, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "{what} exited");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} never listened"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }

@@ -38,6 +38,25 @@ pub enum BlockdevRef {
     Inline(Box<BlockdevOptions>),
 }
 
+/// Resolves a child reference: an existing node by name, or a node opened
+/// in place (named after its parent when the options give no name).
+pub(crate) fn open_child(
+    graph: &mut Graph,
+    parent: &str,
+    r: &BlockdevRef,
+) -> Result<std::sync::Arc<Node>, GraphError> {
+    match r {
+        BlockdevRef::Name(name) => graph.get(name),
+        BlockdevRef::Inline(inner) => {
+            let mut inner = (**inner).clone();
+            if inner.node_name().is_empty() {
+                inner.set_node_name(format!("{parent}-file"));
+            }
+            graph.add(&inner)
+        }
+    }
+}
+
 /// `discard` option: whether discard requests reach the storage.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]

@@ -51,16 +51,7 @@ pub struct RawDriver {
 
 impl RawDriver {
     pub fn open(o: &RawOptions, graph: &mut Graph) -> Result<Self, GraphError> {
-        let child = match &o.file {
-            BlockdevRef::Name(name) => graph.get(name)?,
-            BlockdevRef::Inline(inner) => {
-                let mut inner = (**inner).clone();
-                if inner.node_name().is_empty() {
-                    inner.set_node_name(format!("{}-file", o.node_name));
-                }
-                graph.add(&inner)?
-            }
-        };
+        let child = super::open_child(graph, &o.node_name, &o.file)?;
         let err = |reason: String| GraphError::Open {
             node: o.node_name.clone(),
             reason,

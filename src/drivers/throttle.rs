@@ -38,16 +38,7 @@ impl ThrottleDriver {
                 node: o.node_name.clone(),
                 reason: format!("throttle group '{}' does not exist", o.throttle_group),
             })?;
-        let child = match &o.file {
-            BlockdevRef::Name(name) => graph.get(name)?,
-            BlockdevRef::Inline(inner) => {
-                let mut inner = (**inner).clone();
-                if inner.node_name().is_empty() {
-                    inner.set_node_name(format!("{}-file", o.node_name));
-                }
-                graph.add(&inner)?
-            }
-        };
+        let child = super::open_child(graph, &o.node_name, &o.file)?;
         let mut perm = Perm::CONSISTENT_READ;
         if !o.read_only {
             perm = perm | Perm::WRITE;
