@@ -2,8 +2,9 @@
 //! at run time (QMP), and its start-up and shutdown.
 //!
 //! ```text
-//!   Config -> State::add_blockdev (Graph) -> State::bind_export (socket)
-//!          -> [daemonize] -> pidfile -> start exports and monitors
+//!   block SIGTERM/SIGINT -> [daemonize] -> Config -> State::add_blockdev
+//!          (Graph) -> State::bind_export (socket) -> pidfile
+//!          -> start exports and monitors
 //!   SIGTERM/SIGINT/quit -> quiesce exports -> drain -> flush every node
 //!          -> remove sockets and pidfile -> exit 0
 //! ```
@@ -459,8 +460,8 @@ fn daemonize() -> Result<std::fs::File, DaemonError> {
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
         return Err(DaemonError::Daemonize(std::io::Error::last_os_error()));
     }
-    // SAFETY: no other thread runs yet (daemonize is called before any is
-    // spawned), so the child may continue to run Rust code after fork.
+    // SAFETY: no other thread runs yet (run() forks before it creates any),
+    // so the child may continue to run Rust code after fork.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(DaemonError::Daemonize(std::io::Error::last_os_error()));
@@ -514,12 +515,23 @@ fn write_pidfile(path: &Path) -> Result<(), DaemonError> {
 /// Runs the daemon until SIGTERM, SIGINT or QMP `quit`, then shuts down
 /// cleanly.
 pub fn run(config: Config) -> Result<(), DaemonError> {
+    // Order matters: SIGTERM/SIGINT are blocked before any thread exists
+    // (threads inherit the mask; a thread that had them unblocked could be
+    // handed a SIGTERM and the process would die without draining), and the
+    // daemon forks before any thread exists (the event thread and throttle
+    // timers would not survive a fork). Start-up errors after the fork are
+    // printed by the child, whose exit tells the waiting parent.
+    let signals = TerminationSignals::block().map_err(DaemonError::Signals)?;
+    let mut ready_pipe = if config.daemonize {
+        Some(daemonize()?)
+    } else {
+        None
+    };
     let engine = EngineKind::probe();
     log::info!("I/O engine: {}", engine.name());
     let state = State::new(engine);
     // Everything that can fail on a bad configuration, before anything is
-    // detached, announced or threaded (throttle groups start their timer
-    // threads: they hold no lock a fork could leave taken).
+    // announced.
     for o in &config.objects {
         state
             .add_object(o)
@@ -536,12 +548,6 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     for m in &config.monitors {
         monitors.push(Monitor::bind(m, state.clone())?);
     }
-    let mut ready_pipe = if config.daemonize {
-        Some(daemonize()?)
-    } else {
-        None
-    };
-    let signals = TerminationSignals::block().map_err(DaemonError::Signals)?;
     if let Some(p) = &config.pidfile {
         write_pidfile(p)?;
     }

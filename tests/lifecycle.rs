@@ -985,3 +985,16 @@ fn wait_listening(child: &mut std::process::Child, sock: &std::path::Path, what:
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+#[test]
+fn daemonize_with_a_bad_configuration_exits_one_with_the_message() {
+    let (code, err) = run_daemon(&[
+        "--image",
+        "/nonexistent/disk.img",
+        "--socket",
+        "/tmp/vub-never.sock",
+        "--daemonize",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("/nonexistent/disk.img"), "{err}");
+}

@@ -1,7 +1,7 @@
 //! BlockBackend: the root edge an export holds on a node (QEMU's blk_*).
 //!
-//! It checks every request against the node's size, counts it in the node's
-//! drain counter and in the accounting, and turns the write-cache flag into
+//! It checks every request against the node's size, counts it in the
+//! accounting, and turns the write-cache flag into
 //! FUA writes: with the cache off, a write is durable when it completes.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -92,12 +92,9 @@ impl BlockBackend {
     where
         F: std::future::Future<Output = Result<(), BlockError>>,
     {
-        let drain = self.node().drain_counter();
-        drain.inc();
         let started = Instant::now();
         let r = f.await;
         self.stats.record_done(kind, bytes, started, r.is_ok());
-        drain.dec();
         r
     }
 

@@ -2,9 +2,9 @@
 //! child (BdrvChild), with the permissions each parent holds.
 //!
 //! Locking: `parents` is a mutex taken only when edges are added or removed
-//! (start-up and management), never on the I/O path. The drain counter is
-//! atomic on the I/O path; its mutex and condvar are touched only when a
-//! waiter exists.
+//! (start-up and management), never on the I/O path. A DrainCounter (used
+//! by exports and queues) is atomic on the I/O path; its mutex and condvar
+//! are touched only when a waiter exists.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -110,7 +110,6 @@ pub struct Node {
     driver: Driver,
     read_only: AtomicBool,
     parents: Mutex<Vec<ParentLink>>,
-    drain: DrainCounter,
     /// block-set-write-threshold: a write ending past this offset emits
     /// BLOCK_WRITE_THRESHOLD once; 0 means off.
     write_threshold: AtomicU64,
@@ -133,7 +132,6 @@ impl Node {
             driver,
             read_only: AtomicBool::new(read_only),
             parents: Mutex::new(Vec::new()),
-            drain: DrainCounter::default(),
             write_threshold: AtomicU64::new(0),
         })
     }
@@ -245,10 +243,6 @@ impl Node {
             .iter()
             .map(|p| p.parent.clone())
             .collect()
-    }
-
-    pub fn drain_counter(&self) -> &DrainCounter {
-        &self.drain
     }
 
     pub fn write_threshold(&self) -> u64 {

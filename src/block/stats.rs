@@ -92,7 +92,8 @@ impl BlockStats {
         } else {
             k.failed.fetch_add(1, Ordering::Relaxed);
         }
-        let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let now = Instant::now();
+        let ns = u64::try_from(now.duration_since(started).as_nanos()).unwrap_or(u64::MAX);
         k.total_time_ns.fetch_add(ns, Ordering::Relaxed);
         if self.histograms_on.load(Ordering::Relaxed) {
             let slot = match kind {
@@ -146,11 +147,19 @@ impl BlockStats {
     }
 }
 
-fn monotonic_ns() -> u64 {
+fn start() -> Instant {
     use std::sync::OnceLock;
     static START: OnceLock<Instant> = OnceLock::new();
-    let start = *START.get_or_init(Instant::now);
-    u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX) + 1
+    *START.get_or_init(Instant::now)
+}
+
+/// `t` as nanoseconds since the first use of the stats (never 0).
+fn since_start(t: Instant) -> u64 {
+    u64::try_from(t.saturating_duration_since(start()).as_nanos()).unwrap_or(u64::MAX) + 1
+}
+
+fn monotonic_ns() -> u64 {
+    since_start(Instant::now())
 }
 
 #[cfg(test)]

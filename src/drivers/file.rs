@@ -370,25 +370,52 @@ impl FileDriver {
     /// Reads all of `iov`, continuing after short reads; past the end of the
     /// file the rest reads as zeroes.
     async fn read_full(&self, node: &Node, offset: u64, iov: &IoVecs) -> Result<(), BlockError> {
+        self.transfer_full(node, offset, iov, None).await
+    }
+
+    /// Reads (`write` None) or writes all of `iov`, continuing after short
+    /// transfers. A read that hits the end of the file zero-fills the rest
+    /// (the file shrank under us, as QEMU does); a write that makes no
+    /// progress fails with ENOSPC.
+    async fn transfer_full(
+        &self,
+        node: &Node,
+        offset: u64,
+        iov: &IoVecs,
+        write: Option<bool>,
+    ) -> Result<(), BlockError> {
         let io = aio::current();
-        let mut done = 0u64;
+        let op_name = if write.is_some() { "write" } else { "read" };
         let len = iov.len();
+        let mut done = 0u64;
         while done < len {
             let part = if done == 0 {
                 iov.clone()
             } else {
                 iov.tail(done)
             };
-            let n = io
-                .run(Op::Readv {
+            let op = match write {
+                None => Op::Readv {
                     fd: self.fd(),
                     iov: part.clone(),
                     offset: offset + done,
-                })
+                },
+                Some(dsync) => Op::Writev {
+                    fd: self.fd(),
+                    iov: part.clone(),
+                    offset: offset + done,
+                    dsync,
+                },
+            };
+            let n = io
+                .run(op)
                 .await
-                .map_err(|e| Self::io_err(node, "read", offset, len, e))?;
+                .map_err(|e| Self::io_err(node, op_name, offset, len, e))?;
             if n == 0 {
-                // End of file (the file shrank under us): zeroes, as QEMU.
+                if write.is_some() {
+                    let e = io::Error::from_raw_os_error(libc::ENOSPC);
+                    return Err(Self::io_err(node, op_name, offset, len, e));
+                }
                 part.fill_zero();
                 break;
             }
@@ -420,36 +447,7 @@ impl FileDriver {
         iov: &IoVecs,
         fua: bool,
     ) -> Result<(), BlockError> {
-        let io = aio::current();
-        let mut done = 0u64;
-        let len = iov.len();
-        while done < len {
-            let part = if done == 0 {
-                iov.clone()
-            } else {
-                iov.tail(done)
-            };
-            let n = io
-                .run(Op::Writev {
-                    fd: self.fd(),
-                    iov: part,
-                    offset: offset + done,
-                    dsync: fua,
-                })
-                .await
-                .map_err(|e| Self::io_err(node, "write", offset, len, e))?;
-            if n == 0 {
-                return Err(Self::io_err(
-                    node,
-                    "write",
-                    offset,
-                    len,
-                    io::Error::from_raw_os_error(libc::ENOSPC),
-                ));
-            }
-            done += n;
-        }
-        Ok(())
+        self.transfer_full(node, offset, iov, Some(fua)).await
     }
 
     pub async fn flush(&self, node: &Node) -> Result<(), BlockError> {

@@ -433,9 +433,14 @@ mod tests {
     /// Issues requests as fast as the state allows for `secs` of simulated
     /// time; returns how many went.
     fn run(st: &mut ThrottleState, dir: Direction, bytes: u64, secs: u64) -> u64 {
-        let (mut now, mut n) = (0u64, 0u64);
+        run_between(st, dir, bytes, 0, secs)
+    }
+
+    /// The same, from second `from` to second `to` of simulated time.
+    fn run_between(st: &mut ThrottleState, dir: Direction, bytes: u64, from: u64, to: u64) -> u64 {
+        let (mut now, mut n) = (from * SEC, 0u64);
         // Unthrottled requests cost no simulated time: stop at a bound.
-        while now < secs * SEC && n < 10_000_000 {
+        while now < to * SEC && n < 10_000_000 {
             let w = st.wait_ns(now, dir);
             if w > 0 {
                 now += w;
@@ -480,34 +485,8 @@ mod tests {
         assert!((5000..=5600).contains(&first), "{first}");
         // The burst bucket also leaks at avg while bursting, so the burst
         // lasts a little over max-length; measure the average after it.
-        let mut st2 = st.clone();
-        let _ = {
-            let (mut now, mut n) = (5 * SEC, 0u64);
-            while now < 10 * SEC {
-                let w = st2.wait_ns(now, Direction::Read);
-                if w > 0 {
-                    now += w;
-                    continue;
-                }
-                st2.account(Direction::Read, 512);
-                n += 1;
-            }
-            n
-        };
-        let later = {
-            let start = 10 * SEC;
-            let (mut now, mut n) = (start, 0u64);
-            while now < start + 10 * SEC {
-                let w = st2.wait_ns(now, Direction::Read);
-                if w > 0 {
-                    now += w;
-                    continue;
-                }
-                st2.account(Direction::Read, 512);
-                n += 1;
-            }
-            n
-        };
+        run_between(&mut st, Direction::Read, 512, 5, 10);
+        let later = run_between(&mut st, Direction::Read, 512, 10, 20);
         assert!((900..=1100).contains(&later), "{later} in 10 s at 100/s");
     }
 

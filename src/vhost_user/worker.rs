@@ -127,6 +127,11 @@ struct Worker {
     pool: LocalPool,
     spawner: LocalSpawner,
     done: Rc<RefCell<Vec<Completion>>>,
+    /// The export, shared by this thread's tasks through a thread-local Rc:
+    /// cloning it per request touches no atomic shared with other queues.
+    /// (One extra allocation per connection, on purpose.)
+    #[allow(clippy::redundant_allocation)]
+    export: Rc<Arc<ExportState>>,
     /// The other completion buffer, swapped with `done` at each flush.
     spare: Vec<Completion>,
     /// Global queue index of each of this thread's vrings.
@@ -169,6 +174,7 @@ impl Worker {
             pool,
             spawner,
             done: Rc::new(RefCell::new(Vec::with_capacity(256))),
+            export: Rc::new(blk.export.clone()),
             spare: Vec::with_capacity(256),
             queues,
             heads,
@@ -302,12 +308,12 @@ impl Worker {
             }
             blk.queues[usize::from(queue)].inc();
             blk.export.in_flight().inc();
-            self.start(blk, queue, virtio_blk::parse(chain, mem.clone(), limits));
+            self.start(queue, virtio_blk::parse(chain, mem.clone(), limits));
         }
         true
     }
 
-    fn start(&mut self, blk: &VhostUserBlk, queue: u16, parsed: Parsed) {
+    fn start(&mut self, queue: u16, parsed: Parsed) {
         match parsed {
             Parsed::Failed {
                 head,
@@ -323,7 +329,7 @@ impl Worker {
                 self.done.borrow_mut().push(Completion { queue, head, len });
             }
             Parsed::Request(req) => {
-                let export = blk.export.clone();
+                let export = self.export.clone();
                 let done = self.done.clone();
                 let task = async move {
                     let status = run_request(&req, &export).await;
