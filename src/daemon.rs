@@ -319,6 +319,12 @@ impl State {
                     n.check_reopen(no)?;
                     None
                 }
+                (Driver::Qcow2(_), BlockdevOptions::Qcow2(_)) => {
+                    return Err(format!(
+                        "node '{}': qcow2 nodes cannot be reopened yet",
+                        node.name()
+                    ))
+                }
                 (Driver::Throttle(_), BlockdevOptions::Throttle(_)) => {
                     return Err(format!(
                         "node '{}': throttle nodes cannot be reopened yet; change the group's limits with qom-set",
@@ -443,12 +449,28 @@ impl State {
             }
         }
         let nodes: Vec<Arc<Node>> = self.graph().nodes().cloned().collect();
-        for node in nodes {
+        for node in &nodes {
             if let Err(e) = futures::executor::block_on(node.flush()) {
                 log::error!("flush of node {} failed: {e}", node.name());
             }
         }
+        // Parents before children: a format writes its metadata into its
+        // file child as it closes.
+        let mut order: Vec<&Arc<Node>> = nodes.iter().collect();
+        order.sort_by_key(|n| std::cmp::Reverse(depth_below(n)));
+        for node in order {
+            node.close();
+        }
     }
+}
+
+/// The longest path from `node` down to a leaf.
+fn depth_below(node: &Node) -> usize {
+    node.children()
+        .iter()
+        .map(|c| 1 + depth_below(c.node()))
+        .max()
+        .unwrap_or(0)
 }
 
 /// Forks; the parent exits once the child reports it is ready (or failed).

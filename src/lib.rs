@@ -15,6 +15,7 @@
 
 pub mod block;
 pub mod config;
+pub mod create;
 pub mod daemon;
 pub mod drivers;
 pub mod events;

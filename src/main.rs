@@ -8,6 +8,16 @@ use vhost_user_blkd::daemon;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("create") {
+        return match vhost_user_blkd::create::run(&argv[2..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vhost-user-blkd create: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     let args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) => {

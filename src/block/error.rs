@@ -16,6 +16,10 @@ pub enum BlockError {
     },
     #[error("node {node} is read-only")]
     ReadOnly { node: String },
+    #[error("node {node}: image is corrupt: {reason}")]
+    Corrupt { node: String, reason: String },
+    #[error("node {node}: {reason}")]
+    Unsupported { node: String, reason: String },
     #[error("{op} at offset {offset} length {len} on node {node} failed")]
     Io {
         node: String,
@@ -33,6 +37,8 @@ impl BlockError {
         match self {
             BlockError::OutOfRange { .. } => libc::EINVAL,
             BlockError::ReadOnly { .. } => libc::EROFS,
+            BlockError::Corrupt { .. } => libc::EIO,
+            BlockError::Unsupported { .. } => libc::ENOTSUP,
             BlockError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
         }
     }

@@ -13,6 +13,9 @@ use crate::throttle::{ThrottleGroup, ThrottleLimits};
 #[derive(Default)]
 pub struct Graph {
     nodes: BTreeMap<String, Arc<Node>>,
+    /// Nodes opened implicitly for a parent (inline children, backing files
+    /// from image headers): removed with their last parent.
+    implicit: std::collections::BTreeSet<String>,
     /// Throttle groups (`throttle-group` objects), by id.
     throttle_groups: BTreeMap<String, Arc<ThrottleGroup>>,
 }
@@ -49,6 +52,14 @@ impl Graph {
         let driver = Driver::open(opts, self)?;
         let node = Node::new(name.clone(), driver, read_only);
         self.nodes.insert(name, node.clone());
+        Ok(node)
+    }
+
+    /// Opens a node for a parent (an inline child or a backing file named
+    /// by an image header); it goes away with its last parent.
+    pub fn add_implicit(&mut self, opts: &BlockdevOptions) -> Result<Arc<Node>, GraphError> {
+        let node = self.add(opts)?;
+        self.implicit.insert(node.name().to_string());
         Ok(node)
     }
 
@@ -92,8 +103,9 @@ impl Graph {
         Ok(())
     }
 
-    /// Removes a node that no parent uses any more.
-    pub fn remove(&mut self, name: &str) -> Result<Arc<Node>, GraphError> {
+    /// Removes a node that no parent uses any more (writing out what its
+    /// driver caches), then the implicit nodes it leaves without a parent.
+    pub fn remove(&mut self, name: &str) -> Result<(), GraphError> {
         let node = self.get(name)?;
         let parents = node.parents();
         if !parents.is_empty() {
@@ -102,7 +114,24 @@ impl Graph {
                 users: parents.join(", "),
             });
         }
+        node.close();
         self.nodes.remove(name);
-        Ok(node)
+        self.implicit.remove(name);
+        drop(node);
+        loop {
+            let orphan = self.implicit.iter().find(|n| {
+                self.nodes
+                    .get(*n)
+                    .is_some_and(|node| node.parents().is_empty() && Arc::strong_count(node) == 1)
+            });
+            let Some(orphan) = orphan.cloned() else {
+                break;
+            };
+            if let Some(node) = self.nodes.remove(&orphan) {
+                node.close();
+            }
+            self.implicit.remove(&orphan);
+        }
+        Ok(())
     }
 }

@@ -231,6 +231,7 @@ impl Node {
                 s
             }),
             Driver::Raw(r) => r.truncate(size),
+            Driver::Qcow2(q) => q.truncate(self, size),
             // A filter resizes what it filters.
             Driver::Throttle(t) => t.file().node().truncate(size),
             Driver::Null(_) => Err(format!("node '{}' (null-co) cannot be resized", self.name)),
@@ -384,6 +385,21 @@ impl Node {
 
     pub fn flush(&self) -> LocalBoxFuture<'_, Result<(), BlockError>> {
         self.driver.flush(self)
+    }
+
+    /// What `[offset, offset + len)` reads as from its start, how far, and
+    /// at which depth of the backing chain.
+    pub fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> LocalBoxFuture<'_, Result<crate::drivers::BlockStatus, BlockError>> {
+        self.driver.block_status(self, offset, len)
+    }
+
+    /// Writes out cached metadata before the node is removed.
+    pub fn close(&self) {
+        self.driver.close();
     }
 
     pub fn pdiscard(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<(), BlockError>> {

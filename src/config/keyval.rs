@@ -46,6 +46,18 @@ pub fn parse(s: &str, implied: Option<&str>) -> Result<Value, KeyvalError> {
     Ok(Value::Object(root))
 }
 
+/// `key=value` pairs of a flat option string (qemu-img's `-o`), in order.
+pub fn split_pairs(s: &str) -> Result<Vec<(String, String)>, String> {
+    split(s)
+        .into_iter()
+        .filter(|i| !i.is_empty())
+        .map(|item| match find_equals(&item) {
+            Some(pos) => Ok((item[..pos].to_string(), item[pos + 1..].to_string())),
+            None => Err(KeyvalError::MissingEquals(item).to_string()),
+        })
+        .collect()
+}
+
 /// Splits on single commas; `,,` becomes a literal comma.
 fn split(s: &str) -> Vec<String> {
     let mut items = Vec::new();

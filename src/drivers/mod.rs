@@ -5,11 +5,13 @@
 
 mod file;
 mod null;
+pub mod qcow2;
 mod raw;
 mod throttle;
 
 pub use file::{CacheOptions, FileDriver, FileOptions, Locking};
 pub use null::{NullDriver, NullOptions};
+pub use qcow2::{Allocation, BlockStatus, Qcow2Driver, Qcow2Options};
 pub use raw::{RawDriver, RawOptions};
 pub use throttle::{ThrottleDriver, ThrottleOptions};
 
@@ -25,6 +27,7 @@ use crate::io::IoVecs;
 pub enum BlockdevOptions {
     File(FileOptions),
     NullCo(NullOptions),
+    Qcow2(Qcow2Options),
     Raw(RawOptions),
     Throttle(ThrottleOptions),
 }
@@ -52,7 +55,7 @@ pub(crate) fn open_child(
             if inner.node_name().is_empty() {
                 inner.set_node_name(format!("{parent}-file"));
             }
-            graph.add(&inner)
+            graph.add_implicit(&inner)
         }
     }
 }
@@ -73,6 +76,7 @@ impl BlockdevOptions {
         match self {
             BlockdevOptions::File(o) => &o.node_name,
             BlockdevOptions::NullCo(o) => &o.node_name,
+            BlockdevOptions::Qcow2(o) => &o.node_name,
             BlockdevOptions::Raw(o) => &o.node_name,
             BlockdevOptions::Throttle(o) => &o.node_name,
         }
@@ -82,6 +86,7 @@ impl BlockdevOptions {
         match self {
             BlockdevOptions::File(o) => o.node_name = name,
             BlockdevOptions::NullCo(o) => o.node_name = name,
+            BlockdevOptions::Qcow2(o) => o.node_name = name,
             BlockdevOptions::Raw(o) => o.node_name = name,
             BlockdevOptions::Throttle(o) => o.node_name = name,
         }
@@ -91,6 +96,7 @@ impl BlockdevOptions {
         match self {
             BlockdevOptions::File(o) => o.read_only,
             BlockdevOptions::NullCo(o) => o.read_only,
+            BlockdevOptions::Qcow2(o) => o.read_only,
             BlockdevOptions::Raw(o) => o.read_only,
             BlockdevOptions::Throttle(o) => o.read_only,
         }
@@ -100,6 +106,7 @@ impl BlockdevOptions {
         match self {
             BlockdevOptions::File(_) => "file",
             BlockdevOptions::NullCo(_) => "null-co",
+            BlockdevOptions::Qcow2(_) => "qcow2",
             BlockdevOptions::Raw(_) => "raw",
             BlockdevOptions::Throttle(_) => "throttle",
         }
@@ -110,6 +117,7 @@ impl BlockdevOptions {
 pub enum Driver {
     File(FileDriver),
     Null(NullDriver),
+    Qcow2(Box<Qcow2Driver>),
     Raw(RawDriver),
     Throttle(ThrottleDriver),
 }
@@ -121,6 +129,9 @@ impl Driver {
         match opts {
             BlockdevOptions::File(o) => FileDriver::open(o).map(Driver::File),
             BlockdevOptions::NullCo(o) => NullDriver::open(o).map(Driver::Null),
+            BlockdevOptions::Qcow2(o) => {
+                Qcow2Driver::open(o, graph).map(|d| Driver::Qcow2(Box::new(d)))
+            }
             BlockdevOptions::Raw(o) => RawDriver::open(o, graph).map(Driver::Raw),
             BlockdevOptions::Throttle(o) => ThrottleDriver::open(o, graph).map(Driver::Throttle),
         }
@@ -130,6 +141,7 @@ impl Driver {
         match self {
             Driver::File(_) => "file",
             Driver::Null(_) => "null-co",
+            Driver::Qcow2(_) => "qcow2",
             Driver::Raw(_) => "raw",
             Driver::Throttle(_) => "throttle",
         }
@@ -139,6 +151,7 @@ impl Driver {
         match self {
             Driver::File(d) => d.size(),
             Driver::Null(d) => d.size(),
+            Driver::Qcow2(d) => d.size(),
             Driver::Raw(d) => d.size(),
             Driver::Throttle(d) => d.size(),
         }
@@ -148,6 +161,7 @@ impl Driver {
         match self {
             Driver::File(d) => d.request_alignment(),
             Driver::Null(_) => 1,
+            Driver::Qcow2(d) => d.request_alignment(),
             Driver::Raw(d) => d.request_alignment(),
             Driver::Throttle(d) => d.request_alignment(),
         }
@@ -158,6 +172,11 @@ impl Driver {
             Driver::File(_) | Driver::Null(_) => Vec::new(),
             Driver::Raw(d) => vec![d.file()],
             Driver::Throttle(d) => vec![d.file()],
+            Driver::Qcow2(d) => {
+                let mut v = vec![d.file()];
+                v.extend(d.backing());
+                v
+            }
         }
     }
 
@@ -170,6 +189,7 @@ impl Driver {
         match self {
             Driver::File(d) => Box::pin(d.preadv(node, offset, iov)),
             Driver::Null(d) => Box::pin(std::future::ready(d.preadv(iov))),
+            Driver::Qcow2(d) => Box::pin(d.preadv(offset, iov)),
             Driver::Raw(d) => d.preadv(offset, iov),
             Driver::Throttle(d) => d.preadv(offset, iov),
         }
@@ -185,6 +205,7 @@ impl Driver {
         match self {
             Driver::File(d) => Box::pin(d.pwritev(node, offset, iov, fua)),
             Driver::Null(_) => Box::pin(std::future::ready(Ok(()))),
+            Driver::Qcow2(d) => Box::pin(d.pwritev(node, offset, iov, fua)),
             Driver::Raw(d) => d.pwritev(offset, iov, fua),
             Driver::Throttle(d) => d.pwritev(offset, iov, fua),
         }
@@ -194,6 +215,7 @@ impl Driver {
         match self {
             Driver::File(d) => Box::pin(d.flush(node)),
             Driver::Null(_) => Box::pin(std::future::ready(Ok(()))),
+            Driver::Qcow2(d) => Box::pin(d.flush()),
             Driver::Raw(d) => d.flush(),
             Driver::Throttle(d) => d.flush(),
         }
@@ -208,6 +230,7 @@ impl Driver {
         match self {
             Driver::File(d) => Box::pin(d.pdiscard(node, offset, len)),
             Driver::Null(_) => Box::pin(std::future::ready(Ok(()))),
+            Driver::Qcow2(d) => Box::pin(d.pdiscard(offset, len)),
             Driver::Raw(d) => d.pdiscard(offset, len),
             Driver::Throttle(d) => d.pdiscard(offset, len),
         }
@@ -224,8 +247,67 @@ impl Driver {
         match self {
             Driver::File(d) => Box::pin(d.pwrite_zeroes(node, offset, len, may_unmap, fua)),
             Driver::Null(_) => Box::pin(std::future::ready(Ok(()))),
+            Driver::Qcow2(d) => Box::pin(d.pwrite_zeroes(node, offset, len, may_unmap, fua)),
             Driver::Raw(d) => d.pwrite_zeroes(offset, len, may_unmap, fua),
             Driver::Throttle(d) => d.pwrite_zeroes(offset, len, may_unmap, fua),
         }
+    }
+}
+
+impl Driver {
+    /// What `[offset, offset + len)` reads as from its start, and how far.
+    pub fn block_status<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        len: u64,
+    ) -> LocalBoxFuture<'a, Result<BlockStatus, BlockError>> {
+        let data = |len| {
+            Box::pin(std::future::ready(Ok(BlockStatus {
+                kind: Allocation::Data,
+                len,
+                depth: 0,
+            })))
+        };
+        let _ = node;
+        match self {
+            Driver::Qcow2(d) => Box::pin(d.block_status(offset, len)),
+            Driver::Raw(d) => {
+                let inner = d.file().node().clone();
+                let base = d.offset();
+                Box::pin(async move { inner.block_status(base + offset, len).await })
+            }
+            Driver::Throttle(d) => d.file().node().block_status(offset, len),
+            Driver::File(_) => data(len),
+            Driver::Null(d) => Box::pin(std::future::ready(Ok(BlockStatus {
+                kind: if d.reads_zeroes() {
+                    Allocation::Zero
+                } else {
+                    Allocation::Data
+                },
+                len,
+                depth: 0,
+            }))),
+        }
+    }
+
+    /// Writes out what the driver keeps in memory before the node goes
+    /// away (management threads only).
+    pub fn close(&self) {
+        if let Driver::Qcow2(d) = self {
+            d.close();
+        }
+    }
+}
+
+/// The file name under a node, following `file` children down to a file
+/// node.
+pub fn file_name_of(node: &Node) -> Option<String> {
+    match node.driver() {
+        Driver::File(f) => Some(f.filename().to_string()),
+        Driver::Raw(r) => file_name_of(r.file().node()),
+        Driver::Qcow2(q) => file_name_of(q.file().node()),
+        Driver::Throttle(t) => file_name_of(t.file().node()),
+        Driver::Null(_) => None,
     }
 }

@@ -41,6 +41,10 @@ impl NullDriver {
         })
     }
 
+    pub fn reads_zeroes(&self) -> bool {
+        self.read_zeroes.load(Ordering::Relaxed)
+    }
+
     pub fn size(&self) -> u64 {
         self.size
     }

@@ -94,6 +94,11 @@ impl RawDriver {
         })
     }
 
+    /// Where the window starts in the file child.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
     pub fn file(&self) -> &Child {
         &self.file
     }

@@ -33,6 +33,8 @@ pub enum Owner {
     Bounce(AlignedBuf),
     /// Part of another list.
     Parent(IoVecs),
+    /// Several lists joined into one.
+    Parents(Vec<IoVecs>),
 }
 
 impl fmt::Debug for IoVecs {
@@ -128,6 +130,18 @@ impl IoVecs {
         // SAFETY: every new segment lies within a segment of `self`, and the
         // new list owns a clone of `self`, which keeps that memory valid.
         unsafe { IoVecs::from_raw(iov, Owner::Parent(self.clone())) }
+    }
+
+    /// The lists one after another, as one list that keeps them alive.
+    pub fn concat(parts: Vec<IoVecs>) -> IoVecs {
+        let iov: Vec<libc::iovec> = parts
+            .iter()
+            .flat_map(|p| p.as_slice().iter().copied())
+            .filter(|v| v.iov_len > 0)
+            .collect();
+        // SAFETY: every segment is a segment of one of `parts`, which the new
+        // list owns, so the memory stays valid.
+        unsafe { IoVecs::from_raw(iov, Owner::Parents(parts)) }
     }
 
     /// Fills the whole list with zeroes.

@@ -540,6 +540,7 @@ fn filename(node: &Node) -> String {
         Driver::File(f) => f.filename().to_string(),
         Driver::Null(_) => "null-co://".to_string(),
         Driver::Raw(r) => filename(r.file().node()),
+        Driver::Qcow2(q) => filename(q.file().node()),
         Driver::Throttle(t) => filename(t.file().node()),
     }
 }
@@ -549,6 +550,7 @@ fn direct(node: &Node) -> bool {
         Driver::File(f) => f.is_direct(),
         Driver::Null(_) => false,
         Driver::Raw(r) => direct(r.file().node()),
+        Driver::Qcow2(q) => direct(q.file().node()),
         Driver::Throttle(t) => direct(t.file().node()),
     }
 }
@@ -558,32 +560,98 @@ fn no_flush(node: &Node) -> bool {
         Driver::File(f) => f.is_no_flush(),
         Driver::Null(_) => false,
         Driver::Raw(r) => no_flush(r.file().node()),
+        Driver::Qcow2(q) => no_flush(q.file().node()),
         Driver::Throttle(t) => no_flush(t.file().node()),
     }
 }
 
 /// BlockDeviceInfo (qapi/block-core.json).
-fn block_device_info(node: &Node, flat: bool) -> Value {
+/// ImageInfo of a node and (unless `flat`) its backing chain.
+fn image_info(node: &Node, flat: bool) -> Map<String, Value> {
     let mut image = Map::new();
     image.insert("filename".into(), json!(filename(node)));
     image.insert("format".into(), json!(node.driver_name()));
     image.insert("virtual-size".into(), json!(node.size()));
     image.insert("dirty-flag".into(), json!(false));
-    let _ = flat; // no backing chains yet: flat and nested are the same
-    json!({
+    if let Driver::Qcow2(q) = node.driver() {
+        let h = q.header();
+        image.insert("cluster-size".into(), json!(q.cluster_size()));
+        image.insert(
+            "format-specific".into(),
+            json!({"type": "qcow2", "data": {
+                "compat": if h.version >= 3 { "1.1" } else { "0.10" },
+                "lazy-refcounts": q.is_lazy(),
+                "refcount-bits": h.refcount_bits(),
+                "corrupt": h.incompatible & 2 != 0,
+                "extended-l2": h.extended_l2(),
+            }}),
+        );
+        if let Some(b) = &h.backing_file {
+            image.insert("backing-filename".into(), json!(b));
+        }
+        if let Some(f) = &h.backing_format {
+            image.insert("backing-filename-format".into(), json!(f));
+        }
+        if !q.snapshots().is_empty() {
+            let snaps: Vec<Value> = q
+                .snapshots()
+                .iter()
+                .map(|s| {
+                    json!({"id": s.id, "name": s.name, "vm-state-size": s.vm_state_size,
+                           "date-sec": s.date_sec, "date-nsec": s.date_nsec,
+                           "vm-clock-sec": s.vm_clock_nsec / 1_000_000_000,
+                           "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000})
+                })
+                .collect();
+            image.insert("snapshots".into(), json!(snaps));
+        }
+        if let Some(b) = q.backing() {
+            image.insert("full-backing-filename".into(), json!(filename(b.node())));
+            if !flat {
+                image.insert(
+                    "backing-image".into(),
+                    Value::Object(image_info(b.node(), false)),
+                );
+            }
+        }
+    }
+    image
+}
+
+/// How many backing nodes are below `node`.
+fn backing_depth(node: &Node) -> u32 {
+    match node.driver() {
+        Driver::Qcow2(q) => q.backing().map_or(0, |b| 1 + backing_depth(b.node())),
+        _ => 0,
+    }
+}
+
+fn block_device_info(node: &Node, flat: bool) -> Value {
+    let image = image_info(node, flat);
+    let mut backing = Value::Null;
+    if let Driver::Qcow2(q) = node.driver() {
+        if let Some(b) = q.backing() {
+            backing = json!(filename(b.node()));
+        }
+    }
+    let mut v = json!({
         "node-name": node.name(),
         "drv": node.driver_name(),
         "file": filename(node),
         "ro": node.is_read_only(),
         "encrypted": false,
-        "backing_file_depth": 0,
+        "backing_file_depth": backing_depth(node),
         "detect_zeroes": "off",
         "bps": 0, "bps_rd": 0, "bps_wr": 0,
         "iops": 0, "iops_rd": 0, "iops_wr": 0,
         "write_threshold": node.write_threshold(),
         "image": Value::Object(image),
         "cache": {"writeback": true, "direct": direct(node), "no-flush": no_flush(node)},
-    })
+    });
+    if !backing.is_null() {
+        v["backing_file"] = backing;
+    }
+    v
 }
 
 fn perm_names(p: Perm) -> Vec<&'static str> {

@@ -1,0 +1,523 @@
+//! The qcow2 header, its extensions and the snapshot table, parsed and
+//! checked against docs/interop/qcow2.txt before any table is trusted.
+
+use std::collections::BTreeMap;
+
+pub const MAGIC: u32 = 0x5146_49fb; // "QFI\xfb"
+pub const EXT_END: u32 = 0;
+pub const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+pub const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
+pub const EXT_BITMAPS: u32 = 0x2385_2875;
+pub const EXT_CRYPTO: u32 = 0x0537_be77;
+
+pub const INCOMPAT_DIRTY: u64 = 1 << 0;
+pub const INCOMPAT_CORRUPT: u64 = 1 << 1;
+pub const INCOMPAT_DATA_FILE: u64 = 1 << 2;
+pub const INCOMPAT_COMPRESSION: u64 = 1 << 3;
+pub const INCOMPAT_EXTL2: u64 = 1 << 4;
+pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
+
+/// Byte offsets of the header fields we rewrite in place.
+pub const OFF_SIZE: u64 = 24;
+pub const OFF_REFTABLE: u64 = 48;
+pub const OFF_INCOMPAT: u64 = 72;
+
+/// Limits that bound memory and time for hostile images (QEMU's).
+pub const MAX_L1_BYTES: u64 = 32 << 20;
+pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
+pub const MAX_SNAPSHOTS: u32 = 65536;
+pub const MAX_BACKING_NAME: u32 = 1023;
+/// Host offsets in tables use bits 9..55.
+pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+pub const MAX_IMAGE_SIZE: u64 = 1 << 61;
+
+#[derive(Debug, Clone)]
+pub struct Header {
+    pub version: u32,
+    pub backing_file_offset: u64,
+    pub backing_file_size: u32,
+    pub cluster_bits: u32,
+    pub size: u64,
+    pub l1_size: u32,
+    pub l1_table_offset: u64,
+    pub refcount_table_offset: u64,
+    pub refcount_table_clusters: u32,
+    pub nb_snapshots: u32,
+    pub snapshots_offset: u64,
+    pub incompatible: u64,
+    pub compatible: u64,
+    pub autoclear: u64,
+    pub refcount_order: u32,
+    pub header_length: u32,
+    pub compression_type: u8,
+    pub backing_file: Option<String>,
+    pub backing_format: Option<String>,
+    /// Names from the feature name table: (type, bit) -> name.
+    pub feature_names: BTreeMap<(u8, u8), String>,
+    /// Extension types present (kept on disk as they are).
+    pub extensions: Vec<u32>,
+}
+
+fn be32(b: &[u8], off: usize) -> u32 {
+    u32::from_be_bytes(b[off..off + 4].try_into().unwrap_or([0; 4]))
+}
+
+fn be64(b: &[u8], off: usize) -> u64 {
+    u64::from_be_bytes(b[off..off + 8].try_into().unwrap_or([0; 8]))
+}
+
+impl Header {
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    pub fn extended_l2(&self) -> bool {
+        self.incompatible & INCOMPAT_EXTL2 != 0
+    }
+
+    pub fn refcount_bits(&self) -> u32 {
+        1 << self.refcount_order
+    }
+
+    /// Parses the header from the image's first cluster (at least the first
+    /// 4 KiB, or all of it when shorter) and checks every field.
+    pub fn parse(b: &[u8], file_size: u64) -> Result<Header, String> {
+        if b.len() < 72 {
+            return Err("image is too short for a qcow2 header".into());
+        }
+        if be32(b, 0) != MAGIC {
+            return Err("not a qcow2 image (bad magic)".into());
+        }
+        let version = be32(b, 4);
+        if version != 2 && version != 3 {
+            return Err(format!("unsupported qcow2 version {version}"));
+        }
+        let cluster_bits = be32(b, 20);
+        if !(9..=21).contains(&cluster_bits) {
+            return Err(format!(
+                "cluster size 2^{cluster_bits} is outside 512 B to 2 MiB"
+            ));
+        }
+        let cluster_size = 1u64 << cluster_bits;
+        if b.len() < cluster_size.min(4096) as usize && (b.len() as u64) < file_size {
+            return Err("short read of the header".into());
+        }
+        let mut h = Header {
+            version,
+            backing_file_offset: be64(b, 8),
+            backing_file_size: be32(b, 16),
+            cluster_bits,
+            size: be64(b, 24),
+            l1_size: be32(b, 36),
+            l1_table_offset: be64(b, 40),
+            refcount_table_offset: be64(b, 48),
+            refcount_table_clusters: be32(b, 56),
+            nb_snapshots: be32(b, 60),
+            snapshots_offset: be64(b, 64),
+            incompatible: 0,
+            compatible: 0,
+            autoclear: 0,
+            refcount_order: 4,
+            header_length: 72,
+            compression_type: 0,
+            backing_file: None,
+            backing_format: None,
+            feature_names: BTreeMap::new(),
+            extensions: Vec::new(),
+        };
+        let crypt = be32(b, 32);
+        if crypt != 0 {
+            return Err(format!(
+                "encrypted images (crypt_method {crypt}) are not supported"
+            ));
+        }
+        if version == 3 {
+            if b.len() < 104 {
+                return Err("image is too short for a version 3 header".into());
+            }
+            h.incompatible = be64(b, 72);
+            h.compatible = be64(b, 80);
+            h.autoclear = be64(b, 88);
+            h.refcount_order = be32(b, 96);
+            h.header_length = be32(b, 100);
+            if h.header_length < 104 || h.header_length % 8 != 0 {
+                return Err(format!(
+                    "header_length {} must be at least 104 and a multiple of 8",
+                    h.header_length
+                ));
+            }
+            if u64::from(h.header_length) > cluster_size.min(b.len() as u64) {
+                return Err(format!(
+                    "header_length {} is larger than the cluster",
+                    h.header_length
+                ));
+            }
+            if h.header_length > 104 {
+                h.compression_type = b[104];
+            }
+        }
+        if h.refcount_order > 6 {
+            return Err(format!(
+                "refcount_order {} is invalid (refcounts are 1 to 64 bits)",
+                h.refcount_order
+            ));
+        }
+        h.parse_extensions(b)?;
+        h.check_features()?;
+        h.check_tables(file_size)?;
+        h.read_backing_name(b)?;
+        Ok(h)
+    }
+
+    fn parse_extensions(&mut self, b: &[u8]) -> Result<(), String> {
+        let limit = b.len().min(1 << self.cluster_bits);
+        let mut off = self.header_length as usize;
+        loop {
+            if off + 8 > limit {
+                // v2 images may have no end marker when the header fills
+                // the cluster; stop at the end of what we read.
+                break;
+            }
+            let ty = be32(b, off);
+            let len = be32(b, off + 4) as usize;
+            off += 8;
+            if ty == EXT_END {
+                break;
+            }
+            if off + len > limit {
+                return Err(format!(
+                    "header extension 0x{ty:08x} of {len} bytes runs past the first cluster"
+                ));
+            }
+            let data = &b[off..off + len];
+            match ty {
+                EXT_BACKING_FORMAT => {
+                    let s = String::from_utf8_lossy(data)
+                        .trim_end_matches('\0')
+                        .to_string();
+                    self.backing_format = Some(s);
+                }
+                EXT_FEATURE_TABLE => {
+                    for e in data.chunks_exact(48) {
+                        let name = String::from_utf8_lossy(&e[2..])
+                            .trim_end_matches('\0')
+                            .to_string();
+                        self.feature_names.insert((e[0], e[1]), name);
+                    }
+                }
+                EXT_CRYPTO => {
+                    return Err("encrypted images are not supported".into());
+                }
+                _ => {}
+            }
+            self.extensions.push(ty);
+            off += len.div_ceil(8) * 8;
+        }
+        Ok(())
+    }
+
+    fn feature_name(&self, ty: u8, bit: u8) -> String {
+        match self.feature_names.get(&(ty, bit)) {
+            Some(n) if !n.is_empty() => format!("'{n}' (bit {bit})"),
+            _ => format!("unknown feature bit {bit}"),
+        }
+    }
+
+    fn check_features(&self) -> Result<(), String> {
+        let known = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
+        let unknown = self.incompatible & !known;
+        if unknown != 0 {
+            let names: Vec<String> = (0..64u8)
+                .filter(|bit| unknown & (1 << bit) != 0)
+                .map(|bit| {
+                    if 1u64 << bit == INCOMPAT_DATA_FILE {
+                        "'external data file' (bit 2)".to_string()
+                    } else {
+                        self.feature_name(0, bit)
+                    }
+                })
+                .collect();
+            return Err(format!(
+                "unsupported incompatible feature(s): {}",
+                names.join(", ")
+            ));
+        }
+        let has_ct = self.incompatible & INCOMPAT_COMPRESSION != 0;
+        match (self.compression_type, has_ct) {
+            (0, _) => {}
+            (1, true) => {
+                return Err("compression type zstd is not supported (only zlib)".into());
+            }
+            (t, true) => return Err(format!("unknown compression type {t}")),
+            (t, false) => {
+                return Err(format!(
+                    "compression type {t} set without the compression type feature bit"
+                ))
+            }
+        }
+        if self.version == 2 && self.extended_l2() {
+            return Err("extended L2 entries need a version 3 image".into());
+        }
+        if self.extended_l2() && self.cluster_bits < 14 {
+            return Err("extended L2 entries need clusters of at least 16 KiB".into());
+        }
+        Ok(())
+    }
+
+    fn check_tables(&self, file_size: u64) -> Result<(), String> {
+        let cs = self.cluster_size();
+        let aligned = |off: u64| off % cs == 0;
+        if self.size > MAX_IMAGE_SIZE {
+            return Err(format!("image size {} is too large", self.size));
+        }
+        let entry_bytes: u64 = if self.extended_l2() { 16 } else { 8 };
+        let l2_entries = cs / entry_bytes;
+        let needed = self.size.div_ceil(cs).div_ceil(l2_entries);
+        if u64::from(self.l1_size) < needed {
+            return Err(format!(
+                "L1 table of {} entries is too small for {} bytes",
+                self.l1_size, self.size
+            ));
+        }
+        if u64::from(self.l1_size) * 8 > MAX_L1_BYTES {
+            return Err(format!("L1 table of {} entries is too large", self.l1_size));
+        }
+        if self.l1_size > 0 && (!aligned(self.l1_table_offset) || self.l1_table_offset == 0) {
+            return Err(format!(
+                "L1 table offset {:#x} is not cluster aligned",
+                self.l1_table_offset
+            ));
+        }
+        if self.refcount_table_clusters == 0 {
+            return Err("the refcount table is empty".into());
+        }
+        if u64::from(self.refcount_table_clusters) * cs > MAX_REFTABLE_BYTES {
+            return Err(format!(
+                "refcount table of {} clusters is too large",
+                self.refcount_table_clusters
+            ));
+        }
+        if !aligned(self.refcount_table_offset) || self.refcount_table_offset == 0 {
+            return Err(format!(
+                "refcount table offset {:#x} is not cluster aligned",
+                self.refcount_table_offset
+            ));
+        }
+        if self.nb_snapshots > MAX_SNAPSHOTS {
+            return Err(format!("{} snapshots is too many", self.nb_snapshots));
+        }
+        if self.nb_snapshots > 0 && (!aligned(self.snapshots_offset) || self.snapshots_offset == 0)
+        {
+            return Err(format!(
+                "snapshot table offset {:#x} is not cluster aligned",
+                self.snapshots_offset
+            ));
+        }
+        let ranges = [
+            (
+                "L1 table",
+                self.l1_table_offset,
+                u64::from(self.l1_size) * 8,
+            ),
+            (
+                "refcount table",
+                self.refcount_table_offset,
+                u64::from(self.refcount_table_clusters) * cs,
+            ),
+        ];
+        for (what, off, len) in ranges {
+            if len == 0 {
+                continue;
+            }
+            if off.checked_add(len).is_none_or(|e| e > OFFSET_MASK) {
+                return Err(format!("{what} at {off:#x} lies outside any image"));
+            }
+            if off > file_size {
+                return Err(format!(
+                    "{what} at {off:#x} is beyond the end of the file ({file_size} bytes)"
+                ));
+            }
+            if off < cs {
+                return Err(format!("{what} at {off:#x} overlaps the header"));
+            }
+        }
+        let (l1s, l1e) = (
+            self.l1_table_offset,
+            self.l1_table_offset + u64::from(self.l1_size) * 8,
+        );
+        let (rts, rte) = (
+            self.refcount_table_offset,
+            self.refcount_table_offset + u64::from(self.refcount_table_clusters) * cs,
+        );
+        if self.l1_size > 0 && l1s < rte && rts < l1e {
+            return Err("the L1 table and the refcount table overlap".into());
+        }
+        Ok(())
+    }
+
+    fn read_backing_name(&mut self, b: &[u8]) -> Result<(), String> {
+        if self.backing_file_offset == 0 {
+            return Ok(());
+        }
+        if self.backing_file_size > MAX_BACKING_NAME || self.backing_file_size == 0 {
+            return Err(format!(
+                "backing file name length {} is invalid",
+                self.backing_file_size
+            ));
+        }
+        let start = self.backing_file_offset;
+        let end = start + u64::from(self.backing_file_size);
+        if end > self.cluster_size() || end > b.len() as u64 {
+            return Err("the backing file name lies beyond the first cluster".into());
+        }
+        let name = &b[start as usize..end as usize];
+        let name = String::from_utf8(name.to_vec())
+            .map_err(|_| "the backing file name is not UTF-8".to_string())?;
+        self.backing_file = Some(name);
+        Ok(())
+    }
+}
+
+/// One entry of the snapshot table (what the driver needs of it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub l1_table_offset: u64,
+    pub l1_size: u32,
+    pub id: String,
+    pub name: String,
+    pub date_sec: u32,
+    pub date_nsec: u32,
+    pub vm_clock_nsec: u64,
+    pub vm_state_size: u64,
+    pub disk_size: Option<u64>,
+    pub extra: Vec<u8>,
+}
+
+/// Parses `n` snapshot table entries from `b`; returns them and the
+/// table's length in bytes.
+pub fn parse_snapshots(
+    b: &[u8],
+    n: u32,
+    cluster_size: u64,
+) -> Result<(Vec<Snapshot>, u64), String> {
+    let mut out = Vec::with_capacity(n as usize);
+    let mut off = 0usize;
+    let need = |off: usize, len: usize| -> Result<(), String> {
+        if off + len > b.len() {
+            Err("the snapshot table is truncated".into())
+        } else {
+            Ok(())
+        }
+    };
+    for _ in 0..n {
+        need(off, 40)?;
+        let l1_table_offset = be64(b, off);
+        let l1_size = be32(b, off + 8);
+        let id_len = u16::from_be_bytes([b[off + 12], b[off + 13]]) as usize;
+        let name_len = u16::from_be_bytes([b[off + 14], b[off + 15]]) as usize;
+        let date_sec = be32(b, off + 16);
+        let date_nsec = be32(b, off + 20);
+        let vm_clock_nsec = be64(b, off + 24);
+        let mut vm_state_size = u64::from(be32(b, off + 32));
+        let extra_len = be32(b, off + 36) as usize;
+        if extra_len > 1024 {
+            return Err(format!(
+                "snapshot extra data of {extra_len} bytes is too large"
+            ));
+        }
+        off += 40;
+        need(off, extra_len + id_len + name_len)?;
+        let extra = b[off..off + extra_len].to_vec();
+        let mut disk_size = None;
+        if extra_len >= 8 {
+            vm_state_size = be64(&extra, 0);
+        }
+        if extra_len >= 16 {
+            disk_size = Some(be64(&extra, 8));
+        }
+        off += extra_len;
+        let id = String::from_utf8_lossy(&b[off..off + id_len]).to_string();
+        off += id_len;
+        let name = String::from_utf8_lossy(&b[off..off + name_len]).to_string();
+        off += name_len;
+        off = off.div_ceil(8) * 8;
+        if l1_table_offset % cluster_size != 0 || u64::from(l1_size) * 8 > MAX_L1_BYTES {
+            return Err(format!("snapshot '{id}' has an invalid L1 table"));
+        }
+        out.push(Snapshot {
+            l1_table_offset,
+            l1_size,
+            id,
+            name,
+            date_sec,
+            date_nsec,
+            vm_clock_nsec,
+            vm_state_size,
+            disk_size,
+            extra,
+        });
+    }
+    Ok((out, off as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v3(cluster_bits: u32) -> Vec<u8> {
+        let mut b = vec![0u8; 4096];
+        b[0..4].copy_from_slice(&MAGIC.to_be_bytes());
+        b[4..8].copy_from_slice(&3u32.to_be_bytes());
+        b[20..24].copy_from_slice(&cluster_bits.to_be_bytes());
+        b[24..32].copy_from_slice(&(1u64 << 20).to_be_bytes());
+        b[36..40].copy_from_slice(&1u32.to_be_bytes());
+        b[40..48].copy_from_slice(&(3u64 << cluster_bits).to_be_bytes());
+        b[48..56].copy_from_slice(&(1u64 << cluster_bits).to_be_bytes());
+        b[56..60].copy_from_slice(&1u32.to_be_bytes());
+        b[96..100].copy_from_slice(&4u32.to_be_bytes());
+        b[100..104].copy_from_slice(&104u32.to_be_bytes());
+        b
+    }
+
+    #[test]
+    fn parses_a_minimal_v3_header() {
+        let h = Header::parse(&v3(16), 1 << 20).unwrap();
+        assert_eq!(h.cluster_size(), 65536);
+        assert_eq!(h.refcount_bits(), 16);
+    }
+
+    #[test]
+    fn names_unknown_incompatible_features() {
+        let mut b = v3(16);
+        b[72..80].copy_from_slice(&(1u64 << 9).to_be_bytes());
+        // A feature name table entry for bit 9.
+        let mut ext = vec![0u8; 48];
+        ext[0] = 0;
+        ext[1] = 9;
+        ext[2..10].copy_from_slice(b"frobnify");
+        b[104..108].copy_from_slice(&EXT_FEATURE_TABLE.to_be_bytes());
+        b[108..112].copy_from_slice(&48u32.to_be_bytes());
+        b[112..160].copy_from_slice(&ext);
+        let e = Header::parse(&b, 1 << 20).unwrap_err();
+        assert!(e.contains("'frobnify' (bit 9)"), "{e}");
+    }
+
+    #[test]
+    fn refuses_bad_fields() {
+        let cases: Vec<(usize, Vec<u8>, &str)> = vec![
+            (20, 30u32.to_be_bytes().to_vec(), "cluster size"),
+            (56, 0u32.to_be_bytes().to_vec(), "refcount table is empty"),
+            (36, 0u32.to_be_bytes().to_vec(), "too small"),
+            (96, 7u32.to_be_bytes().to_vec(), "refcount_order"),
+            (48, 1000u64.to_be_bytes().to_vec(), "not cluster aligned"),
+            (32, 1u32.to_be_bytes().to_vec(), "encrypted"),
+            (4, 4u32.to_be_bytes().to_vec(), "version"),
+        ];
+        for (off, bytes, msg) in cases {
+            let mut b = v3(16);
+            b[off..off + bytes.len()].copy_from_slice(&bytes);
+            let e = Header::parse(&b, 1 << 20).unwrap_err();
+            assert!(e.contains(msg), "{msg}: {e}");
+        }
+    }
+}

@@ -1,0 +1,796 @@
+//! The qcow2 driver in process, judged by qemu-img.
+//!
+//! ```text
+//!   random ops --> qcow2 node (our driver) ----> image file --qemu-img check
+//!        \-------> Vec<u8> model --> raw file ---qemu-img compare--^
+//! ```
+//!
+//! Also: images qemu-img made (every cluster size, v2/v3, extended L2,
+//! compressed, backing chains, internal snapshots) read back as qemu-img
+//! wrote them; malformed images are refused with a message, never a panic;
+//! an image left dirty (lazy refcounts, no close) is repaired on open.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use futures::executor::block_on;
+use serde_json::json;
+use vhost_user_blkd::block::{Graph, Node};
+use vhost_user_blkd::drivers::{Allocation, BlockdevOptions};
+use vhost_user_blkd::io::IoVecs;
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * 1024;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_vhost-user-blkd")
+}
+
+fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().expect(cmd);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{cmd} {args:?} failed: {text}");
+    text
+}
+
+fn create(path: &Path, opts: &str, size: u64) {
+    let mut args = vec!["create".to_string()];
+    if !opts.is_empty() {
+        args.push("-o".into());
+        args.push(opts.into());
+    }
+    args.push(path.to_str().unwrap().into());
+    args.push(size.to_string());
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    run(bin(), &a);
+}
+
+/// `qemu-img check`: no errors and no leaks.
+fn check_clean(path: &Path) {
+    let out = Command::new("qemu-img")
+        .args(["check", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && text.contains("No errors were found"),
+        "qemu-img check {path:?}:\n{text}"
+    );
+}
+
+fn compare(a: &Path, fa: &str, b: &Path, fb: &str) {
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            fa,
+            "-F",
+            fb,
+            a.to_str().unwrap(),
+            b.to_str().unwrap(),
+        ],
+    );
+}
+
+struct Img {
+    graph: Graph,
+    node: Arc<Node>,
+}
+
+fn open_with(path: &Path, extra: serde_json::Value) -> Result<Img, String> {
+    let mut o = json!({
+        "driver": "qcow2", "node-name": "q",
+        "file": {"driver": "file", "node-name": "q-file", "filename": path.to_str().unwrap()},
+        "discard": "unmap",
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        o[k] = v.clone();
+    }
+    let opts: BlockdevOptions = serde_json::from_value(o).map_err(|e| e.to_string())?;
+    let mut graph = Graph::new();
+    let node = graph.add(&opts).map_err(|e| {
+        let mut s = e.to_string();
+        if let Some(src) = std::error::Error::source(&e) {
+            s.push_str(&format!(": {src}"));
+        }
+        s
+    })?;
+    Ok(Img { graph, node })
+}
+
+fn open(path: &Path) -> Img {
+    open_with(path, json!({})).unwrap()
+}
+
+impl Img {
+    fn write(&self, off: u64, data: &[u8]) {
+        let (iov, view) = IoVecs::bounce(data.len(), 4096);
+        view.with_bytes(&iov, |b| b.copy_from_slice(data));
+        block_on(self.node.pwritev(off, &iov, false)).unwrap();
+    }
+    fn read(&self, off: u64, len: u64) -> Vec<u8> {
+        let (iov, view) = IoVecs::bounce(len as usize, 4096);
+        block_on(self.node.preadv(off, &iov)).unwrap();
+        view.with_bytes(&iov, |b| b.to_vec())
+    }
+    fn close(self) {
+        self.node.close();
+        drop(self.node);
+        drop(self.graph);
+    }
+}
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+fn fill(rng: &mut Rng, len: usize) -> Vec<u8> {
+    let seed = rng.next();
+    (0..len)
+        .map(|i| (seed.wrapping_mul(i as u64 + 1) >> 13) as u8 | 1)
+        .collect()
+}
+
+/// Random writes, zeroes, discards, flushes, resizes and reopens on a
+/// qcow2 node and on a Vec<u8>; always equal, and qemu-img agrees.
+fn model_run(create_opts: &str, backing: bool, seed: u64) {
+    model_run_sized(create_opts, backing, seed, 8 * MIB);
+}
+
+fn model_run_sized(create_opts: &str, backing: bool, seed: u64, start_size: u64) {
+    let dir = tmp();
+    let img = dir.path().join("top.qcow2");
+    let mut size = start_size;
+    let mut model = vec![0u8; size as usize];
+    if backing {
+        // A base made by qemu-img from random data.
+        let raw = dir.path().join("base.raw");
+        let mut rng = Rng(seed ^ 0xabc);
+        let data = fill(&mut rng, (size / 2) as usize);
+        std::fs::write(&raw, &data).unwrap();
+        let base = dir.path().join("base.qcow2");
+        run(
+            "qemu-img",
+            &[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                raw.to_str().unwrap(),
+                base.to_str().unwrap(),
+            ],
+        );
+        model[..data.len()].copy_from_slice(&data);
+        let mut args = vec!["create", "-b", "base.qcow2", "-F", "qcow2"];
+        if !create_opts.is_empty() {
+            args.push("-o");
+            args.push(create_opts);
+        }
+        let p = img.to_str().unwrap().to_string();
+        let s = size.to_string();
+        args.push(&p);
+        args.push(&s);
+        run(bin(), &args);
+    } else {
+        create(&img, create_opts, size);
+    }
+    let mut q = open(&img);
+    let mut rng = Rng(seed);
+    for step in 0..300 {
+        let op = rng.below(100);
+        let off = rng.below(size / 512) * 512;
+        let len =
+            ((rng.below(64) + 1) * 512 * if rng.below(4) == 0 { 16 } else { 1 }).min(size - off);
+        match op {
+            0..=54 => {
+                let data = fill(&mut rng, len as usize);
+                q.write(off, &data);
+                model[off as usize..(off + len) as usize].copy_from_slice(&data);
+            }
+            55..=64 => {
+                let unmap = rng.below(2) == 0;
+                block_on(q.node.pwrite_zeroes(off, len, unmap, false)).unwrap();
+                model[off as usize..(off + len) as usize].fill(0);
+            }
+            65..=72 => {
+                // Discard: the driver may drop whole clusters; the model
+                // takes what the image reads afterwards.
+                block_on(q.node.pdiscard(off, len)).unwrap();
+                let now = q.read(off, len);
+                let before = &model[off as usize..(off + len) as usize];
+                for (i, (&a, &b)) in now.iter().zip(before).enumerate() {
+                    assert!(
+                        a == b || a == 0 || backing,
+                        "step {step}: discard changed byte {i} to {a}"
+                    );
+                }
+                model[off as usize..(off + len) as usize].copy_from_slice(&now);
+            }
+            73..=80 => {
+                let got = q.read(off, len);
+                assert!(
+                    got == model[off as usize..(off + len) as usize],
+                    "step {step}: read at {off} len {len} differs"
+                );
+            }
+            81..=85 => block_on(q.node.flush()).unwrap(),
+            86..=89 => {
+                q.close();
+                q = open(&img);
+            }
+            90..=92 if !backing => {
+                let new = size + rng.below(4) * (start_size / 8) + 512 * rng.below(8);
+                q.node.truncate(new).unwrap();
+                size = new;
+                model.resize(size as usize, 0);
+            }
+            _ => {
+                let got = q.read(0, size);
+                assert!(got == model, "step {step}: full read differs");
+            }
+        }
+    }
+    assert!(q.read(0, size) == model, "final read differs");
+    q.close();
+    check_clean(&img);
+    let raw = dir.path().join("model.raw");
+    std::fs::write(&raw, &model).unwrap();
+    compare(&img, "qcow2", &raw, "raw");
+}
+
+#[test]
+fn model_default_image() {
+    model_run("", false, 1);
+}
+
+#[test]
+fn model_small_clusters_v2() {
+    // Small clusters mean many per request: a smaller disk keeps this quick.
+    model_run_sized("compat=0.10,cluster_size=512", false, 2, MIB);
+}
+
+#[test]
+fn model_4k_clusters_1bit_refcounts() {
+    model_run("cluster_size=4k,refcount_bits=1", false, 3);
+}
+
+#[test]
+fn model_2m_clusters_64bit_refcounts() {
+    model_run("cluster_size=2M,refcount_bits=64", false, 4);
+}
+
+#[test]
+fn model_extended_l2() {
+    model_run("extended_l2=on,cluster_size=64k", false, 5);
+}
+
+#[test]
+fn model_preallocated_metadata() {
+    model_run("preallocation=metadata,cluster_size=16k", false, 6);
+}
+
+#[test]
+fn model_lazy_refcounts() {
+    model_run("lazy_refcounts=on", false, 7);
+}
+
+#[test]
+fn model_with_backing() {
+    model_run("", true, 8);
+}
+
+#[test]
+fn model_with_backing_extended_l2() {
+    model_run("extended_l2=on", true, 9);
+}
+
+#[test]
+fn model_with_backing_v2() {
+    model_run("compat=0.10", true, 10);
+}
+
+/// Random data of `size` bytes with holes and zero runs, as a raw file.
+fn random_raw(dir: &Path, size: u64, seed: u64) -> (PathBuf, Vec<u8>) {
+    let mut rng = Rng(seed);
+    let mut data = vec![0u8; size as usize];
+    let mut off = 0;
+    while off < size {
+        let len = ((rng.below(32) + 1) * 4 * KIB).min(size - off);
+        if rng.below(3) != 0 {
+            let chunk = fill(&mut rng, len as usize);
+            data[off as usize..(off + len) as usize].copy_from_slice(&chunk);
+        }
+        off += len;
+    }
+    let p = dir.join(format!("data-{seed}.raw"));
+    std::fs::write(&p, &data).unwrap();
+    (p, data)
+}
+
+fn read_all(path: &Path) -> Vec<u8> {
+    let q = open_with(path, json!({"read-only": true, "file": {"driver": "file", "node-name": "q-file", "filename": path.to_str().unwrap(), "read-only": true}})).unwrap();
+    let size = q.node.size();
+    let v = q.read(0, size);
+    q.close();
+    v
+}
+
+#[test]
+fn reads_what_qemu_img_wrote() {
+    let dir = tmp();
+    let size = 6 * MIB;
+    let (raw, data) = random_raw(dir.path(), size, 42);
+    let cases = [
+        "cluster_size=512",
+        "cluster_size=4096",
+        "cluster_size=65536",
+        "cluster_size=2M",
+        "compat=0.10",
+        "compat=0.10,cluster_size=1024",
+        "extended_l2=on",
+        "extended_l2=on,cluster_size=2M",
+        "refcount_bits=1",
+        "refcount_bits=64",
+    ];
+    for (i, o) in cases.iter().enumerate() {
+        let img = dir.path().join(format!("img{i}.qcow2"));
+        run(
+            "qemu-img",
+            &[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "-o",
+                o,
+                raw.to_str().unwrap(),
+                img.to_str().unwrap(),
+            ],
+        );
+        assert!(
+            read_all(&img) == data,
+            "image made with -o {o} reads differently"
+        );
+    }
+    // Compressed.
+    let img = dir.path().join("compressed.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            raw.to_str().unwrap(),
+            img.to_str().unwrap(),
+        ],
+    );
+    let info = run("qemu-img", &["check", img.to_str().unwrap()]);
+    assert!(info.contains("compressed clusters"), "{info}");
+    assert!(read_all(&img) == data, "compressed image reads differently");
+}
+
+#[test]
+fn writes_over_compressed_clusters() {
+    let dir = tmp();
+    let (raw, mut data) = random_raw(dir.path(), 4 * MIB, 43);
+    let img = dir.path().join("c.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            raw.to_str().unwrap(),
+            img.to_str().unwrap(),
+        ],
+    );
+    let q = open(&img);
+    let mut rng = Rng(5);
+    for _ in 0..50 {
+        let off = rng.below(4 * MIB / 512 - 16) * 512;
+        let chunk = fill(&mut rng, 8192);
+        q.write(off, &chunk);
+        data[off as usize..off as usize + 8192].copy_from_slice(&chunk);
+    }
+    assert!(q.read(0, 4 * MIB) == data);
+    q.close();
+    check_clean(&img);
+    assert!(read_all(&img) == data);
+}
+
+#[test]
+fn three_deep_chain_made_by_qemu_img() {
+    let dir = tmp();
+    let size = 4 * MIB;
+    let d = dir.path();
+    let p = |n: &str| d.join(n).to_str().unwrap().to_string();
+    run(
+        "qemu-img",
+        &["create", "-f", "qcow2", &p("base.qcow2"), &size.to_string()],
+    );
+    run("qemu-io", &["-c", "write -P 0x11 0 3M", &p("base.qcow2")]);
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            &p("mid.qcow2"),
+        ],
+    );
+    run("qemu-io", &["-c", "write -P 0x22 1M 1M", &p("mid.qcow2")]);
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "mid.qcow2",
+            "-F",
+            "qcow2",
+            &p("top.qcow2"),
+        ],
+    );
+    run(
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 0x33 1536K 64K",
+            "-c",
+            "write -z 2M 64K",
+            &p("top.qcow2"),
+        ],
+    );
+    let mut want = vec![0u8; size as usize];
+    want[..3 * MIB as usize].fill(0x11);
+    want[MIB as usize..2 * MIB as usize].fill(0x22);
+    want[1536 * KIB as usize..1600 * KIB as usize].fill(0x33);
+    want[2 * MIB as usize..2 * MIB as usize + 64 * KIB as usize].fill(0);
+    let q = open_with(
+        &d.join("top.qcow2"),
+        json!({"read-only": true, "file": {"driver": "file", "node-name": "q-file", "filename": p("top.qcow2"), "read-only": true}}),
+    )
+    .unwrap();
+    assert!(q.read(0, size) == want, "chain reads differently");
+    // Block status says where each part comes from.
+    let st = |off| block_on(q.node.block_status(off, 64 * KIB)).unwrap();
+    assert_eq!((st(0).kind, st(0).depth), (Allocation::Data, 2));
+    assert_eq!((st(MIB).kind, st(MIB).depth), (Allocation::Data, 1));
+    assert_eq!(
+        (st(1536 * KIB).kind, st(1536 * KIB).depth),
+        (Allocation::Data, 0)
+    );
+    assert_eq!((st(2 * MIB).kind, st(2 * MIB).depth), (Allocation::Zero, 0));
+    assert_eq!(st(3 * MIB).kind, Allocation::Unallocated);
+    q.close();
+}
+
+#[test]
+fn writes_keep_the_backing_file_untouched() {
+    let dir = tmp();
+    let d = dir.path();
+    let p = |n: &str| d.join(n).to_str().unwrap().to_string();
+    run(
+        "qemu-img",
+        &["create", "-f", "qcow2", &p("base.qcow2"), "2M"],
+    );
+    run("qemu-io", &["-c", "write -P 0x5a 0 2M", &p("base.qcow2")]);
+    let before = std::fs::read(p("base.qcow2")).unwrap();
+    run(
+        bin(),
+        &["create", "-b", "base.qcow2", "-F", "qcow2", &p("top.qcow2")],
+    );
+    let q = open(&d.join("top.qcow2"));
+    q.write(4096, &[0xa5; 512]);
+    block_on(q.node.pwrite_zeroes(65536, 65536, true, false)).unwrap();
+    let got = q.read(0, 2 * MIB);
+    q.close();
+    assert_eq!(std::fs::read(p("base.qcow2")).unwrap(), before);
+    assert!(got[..4096].iter().all(|&b| b == 0x5a));
+    assert!(got[4096..4608].iter().all(|&b| b == 0xa5));
+    assert!(got[4608..65536].iter().all(|&b| b == 0x5a));
+    assert!(got[65536..131072].iter().all(|&b| b == 0));
+    assert!(got[131072..].iter().all(|&b| b == 0x5a));
+    check_clean(&d.join("top.qcow2"));
+}
+
+#[test]
+fn images_with_internal_snapshots() {
+    let dir = tmp();
+    let d = dir.path();
+    let p = |n: &str| d.join(n).to_str().unwrap().to_string();
+    run("qemu-img", &["create", "-f", "qcow2", &p("s.qcow2"), "4M"]);
+    run("qemu-io", &["-c", "write -P 0x01 0 4M", &p("s.qcow2")]);
+    run("qemu-img", &["snapshot", "-c", "first", &p("s.qcow2")]);
+    run("qemu-io", &["-c", "write -P 0x02 1M 1M", &p("s.qcow2")]);
+    run("qemu-img", &["snapshot", "-c", "second", &p("s.qcow2")]);
+    // Our writes must copy shared clusters, leaving both snapshots intact.
+    let q = open(&d.join("s.qcow2"));
+    q.write(0, &vec![0x03; 128 * KIB as usize]);
+    q.write(MIB, &vec![0x04; 4096]);
+    block_on(q.node.pwrite_zeroes(3 * MIB, 64 * KIB, true, false)).unwrap();
+    q.close();
+    check_clean(&d.join("s.qcow2"));
+    let list = run("qemu-img", &["snapshot", "-l", &p("s.qcow2")]);
+    assert!(list.contains("first") && list.contains("second"), "{list}");
+    let cur = read_all(&d.join("s.qcow2"));
+    assert!(cur[..128 * KIB as usize].iter().all(|&b| b == 3));
+    assert!(cur[MIB as usize..MIB as usize + 4096]
+        .iter()
+        .all(|&b| b == 4));
+    assert!(cur[3 * MIB as usize..3 * MIB as usize + 65536]
+        .iter()
+        .all(|&b| b == 0));
+    // Reverting to each snapshot shows its data.
+    for (snap, mid) in [("first", 0x01u8), ("second", 0x02u8)] {
+        let copy = d.join(format!("{snap}.qcow2"));
+        std::fs::copy(d.join("s.qcow2"), &copy).unwrap();
+        run(
+            "qemu-img",
+            &["snapshot", "-a", snap, copy.to_str().unwrap()],
+        );
+        let v = read_all(&copy);
+        assert!(v[..MIB as usize].iter().all(|&b| b == 1), "{snap}");
+        assert!(
+            v[MIB as usize..2 * MIB as usize].iter().all(|&b| b == mid),
+            "{snap}"
+        );
+        assert!(v[2 * MIB as usize..].iter().all(|&b| b == 1), "{snap}");
+    }
+}
+
+#[test]
+fn dirty_image_is_repaired_on_open() {
+    let dir = tmp();
+    let img = dir.path().join("lazy.qcow2");
+    create(&img, "lazy_refcounts=on", 8 * MIB);
+    let q = open(&img);
+    let mut rng = Rng(77);
+    let mut model = vec![0u8; 8 * MIB as usize];
+    for _ in 0..40 {
+        let off = rng.below(8 * MIB / 512 - 64) * 512;
+        let data = fill(&mut rng, 16 * 1024);
+        q.write(off, &data);
+        model[off as usize..off as usize + data.len()].copy_from_slice(&data);
+    }
+    block_on(q.node.flush()).unwrap();
+    // "Crash": no close, so refcounts were never written and the dirty
+    // bit stays set.
+    drop(q);
+    let out = Command::new("qemu-img")
+        .args(["check", img.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a dirty lazy image should need repair"
+    );
+    let q = open(&img);
+    assert!(q.read(0, 8 * MIB) == model);
+    q.close();
+    check_clean(&img);
+    let info = run("qemu-img", &["info", img.to_str().unwrap()]);
+    assert!(info.contains("lazy refcounts: true"), "{info}");
+}
+
+#[test]
+fn corrupt_images_open_read_only() {
+    let dir = tmp();
+    let img = dir.path().join("c.qcow2");
+    create(&img, "", MIB);
+    // Set the corrupt bit.
+    let mut b = std::fs::read(&img).unwrap();
+    b[79] |= 2;
+    std::fs::write(&img, &b).unwrap();
+    let e = open_with(&img, json!({})).err().unwrap();
+    assert!(
+        e.contains("marked corrupt") && e.contains("read-only"),
+        "{e}"
+    );
+    let ro = open_with(
+        &img,
+        json!({"read-only": true, "file": {"driver": "file", "node-name": "q-file", "filename": img.to_str().unwrap(), "read-only": true}}),
+    );
+    assert!(ro.is_ok());
+}
+
+#[test]
+fn malformed_images_are_refused() {
+    let dir = tmp();
+    let good = dir.path().join("good.qcow2");
+    create(&good, "", 4 * MIB);
+    {
+        let q = open(&good);
+        q.write(0, &[7u8; 65536]);
+        q.close();
+    }
+    let orig = std::fs::read(&good).unwrap();
+    let be64 = |v: u64| v.to_be_bytes().to_vec();
+    let be32 = |v: u32| v.to_be_bytes().to_vec();
+    let cases: Vec<(&str, usize, Vec<u8>, &str)> = vec![
+        ("bad magic", 0, be32(0x1234_5678), "magic"),
+        ("version 4", 4, be32(4), "version"),
+        ("cluster bits 8", 20, be32(8), "cluster size"),
+        ("cluster bits 40", 20, be32(40), "cluster size"),
+        ("huge size", 24, be64(u64::MAX), "too large"),
+        ("L1 too small", 36, be32(0), "too small"),
+        ("L1 huge", 36, be32(u32::MAX), "too large"),
+        ("L1 misaligned", 40, be64(12345), "not cluster aligned"),
+        ("L1 beyond EOF", 40, be64(1 << 50), "beyond the end"),
+        ("L1 on the header", 40, be64(0), "not cluster aligned"),
+        ("reftable size 0", 56, be32(0), "empty"),
+        ("reftable huge", 56, be32(u32::MAX), "too large"),
+        ("reftable misaligned", 48, be64(100), "not cluster aligned"),
+        ("reftable beyond EOF", 48, be64(1 << 40), "beyond the end"),
+        (
+            "backing name beyond cluster",
+            8,
+            be64(65530),
+            "beyond the first cluster",
+        ),
+        ("many snapshots", 60, be32(1 << 30), "too many"),
+        (
+            "unknown incompatible",
+            72,
+            be64(1 << 40),
+            "unsupported incompatible",
+        ),
+        ("external data file", 72, be64(1 << 2), "external data file"),
+        ("refcount order 9", 96, be32(9), "refcount_order"),
+        ("short header_length", 100, be32(50), "header_length"),
+        ("encryption", 32, be32(1), "encrypted"),
+    ];
+    for (what, off, bytes, msg) in cases {
+        let mut b = orig.clone();
+        b[off..off + bytes.len()].copy_from_slice(&bytes);
+        if what == "backing name beyond cluster" {
+            b[16..20].copy_from_slice(&100u32.to_be_bytes());
+        }
+        let p = dir.path().join("bad.qcow2");
+        std::fs::write(&p, &b).unwrap();
+        let e = open_with(&p, json!({})).err();
+        let e = e.unwrap_or_else(|| panic!("{what}: opened"));
+        assert!(e.contains(msg), "{what}: {e}");
+    }
+    // Truncated files.
+    for len in [0usize, 50, 100, 4096, 65536 + 100] {
+        let p = dir.path().join("short.qcow2");
+        std::fs::write(&p, &orig[..len.min(orig.len())]).unwrap();
+        let r = open_with(&p, json!({}));
+        if let Ok(q) = r {
+            // Opened: reads must fail or return data, never panic.
+            let (iov, _v) = IoVecs::bounce(65536, 4096);
+            let _ = block_on(q.node.preadv(0, &iov));
+        }
+    }
+    // An L2 table pointing into the header: reads fail with an error, a
+    // write marks the image corrupt instead of overwriting metadata.
+    let mut b = orig.clone();
+    let l1 = u64::from_be_bytes(b[40..48].try_into().unwrap()) as usize;
+    let l2 =
+        (u64::from_be_bytes(b[l1..l1 + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00) as usize;
+    b[l2..l2 + 8].copy_from_slice(&(0x8000_0000_0000_0000u64 | 0x10000).to_be_bytes()); // the L1 table's cluster
+    let p = dir.path().join("overlap.qcow2");
+    std::fs::write(&p, &b).unwrap();
+    let q = open(&p);
+    let (iov, _v) = IoVecs::bounce(512, 4096);
+    let e = block_on(q.node.pwritev(0, &iov, false)).unwrap_err();
+    assert!(e.to_string().contains("corrupt"), "{e}");
+    assert!(q.node.is_read_only());
+    drop(q);
+    let b = std::fs::read(&p).unwrap();
+    assert_eq!(b[79] & 2, 2, "the corrupt bit is set on disk");
+}
+
+#[test]
+fn backing_chain_limits() {
+    let dir = tmp();
+    let d = dir.path();
+    let p = |n: &str| d.join(n).to_str().unwrap().to_string();
+    // An image that is its own backing file.
+    run(bin(), &["create", &p("loop.qcow2"), "1M"]);
+    run(
+        bin(),
+        &[
+            "create",
+            "-b",
+            "loop.qcow2",
+            "-F",
+            "qcow2",
+            &p("loop2.qcow2"),
+        ],
+    );
+    std::fs::rename(p("loop2.qcow2"), p("loop.qcow2")).unwrap();
+    let e = open_with(&d.join("loop.qcow2"), json!({})).err().unwrap();
+    assert!(e.contains("deeper than 16"), "{e}");
+    // A missing backing file is named.
+    run(
+        bin(),
+        &[
+            "create",
+            "-b",
+            "gone.qcow2",
+            "-F",
+            "qcow2",
+            "-o",
+            "size=1M",
+            &p("orphan.qcow2"),
+        ],
+    );
+    let e = open_with(&d.join("orphan.qcow2"), json!({})).err().unwrap();
+    assert!(e.contains("gone.qcow2"), "{e}");
+    // backing: null opens without it.
+    let q = open_with(&d.join("orphan.qcow2"), json!({"backing": null})).unwrap();
+    q.close();
+}
+
+#[test]
+fn create_options_are_checked() {
+    let dir = tmp();
+    let p = dir.path().join("x.qcow2");
+    let p = p.to_str().unwrap();
+    for (opts, msg) in [
+        ("cluster_size=1000", "power of two"),
+        ("compat=0.10,lazy_refcounts=on", "lazy_refcounts"),
+        ("extended_l2=on,cluster_size=4k", "extended_l2"),
+        ("refcount_bits=3", "refcount_bits"),
+        ("preallocation=most", "preallocation"),
+        ("frob=1", "unknown option"),
+    ] {
+        let out = Command::new(bin())
+            .args(["create", "-o", opts, p, "1M"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(msg), "{opts}: {err}");
+    }
+    for prealloc in ["off", "metadata", "falloc", "full"] {
+        run(
+            bin(),
+            &[
+                "create",
+                "-o",
+                &format!("preallocation={prealloc}"),
+                p,
+                "3M",
+            ],
+        );
+        check_clean(Path::new(p));
+        let info = run("qemu-img", &["info", "--output=json", p]);
+        assert!(info.contains("\"virtual-size\": 3145728"), "{info}");
+    }
+}
