@@ -49,7 +49,16 @@ impl Graph {
             return Err(GraphError::DuplicateNode(name));
         }
         let read_only = opts.read_only();
-        let driver = Driver::open(opts, self)?;
+        let before: Vec<String> = self.nodes.keys().cloned().collect();
+        let driver = match Driver::open(opts, self) {
+            Ok(d) => d,
+            Err(e) => {
+                // Children opened for this node go with it.
+                self.nodes.retain(|n, _| before.contains(n));
+                self.implicit.retain(|n| before.contains(n));
+                return Err(e);
+            }
+        };
         let node = Node::new(name.clone(), driver, read_only);
         self.nodes.insert(name, node.clone());
         Ok(node)

@@ -72,6 +72,30 @@ pub enum DiscardMode {
 }
 
 impl BlockdevOptions {
+    /// Parses options, naming the parameter an error is about (serde's
+    /// tagged enums lose that).
+    pub fn from_json(v: serde_json::Value) -> Result<Self, String> {
+        fn de<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, String> {
+            serde_path_to_error::deserialize(v).map_err(|e| {
+                let path = e.path().to_string();
+                format!("parameter '{path}': {}", e.into_inner())
+            })
+        }
+        let mut inner = v.clone();
+        let driver = match inner.as_object_mut().and_then(|o| o.remove("driver")) {
+            Some(serde_json::Value::String(d)) => d,
+            _ => return serde_json::from_value(v).map_err(|e| e.to_string()),
+        };
+        match driver.as_str() {
+            "file" => de(inner).map(BlockdevOptions::File),
+            "null-co" => de(inner).map(BlockdevOptions::NullCo),
+            "qcow2" => de(inner).map(BlockdevOptions::Qcow2),
+            "raw" => de(inner).map(BlockdevOptions::Raw),
+            "throttle" => de(inner).map(BlockdevOptions::Throttle),
+            _ => serde_json::from_value(v).map_err(|e| e.to_string()),
+        }
+    }
+
     pub fn node_name(&self) -> &str {
         match self {
             BlockdevOptions::File(o) => &o.node_name,

@@ -64,8 +64,19 @@ const COMMANDS: &[&str] = &[
 ];
 
 fn args<T: serde::de::DeserializeOwned>(cmd: &Command) -> Result<T, QmpError> {
-    serde_json::from_value(Value::Object(cmd.arguments.clone()))
-        .map_err(|e| QmpError::generic(format!("Invalid arguments for '{}': {e}", cmd.name)))
+    let v = Value::Object(cmd.arguments.clone());
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path.is_empty() || path == "." {
+            QmpError::generic(format!("Invalid arguments for '{}': {inner}", cmd.name))
+        } else {
+            QmpError::generic(format!(
+                "Invalid arguments for '{}': parameter '{path}': {inner}",
+                cmd.name
+            ))
+        }
+    })
 }
 
 fn no_args(cmd: &Command) -> Result<(), QmpError> {
@@ -229,7 +240,10 @@ pub fn dispatch(
             })
         }
         "blockdev-add" => {
-            let opts: BlockdevOptions = args(cmd)?;
+            let opts =
+                BlockdevOptions::from_json(Value::Object(cmd.arguments.clone())).map_err(|e| {
+                    QmpError::generic(format!("Invalid arguments for 'blockdev-add': {e}"))
+                })?;
             if opts.node_name().is_empty() {
                 return Err(QmpError::generic(
                     "'node-name' must be specified for the root node",

@@ -178,8 +178,13 @@ impl Qcow2Driver {
     pub fn open(o: &Qcow2Options, graph: &mut Graph) -> Result<Self, GraphError> {
         let name = o.node_name.as_str();
         let child = super::open_child(graph, name, &o.file)?;
+        // As QEMU's format drivers: no one else may write or resize the
+        // file under the metadata, read-only or not.
         let (perm, shared) = if o.read_only {
-            (Perm::CONSISTENT_READ, Perm::ALL)
+            (
+                Perm::CONSISTENT_READ,
+                Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
+            )
         } else {
             (
                 Perm::CONSISTENT_READ | Perm::WRITE | Perm::RESIZE,
