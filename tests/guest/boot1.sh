@@ -41,6 +41,22 @@ check "discarded range reads as zeroes" zeroes_at /dev/vda 200 1
 check "blkdiscard -z (write zeroes)" blkdiscard -z -o $((210 << 20)) -l $((1 << 20)) /dev/vda
 check "zeroed range reads as zeroes" zeroes_at /dev/vda 210 1
 
+# vdc: qcow2 overlay over a base with 0x5a at 80 MiB.
+C=/sys/block/vdc
+check "vdc capacity (the base's size)" eq "$(cat $C/size)" $((96 * 1024 * 1024 / 512))
+check "vdc has 2 queues" eq "$(ls $C/mq | wc -l)" 2
+check "vdc shows the base's data at 80 MiB" \
+    eq "$(dd if=/dev/vdc bs=1M skip=80 count=1 iflag=direct 2>/dev/null | tr -d 'Z' | wc -c)" 0
+check "fio verified random writes on the qcow2 disk" fio --output=/tmp/fioc.out /e2e/verify-qcow2.fio
+grep -E "err=|IOPS" /tmp/fioc.out | head -4
+yes VUBQCOW | head -c 1048576 > /tmp/qmarker
+check "qcow2 marker written at 64 MiB" dd if=/tmp/qmarker of=/dev/vdc bs=1M seek=64 count=1 oflag=direct conv=fsync
+# Half a cluster into the base's data: the rest of the cluster comes from the base.
+printf 'overlay' | dd of=/dev/vdc bs=512 seek=$((80 * 2048 + 64)) count=1 conv=notrunc,fsync 2>/dev/null
+check "base data around a small overlay write" \
+    eq "$(dd if=/dev/vdc bs=512 skip=$((80 * 2048 + 65)) count=63 iflag=direct 2>/dev/null | tr -d 'Z' | wc -c)" 0
+check "qcow2 discard" blkdiscard -o $((72 << 20)) -l $((1 << 20)) /dev/vdc
+
 # The read-only disk refuses writes and serves reads.
 check "vdb read" dd if=/dev/vdb of=/dev/null bs=4096 count=16 iflag=direct
 if dd if=/dev/zero of=/dev/vdb bs=4096 count=1 oflag=direct 2>/dev/null; then

@@ -4,6 +4,7 @@
 #
 #   vda: raw file, writable, 2 queues, discard on   (checks, fio, discard)
 #   vdb: raw file, read-only, 4096-byte blocks, serial, writethrough
+#   vdc: qcow2 overlay (our driver) over a qcow2 base made by qemu-img, 2 queues
 #
 # Usage: tests/guest/e2e.sh [path/to/vhost-user-blkd]
 set -euo pipefail
@@ -28,6 +29,12 @@ trap cleanup EXIT
 
 truncate -s 256M "$work/a.img"
 truncate -s 64M "$work/b.img"
+# vdc: a base with a marker at 80 MiB, which the guest must see through the
+# overlay, and which no guest write may change.
+qemu-img create -q -f qcow2 "$work/base.qcow2" 96M
+qemu-io -c "write -P 0x5a 80M 1M" "$work/base.qcow2" >/dev/null
+base_sum=$(md5sum <"$work/base.qcow2")
+"$bin" create -b base.qcow2 -F qcow2 "$work/c.qcow2" >/dev/null
 "$bin" \
     --blockdev "driver=file,node-name=fa,filename=$work/a.img,discard=unmap" \
     --blockdev "driver=raw,node-name=a,file=fa,discard=unmap" \
@@ -35,15 +42,18 @@ truncate -s 64M "$work/b.img"
     --blockdev "driver=raw,node-name=b,file=fb,read-only=on" \
     --export "type=vhost-user-blk,id=ea,node-name=a,addr.type=unix,addr.path=$work/a.sock,writable=on,num-queues=2" \
     --export "type=vhost-user-blk,id=eb,node-name=b,addr.type=unix,addr.path=$work/b.sock,logical-block-size=4096,serial=vub-e2e-ro,writethrough=on" \
+    --blockdev "driver=qcow2,node-name=c,file.driver=file,file.filename=$work/c.qcow2" \
+    --export "type=vhost-user-blk,id=ec,node-name=c,addr.type=unix,addr.path=$work/c.sock,writable=on,num-queues=2" \
     --chardev "socket,id=mon0,path=$work/qmp.sock,server=on,wait=off" --monitor chardev=mon0 \
     --pidfile "$work/pid" >"$work/daemon.log" 2>&1 &
 daemon_pid=$!
 for _ in $(seq 200); do [[ -e $work/pid ]] && break; sleep 0.05; done
 [[ -e $work/pid ]] || { cat "$work/daemon.log"; echo "ERROR: daemon did not start" >&2; exit 1; }
 
-files=(--file "$here/lib.sh:/e2e/lib.sh" --file "$here/verify.fio:/e2e/verify.fio")
+files=(--file "$here/lib.sh:/e2e/lib.sh" --file "$here/verify.fio:/e2e/verify.fio"
+       --file "$here/verify-qcow2.fio:/e2e/verify-qcow2.fio")
 run() {
-    "$guest/run-guest.sh" --socket "$work/a.sock" --socket "$work/b.sock" \
+    "$guest/run-guest.sh" --socket "$work/a.sock" --socket "$work/b.sock" --socket "$work/c.sock" \
         --num-queues 2 --smp 2 --mem 512M --timeout 300 "${files[@]}" --script "$1" \
         | tee "$work/console.log"
 }
@@ -83,7 +93,12 @@ rc=0
 wait "$daemon_pid" || rc=$?
 daemon_pid=
 host_check "daemon exits 0 on SIGTERM" "[[ $rc -eq 0 ]]"
-host_check "sockets removed at exit" "[[ ! -e $work/a.sock && ! -e $work/b.sock ]]"
+host_check "sockets removed at exit" "[[ ! -e $work/a.sock && ! -e $work/b.sock && ! -e $work/c.sock ]]"
+host_check "qemu-img check accepts the qcow2 overlay" "qemu-img check -q $work/c.qcow2"
+host_check "the qcow2 base is untouched" "[[ \$(md5sum <$work/base.qcow2) == '$base_sum' ]]"
+qemu-img convert -f qcow2 -O raw "$work/c.qcow2" "$work/c.raw"
+host_check "the guest's qcow2 marker is at 64 MiB of the overlay" \
+    "cmp -s <(yes VUBQCOW | head -c 1048576) <(dd if=$work/c.raw bs=1M skip=64 count=1 2>/dev/null)"
 if [[ $host_fail -ne 0 ]]; then
     echo "--- daemon log"; cat "$work/daemon.log"
 fi
