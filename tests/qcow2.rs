@@ -794,3 +794,59 @@ fn create_options_are_checked() {
         assert!(info.contains("\"virtual-size\": 3145728"), "{info}");
     }
 }
+
+#[test]
+fn header_extensions_survive_our_header_updates() {
+    let dir = tmp();
+    let img = dir.path().join("ext.qcow2");
+    run(
+        "qemu-img",
+        &["create", "-f", "qcow2", img.to_str().unwrap(), "4M"],
+    );
+    // Replace the end marker of the extension list by an extension QEMU
+    // does not know, then a new end marker.
+    let mut b = std::fs::read(&img).unwrap();
+    let be32 = |b: &[u8], o: usize| u32::from_be_bytes(b[o..o + 4].try_into().unwrap());
+    let mut off = be32(&b, 100) as usize;
+    while be32(&b, off) != 0 {
+        off += 8 + (be32(&b, off + 4) as usize).div_ceil(8) * 8;
+    }
+    b[off..off + 4].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+    b[off + 4..off + 8].copy_from_slice(&5u32.to_be_bytes());
+    b[off + 8..off + 13].copy_from_slice(b"hello");
+    b[off + 16..off + 24].fill(0);
+    std::fs::write(&img, &b).unwrap();
+    let ext_area = |b: &[u8]| b[104..off + 24].to_vec();
+    let before = ext_area(&b);
+    // Lazy refcounts (dirty bit set and cleared), writes, a resize that
+    // grows the L1 table.
+    let q = open_with(&img, json!({"lazy-refcounts": true})).unwrap();
+    q.write(0, &[1u8; 65536]);
+    q.node.truncate(64 << 30).unwrap();
+    q.write(63 << 30, &[2u8; 4096]);
+    q.close();
+    let after = std::fs::read(&img).unwrap();
+    assert_eq!(ext_area(&after), before, "extensions changed");
+    check_clean(&img);
+    let info = run("qemu-img", &["info", img.to_str().unwrap()]);
+    assert!(
+        info.contains("64 GiB") && info.contains("lazy refcounts: true"),
+        "{info}"
+    );
+    let q = open(&img);
+    assert_eq!(q.read(63 << 30, 4096), vec![2u8; 4096]);
+    q.close();
+}
+
+#[test]
+fn overlapping_tables_are_refused() {
+    let dir = tmp();
+    let img = dir.path().join("o.qcow2");
+    create(&img, "", MIB);
+    let mut b = std::fs::read(&img).unwrap();
+    let reftable = b[48..56].to_vec();
+    b[40..48].copy_from_slice(&reftable);
+    std::fs::write(&img, &b).unwrap();
+    let e = open_with(&img, json!({})).err().unwrap();
+    assert!(e.contains("overlap"), "{e}");
+}

@@ -893,8 +893,23 @@ impl Meta {
         Ok(())
     }
 
-    /// Writes every dirty table in the crash-safe order and syncs.
-    pub async fn flush(&mut self, f: &Node, no_io_in_flight: bool) -> Result<(), BlockError> {
+    /// Writes every dirty table in the crash-safe order, all but the last
+    /// sync. Returns the queued unreferences those tables cover: they are
+    /// safe once the caller's final sync completes ([`Meta::unrefs_durable`]).
+    pub async fn write_tables(&mut self, f: &Node) -> Result<Vec<u64>, BlockError> {
+        let covered = std::mem::take(&mut self.pending_unref);
+        let r = self.write_tables_inner(f).await;
+        if r.is_err() {
+            // Nothing is known to be on disk: keep them queued.
+            let mut back = covered;
+            back.append(&mut self.pending_unref);
+            self.pending_unref = back;
+            return r.map(|()| Vec::new());
+        }
+        Ok(covered)
+    }
+
+    async fn write_tables_inner(&mut self, f: &Node) -> Result<(), BlockError> {
         if !self.lazy {
             self.flush_refcounts(f).await?;
         }
@@ -922,9 +937,19 @@ impl Meta {
                 write_buf(f, self.l1_offset + ci as u64 * self.g.cs, &bytes).await?;
             }
         }
+        Ok(())
+    }
+
+    /// Unreferences covered by tables now on disk may be applied.
+    pub fn unrefs_durable(&mut self, covered: Vec<u64>) {
+        self.ready_unref.extend(covered);
+    }
+
+    /// Writes every dirty table in the crash-safe order and syncs.
+    pub async fn flush(&mut self, f: &Node, no_io_in_flight: bool) -> Result<(), BlockError> {
+        let covered = self.write_tables(f).await?;
         f.flush().await?;
-        let pending = std::mem::take(&mut self.pending_unref);
-        self.ready_unref.extend(pending);
+        self.unrefs_durable(covered);
         self.apply_unrefs(f, no_io_in_flight).await
     }
 

@@ -902,10 +902,15 @@ impl Qcow2Driver {
         Ok(buf)
     }
 
+    /// Writes dirty metadata under the lock, then syncs the file without
+    /// it, so that guest I/O on other queues goes on during the fsync.
     pub async fn flush(&self) -> Result<(), BlockError> {
+        let covered = self.meta.lock().await.write_tables(self.f()).await?;
+        self.f().flush().await?;
         let mut m = self.meta.lock().await;
+        m.unrefs_durable(covered);
         let no_io = self.no_io();
-        m.flush(self.f(), no_io).await
+        m.apply_unrefs(self.f(), no_io).await
     }
 
     /// Makes guest cluster `gc` read as zeroes (or unallocated with
