@@ -811,6 +811,7 @@ impl Qcow2Driver {
                 (in_c + n).div_ceil(g.sc_size()) << g.sc_bits,
             )
         };
+        let end_before = m.end_cluster;
         let host = if reuse {
             old_host
         } else {
@@ -822,7 +823,26 @@ impl Qcow2Driver {
         drop(m);
 
         let base = gc << g.cluster_bits;
+        // A cluster past everything the file ever held reads as zeroes
+        // already: when the fill would be zeroes too (nothing mapped, no
+        // backing data there), write the guest's bytes alone.
+        let fresh = !reuse
+            && host >> g.cluster_bits >= end_before
+            && old_host == 0
+            && !compressed
+            && self
+                .backing
+                .as_ref()
+                .is_none_or(|bk| base >= bk.node().size());
         let result = async {
+            if fresh {
+                let part = if skip == 0 && n == iov.len() {
+                    iov.clone()
+                } else {
+                    iov.sub(skip, n)
+                };
+                return self.f().pwritev(host + in_c, &part, fua).await;
+            }
             let mut parts = Vec::with_capacity(3);
             if a < in_c {
                 parts.push(self.read_old(e, b, base + a, in_c - a).await?);
