@@ -342,18 +342,21 @@ fn reads_what_qemu_img_wrote() {
     let dir = tmp();
     let size = 6 * MIB;
     let (raw, data) = random_raw(dir.path(), size, 42);
-    let cases = [
-        "cluster_size=512",
-        "cluster_size=4096",
-        "cluster_size=65536",
-        "cluster_size=2M",
+    // Every cluster size, then the other format variants.
+    let mut cases: Vec<String> = (9..=21)
+        .map(|b| format!("cluster_size={}", 1u64 << b))
+        .collect();
+    for o in [
         "compat=0.10",
         "compat=0.10,cluster_size=1024",
         "extended_l2=on",
+        "extended_l2=on,cluster_size=16k",
         "extended_l2=on,cluster_size=2M",
         "refcount_bits=1",
         "refcount_bits=64",
-    ];
+    ] {
+        cases.push(o.to_string());
+    }
     for (i, o) in cases.iter().enumerate() {
         let img = dir.path().join(format!("img{i}.qcow2"));
         run(
