@@ -17,13 +17,27 @@
 #   --repeats N           repeats per backend per case (default 3)
 #   --runtime S           measured seconds per run (default 5)
 #   --ramp S              warm-up seconds per run (default 1)
-#   --backings LIST       comma list of null,shm,disk (default: all three)
+#   --backings LIST       comma list of null,shm,disk,qc2-pre,qc2-grow (default: all
+#                         five); "qcow2" stands for qc2-pre,qc2-grow, so
+#                         `--backings qcow2` runs only the qcow2 cases
 #   --cases LIST          comma list of case-name globs, e.g. 'randread-*,read-128k*';
 #                         cases: randread-4k-qd{1,32,128}-q1, randread-4k-qd32-q4,
-#                         the same for randwrite, read-128k-qd32-q1, write-128k-qd32-q1
+#                         the same for randwrite, read-128k-qd32-q1, write-128k-qd32-q1.
+#                         The qcow2 backings run only the 4k QD32 ones
+#                         (rand{read,write}-4k-qd32-q{1,4}).
 #   --placements LIST     comma list of same,split (default both)
-#   --disk-dir DIR        directory for the cache.direct=on image (default /var/tmp)
-#   --file-size SIZE      size of the image files in MiB (default 1024)
+#   --disk-dir DIR        directory for the cache.direct=on images, raw and qcow2
+#                         (default /var/tmp)
+#   --file-size SIZE      size of the image files in MiB (default 1024; also the
+#                         virtual size of the qc2-pre image)
+#   --qcow2-prealloc MODE preallocation of the qc2-pre image: falloc (default),
+#                         metadata or full (qemu-img create -o preallocation=MODE).
+#                         With falloc or metadata, reads of never-written clusters
+#                         get zeroes from the host filesystem without device I/O;
+#                         full writes the zeroes (slower to create) so reads hit
+#                         the device as in the raw disk case
+#   --qcow2-grow-size GIB virtual size of the empty qc2-grow image (default 48;
+#                         lowered to what --disk-dir can hold fully allocated)
 #   --client-poll         run vub-bench with --poll (busy-polling poll queues)
 #   --queue-size N        virtqueue size the client asks for (default 1024; each
 #                         request takes 3 descriptors, so QD128 needs >= 384)
@@ -32,6 +46,15 @@
 #   --out DIR             output directory (default target/bench/<timestamp>):
 #                         report.txt, results.jsonl, commands.txt, logs/
 #   -h, --help
+#
+# qcow2 backings (qc2-pre: preallocated image of --file-size MiB; qc2-grow: empty
+# image of --qcow2-grow-size GiB that grows as the run writes): the image is made
+# with qemu-img in --disk-dir, and used through a file node with cache.direct=on
+# (O_DIRECT) under a qcow2 node, by both daemons. Every run, reads included, gets a
+# freshly created image, so each daemon starts from the same state. After each
+# write run `qemu-img check` verifies the image and counts its clusters; the
+# report lists how much of the qc2-grow image a run allocated (if a run fills a
+# large share, its later writes were overwrites, not allocations).
 #
 # Use a quiet machine: the report's oCPU% column shows CPU used by other
 # processes during each run and flags disturbed runs.
@@ -58,6 +81,8 @@ CASES=
 PLACEMENTS=same,split
 DISK_DIR=/var/tmp
 FILE_MIB=1024
+QCOW2_PREALLOC=falloc
+QCOW2_GROW_GIB=48
 CLIENT_POLL=0
 QUEUE_SIZE=1024
 CPUS=0,1
@@ -79,6 +104,8 @@ while [[ $# -gt 0 ]]; do
         --placements) PLACEMENTS=${2:?}; shift ;;
         --disk-dir) DISK_DIR=${2:?}; shift ;;
         --file-size) FILE_MIB=${2:?}; shift ;;
+        --qcow2-prealloc) QCOW2_PREALLOC=${2:?}; shift ;;
+        --qcow2-grow-size) QCOW2_GROW_GIB=${2:?}; shift ;;
         --client-poll) CLIENT_POLL=1 ;;
         --queue-size) QUEUE_SIZE=${2:?}; shift ;;
         --cpus) CPUS=${2:?}; shift ;;
@@ -93,9 +120,11 @@ if [[ $QUICK == 1 ]]; then
     : "${REPEATS:=1}" "${RUNTIME:=2}" "${RAMP:=0.5}" "${BACKINGS:=null,shm}"
     : "${CASES:=randread-4k-qd1-q1,randread-4k-qd32-q1,randwrite-4k-qd32-q1,read-128k-qd32-q1}"
 fi
-: "${REPEATS:=3}" "${RUNTIME:=5}" "${RAMP:=1}" "${BACKINGS:=null,shm,disk}" "${CASES:=*}"
+: "${REPEATS:=3}" "${RUNTIME:=5}" "${RAMP:=1}" "${BACKINGS:=null,shm,disk,qc2-pre,qc2-grow}" "${CASES:=*}"
 [[ $REPEATS =~ ^[1-9][0-9]*$ ]] || die "--repeats must be a positive integer"
 [[ $FILE_MIB =~ ^[1-9][0-9]*$ ]] || die "--file-size is in MiB (integer)"
+[[ $QCOW2_GROW_GIB =~ ^[1-9][0-9]*$ ]] || die "--qcow2-grow-size is in GiB (integer)"
+[[ $QCOW2_PREALLOC =~ ^(falloc|metadata|full)$ ]] || die "--qcow2-prealloc must be falloc, metadata or full"
 case $QSD_VARIANTS in
     iothread) QSD_VARIANTS=(iothread) ;;
     main) QSD_VARIANTS=(main) ;;
@@ -138,6 +167,7 @@ WORK=$(mktemp -d /tmp/vub-bench.XXXXXX)
 DAEMON_PID=
 SHM_IMG=
 DISK_IMG=
+QCOW2_IMG=
 # shellcheck disable=SC2317 # invoked via trap
 cleanup() {
     if [[ -n $DAEMON_PID ]]; then
@@ -147,6 +177,7 @@ cleanup() {
     rm -rf "$WORK"
     [[ -n $SHM_IMG ]] && rm -f "$SHM_IMG"
     [[ -n $DISK_IMG ]] && rm -f "$DISK_IMG"
+    [[ -n $QCOW2_IMG ]] && rm -f "$QCOW2_IMG"
     return 0
 }
 trap cleanup EXIT
@@ -170,6 +201,16 @@ ALL_CASES=(
     "write-128k-qd32-q1 write 128k 32 1"
 )
 
+# The qcow2 backings run only these (4k random, QD32, 1 and 4 queues).
+QCOW2_CASES=" randread-4k-qd32-q1 randread-4k-qd32-q4 randwrite-4k-qd32-q1 randwrite-4k-qd32-q4 "
+
+case_applies() { # backing case-name
+    case $1 in
+        qc2-*) [[ $QCOW2_CASES == *" $2 "* ]] ;;
+        *) return 0 ;;
+    esac
+}
+
 case_selected() {
     local name=$1 pat
     IFS=, read -ra pats <<<"$CASES"
@@ -186,11 +227,51 @@ for c in "${ALL_CASES[@]}"; do
 done
 [[ ${#SELECTED[@]} -gt 0 ]] || die "--cases '$CASES' selects no case"
 
-IFS=, read -ra BACKING_LIST <<<"$BACKINGS"
+IFS=, read -ra BACKING_LIST <<<"${BACKINGS//qcow2/qc2-pre,qc2-grow}"
 IFS=, read -ra PLACEMENT_LIST <<<"$PLACEMENTS"
 for b in "${BACKING_LIST[@]}"; do
-    [[ $b =~ ^(null|shm|disk)$ ]] || die "unknown backing '$b'"
+    [[ $b =~ ^(null|shm|disk|qc2-pre|qc2-grow)$ ]] || die "unknown backing '$b'"
 done
+# Cases per backing; a backing none of whose cases is selected is dropped.
+declare -A BACKING_CASES
+backings=()
+for b in "${BACKING_LIST[@]}"; do
+    [[ -n ${BACKING_CASES[$b]+x} ]] && continue # listed twice
+    n=0
+    for c in "${SELECTED[@]}"; do
+        case_applies "$b" "${c%% *}" && n=$((n + 1))
+    done
+    if [[ $n == 0 ]]; then
+        echo "bench.sh: no selected case applies to backing $b (qcow2 backings run only:${QCOW2_CASES% }); skipping it" >&2
+        continue
+    fi
+    BACKING_CASES[$b]=$n
+    backings+=("$b")
+done
+BACKING_LIST=("${backings[@]}")
+[[ ${#BACKING_LIST[@]} -gt 0 ]] || die "--backings '$BACKINGS' with --cases '$CASES' selects no run"
+BACKINGS=$(IFS=,; echo "${BACKING_LIST[*]}")
+QCOW2=0
+[[ ,$BACKINGS, == *,qc2-* ]] && QCOW2=1
+if [[ $QCOW2 == 1 ]]; then
+    command -v qemu-img >/dev/null || die "qemu-img not found (apt-get install qemu-utils)"
+    mkdir -p "$DISK_DIR"
+fi
+# The qc2-grow image must fit in --disk-dir even when fully allocated (plus the
+# raw disk image and a reserve), so no run can meet ENOSPC; only one qcow2
+# image exists at a time (each is deleted after its run).
+QCOW2_GROW_NOTE=
+if [[ ,$BACKINGS, == *,qc2-grow,* ]]; then
+    avail_gib=$(df -Pk "$DISK_DIR" | awk 'NR == 2 { print int($4 / 1048576) }')
+    max_gib=$(( avail_gib - 4 ))
+    [[ ,$BACKINGS, == *,disk,* ]] && max_gib=$(( max_gib - (FILE_MIB + 1023) / 1024 ))
+    if [[ $max_gib -lt $QCOW2_GROW_GIB ]]; then
+        [[ $max_gib -ge 4 ]] || die "$DISK_DIR has ${avail_gib} GiB free: too little for the qc2-grow image"
+        QCOW2_GROW_NOTE=" (lowered from $QCOW2_GROW_GIB GiB: $DISK_DIR has ${avail_gib} GiB free)"
+        echo "bench.sh: qc2-grow image size lowered to $max_gib GiB$QCOW2_GROW_NOTE" >&2
+        QCOW2_GROW_GIB=$max_gib
+    fi
+fi
 for p in "${PLACEMENT_LIST[@]}"; do
     [[ $p =~ ^(same|split)$ ]] || die "unknown placement '$p'"
 done
@@ -233,7 +314,58 @@ blockdev_args() {
             BLOCKDEV_ARGS=(--blockdev "driver=file,node-name=f0,filename=$img,cache.direct=$direct"
                            --blockdev "driver=raw,node-name=d0,file=f0")
             NODE=d0 ;;
+        qc2-*)
+            BLOCKDEV_ARGS=(--blockdev "driver=file,node-name=f0,filename=$QCOW2_IMG,cache.direct=on"
+                           --blockdev "driver=qcow2,node-name=d0,file=f0")
+            NODE=d0 ;;
     esac
+}
+
+# Sets QCOW2_CREATE (the qemu-img command line) for a qcow2 backing.
+qcow2_create_cmd() {
+    case $1 in
+        qc2-pre) QCOW2_CREATE=(qemu-img create -q -f qcow2 -o "preallocation=$QCOW2_PREALLOC"
+                               "$QCOW2_IMG" "$((FILE_MIB << 20))") ;;
+        qc2-grow) QCOW2_CREATE=(qemu-img create -q -f qcow2 "$QCOW2_IMG" "$((QCOW2_GROW_GIB << 30))") ;;
+    esac
+}
+
+# A fresh qcow2 image for one run: created, flushed, and dropped from the page
+# cache (the daemons use O_DIRECT), so no write-back of it falls in the run.
+make_qcow2() { # backing
+    rm -f "$QCOW2_IMG"
+    qcow2_create_cmd "$1"
+    "${QCOW2_CREATE[@]}" || die "creating the $1 image failed: ${QCOW2_CREATE[*]}"
+    sync -f "$QCOW2_IMG"
+    dd if=/dev/null of="$QCOW2_IMG" oflag=nocache conv=notrunc,fdatasync count=0 status=none
+}
+
+# After a write run: `qemu-img check` the image. Sets QCOW2_CHECK_META (for
+# results.jsonl) and QCOW2_CHECK_ERR (non-empty if the image is corrupt).
+check_qcow2() {
+    local out rc=0
+    QCOW2_CHECK_META=()
+    QCOW2_CHECK_ERR=
+    out=$(qemu-img check --output=json "$QCOW2_IMG" 2>"$WORK/check.err") || rc=$?
+    # 0: clean; 3: leaked clusters only (harmless, e.g. after a SIGKILL);
+    # 2: corruptions; 1: the check could not complete; 63: not supported.
+    local fields
+    fields=$(python3 -c '
+import json, sys
+try:
+    d = json.loads(sys.stdin.read())
+except ValueError:
+    d = {}
+print(d.get("allocated-clusters", "-"), d.get("total-clusters", "-"), d.get("leaks", 0),
+      d.get("corruptions", 0), d.get("image-end-offset", "-"))' <<<"$out")
+    local alloc total leaks corrupt end
+    read -r alloc total leaks corrupt end <<<"$fields"
+    QCOW2_CHECK_META=(qcow2_check_rc="$rc" qcow2_allocated_clusters="$alloc"
+                      qcow2_total_clusters="$total" qcow2_leaks="$leaks"
+                      qcow2_corruptions="$corrupt" qcow2_image_end="$end")
+    if [[ $rc != 0 && $rc != 3 ]]; then
+        QCOW2_CHECK_ERR="qemu-img check exit $rc (corruptions=$corrupt): $(tr '\n' ' ' <"$WORK/check.err")"
+    fi
 }
 
 # Sets DAEMON_CMD for backend label, socket, queues.
@@ -274,6 +406,10 @@ run_one() { # backing case-spec placement repeat label role
     local sock=$WORK/vhost-user-blk.sock
     local log=$OUT/logs/$backing-$name-$placement-$rep-$label.log
     rm -f "$sock"
+    if [[ $backing == qc2-* ]]; then
+        make_qcow2 "$backing"
+        printf 'image (%s): %s\n' "$backing" "$(quote "${QCOW2_CREATE[@]}")" >>"$COMMANDS"
+    fi
     blockdev_args "$backing"
     daemon_cmd "$label" "$sock" "$q"
     local client=("$VUB_BENCH" --socket "$sock" --rw "$rw" --bs "$bs" --iodepth "$qd"
@@ -318,6 +454,15 @@ run_one() { # backing case-spec placement repeat label role
     if [[ $INTERRUPTED == 1 || ${rc:-0} == 130 || ${rc:-0} == 143 ]]; then
         echo "interrupted" >&2
         exit 130
+    fi
+    if [[ $backing == qc2-* ]]; then
+        meta+=(qcow2_image_cmd="$(quote "${QCOW2_CREATE[@]}")")
+        if [[ $rw == *write* ]]; then
+            check_qcow2
+            meta+=("${QCOW2_CHECK_META[@]}")
+            [[ -z $err && -n $QCOW2_CHECK_ERR ]] && err=$QCOW2_CHECK_ERR
+        fi
+        rm -f "$QCOW2_IMG"
     fi
 
     if [[ -n $err ]]; then
@@ -369,6 +514,11 @@ echo "qsd variants: $(printf '%s; ' "${qsd_desc[@]}")reference: qsd-${QSD_VARIAN
 echo "runs:       repeats=$REPEATS runtime=${RUNTIME}s ramp=${RAMP}s client=$([[ $CLIENT_POLL == 1 ]] && echo poll || echo event) queue-size=$QUEUE_SIZE"
 echo "placement:  same = backend+client on CPU $BCPU; split = backend on CPU $BCPU, client on CPU $CCPU"
 echo "backings:   ${BACKINGS} (null = null-co $FILE_MIB MiB; shm = raw file on /dev/shm, cache.direct=off; disk = raw file in $DISK_DIR, cache.direct=on)"
+if [[ $QCOW2 == 1 ]]; then
+    echo "qcow2:      file node cache.direct=on in $DISK_DIR under a qcow2 node (default options), a fresh image per run made by $(qemu-img --version | head -n1 | cut -d' ' -f1-3);"
+    echo "            qc2-pre = preallocation=$QCOW2_PREALLOC, $FILE_MIB MiB; qc2-grow = empty, ${QCOW2_GROW_GIB} GiB virtual$QCOW2_GROW_NOTE;"
+    echo "            cases:${QCOW2_CASES% }"
+fi
 echo "output:     $OUT"
 local busy
 busy=$(machine_busy_pct)
@@ -382,14 +532,19 @@ for b in "${BACKING_LIST[@]}"; do
     case $b in
         shm) SHM_IMG=/dev/shm/vub-bench-$$.img; make_image "$SHM_IMG" 0 ;;
         disk) mkdir -p "$DISK_DIR"; DISK_IMG=$DISK_DIR/vub-bench-$$.img; make_image "$DISK_IMG" 1 ;;
+        qc2-*) QCOW2_IMG=$DISK_DIR/vub-bench-$$.qcow2 ;; # made afresh for every run
     esac
 done
 
-RUN_TOTAL=$(( ${#BACKING_LIST[@]} * ${#SELECTED[@]} * ${#PLACEMENT_LIST[@]} * REPEATS * ${#BACKENDS[@]} ))
+RUN_TOTAL=0
+for b in "${BACKING_LIST[@]}"; do
+    RUN_TOTAL=$(( RUN_TOTAL + BACKING_CASES[$b] * ${#PLACEMENT_LIST[@]} * REPEATS * ${#BACKENDS[@]} ))
+done
 
 # ---------------------------------------------------------------- runs
 for backing in "${BACKING_LIST[@]}"; do
     for spec in "${SELECTED[@]}"; do
+        case_applies "$backing" "${spec%% *}" || continue
         for p in "${PLACEMENT_LIST[@]}"; do
             placement=$p
             [[ $p == same ]] && placement=same-cpu
@@ -404,11 +559,68 @@ for backing in "${BACKING_LIST[@]}"; do
 done
 
 # ---------------------------------------------------------------- report
+# The qcow2 images after the write runs: allocation and `qemu-img check`.
+QCOW2_GROW_WARN_PCT=10
+qcow2_report() {
+    python3 - "$RESULTS" "$QCOW2_GROW_WARN_PCT" <<'PY'
+import json, statistics, sys
+from collections import OrderedDict
+path, warn_pct = sys.argv[1], float(sys.argv[2])
+groups = OrderedDict()
+for line in open(path):
+    if not line.strip():
+        continue
+    r = json.loads(line)
+    if "qcow2_check_rc" not in r:
+        continue
+    groups.setdefault((r["backing"], r["case"], r["placement"], r["backend"]), []).append(r)
+if not groups:
+    sys.exit(0)
+def num(v):
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return None
+print("\n== qcow2 images after the write runs (qemu-img check; alloc % = allocated clusters"
+      " / clusters of the virtual size)")
+print(f"  {'backing':<8} {'case':<24} {'placement':<9} {'backend':<14} "
+      f"{'clusters':>9} {'alloc %':>8} {'max %':>7} {'leaks':>5} {'check':>7}")
+over = leaky = 0
+for (backing, case, placement, backend), rs in groups.items():
+    pcts, allocs = [], []
+    leaks = sum(num(r.get("qcow2_leaks")) or 0 for r in rs)
+    bad = [r for r in rs if r.get("qcow2_check_rc") not in ("0", "3")]
+    for r in rs:
+        a, t = num(r.get("qcow2_allocated_clusters")), num(r.get("qcow2_total_clusters"))
+        if a is not None and t:
+            allocs.append(a)
+            pcts.append(100.0 * a / t)
+    if backing == "qc2-grow":
+        over += sum(1 for p in pcts if p > warn_pct)
+    leaky += sum(1 for r in rs if r.get("qcow2_check_rc") == "3")
+    med = lambda v, f: f.format(statistics.median(v)) if v else "-"
+    check = "ok" if not bad else f"{len(bad)} BAD"
+    print(f"  {backing:<8} {case:<24} {placement:<9} {backend:<14} "
+          f"{med(allocs, '{:.0f}'):>9} {med(pcts, '{:.2f}'):>8} "
+          f"{(f'{max(pcts):.2f}' if pcts else '-'):>7} {leaks:>5} {check:>7}")
+if over:
+    print(f"\nWARNING: {over} qc2-grow run(s) allocated more than {warn_pct:.0f}% of the image: late in"
+          " such a run a noticeable share of the writes hit clusters allocated earlier in the run"
+          " (cheaper overwrites), more so for the faster daemon; use a larger --qcow2-grow-size"
+          " or a shorter --runtime")
+if leaky:
+    print(f"\nnote: {leaky} write run(s) left leaked clusters (harmless; e.g. a daemon killed"
+          " before it flushed)")
+PY
+}
+
 print_report() {
     local rc=0
     python3 "$COMPARE" report "$RESULTS" || rc=$?
+    qcow2_report || true
     echo
     echo "== command lines (PID = the daemon's pid; every run's exact lines are in results.jsonl)"
+    grep '^image' "$COMMANDS" | awk '!seen[$0]++'
     grep '^daemon' "$COMMANDS" | awk '!seen[$0]++'
     grep '^client' "$COMMANDS" | awk '!seen[$0]++'
     echo

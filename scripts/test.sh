@@ -11,7 +11,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/guest/install-deps.sh
-command -v qemu-img >/dev/null || { echo "ERROR: qemu-img is missing" >&2; exit 1; }
+for t in qemu-img qemu-io; do
+    command -v $t >/dev/null || { echo "ERROR: $t is missing (qemu-utils)" >&2; exit 1; }
+done
 python3 -c "import qemu.qmp, pytest" 2>/dev/null ||
     python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "qemu.qmp==0.0.6" "pytest>=7"
 

@@ -738,8 +738,12 @@ fn backing_chain_limits() {
         ],
     );
     std::fs::rename(p("loop2.qcow2"), p("loop.qcow2")).unwrap();
-    let e = open_with(&d.join("loop.qcow2"), json!({})).err().unwrap();
+    let ro = json!({"read-only": true, "file": {"driver": "file", "node-name": "q-file", "filename": p("loop.qcow2"), "read-only": true}});
+    let e = open_with(&d.join("loop.qcow2"), ro).err().unwrap();
     assert!(e.contains("deeper than 16"), "{e}");
+    // Writable, the image's own lock stops the loop at once.
+    let e = open_with(&d.join("loop.qcow2"), json!({})).err().unwrap();
+    assert!(e.contains("lock"), "{e}");
     // A missing backing file is named.
     run(
         bin(),

@@ -549,6 +549,20 @@ impl FileDriver {
             .map(|_| ())
     }
 
+    /// Allocates (and reads as zeroes) `[offset, offset + len)`, growing
+    /// the file: later writes there are not size-extending writes, which
+    /// ext4 serialises. A no-op where fallocate is unsupported.
+    pub async fn preallocate(&self, node: &Node, offset: u64, len: u64) -> Result<(), BlockError> {
+        if self.block_device {
+            return Ok(());
+        }
+        match self.fallocate(0, offset, len).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_unsupported(&e) => Ok(()),
+            Err(e) => Err(Self::io_err(node, "preallocate", offset, len, e)),
+        }
+    }
+
     pub fn is_block_device(&self) -> bool {
         self.block_device
     }

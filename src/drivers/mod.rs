@@ -324,6 +324,14 @@ impl Driver {
     }
 }
 
+/// Preallocates space in a file node (no-op for other drivers).
+pub(crate) async fn preallocate(node: &Node, offset: u64, len: u64) -> Result<(), BlockError> {
+    match node.driver() {
+        Driver::File(f) => f.preallocate(node, offset, len).await,
+        _ => Ok(()),
+    }
+}
+
 /// The file name under a node, following `file` children down to a file
 /// node.
 pub fn file_name_of(node: &Node) -> Option<String> {

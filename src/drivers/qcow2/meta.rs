@@ -269,6 +269,8 @@ pub struct Meta {
     pub header_io: usize,
     /// Set when the image was found corrupt: no more writes.
     pub corrupt: bool,
+    /// The file is allocated (fallocate) up to here, in bytes.
+    pub prealloc_end: u64,
 }
 
 impl Meta {
@@ -337,6 +339,7 @@ impl Meta {
             pass_discard: false,
             header_io,
             corrupt: false,
+            prealloc_end: file_size,
         }
     }
 
@@ -796,12 +799,15 @@ impl Meta {
             return Err(self.corrupt_err("the image is marked corrupt"));
         }
         let mut start = self.free_hint;
+        // The first free cluster seen: where the next search starts.
+        let mut first_free = None;
         'search: loop {
             for i in 0..n {
                 if self.refcount(f, start + i).await? != 0 {
                     start += i + 1;
                     continue 'search;
                 }
+                first_free.get_or_insert(start + i);
             }
             break;
         }
@@ -814,9 +820,10 @@ impl Meta {
         for c in start..start + n {
             self.update_refcount(f, c, 1, (start, start + n)).await?;
         }
-        if start == self.free_hint {
-            self.free_hint = start + n;
-        }
+        self.free_hint = match first_free {
+            Some(ff) if ff < start => ff,
+            _ => start + n,
+        };
         self.end_cluster = self.end_cluster.max(start + n);
         let off = start << self.g.cluster_bits;
         if let Some(what) = self.overlap(off, n << self.g.cluster_bits) {

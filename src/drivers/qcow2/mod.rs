@@ -38,6 +38,9 @@ use crate::block::{BlockError, Child, ChildRole, Graph, GraphError, Node, Perm};
 use crate::io::IoVecs;
 use crate::opts;
 
+/// How far ahead of allocations the image file is grown.
+const PREALLOC_STEP: u64 = 1 << 20;
+
 /// How deep a backing chain may be.
 pub const MAX_CHAIN_DEPTH: u32 = 16;
 
@@ -818,6 +821,19 @@ impl Qcow2Driver {
             m.alloc(self.f(), 1).await?
         };
         self.check_overlap(&mut m, node, host, g.cs).await?;
+        if !reuse && host + g.cs > m.prealloc_end {
+            // Grow the file ahead of the allocations, in steps: a write
+            // that extends the file is far slower (ext4 serialises them).
+            let end = (host + g.cs).max(m.prealloc_end + PREALLOC_STEP.max(g.cs));
+            let from = m.prealloc_end.max(host);
+            if let Err(e) = super::preallocate(self.f(), from, end - from).await {
+                let _ = m
+                    .update_refcount(self.f(), host >> g.cluster_bits, -1, (0, 0))
+                    .await;
+                return Err(e);
+            }
+            m.prealloc_end = end;
+        }
         m.busy.insert(gc, Vec::new());
         self.data_inflight.fetch_add(1, Ordering::AcqRel);
         drop(m);
