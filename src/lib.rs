@@ -23,6 +23,7 @@ pub mod io;
 pub mod opts;
 pub mod qmp;
 pub mod signals;
+pub mod snapshot;
 pub mod throttle;
 pub mod vhost_user;
 pub mod virtio_blk;

@@ -1699,3 +1699,157 @@ fn qcow2_queues_racing_on_the_same_clusters() {
         assert_qcow2_matches(d, &model);
     }
 }
+
+// ---------------------------------------------------------------------------
+// 6. External snapshots under verified I/O
+// ---------------------------------------------------------------------------
+
+/// qemu-img's view of an image (with its backing chain) as raw bytes.
+fn image_bytes(img: &Path) -> Vec<u8> {
+    let out = img.with_extension("dump.raw");
+    qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        img.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+    std::fs::read(&out).unwrap()
+}
+
+/// blockdev-snapshot-sync while one queue keeps writing and reading
+/// (verified against a model) and another region was written before: the
+/// base keeps exactly what was there at snapshot time, the overlay reads
+/// as the guest's disk, and qemu-img checks both.
+#[test]
+fn external_snapshot_while_the_guest_writes() {
+    let size = 16 * MIB;
+    let half = size / 2;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let base = dir.path().join("base.qcow2");
+    let out = std::process::Command::new(daemon_bin())
+        .args(["create", base.to_str().unwrap(), &size.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let d = Daemon::start_in(
+        dir,
+        &[
+            "--blockdev",
+            "driver=qcow2,node-name=d0,discard=ignore,file.driver=file,file.filename={dir}/base.qcow2",
+            "--export",
+            "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={sock},writable=on,num-queues=2",
+            "--chardev",
+            "socket,id=mon0,path={dir}/qmp.sock,server=on,wait=off",
+            "--monitor",
+            "chardev=mon0",
+        ],
+    );
+    let dirp = d.image().parent().unwrap().to_path_buf();
+    let mut model = vec![0u8; size as usize];
+    let depth = 8;
+    let mut c = Client::start(
+        &d.socket,
+        ClientOptions {
+            queues: 2,
+            buf_len: 2 * depth * SLOT + 2 * MIB as usize,
+            ..Default::default()
+        },
+    );
+    let bufs = c.buf(0);
+    // Region B (second half): written before the snapshot.
+    let staging = bufs + 2 * depth * SLOT;
+    let before = pattern(0xb0, half as usize);
+    for (i, chunk) in before.chunks(MIB as usize).enumerate() {
+        fill(staging, chunk);
+        let r = one(&mut c.queues[1], |q| {
+            q.write(
+                half + i as u64 * MIB,
+                staging as *const u8,
+                MIB as usize,
+                0,
+                ReqFlags::empty(),
+            )
+        });
+        assert_eq!(r, 0);
+    }
+    assert_eq!(flush(&mut c.queues[1], false), 0);
+    model[half as usize..].copy_from_slice(&before);
+
+    let mut qmp = Qmp::connect(&dirp.join("qmp.sock"));
+    let overlay = dirp.join("overlay.qcow2");
+    let (qa, qb) = c.queues.split_at_mut(1);
+    let (model_a, model_b) = model.split_at_mut(half as usize);
+    std::thread::scope(|s| {
+        // Region A (first half): a verified workload across the snapshot.
+        let worker = s.spawn(|| {
+            let w = Workload {
+                seed: 0x5a5a,
+                ops: 1500,
+                depth,
+                lbs: 512,
+                poll: false,
+                time_cap: Duration::from_secs(60),
+                discard_keeps_data: true,
+            };
+            let t = run_workload(&mut qa[0], bufs, 0, model_a, &w);
+            assert_eq!(flush(&mut qa[0], false), 0);
+            t
+        });
+        std::thread::sleep(Duration::from_millis(150));
+        let r = qmp.execute(
+            "blockdev-snapshot-sync",
+            serde_json::json!({"node-name": "d0", "snapshot-file": overlay.to_str().unwrap(),
+                               "snapshot-node-name": "snap0"}),
+        );
+        assert!(r.get("return").is_some(), "{r}");
+        // Region B after the snapshot: new data, to the overlay only.
+        let after = pattern(0xa0, MIB as usize);
+        fill(staging, &after);
+        let r = one(&mut qb[0], |q| {
+            q.write(
+                half,
+                staging as *const u8,
+                MIB as usize,
+                0,
+                ReqFlags::empty(),
+            )
+        });
+        assert_eq!(r, 0);
+        model_b[..MIB as usize].copy_from_slice(&after);
+        let t = worker.join().expect("workload thread");
+        assert!(t.writes > 0 && t.reads > 0, "{t:?}");
+    });
+    // The export serves the overlay now; a failed repeat changes nothing.
+    let nodes = qmp.execute("query-named-block-nodes", serde_json::json!({}));
+    let list = nodes["return"].as_array().unwrap();
+    let find = |n: &str| list.iter().find(|x| x["node-name"] == n).cloned().unwrap();
+    assert_eq!(find("snap0")["backing_file_depth"], 1, "{nodes}");
+    assert_eq!(find("d0")["ro"], true, "{nodes}");
+    let r = qmp.execute(
+        "blockdev-snapshot",
+        serde_json::json!({"node": "d0", "overlay": "snap0"}),
+    );
+    assert!(
+        r["error"]["desc"].as_str().unwrap().contains("already"),
+        "{r}"
+    );
+    drop(c);
+    let mut d = d;
+    let st = d.terminate();
+    assert!(st.success(), "{}", d.log());
+    for img in [&base, &overlay] {
+        let check = qemu_img(&["check", img.to_str().unwrap()]);
+        assert!(check.contains("No errors were found"), "{check}");
+    }
+    let info = qemu_img(&["info", overlay.to_str().unwrap()]);
+    assert!(
+        info.contains("backing file:") && info.contains("base.qcow2"),
+        "{info}"
+    );
+    // The guest's disk is the overlay with its backing file.
+    assert_bytes_eq("overlay vs model", 0, &image_bytes(&overlay), &model);
+    // The base has region B as it was at snapshot time.
+    let b = image_bytes(&base);
+    assert_bytes_eq("base region B", half, &b[half as usize..], &before);
+}

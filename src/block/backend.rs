@@ -45,6 +45,11 @@ impl BlockBackend {
         self.root.node()
     }
 
+    /// The root edge (moved to an overlay by an external snapshot).
+    pub fn root(&self) -> &Child {
+        &self.root
+    }
+
     pub fn is_writable(&self) -> bool {
         self.writable
     }

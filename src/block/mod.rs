@@ -14,6 +14,7 @@ mod graph;
 mod node;
 mod perm;
 mod stats;
+pub mod swap;
 
 pub use backend::BlockBackend;
 pub use error::{BlockError, GraphError};

@@ -431,7 +431,9 @@ impl Node {
 pub struct Child {
     parent: String,
     role: ChildRole,
-    node: Arc<Node>,
+    /// Replaced (external snapshots, job pivots) only inside a drained
+    /// section; read by every request with one load.
+    node: super::swap::Swap<Arc<Node>>,
     perm: std::sync::atomic::AtomicU8,
     shared: std::sync::atomic::AtomicU8,
 }
@@ -441,7 +443,7 @@ impl fmt::Debug for Child {
         f.debug_struct("Child")
             .field("parent", &self.parent)
             .field("role", &self.role)
-            .field("node", &self.node.name())
+            .field("node", &self.node().name())
             .field("perm", &self.perm())
             .field("shared", &self.shared())
             .finish()
@@ -461,14 +463,29 @@ impl Child {
         Ok(Child {
             parent: parent.to_string(),
             role,
-            node,
+            node: super::swap::Swap::new(node),
             perm: std::sync::atomic::AtomicU8::new(perm.bits()),
             shared: std::sync::atomic::AtomicU8::new(shared.bits()),
         })
     }
 
     pub fn node(&self) -> &Arc<Node> {
-        &self.node
+        self.node.get()
+    }
+
+    pub fn parent(&self) -> &str {
+        &self.parent
+    }
+
+    /// Points this edge at `new` instead, with the same permissions
+    /// (checked against `new`'s other parents). The caller holds every
+    /// user of the edge in a drained section.
+    pub fn replace_node(&self, new: Arc<Node>) -> Result<(), GraphError> {
+        new.attach_parent(&self.parent, self.role, self.perm(), self.shared())?;
+        let old = self.node().clone();
+        self.node.replace(new);
+        old.detach_parent(&self.parent, self.role);
+        Ok(())
     }
 
     pub fn role(&self) -> ChildRole {
@@ -483,7 +500,7 @@ impl Child {
     pub fn set_perm(&self, perm: Perm, shared: Perm) {
         self.perm.store(perm.bits(), Ordering::Relaxed);
         self.shared.store(shared.bits(), Ordering::Relaxed);
-        self.node
+        self.node()
             .update_parent_perm(&self.parent, self.role, perm, shared);
     }
 
@@ -494,6 +511,6 @@ impl Child {
 
 impl Drop for Child {
     fn drop(&mut self) {
-        self.node.detach_parent(&self.parent, self.role);
+        self.node().detach_parent(&self.parent, self.role);
     }
 }

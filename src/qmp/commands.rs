@@ -52,6 +52,8 @@ const COMMANDS: &[&str] = &[
     "block-export-del",
     "query-block-exports",
     "block_resize",
+    "blockdev-snapshot",
+    "blockdev-snapshot-sync",
     "query-blockstats",
     "block-latency-histogram-set",
     "block-set-write-threshold",
@@ -294,6 +296,53 @@ pub fn dispatch(
         "query-block-exports" => {
             no_args(cmd)?;
             ok(state.query_exports())
+        }
+        "blockdev-snapshot" => {
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct A {
+                node: String,
+                overlay: String,
+            }
+            let a: A = args(cmd)?;
+            crate::snapshot::external(state, &a.node, &a.overlay).map_err(QmpError::generic)?;
+            ok(json!({}))
+        }
+        "blockdev-snapshot-sync" => {
+            #[derive(serde::Deserialize)]
+            #[serde(rename_all = "kebab-case", deny_unknown_fields)]
+            struct A {
+                device: Option<String>,
+                node_name: Option<String>,
+                snapshot_file: String,
+                snapshot_node_name: Option<String>,
+                format: Option<String>,
+                #[serde(default)]
+                mode: crate::snapshot::SnapshotMode,
+            }
+            let a: A = args(cmd)?;
+            let node = match (a.node_name, a.device) {
+                (Some(n), None) => n,
+                (None, Some(d)) => match state.export(&d) {
+                    Some(e) => e.blk.node().name().to_string(),
+                    None => return Err(QmpError::not_found(format!("Device '{d}' not found"))),
+                },
+                _ => {
+                    return Err(QmpError::generic(
+                        "exactly one of 'device' and 'node-name' is needed",
+                    ))
+                }
+            };
+            crate::snapshot::external_sync(
+                state,
+                &node,
+                &a.snapshot_file,
+                a.snapshot_node_name.as_deref(),
+                a.format.as_deref(),
+                a.mode,
+            )
+            .map_err(QmpError::generic)?;
+            ok(json!({}))
         }
         "block_resize" => {
             let a: Resize = args(cmd)?;

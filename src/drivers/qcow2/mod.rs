@@ -117,7 +117,8 @@ pub struct BlockStatus {
 pub struct Qcow2Driver {
     name: String,
     file: Child,
-    backing: Option<Child>,
+    /// Set once more by an external snapshot (an overlay gets its backing).
+    backing: crate::block::swap::Swap<Option<Child>>,
     g: Geo,
     size: AtomicU64,
     meta: AsyncLock<Meta>,
@@ -380,7 +381,7 @@ impl Qcow2Driver {
         Ok(Qcow2Driver {
             name: name.to_string(),
             file,
-            backing,
+            backing: crate::block::swap::Swap::new(backing),
             g,
             size: AtomicU64::new(hdr.size),
             meta: AsyncLock::new(m),
@@ -472,7 +473,27 @@ impl Qcow2Driver {
     }
 
     pub fn backing(&self) -> Option<&Child> {
-        self.backing.as_ref()
+        self.backing.get().as_ref()
+    }
+
+    /// Gives an image without a backing node one (blockdev-snapshot). The
+    /// caller holds the node's users in a drained section.
+    pub fn set_backing(&self, child: Child) -> Result<(), String> {
+        if self.backing().is_some() {
+            return Err(format!("node '{}' already has a backing node", self.name));
+        }
+        self.backing.replace(Some(child));
+        Ok(())
+    }
+
+    /// Makes the image read-only: metadata written, dirty bit cleared, the
+    /// file child's write permission dropped (it becomes a backing image).
+    pub fn make_read_only(&self) {
+        self.close();
+        self.file.set_perm(
+            Perm::CONSISTENT_READ,
+            Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
+        );
     }
 
     pub fn header(&self) -> &Header {
@@ -599,7 +620,7 @@ impl Qcow2Driver {
     }
 
     async fn read_backing(&self, pos: u64, part: &IoVecs) -> Result<(), BlockError> {
-        let Some(b) = &self.backing else {
+        let Some(b) = self.backing() else {
             part.fill_zero();
             return Ok(());
         };
@@ -846,10 +867,7 @@ impl Qcow2Driver {
             && host >> g.cluster_bits >= end_before
             && old_host == 0
             && !compressed
-            && self
-                .backing
-                .as_ref()
-                .is_none_or(|bk| base >= bk.node().size());
+            && self.backing().is_none_or(|bk| base >= bk.node().size());
         let result = async {
             if fresh {
                 let part = if skip == 0 && n == iov.len() {
@@ -1013,7 +1031,7 @@ impl Qcow2Driver {
                 self.zero_cluster(pos >> g.cluster_bits, !may_unmap, false)
                     .await?;
                 meta_changed = true;
-            } else if whole && self.backing.is_none() && may_unmap {
+            } else if whole && self.backing().is_none() && may_unmap {
                 self.zero_cluster(pos >> g.cluster_bits, false, true)
                     .await?;
                 meta_changed = true;
@@ -1044,7 +1062,7 @@ impl Qcow2Driver {
         let first = offset.div_ceil(g.cs);
         let end = (offset + len) >> g.cluster_bits;
         for gc in first..end {
-            if self.backing.is_some() {
+            if self.backing().is_some() {
                 if g.version < 3 {
                     // Unallocating would expose the backing file.
                     return Ok(());
@@ -1075,7 +1093,7 @@ impl Qcow2Driver {
                 len: n,
                 depth: 0,
             },
-            Sc::Unallocated => match &self.backing {
+            Sc::Unallocated => match self.backing() {
                 None => BlockStatus {
                     kind: Allocation::Unallocated,
                     len: n,
@@ -1138,7 +1156,7 @@ impl Qcow2Driver {
         self.size.store(size, Ordering::Relaxed);
         // A backing file longer than the old size must not show through the
         // new area.
-        if let Some(b) = &self.backing {
+        if let Some(b) = self.backing() {
             let bsize = b.node().size();
             if bsize > old {
                 let end = bsize.min(size);
