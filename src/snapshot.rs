@@ -237,3 +237,141 @@ fn rand_suffix() -> u32 {
         .map(|d| d.subsec_nanos())
         .unwrap_or(0)
 }
+
+/// The qcow2 node an internal snapshot command means by `device`: an
+/// export's id or a node name, followed down through filters.
+fn internal_target(state: &State, device: &str) -> Result<Arc<Node>, String> {
+    let mut node = match state.export(device) {
+        Some(e) => e.blk.node().clone(),
+        None => state.graph().get(device).map_err(|_| {
+            format!("Device '{device}' not found (neither an export id nor a node name)")
+        })?,
+    };
+    loop {
+        let next = match node.driver() {
+            Driver::Qcow2(_) => return Ok(node),
+            Driver::Throttle(t) => t.file().node().clone(),
+            _ => {
+                return Err(format!(
+                    "node '{}' ({}) does not support internal snapshots",
+                    node.name(),
+                    node.driver_name()
+                ))
+            }
+        };
+        node = next;
+    }
+}
+
+fn now() -> (u32, u32) {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (d.as_secs() as u32, d.subsec_nanos())
+}
+
+/// SnapshotInfo (qapi/block-core.json).
+pub fn snapshot_info(s: &qcow2::Snapshot) -> serde_json::Value {
+    serde_json::json!({
+        "id": s.id, "name": s.name, "vm-state-size": s.vm_state_size,
+        "date-sec": s.date_sec, "date-nsec": s.date_nsec,
+        "vm-clock-sec": s.vm_clock_nsec / 1_000_000_000,
+        "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
+    })
+}
+
+/// blockdev-snapshot-internal-sync.
+pub fn internal_create(state: &State, device: &str, name: &str) -> Result<qcow2::Snapshot, String> {
+    let node = internal_target(state, device)?;
+    let Driver::Qcow2(q) = node.driver() else {
+        unreachable!("internal_target returns qcow2 nodes");
+    };
+    let s = state
+        .drained(&node, || {
+            futures::executor::block_on(q.snapshot_create(name, now()))
+        })
+        .map_err(|e| e.to_string())?;
+    log::info!(
+        "node {}: internal snapshot '{}' (id {}) created",
+        node.name(),
+        s.name,
+        s.id
+    );
+    Ok(s)
+}
+
+/// blockdev-snapshot-delete-internal-sync.
+pub fn internal_delete(
+    state: &State,
+    device: &str,
+    id: Option<&str>,
+    name: Option<&str>,
+) -> Result<qcow2::Snapshot, String> {
+    if id.is_none() && name.is_none() {
+        return Err("one of 'id' and 'name' is needed".into());
+    }
+    let node = internal_target(state, device)?;
+    let Driver::Qcow2(q) = node.driver() else {
+        unreachable!("internal_target returns qcow2 nodes");
+    };
+    let r = qcow2::SnapshotRef { id, name };
+    let s = state
+        .drained(&node, || futures::executor::block_on(q.snapshot_delete(&r)))
+        .map_err(|e| e.to_string())?;
+    log::info!(
+        "node {}: internal snapshot '{}' (id {}) deleted",
+        node.name(),
+        s.name,
+        s.id
+    );
+    Ok(s)
+}
+
+/// Reverts a node to an internal snapshot: refused while anyone holds
+/// write permission on it (an export writing it must be removed first).
+pub fn internal_goto(
+    state: &State,
+    node_name: &str,
+    id: Option<&str>,
+    name: Option<&str>,
+) -> Result<qcow2::Snapshot, String> {
+    if id.is_none() && name.is_none() {
+        return Err("one of 'id' and 'name' is needed".into());
+    }
+    let node = state.graph().get(node_name).map_err(|e| e.to_string())?;
+    let Driver::Qcow2(q) = node.driver() else {
+        return Err(format!(
+            "node '{node_name}' ({}) has no internal snapshots",
+            node.driver_name()
+        ));
+    };
+    let writers: Vec<String> = node
+        .parent_perms()
+        .into_iter()
+        .filter(|(_, _, p)| p.contains(Perm::WRITE))
+        .map(|(n, _, _)| n)
+        .collect();
+    if !writers.is_empty() {
+        return Err(format!(
+            "node '{node_name}' is in use for writing by {}: detach it (block-export-del) before reverting",
+            writers.join(", ")
+        ));
+    }
+    let r = qcow2::SnapshotRef { id, name };
+    let s = state
+        .drained(&node, || {
+            futures::executor::block_on(q.snapshot_goto(&node, &r))
+        })
+        .map_err(|e| e.to_string())?;
+    log::info!(
+        "node {node_name}: reverted to internal snapshot '{}' (id {})",
+        s.name,
+        s.id
+    );
+    for e in state.export_states() {
+        if e.blk.node().reaches(&node) {
+            e.notify_config_change();
+        }
+    }
+    Ok(s)
+}

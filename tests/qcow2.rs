@@ -857,3 +857,194 @@ fn overlapping_tables_are_refused() {
     let e = open_with(&img, json!({})).err().unwrap();
     assert!(e.contains("overlap"), "{e}");
 }
+
+// ---------------------------------------------------------------------------
+// Internal snapshots
+// ---------------------------------------------------------------------------
+
+use vhost_user_blkd::drivers::qcow2::SnapshotRef;
+use vhost_user_blkd::drivers::Driver;
+
+fn q2(img: &Img) -> &vhost_user_blkd::drivers::Qcow2Driver {
+    match img.node.driver() {
+        Driver::Qcow2(q) => q,
+        _ => unreachable!(),
+    }
+}
+
+fn by_name(name: &str) -> SnapshotRef<'_> {
+    SnapshotRef {
+        id: None,
+        name: Some(name),
+    }
+}
+
+/// The image as `qemu-img snapshot -a` reverts a copy of it to `snap`.
+fn reverted(img: &Path, snap: &str) -> Vec<u8> {
+    let copy = img.with_extension(format!("{snap}.qcow2"));
+    std::fs::copy(img, &copy).unwrap();
+    run(
+        "qemu-img",
+        &["snapshot", "-a", snap, copy.to_str().unwrap()],
+    );
+    check_clean(&copy);
+    let raw = copy.with_extension("raw");
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "raw",
+            copy.to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ],
+    );
+    std::fs::read(raw).unwrap()
+}
+
+#[test]
+fn internal_snapshots_qemu_img_lists_and_reverts() {
+    let dir = tmp();
+    for opts in ["", "extended_l2=on", "compat=0.10,cluster_size=4k"] {
+        let img = dir.path().join("i.qcow2");
+        create(&img, opts, 4 * MIB);
+        let q = open(&img);
+        let mut rng = Rng(31);
+        let mut model = vec![0u8; 4 * MIB as usize];
+        let mut states = Vec::new();
+        for round in 0..3 {
+            for _ in 0..20 {
+                let off = rng.below(4 * MIB / 512 - 130) * 512;
+                let n = 512 * (1 + rng.below(128)) as usize;
+                let data = fill(&mut rng, n);
+                q.write(off, &data);
+                model[off as usize..off as usize + data.len()].copy_from_slice(&data);
+            }
+            let name = format!("s{round}");
+            let s = block_on(q2(&q).snapshot_create(&name, (1_700_000_000 + round, 5))).unwrap();
+            assert_eq!(s.id, (round + 1).to_string());
+            states.push((name, model.clone()));
+        }
+        // Duplicate names are refused.
+        let e = block_on(q2(&q).snapshot_create("s1", (0, 0))).unwrap_err();
+        assert!(e.to_string().contains("already exists"), "{e}");
+        // More writes after the last snapshot, including over shared clusters.
+        q.write(0, &vec![0xee; 256 * 1024]);
+        model[..256 * 1024].fill(0xee);
+        block_on(q.node.pwrite_zeroes(MIB, 128 * 1024, true, false)).unwrap();
+        model[MIB as usize..MIB as usize + 128 * 1024].fill(0);
+        assert!(q.read(0, 4 * MIB) == model);
+        q.close();
+        check_clean(&img);
+        let list = run("qemu-img", &["snapshot", "-l", img.to_str().unwrap()]);
+        for (name, _) in &states {
+            assert!(list.contains(name.as_str()), "{opts}: {list}");
+        }
+        for (name, want) in &states {
+            assert!(
+                &reverted(&img, name) == want,
+                "{opts}: snapshot {name} differs"
+            );
+        }
+        // The daemon reads the current state back after reopen, and lists
+        // the snapshots with their metadata.
+        let q = open(&img);
+        assert!(q.read(0, 4 * MIB) == model);
+        let snaps = q2(&q).snapshots();
+        assert_eq!(snaps.len(), 3);
+        assert_eq!(
+            (
+                snaps[2].name.as_str(),
+                snaps[2].date_sec,
+                snaps[2].date_nsec
+            ),
+            ("s2", 1_700_000_002, 5)
+        );
+        assert_eq!(snaps[0].disk_size, Some(4 * MIB));
+        // Delete the middle one: the others still revert exactly.
+        block_on(q2(&q).snapshot_delete(&by_name("s1"))).unwrap();
+        let e = block_on(q2(&q).snapshot_delete(&by_name("s1"))).unwrap_err();
+        assert!(e.to_string().contains("not found"), "{e}");
+        q.close();
+        check_clean(&img);
+        let list = run("qemu-img", &["snapshot", "-l", img.to_str().unwrap()]);
+        assert!(
+            !list.contains(" s1 ") && list.contains("s0") && list.contains("s2"),
+            "{list}"
+        );
+        assert!(reverted(&img, "s0") == states[0].1);
+        assert!(reverted(&img, "s2") == states[2].1);
+        std::fs::remove_file(&img).unwrap();
+    }
+}
+
+#[test]
+fn snapshots_made_by_qemu_img_are_deleted_and_reverted_by_us() {
+    let dir = tmp();
+    let img = dir.path().join("q.qcow2");
+    let p = img.to_str().unwrap();
+    run("qemu-img", &["create", "-f", "qcow2", p, "2M"]);
+    run("qemu-io", &["-c", "write -P 0x01 0 2M", p]);
+    run("qemu-img", &["snapshot", "-c", "one", p]);
+    run("qemu-io", &["-c", "write -P 0x02 0 1M", p]);
+    run("qemu-img", &["snapshot", "-c", "two", p]);
+    run("qemu-io", &["-c", "write -P 0x03 1M 1M", p]);
+    let q = open(&img);
+    let snaps = q2(&q).snapshots();
+    assert_eq!(
+        snaps.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        ["one", "two"]
+    );
+    // By id and name together: both must match.
+    let e = block_on(q2(&q).snapshot_delete(&SnapshotRef {
+        id: Some("2"),
+        name: Some("one"),
+    }))
+    .unwrap_err();
+    assert!(e.to_string().contains("not found"), "{e}");
+    block_on(q2(&q).snapshot_delete(&SnapshotRef {
+        id: Some("1"),
+        name: None,
+    }))
+    .unwrap();
+    // Revert the live node to "two".
+    block_on(q2(&q).snapshot_goto(&q.node, &by_name("two"))).unwrap();
+    let v = q.read(0, 2 * MIB);
+    assert!(v[..MIB as usize].iter().all(|&b| b == 2) && v[MIB as usize..].iter().all(|&b| b == 1));
+    // Writes after the revert do not change the snapshot.
+    q.write(0, &[9u8; 4096]);
+    q.close();
+    check_clean(&img);
+    let list = run("qemu-img", &["snapshot", "-l", p]);
+    assert!(!list.contains("one") && list.contains("two"), "{list}");
+    let two = reverted(&img, "two");
+    assert!(
+        two[..MIB as usize].iter().all(|&b| b == 2) && two[MIB as usize..].iter().all(|&b| b == 1)
+    );
+}
+
+#[test]
+fn hundreds_of_snapshots() {
+    let dir = tmp();
+    let img = dir.path().join("h.qcow2");
+    create(&img, "cluster_size=4k", MIB);
+    let q = open(&img);
+    for i in 0..300u32 {
+        q.write(u64::from(i % 256) * 4096, &[i as u8; 4096]);
+        block_on(q2(&q).snapshot_create(&format!("snap-{i}"), (i, 0))).unwrap();
+    }
+    q.close();
+    check_clean(&img);
+    let t = std::time::Instant::now();
+    let q = open(&img);
+    let opened = t.elapsed();
+    assert_eq!(q2(&q).snapshots().len(), 300);
+    eprintln!("opening an image with 300 snapshots took {opened:?}");
+    block_on(q2(&q).snapshot_delete(&by_name("snap-150"))).unwrap();
+    q.close();
+    check_clean(&img);
+    let list = run("qemu-img", &["snapshot", "-l", img.to_str().unwrap()]);
+    assert_eq!(list.matches("snap-").count(), 299);
+    let v = reverted(&img, "snap-299");
+    assert_eq!(v[43 * 4096], 43);
+}

@@ -54,6 +54,9 @@ const COMMANDS: &[&str] = &[
     "block_resize",
     "blockdev-snapshot",
     "blockdev-snapshot-sync",
+    "blockdev-snapshot-internal-sync",
+    "blockdev-snapshot-delete-internal-sync",
+    "x-blockdev-snapshot-goto-internal",
     "query-blockstats",
     "block-latency-histogram-set",
     "block-set-write-threshold",
@@ -343,6 +346,54 @@ pub fn dispatch(
             )
             .map_err(QmpError::generic)?;
             ok(json!({}))
+        }
+        "blockdev-snapshot-internal-sync" => {
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct A {
+                device: String,
+                name: String,
+            }
+            let a: A = args(cmd)?;
+            crate::snapshot::internal_create(state, &a.device, &a.name)
+                .map_err(QmpError::generic)?;
+            ok(json!({}))
+        }
+        "blockdev-snapshot-delete-internal-sync" => {
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct A {
+                device: String,
+                id: Option<String>,
+                name: Option<String>,
+            }
+            let a: A = args(cmd)?;
+            let s = crate::snapshot::internal_delete(
+                state,
+                &a.device,
+                a.id.as_deref(),
+                a.name.as_deref(),
+            )
+            .map_err(QmpError::generic)?;
+            ok(crate::snapshot::snapshot_info(&s))
+        }
+        "x-blockdev-snapshot-goto-internal" => {
+            #[derive(serde::Deserialize)]
+            #[serde(rename_all = "kebab-case", deny_unknown_fields)]
+            struct A {
+                node_name: String,
+                id: Option<String>,
+                name: Option<String>,
+            }
+            let a: A = args(cmd)?;
+            let s = crate::snapshot::internal_goto(
+                state,
+                &a.node_name,
+                a.id.as_deref(),
+                a.name.as_deref(),
+            )
+            .map_err(QmpError::generic)?;
+            ok(crate::snapshot::snapshot_info(&s))
         }
         "block_resize" => {
             let a: Resize = args(cmd)?;
@@ -659,12 +710,7 @@ fn image_info(node: &Node, flat: bool) -> Map<String, Value> {
             let snaps: Vec<Value> = q
                 .snapshots()
                 .iter()
-                .map(|s| {
-                    json!({"id": s.id, "name": s.name, "vm-state-size": s.vm_state_size,
-                           "date-sec": s.date_sec, "date-nsec": s.date_nsec,
-                           "vm-clock-sec": s.vm_clock_nsec / 1_000_000_000,
-                           "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000})
-                })
+                .map(crate::snapshot::snapshot_info)
                 .collect();
             image.insert("snapshots".into(), json!(snaps));
         }

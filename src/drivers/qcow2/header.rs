@@ -393,6 +393,27 @@ pub struct Snapshot {
     pub extra: Vec<u8>,
 }
 
+impl Snapshot {
+    /// The entry as the snapshot table stores it (padded to 8 bytes).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(40 + self.extra.len() + self.id.len() + self.name.len() + 8);
+        b.extend_from_slice(&self.l1_table_offset.to_be_bytes());
+        b.extend_from_slice(&self.l1_size.to_be_bytes());
+        b.extend_from_slice(&(self.id.len() as u16).to_be_bytes());
+        b.extend_from_slice(&(self.name.len() as u16).to_be_bytes());
+        b.extend_from_slice(&self.date_sec.to_be_bytes());
+        b.extend_from_slice(&self.date_nsec.to_be_bytes());
+        b.extend_from_slice(&self.vm_clock_nsec.to_be_bytes());
+        b.extend_from_slice(&(self.vm_state_size.min(u64::from(u32::MAX)) as u32).to_be_bytes());
+        b.extend_from_slice(&(self.extra.len() as u32).to_be_bytes());
+        b.extend_from_slice(&self.extra);
+        b.extend_from_slice(self.id.as_bytes());
+        b.extend_from_slice(self.name.as_bytes());
+        b.resize(b.len().div_ceil(8) * 8, 0);
+        b
+    }
+}
+
 /// Parses `n` snapshot table entries from `b`; returns them and the
 /// table's length in bytes.
 pub fn parse_snapshots(

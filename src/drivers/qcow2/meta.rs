@@ -271,6 +271,9 @@ pub struct Meta {
     pub corrupt: bool,
     /// The file is allocated (fallocate) up to here, in bytes.
     pub prealloc_end: u64,
+    /// Where the snapshot table is, and its length in bytes.
+    pub snap_offset: u64,
+    pub snap_len: u64,
 }
 
 impl Meta {
@@ -340,6 +343,8 @@ impl Meta {
             header_io,
             corrupt: false,
             prealloc_end: file_size,
+            snap_offset: 0,
+            snap_len: 0,
         }
     }
 
@@ -394,7 +399,7 @@ impl Meta {
         Ok(e)
     }
 
-    fn set_l1(&mut self, l1i: usize, v: u64) {
+    pub fn set_l1(&mut self, l1i: usize, v: u64) {
         let old = self.l1[l1i] & OFFSET_MASK;
         if old != 0 {
             self.l2_set.remove(&(old >> self.g.cluster_bits));
@@ -424,7 +429,7 @@ impl Meta {
         Ok(())
     }
 
-    async fn load_l2(&mut self, f: &Node, off: u64) -> Result<(), BlockError> {
+    pub async fn load_l2(&mut self, f: &Node, off: u64) -> Result<(), BlockError> {
         let t = self.tick();
         if let Some(tab) = self.l2.get_mut(&off) {
             tab.used = t;
@@ -457,6 +462,20 @@ impl Meta {
         self.load_l2(f, l2off).await?;
         let (e, b) = self.entry_in(l2off, gc);
         Ok((e, b, l2off))
+    }
+
+    /// The words of a cached L2 table, for changes (marked dirty).
+    pub fn l2_words_mut(&mut self, off: u64) -> &mut Vec<u64> {
+        let t = self.tick();
+        let tab = self.l2.get_mut(&off).expect("table loaded by load_l2");
+        tab.dirty = true;
+        tab.used = t;
+        &mut tab.words
+    }
+
+    /// The words of a cached L2 table.
+    pub fn l2_words(&self, off: u64) -> &[u64] {
+        &self.l2[&off].words
     }
 
     /// Entry `gc` of a cached table.

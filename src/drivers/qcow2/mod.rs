@@ -22,9 +22,11 @@ mod build;
 mod header;
 pub mod lock;
 mod meta;
+mod snap;
 
 pub use build::{create, probe_size, CreateOptions, Preallocation};
 pub use header::{parse_snapshots, Header, Snapshot};
+pub use snap::SnapshotRef;
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -128,7 +130,7 @@ pub struct Qcow2Driver {
     discard_unmap: AtomicBool,
     overlap_check: bool,
     header: Header,
-    snapshots: Vec<Snapshot>,
+    snapshots: std::sync::Mutex<Vec<Snapshot>>,
     /// The dirty bit is set by us (lazy refcounts) and cleared at close.
     lazy: bool,
     closed: AtomicBool,
@@ -300,6 +302,8 @@ impl Qcow2Driver {
             rb_cache,
             header_io,
         );
+        m.snap_offset = hdr.snapshots_offset;
+        m.snap_len = snap_table_len;
         if hdr.nb_snapshots > 0 {
             m.fixed.push((
                 hdr.snapshots_offset,
@@ -390,7 +394,7 @@ impl Qcow2Driver {
             discard_unmap: AtomicBool::new(discard_unmap),
             overlap_check: o.overlap_check != Some(OverlapCheck::None),
             header: hdr,
-            snapshots,
+            snapshots: std::sync::Mutex::new(snapshots),
             lazy,
             closed: AtomicBool::new(false),
             read_only: o.read_only,
@@ -500,8 +504,13 @@ impl Qcow2Driver {
         &self.header
     }
 
-    pub fn snapshots(&self) -> &[Snapshot] {
-        &self.snapshots
+    /// The internal snapshots, as the snapshot table lists them.
+    pub fn snapshots(&self) -> Vec<Snapshot> {
+        self.lock_snapshots().clone()
+    }
+
+    fn lock_snapshots(&self) -> std::sync::MutexGuard<'_, Vec<Snapshot>> {
+        self.snapshots.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn cluster_size(&self) -> u64 {
