@@ -313,7 +313,6 @@ impl Qcow2Driver {
         r: &SnapshotRef<'_>,
     ) -> Result<Snapshot, BlockError> {
         let f = self.f();
-        let g = self.g;
         let mut m = self.meta.lock().await;
         self.check_writable(&m)?;
         let snaps = self.lock_snapshots().clone();
@@ -345,7 +344,7 @@ impl Qcow2Driver {
             self.size.store(size, std::sync::atomic::Ordering::Relaxed);
         }
         m.flush_all(f, true).await?;
-        let _ = node;
+        log::debug!("node {}: reverted to snapshot {}", node.name(), snap.id);
         Ok(snap)
     }
 }
