@@ -71,6 +71,10 @@ pub struct State {
     graph: Mutex<Graph>,
     exports: Mutex<BTreeMap<String, RunningExport>>,
     pub events: EventBus,
+    /// Held by every monitor command from start to end, as QEMU's big lock
+    /// serialises QMP: graph changes (snapshots, transactions) never
+    /// interleave.
+    commands: Mutex<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -78,11 +82,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl State {
+    /// The lock one monitor command holds while it runs.
+    pub fn command_lock(&self) -> MutexGuard<'_, ()> {
+        lock(&self.commands)
+    }
+
     pub fn new(engine: EngineKind) -> Arc<State> {
         Arc::new(State {
             engine,
             graph: Mutex::new(Graph::new()),
             exports: Mutex::new(BTreeMap::new()),
+            commands: Mutex::new(()),
             events: crate::events::global().clone(),
         })
     }

@@ -29,57 +29,100 @@ fn backing_format(node: &Node) -> Result<&'static str, String> {
     }
 }
 
-/// blockdev-snapshot: `overlay` (a qcow2 node without a backing file that
-/// no one uses) goes on top of `node`.
-pub fn external(state: &State, node_name: &str, overlay_name: &str) -> Result<(), String> {
-    let (node, overlay, parents) = {
-        let graph = state.graph();
-        let node = graph.get(node_name).map_err(|e| e.to_string())?;
-        let overlay = graph.get(overlay_name).map_err(|e| e.to_string())?;
-        let Driver::Qcow2(q) = overlay.driver() else {
-            return Err(format!(
-                "the overlay '{overlay_name}' ({}) does not support backing files; use qcow2",
-                overlay.driver_name()
-            ));
-        };
-        if q.backing().is_some() {
-            return Err(format!(
-                "the overlay '{overlay_name}' already has a backing image"
-            ));
-        }
-        if !overlay.parents().is_empty() {
-            return Err(format!(
-                "the overlay '{overlay_name}' is already in use by {}",
-                overlay.parents().join(", ")
-            ));
-        }
-        if overlay.is_read_only() {
-            return Err(format!("the overlay '{overlay_name}' is read-only"));
-        }
-        if Arc::ptr_eq(&node, &overlay) || overlay.reaches(&node) || node.reaches(&overlay) {
-            return Err(format!(
-                "'{overlay_name}' cannot be an overlay of '{node_name}': one contains the other"
-            ));
-        }
-        backing_format(&node)?;
-        let parents: Vec<Arc<Node>> = graph
-            .nodes()
-            .filter(|p| {
-                p.children()
-                    .iter()
-                    .any(|c| Arc::ptr_eq(c.node(), &node) && c.role() != ChildRole::Backing)
-            })
-            .cloned()
-            .collect();
-        (node, overlay, parents)
+/// An external snapshot that passed its checks, to be performed inside a
+/// drained section.
+pub struct PreparedExternal {
+    node: Arc<Node>,
+    overlay: Arc<Node>,
+    overlay_name: String,
+    parents: Vec<Arc<Node>>,
+    exports: Vec<Arc<crate::vhost_user::ExportState>>,
+}
+
+/// Checks that `overlay` (a qcow2 node without a backing file that no one
+/// uses) can go on top of `node`.
+pub fn prepare_external(
+    state: &State,
+    node_name: &str,
+    overlay_name: &str,
+) -> Result<PreparedExternal, String> {
+    let graph = state.graph();
+    let node = graph.get(node_name).map_err(|e| e.to_string())?;
+    let overlay = graph.get(overlay_name).map_err(|e| e.to_string())?;
+    let Driver::Qcow2(q) = overlay.driver() else {
+        return Err(format!(
+            "the overlay '{overlay_name}' ({}) does not support backing files; use qcow2",
+            overlay.driver_name()
+        ));
     };
-    let exports: Vec<_> = state
+    if q.backing().is_some() {
+        return Err(format!(
+            "the overlay '{overlay_name}' already has a backing image"
+        ));
+    }
+    if !overlay.parents().is_empty() {
+        return Err(format!(
+            "the overlay '{overlay_name}' is already in use by {}",
+            overlay.parents().join(", ")
+        ));
+    }
+    if overlay.is_read_only() {
+        return Err(format!("the overlay '{overlay_name}' is read-only"));
+    }
+    if Arc::ptr_eq(&node, &overlay) || overlay.reaches(&node) || node.reaches(&overlay) {
+        return Err(format!(
+            "'{overlay_name}' cannot be an overlay of '{node_name}': one contains the other"
+        ));
+    }
+    backing_format(&node)?;
+    let parents: Vec<Arc<Node>> = graph
+        .nodes()
+        .filter(|p| {
+            p.children()
+                .iter()
+                .any(|c| Arc::ptr_eq(c.node(), &node) && c.role() != ChildRole::Backing)
+        })
+        .cloned()
+        .collect();
+    drop(graph);
+    let exports = state
         .export_states()
         .into_iter()
         .filter(|e| Arc::ptr_eq(e.blk.node(), &node))
         .collect();
+    Ok(PreparedExternal {
+        node,
+        overlay,
+        overlay_name: overlay_name.to_string(),
+        parents,
+        exports,
+    })
+}
 
-    let r = state.drained(&node, || -> Result<(), String> {
+impl PreparedExternal {
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    fn edges_to<'a>(&'a self, target: &'a Arc<Node>) -> Vec<&'a Child> {
+        self.exports
+            .iter()
+            .map(|e| e.blk.root())
+            .chain(
+                self.parents
+                    .iter()
+                    .flat_map(|p| p.children())
+                    .filter(move |c| {
+                        Arc::ptr_eq(c.node(), target) && c.role() != ChildRole::Backing
+                    }),
+            )
+            .collect()
+    }
+
+    /// Moves every edge to the overlay, gives it the node as backing, and
+    /// makes the node read-only. The caller holds the node drained.
+    pub fn perform(&self) -> Result<(), String> {
+        let node = &self.node;
         let mut moved: Vec<&Child> = Vec::new();
         let undo = |moved: &[&Child]| {
             for c in moved {
@@ -88,21 +131,15 @@ pub fn external(state: &State, node_name: &str, overlay_name: &str) -> Result<()
                 }
             }
         };
-        let edges = exports.iter().map(|e| e.blk.root()).chain(
-            parents
-                .iter()
-                .flat_map(|p| p.children())
-                .filter(|c| Arc::ptr_eq(c.node(), &node) && c.role() != ChildRole::Backing),
-        );
-        for c in edges {
-            if let Err(e) = c.replace_node(overlay.clone()) {
+        for c in self.edges_to(node) {
+            if let Err(e) = c.replace_node(self.overlay.clone()) {
                 undo(&moved);
                 return Err(e.to_string());
             }
             moved.push(c);
         }
         let backing = match Child::attach(
-            overlay_name,
+            &self.overlay_name,
             ChildRole::Backing,
             node.clone(),
             Perm::CONSISTENT_READ,
@@ -114,8 +151,8 @@ pub fn external(state: &State, node_name: &str, overlay_name: &str) -> Result<()
                 return Err(e.to_string());
             }
         };
-        let Driver::Qcow2(q) = overlay.driver() else {
-            unreachable!("checked above");
+        let Driver::Qcow2(q) = self.overlay.driver() else {
+            unreachable!("checked by prepare_external");
         };
         if let Err(e) = q.set_backing(backing) {
             undo(&moved);
@@ -129,14 +166,48 @@ pub fn external(state: &State, node_name: &str, overlay_name: &str) -> Result<()
             _ => {}
         }
         Ok(())
-    });
-    r?;
-    log::info!("snapshot: '{overlay_name}' is now on top of '{node_name}'");
-    for e in state.export_states() {
-        if e.blk.node().reaches(&overlay) {
-            e.notify_config_change();
+    }
+
+    /// Undoes a performed snapshot (a later action of a transaction
+    /// failed): the edges go back to the node, which is writable again.
+    /// The overlay keeps its backing edge until it is deleted.
+    pub fn undo(&self) {
+        let node = &self.node;
+        match node.driver() {
+            Driver::Qcow2(b) => b.make_writable(),
+            Driver::Raw(r) => r.file().set_perm(
+                Perm::CONSISTENT_READ | Perm::WRITE,
+                Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
+            ),
+            _ => {}
+        }
+        node.set_read_only(false);
+        for c in self.edges_to(&self.overlay) {
+            if let Err(e) = c.replace_node(node.clone()) {
+                log::error!("snapshot: undoing an edge move: {e}");
+            }
         }
     }
+
+    fn announce(&self, state: &State) {
+        log::info!(
+            "snapshot: '{}' is now on top of '{}'",
+            self.overlay_name,
+            self.node.name()
+        );
+        for e in state.export_states() {
+            if e.blk.node().reaches(&self.overlay) {
+                e.notify_config_change();
+            }
+        }
+    }
+}
+
+/// blockdev-snapshot: `overlay` goes on top of `node`.
+pub fn external(state: &State, node_name: &str, overlay_name: &str) -> Result<(), String> {
+    let p = prepare_external(state, node_name, overlay_name)?;
+    state.drained(&p.node, || p.perform())?;
+    p.announce(state);
     Ok(())
 }
 
@@ -151,26 +222,87 @@ pub enum SnapshotMode {
     Existing,
 }
 
-/// blockdev-snapshot-sync: creates (or opens) a qcow2 overlay file and puts
-/// it on top of `node_name`. Returns the overlay's node name.
-pub fn external_sync(
+/// blockdev-snapshot-sync's arguments.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SnapshotSyncArgs {
+    pub device: Option<String>,
+    pub node_name: Option<String>,
+    pub snapshot_file: String,
+    pub snapshot_node_name: Option<String>,
+    pub format: Option<String>,
+    #[serde(default)]
+    pub mode: SnapshotMode,
+}
+
+/// blockdev-snapshot's arguments.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotArgs {
+    pub node: String,
+    pub overlay: String,
+}
+
+/// blockdev-snapshot-internal-sync's arguments.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InternalArgs {
+    pub device: String,
+    pub name: String,
+}
+
+/// The node a `device` / `node-name` pair names.
+fn device_or_node(
     state: &State,
-    node_name: &str,
-    file: &str,
-    overlay_name: Option<&str>,
-    format: Option<&str>,
-    mode: SnapshotMode,
+    device: Option<&str>,
+    node: Option<&str>,
 ) -> Result<String, String> {
-    if let Some(f) = format {
+    match (node, device) {
+        (Some(n), None) => Ok(n.to_string()),
+        (None, Some(d)) => match state.export(d) {
+            Some(e) => Ok(e.blk.node().name().to_string()),
+            None => Err(format!("Device '{d}' not found")),
+        },
+        _ => Err("exactly one of 'device' and 'node-name' is needed".into()),
+    }
+}
+
+/// An overlay node (and file) made for blockdev-snapshot-sync: removed
+/// again if the snapshot does not happen.
+struct CreatedOverlay {
+    node: String,
+    file: Option<String>,
+}
+
+impl CreatedOverlay {
+    fn remove(&self, state: &State) {
+        if let Err(e) = state.del_blockdev(&self.node) {
+            log::warn!("snapshot: removing overlay node {}: {e}", self.node);
+        }
+        if let Some(f) = &self.file {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+/// Creates (mode absolute-paths) or finds (existing) the overlay file of
+/// blockdev-snapshot-sync, opens it, and checks the snapshot.
+fn prepare_external_sync(
+    state: &State,
+    a: &SnapshotSyncArgs,
+) -> Result<(PreparedExternal, CreatedOverlay), String> {
+    let node_name = device_or_node(state, a.device.as_deref(), a.node_name.as_deref())?;
+    let file = a.snapshot_file.as_str();
+    if let Some(f) = &a.format {
         if f != "qcow2" {
             return Err(format!(
                 "format '{f}' cannot have a backing file here; use qcow2"
             ));
         }
     }
-    let node = state.graph().get(node_name).map_err(|e| e.to_string())?;
-    let overlay_name = match overlay_name {
-        Some(n) => n.to_string(),
+    let node = state.graph().get(&node_name).map_err(|e| e.to_string())?;
+    let overlay_name = match &a.snapshot_node_name {
+        Some(n) => n.clone(),
         None => format!(
             "{node_name}-snapshot-{}",
             std::process::id() ^ rand_suffix()
@@ -179,7 +311,7 @@ pub fn external_sync(
     if state.graph().get(&overlay_name).is_ok() {
         return Err(format!("node name '{overlay_name}' is already in use"));
     }
-    let created = match mode {
+    let created = match a.mode {
         SnapshotMode::Existing => {
             if !std::path::Path::new(file).exists() {
                 return Err(format!(
@@ -212,23 +344,195 @@ pub fn external_sync(
         "backing": null,
     }))
     .map_err(|e| e.to_string())?;
-    let cleanup = |state: &State| {
-        let _ = state.del_blockdev(&overlay_name);
-        if created {
-            let _ = std::fs::remove_file(file);
-        }
-    };
     if let Err(e) = state.add_blockdev(&opts) {
         if created {
             let _ = std::fs::remove_file(file);
         }
         return Err(e.to_string());
     }
-    if let Err(e) = external(state, node_name, &overlay_name) {
-        cleanup(state);
-        return Err(e);
+    let made = CreatedOverlay {
+        node: overlay_name.clone(),
+        file: created.then(|| file.to_string()),
+    };
+    match prepare_external(state, &node_name, &overlay_name) {
+        Ok(p) => Ok((p, made)),
+        Err(e) => {
+            made.remove(state);
+            Err(e)
+        }
     }
-    Ok(overlay_name)
+}
+
+/// blockdev-snapshot-sync: creates (or opens) a qcow2 overlay file and puts
+/// it on top of the node.
+pub fn external_sync(state: &State, a: &SnapshotSyncArgs) -> Result<(), String> {
+    transaction(state, vec![Action::BlockdevSnapshotSync(a.clone())])
+}
+
+/// One action of a `transaction`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(tag = "type", content = "data", rename_all = "kebab-case")]
+pub enum Action {
+    BlockdevSnapshotSync(SnapshotSyncArgs),
+    BlockdevSnapshot(SnapshotArgs),
+    BlockdevSnapshotInternalSync(InternalArgs),
+    /// Always fails (QEMU's, for testing the abort path).
+    Abort(#[serde(default)] serde_json::Map<String, serde_json::Value>),
+}
+
+impl Action {
+    fn name(&self) -> &'static str {
+        match self {
+            Action::BlockdevSnapshotSync(_) => "blockdev-snapshot-sync",
+            Action::BlockdevSnapshot(_) => "blockdev-snapshot",
+            Action::BlockdevSnapshotInternalSync(_) => "blockdev-snapshot-internal-sync",
+            Action::Abort(_) => "abort",
+        }
+    }
+}
+
+enum Prepared {
+    External(PreparedExternal),
+    Internal { node: Arc<Node>, name: String },
+}
+
+impl Prepared {
+    fn node(&self) -> &Arc<Node> {
+        match self {
+            Prepared::External(p) => p.node(),
+            Prepared::Internal { node, .. } => node,
+        }
+    }
+}
+
+fn prepare_internal(state: &State, a: &InternalArgs) -> Result<Prepared, String> {
+    let node = internal_target(state, &a.device)?;
+    let Driver::Qcow2(q) = node.driver() else {
+        unreachable!("internal_target returns qcow2 nodes");
+    };
+    if node.is_read_only() {
+        return Err(format!("node '{}' is read-only", node.name()));
+    }
+    if a.name.is_empty() {
+        return Err("the snapshot name must not be empty".into());
+    }
+    if q.snapshots().iter().any(|s| s.name == a.name) {
+        return Err(format!(
+            "a snapshot named '{}' already exists on node '{}'",
+            a.name,
+            node.name()
+        ));
+    }
+    Ok(Prepared::Internal {
+        node,
+        name: a.name.clone(),
+    })
+}
+
+/// `transaction`: every action is checked (overlay files created and
+/// opened) first; then all are performed inside one drained section of
+/// every node involved, so the guest sees all of them or none. If any
+/// check or step fails, what was done is undone: performed snapshots are
+/// reverted, overlays made for the transaction are closed and deleted.
+pub fn transaction(state: &State, actions: Vec<Action>) -> Result<(), String> {
+    let mut prepared: Vec<Prepared> = Vec::new();
+    let mut created: Vec<CreatedOverlay> = Vec::new();
+    let fail = |created: &[CreatedOverlay], i: usize, what: &str, e: String| {
+        for c in created.iter().rev() {
+            c.remove(state);
+        }
+        if actions.len() == 1 {
+            e
+        } else {
+            format!("action {} ({what}): {e}", i + 1)
+        }
+    };
+    for (i, a) in actions.iter().enumerate() {
+        let r = match a {
+            Action::BlockdevSnapshotSync(s) => prepare_external_sync(state, s).map(|(p, c)| {
+                created.push(c);
+                Prepared::External(p)
+            }),
+            Action::BlockdevSnapshot(s) => {
+                prepare_external(state, &s.node, &s.overlay).map(Prepared::External)
+            }
+            Action::BlockdevSnapshotInternalSync(s) => prepare_internal(state, s),
+            Action::Abort(_) => Err("Transaction aborted using Abort action".into()),
+        };
+        match r {
+            Ok(p) => {
+                if prepared.iter().any(|q| Arc::ptr_eq(q.node(), p.node())) {
+                    let e = format!("node '{}' is in the transaction twice", p.node().name());
+                    // Our references go before the overlays are removed.
+                    drop(p);
+                    drop(prepared);
+                    return Err(fail(&created, i, a.name(), e));
+                }
+                prepared.push(p)
+            }
+            Err(e) => {
+                drop(prepared);
+                return Err(fail(&created, i, a.name(), e));
+            }
+        }
+    }
+    let nodes: Vec<Arc<Node>> = prepared.iter().map(|p| p.node().clone()).collect();
+    let node_refs: Vec<&Node> = nodes.iter().map(|n| &**n).collect();
+    let done = state.drained_many(&node_refs, || -> Result<(), (usize, String)> {
+        // Internal snapshots made so far, by index: (node, id) for undo.
+        let mut made: Vec<(usize, String)> = Vec::new();
+        for (i, p) in prepared.iter().enumerate() {
+            let r = match p {
+                Prepared::External(x) => x.perform(),
+                Prepared::Internal { node, name } => {
+                    let Driver::Qcow2(q) = node.driver() else {
+                        unreachable!("checked in prepare");
+                    };
+                    futures::executor::block_on(q.snapshot_create(name, now()))
+                        .map(|s| made.push((i, s.id)))
+                        .map_err(|e| e.to_string())
+                }
+            };
+            if let Err(e) = r {
+                for (j, q) in prepared[..i].iter().enumerate().rev() {
+                    match q {
+                        Prepared::External(x) => x.undo(),
+                        Prepared::Internal { node, .. } => {
+                            let Driver::Qcow2(qd) = node.driver() else {
+                                continue;
+                            };
+                            if let Some((_, id)) = made.iter().find(|(k, _)| *k == j) {
+                                let r = qcow2::SnapshotRef {
+                                    id: Some(id),
+                                    name: None,
+                                };
+                                if let Err(e) = futures::executor::block_on(qd.snapshot_delete(&r))
+                                {
+                                    log::error!("transaction: undoing snapshot {id}: {e}");
+                                }
+                            }
+                        }
+                    }
+                }
+                return Err((i, e));
+            }
+        }
+        Ok(())
+    });
+    drop(nodes);
+    if let Err((i, e)) = done {
+        drop(prepared);
+        return Err(fail(&created, i, actions[i].name(), e));
+    }
+    for p in &prepared {
+        match p {
+            Prepared::External(x) => x.announce(state),
+            Prepared::Internal { node, name } => {
+                log::info!("node {}: internal snapshot '{name}' created", node.name());
+            }
+        }
+    }
+    Ok(())
 }
 
 fn rand_suffix() -> u32 {

@@ -54,6 +54,7 @@ const COMMANDS: &[&str] = &[
     "block_resize",
     "blockdev-snapshot",
     "blockdev-snapshot-sync",
+    "transaction",
     "blockdev-snapshot-internal-sync",
     "blockdev-snapshot-delete-internal-sync",
     "x-blockdev-snapshot-goto-internal",
@@ -218,6 +219,7 @@ pub fn dispatch(
         *negotiated = true;
         return ok(json!({}));
     }
+    let _serialised = state.command_lock();
     match cmd.name.as_str() {
         "qmp_capabilities" => Err(QmpError {
             class: ErrorClass::CommandNotFound,
@@ -312,39 +314,27 @@ pub fn dispatch(
             ok(json!({}))
         }
         "blockdev-snapshot-sync" => {
+            let a: crate::snapshot::SnapshotSyncArgs = args(cmd)?;
+            crate::snapshot::external_sync(state, &a).map_err(QmpError::generic)?;
+            ok(json!({}))
+        }
+        "transaction" => {
             #[derive(serde::Deserialize)]
-            #[serde(rename_all = "kebab-case", deny_unknown_fields)]
+            #[serde(deny_unknown_fields)]
             struct A {
-                device: Option<String>,
-                node_name: Option<String>,
-                snapshot_file: String,
-                snapshot_node_name: Option<String>,
-                format: Option<String>,
+                actions: Vec<crate::snapshot::Action>,
                 #[serde(default)]
-                mode: crate::snapshot::SnapshotMode,
+                properties: Option<Value>,
             }
             let a: A = args(cmd)?;
-            let node = match (a.node_name, a.device) {
-                (Some(n), None) => n,
-                (None, Some(d)) => match state.export(&d) {
-                    Some(e) => e.blk.node().name().to_string(),
-                    None => return Err(QmpError::not_found(format!("Device '{d}' not found"))),
-                },
-                _ => {
+            if let Some(p) = &a.properties {
+                if p.get("completion-mode").is_some_and(|m| m != "individual") {
                     return Err(QmpError::generic(
-                        "exactly one of 'device' and 'node-name' is needed",
-                    ))
+                        "completion-mode 'grouped' is not supported (no actions with jobs)",
+                    ));
                 }
-            };
-            crate::snapshot::external_sync(
-                state,
-                &node,
-                &a.snapshot_file,
-                a.snapshot_node_name.as_deref(),
-                a.format.as_deref(),
-                a.mode,
-            )
-            .map_err(QmpError::generic)?;
+            }
+            crate::snapshot::transaction(state, a.actions).map_err(QmpError::generic)?;
             ok(json!({}))
         }
         "blockdev-snapshot-internal-sync" => {

@@ -490,6 +490,31 @@ impl Qcow2Driver {
         Ok(())
     }
 
+    /// Undoes [`Qcow2Driver::make_read_only`] (a transaction aborted).
+    pub fn make_writable(&self) {
+        if self.read_only {
+            return;
+        }
+        self.file.set_perm(
+            Perm::CONSISTENT_READ | Perm::WRITE | Perm::RESIZE,
+            Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
+        );
+        if self.closed.swap(false, Ordering::AcqRel) && self.lazy {
+            // Lazy refcounts: the dirty bit goes back on before writes.
+            let f = self.f();
+            let incompat = (self.header.incompatible | header::INCOMPAT_DIRTY).to_be_bytes();
+            let r = futures::executor::block_on(async {
+                let mut m = self.meta.lock().await;
+                m.write_header_field(f, header::OFF_INCOMPAT, &incompat)
+                    .await?;
+                f.flush().await
+            });
+            if let Err(e) = r {
+                log::error!("node {}: setting the dirty bit: {e}", self.name);
+            }
+        }
+    }
+
     /// Makes the image read-only: metadata written, dirty bit cleared, the
     /// file child's write permission dropped (it becomes a backing image).
     pub fn make_read_only(&self) {

@@ -1,0 +1,164 @@
+"""Snapshots and transactions over QMP (qemu.qmp client): external
+snapshots of two exported disks in one transaction, a failing transaction
+that leaves nothing behind, internal snapshots listed, deleted and
+reverted, all judged by qemu-img."""
+
+import json
+import subprocess
+
+import pytest
+from qemu.qmp import ExecuteError, QMPClient
+
+from conftest import run
+
+
+async def connect(path):
+    c = QMPClient("test")
+    await c.connect(path)
+    return c
+
+
+def sh(*args):
+    return subprocess.run(args, check=True, capture_output=True, text=True).stdout
+
+
+def img_info(path):
+    return json.loads(sh("qemu-img", "info", "--output=json", str(path)))
+
+
+def check_clean(path):
+    out = subprocess.run(["qemu-img", "check", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0 and "No errors were found" in out.stdout, out.stdout + out.stderr
+
+
+def two_disks(workdir):
+    for n in ("a", "b"):
+        sh("qemu-img", "create", "-f", "qcow2", str(workdir / f"{n}.qcow2"), "8M")
+        sh("qemu-io", "-c", f"write -P 0x{ord(n):x} 0 1M", str(workdir / f"{n}.qcow2"))
+
+
+async def setup(c, workdir):
+    for n in ("a", "b"):
+        await c.execute("blockdev-add", {"driver": "qcow2", "node-name": n,
+                                         "file": {"driver": "file", "filename": str(workdir / f"{n}.qcow2")}})
+        await c.execute("block-export-add", {"type": "vhost-user-blk", "id": f"e{n}", "node-name": n,
+                                             "writable": True,
+                                             "addr": {"type": "unix", "path": str(workdir / f"{n}.sock")}})
+
+
+async def nodes(c):
+    return {n["node-name"]: n for n in await c.execute("query-named-block-nodes")}
+
+
+def test_transaction_snapshots_two_exports_at_once(daemon, workdir):
+    two_disks(workdir)
+
+    async def go():
+        c = await connect(daemon.monitor)
+        await setup(c, workdir)
+        await c.execute("transaction", {"actions": [
+            {"type": "blockdev-snapshot-sync",
+             "data": {"node-name": "a", "snapshot-file": str(workdir / "a-snap.qcow2"),
+                      "snapshot-node-name": "a-snap"}},
+            {"type": "blockdev-snapshot-sync",
+             "data": {"device": "eb", "snapshot-file": str(workdir / "b-snap.qcow2"),
+                      "snapshot-node-name": "b-snap"}},
+        ]})
+        n = await nodes(c)
+        for x in ("a", "b"):
+            assert n[f"{x}-snap"]["backing_file_depth"] == 1
+            assert n[x]["ro"] is True
+        exports = {e["id"]: e["node-name"] for e in await c.execute("query-block-exports")}
+        assert exports == {"ea": "a-snap", "eb": "b-snap"}
+        await c.disconnect()
+    run(go())
+    daemon.stop()
+    for x in ("a", "b"):
+        info = img_info(workdir / f"{x}-snap.qcow2")
+        assert info["backing-filename"].endswith(f"{x}.qcow2")
+        check_clean(workdir / f"{x}-snap.qcow2")
+        check_clean(workdir / f"{x}.qcow2")
+
+
+def test_failing_transaction_leaves_nothing_behind(daemon, workdir):
+    two_disks(workdir)
+    before = {n: (workdir / f"{n}.qcow2").read_bytes() for n in ("a", "b")}
+
+    async def go():
+        c = await connect(daemon.monitor)
+        await setup(c, workdir)
+        want = await nodes(c)
+        for last in ({"type": "abort", "data": {}},
+                     {"type": "blockdev-snapshot-internal-sync", "data": {"device": "nope", "name": "x"}},
+                     {"type": "blockdev-snapshot", "data": {"node": "b", "overlay": "a"}}):
+            with pytest.raises(ExecuteError) as e:
+                await c.execute("transaction", {"actions": [
+                    {"type": "blockdev-snapshot-sync",
+                     "data": {"node-name": "a", "snapshot-file": str(workdir / "a-snap.qcow2"),
+                              "snapshot-node-name": "a-snap"}},
+                    {"type": "blockdev-snapshot-internal-sync", "data": {"device": "eb", "name": "s1"}},
+                    last,
+                ]})
+            assert "action 3" in str(e.value), str(e.value)
+            got = await nodes(c)
+            assert set(got) == set(want)
+            assert got["a"]["ro"] is False and got["b"]["ro"] is False
+            assert "snapshots" not in got["b"]["image"]
+            assert not (workdir / "a-snap.qcow2").exists()
+            exports = {e["id"]: e["node-name"] for e in await c.execute("query-block-exports")}
+            assert exports == {"ea": "a", "eb": "b"}
+        await c.disconnect()
+    run(go())
+    daemon.stop()
+    for n in ("a", "b"):
+        check_clean(workdir / f"{n}.qcow2")
+        assert img_info(workdir / f"{n}.qcow2").get("snapshots") is None
+    # The data is untouched too.
+    for n in ("a", "b"):
+        raw = workdir / f"{n}.raw"
+        sh("qemu-img", "convert", "-O", "raw", str(workdir / f"{n}.qcow2"), str(raw))
+        assert raw.read_bytes()[:1 << 20] == bytes([ord(n)]) * (1 << 20)
+
+
+def test_internal_snapshots_list_delete_and_revert(daemon, workdir):
+    two_disks(workdir)
+
+    async def go():
+        c = await connect(daemon.monitor)
+        await setup(c, workdir)
+        await c.execute("blockdev-snapshot-internal-sync", {"device": "ea", "name": "first"})
+        await c.execute("blockdev-snapshot-internal-sync", {"device": "a", "name": "second"})
+        with pytest.raises(ExecuteError) as e:
+            await c.execute("blockdev-snapshot-internal-sync", {"device": "a", "name": "first"})
+        assert "already exists" in str(e.value)
+        snaps = (await nodes(c))["a"]["image"]["snapshots"]
+        assert [(s["id"], s["name"]) for s in snaps] == [("1", "first"), ("2", "second")]
+        info = await c.execute("blockdev-snapshot-delete-internal-sync",
+                               {"device": "a", "id": "2", "name": "second"})
+        assert info["id"] == "2" and info["name"] == "second" and info["date-sec"] > 0
+        with pytest.raises(ExecuteError) as e:
+            await c.execute("blockdev-snapshot-delete-internal-sync", {"device": "a", "name": "second"})
+        assert "not found" in str(e.value)
+        # Reverting a node an export writes is refused; detached, it works.
+        with pytest.raises(ExecuteError) as e:
+            await c.execute("x-blockdev-snapshot-goto-internal", {"node-name": "a", "name": "first"})
+        assert "in use for writing" in str(e.value)
+        await c.execute("block-export-del", {"id": "ea"})
+        await wait_export_gone(c, "ea")
+        info = await c.execute("x-blockdev-snapshot-goto-internal", {"node-name": "a", "name": "first"})
+        assert info["name"] == "first"
+        await c.disconnect()
+    run(go())
+    daemon.stop()
+    check_clean(workdir / "a.qcow2")
+    out = sh("qemu-img", "snapshot", "-l", str(workdir / "a.qcow2"))
+    assert "first" in out and "second" not in out
+
+
+async def wait_export_gone(c, eid):
+    import asyncio
+    for _ in range(200):
+        if all(e["id"] != eid for e in await c.execute("query-block-exports")):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"export {eid} never went away")
