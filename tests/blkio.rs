@@ -1723,6 +1723,17 @@ fn image_bytes(img: &Path) -> Vec<u8> {
 /// as the guest's disk, and qemu-img checks both.
 #[test]
 fn external_snapshot_while_the_guest_writes() {
+    snapshot_while_the_guest_writes(false);
+}
+
+/// The same with blockdev-snapshot-internal-sync: `qemu-img snapshot -a`
+/// on a copy shows the disk as it was, the image itself as it is.
+#[test]
+fn internal_snapshot_while_the_guest_writes() {
+    snapshot_while_the_guest_writes(true);
+}
+
+fn snapshot_while_the_guest_writes(internal: bool) {
     let size = 16 * MIB;
     let half = size / 2;
     let dir = tempfile::tempdir().expect("temp dir");
@@ -1797,11 +1808,18 @@ fn external_snapshot_while_the_guest_writes() {
             t
         });
         std::thread::sleep(Duration::from_millis(150));
-        let r = qmp.execute(
-            "blockdev-snapshot-sync",
-            serde_json::json!({"node-name": "d0", "snapshot-file": overlay.to_str().unwrap(),
-                               "snapshot-node-name": "snap0"}),
-        );
+        let r = if internal {
+            qmp.execute(
+                "blockdev-snapshot-internal-sync",
+                serde_json::json!({"device": "e0", "name": "snap0"}),
+            )
+        } else {
+            qmp.execute(
+                "blockdev-snapshot-sync",
+                serde_json::json!({"node-name": "d0", "snapshot-file": overlay.to_str().unwrap(),
+                                   "snapshot-node-name": "snap0"}),
+            )
+        };
         assert!(r.get("return").is_some(), "{r}");
         // Region B after the snapshot: new data, to the overlay only.
         let after = pattern(0xa0, MIB as usize);
@@ -1820,6 +1838,34 @@ fn external_snapshot_while_the_guest_writes() {
         let t = worker.join().expect("workload thread");
         assert!(t.writes > 0 && t.reads > 0, "{t:?}");
     });
+    if internal {
+        let r = qmp.execute(
+            "blockdev-snapshot-internal-sync",
+            serde_json::json!({"device": "e0", "name": "snap0"}),
+        );
+        assert!(
+            r["error"]["desc"]
+                .as_str()
+                .unwrap()
+                .contains("already exists"),
+            "{r}"
+        );
+        drop(c);
+        let mut d = d;
+        let st = d.terminate();
+        assert!(st.success(), "{}", d.log());
+        let check = qemu_img(&["check", base.to_str().unwrap()]);
+        assert!(check.contains("No errors were found"), "{check}");
+        let list = qemu_img(&["snapshot", "-l", base.to_str().unwrap()]);
+        assert!(list.contains("snap0"), "{list}");
+        assert_bytes_eq("image vs model", 0, &image_bytes(&base), &model);
+        let copy = dirp.join("reverted.qcow2");
+        std::fs::copy(&base, &copy).unwrap();
+        qemu_img(&["snapshot", "-a", "snap0", copy.to_str().unwrap()]);
+        let b = image_bytes(&copy);
+        assert_bytes_eq("snapshot region B", half, &b[half as usize..], &before);
+        return;
+    }
     // The export serves the overlay now; a failed repeat changes nothing.
     let nodes = qmp.execute("query-named-block-nodes", serde_json::json!({}));
     let list = nodes["return"].as_array().unwrap();

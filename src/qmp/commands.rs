@@ -55,6 +55,7 @@ const COMMANDS: &[&str] = &[
     "blockdev-snapshot",
     "blockdev-snapshot-sync",
     "transaction",
+    "change-backing-file",
     "blockdev-snapshot-internal-sync",
     "blockdev-snapshot-delete-internal-sync",
     "x-blockdev-snapshot-goto-internal",
@@ -335,6 +336,24 @@ pub fn dispatch(
                 }
             }
             crate::snapshot::transaction(state, a.actions).map_err(QmpError::generic)?;
+            ok(json!({}))
+        }
+        "change-backing-file" => {
+            #[derive(serde::Deserialize)]
+            #[serde(rename_all = "kebab-case", deny_unknown_fields)]
+            struct A {
+                device: String,
+                image_node_name: String,
+                backing_file: String,
+            }
+            let a: A = args(cmd)?;
+            crate::snapshot::change_backing_file(
+                state,
+                &a.device,
+                &a.image_node_name,
+                &a.backing_file,
+            )
+            .map_err(QmpError::generic)?;
             ok(json!({}))
         }
         "blockdev-snapshot-internal-sync" => {
@@ -690,7 +709,7 @@ fn image_info(node: &Node, flat: bool) -> Map<String, Value> {
                 "extended-l2": h.extended_l2(),
             }}),
         );
-        if let Some(b) = &h.backing_file {
+        if let Some(b) = q.backing_file_name() {
             image.insert("backing-filename".into(), json!(b));
         }
         if let Some(f) = &h.backing_format {

@@ -162,3 +162,44 @@ async def wait_export_gone(c, eid):
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"export {eid} never went away")
+
+
+def test_change_backing_file(daemon, workdir):
+    base, mid, top = (workdir / n for n in ("base.qcow2", "mid.qcow2", "top.qcow2"))
+    sh("qemu-img", "create", "-f", "qcow2", str(base), "4M")
+    sh("qemu-io", "-c", "write -P 0x11 0 1M", str(base))
+    sh("qemu-img", "create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(mid))
+    sh("qemu-img", "create", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", str(top))
+
+    async def go():
+        c = await connect(daemon.monitor)
+        await c.execute("blockdev-add", {"driver": "qcow2", "node-name": "top",
+                                         "file": {"driver": "file", "filename": str(top)}})
+        # Relative names become absolute, in the writable top and in the
+        # read-only image below it.
+        await c.execute("change-backing-file", {"device": "top", "image-node-name": "top",
+                                                "backing-file": str(mid)})
+        await c.execute("change-backing-file", {"device": "top", "image-node-name": "top-backing",
+                                                "backing-file": str(base)})
+        n = await nodes(c)
+        assert n["top"]["image"]["backing-filename"] == str(mid)
+        with pytest.raises(ExecuteError) as e:
+            await c.execute("change-backing-file", {"device": "top", "image-node-name": "nope",
+                                                    "backing-file": "x"})
+        assert "nope" in str(e.value)
+        await c.execute("blockdev-add", {"driver": "null-co", "node-name": "other"})
+        with pytest.raises(ExecuteError) as e:
+            await c.execute("change-backing-file", {"device": "other", "image-node-name": "top",
+                                                    "backing-file": "x"})
+        assert "not in the backing chain" in str(e.value)
+        await c.disconnect()
+    run(go())
+    daemon.stop()
+    assert img_info(top)["backing-filename"] == str(mid)
+    assert img_info(mid)["backing-filename"] == str(base)
+    assert img_info(top)["backing-filename-format"] == "qcow2"
+    for p in (top, mid, base):
+        check_clean(p)
+    raw = workdir / "t.raw"
+    sh("qemu-img", "convert", "-O", "raw", str(top), str(raw))
+    assert raw.read_bytes()[:1 << 20] == b"\x11" * (1 << 20)

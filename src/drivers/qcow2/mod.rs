@@ -130,6 +130,8 @@ pub struct Qcow2Driver {
     discard_unmap: AtomicBool,
     overlap_check: bool,
     header: Header,
+    /// The backing file name in the header (change-backing-file rewrites it).
+    backing_name: std::sync::Mutex<Option<String>>,
     snapshots: std::sync::Mutex<Vec<Snapshot>>,
     /// The dirty bit is set by us (lazy refcounts) and cleared at close.
     lazy: bool,
@@ -393,6 +395,7 @@ impl Qcow2Driver {
             align,
             discard_unmap: AtomicBool::new(discard_unmap),
             overlap_check: o.overlap_check != Some(OverlapCheck::None),
+            backing_name: std::sync::Mutex::new(hdr.backing_file.clone()),
             header: hdr,
             snapshots: std::sync::Mutex::new(snapshots),
             lazy,
@@ -527,6 +530,71 @@ impl Qcow2Driver {
 
     pub fn header(&self) -> &Header {
         &self.header
+    }
+
+    /// The backing file name the header records.
+    pub fn backing_file_name(&self) -> Option<String> {
+        self.backing_name
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// change-backing-file: rewrites the backing file name in the header
+    /// (in place, after the header extensions, which stay as they are).
+    /// The image may be a read-only backing image: the header is written
+    /// through a descriptor of its own; nothing else of it changes.
+    pub fn change_backing_file(&self, name: &str) -> Result<(), String> {
+        use std::os::unix::fs::FileExt;
+        let g = self.g;
+        if name.len() > header::MAX_BACKING_NAME as usize {
+            return Err("the backing file name is too long".into());
+        }
+        let path = super::file_name_of(self.f())
+            .ok_or_else(|| format!("node '{}' has no image file", self.name))?;
+        // No header field update of ours may interleave.
+        let _meta = futures::executor::block_on(self.meta.lock());
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| format!("cannot open '{path}' for writing: {e}"))?;
+        let mut hdr = vec![0u8; g.cs.min(1 << 16) as usize];
+        let n = file.read_at(&mut hdr, 0).map_err(|e| e.to_string())?;
+        hdr.truncate(n);
+        // Where the extensions end: the name goes right after them.
+        let be32 =
+            |b: &[u8], o: usize| u32::from_be_bytes(b[o..o + 4].try_into().unwrap_or([0; 4]));
+        let mut off = self.header.header_length as usize;
+        while off + 8 <= hdr.len() {
+            let ty = be32(&hdr, off);
+            let len = be32(&hdr, off + 4) as usize;
+            off += 8;
+            if ty == header::EXT_END {
+                break;
+            }
+            off += len.div_ceil(8) * 8;
+        }
+        if name.is_empty() {
+            let mut f = [0u8; 12];
+            f[..8].copy_from_slice(&0u64.to_be_bytes());
+            file.write_all_at(&f, 8).map_err(|e| e.to_string())?;
+        } else {
+            if off + name.len() > hdr.len() {
+                return Err("the backing file name does not fit in the header cluster".into());
+            }
+            file.write_all_at(name.as_bytes(), off as u64)
+                .map_err(|e| e.to_string())?;
+            file.sync_data().map_err(|e| e.to_string())?;
+            let mut f = Vec::with_capacity(12);
+            f.extend_from_slice(&(off as u64).to_be_bytes());
+            f.extend_from_slice(&(name.len() as u32).to_be_bytes());
+            file.write_all_at(&f, 8).map_err(|e| e.to_string())?;
+        }
+        file.sync_data().map_err(|e| e.to_string())?;
+        *self.backing_name.lock().unwrap_or_else(|e| e.into_inner()) =
+            (!name.is_empty()).then(|| name.to_string());
+        Ok(())
     }
 
     /// The internal snapshots, as the snapshot table lists them.
