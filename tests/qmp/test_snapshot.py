@@ -70,6 +70,10 @@ def test_transaction_snapshots_two_exports_at_once(daemon, workdir):
             assert n[x]["ro"] is True
         exports = {e["id"]: e["node-name"] for e in await c.execute("query-block-exports")}
         assert exports == {"ea": "a-snap", "eb": "b-snap"}
+        # The old images are read-only backing images now.
+        with pytest.raises(ExecuteError) as e:
+            await c.execute("blockdev-snapshot-internal-sync", {"device": "a", "name": "late"})
+        assert "read-only" in str(e.value)
         await c.disconnect()
     run(go())
     daemon.stop()

@@ -137,6 +137,8 @@ pub struct Qcow2Driver {
     lazy: bool,
     closed: AtomicBool,
     read_only: bool,
+    /// Made read-only after opening (it became a backing image).
+    demoted: AtomicBool,
 }
 
 fn open_err(node: &str, reason: impl Into<String>) -> GraphError {
@@ -401,6 +403,7 @@ impl Qcow2Driver {
             lazy,
             closed: AtomicBool::new(false),
             read_only: o.read_only,
+            demoted: AtomicBool::new(false),
         })
     }
 
@@ -498,6 +501,7 @@ impl Qcow2Driver {
         if self.read_only {
             return;
         }
+        self.demoted.store(false, Ordering::Release);
         self.file.set_perm(
             Perm::CONSISTENT_READ | Perm::WRITE | Perm::RESIZE,
             Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
@@ -521,6 +525,7 @@ impl Qcow2Driver {
     /// Makes the image read-only: metadata written, dirty bit cleared, the
     /// file child's write permission dropped (it becomes a backing image).
     pub fn make_read_only(&self) {
+        self.demoted.store(true, Ordering::Release);
         self.close();
         self.file.set_perm(
             Perm::CONSISTENT_READ,
@@ -1317,6 +1322,11 @@ impl Qcow2Driver {
         if let Err(e) = r {
             log::error!("node {}: closing: {e}", self.name);
         }
+    }
+
+    /// Opened read-only, or made read-only since.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only || self.demoted.load(Ordering::Acquire)
     }
 
     pub fn is_lazy(&self) -> bool {

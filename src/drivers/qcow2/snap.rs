@@ -166,7 +166,7 @@ impl Qcow2Driver {
     }
 
     fn check_writable(&self, m: &Meta) -> Result<(), BlockError> {
-        if self.read_only {
+        if self.is_read_only() {
             return Err(BlockError::ReadOnly {
                 node: self.name.clone(),
             });
