@@ -278,7 +278,11 @@ impl State {
         if size % 512 != 0 {
             return Err(format!("size {size} is not a multiple of 512"));
         }
-        self.drained(&node, || node.truncate(size))?;
+        self.drained(&node, || -> Result<(), String> {
+            node.truncate(size)?;
+            crate::bitmaps::resize_all(&node);
+            Ok(())
+        })?;
         log::info!("node {name}: resized to {size} bytes");
         for e in self.export_states() {
             if e.blk.node().reaches(&node) {

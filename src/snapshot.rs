@@ -376,6 +376,12 @@ pub enum Action {
     BlockdevSnapshotSync(SnapshotSyncArgs),
     BlockdevSnapshot(SnapshotArgs),
     BlockdevSnapshotInternalSync(InternalArgs),
+    BlockDirtyBitmapAdd(crate::bitmaps::AddArgs),
+    BlockDirtyBitmapRemove(crate::bitmaps::NameArgs),
+    BlockDirtyBitmapClear(crate::bitmaps::NameArgs),
+    BlockDirtyBitmapEnable(crate::bitmaps::NameArgs),
+    BlockDirtyBitmapDisable(crate::bitmaps::NameArgs),
+    BlockDirtyBitmapMerge(crate::bitmaps::MergeArgs),
     /// Always fails (QEMU's, for testing the abort path).
     Abort(#[serde(default)] serde_json::Map<String, serde_json::Value>),
 }
@@ -386,6 +392,12 @@ impl Action {
             Action::BlockdevSnapshotSync(_) => "blockdev-snapshot-sync",
             Action::BlockdevSnapshot(_) => "blockdev-snapshot",
             Action::BlockdevSnapshotInternalSync(_) => "blockdev-snapshot-internal-sync",
+            Action::BlockDirtyBitmapAdd(_) => "block-dirty-bitmap-add",
+            Action::BlockDirtyBitmapRemove(_) => "block-dirty-bitmap-remove",
+            Action::BlockDirtyBitmapClear(_) => "block-dirty-bitmap-clear",
+            Action::BlockDirtyBitmapEnable(_) => "block-dirty-bitmap-enable",
+            Action::BlockDirtyBitmapDisable(_) => "block-dirty-bitmap-disable",
+            Action::BlockDirtyBitmapMerge(_) => "block-dirty-bitmap-merge",
             Action::Abort(_) => "abort",
         }
     }
@@ -394,6 +406,7 @@ impl Action {
 enum Prepared {
     External(PreparedExternal),
     Internal { node: Arc<Node>, name: String },
+    Bitmap(crate::bitmaps::Prepared),
 }
 
 impl Prepared {
@@ -401,7 +414,14 @@ impl Prepared {
         match self {
             Prepared::External(p) => p.node(),
             Prepared::Internal { node, .. } => node,
+            Prepared::Bitmap(b) => &b.node,
         }
+    }
+
+    /// Snapshots change what a node is; two of them on one node cannot
+    /// be in one transaction. Bitmap commands can share a node.
+    fn is_snapshot(&self) -> bool {
+        !matches!(self, Prepared::Bitmap(_))
     }
 }
 
@@ -457,11 +477,33 @@ pub fn transaction(state: &State, actions: Vec<Action>) -> Result<(), String> {
                 prepare_external(state, &s.node, &s.overlay).map(Prepared::External)
             }
             Action::BlockdevSnapshotInternalSync(s) => prepare_internal(state, s),
+            Action::BlockDirtyBitmapAdd(b) => {
+                crate::bitmaps::prepare_add(state, b).map(Prepared::Bitmap)
+            }
+            Action::BlockDirtyBitmapRemove(b) => {
+                crate::bitmaps::prepare_named(state, b, "remove").map(Prepared::Bitmap)
+            }
+            Action::BlockDirtyBitmapClear(b) => {
+                crate::bitmaps::prepare_named(state, b, "clear").map(Prepared::Bitmap)
+            }
+            Action::BlockDirtyBitmapEnable(b) => {
+                crate::bitmaps::prepare_named(state, b, "enable").map(Prepared::Bitmap)
+            }
+            Action::BlockDirtyBitmapDisable(b) => {
+                crate::bitmaps::prepare_named(state, b, "disable").map(Prepared::Bitmap)
+            }
+            Action::BlockDirtyBitmapMerge(b) => {
+                crate::bitmaps::prepare_merge(state, b).map(Prepared::Bitmap)
+            }
             Action::Abort(_) => Err("Transaction aborted using Abort action".into()),
         };
         match r {
             Ok(p) => {
-                if prepared.iter().any(|q| Arc::ptr_eq(q.node(), p.node())) {
+                if p.is_snapshot()
+                    && prepared
+                        .iter()
+                        .any(|q| q.is_snapshot() && Arc::ptr_eq(q.node(), p.node()))
+                {
                     let e = format!("node '{}' is in the transaction twice", p.node().name());
                     // Our references go before the overlays are removed.
                     drop(p);
@@ -476,13 +518,22 @@ pub fn transaction(state: &State, actions: Vec<Action>) -> Result<(), String> {
             }
         }
     }
-    let nodes: Vec<Arc<Node>> = prepared.iter().map(|p| p.node().clone()).collect();
+    let mut nodes: Vec<Arc<Node>> = Vec::new();
+    for p in &prepared {
+        if !nodes.iter().any(|n| Arc::ptr_eq(n, p.node())) {
+            nodes.push(p.node().clone());
+        }
+    }
     let node_refs: Vec<&Node> = nodes.iter().map(|n| &**n).collect();
     let done = state.drained_many(&node_refs, || -> Result<(), (usize, String)> {
         // Internal snapshots made so far, by index: (node, id) for undo.
         let mut made: Vec<(usize, String)> = Vec::new();
         for (i, p) in prepared.iter().enumerate() {
             let r = match p {
+                Prepared::Bitmap(b) => {
+                    b.perform();
+                    Ok(())
+                }
                 Prepared::External(x) => x.perform(),
                 Prepared::Internal { node, name } => {
                     let Driver::Qcow2(q) = node.driver() else {
@@ -496,6 +547,7 @@ pub fn transaction(state: &State, actions: Vec<Action>) -> Result<(), String> {
             if let Err(e) = r {
                 for (j, q) in prepared[..i].iter().enumerate().rev() {
                     match q {
+                        Prepared::Bitmap(b) => b.undo(),
                         Prepared::External(x) => x.undo(),
                         Prepared::Internal { node, .. } => {
                             let Driver::Qcow2(qd) = node.driver() else {
@@ -530,6 +582,7 @@ pub fn transaction(state: &State, actions: Vec<Action>) -> Result<(), String> {
             Prepared::Internal { node, name } => {
                 log::info!("node {}: internal snapshot '{name}' created", node.name());
             }
+            Prepared::Bitmap(_) => {}
         }
     }
     Ok(())

@@ -1899,3 +1899,196 @@ fn snapshot_while_the_guest_writes(internal: bool) {
     let b = image_bytes(&base);
     assert_bytes_eq("base region B", half, &b[half as usize..], &before);
 }
+
+// ---------------------------------------------------------------------------
+// 7. Dirty bitmaps record writes from every queue
+// ---------------------------------------------------------------------------
+
+fn dirty_count(qmp: &mut Qmp, node: &str, name: &str) -> u64 {
+    let r = qmp.execute("query-named-block-nodes", serde_json::json!({}));
+    let n = r["return"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == node)
+        .unwrap_or_else(|| panic!("{r}"))
+        .clone();
+    n["dirty-bitmaps"]
+        .as_array()
+        .and_then(|l| l.iter().find(|b| b["name"] == name))
+        .unwrap_or_else(|| panic!("no bitmap {name}: {n}"))["count"]
+        .as_u64()
+        .unwrap()
+}
+
+fn qmp_ok(qmp: &mut Qmp, cmd: &str, args: serde_json::Value) {
+    let r = qmp.execute(cmd, args);
+    assert!(r.get("return").is_some(), "{cmd}: {r}");
+}
+
+#[test]
+fn dirty_bitmaps_record_writes_from_every_queue() {
+    const QUEUES: usize = 4;
+    let size = 32 * MIB;
+    let dir = tempfile::tempdir().expect("temp dir");
+    File::create(dir.path().join("disk.img"))
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    let d = Daemon::start_in(
+        dir,
+        &[
+            "--blockdev",
+            "driver=file,node-name=f0,filename={dir}/disk.img",
+            "--blockdev",
+            "driver=raw,node-name=d0,file=f0",
+            "--export",
+            "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={sock},writable=on,num-queues=4",
+            "--chardev",
+            "socket,id=mon0,path={dir}/qmp.sock,server=on,wait=off",
+            "--monitor",
+            "chardev=mon0",
+        ],
+    );
+    let dirp = d.image().parent().unwrap().to_path_buf();
+    let mut qmp = Qmp::connect(&dirp.join("qmp.sock"));
+    qmp_ok(
+        &mut qmp,
+        "block-dirty-bitmap-add",
+        serde_json::json!({"node": "d0", "name": "b0", "granularity": 65536}),
+    );
+    let r = qmp.execute(
+        "block-dirty-bitmap-add",
+        serde_json::json!({"node": "d0", "name": "b0"}),
+    );
+    assert!(
+        r["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("already exists"),
+        "{r}"
+    );
+    let r = qmp.execute(
+        "block-dirty-bitmap-add",
+        serde_json::json!({"node": "d0", "name": "p", "persistent": true}),
+    );
+    assert!(
+        r["error"]["desc"].as_str().unwrap().contains("persistent"),
+        "{r}"
+    );
+    let empty = qmp.execute(
+        "x-debug-block-dirty-bitmap-sha256",
+        serde_json::json!({"node": "d0", "name": "b0"}),
+    );
+
+    let mut c = Client::start(
+        &d.socket,
+        ClientOptions {
+            queues: QUEUES as i32,
+            buf_len: QUEUES * 4096,
+            ..Default::default()
+        },
+    );
+    let bufs = c.buf(0);
+    // Queue i writes 4 KiB into granules i, i + 4, i + 8, ... (offsets
+    // inside the granule vary); 40 granules each, 160 in all.
+    std::thread::scope(|s| {
+        for (i, q) in c.queues.iter_mut().enumerate() {
+            s.spawn(move || {
+                let addr = bufs + i * 4096;
+                fill(addr, &pattern(i as u64, 4096));
+                for k in 0..40u64 {
+                    let granule = i as u64 + 4 * k;
+                    let off = granule * 65536 + (k % 16) * 4096;
+                    let r = one(q, |q| {
+                        q.write(off, addr as *const u8, 4096, 0, ReqFlags::empty())
+                    });
+                    assert_eq!(r, 0);
+                }
+            });
+        }
+    });
+    assert_eq!(dirty_count(&mut qmp, "d0", "b0"), 160 * 65536);
+    // Disabled, it stops recording; merged into a new bitmap; cleared.
+    qmp_ok(
+        &mut qmp,
+        "block-dirty-bitmap-disable",
+        serde_json::json!({"node": "d0", "name": "b0"}),
+    );
+    let addr = c.buf(0);
+    let r = one(&mut c.queues[0], |q| {
+        q.write(20 * MIB, addr as *const u8, 4096, 0, ReqFlags::empty())
+    });
+    assert_eq!(r, 0);
+    assert_eq!(dirty_count(&mut qmp, "d0", "b0"), 160 * 65536);
+    let sha = qmp.execute(
+        "x-debug-block-dirty-bitmap-sha256",
+        serde_json::json!({"node": "d0", "name": "b0"}),
+    );
+    assert_ne!(sha["return"]["sha256"], empty["return"]["sha256"], "{sha}");
+    qmp_ok(
+        &mut qmp,
+        "block-dirty-bitmap-add",
+        serde_json::json!({"node": "d0", "name": "b1", "granularity": 4096}),
+    );
+    let r = one(&mut c.queues[1], |q| {
+        q.write(24 * MIB, addr as *const u8, 4096, 0, ReqFlags::empty())
+    });
+    assert_eq!(r, 0);
+    assert_eq!(dirty_count(&mut qmp, "d0", "b1"), 4096);
+    qmp_ok(
+        &mut qmp,
+        "block-dirty-bitmap-merge",
+        serde_json::json!({"node": "d0", "target": "b0", "bitmaps": ["b1"]}),
+    );
+    assert_eq!(dirty_count(&mut qmp, "d0", "b0"), 161 * 65536);
+    // A failing transaction changes no bitmap.
+    let r = qmp.execute(
+        "transaction",
+        serde_json::json!({"actions": [
+            {"type": "block-dirty-bitmap-clear", "data": {"node": "d0", "name": "b0"}},
+            {"type": "block-dirty-bitmap-add", "data": {"node": "d0", "name": "b2"}},
+            {"type": "abort", "data": {}},
+        ]}),
+    );
+    assert!(r.get("error").is_some(), "{r}");
+    assert_eq!(dirty_count(&mut qmp, "d0", "b0"), 161 * 65536);
+    let names = qmp.execute("query-named-block-nodes", serde_json::json!({}));
+    assert!(!names.to_string().contains("\"b2\""), "{names}");
+    // A transaction that succeeds: clear b0 and enable it again, at once.
+    qmp_ok(
+        &mut qmp,
+        "transaction",
+        serde_json::json!({"actions": [
+            {"type": "block-dirty-bitmap-clear", "data": {"node": "d0", "name": "b0"}},
+            {"type": "block-dirty-bitmap-enable", "data": {"node": "d0", "name": "b0"}},
+        ]}),
+    );
+    assert_eq!(dirty_count(&mut qmp, "d0", "b0"), 0);
+    let r = one(&mut c.queues[2], |q| {
+        q.write(0, addr as *const u8, 4096, 0, ReqFlags::empty())
+    });
+    assert_eq!(r, 0);
+    assert_eq!(dirty_count(&mut qmp, "d0", "b0"), 65536);
+    // Resizing keeps the bits.
+    qmp_ok(
+        &mut qmp,
+        "block_resize",
+        serde_json::json!({"node-name": "d0", "size": 64 * MIB}),
+    );
+    drop(c);
+    qmp_ok(
+        &mut qmp,
+        "block-dirty-bitmap-remove",
+        serde_json::json!({"node": "d0", "name": "b1"}),
+    );
+    let r = qmp.execute(
+        "block-dirty-bitmap-remove",
+        serde_json::json!({"node": "d0", "name": "b1"}),
+    );
+    assert!(
+        r["error"]["desc"].as_str().unwrap().contains("not found"),
+        "{r}"
+    );
+    assert_eq!(dirty_count(&mut qmp, "d0", "b0"), 65536);
+}

@@ -9,6 +9,7 @@
 //! BlockDriverState, [`Child`] is BdrvChild, [`BlockBackend`] is blk_*.
 
 mod backend;
+pub mod bitmap;
 mod error;
 mod graph;
 mod node;

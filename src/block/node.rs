@@ -113,6 +113,8 @@ pub struct Node {
     /// block-set-write-threshold: a write ending past this offset emits
     /// BLOCK_WRITE_THRESHOLD once; 0 means off.
     write_threshold: AtomicU64,
+    /// Dirty bitmaps recording writes through this node.
+    bitmaps: super::swap::Swap<super::bitmap::BitmapList>,
 }
 
 impl fmt::Debug for Node {
@@ -133,6 +135,7 @@ impl Node {
             read_only: AtomicBool::new(read_only),
             parents: Mutex::new(Vec::new()),
             write_threshold: AtomicU64::new(0),
+            bitmaps: super::swap::Swap::new(Arc::new(Vec::new())),
         })
     }
 
@@ -244,6 +247,22 @@ impl Node {
             .iter()
             .map(|p| p.parent.clone())
             .collect()
+    }
+
+    /// The node's dirty bitmaps.
+    pub fn bitmaps(&self) -> &super::bitmap::BitmapList {
+        self.bitmaps.get()
+    }
+
+    /// Replaces the list of bitmaps (management; the caller serialises).
+    pub fn set_bitmaps(&self, list: Vec<Arc<super::bitmap::DirtyBitmap>>) {
+        self.bitmaps.replace(Arc::new(list));
+    }
+
+    fn mark_dirty(&self, offset: u64, len: u64) {
+        for b in self.bitmaps().iter() {
+            b.mark(offset, len);
+        }
     }
 
     pub fn write_threshold(&self) -> u64 {
@@ -380,6 +399,7 @@ impl Node {
             return refused;
         }
         self.check_write_threshold(offset, iov.len());
+        self.mark_dirty(offset, iov.len());
         self.driver.pwritev(self, offset, iov, fua)
     }
 
@@ -406,6 +426,7 @@ impl Node {
         if let Some(refused) = self.refuse_if_read_only() {
             return refused;
         }
+        self.mark_dirty(offset, len);
         self.driver.pdiscard(self, offset, len)
     }
 
@@ -422,6 +443,7 @@ impl Node {
             return refused;
         }
         self.check_write_threshold(offset, len);
+        self.mark_dirty(offset, len);
         self.driver.pwrite_zeroes(self, offset, len, may_unmap, fua)
     }
 }

@@ -56,6 +56,13 @@ const COMMANDS: &[&str] = &[
     "blockdev-snapshot-sync",
     "transaction",
     "change-backing-file",
+    "block-dirty-bitmap-add",
+    "block-dirty-bitmap-remove",
+    "block-dirty-bitmap-clear",
+    "block-dirty-bitmap-enable",
+    "block-dirty-bitmap-disable",
+    "block-dirty-bitmap-merge",
+    "x-debug-block-dirty-bitmap-sha256",
     "blockdev-snapshot-internal-sync",
     "blockdev-snapshot-delete-internal-sync",
     "x-blockdev-snapshot-goto-internal",
@@ -337,6 +344,30 @@ pub fn dispatch(
             }
             crate::snapshot::transaction(state, a.actions).map_err(QmpError::generic)?;
             ok(json!({}))
+        }
+        "block-dirty-bitmap-add"
+        | "block-dirty-bitmap-remove"
+        | "block-dirty-bitmap-clear"
+        | "block-dirty-bitmap-enable"
+        | "block-dirty-bitmap-disable"
+        | "block-dirty-bitmap-merge" => {
+            use crate::snapshot::Action;
+            let v = Value::Object(cmd.arguments.clone());
+            let action: Action = serde_json::from_value(json!({"type": cmd.name, "data": v}))
+                .map_err(|e| {
+                    QmpError::generic(format!("Invalid arguments for '{}': {e}", cmd.name))
+                })?;
+            crate::snapshot::transaction(state, vec![action]).map_err(QmpError::generic)?;
+            ok(json!({}))
+        }
+        "x-debug-block-dirty-bitmap-sha256" => {
+            let a: crate::bitmaps::NameArgs = args(cmd)?;
+            let node = state
+                .graph()
+                .get(&a.node)
+                .map_err(|_| QmpError::generic(format!("Node '{}' not found", a.node)))?;
+            let b = crate::bitmaps::find(&node, &a.name).map_err(QmpError::generic)?;
+            ok(json!({"sha256": b.sha256()}))
         }
         "change-backing-file" => {
             #[derive(serde::Deserialize)]
@@ -766,6 +797,9 @@ fn block_device_info(node: &Node, flat: bool) -> Value {
         "image": Value::Object(image),
         "cache": {"writeback": true, "direct": direct(node), "no-flush": no_flush(node)},
     });
+    if !node.bitmaps().is_empty() {
+        v["dirty-bitmaps"] = crate::bitmaps::info(node);
+    }
     if !backing.is_null() {
         v["backing_file"] = backing;
     }

@@ -1,0 +1,236 @@
+//! Dirty bitmap commands (block-dirty-bitmap-add/remove/clear/enable/
+//! disable/merge), as transaction actions too.
+//!
+//! Each operation is split the way a transaction needs it: `prepare`
+//! checks without changing anything; `perform` runs inside the drained
+//! section and remembers what it changed; `undo` puts it back.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::block::bitmap::DirtyBitmap;
+use crate::block::Node;
+use crate::daemon::State;
+use crate::drivers::Driver;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddArgs {
+    pub node: String,
+    pub name: String,
+    pub granularity: Option<u64>,
+    #[serde(default)]
+    pub persistent: bool,
+    #[serde(default)]
+    pub disabled: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NameArgs {
+    pub node: String,
+    pub name: String,
+}
+
+/// A merge source: a bitmap of the target's node, or of another node.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Source {
+    Name(String),
+    External { node: String, name: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MergeArgs {
+    pub node: String,
+    pub target: String,
+    pub bitmaps: Vec<Source>,
+}
+
+/// A bitmap command, checked and ready to run.
+pub enum Op {
+    Add(Arc<DirtyBitmap>),
+    Remove(Arc<DirtyBitmap>),
+    Clear(Arc<DirtyBitmap>),
+    Enable(Arc<DirtyBitmap>, bool),
+    Merge(Arc<DirtyBitmap>, Vec<Arc<DirtyBitmap>>),
+}
+
+pub struct Prepared {
+    pub node: Arc<Node>,
+    op: Op,
+    /// What perform changed: the list or bits before it.
+    saved: RefCell<Option<Saved>>,
+}
+
+enum Saved {
+    List(Vec<Arc<DirtyBitmap>>),
+    Bits(Vec<u64>),
+    Enabled(bool),
+}
+
+fn node(state: &State, name: &str) -> Result<Arc<Node>, String> {
+    state
+        .graph()
+        .get(name)
+        .map_err(|_| format!("Node '{name}' not found"))
+}
+
+pub fn find(node: &Node, name: &str) -> Result<Arc<DirtyBitmap>, String> {
+    node.bitmaps()
+        .iter()
+        .find(|b| b.name() == name)
+        .cloned()
+        .ok_or_else(|| format!("Dirty bitmap '{name}' not found on node '{}'", node.name()))
+}
+
+fn default_granularity(node: &Node) -> u64 {
+    match node.driver() {
+        Driver::Qcow2(q) => q.cluster_size().clamp(4096, 1 << 31),
+        _ => 65536,
+    }
+}
+
+pub fn prepare_add(state: &State, a: &AddArgs) -> Result<Prepared, String> {
+    let n = node(state, &a.node)?;
+    if a.name.is_empty() {
+        return Err("the bitmap name must not be empty".into());
+    }
+    if a.name.len() > 1023 {
+        return Err("the bitmap name is longer than 1023 bytes".into());
+    }
+    if n.bitmaps().iter().any(|b| b.name() == a.name) {
+        return Err(format!("Bitmap already exists: {}", a.name));
+    }
+    if a.persistent {
+        return Err(format!(
+            "persistent bitmaps are not supported yet (node '{}'); add it with persistent=false",
+            a.node
+        ));
+    }
+    let g = a.granularity.unwrap_or_else(|| default_granularity(&n));
+    let b = DirtyBitmap::new(&a.name, n.size(), g, !a.disabled, a.persistent)?;
+    Ok(Prepared::new(n, Op::Add(Arc::new(b))))
+}
+
+pub fn prepare_named(state: &State, a: &NameArgs, kind: &str) -> Result<Prepared, String> {
+    let n = node(state, &a.node)?;
+    let b = find(&n, &a.name)?;
+    let op = match kind {
+        "remove" => Op::Remove(b),
+        "clear" => Op::Clear(b),
+        "enable" => Op::Enable(b, true),
+        "disable" => Op::Enable(b, false),
+        _ => return Err(format!("unknown bitmap operation {kind}")),
+    };
+    Ok(Prepared::new(n, op))
+}
+
+pub fn prepare_merge(state: &State, a: &MergeArgs) -> Result<Prepared, String> {
+    let n = node(state, &a.node)?;
+    let target = find(&n, &a.target)?;
+    let mut sources = Vec::new();
+    for s in &a.bitmaps {
+        let b = match s {
+            Source::Name(name) => find(&n, name)?,
+            Source::External { node: sn, name } => find(&*node(state, sn)?, name)?,
+        };
+        sources.push(b);
+    }
+    Ok(Prepared::new(n, Op::Merge(target, sources)))
+}
+
+impl Prepared {
+    fn new(node: Arc<Node>, op: Op) -> Prepared {
+        Prepared {
+            node,
+            op,
+            saved: RefCell::new(None),
+        }
+    }
+
+    /// Runs the operation (inside the drained section).
+    pub fn perform(&self) {
+        let saved = match &self.op {
+            Op::Add(b) => {
+                let before = self.node.bitmaps().to_vec();
+                let mut list = before.clone();
+                list.push(b.clone());
+                self.node.set_bitmaps(list);
+                Saved::List(before)
+            }
+            Op::Remove(b) => {
+                let before = self.node.bitmaps().to_vec();
+                let list = before
+                    .iter()
+                    .filter(|x| !Arc::ptr_eq(x, b))
+                    .cloned()
+                    .collect();
+                self.node.set_bitmaps(list);
+                Saved::List(before)
+            }
+            Op::Clear(b) => {
+                let bits = b.snapshot();
+                b.clear();
+                Saved::Bits(bits)
+            }
+            Op::Enable(b, on) => {
+                let was = b.is_enabled();
+                b.set_enabled(*on);
+                Saved::Enabled(was)
+            }
+            Op::Merge(t, sources) => {
+                let bits = t.snapshot();
+                for s in sources {
+                    t.merge_from(s);
+                }
+                Saved::Bits(bits)
+            }
+        };
+        *self.saved.borrow_mut() = Some(saved);
+    }
+
+    /// Puts back what perform changed.
+    pub fn undo(&self) {
+        let Some(saved) = self.saved.borrow_mut().take() else {
+            return;
+        };
+        match (&self.op, saved) {
+            (_, Saved::List(list)) => self.node.set_bitmaps(list),
+            (Op::Clear(b) | Op::Merge(b, _), Saved::Bits(bits)) => b.restore(&bits),
+            (Op::Enable(b, _), Saved::Enabled(was)) => b.set_enabled(was),
+            _ => {}
+        }
+    }
+}
+
+/// BlockDirtyInfo list of a node (query-named-block-nodes).
+pub fn info(node: &Node) -> serde_json::Value {
+    serde_json::Value::Array(
+        node.bitmaps()
+            .iter()
+            .map(|b| {
+                serde_json::json!({
+                    "name": b.name(), "recording": b.is_enabled(), "busy": false,
+                    "persistent": b.is_persistent(), "granularity": b.granularity(),
+                    "count": b.count(),
+                })
+            })
+            .collect(),
+    )
+}
+
+/// block_resize: the node's bitmaps follow its new size.
+pub fn resize_all(node: &Node) {
+    let list: Vec<Arc<DirtyBitmap>> = node
+        .bitmaps()
+        .iter()
+        .map(|b| Arc::new(b.resized(node.size())))
+        .collect();
+    if !list.is_empty() {
+        node.set_bitmaps(list);
+    }
+}
