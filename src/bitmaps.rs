@@ -152,6 +152,14 @@ impl Prepared {
         }
     }
 
+    /// The name of the bitmap this adds, if it adds one.
+    pub fn adds(&self) -> Option<&str> {
+        match &self.op {
+            Op::Add(b) => Some(b.name()),
+            _ => None,
+        }
+    }
+
     /// Runs the operation (inside the drained section).
     pub fn perform(&self) {
         let saved = match &self.op {

@@ -499,6 +499,23 @@ pub fn transaction(state: &State, actions: Vec<Action>) -> Result<(), String> {
         };
         match r {
             Ok(p) => {
+                let dup_bitmap = match &p {
+                    Prepared::Bitmap(b) => b.adds().is_some_and(|name| {
+                        prepared.iter().any(|q| match q {
+                            Prepared::Bitmap(o) => {
+                                Arc::ptr_eq(&o.node, &b.node) && o.adds() == Some(name)
+                            }
+                            _ => false,
+                        })
+                    }),
+                    _ => false,
+                };
+                if dup_bitmap {
+                    drop(p);
+                    drop(prepared);
+                    let e = "Bitmap already exists (added earlier in this transaction)".to_string();
+                    return Err(fail(&created, i, a.name(), e));
+                }
                 if p.is_snapshot()
                     && prepared
                         .iter()

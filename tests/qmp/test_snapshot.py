@@ -207,3 +207,34 @@ def test_change_backing_file(daemon, workdir):
     raw = workdir / "t.raw"
     sh("qemu-img", "convert", "-O", "raw", str(top), str(raw))
     assert raw.read_bytes()[:1 << 20] == b"\x11" * (1 << 20)
+
+
+def test_transaction_with_snapshot_and_bitmap(daemon, workdir):
+    """The backup pattern: a snapshot and a new bitmap at the same instant;
+    and a failing one that leaves neither."""
+    two_disks(workdir)
+
+    async def go():
+        c = await connect(daemon.monitor)
+        await setup(c, workdir)
+        with pytest.raises(ExecuteError):
+            await c.execute("transaction", {"actions": [
+                {"type": "blockdev-snapshot-internal-sync", "data": {"device": "ea", "name": "full"}},
+                {"type": "block-dirty-bitmap-add", "data": {"node": "a", "name": "inc0"}},
+                {"type": "block-dirty-bitmap-add", "data": {"node": "a", "name": "inc0"}},
+            ]})
+        n = await nodes(c)
+        assert "dirty-bitmaps" not in n["a"] and "snapshots" not in n["a"]["image"]
+        await c.execute("transaction", {"actions": [
+            {"type": "blockdev-snapshot-internal-sync", "data": {"device": "ea", "name": "full"}},
+            {"type": "block-dirty-bitmap-add", "data": {"node": "a", "name": "inc0", "granularity": 65536}},
+        ]})
+        n = await nodes(c)
+        assert [b["name"] for b in n["a"]["dirty-bitmaps"]] == ["inc0"]
+        assert n["a"]["dirty-bitmaps"][0]["count"] == 0
+        assert n["a"]["dirty-bitmaps"][0]["granularity"] == 65536
+        assert [s["name"] for s in n["a"]["image"]["snapshots"]] == ["full"]
+        await c.disconnect()
+    run(go())
+    daemon.stop()
+    check_clean(workdir / "a.qcow2")
