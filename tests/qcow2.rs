@@ -1048,3 +1048,116 @@ fn hundreds_of_snapshots() {
     let v = reverted(&img, "snap-299");
     assert_eq!(v[43 * 4096], 43);
 }
+
+/// Random corruption of a real image's metadata (header, L1, refcount
+/// table and blocks, L2 tables): opening, reading everything, writing and
+/// flushing never panic; each either works or fails with an error.
+#[test]
+fn randomly_corrupted_metadata_never_panics() {
+    let dir = tmp();
+    let good = dir.path().join("good.qcow2");
+    // Small clusters so metadata is dense; a backing-free image with data,
+    // zero clusters, and compressed clusters from qemu-img.
+    let (raw, _) = random_raw(dir.path(), 2 * MIB, 7);
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            raw.to_str().unwrap(),
+            good.to_str().unwrap(),
+        ],
+    );
+    run(
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 0x44 64k 64k",
+            "-c",
+            "write -z 256k 64k",
+            good.to_str().unwrap(),
+        ],
+    );
+    let orig = std::fs::read(&good).unwrap();
+    // Metadata lives in the first clusters and wherever the tables point;
+    // flip bytes in the first 64 KiB and at table offsets.
+    let be64 = |o: usize| u64::from_be_bytes(orig[o..o + 8].try_into().unwrap()) as usize;
+    let l1 = be64(40);
+    let rt = be64(48);
+    let targets = [
+        0usize,
+        l1,
+        rt,
+        be64(rt) & !0x1ff,
+        be64(l1) & 0x00ff_ffff_ffff_fe00,
+    ];
+    let mut rng = Rng(0xc0ffee);
+    let mut opened = 0;
+    for round in 0..200 {
+        let mut b = orig.clone();
+        for _ in 0..1 + rng.below(24) {
+            let base = targets[rng.below(targets.len() as u64) as usize];
+            let at = (base + rng.below(512) as usize * 8).min(b.len() - 8);
+            // Whole table entries: random offsets, flags, all ones, zero.
+            let v: u64 = match rng.below(5) {
+                0 => rng.next(),
+                1 => u64::MAX,
+                2 => 0,
+                3 => (rng.below(1 << 20) << 12) | (rng.next() & (0xc000_0000_0000_0001)),
+                _ => rng.below(orig.len() as u64 * 2) & !0x1ff,
+            };
+            b[at..at + 8].copy_from_slice(&v.to_be_bytes());
+        }
+        let p = dir.path().join("fuzz.qcow2");
+        std::fs::write(&p, &b).unwrap();
+        let Ok(q) = open_with(&p, json!({})) else {
+            continue;
+        };
+        opened += 1;
+        let size = q.node.size().min(4 * MIB);
+        let mut off = 0;
+        while off < size {
+            let (iov, _v) = IoVecs::bounce(65536.min((size - off) as usize), 4096);
+            let _ = block_on(q.node.preadv(off, &iov));
+            off += 65536;
+        }
+        if !q.node.is_read_only() {
+            let (iov, _v) = IoVecs::bounce(4096, 4096);
+            let _ = block_on(q.node.pwritev(rng.below(size / 4096) * 4096, &iov, false));
+            let _ = block_on(q.node.pwrite_zeroes(0, 65536, round % 2 == 0, false));
+            let _ = block_on(q.node.flush());
+        }
+        q.close();
+    }
+    eprintln!("{opened} of 200 corrupted images opened");
+}
+
+/// Refcount blocks that claim every cluster (every refcount table entry
+/// pointing at one block full of ones): an allocation gives up with an
+/// error instead of scanning billions of clusters.
+#[test]
+fn refcounts_claiming_everything_do_not_hang_allocation() {
+    let dir = tmp();
+    let img = dir.path().join("r.qcow2");
+    create(&img, "", 4 * MIB);
+    let mut b = std::fs::read(&img).unwrap();
+    let be64 = |b: &[u8], o: usize| u64::from_be_bytes(b[o..o + 8].try_into().unwrap()) as usize;
+    let rt = be64(&b, 48);
+    let rb = be64(&b, rt);
+    b[rb..rb + 65536].fill(0xff);
+    let entry = (rb as u64).to_be_bytes();
+    for i in 0..8192 {
+        b[rt + i * 8..rt + i * 8 + 8].copy_from_slice(&entry);
+    }
+    std::fs::write(&img, &b).unwrap();
+    let q = open(&img);
+    let (iov, _v) = IoVecs::bounce(4096, 4096);
+    let e = block_on(q.node.pwritev(0, &iov, false)).unwrap_err();
+    assert!(e.to_string().contains("refcounts claim"), "{e}");
+}

@@ -820,8 +820,18 @@ impl Meta {
         let mut start = self.free_hint;
         // The first free cluster seen: where the next search starts.
         let mut first_free = None;
+        // Past everything in use, clusters are free in a sound image; a
+        // long run of counted ones there means broken refcounts, and
+        // scanning on could take forever on a hostile image.
+        let limit = self.end_cluster + n + (1 << 16);
         'search: loop {
             for i in 0..n {
+                if start + i > limit {
+                    self.corrupt = true;
+                    return Err(self.corrupt_err(format!(
+                        "refcounts claim clusters past cluster {limit}, beyond the end of the file"
+                    )));
+                }
                 if self.refcount(f, start + i).await? != 0 {
                     start += i + 1;
                     continue 'search;
