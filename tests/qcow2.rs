@@ -1161,3 +1161,27 @@ fn refcounts_claiming_everything_do_not_hang_allocation() {
     let e = block_on(q.node.pwritev(0, &iov, false)).unwrap_err();
     assert!(e.to_string().contains("refcounts claim"), "{e}");
 }
+
+/// With discard=unmap on the qcow2 node (inherited by its inline file
+/// node), freed clusters are punched out of the image file.
+#[test]
+fn discarded_clusters_free_space_in_the_file() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tmp();
+    let img = dir.path().join("d.qcow2");
+    create(&img, "", 16 * MIB);
+    let q = open(&img);
+    q.write(0, &vec![0x5a; 8 * MIB as usize]);
+    block_on(q.node.flush()).unwrap();
+    let full = std::fs::metadata(&img).unwrap().blocks() * 512;
+    block_on(q.node.pdiscard(0, 8 * MIB)).unwrap();
+    block_on(q.node.flush()).unwrap();
+    let after = std::fs::metadata(&img).unwrap().blocks() * 512;
+    assert!(q.read(0, 8 * MIB).iter().all(|&b| b == 0));
+    q.close();
+    assert!(
+        full >= 8 * MIB && after < full - 6 * MIB,
+        "allocated {full} -> {after}"
+    );
+    check_clean(&img);
+}

@@ -42,11 +42,13 @@ pub enum BlockdevRef {
 }
 
 /// Resolves a child reference: an existing node by name, or a node opened
-/// in place (named after its parent when the options give no name).
+/// in place (named after its parent when the options give no name). As in
+/// QEMU, a child opened in place inherits `discard=unmap` from its parent.
 pub(crate) fn open_child(
     graph: &mut Graph,
     parent: &str,
     r: &BlockdevRef,
+    parent_discard: DiscardMode,
 ) -> Result<std::sync::Arc<Node>, GraphError> {
     match r {
         BlockdevRef::Name(name) => graph.get(name),
@@ -54,6 +56,9 @@ pub(crate) fn open_child(
             let mut inner = (**inner).clone();
             if inner.node_name().is_empty() {
                 inner.set_node_name(format!("{parent}-file"));
+            }
+            if parent_discard == DiscardMode::Unmap {
+                inner.inherit_discard_unmap();
             }
             graph.add_implicit(&inner)
         }
@@ -93,6 +98,16 @@ impl BlockdevOptions {
             "raw" => de(inner).map(BlockdevOptions::Raw),
             "throttle" => de(inner).map(BlockdevOptions::Throttle),
             _ => serde_json::from_value(v).map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Takes `discard=unmap` from a parent (inline children).
+    pub fn inherit_discard_unmap(&mut self) {
+        match self {
+            BlockdevOptions::File(o) => o.discard = DiscardMode::Unmap,
+            BlockdevOptions::Raw(o) => o.discard = DiscardMode::Unmap,
+            BlockdevOptions::Qcow2(o) => o.discard = DiscardMode::Unmap,
+            BlockdevOptions::NullCo(_) | BlockdevOptions::Throttle(_) => {}
         }
     }
 

@@ -187,7 +187,7 @@ fn backing_options(name: &str, path: &str, fmt: &str) -> Result<BlockdevOptions,
 impl Qcow2Driver {
     pub fn open(o: &Qcow2Options, graph: &mut Graph) -> Result<Self, GraphError> {
         let name = o.node_name.as_str();
-        let child = super::open_child(graph, name, &o.file)?;
+        let child = super::open_child(graph, name, &o.file, o.discard)?;
         // As QEMU's format drivers: no one else may write or resize the
         // file under the metadata, read-only or not.
         let (perm, shared) = if o.read_only {
@@ -416,7 +416,7 @@ impl Qcow2Driver {
         let name = o.node_name.as_str();
         let node = match &o.backing {
             Some(None) => return Ok(None),
-            Some(Some(r)) => super::open_child(graph, name, r)?,
+            Some(Some(r)) => super::open_child(graph, name, r, DiscardMode::Ignore)?,
             None => {
                 let Some(bf) = &hdr.backing_file else {
                     return Ok(None);
