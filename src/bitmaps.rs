@@ -106,10 +106,13 @@ pub fn prepare_add(state: &State, a: &AddArgs) -> Result<Prepared, String> {
         return Err(format!("Bitmap already exists: {}", a.name));
     }
     if a.persistent {
-        return Err(format!(
-            "persistent bitmaps are not supported yet (node '{}'); add it with persistent=false",
-            a.node
-        ));
+        let ok = matches!(n.driver(), Driver::Qcow2(q) if q.can_store_bitmaps());
+        if !ok {
+            return Err(format!(
+                "node '{}' cannot store persistent bitmaps (a writable qcow2 v3 image can)",
+                a.node
+            ));
+        }
     }
     let g = a.granularity.unwrap_or_else(|| default_granularity(&n));
     let b = DirtyBitmap::new(&a.name, n.size(), g, !a.disabled, a.persistent)?;

@@ -1185,3 +1185,127 @@ fn discarded_clusters_free_space_in_the_file() {
     );
     check_clean(&img);
 }
+
+// ---------------------------------------------------------------------------
+// Persistent dirty bitmaps
+// ---------------------------------------------------------------------------
+
+use vhost_user_blkd::block::bitmap::DirtyBitmap;
+
+/// x-debug-block-dirty-bitmap-sha256 of `bitmap` as qemu-storage-daemon
+/// computes it after loading the image read-only.
+fn qsd_bitmap_sha256(img: &Path, bitmap: &str) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let dir = img.parent().unwrap();
+    let mon = dir.join("qsd-qmp.sock");
+    let _ = std::fs::remove_file(&mon);
+    let mut qsd = Command::new("qemu-storage-daemon")
+        .args([
+            "--blockdev",
+            &format!(
+                "driver=qcow2,node-name=n0,read-only=on,file.driver=file,file.filename={},file.read-only=on",
+                img.display()
+            ),
+            "--chardev",
+            &format!("socket,id=m0,path={},server=on,wait=off", mon.display()),
+            "--monitor",
+            "chardev=m0",
+        ])
+        .spawn()
+        .expect("qemu-storage-daemon");
+    for _ in 0..200 {
+        if mon.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let s = std::os::unix::net::UnixStream::connect(&mon).expect("QSD monitor");
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut w = s;
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let mut ask = |cmd: serde_json::Value| -> serde_json::Value {
+        writeln!(w, "{cmd}").unwrap();
+        loop {
+            let mut l = String::new();
+            r.read_line(&mut l).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+            if v.get("event").is_none() {
+                return v;
+            }
+        }
+    };
+    ask(json!({"execute": "qmp_capabilities"}));
+    let v = ask(json!({"execute": "x-debug-block-dirty-bitmap-sha256",
+                       "arguments": {"node": "n0", "name": bitmap}}));
+    let _ = qsd.kill();
+    let _ = qsd.wait();
+    v["return"]["sha256"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{v}"))
+        .to_string()
+}
+
+#[test]
+fn persistent_bitmaps_round_trip_with_qemu() {
+    let dir = tmp();
+    let img = dir.path().join("bm.qcow2");
+    create(&img, "", 8 * MIB);
+    let p = img.to_str().unwrap();
+    // One bitmap made by qemu-img, one by us.
+    run("qemu-img", &["bitmap", "--add", "-g", "65536", p, "qb"]);
+    let q = open(&img);
+    let loaded: Vec<String> = q
+        .node
+        .bitmaps()
+        .iter()
+        .map(|b| b.name().to_string())
+        .collect();
+    assert_eq!(loaded, ["qb"]);
+    let mut list = q.node.bitmaps().to_vec();
+    list.push(Arc::new(
+        DirtyBitmap::new("ours", 8 * MIB, 4096, true, true).unwrap(),
+    ));
+    q.node.set_bitmaps(list);
+    for off in [0u64, 65536 * 3 + 4096, 5 * MIB, 8 * MIB - 512] {
+        q.write(off, &[1u8; 512]);
+    }
+    block_on(q.node.pwrite_zeroes(2 * MIB, 256 * 1024, false, false)).unwrap();
+    let ours: Vec<(String, u64, String)> = q
+        .node
+        .bitmaps()
+        .iter()
+        .map(|b| (b.name().to_string(), b.count(), b.sha256()))
+        .collect();
+    q.close();
+    check_clean(&img);
+    let info = run("qemu-img", &["info", "--output=json", p]);
+    assert!(
+        info.contains("\"qb\"") && info.contains("\"ours\"") && info.contains("auto"),
+        "{info}"
+    );
+    // qemu-storage-daemon loads the same bits.
+    for (name, _, sha) in &ours {
+        assert_eq!(&qsd_bitmap_sha256(&img, name), sha, "bitmap {name}");
+    }
+    // And so do we, after a restart.
+    let q = open(&img);
+    let again: Vec<(String, u64, String)> = q
+        .node
+        .bitmaps()
+        .iter()
+        .map(|b| (b.name().to_string(), b.count(), b.sha256()))
+        .collect();
+    assert_eq!(again, ours);
+    // A crash (no close) leaves them marked in use: the next open drops
+    // them, and the image stays clean.
+    drop(q);
+    let info = run("qemu-img", &["info", "--output=json", p]);
+    assert!(info.contains("in-use"), "{info}");
+    let q = open(&img);
+    assert!(q.node.bitmaps().is_empty());
+    q.close();
+    check_clean(&img);
+    let info = run("qemu-img", &["info", "--output=json", p]);
+    assert!(!info.contains("\"qb\""), "{info}");
+}

@@ -60,6 +60,12 @@ impl Graph {
             }
         };
         let node = Node::new(name.clone(), driver, read_only);
+        if let crate::drivers::Driver::Qcow2(q) = node.driver() {
+            let loaded = q.attach_node(&node);
+            if !loaded.is_empty() {
+                node.set_bitmaps(loaded);
+            }
+        }
         self.nodes.insert(name, node.clone());
         Ok(node)
     }

@@ -238,3 +238,43 @@ def test_transaction_with_snapshot_and_bitmap(daemon, workdir):
     run(go())
     daemon.stop()
     check_clean(workdir / "a.qcow2")
+
+
+def test_persistent_bitmaps_survive_a_restart(daemon, workdir):
+    from conftest import VUB_BIN, start_daemon
+    img = workdir / "p.qcow2"
+    sh("qemu-img", "create", "-f", "qcow2", str(img), "8M")
+    node = {"driver": "qcow2", "node-name": "p", "file": {"driver": "file", "filename": str(img)}}
+
+    async def first():
+        c = await connect(daemon.monitor)
+        await c.execute("blockdev-add", node)
+        await c.execute("block-dirty-bitmap-add", {"node": "p", "name": "keep", "persistent": True,
+                                                   "granularity": 131072})
+        await c.execute("block-dirty-bitmap-add", {"node": "p", "name": "temp"})
+        await c.execute("block-dirty-bitmap-disable", {"node": "p", "name": "keep"})
+        await c.disconnect()
+    run(first())
+    daemon.stop()
+    info = img_info(img)
+    names = [b["name"] for b in info["format-specific"]["data"].get("bitmaps", [])]
+    assert names == ["keep"], info
+    check_clean(img)
+    second = workdir / "second"
+    second.mkdir()
+    d2 = start_daemon(VUB_BIN, second)
+
+    async def again():
+        c = await connect(d2.monitor)
+        await c.execute("blockdev-add", node)
+        bitmaps = (await nodes(c))["p"]["dirty-bitmaps"]
+        assert [(b["name"], b["persistent"], b["recording"], b["granularity"]) for b in bitmaps] == \
+            [("keep", True, False, 131072)]
+        await c.execute("block-dirty-bitmap-remove", {"node": "p", "name": "keep"})
+        await c.disconnect()
+    try:
+        run(again())
+    finally:
+        d2.stop()
+    assert "bitmaps" not in img_info(img)["format-specific"]["data"]
+    check_clean(img)

@@ -56,6 +56,8 @@ pub struct Header {
     pub feature_names: BTreeMap<(u8, u8), String>,
     /// Extension types present (kept on disk as they are).
     pub extensions: Vec<u32>,
+    /// The bitmaps extension's data, if present.
+    pub bitmaps_ext: Option<Vec<u8>>,
 }
 
 fn be32(b: &[u8], off: usize) -> u32 {
@@ -124,6 +126,7 @@ impl Header {
             backing_format: None,
             feature_names: BTreeMap::new(),
             extensions: Vec::new(),
+            bitmaps_ext: None,
         };
         let crypt = be32(b, 32);
         if crypt != 0 {
@@ -205,6 +208,7 @@ impl Header {
                         self.feature_names.insert((e[0], e[1]), name);
                     }
                 }
+                EXT_BITMAPS => self.bitmaps_ext = Some(data.to_vec()),
                 EXT_CRYPTO => {
                     return Err("encrypted images are not supported".into());
                 }

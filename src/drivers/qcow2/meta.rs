@@ -274,6 +274,8 @@ pub struct Meta {
     /// Where the snapshot table is, and its length in bytes.
     pub snap_offset: u64,
     pub snap_len: u64,
+    /// The backing file name as the header stores it (for header rewrites).
+    pub backing_name_bytes: Option<Vec<u8>>,
 }
 
 impl Meta {
@@ -345,6 +347,7 @@ impl Meta {
             prealloc_end: file_size,
             snap_offset: 0,
             snap_len: 0,
+            backing_name_bytes: None,
         }
     }
 

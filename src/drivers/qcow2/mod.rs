@@ -18,6 +18,7 @@
 //! their last reference are freed only once no request that may still use
 //! an old mapping is in flight (`data_inflight`).
 
+mod bitmaps;
 mod build;
 mod header;
 pub mod lock;
@@ -30,6 +31,7 @@ pub use snap::SnapshotRef;
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer};
 
@@ -139,6 +141,12 @@ pub struct Qcow2Driver {
     read_only: bool,
     /// Made read-only after opening (it became a backing image).
     demoted: AtomicBool,
+    /// Persistent bitmaps read at open, until the node takes them.
+    loaded_bitmaps: std::sync::Mutex<Vec<Arc<crate::block::bitmap::DirtyBitmap>>>,
+    /// Where the stored bitmaps are on disk.
+    stored_bitmaps: std::sync::Mutex<bitmaps::OnDisk>,
+    /// The node this driver serves (its bitmaps are stored at close).
+    node: std::sync::OnceLock<std::sync::Weak<Node>>,
 }
 
 fn open_err(node: &str, reason: impl Into<String>) -> GraphError {
@@ -323,6 +331,21 @@ impl Qcow2Driver {
             }
         }
 
+        m.backing_name_bytes = hdr.backing_file.as_ref().map(|b| b.as_bytes().to_vec());
+        // Persistent bitmaps, when the header says they are consistent.
+        let (loaded, on_disk) = match &hdr.bitmaps_ext {
+            Some(ext) if hdr.autoclear & 1 != 0 => {
+                futures::executor::block_on(bitmaps::load(&f, &m, ext, hdr.size))
+                    .map_err(|e| open_err(name, format!("persistent bitmaps: {e}")))?
+            }
+            _ => (Vec::new(), bitmaps::OnDisk::default()),
+        };
+        let keep_bitmaps = !on_disk.tables.is_empty() || on_disk.dir_len > 0;
+        if !o.read_only && keep_bitmaps {
+            futures::executor::block_on(bitmaps::mark_in_use(&f, &on_disk))
+                .map_err(|e| block_err(name, e))?;
+        }
+
         let mut lazy = false;
         if !o.read_only {
             let dirty = hdr.incompatible & header::INCOMPAT_DIRTY != 0;
@@ -362,8 +385,13 @@ impl Qcow2Driver {
                 let mut fields = Vec::with_capacity(24);
                 fields.extend_from_slice(&incompat.to_be_bytes());
                 fields.extend_from_slice(&compat.to_be_bytes());
-                fields.extend_from_slice(&0u64.to_be_bytes());
-                if incompat != hdr.incompatible || compat != hdr.compatible || hdr.autoclear != 0 {
+                // The bitmaps bit stays while we keep the bitmaps up to date.
+                let autoclear = if keep_bitmaps { hdr.autoclear & 1 } else { 0 };
+                fields.extend_from_slice(&autoclear.to_be_bytes());
+                if incompat != hdr.incompatible
+                    || compat != hdr.compatible
+                    || autoclear != hdr.autoclear
+                {
                     futures::executor::block_on(async {
                         m.write_header_field(&f, header::OFF_INCOMPAT, &fields)
                             .await?;
@@ -372,7 +400,7 @@ impl Qcow2Driver {
                     .map_err(|e| block_err(name, e))?;
                     hdr.incompatible = incompat;
                     hdr.compatible = compat;
-                    hdr.autoclear = 0;
+                    hdr.autoclear = autoclear;
                 }
             }
         }
@@ -404,6 +432,9 @@ impl Qcow2Driver {
             closed: AtomicBool::new(false),
             read_only: o.read_only,
             demoted: AtomicBool::new(false),
+            loaded_bitmaps: std::sync::Mutex::new(loaded),
+            stored_bitmaps: std::sync::Mutex::new(on_disk),
+            node: std::sync::OnceLock::new(),
         })
     }
 
@@ -558,7 +589,8 @@ impl Qcow2Driver {
         let path = super::file_name_of(self.f())
             .ok_or_else(|| format!("node '{}' has no image file", self.name))?;
         // No header field update of ours may interleave.
-        let _meta = futures::executor::block_on(self.meta.lock());
+        let mut meta_guard = futures::executor::block_on(self.meta.lock());
+        meta_guard.backing_name_bytes = (!name.is_empty()).then(|| name.as_bytes().to_vec());
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -1311,6 +1343,28 @@ impl Qcow2Driver {
                 return Ok(());
             }
             m.flush_all(f, self.no_io()).await?;
+            let persistent: Vec<Arc<crate::block::bitmap::DirtyBitmap>> = self
+                .node
+                .get()
+                .and_then(|w| w.upgrade())
+                .map(|n| {
+                    n.bitmaps()
+                        .iter()
+                        .filter(|b| b.is_persistent())
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default();
+            let old = self
+                .stored_bitmaps
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let new = bitmaps::store(f, &mut m, &self.header, &persistent, &old).await?;
+            *self
+                .stored_bitmaps
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = new;
             if self.lazy {
                 let incompat = self.header.incompatible & !header::INCOMPAT_DIRTY;
                 m.write_header_field(f, header::OFF_INCOMPAT, &incompat.to_be_bytes())
@@ -1322,6 +1376,23 @@ impl Qcow2Driver {
         if let Err(e) = r {
             log::error!("node {}: closing: {e}", self.name);
         }
+    }
+
+    /// Links the driver to its node (for storing the node's persistent
+    /// bitmaps at close) and hands over the bitmaps read at open.
+    pub fn attach_node(&self, node: &Arc<Node>) -> Vec<Arc<crate::block::bitmap::DirtyBitmap>> {
+        let _ = self.node.set(Arc::downgrade(node));
+        std::mem::take(
+            &mut *self
+                .loaded_bitmaps
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        )
+    }
+
+    /// Whether persistent bitmaps can be stored here.
+    pub fn can_store_bitmaps(&self) -> bool {
+        self.header.version >= 3 && !self.is_read_only()
     }
 
     /// Opened read-only, or made read-only since.
