@@ -625,6 +625,7 @@ fn internal_target(state: &State, device: &str) -> Result<Arc<Node>, String> {
         let next = match node.driver() {
             Driver::Qcow2(_) => return Ok(node),
             Driver::Throttle(t) => t.file().node().clone(),
+            Driver::CopyOnRead(c) => c.file().node().clone(),
             _ => {
                 return Err(format!(
                     "node '{}' ({}) does not support internal snapshots",

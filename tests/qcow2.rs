@@ -1309,3 +1309,125 @@ fn persistent_bitmaps_round_trip_with_qemu() {
     let info = run("qemu-img", &["info", "--output=json", p]);
     assert!(!info.contains("\"qb\""), "{info}");
 }
+
+// ---------------------------------------------------------------------------
+// The copy-on-read filter
+// ---------------------------------------------------------------------------
+
+#[test]
+fn copy_on_read_fills_the_top_image_from_the_chain() {
+    let dir = tmp();
+    let d = dir.path();
+    let p = |n: &str| d.join(n).to_str().unwrap().to_string();
+    run(
+        "qemu-img",
+        &["create", "-f", "qcow2", &p("base.qcow2"), "4M"],
+    );
+    run("qemu-io", &["-c", "write -P 0x11 0 2M", &p("base.qcow2")]);
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            &p("mid.qcow2"),
+        ],
+    );
+    run("qemu-io", &["-c", "write -P 0x22 1M 512K", &p("mid.qcow2")]);
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "mid.qcow2",
+            "-F",
+            "qcow2",
+            &p("top.qcow2"),
+        ],
+    );
+    let base_before = std::fs::read(p("base.qcow2")).unwrap();
+    for (bottom, copied_base) in [(None, true), (Some("top-backing"), false)] {
+        let top = d.join("top.qcow2");
+        std::fs::copy(d.join("top.qcow2"), d.join("top-orig.qcow2")).ok();
+        let mut graph = Graph::new();
+        let o: BlockdevOptions = serde_json::from_value(json!({
+            "driver": "qcow2", "node-name": "top",
+            "file": {"driver": "file", "filename": top.to_str().unwrap()},
+        }))
+        .unwrap();
+        graph.add(&o).unwrap();
+        let mut cor = json!({"driver": "copy-on-read", "node-name": "cor", "file": "top"});
+        if let Some(b) = bottom {
+            cor["bottom"] = json!(b);
+        }
+        let cor: BlockdevOptions = serde_json::from_value(cor).unwrap();
+        let node = graph.add(&cor).unwrap();
+        let img = Img { graph, node };
+        let mut want = vec![0u8; 4 * MIB as usize];
+        want[..2 * MIB as usize].fill(0x11);
+        want[MIB as usize..MIB as usize + 512 * 1024].fill(0x22);
+        assert!(img.read(0, 4 * MIB) == want);
+        // A write through the filter lands in the top image.
+        img.write(3 * MIB, &[0x33; 4096]);
+        want[3 * MIB as usize..3 * MIB as usize + 4096].fill(0x33);
+        // The filter holds nothing; the image under it writes its metadata.
+        img.graph.get("top").unwrap().close();
+        img.close();
+        check_clean(&top);
+        // What the reads copied is now allocated in the top image itself.
+        let map = run("qemu-img", &["map", "--output=json", top.to_str().unwrap()]);
+        let depth_of = |off: u64| -> i64 {
+            let v: serde_json::Value = serde_json::from_str(&map).unwrap();
+            v.as_array()
+                .unwrap()
+                .iter()
+                .find(|e| {
+                    let s = e["start"].as_u64().unwrap();
+                    s <= off && off < s + e["length"].as_u64().unwrap()
+                })
+                .map(|e| e["depth"].as_i64().unwrap())
+                .unwrap()
+        };
+        assert_eq!(depth_of(MIB + 4096), 0, "mid's data copied: {map}");
+        assert_eq!(
+            depth_of(4096) == 0,
+            copied_base,
+            "base's data copied or not: {map}"
+        );
+        assert_eq!(depth_of(3 * MIB), 0);
+        let raw = d.join("top.raw");
+        run(
+            "qemu-img",
+            &[
+                "convert",
+                "-O",
+                "raw",
+                top.to_str().unwrap(),
+                raw.to_str().unwrap(),
+            ],
+        );
+        assert!(std::fs::read(&raw).unwrap() == want);
+        // Fresh top for the next round.
+        std::fs::remove_file(&top).unwrap();
+        run(
+            "qemu-img",
+            &[
+                "create",
+                "-f",
+                "qcow2",
+                "-b",
+                "mid.qcow2",
+                "-F",
+                "qcow2",
+                &p("top.qcow2"),
+            ],
+        );
+    }
+    assert_eq!(std::fs::read(p("base.qcow2")).unwrap(), base_before);
+}

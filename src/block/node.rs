@@ -237,6 +237,7 @@ impl Node {
             Driver::Qcow2(q) => q.truncate(self, size),
             // A filter resizes what it filters.
             Driver::Throttle(t) => t.file().node().truncate(size),
+            Driver::CopyOnRead(c) => c.file().node().truncate(size),
             Driver::Null(_) => Err(format!("node '{}' (null-co) cannot be resized", self.name)),
         }
     }

@@ -3,12 +3,14 @@
 //! The set of drivers is closed, so [`Driver`] is an enum that dispatches to
 //! each driver's async callbacks (QEMU's bdrv_co_* interface).
 
+mod cor;
 mod file;
 mod null;
 pub mod qcow2;
 mod raw;
 mod throttle;
 
+pub use cor::{CorDriver, CorOptions};
 pub use file::{CacheOptions, FileDriver, FileOptions, Locking};
 pub use null::{NullDriver, NullOptions};
 pub use qcow2::{Allocation, BlockStatus, Qcow2Driver, Qcow2Options};
@@ -25,6 +27,7 @@ use crate::io::IoVecs;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "driver", rename_all = "kebab-case")]
 pub enum BlockdevOptions {
+    CopyOnRead(CorOptions),
     File(FileOptions),
     NullCo(NullOptions),
     Qcow2(Qcow2Options),
@@ -92,6 +95,7 @@ impl BlockdevOptions {
             _ => return serde_json::from_value(v).map_err(|e| e.to_string()),
         };
         match driver.as_str() {
+            "copy-on-read" => de(inner).map(BlockdevOptions::CopyOnRead),
             "file" => de(inner).map(BlockdevOptions::File),
             "null-co" => de(inner).map(BlockdevOptions::NullCo),
             "qcow2" => de(inner).map(BlockdevOptions::Qcow2),
@@ -107,12 +111,15 @@ impl BlockdevOptions {
             BlockdevOptions::File(o) => o.discard = DiscardMode::Unmap,
             BlockdevOptions::Raw(o) => o.discard = DiscardMode::Unmap,
             BlockdevOptions::Qcow2(o) => o.discard = DiscardMode::Unmap,
-            BlockdevOptions::NullCo(_) | BlockdevOptions::Throttle(_) => {}
+            BlockdevOptions::NullCo(_)
+            | BlockdevOptions::Throttle(_)
+            | BlockdevOptions::CopyOnRead(_) => {}
         }
     }
 
     pub fn node_name(&self) -> &str {
         match self {
+            BlockdevOptions::CopyOnRead(o) => &o.node_name,
             BlockdevOptions::File(o) => &o.node_name,
             BlockdevOptions::NullCo(o) => &o.node_name,
             BlockdevOptions::Qcow2(o) => &o.node_name,
@@ -123,6 +130,7 @@ impl BlockdevOptions {
 
     pub fn set_node_name(&mut self, name: String) {
         match self {
+            BlockdevOptions::CopyOnRead(o) => o.node_name = name,
             BlockdevOptions::File(o) => o.node_name = name,
             BlockdevOptions::NullCo(o) => o.node_name = name,
             BlockdevOptions::Qcow2(o) => o.node_name = name,
@@ -133,6 +141,7 @@ impl BlockdevOptions {
 
     pub fn read_only(&self) -> bool {
         match self {
+            BlockdevOptions::CopyOnRead(o) => o.read_only,
             BlockdevOptions::File(o) => o.read_only,
             BlockdevOptions::NullCo(o) => o.read_only,
             BlockdevOptions::Qcow2(o) => o.read_only,
@@ -143,6 +152,7 @@ impl BlockdevOptions {
 
     pub fn driver_name(&self) -> &'static str {
         match self {
+            BlockdevOptions::CopyOnRead(_) => "copy-on-read",
             BlockdevOptions::File(_) => "file",
             BlockdevOptions::NullCo(_) => "null-co",
             BlockdevOptions::Qcow2(_) => "qcow2",
@@ -154,6 +164,7 @@ impl BlockdevOptions {
 
 /// An open driver instance.
 pub enum Driver {
+    CopyOnRead(CorDriver),
     File(FileDriver),
     Null(NullDriver),
     Qcow2(Box<Qcow2Driver>),
@@ -166,6 +177,7 @@ impl Driver {
     /// added to) `graph`.
     pub fn open(opts: &BlockdevOptions, graph: &mut Graph) -> Result<Driver, GraphError> {
         match opts {
+            BlockdevOptions::CopyOnRead(o) => CorDriver::open(o, graph).map(Driver::CopyOnRead),
             BlockdevOptions::File(o) => FileDriver::open(o).map(Driver::File),
             BlockdevOptions::NullCo(o) => NullDriver::open(o).map(Driver::Null),
             BlockdevOptions::Qcow2(o) => {
@@ -178,6 +190,7 @@ impl Driver {
 
     pub fn name(&self) -> &'static str {
         match self {
+            Driver::CopyOnRead(_) => "copy-on-read",
             Driver::File(_) => "file",
             Driver::Null(_) => "null-co",
             Driver::Qcow2(_) => "qcow2",
@@ -188,6 +201,7 @@ impl Driver {
 
     pub fn size(&self) -> u64 {
         match self {
+            Driver::CopyOnRead(d) => d.size(),
             Driver::File(d) => d.size(),
             Driver::Null(d) => d.size(),
             Driver::Qcow2(d) => d.size(),
@@ -198,6 +212,7 @@ impl Driver {
 
     pub fn request_alignment(&self) -> u32 {
         match self {
+            Driver::CopyOnRead(d) => d.request_alignment(),
             Driver::File(d) => d.request_alignment(),
             Driver::Null(_) => 1,
             Driver::Qcow2(d) => d.request_alignment(),
@@ -211,6 +226,7 @@ impl Driver {
             Driver::File(_) | Driver::Null(_) => Vec::new(),
             Driver::Raw(d) => vec![d.file()],
             Driver::Throttle(d) => vec![d.file()],
+            Driver::CopyOnRead(d) => vec![d.file()],
             Driver::Qcow2(d) => {
                 let mut v = vec![d.file()];
                 v.extend(d.backing());
@@ -226,6 +242,7 @@ impl Driver {
         iov: &'a IoVecs,
     ) -> LocalBoxFuture<'a, Result<(), BlockError>> {
         match self {
+            Driver::CopyOnRead(d) => Box::pin(d.preadv(offset, iov)),
             Driver::File(d) => Box::pin(d.preadv(node, offset, iov)),
             Driver::Null(d) => Box::pin(std::future::ready(d.preadv(iov))),
             Driver::Qcow2(d) => Box::pin(d.preadv(offset, iov)),
@@ -242,6 +259,7 @@ impl Driver {
         fua: bool,
     ) -> LocalBoxFuture<'a, Result<(), BlockError>> {
         match self {
+            Driver::CopyOnRead(d) => Box::pin(d.pwritev(offset, iov, fua)),
             Driver::File(d) => Box::pin(d.pwritev(node, offset, iov, fua)),
             Driver::Null(_) => Box::pin(std::future::ready(Ok(()))),
             Driver::Qcow2(d) => Box::pin(d.pwritev(node, offset, iov, fua)),
@@ -252,6 +270,7 @@ impl Driver {
 
     pub fn flush<'a>(&'a self, node: &'a Node) -> LocalBoxFuture<'a, Result<(), BlockError>> {
         match self {
+            Driver::CopyOnRead(d) => d.file().node().flush(),
             Driver::File(d) => Box::pin(d.flush(node)),
             Driver::Null(_) => Box::pin(std::future::ready(Ok(()))),
             Driver::Qcow2(d) => Box::pin(d.flush()),
@@ -267,6 +286,7 @@ impl Driver {
         len: u64,
     ) -> LocalBoxFuture<'a, Result<(), BlockError>> {
         match self {
+            Driver::CopyOnRead(d) => Box::pin(d.pdiscard(offset, len)),
             Driver::File(d) => Box::pin(d.pdiscard(node, offset, len)),
             Driver::Null(_) => Box::pin(std::future::ready(Ok(()))),
             Driver::Qcow2(d) => Box::pin(d.pdiscard(offset, len)),
@@ -284,6 +304,7 @@ impl Driver {
         fua: bool,
     ) -> LocalBoxFuture<'a, Result<(), BlockError>> {
         match self {
+            Driver::CopyOnRead(d) => Box::pin(d.pwrite_zeroes(offset, len, may_unmap, fua)),
             Driver::File(d) => Box::pin(d.pwrite_zeroes(node, offset, len, may_unmap, fua)),
             Driver::Null(_) => Box::pin(std::future::ready(Ok(()))),
             Driver::Qcow2(d) => Box::pin(d.pwrite_zeroes(node, offset, len, may_unmap, fua)),
@@ -317,6 +338,7 @@ impl Driver {
                 Box::pin(async move { inner.block_status(base + offset, len).await })
             }
             Driver::Throttle(d) => d.file().node().block_status(offset, len),
+            Driver::CopyOnRead(d) => d.file().node().block_status(offset, len),
             Driver::File(_) => data(len),
             Driver::Null(d) => Box::pin(std::future::ready(Ok(BlockStatus {
                 kind: if d.reads_zeroes() {
@@ -355,6 +377,7 @@ pub fn file_name_of(node: &Node) -> Option<String> {
         Driver::Raw(r) => file_name_of(r.file().node()),
         Driver::Qcow2(q) => file_name_of(q.file().node()),
         Driver::Throttle(t) => file_name_of(t.file().node()),
+        Driver::CopyOnRead(c) => file_name_of(c.file().node()),
         Driver::Null(_) => None,
     }
 }

@@ -696,6 +696,7 @@ fn filename(node: &Node) -> String {
         Driver::Raw(r) => filename(r.file().node()),
         Driver::Qcow2(q) => filename(q.file().node()),
         Driver::Throttle(t) => filename(t.file().node()),
+        Driver::CopyOnRead(c) => filename(c.file().node()),
     }
 }
 
@@ -706,6 +707,7 @@ fn direct(node: &Node) -> bool {
         Driver::Raw(r) => direct(r.file().node()),
         Driver::Qcow2(q) => direct(q.file().node()),
         Driver::Throttle(t) => direct(t.file().node()),
+        Driver::CopyOnRead(c) => direct(c.file().node()),
     }
 }
 
@@ -716,6 +718,7 @@ fn no_flush(node: &Node) -> bool {
         Driver::Raw(r) => no_flush(r.file().node()),
         Driver::Qcow2(q) => no_flush(q.file().node()),
         Driver::Throttle(t) => no_flush(t.file().node()),
+        Driver::CopyOnRead(c) => no_flush(c.file().node()),
     }
 }
 
