@@ -159,6 +159,16 @@ fn model_run(create_opts: &str, backing: bool, seed: u64) {
 }
 
 fn model_run_sized(create_opts: &str, backing: bool, seed: u64, start_size: u64) {
+    model_run_with(create_opts, backing, seed, start_size, json!({}));
+}
+
+fn model_run_with(
+    create_opts: &str,
+    backing: bool,
+    seed: u64,
+    start_size: u64,
+    node_opts: serde_json::Value,
+) {
     let dir = tmp();
     let img = dir.path().join("top.qcow2");
     let mut size = start_size;
@@ -196,7 +206,7 @@ fn model_run_sized(create_opts: &str, backing: bool, seed: u64, start_size: u64)
     } else {
         create(&img, create_opts, size);
     }
-    let mut q = open(&img);
+    let mut q = open_with(&img, node_opts.clone()).unwrap();
     let mut rng = Rng(seed);
     for step in 0..300 {
         let op = rng.below(100);
@@ -238,7 +248,7 @@ fn model_run_sized(create_opts: &str, backing: bool, seed: u64, start_size: u64)
             81..=85 => block_on(q.node.flush()).unwrap(),
             86..=89 => {
                 q.close();
-                q = open(&img);
+                q = open_with(&img, node_opts.clone()).unwrap();
             }
             90..=92 if !backing => {
                 let new = size + rng.below(4) * (start_size / 8) + 512 * rng.below(8);
@@ -279,6 +289,19 @@ fn model_4k_clusters_1bit_refcounts() {
 #[test]
 fn model_2m_clusters_64bit_refcounts() {
     model_run("cluster_size=2M,refcount_bits=64", false, 4);
+}
+
+/// Caches of two L2 tables and four refcount blocks: every path through
+/// eviction (dirty L2 tables after their refcounts) runs.
+#[test]
+fn model_tiny_caches() {
+    model_run_with(
+        "cluster_size=4k",
+        true,
+        11,
+        8 * MIB,
+        json!({"l2-cache-size": 1, "refcount-cache-size": 1}),
+    );
 }
 
 #[test]

@@ -17,6 +17,8 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
+use super::cache::Cache;
+
 use crate::block::{BlockError, Node};
 use crate::io::IoVecs;
 
@@ -152,18 +154,6 @@ pub fn sc_state(g: &Geo, entry: u64, bitmap: u64, i: u64) -> Result<Sc, String> 
     }
 }
 
-struct L2Table {
-    words: Vec<u64>,
-    dirty: bool,
-    used: u64,
-}
-
-struct RefBlock {
-    bytes: Vec<u8>,
-    dirty: bool,
-    used: u64,
-}
-
 fn get_refcount(bytes: &[u8], order: u32, i: u64) -> u64 {
     let bits = 1u64 << order;
     if bits >= 8 {
@@ -236,15 +226,14 @@ pub struct Meta {
     pub l1_offset: u64,
     pub l1_size: u32,
     l1_dirty: BTreeSet<usize>,
-    l2: HashMap<u64, L2Table>,
-    l2_cap: usize,
+    /// L2 tables, decoded.
+    l2: Cache<Vec<u64>>,
     pub reftable: Vec<u64>,
     pub reftable_offset: u64,
     pub reftable_clusters: u32,
     reftable_dirty: BTreeSet<usize>,
-    rb: HashMap<u64, RefBlock>,
-    rb_cap: usize,
-    tick: u64,
+    /// Refcount blocks, as stored.
+    rb: Cache<Vec<u8>>,
     free_hint: u64,
     /// One past the highest cluster in use or in the file.
     pub end_cluster: u64,
@@ -323,15 +312,12 @@ impl Meta {
             l1_offset,
             l1_size,
             l1_dirty: BTreeSet::new(),
-            l2: HashMap::new(),
-            l2_cap: ((l2_cache_bytes / g.cs) as usize).max(2),
+            l2: Cache::new(((l2_cache_bytes / g.cs) as usize).max(2)),
             reftable,
             reftable_offset,
             reftable_clusters,
             reftable_dirty: BTreeSet::new(),
-            rb: HashMap::new(),
-            rb_cap: ((rb_cache_bytes / g.cs) as usize).max(4),
-            tick: 0,
+            rb: Cache::new(((rb_cache_bytes / g.cs) as usize).max(4)),
             free_hint: 0,
             end_cluster: file_size.div_ceil(g.cs),
             pending_unref: Vec::new(),
@@ -356,11 +342,6 @@ impl Meta {
             node: self.node.clone(),
             reason: reason.into(),
         }
-    }
-
-    fn tick(&mut self) -> u64 {
-        self.tick += 1;
-        self.tick
     }
 
     // ---- overlap checks ----
@@ -415,39 +396,29 @@ impl Meta {
         self.l1_dirty.insert((l1i * 8) >> self.g.cluster_bits);
     }
 
+    /// Evicts L2 tables while the cache is full; a dirty one waits for
+    /// the refcounts it may depend on.
     async fn make_room_l2(&mut self, f: &Node) -> Result<(), BlockError> {
-        while self.l2.len() >= self.l2_cap {
-            let Some((&off, t)) = self.l2.iter().min_by_key(|(_, t)| t.used) else {
-                break;
-            };
-            if t.dirty {
+        while let Some((off, dirty)) = self.l2.victim() {
+            if dirty {
                 if !self.lazy {
                     self.flush_refcounts(f).await?;
                 }
-                let bytes = encode_be64(&self.l2[&off].words);
+                let bytes = encode_be64(self.l2.get(off));
                 write_buf(f, off, &bytes).await?;
             }
-            self.l2.remove(&off);
+            self.l2.remove(off);
         }
         Ok(())
     }
 
     pub async fn load_l2(&mut self, f: &Node, off: u64) -> Result<(), BlockError> {
-        let t = self.tick();
-        if let Some(tab) = self.l2.get_mut(&off) {
-            tab.used = t;
+        if self.l2.touch(off) {
             return Ok(());
         }
         self.make_room_l2(f).await?;
         let bytes = read_buf(f, off, self.g.cs as usize).await?;
-        self.l2.insert(
-            off,
-            L2Table {
-                words: decode_be64(&bytes),
-                dirty: false,
-                used: t,
-            },
-        );
+        self.l2.insert(off, decode_be64(&bytes), false);
         Ok(())
     }
 
@@ -469,23 +440,19 @@ impl Meta {
 
     /// The words of a cached L2 table, for changes (marked dirty).
     pub fn l2_words_mut(&mut self, off: u64) -> &mut Vec<u64> {
-        let t = self.tick();
-        let tab = self.l2.get_mut(&off).expect("table loaded by load_l2");
-        tab.dirty = true;
-        tab.used = t;
-        &mut tab.words
+        self.l2.get_mut(off)
     }
 
     /// The words of a cached L2 table.
     pub fn l2_words(&self, off: u64) -> &[u64] {
-        &self.l2[&off].words
+        self.l2.get(off)
     }
 
     /// Entry `gc` of a cached table.
     pub fn entry_in(&self, l2off: u64, gc: u64) -> (u64, u64) {
         let w = self.g.words_per_entry();
         let i = (gc & (self.g.l2_entries() - 1)) as usize * w;
-        let words = &self.l2[&l2off].words;
+        let words = self.l2.get(l2off);
         (words[i], if w == 2 { words[i + 1] } else { 0 })
     }
 
@@ -504,21 +471,13 @@ impl Meta {
         }
         let words = if off != 0 {
             self.load_l2(f, off).await?;
-            self.l2[&off].words.clone()
+            self.l2.get(off).clone()
         } else {
             vec![0u64; (self.g.cs / 8) as usize]
         };
         let new = self.alloc(f, 1).await?;
         self.make_room_l2(f).await?;
-        let t = self.tick();
-        self.l2.insert(
-            new,
-            L2Table {
-                words,
-                dirty: true,
-                used: t,
-            },
-        );
+        self.l2.insert(new, words, true);
         self.set_l1(l1i, new | COPIED);
         if off != 0 {
             self.pending_unref.push(off >> self.g.cluster_bits);
@@ -530,51 +489,35 @@ impl Meta {
     pub fn set_entry(&mut self, l2off: u64, gc: u64, entry: u64, bitmap: u64) {
         let w = self.g.words_per_entry();
         let i = (gc & (self.g.l2_entries() - 1)) as usize * w;
-        let t = self.tick();
-        let tab = self
-            .l2
-            .get_mut(&l2off)
-            .expect("table loaded by l2_for_write");
-        tab.words[i] = entry;
+        let words = self.l2.get_mut(l2off);
+        words[i] = entry;
         if w == 2 {
-            tab.words[i + 1] = bitmap;
+            words[i + 1] = bitmap;
         }
-        tab.dirty = true;
-        tab.used = t;
     }
 
     // ---- refcounts ----
 
+    /// Evicts refcount blocks while the cache is full (a dirty one can be
+    /// written at any time).
     async fn make_room_rb(&mut self, f: &Node) -> Result<(), BlockError> {
-        while self.rb.len() >= self.rb_cap {
-            let Some((&off, b)) = self.rb.iter().min_by_key(|(_, b)| b.used) else {
-                break;
-            };
-            if b.dirty {
-                let bytes = self.rb[&off].bytes.clone();
+        while let Some((off, dirty)) = self.rb.victim() {
+            if dirty {
+                let bytes = self.rb.get(off).clone();
                 write_buf(f, off, &bytes).await?;
             }
-            self.rb.remove(&off);
+            self.rb.remove(off);
         }
         Ok(())
     }
 
     async fn load_rb(&mut self, f: &Node, off: u64) -> Result<(), BlockError> {
-        let t = self.tick();
-        if let Some(b) = self.rb.get_mut(&off) {
-            b.used = t;
+        if self.rb.touch(off) {
             return Ok(());
         }
         self.make_room_rb(f).await?;
         let bytes = read_buf(f, off, self.g.cs as usize).await?;
-        self.rb.insert(
-            off,
-            RefBlock {
-                bytes,
-                dirty: false,
-                used: t,
-            },
-        );
+        self.rb.insert(off, bytes, false);
         Ok(())
     }
 
@@ -599,7 +542,7 @@ impl Meta {
         }
         self.load_rb(f, off).await?;
         let i = c & (self.g.rb_entries() - 1);
-        Ok(get_refcount(&self.rb[&off].bytes, self.g.refcount_order, i))
+        Ok(get_refcount(self.rb.get(off), self.g.refcount_order, i))
     }
 
     async fn put_refcount(
@@ -619,11 +562,7 @@ impl Meta {
         }
         self.load_rb(f, off).await?;
         let i = c & (self.g.rb_entries() - 1);
-        let t = self.tick();
-        let b = self.rb.get_mut(&off).expect("loaded above");
-        set_refcount(&mut b.bytes, self.g.refcount_order, i, v);
-        b.dirty = true;
-        b.used = t;
+        set_refcount(self.rb.get_mut(off), self.g.refcount_order, i, v);
         Ok(())
     }
 
@@ -682,15 +621,7 @@ impl Meta {
         self.make_room_rb(f).await?;
         let mut bytes = vec![0u8; self.g.cs as usize];
         set_refcount(&mut bytes, self.g.refcount_order, r - first, 1);
-        let t = self.tick();
-        self.rb.insert(
-            off,
-            RefBlock {
-                bytes,
-                dirty: true,
-                used: t,
-            },
-        );
+        self.rb.insert(off, bytes, true);
         self.reftable[bi as usize] = off;
         self.reftable_dirty
             .insert(((bi * 8) >> self.g.cluster_bits) as usize);
@@ -756,19 +687,10 @@ impl Meta {
         // first; existing blocks go through the cache.
         self.reftable = table;
         self.end_cluster = end;
-        for &(b, c) in &new_blocks {
-            let off = c << g.cluster_bits;
+        for &(_, c) in &new_blocks {
             self.make_room_rb(f).await?;
-            let t = self.tick();
-            self.rb.insert(
-                off,
-                RefBlock {
-                    bytes: vec![0u8; g.cs as usize],
-                    dirty: true,
-                    used: t,
-                },
-            );
-            let _ = b;
+            self.rb
+                .insert(c << g.cluster_bits, vec![0u8; g.cs as usize], true);
         }
         for c in start..end {
             // Every block these clusters need exists now, so this does not
@@ -897,19 +819,11 @@ impl Meta {
     }
 
     async fn write_refblocks(&mut self, f: &Node) -> Result<bool, BlockError> {
-        let mut dirty: Vec<u64> = self
-            .rb
-            .iter()
-            .filter(|(_, b)| b.dirty)
-            .map(|(&o, _)| o)
-            .collect();
-        dirty.sort_unstable();
+        let dirty = self.rb.dirty();
         for &off in &dirty {
-            let bytes = self.rb[&off].bytes.clone();
+            let bytes = self.rb.get(off).clone();
             write_buf(f, off, &bytes).await?;
-            if let Some(b) = self.rb.get_mut(&off) {
-                b.dirty = false;
-            }
+            self.rb.mark_clean(off);
         }
         Ok(!dirty.is_empty())
     }
@@ -952,19 +866,11 @@ impl Meta {
         if !self.lazy {
             self.flush_refcounts(f).await?;
         }
-        let mut dirty: Vec<u64> = self
-            .l2
-            .iter()
-            .filter(|(_, t)| t.dirty)
-            .map(|(&o, _)| o)
-            .collect();
-        dirty.sort_unstable();
+        let dirty = self.l2.dirty();
         for &off in &dirty {
-            let bytes = encode_be64(&self.l2[&off].words);
+            let bytes = encode_be64(self.l2.get(off));
             write_buf(f, off, &bytes).await?;
-            if let Some(t) = self.l2.get_mut(&off) {
-                t.dirty = false;
-            }
+            self.l2.mark_clean(off);
         }
         if !self.l1_dirty.is_empty() {
             if !dirty.is_empty() {

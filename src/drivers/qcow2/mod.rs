@@ -20,6 +20,7 @@
 
 mod bitmaps;
 mod build;
+mod cache;
 mod header;
 pub mod lock;
 mod meta;
