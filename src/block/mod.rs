@@ -11,6 +11,7 @@
 mod backend;
 pub mod bitmap;
 mod error;
+mod future;
 mod graph;
 mod node;
 mod perm;
@@ -19,6 +20,7 @@ pub mod swap;
 
 pub use backend::BlockBackend;
 pub use error::{BlockError, GraphError};
+pub use future::BlockFuture;
 pub use graph::Graph;
 pub use node::{Child, ChildRole, DrainCounter, Node};
 pub use perm::Perm;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::LocalBoxFuture;
 
-use super::{BlockError, GraphError, Perm};
+use super::{BlockError, BlockFuture, GraphError, Perm};
 use crate::drivers::Driver;
 use crate::io::IoVecs;
 
@@ -368,34 +368,24 @@ impl Node {
         }
     }
 
-    fn refuse_if_read_only<'a>(&self) -> Option<LocalBoxFuture<'a, Result<(), BlockError>>> {
-        self.is_read_only()
-            .then(|| -> LocalBoxFuture<'a, Result<(), BlockError>> {
-                Box::pin(std::future::ready(Err(BlockError::ReadOnly {
-                    node: self.name.clone(),
-                })))
-            })
+    fn refuse_if_read_only<'a>(&self) -> Option<BlockFuture<'a>> {
+        self.is_read_only().then(|| {
+            BlockFuture::ready(Err(BlockError::ReadOnly {
+                node: self.name.clone(),
+            }))
+        })
     }
 
     // The I/O interface, mirroring QEMU's driver callbacks. Offsets and
     // lengths are in bytes and already checked against the node's size by the
     // caller (BlockBackend or parent driver).
 
-    pub fn preadv<'a>(
-        &'a self,
-        offset: u64,
-        iov: &'a IoVecs,
-    ) -> LocalBoxFuture<'a, Result<(), BlockError>> {
+    pub fn preadv<'a>(&'a self, offset: u64, iov: &'a IoVecs) -> BlockFuture<'a> {
         self.driver.preadv(self, offset, iov)
     }
 
     /// Writes `iov` at `offset`; with `fua` the data is durable on return.
-    pub fn pwritev<'a>(
-        &'a self,
-        offset: u64,
-        iov: &'a IoVecs,
-        fua: bool,
-    ) -> LocalBoxFuture<'a, Result<(), BlockError>> {
+    pub fn pwritev<'a>(&'a self, offset: u64, iov: &'a IoVecs, fua: bool) -> BlockFuture<'a> {
         if let Some(refused) = self.refuse_if_read_only() {
             return refused;
         }
@@ -404,7 +394,7 @@ impl Node {
         self.driver.pwritev(self, offset, iov, fua)
     }
 
-    pub fn flush(&self) -> LocalBoxFuture<'_, Result<(), BlockError>> {
+    pub fn flush(&self) -> BlockFuture<'_> {
         self.driver.flush(self)
     }
 
@@ -423,7 +413,7 @@ impl Node {
         self.driver.close();
     }
 
-    pub fn pdiscard(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<(), BlockError>> {
+    pub fn pdiscard(&self, offset: u64, len: u64) -> BlockFuture<'_> {
         if let Some(refused) = self.refuse_if_read_only() {
             return refused;
         }
@@ -439,7 +429,7 @@ impl Node {
         len: u64,
         may_unmap: bool,
         fua: bool,
-    ) -> LocalBoxFuture<'_, Result<(), BlockError>> {
+    ) -> BlockFuture<'_> {
         if let Some(refused) = self.refuse_if_read_only() {
             return refused;
         }

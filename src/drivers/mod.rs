@@ -20,7 +20,7 @@ pub use throttle::{ThrottleDriver, ThrottleOptions};
 use futures::future::LocalBoxFuture;
 use serde::Deserialize;
 
-use crate::block::{BlockError, Child, Graph, GraphError, Node};
+use crate::block::{BlockError, BlockFuture, Child, Graph, GraphError, Node};
 use crate::io::IoVecs;
 
 /// Options of `--blockdev` / blockdev-add, tagged by `driver`.
@@ -235,17 +235,12 @@ impl Driver {
         }
     }
 
-    pub fn preadv<'a>(
-        &'a self,
-        node: &'a Node,
-        offset: u64,
-        iov: &'a IoVecs,
-    ) -> LocalBoxFuture<'a, Result<(), BlockError>> {
+    pub fn preadv<'a>(&'a self, node: &'a Node, offset: u64, iov: &'a IoVecs) -> BlockFuture<'a> {
         match self {
-            Driver::CopyOnRead(d) => Box::pin(d.preadv(offset, iov)),
-            Driver::File(d) => Box::pin(d.preadv(node, offset, iov)),
-            Driver::Null(d) => Box::pin(std::future::ready(d.preadv(iov))),
-            Driver::Qcow2(d) => Box::pin(d.preadv(offset, iov)),
+            Driver::CopyOnRead(d) => BlockFuture::boxed(d.preadv(offset, iov)),
+            Driver::File(d) => BlockFuture::boxed(d.preadv(node, offset, iov)),
+            Driver::Null(d) => BlockFuture::ready(d.preadv(iov)),
+            Driver::Qcow2(d) => BlockFuture::boxed(d.preadv(offset, iov)),
             Driver::Raw(d) => d.preadv(offset, iov),
             Driver::Throttle(d) => d.preadv(offset, iov),
         }
@@ -257,39 +252,34 @@ impl Driver {
         offset: u64,
         iov: &'a IoVecs,
         fua: bool,
-    ) -> LocalBoxFuture<'a, Result<(), BlockError>> {
+    ) -> BlockFuture<'a> {
         match self {
-            Driver::CopyOnRead(d) => Box::pin(d.pwritev(offset, iov, fua)),
-            Driver::File(d) => Box::pin(d.pwritev(node, offset, iov, fua)),
-            Driver::Null(_) => Box::pin(std::future::ready(Ok(()))),
-            Driver::Qcow2(d) => Box::pin(d.pwritev(node, offset, iov, fua)),
+            Driver::CopyOnRead(d) => BlockFuture::boxed(d.pwritev(offset, iov, fua)),
+            Driver::File(d) => BlockFuture::boxed(d.pwritev(node, offset, iov, fua)),
+            Driver::Null(_) => BlockFuture::ready(Ok(())),
+            Driver::Qcow2(d) => BlockFuture::boxed(d.pwritev(node, offset, iov, fua)),
             Driver::Raw(d) => d.pwritev(offset, iov, fua),
             Driver::Throttle(d) => d.pwritev(offset, iov, fua),
         }
     }
 
-    pub fn flush<'a>(&'a self, node: &'a Node) -> LocalBoxFuture<'a, Result<(), BlockError>> {
+    pub fn flush<'a>(&'a self, node: &'a Node) -> BlockFuture<'a> {
         match self {
             Driver::CopyOnRead(d) => d.file().node().flush(),
-            Driver::File(d) => Box::pin(d.flush(node)),
-            Driver::Null(_) => Box::pin(std::future::ready(Ok(()))),
-            Driver::Qcow2(d) => Box::pin(d.flush()),
+            Driver::File(d) => BlockFuture::boxed(d.flush(node)),
+            Driver::Null(_) => BlockFuture::ready(Ok(())),
+            Driver::Qcow2(d) => BlockFuture::boxed(d.flush()),
             Driver::Raw(d) => d.flush(),
             Driver::Throttle(d) => d.flush(),
         }
     }
 
-    pub fn pdiscard<'a>(
-        &'a self,
-        node: &'a Node,
-        offset: u64,
-        len: u64,
-    ) -> LocalBoxFuture<'a, Result<(), BlockError>> {
+    pub fn pdiscard<'a>(&'a self, node: &'a Node, offset: u64, len: u64) -> BlockFuture<'a> {
         match self {
-            Driver::CopyOnRead(d) => Box::pin(d.pdiscard(offset, len)),
-            Driver::File(d) => Box::pin(d.pdiscard(node, offset, len)),
-            Driver::Null(_) => Box::pin(std::future::ready(Ok(()))),
-            Driver::Qcow2(d) => Box::pin(d.pdiscard(offset, len)),
+            Driver::CopyOnRead(d) => BlockFuture::boxed(d.pdiscard(offset, len)),
+            Driver::File(d) => BlockFuture::boxed(d.pdiscard(node, offset, len)),
+            Driver::Null(_) => BlockFuture::ready(Ok(())),
+            Driver::Qcow2(d) => BlockFuture::boxed(d.pdiscard(offset, len)),
             Driver::Raw(d) => d.pdiscard(offset, len),
             Driver::Throttle(d) => d.pdiscard(offset, len),
         }
@@ -302,12 +292,18 @@ impl Driver {
         len: u64,
         may_unmap: bool,
         fua: bool,
-    ) -> LocalBoxFuture<'a, Result<(), BlockError>> {
+    ) -> BlockFuture<'a> {
         match self {
-            Driver::CopyOnRead(d) => Box::pin(d.pwrite_zeroes(offset, len, may_unmap, fua)),
-            Driver::File(d) => Box::pin(d.pwrite_zeroes(node, offset, len, may_unmap, fua)),
-            Driver::Null(_) => Box::pin(std::future::ready(Ok(()))),
-            Driver::Qcow2(d) => Box::pin(d.pwrite_zeroes(node, offset, len, may_unmap, fua)),
+            Driver::CopyOnRead(d) => {
+                BlockFuture::boxed(d.pwrite_zeroes(offset, len, may_unmap, fua))
+            }
+            Driver::File(d) => {
+                BlockFuture::boxed(d.pwrite_zeroes(node, offset, len, may_unmap, fua))
+            }
+            Driver::Null(_) => BlockFuture::ready(Ok(())),
+            Driver::Qcow2(d) => {
+                BlockFuture::boxed(d.pwrite_zeroes(node, offset, len, may_unmap, fua))
+            }
             Driver::Raw(d) => d.pwrite_zeroes(offset, len, may_unmap, fua),
             Driver::Throttle(d) => d.pwrite_zeroes(offset, len, may_unmap, fua),
         }

@@ -3,11 +3,10 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use futures::future::LocalBoxFuture;
 use serde::Deserialize;
 
 use super::{BlockdevRef, DiscardMode};
-use crate::block::{BlockError, Child, ChildRole, Graph, GraphError, Perm};
+use crate::block::{BlockFuture, Child, ChildRole, Graph, GraphError, Perm};
 use crate::io::IoVecs;
 use crate::opts;
 
@@ -159,30 +158,21 @@ impl RawDriver {
         self.file.node().request_alignment()
     }
 
-    pub fn preadv<'a>(
-        &'a self,
-        offset: u64,
-        iov: &'a IoVecs,
-    ) -> LocalBoxFuture<'a, Result<(), BlockError>> {
+    pub fn preadv<'a>(&'a self, offset: u64, iov: &'a IoVecs) -> BlockFuture<'a> {
         self.file.node().preadv(self.offset + offset, iov)
     }
 
-    pub fn pwritev<'a>(
-        &'a self,
-        offset: u64,
-        iov: &'a IoVecs,
-        fua: bool,
-    ) -> LocalBoxFuture<'a, Result<(), BlockError>> {
+    pub fn pwritev<'a>(&'a self, offset: u64, iov: &'a IoVecs, fua: bool) -> BlockFuture<'a> {
         self.file.node().pwritev(self.offset + offset, iov, fua)
     }
 
-    pub fn flush(&self) -> LocalBoxFuture<'_, Result<(), BlockError>> {
+    pub fn flush(&self) -> BlockFuture<'_> {
         self.file.node().flush()
     }
 
-    pub fn pdiscard(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<(), BlockError>> {
+    pub fn pdiscard(&self, offset: u64, len: u64) -> BlockFuture<'_> {
         if !self.discards() {
-            return Box::pin(std::future::ready(Ok(())));
+            return BlockFuture::ready(Ok(()));
         }
         self.file.node().pdiscard(self.offset + offset, len)
     }
@@ -193,7 +183,7 @@ impl RawDriver {
         len: u64,
         may_unmap: bool,
         fua: bool,
-    ) -> LocalBoxFuture<'_, Result<(), BlockError>> {
+    ) -> BlockFuture<'_> {
         let may_unmap = may_unmap && self.discards();
         self.file
             .node()

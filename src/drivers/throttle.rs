@@ -4,11 +4,10 @@
 
 use std::sync::Arc;
 
-use futures::future::LocalBoxFuture;
 use serde::Deserialize;
 
 use super::BlockdevRef;
-use crate::block::{BlockError, Child, ChildRole, Graph, GraphError, Perm};
+use crate::block::{BlockFuture, Child, ChildRole, Graph, GraphError, Perm};
 use crate::io::IoVecs;
 use crate::opts;
 use crate::throttle::{Direction, Member, ThrottleGroup};
@@ -72,12 +71,8 @@ impl ThrottleDriver {
         self.file.node().request_alignment()
     }
 
-    pub fn preadv<'a>(
-        &'a self,
-        offset: u64,
-        iov: &'a IoVecs,
-    ) -> LocalBoxFuture<'a, Result<(), BlockError>> {
-        Box::pin(async move {
+    pub fn preadv<'a>(&'a self, offset: u64, iov: &'a IoVecs) -> BlockFuture<'a> {
+        BlockFuture::boxed(async move {
             self.group
                 .intercept(&self.member, Direction::Read, iov.len())
                 .await;
@@ -85,13 +80,8 @@ impl ThrottleDriver {
         })
     }
 
-    pub fn pwritev<'a>(
-        &'a self,
-        offset: u64,
-        iov: &'a IoVecs,
-        fua: bool,
-    ) -> LocalBoxFuture<'a, Result<(), BlockError>> {
-        Box::pin(async move {
+    pub fn pwritev<'a>(&'a self, offset: u64, iov: &'a IoVecs, fua: bool) -> BlockFuture<'a> {
+        BlockFuture::boxed(async move {
             self.group
                 .intercept(&self.member, Direction::Write, iov.len())
                 .await;
@@ -99,12 +89,12 @@ impl ThrottleDriver {
         })
     }
 
-    pub fn flush(&self) -> LocalBoxFuture<'_, Result<(), BlockError>> {
+    pub fn flush(&self) -> BlockFuture<'_> {
         self.file.node().flush()
     }
 
-    pub fn pdiscard(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<(), BlockError>> {
-        Box::pin(async move {
+    pub fn pdiscard(&self, offset: u64, len: u64) -> BlockFuture<'_> {
+        BlockFuture::boxed(async move {
             self.group
                 .intercept(&self.member, Direction::Write, len)
                 .await;
@@ -118,8 +108,8 @@ impl ThrottleDriver {
         len: u64,
         may_unmap: bool,
         fua: bool,
-    ) -> LocalBoxFuture<'_, Result<(), BlockError>> {
-        Box::pin(async move {
+    ) -> BlockFuture<'_> {
+        BlockFuture::boxed(async move {
             self.group
                 .intercept(&self.member, Direction::Write, len)
                 .await;

@@ -9,6 +9,7 @@ use std::alloc::{self, Layout};
 use std::fmt;
 use std::rc::Rc;
 
+use smallvec::SmallVec;
 use vm_memory::{GuestMemoryLoadGuard, GuestMemoryMmap};
 
 /// A scatter-gather list whose memory stays valid while the value lives.
@@ -17,8 +18,12 @@ pub struct IoVecs {
     inner: Rc<Inner>,
 }
 
+/// The segments of one list. Guest requests rarely have more than a few,
+/// so they live inside the list's one allocation.
+pub type IoVecList = SmallVec<[libc::iovec; 4]>;
+
 struct Inner {
-    iov: Vec<libc::iovec>,
+    iov: IoVecList,
     len: u64,
     // Keeps the memory behind `iov` mapped.
     _owner: Owner,
@@ -51,7 +56,7 @@ impl IoVecs {
     ///
     /// Every `iovec` must describe memory that is valid for reads and writes
     /// for as long as `owner` is alive, and `owner` must not move that memory.
-    pub unsafe fn from_raw(iov: Vec<libc::iovec>, owner: Owner) -> Self {
+    pub unsafe fn from_raw(iov: IoVecList, owner: Owner) -> Self {
         let len = iov.iter().map(|v| v.iov_len as u64).sum();
         IoVecs {
             inner: Rc::new(Inner {
@@ -65,7 +70,7 @@ impl IoVecs {
     /// An aligned buffer of `len` bytes, zero-filled, as a one-segment list.
     pub fn bounce(len: usize, align: usize) -> (Self, BounceView) {
         let buf = AlignedBuf::new(len, align);
-        let iov = vec![libc::iovec {
+        let iov = smallvec::smallvec![libc::iovec {
             iov_base: buf.ptr.cast(),
             iov_len: len,
         }];
@@ -108,7 +113,7 @@ impl IoVecs {
 
     /// `len` bytes starting `skip` bytes in.
     pub fn sub(&self, mut skip: u64, mut len: u64) -> IoVecs {
-        let mut iov = Vec::new();
+        let mut iov = IoVecList::new();
         for v in &self.inner.iov {
             if len == 0 {
                 break;
@@ -134,7 +139,7 @@ impl IoVecs {
 
     /// The lists one after another, as one list that keeps them alive.
     pub fn concat(parts: Vec<IoVecs>) -> IoVecs {
-        let iov: Vec<libc::iovec> = parts
+        let iov: IoVecList = parts
             .iter()
             .flat_map(|p| p.as_slice().iter().copied())
             .filter(|v| v.iov_len > 0)

@@ -18,10 +18,12 @@
 //! in the log.
 
 mod buf;
+mod executor;
 mod sync;
 mod uring;
 
-pub use buf::{AlignedBuf, IoVecs, Owner};
+pub use buf::{AlignedBuf, IoVecList, IoVecs, Owner};
+pub use executor::Executor;
 
 use std::cell::RefCell;
 use std::future::Future;

@@ -4,7 +4,7 @@
 //! ```text
 //!   kick ---> pop every available chain (EVENT_IDX: until none is left)
 //!               parse --fail--> status, completion
-//!               parse --ok----> spawn task: execute on BlockBackend
+//!               parse --ok----> spawn task (io::Executor): execute on BlockBackend
 //!   run: poll tasks -> submit SQEs (one syscall) -> reap CQEs -> repeat
 //!   flush: add_used for every completion, one notification per queue
 //!   io_uring eventfd ---> reap -> run -> flush
@@ -24,17 +24,15 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use futures::executor::{LocalPool, LocalSpawner};
-use futures::task::LocalSpawnExt;
 use vhost_user_backend::{VringState, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestMemoryAtomic};
+use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::backend::{ExportState, VhostUserBlk, Vring};
 use crate::config::ErrorAction;
-use crate::io::{self as aio, IoCtx};
-use crate::virtio_blk::{self, GuestMem, Parsed};
+use crate::io::{self as aio, Executor, IoCtx};
+use crate::virtio_blk::{self, guest, GuestMem, Parsed};
 
 /// One request returned to the used ring.
 #[derive(Clone, Copy, Debug)]
@@ -124,8 +122,7 @@ struct Worker {
     timer: Option<TimerFd>,
     timer_at: Option<Instant>,
     io: IoCtx,
-    pool: LocalPool,
-    spawner: LocalSpawner,
+    tasks: Executor,
     done: Rc<RefCell<Vec<Completion>>>,
     /// The export, shared by this thread's tasks through a thread-local Rc:
     /// cloning it per request touches no atomic shared with other queues.
@@ -159,8 +156,6 @@ impl Worker {
             .unwrap_or(0);
         let queues: Vec<u16> = (0..64u16).filter(|q| mask & (1 << q) != 0).collect();
         let heads = queues.iter().map(|_| HeadSet::new()).collect();
-        let pool = LocalPool::new();
-        let spawner = pool.spawner();
         log::debug!(
             "export {}: iothread {thread_id} serves queues {queues:?} with {:?}",
             blk.export.config.id,
@@ -171,8 +166,7 @@ impl Worker {
             timer: blk.take_timer(thread_id),
             timer_at: None,
             io,
-            pool,
-            spawner,
+            tasks: Executor::new(),
             done: Rc::new(RefCell::new(Vec::with_capacity(256))),
             export: Rc::new(blk.export.clone()),
             spare: Vec::with_capacity(256),
@@ -293,6 +287,8 @@ impl Worker {
         // Iterate ourselves rather than with pop_descriptor_chain, which
         // logs a broken avail index at error level: a guest must not be
         // able to flood the log.
+        let table = state.get_queue().desc_table();
+        let size = state.get_queue().size();
         let iter = match state.get_queue_mut().iter(mem.clone()) {
             Ok(iter) => iter,
             Err(e) => {
@@ -308,7 +304,10 @@ impl Worker {
             }
             blk.queues[usize::from(queue)].inc();
             blk.export.in_flight().inc();
-            self.start(queue, virtio_blk::parse(chain, mem.clone(), limits));
+            self.start(
+                queue,
+                virtio_blk::parse(mem.clone(), table, size, head, limits),
+            );
         }
         true
     }
@@ -323,7 +322,7 @@ impl Worker {
             } => {
                 log::debug!("queue {queue}: request at head {head} refused: {error}");
                 let len = match status {
-                    Some(addr) if mem.write_obj(error.status() as u8, addr).is_ok() => 1,
+                    Some(addr) if guest::write_byte(&mem, addr, error.status() as u8) => 1,
                     _ => 0,
                 };
                 self.done.borrow_mut().push(Completion { queue, head, len });
@@ -338,9 +337,10 @@ impl Worker {
                     } else {
                         1
                     };
-                    let len = match req.mem.write_obj(status as u8, req.status) {
-                        Ok(()) => len,
-                        Err(_) => 0,
+                    let len = if guest::write_byte(&req.mem, req.status, status as u8) {
+                        len
+                    } else {
+                        0
                     };
                     done.borrow_mut().push(Completion {
                         queue,
@@ -348,11 +348,7 @@ impl Worker {
                         len,
                     });
                 };
-                if let Err(e) = self.spawner.spawn_local(task) {
-                    // Only fails while the pool shuts down; the request is
-                    // dropped with its thread.
-                    log::error!("queue {queue}: cannot start request: {e}");
-                }
+                self.tasks.spawn(task);
             }
         }
     }
@@ -379,7 +375,7 @@ impl Worker {
     /// Runs tasks and I/O until nothing more can progress without waiting.
     fn run(&mut self) {
         loop {
-            self.pool.run_until_stalled();
+            self.tasks.run_until_stalled();
             self.io.submit();
             if self.io.reap() == 0 {
                 break;

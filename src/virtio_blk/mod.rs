@@ -11,6 +11,7 @@
 
 mod config;
 mod execute;
+pub mod guest;
 mod request;
 
 pub use config::{DeviceConfig, DeviceParams, CONFIG_SIZE, WRITEBACK_OFFSET};

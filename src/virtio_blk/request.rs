@@ -15,11 +15,12 @@
 //! writable byte to hold it.
 
 use virtio_bindings::virtio_blk::*;
-use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryLoadGuard, GuestMemoryMmap};
 
-use super::{HEADER_SIZE, RANGE_SIZE, SECTOR};
-use crate::io::{IoVecs, Owner};
+use super::{guest, HEADER_SIZE, RANGE_SIZE, SECTOR};
+use smallvec::SmallVec;
+
+use crate::io::{IoVecList, IoVecs, Owner};
 
 /// Guest memory as the vhost-user adapter maps it.
 pub type GuestMem = GuestMemoryMmap<()>;
@@ -34,6 +35,10 @@ pub enum Status {
     IoErr = VIRTIO_BLK_S_IOERR as u8,
     Unsupp = VIRTIO_BLK_S_UNSUPP as u8,
 }
+
+/// The segments of a chain's readable or writable stream. A typical chain
+/// has a header, one or two data buffers and a status byte: no allocation.
+type Segs = SmallVec<[Segment; 4]>;
 
 /// A run of guest memory named by one descriptor (or part of one).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,20 +144,16 @@ pub type Limits = super::DeviceParams;
 /// Largest data transfer of one request: the kernel's limit on one readv.
 const MAX_TRANSFER: u64 = i32::MAX as u64 & !4095;
 
-/// Parses the chain popped at `head`. `mem` must be the memory snapshot the
-/// chain was popped with.
-pub fn parse(chain: DescriptorChain<MemGuard>, mem: MemGuard, limits: &Limits) -> Parsed {
-    let head = chain.head_index();
+/// Parses the chain at `head` of a queue of `queue_size` whose descriptor
+/// table is at `table`. `mem` must be the memory snapshot the chain was
+/// popped with.
+pub fn parse(mem: MemGuard, table: u64, queue_size: u16, head: u16, limits: &Limits) -> Parsed {
     // A typical chain is header, one or two data buffers, status.
-    let mut readable = Vec::with_capacity(4);
-    let mut writable: Vec<Segment> = Vec::with_capacity(4);
+    let mut readable = Segs::new();
+    let mut writable = Segs::new();
     let mut order_ok = true;
-    for d in chain {
-        let seg = Segment {
-            addr: d.addr(),
-            len: u64::from(d.len()),
-        };
-        if d.is_write_only() {
+    guest::walk_chain(&mem, table, queue_size, head, |seg, write| {
+        if write {
             writable.push(seg);
         } else {
             if !writable.is_empty() {
@@ -160,7 +161,7 @@ pub fn parse(chain: DescriptorChain<MemGuard>, mem: MemGuard, limits: &Limits) -
             }
             readable.push(seg);
         }
-    }
+    });
     let status = status_location(&mem, &writable);
     let fail = |error| Parsed::Failed {
         head,
@@ -190,8 +191,7 @@ pub fn parse(chain: DescriptorChain<MemGuard>, mem: MemGuard, limits: &Limits) -
 fn status_location(mem: &GuestMem, writable: &[Segment]) -> Option<GuestAddress> {
     let last = writable.iter().rev().find(|s| s.len > 0)?;
     let addr = last.addr.0.checked_add(last.len - 1)?;
-    mem.check_range(GuestAddress(addr), 1)
-        .then_some(GuestAddress(addr))
+    guest::host_range(mem, GuestAddress(addr), 1).map(|_| GuestAddress(addr))
 }
 
 fn total(segs: &[Segment]) -> u64 {
@@ -200,9 +200,9 @@ fn total(segs: &[Segment]) -> u64 {
 
 /// The part of a byte stream from `skip` bytes in, dropping `drop_back`
 /// bytes at the end.
-fn sub_stream(segs: &[Segment], mut skip: u64, drop_back: u64) -> Vec<Segment> {
+fn sub_stream(segs: &[Segment], mut skip: u64, drop_back: u64) -> Segs {
     let mut left = total(segs).saturating_sub(skip).saturating_sub(drop_back);
-    let mut out = Vec::new();
+    let mut out = Segs::new();
     for s in segs {
         if left == 0 {
             break;
@@ -239,11 +239,12 @@ fn read_stream(
             break;
         }
         let n = (s.len as usize).min(buf.len() - done);
-        mem.read_slice(&mut buf[done..done + n], s.addr)
-            .map_err(|_| ParseError::BadBuffer {
+        if !guest::read(mem, s.addr, &mut buf[done..done + n]) {
+            return Err(ParseError::BadBuffer {
                 addr: s.addr.0,
                 len: s.len,
-            })?;
+            });
+        }
         done += n;
     }
     if done == buf.len() {
@@ -262,13 +263,21 @@ fn to_iovecs(mem: &MemGuard, segs: &[Segment], limits: &Limits) -> Result<IoVecs
             max: limits.seg_max,
         });
     }
-    let mut iov = Vec::with_capacity(segs.len());
+    let mut iov = IoVecList::with_capacity(segs.len());
     for s in segs {
         if s.len > u64::from(limits.size_max) {
             return Err(ParseError::SegmentTooLarge {
                 len: s.len,
                 max: limits.size_max,
             });
+        }
+        // One region (nearly always): one iovec.
+        if let Some(p) = guest::host_range(mem, s.addr, s.len) {
+            iov.push(libc::iovec {
+                iov_base: p.cast(),
+                iov_len: s.len as usize,
+            });
+            continue;
         }
         let bad = ParseError::BadBuffer {
             addr: s.addr.0,
@@ -287,9 +296,9 @@ fn to_iovecs(mem: &MemGuard, segs: &[Segment], limits: &Limits) -> Result<IoVecs
             return Err(bad);
         }
     }
-    // SAFETY: each iovec was produced from a VolatileSlice of `mem`, a
-    // snapshot of guest memory whose mappings stay in place while the guard
-    // lives; the IoVecs owns a clone of that guard.
+    // SAFETY: each iovec was produced by host_range or from a VolatileSlice
+    // of `mem`, a snapshot of guest memory whose mappings stay in place while
+    // the guard lives; the IoVecs owns a clone of that guard.
     Ok(unsafe { IoVecs::from_raw(iov, Owner::Guest(mem.clone())) })
 }
 
@@ -421,7 +430,12 @@ fn parse_body(
                     });
                 }
             }
-            Ok((RequestKind::GetId { data }, len as u32 + 1))
+            Ok((
+                RequestKind::GetId {
+                    data: data.to_vec(),
+                },
+                len as u32 + 1,
+            ))
         }
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
             let wz = req_type == VIRTIO_BLK_T_WRITE_ZEROES;
@@ -473,11 +487,11 @@ mod tests {
     fn sub_stream_splits_across_segments() {
         let segs = [seg(0x1000, 10), seg(0x2000, 10)];
         assert_eq!(
-            sub_stream(&segs, 5, 0),
+            sub_stream(&segs, 5, 0).to_vec(),
             vec![seg(0x1005, 5), seg(0x2000, 10)]
         );
-        assert_eq!(sub_stream(&segs, 12, 1), vec![seg(0x2002, 7)]);
-        assert_eq!(sub_stream(&segs, 0, 15), vec![seg(0x1000, 5)]);
+        assert_eq!(sub_stream(&segs, 12, 1).to_vec(), vec![seg(0x2002, 7)]);
+        assert_eq!(sub_stream(&segs, 0, 15).to_vec(), vec![seg(0x1000, 5)]);
         assert!(sub_stream(&segs, 30, 0).is_empty());
     }
 
