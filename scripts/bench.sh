@@ -4,11 +4,22 @@
 # Both daemons get identical --blockdev/--export arguments on the same backing;
 # vub-bench (bench/) drives the vhost-user-blk socket. Every run starts a fresh
 # daemon, waits for its socket, runs the client, and kills the daemon. Runs are
-# interleaved A/B/A/B over --repeats; the report gives medians and min-max.
+# interleaved A/B/C/A/B/C over --repeats (one run of every column per repeat);
+# the report gives medians and min-max.
+#
+# Columns: vub (ours, poll-max-ns=0: event driven), vub-poll (ours with
+# poll-max-ns=N: adaptive polling), qsd-iothread (the reference), optionally
+# qsd-main, and fio-host (fio straight on the image file, disk backing's 128k
+# sequential cases only).
 #
 # Usage: scripts/bench.sh [options]
 #   --only-qsd            run only the QSD column(s) (also automatic when VUB_BIN
 #                         is not an executable)
+#   --vub-variants LIST   comma list of our daemon's variants: event (label vub,
+#                         poll-max-ns=0) and poll (label vub-poll,
+#                         poll-max-ns=--poll-max-ns); default event,poll
+#   --poll-max-ns N       the vub-poll variant's poll-max-ns (default 32768, as
+#                         QEMU's iothreads); QSD's command line is not changed
 #   --qsd VARIANT         QSD variant(s) to measure: iothread (default; export
 #                         moved to --object iothread,id=iot0), main (export in
 #                         the main loop) or both. The first one is the reference.
@@ -21,11 +32,14 @@
 #                         five); "qcow2" stands for qc2-pre,qc2-grow, so
 #                         `--backings qcow2` runs only the qcow2 cases
 #   --cases LIST          comma list of case-name globs, e.g. 'randread-*,read-128k*';
-#                         cases: randread-4k-qd{1,32,128}-q1, randread-4k-qd32-q4,
+#                         cases: randread-4k-qd{1,32,128}-q1, randread-4k-qd32-q{2,4},
 #                         the same for randwrite, read-128k-qd32-q1, write-128k-qd32-q1.
-#                         The qcow2 backings run only the 4k QD32 ones
-#                         (rand{read,write}-4k-qd32-q{1,4}).
-#   --placements LIST     comma list of same,split (default both)
+#                         The q2 cases run on the null backing only; the qcow2
+#                         backings run only rand{read,write}-4k-qd32-q{1,4}.
+#   --placements LIST     comma list of same,split,both (default same,split):
+#                         same = backend and client on CPU B; split = backend on
+#                         B, client on C; both = backend and client each under
+#                         taskset -c B,C (the kernel may spread their threads)
 #   --disk-dir DIR        directory for the cache.direct=on images, raw and qcow2
 #                         (default /var/tmp)
 #   --file-size SIZE      size of the image files in MiB (default 1024; also the
@@ -42,7 +56,7 @@
 #   --queue-size N        virtqueue size the client asks for (default 1024; each
 #                         request takes 3 descriptors, so QD128 needs >= 384)
 #   --cpus B,C            backend CPU and client CPU for "split" (default 0,1);
-#                         "same-cpu" puts both on B
+#                         "same-cpu" puts both on B, "both" lets each use B and C
 #   --out DIR             output directory (default target/bench/<timestamp>):
 #                         report.txt, results.jsonl, commands.txt, logs/
 #   -h, --help
@@ -56,12 +70,29 @@
 # report lists how much of the qc2-grow image a run allocated (if a run fills a
 # large share, its later writes were overwrites, not allocations).
 #
+# fio-host: for the disk backing's read-128k-qd32-q1 and write-128k-qd32-q1, each
+# repeat also runs fio directly on the same image file (io_uring, O_DIRECT, the
+# case's bs/iodepth/rw, numjobs=1, the same runtime and ramp), pinned like the
+# backend of the placement: what the host itself gets from the image file with
+# that I/O pattern, a yardstick for the daemons' MiB/s.
+# Skipped with a note when fio is not installed.
+#
+# Report: per case a table of every column and the ratios of each vub variant
+# to the reference; then the summary blocks: one per vub variant (IOPS or MiB/s
+# and IOPS per backend CPU-second vs the reference), latency at QD1 (p50/p99
+# ratios vub variant / reference, < 1 = ours lower), queue scaling (median IOPS
+# of the q2 and q4 cases / the q1 case of the same rw, bs and iodepth, per
+# backing, placement and daemon; vub runs one iothread per queue, qsd-iothread
+# all queues in one iothread) and the host baseline (daemon MiB/s / fio-host).
+#
 # Use a quiet machine: the report's oCPU% column shows CPU used by other
 # processes during each run and flags disturbed runs.
 #
 # Environment: VUB_BIN (default target/release/vhost-user-blkd; may point to a
 # wrapper such as bench/qsd-wrapper.sh), QSD_BIN (default qemu-storage-daemon),
-# VUB_BENCH (default: built with cargo into ${CARGO_TARGET_DIR:-target}).
+# VUB_BENCH (default: built with cargo into ${CARGO_TARGET_DIR:-target}), FIO_BIN
+# (default fio). A VUB_BIN named qsd-wrapper* gets no poll-max-ns (QSD's export
+# does not know it), so only its event variant runs.
 
 set -euo pipefail
 
@@ -72,6 +103,9 @@ COMPARE="$ROOT/bench/compare.py"
 
 ONLY_QSD=0
 QSD_VARIANTS=iothread
+VUB_VARIANTS=event,poll
+POLL_MAX_NS=32768
+FIO_BIN=${FIO_BIN:-fio}
 QUICK=0
 REPEATS=
 RUNTIME=
@@ -95,6 +129,8 @@ while [[ $# -gt 0 ]]; do
     case $1 in
         --only-qsd) ONLY_QSD=1 ;;
         --qsd) QSD_VARIANTS=${2:?}; shift ;;
+        --vub-variants) VUB_VARIANTS=${2:?}; shift ;;
+        --poll-max-ns) POLL_MAX_NS=${2:?}; shift ;;
         --quick) QUICK=1 ;;
         --repeats) REPEATS=${2:?}; shift ;;
         --runtime) RUNTIME=${2:?}; shift ;;
@@ -131,6 +167,16 @@ case $QSD_VARIANTS in
     both) QSD_VARIANTS=(iothread main) ;;
     *) die "--qsd must be iothread, main or both" ;;
 esac
+[[ $POLL_MAX_NS =~ ^[1-9][0-9]*$ && $POLL_MAX_NS -le 1000000000 ]] ||
+    die "--poll-max-ns must be an integer in 1..1000000000"
+IFS=, read -ra vv <<<"$VUB_VARIANTS"
+VUB_VARIANT_LIST=()
+for v in "${vv[@]}"; do
+    [[ $v =~ ^(event|poll)$ ]] || die "unknown --vub-variants entry '$v' (event, poll)"
+    [[ " ${VUB_VARIANT_LIST[*]} " == *" $v "* ]] || VUB_VARIANT_LIST+=("$v")
+done
+[[ ${#VUB_VARIANT_LIST[@]} -gt 0 ]] || die "--vub-variants selects no variant"
+[[ $CPUS =~ ^[0-9]+,[0-9]+$ ]] || die "--cpus must be B,C (two CPU numbers)"
 BCPU=${CPUS%,*}
 CCPU=${CPUS#*,}
 
@@ -142,6 +188,21 @@ if [[ $ONLY_QSD == 0 && ! -x $VUB_BIN ]]; then
     echo "bench.sh: VUB_BIN=$VUB_BIN is not executable; running the QSD column(s) only" >&2
     ONLY_QSD=1
 fi
+# The QSD stand-in (bench/qsd-wrapper.sh) passes our --export string to QSD,
+# which rejects poll-max-ns: give it none, and run only the event variant.
+VUB_POLL_OPT=1
+if [[ $ONLY_QSD == 0 && $(basename "$VUB_BIN") == qsd-wrapper* ]]; then
+    VUB_POLL_OPT=0
+    if [[ " ${VUB_VARIANT_LIST[*]} " == *" poll "* ]]; then
+        echo "bench.sh: VUB_BIN is the QSD wrapper (no poll-max-ns): running only the event variant" >&2
+        VUB_VARIANT_LIST=(event)
+    fi
+fi
+FIO_NOTE=
+if ! command -v "$FIO_BIN" >/dev/null; then
+    FIO_NOTE="$FIO_BIN not found: no fio-host baseline (apt-get install fio)"
+    FIO_BIN=
+fi
 
 if [[ -z ${VUB_BENCH:-} ]]; then
     echo "bench.sh: building vub-bench..." >&2
@@ -151,8 +212,8 @@ fi
 [[ -x $VUB_BENCH ]] || die "vub-bench not found at $VUB_BENCH"
 
 NCPU=$(nproc)
-if [[ $PLACEMENTS == *split* && $NCPU -lt 2 ]]; then
-    echo "bench.sh: only $NCPU CPU: skipping the split placement" >&2
+if [[ $NCPU -lt 2 && ( $PLACEMENTS == *split* || $PLACEMENTS == *both* ) ]]; then
+    echo "bench.sh: only $NCPU CPU: skipping the split and both placements" >&2
     PLACEMENTS=same
 fi
 
@@ -192,10 +253,12 @@ ALL_CASES=(
     "randread-4k-qd1-q1 randread 4k 1 1"
     "randread-4k-qd32-q1 randread 4k 32 1"
     "randread-4k-qd128-q1 randread 4k 128 1"
+    "randread-4k-qd32-q2 randread 4k 32 2"
     "randread-4k-qd32-q4 randread 4k 32 4"
     "randwrite-4k-qd1-q1 randwrite 4k 1 1"
     "randwrite-4k-qd32-q1 randwrite 4k 32 1"
     "randwrite-4k-qd128-q1 randwrite 4k 128 1"
+    "randwrite-4k-qd32-q2 randwrite 4k 32 2"
     "randwrite-4k-qd32-q4 randwrite 4k 32 4"
     "read-128k-qd32-q1 read 128k 32 1"
     "write-128k-qd32-q1 write 128k 32 1"
@@ -203,12 +266,21 @@ ALL_CASES=(
 
 # The qcow2 backings run only these (4k random, QD32, 1 and 4 queues).
 QCOW2_CASES=" randread-4k-qd32-q1 randread-4k-qd32-q4 randwrite-4k-qd32-q1 randwrite-4k-qd32-q4 "
+# Only the null backing runs these (with q1 and q4: the queue-scaling view).
+NULL_ONLY_CASES=" randread-4k-qd32-q2 randwrite-4k-qd32-q2 "
+# The fio-host baseline runs for these cases of the disk backing.
+FIO_CASES=" read-128k-qd32-q1 write-128k-qd32-q1 "
 
 case_applies() { # backing case-name
     case $1 in
         qc2-*) [[ $QCOW2_CASES == *" $2 "* ]] ;;
-        *) return 0 ;;
+        null) return 0 ;;
+        *) [[ $NULL_ONLY_CASES != *" $2 "* ]] ;;
     esac
+}
+
+fio_applies() { # backing case-name
+    [[ -n $FIO_BIN && $1 == disk && $FIO_CASES == *" $2 "* ]]
 }
 
 case_selected() {
@@ -242,7 +314,8 @@ for b in "${BACKING_LIST[@]}"; do
         case_applies "$b" "${c%% *}" && n=$((n + 1))
     done
     if [[ $n == 0 ]]; then
-        echo "bench.sh: no selected case applies to backing $b (qcow2 backings run only:${QCOW2_CASES% }); skipping it" >&2
+        echo "bench.sh: no selected case applies to backing $b (qcow2 backings run only:${QCOW2_CASES% };" \
+             "only null runs:${NULL_ONLY_CASES% }); skipping it" >&2
         continue
     fi
     BACKING_CASES[$b]=$n
@@ -273,12 +346,26 @@ if [[ ,$BACKINGS, == *,qc2-grow,* ]]; then
     fi
 fi
 for p in "${PLACEMENT_LIST[@]}"; do
-    [[ $p =~ ^(same|split)$ ]] || die "unknown placement '$p'"
+    [[ $p =~ ^(same|split|both)$ ]] || die "unknown placement '$p'"
 done
+# Whether a selected case gets the fio-host baseline (if fio is there).
+FIO_WANTED=0
+if [[ ,$BACKINGS, == *,disk,* ]]; then
+    for c in "${SELECTED[@]}"; do
+        [[ $FIO_CASES == *" ${c%% *} "* ]] && FIO_WANTED=1
+    done
+fi
 
 # Backends in run order: label role
 BACKENDS=()
-[[ $ONLY_QSD == 0 ]] && BACKENDS+=("vub ours")
+if [[ $ONLY_QSD == 0 ]]; then
+    for v in "${VUB_VARIANT_LIST[@]}"; do
+        case $v in
+            event) BACKENDS+=("vub ours") ;;
+            poll) BACKENDS+=("vub-poll ours") ;;
+        esac
+    done
+fi
 first=1
 for v in "${QSD_VARIANTS[@]}"; do
     if [[ $first == 1 ]]; then BACKENDS+=("qsd-$v theirs"); first=0
@@ -372,8 +459,11 @@ print(d.get("allocated-clusters", "-"), d.get("total-clusters", "-"), d.get("lea
 daemon_cmd() {
     local label=$1 sock=$2 q=$3
     local export="type=vhost-user-blk,id=e0,node-name=$NODE,addr.type=unix,addr.path=$sock,num-queues=$q,writable=on"
+    local poll0=
+    [[ $VUB_POLL_OPT == 1 ]] && poll0=,poll-max-ns=0
     case $label in
-        vub) DAEMON_CMD=("$VUB_BIN" "${BLOCKDEV_ARGS[@]}" --export "$export") ;;
+        vub) DAEMON_CMD=("$VUB_BIN" "${BLOCKDEV_ARGS[@]}" --export "$export$poll0") ;;
+        vub-poll) DAEMON_CMD=("$VUB_BIN" "${BLOCKDEV_ARGS[@]}" --export "$export,poll-max-ns=$POLL_MAX_NS") ;;
         qsd-main) DAEMON_CMD=("$QSD_BIN" "${BLOCKDEV_ARGS[@]}" --export "$export") ;;
         qsd-iothread) DAEMON_CMD=("$QSD_BIN" "${BLOCKDEV_ARGS[@]}" --object 'iothread,id=iot0'
                                   --export "$export,iothread=iot0") ;;
@@ -393,6 +483,15 @@ stop_daemon() {
     DAEMON_PID=
 }
 
+# Sets PB and PC, the CPU lists (taskset -c) of backend and client for a placement.
+placement_cpus() {
+    case $1 in
+        same-cpu) PB=$BCPU PC=$BCPU ;;
+        split) PB=$BCPU PC=$CCPU ;;
+        both) PB=$BCPU,$CCPU PC=$BCPU,$CCPU ;;
+    esac
+}
+
 RUN_NO=0
 RUN_TOTAL=0
 FAILED=0
@@ -401,8 +500,8 @@ run_one() { # backing case-spec placement repeat label role
     local backing=$1 spec=$2 placement=$3 rep=$4 label=$5 role=$6
     local name rw bs qd q
     read -r name rw bs qd q <<<"$spec"
-    local ccpu=$CCPU
-    [[ $placement == same-cpu ]] && ccpu=$BCPU
+    placement_cpus "$placement"
+    local bcpu=$PB ccpu=$PC
     local sock=$WORK/vhost-user-blk.sock
     local log=$OUT/logs/$backing-$name-$placement-$rep-$label.log
     rm -f "$sock"
@@ -416,7 +515,7 @@ run_one() { # backing case-spec placement repeat label role
                   --queues "$q" --queue-size "$QUEUE_SIZE" --runtime "$RUNTIME" --ramp "$RAMP" --json)
     [[ $CLIENT_POLL == 1 ]] && client+=(--poll)
     local dcmd ccmd
-    dcmd="taskset -c $BCPU $(quote "${DAEMON_CMD[@]}")"
+    dcmd="taskset -c $bcpu $(quote "${DAEMON_CMD[@]}")"
     ccmd="taskset -c $ccpu $(quote "${client[@]}") --backend-pid PID"
     printf 'daemon (%s, %s, num-queues=%s): %s\n' "$backing" "$label" "$q" "$dcmd" >>"$COMMANDS"
     printf 'client (%s, %s): %s\n' "$name" "$placement" "$ccmd" >>"$COMMANDS"
@@ -427,11 +526,11 @@ run_one() { # backing case-spec placement repeat label role
 
     local err='' rc=0
 
-    taskset -c "$BCPU" "${DAEMON_CMD[@]}" >"$log" 2>&1 &
+    taskset -c "$bcpu" "${DAEMON_CMD[@]}" >"$log" 2>&1 &
     DAEMON_PID=$!
     local meta=(backing="$backing" case="$name" placement="$placement" repeat="$rep"
                 backend="$label" role="$role" rw="$rw" bs="$bs" iodepth="$qd" queues="$q"
-                backend_cpu="$BCPU" client_cpu="$ccpu" daemon_pid="$DAEMON_PID"
+                backend_cpu="$bcpu" client_cpu="$ccpu" daemon_pid="$DAEMON_PID"
                 daemon_cmd="$dcmd" client_cmd="${ccmd/%PID/$DAEMON_PID}")
     local i
     for ((i = 0; i < 200; i++)); do
@@ -478,6 +577,55 @@ run_one() { # backing case-spec placement repeat label role
     fi
 }
 
+# fio directly on the disk image: the host's baseline for a sequential case.
+# Pinned like the placement's backend; recorded as backend fio-host.
+ms() { python3 -c "print(max(1, round($1 * 1000)))"; } # seconds -> integer ms
+
+run_fio() { # backing case-spec placement repeat
+    local backing=$1 spec=$2 placement=$3 rep=$4 label=fio-host
+    local name rw bs qd q
+    read -r name rw bs qd q <<<"$spec"
+    placement_cpus "$placement"
+    local bcpu=$PB
+    # fio takes no fractional seconds ("0.5" is 0): give it milliseconds.
+    local cmd=("$FIO_BIN" --name=fio-host "--filename=$DISK_IMG" --ioengine=io_uring --direct=1
+               "--bs=$bs" "--iodepth=$qd" "--rw=$rw" --time_based "--runtime=$(ms "$RUNTIME")ms"
+               "--ramp_time=$(ms "$RAMP")ms" --numjobs=1 --output-format=json)
+    local fcmd
+    fcmd="taskset -c $bcpu $(quote "${cmd[@]}")"
+    printf 'fio (%s, %s): %s\n' "$name" "$placement" "$fcmd" >>"$COMMANDS"
+
+    RUN_NO=$((RUN_NO + 1))
+    printf '[%d/%d] %s %s %s rep %d %s: ' "$RUN_NO" "$RUN_TOTAL" "$backing" "$name" \
+        "$placement" "$rep" "$label" >&2
+    local meta=(backing="$backing" case="$name" placement="$placement" repeat="$rep"
+                backend="$label" role=baseline rw="$rw" bs="$bs" iodepth="$qd" queues="$q"
+                backend_cpu="$bcpu" client_cpu="$bcpu" fio_cmd="$fcmd")
+    local out err='' rc=0 limit
+    limit=$(python3 -c "print(int($RAMP + $RUNTIME + 60))")
+    out=$(taskset -c "$bcpu" timeout --foreground "$limit" "${cmd[@]}" 2>"$WORK/fio.err") || rc=$?
+    if [[ $INTERRUPTED == 1 || $rc == 130 || $rc == 143 ]]; then
+        echo "interrupted" >&2
+        exit 130
+    fi
+    [[ $rc == 0 ]] || err="fio exit $rc: $(tail -n 3 "$WORK/fio.err" | tr '\n' ' ')"
+    if [[ -n $err ]]; then
+        FAILED=$((FAILED + 1))
+        echo "FAILED: $err" >&2
+        python3 "$COMPARE" wrap "${meta[@]}" --error "$err" >>"$RESULTS"
+        return
+    fi
+    local line
+    line=$(python3 "$COMPARE" wrap --fio "${meta[@]}" <<<"$out")
+    echo "$line" >>"$RESULTS"
+    python3 -c '
+import json, sys
+r = json.loads(sys.argv[1])
+res = r.get("result")
+print("%.0f IOPS, %.0f MiB/s" % (res["iops"], res["mib_s"]) if res else "FAILED: " + r["error"])
+sys.exit(0 if res else 1)' "$line" >&2 || FAILED=$((FAILED + 1))
+}
+
 # ---------------------------------------------------------------- header
 # Busy CPU of the whole machine over one second, in % of one CPU.
 machine_busy_pct() {
@@ -511,8 +659,24 @@ for v in "${QSD_VARIANTS[@]}"; do
     esac
 done
 echo "qsd variants: $(printf '%s; ' "${qsd_desc[@]}")reference: qsd-${QSD_VARIANTS[0]}"
+if [[ $ONLY_QSD == 0 ]]; then
+    vub_desc=()
+    for v in "${VUB_VARIANT_LIST[@]}"; do
+        case $v in
+            event) vub_desc+=("vub ($([[ $VUB_POLL_OPT == 1 ]] && echo "poll-max-ns=0, event driven" || echo "QSD wrapper, no poll-max-ns"))") ;;
+            poll) vub_desc+=("vub-poll (poll-max-ns=$POLL_MAX_NS, adaptive polling)") ;;
+        esac
+    done
+    vub_desc_s=$(printf '%s; ' "${vub_desc[@]}")
+    echo "vub variants: ${vub_desc_s%; }"
+fi
+if [[ $FIO_WANTED == 1 && -n $FIO_BIN ]]; then
+    echo "fio-host:   $("$FIO_BIN" --version) on the disk image (io_uring, direct=1, numjobs=1), pinned like the backend; cases:${FIO_CASES% }"
+elif [[ $FIO_WANTED == 1 ]]; then
+    echo "fio-host:   skipped: $FIO_NOTE"
+fi
 echo "runs:       repeats=$REPEATS runtime=${RUNTIME}s ramp=${RAMP}s client=$([[ $CLIENT_POLL == 1 ]] && echo poll || echo event) queue-size=$QUEUE_SIZE"
-echo "placement:  same = backend+client on CPU $BCPU; split = backend on CPU $BCPU, client on CPU $CCPU"
+echo "placement:  same = backend+client on CPU $BCPU; split = backend on CPU $BCPU, client on CPU $CCPU; both = backend and client each on CPUs $BCPU,$CCPU"
 echo "backings:   ${BACKINGS} (null = null-co $FILE_MIB MiB; shm = raw file on /dev/shm, cache.direct=off; disk = raw file in $DISK_DIR, cache.direct=on)"
 if [[ $QCOW2 == 1 ]]; then
     echo "qcow2:      file node cache.direct=on in $DISK_DIR under a qcow2 node (default options), a fresh image per run made by $(qemu-img --version | head -n1 | cut -d' ' -f1-3);"
@@ -539,6 +703,9 @@ done
 RUN_TOTAL=0
 for b in "${BACKING_LIST[@]}"; do
     RUN_TOTAL=$(( RUN_TOTAL + BACKING_CASES[$b] * ${#PLACEMENT_LIST[@]} * REPEATS * ${#BACKENDS[@]} ))
+    for c in "${SELECTED[@]}"; do
+        fio_applies "$b" "${c%% *}" && RUN_TOTAL=$(( RUN_TOTAL + ${#PLACEMENT_LIST[@]} * REPEATS ))
+    done
 done
 
 # ---------------------------------------------------------------- runs
@@ -553,6 +720,9 @@ for backing in "${BACKING_LIST[@]}"; do
                     read -r label role <<<"$be"
                     run_one "$backing" "$spec" "$placement" "$rep" "$label" "$role"
                 done
+                if fio_applies "$backing" "${spec%% *}"; then
+                    run_fio "$backing" "$spec" "$placement" "$rep"
+                fi
             done
         done
     done
@@ -623,6 +793,7 @@ print_report() {
     grep '^image' "$COMMANDS" | awk '!seen[$0]++'
     grep '^daemon' "$COMMANDS" | awk '!seen[$0]++'
     grep '^client' "$COMMANDS" | awk '!seen[$0]++'
+    grep '^fio' "$COMMANDS" | awk '!seen[$0]++' || true
     echo
     echo "raw results: $RESULTS"
     echo "report:      $OUT/report.txt"
