@@ -6,7 +6,6 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
 
 use super::{BlockError, BlockStats, Child, ChildRole, GraphError, IoKind, Node, Perm};
 use crate::io::IoVecs;
@@ -97,7 +96,7 @@ impl BlockBackend {
     where
         F: std::future::Future<Output = Result<(), BlockError>>,
     {
-        let started = Instant::now();
+        let started = crate::io::now();
         let r = f.await;
         self.stats.record_done(kind, bytes, started, r.is_ok());
         r

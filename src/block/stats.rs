@@ -92,8 +92,9 @@ impl BlockStats {
         } else {
             k.failed.fetch_add(1, Ordering::Relaxed);
         }
-        let now = Instant::now();
-        let ns = u64::try_from(now.duration_since(started).as_nanos()).unwrap_or(u64::MAX);
+        let now = crate::io::now();
+        let ns =
+            u64::try_from(now.saturating_duration_since(started).as_nanos()).unwrap_or(u64::MAX);
         k.total_time_ns.fetch_add(ns, Ordering::Relaxed);
         if self.histograms_on.load(Ordering::Relaxed) {
             let slot = match kind {
@@ -110,7 +111,8 @@ impl BlockStats {
                 h.record(ns);
             }
         }
-        self.last_access_ns.store(monotonic_ns(), Ordering::Relaxed);
+        self.last_access_ns
+            .store(since_start(now), Ordering::Relaxed);
     }
 
     pub fn record_invalid(&self, kind: IoKind) {

@@ -265,3 +265,24 @@ pub fn set_current_wake_fd(fd: Option<std::sync::Arc<vmm_sys_util::eventfd::Even
 pub fn current_wake_fd() -> Option<std::sync::Arc<vmm_sys_util::eventfd::EventFd>> {
     WAKE_FD.with(|w| w.borrow().clone())
 }
+
+thread_local! {
+    /// The iothread's clock for request accounting, read once per batch.
+    static BATCH_NOW: std::cell::Cell<Option<std::time::Instant>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// The time for request accounting. On an iothread it is the time its
+/// current batch started or last reaped completions (the worker refreshes
+/// it), so accounting costs no clock read per request: reading the clock
+/// was ~7 % of an iothread's cycles at 850k IOPS. Elsewhere, the clock.
+pub fn now() -> std::time::Instant {
+    BATCH_NOW
+        .with(|c| c.get())
+        .unwrap_or_else(std::time::Instant::now)
+}
+
+/// Sets this iothread's accounting time to the clock now (see [`now`]).
+pub fn tick() {
+    BATCH_NOW.with(|c| c.set(Some(std::time::Instant::now())));
+}
