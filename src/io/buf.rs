@@ -6,16 +6,62 @@
 //! unmaps a buffer that an I/O still uses.
 
 use std::alloc::{self, Layout};
+use std::cell::RefCell;
 use std::fmt;
+use std::mem::ManuallyDrop;
 use std::rc::Rc;
 
 use smallvec::SmallVec;
 use vm_memory::{GuestMemoryLoadGuard, GuestMemoryMmap};
 
 /// A scatter-gather list whose memory stays valid while the value lives.
-#[derive(Clone)]
+///
+/// The shared part is recycled through a per-thread pool when the last
+/// clone goes, so a request's list costs no allocation in steady state.
 pub struct IoVecs {
-    inner: Rc<Inner>,
+    inner: ManuallyDrop<Rc<Inner>>,
+}
+
+impl Clone for IoVecs {
+    fn clone(&self) -> Self {
+        IoVecs {
+            inner: ManuallyDrop::new(Rc::clone(&self.inner)),
+        }
+    }
+}
+
+impl Drop for IoVecs {
+    fn drop(&mut self) {
+        // SAFETY: `inner` is taken once, here, and not used afterwards.
+        let mut rc = unsafe { ManuallyDrop::take(&mut self.inner) };
+        let Some(inner) = Rc::get_mut(&mut rc) else {
+            return; // other clones remain
+        };
+        // Release the memory first: dropping an owner may drop other lists,
+        // which use the pool themselves.
+        drop(inner.owner.take());
+        if inner.iov.capacity() > 64 {
+            // Do not keep a hostile guest's 1000-segment lists around.
+            inner.iov = IoVecList::new();
+        } else {
+            inner.iov.clear();
+        }
+        POOL.with(|p| {
+            if let Ok(mut p) = p.try_borrow_mut() {
+                if p.len() < POOL_MAX {
+                    p.push(rc);
+                }
+            }
+        });
+    }
+}
+
+/// Lists kept for reuse per thread; more than a queue's worth of requests
+/// in flight is rare.
+const POOL_MAX: usize = 1024;
+
+thread_local! {
+    static POOL: RefCell<Vec<Rc<Inner>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The segments of one list. Guest requests rarely have more than a few,
@@ -25,8 +71,8 @@ pub type IoVecList = SmallVec<[libc::iovec; 4]>;
 struct Inner {
     iov: IoVecList,
     len: u64,
-    // Keeps the memory behind `iov` mapped.
-    _owner: Owner,
+    // Keeps the memory behind `iov` mapped (None only while pooled).
+    owner: Option<Owner>,
 }
 
 /// What keeps the memory of an [`IoVecs`] alive. An enum rather than a
@@ -58,12 +104,23 @@ impl IoVecs {
     /// for as long as `owner` is alive, and `owner` must not move that memory.
     pub unsafe fn from_raw(iov: IoVecList, owner: Owner) -> Self {
         let len = iov.iter().map(|v| v.iov_len as u64).sum();
-        IoVecs {
-            inner: Rc::new(Inner {
+        let pooled = POOL.with(|p| p.try_borrow_mut().ok().and_then(|mut p| p.pop()));
+        let inner = match pooled {
+            Some(mut rc) => {
+                let slot = Rc::get_mut(&mut rc).expect("pooled lists are unshared");
+                slot.iov = iov;
+                slot.len = len;
+                slot.owner = Some(owner);
+                rc
+            }
+            None => Rc::new(Inner {
                 iov,
                 len,
-                _owner: owner,
+                owner: Some(owner),
             }),
+        };
+        IoVecs {
+            inner: ManuallyDrop::new(inner),
         }
     }
 
@@ -247,5 +304,37 @@ impl BounceView {
         // else accesses the bytes.
         let s = unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) };
         f(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_are_recycled_and_nested_owners_drop_cleanly() {
+        let (a, _) = IoVecs::bounce(4096, 512);
+        let first = Rc::as_ptr(&a.inner);
+        let sub = a.sub(512, 1024);
+        let tail = sub.tail(100);
+        assert_eq!(tail.len(), 924);
+        // Dropping the parent first keeps its memory alive for the children.
+        drop(a);
+        tail.fill_zero();
+        drop(sub);
+        // The last drop releases the chain of owners, each back to the pool.
+        drop(tail);
+        let (b, _) = IoVecs::bounce(512, 512);
+        let reused = Rc::as_ptr(&b.inner);
+        assert!(
+            POOL.with(|p| p.borrow().len()) >= 2,
+            "the other two lists wait in the pool"
+        );
+        // One of the pooled allocations came back (the pool is a stack).
+        let (c, _) = IoVecs::bounce(512, 512);
+        let (d, _) = IoVecs::bounce(512, 512);
+        let ptrs = [reused, Rc::as_ptr(&c.inner), Rc::as_ptr(&d.inner)];
+        assert!(ptrs.contains(&first));
+        assert_eq!(b.len() + c.len() + d.len(), 1536);
     }
 }

@@ -397,11 +397,21 @@ impl Worker {
         let Some(mem) = blk.memory() else {
             return false;
         };
-        // Iterate ourselves rather than with pop_descriptor_chain, which
-        // logs a broken avail index at error level: a guest must not be
-        // able to flood the log.
-        let table = state.get_queue().desc_table();
-        let size = state.get_queue().size();
+        let q = state.get_queue();
+        let (table, size) = (q.desc_table(), q.size());
+        if let Some(rings) = guest::Rings::map(&mem, q.avail_ring(), q.used_ring(), size) {
+            let mut next = q.next_avail();
+            for _ in 0..take {
+                let head = rings.avail_head(next);
+                next = next.wrapping_add(1);
+                self.start_chain(blk, local, queue, &mem, table, size, head, limits);
+            }
+            state.get_queue_mut().set_next_avail(next);
+            return true;
+        }
+        // Rings we cannot map directly. Iterate ourselves rather than with
+        // pop_descriptor_chain, which logs a broken avail index at error
+        // level: a guest must not be able to flood the log.
         let iter = match state.get_queue_mut().iter(mem.clone()) {
             Ok(iter) => iter,
             Err(e) => {
@@ -411,18 +421,34 @@ impl Worker {
         };
         for chain in iter.take(take) {
             let head = chain.head_index();
-            if !self.heads[local].insert(head) {
-                log::debug!("queue {queue}: head {head} made available while in flight; ignored");
-                continue;
-            }
-            blk.queues[usize::from(queue)].inc();
-            blk.export.in_flight().inc();
-            self.start(
-                queue,
-                virtio_blk::parse(mem.clone(), table, size, head, limits),
-            );
+            self.start_chain(blk, local, queue, &mem, table, size, head, limits);
         }
         true
+    }
+
+    /// Parses and starts the chain at `head`, unless it is already in flight.
+    #[allow(clippy::too_many_arguments)]
+    fn start_chain(
+        &mut self,
+        blk: &VhostUserBlk,
+        local: usize,
+        queue: u16,
+        mem: &virtio_blk::MemGuard,
+        table: u64,
+        size: u16,
+        head: u16,
+        limits: &virtio_blk::Limits,
+    ) {
+        if !self.heads[local].insert(head) {
+            log::debug!("queue {queue}: head {head} made available while in flight; ignored");
+            return;
+        }
+        blk.queues[usize::from(queue)].inc();
+        blk.export.in_flight().inc();
+        self.start(
+            queue,
+            virtio_blk::parse(mem.clone(), table, size, head, limits),
+        );
     }
 
     fn start(&mut self, queue: u16, parsed: Parsed) {
@@ -515,24 +541,7 @@ impl Worker {
             let Some(vring) = vrings.get(local) else {
                 continue;
             };
-            {
-                let mut state = vring.get_mut();
-                let size = state.get_queue().size();
-                for c in done.iter().filter(|c| c.queue == queue) {
-                    if c.head >= size {
-                        // Not a descriptor of this queue: nothing to return.
-                        log::debug!(
-                            "queue {queue}: head {} is beyond the queue size {size}",
-                            c.head
-                        );
-                        continue;
-                    }
-                    if let Err(e) = state.add_used(c.head, c.len) {
-                        log::debug!("queue {queue}: cannot return head {}: {e}", c.head);
-                    }
-                }
-                notify(&mut state, queue);
-            }
+            return_used(blk, &mut vring.get_mut(), queue, &done);
             let mut n = 0;
             for c in done.iter().filter(|c| c.queue == queue) {
                 n += 1;
@@ -545,6 +554,64 @@ impl Worker {
         }
         done.clear();
         self.spare = done;
+    }
+}
+
+/// Puts `done`'s completions of `queue` on its used ring, publishes them
+/// with one store of the used index, and notifies the guest if it asked.
+fn return_used(
+    blk: &VhostUserBlk,
+    state: &mut VringState<GuestMemoryAtomic<GuestMem>>,
+    queue: u16,
+    done: &[Completion],
+) {
+    let q = state.get_queue();
+    let size = q.size();
+    let mine = || {
+        done.iter()
+            .filter(move |c| c.queue == queue)
+            .filter(move |c| {
+                // A head beyond the queue is not a descriptor of it: nothing to
+                // return.
+                let ok = c.head < size;
+                if !ok {
+                    log::debug!(
+                        "queue {queue}: head {} is beyond the queue size {size}",
+                        c.head
+                    );
+                }
+                ok
+            })
+    };
+    let mem = blk.memory();
+    let rings = mem
+        .as_ref()
+        .and_then(|m| guest::Rings::map(m, q.avail_ring(), q.used_ring(), size));
+    let Some(rings) = rings else {
+        for c in mine() {
+            if let Err(e) = state.add_used(c.head, c.len) {
+                log::debug!("queue {queue}: cannot return head {}: {e}", c.head);
+            }
+        }
+        notify(state, queue);
+        return;
+    };
+    let old = q.next_used();
+    let event_idx = q.event_idx_enabled();
+    let mut next = old;
+    for c in mine() {
+        rings.put_used(next, c.head, c.len);
+        next = next.wrapping_add(1);
+    }
+    if next == old {
+        return;
+    }
+    rings.publish_used(next);
+    state.get_queue_mut().set_next_used(next);
+    if !event_idx || rings.needs_event(old, next) {
+        if let Err(e) = state.signal_used_queue() {
+            log::debug!("queue {queue}: cannot signal the guest: {e}");
+        }
     }
 }
 

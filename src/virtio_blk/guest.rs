@@ -12,6 +12,11 @@
 //! one level of indirection, an indirect table whose length is a multiple of
 //! 16, and at most 4 GiB of buffers. A chain that breaks a rule ends where
 //! it broke, and the request parser judges what is left.
+//!
+//! [`Rings`] reads avail entries and writes used entries the same way; a
+//! batch of completions is published with one store of the used index.
+
+use std::sync::atomic::{fence, AtomicU16, Ordering};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
@@ -157,5 +162,78 @@ pub fn walk_chain(
         } else {
             ttl = 0;
         }
+    }
+}
+
+/// The avail and used rings of a split virtqueue, mapped for direct access
+/// (virtio 1.2, 2.7.6 and 2.7.8). Valid while the memory snapshot they were
+/// mapped from is held.
+pub struct Rings {
+    avail: *const u8,
+    used: *mut u8,
+    size: u16,
+}
+
+impl Rings {
+    /// Maps the rings of a queue of `size`; None unless each lies in one
+    /// region with the alignment the spec requires (then the caller uses
+    /// virtio-queue's accessors).
+    pub fn map(mem: &GuestMem, avail: u64, used: u64, size: u16) -> Option<Rings> {
+        if size == 0 || avail % 2 != 0 || used % 4 != 0 {
+            return None;
+        }
+        let n = u64::from(size);
+        // flags, idx, ring[size], used_event / avail_event
+        let avail = host_range(mem, GuestAddress(avail), 4 + 2 * n + 2)?;
+        let used = host_range(mem, GuestAddress(used), 4 + 8 * n + 2)?;
+        Some(Rings { avail, used, size })
+    }
+
+    /// The head the driver published at avail index `idx`.
+    pub fn avail_head(&self, idx: u16) -> u16 {
+        let at = 4 + 2 * usize::from(idx % self.size);
+        let mut b = [0u8; 2];
+        for (i, v) in b.iter_mut().enumerate() {
+            // SAFETY: `at + 1 < 4 + 2 * size`, inside the mapped avail ring.
+            *v = unsafe { self.avail.add(at + i).read_volatile() };
+        }
+        u16::from_le_bytes(b)
+    }
+
+    /// Writes used element `idx` (not yet visible to the driver).
+    pub fn put_used(&self, idx: u16, head: u16, len: u32) {
+        let at = 4 + 8 * usize::from(idx % self.size);
+        let mut elem = [0u8; 8];
+        elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+        elem[4..].copy_from_slice(&len.to_le_bytes());
+        for (i, v) in elem.iter().enumerate() {
+            // SAFETY: `at + 7 < 4 + 8 * size`, inside the mapped used ring.
+            unsafe { self.used.add(at + i).write_volatile(*v) };
+        }
+    }
+
+    /// Makes the used elements before `idx` visible to the driver.
+    pub fn publish_used(&self, idx: u16) {
+        // SAFETY: the used ring is 4-aligned (checked by map), so its idx
+        // field at offset 2 is an aligned u16 inside the mapping; the driver
+        // only reads it.
+        let idx_field = unsafe { AtomicU16::from_ptr(self.used.add(2).cast::<u16>()) };
+        idx_field.store(idx.to_le(), Ordering::Release);
+    }
+
+    /// Whether the driver asked to be notified now that the used index
+    /// moved from `old` to `new` (EVENT_IDX: virtio 1.2, 2.7.7.2; the same
+    /// test as Linux's vring_need_event).
+    pub fn needs_event(&self, old: u16, new: u16) -> bool {
+        // The used index must be visible before used_event is read.
+        fence(Ordering::SeqCst);
+        let at = 4 + 2 * usize::from(self.size);
+        let mut b = [0u8; 2];
+        for (i, v) in b.iter_mut().enumerate() {
+            // SAFETY: used_event is the last field of the mapped avail ring.
+            *v = unsafe { self.avail.add(at + i).read_volatile() };
+        }
+        let event = u16::from_le_bytes(b);
+        new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
     }
 }
