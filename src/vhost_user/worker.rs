@@ -385,9 +385,9 @@ impl Worker {
         };
         let published = (avail - Wrapping(state.get_queue().next_avail())).0;
         if *budget == EARLY {
-            // Return completions in about eight parts of what the guest
+            // Return completions in about sixteen parts of what the guest
             // published.
-            *budget = (usize::from(published) / 8).clamp(4, 16);
+            *budget = (usize::from(published) / 16).clamp(1, 16);
         }
         let take = usize::from(published).min(*budget);
         if take == 0 {
