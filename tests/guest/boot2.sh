@@ -22,4 +22,9 @@ while [ "$(cat /sys/block/vda/size)" != "$want" ] && [ $i -lt 300 ]; do
 done
 check "vda grew to 320 MiB while the guest ran" eq "$(cat /sys/block/vda/size)" "$want"
 check "write at the new end" dd if=/tmp/marker of=/dev/vda bs=1M seek=319 count=1 oflag=direct
+
+# The host measures the daemon's CPU time while the guest stays connected
+# and idle (no disk I/O) for a while.
+echo "IDLE-START"
+sleep 12
 finish

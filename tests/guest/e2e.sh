@@ -4,7 +4,8 @@
 #
 #   vda: raw file, writable, 2 queues, discard on   (checks, fio, discard)
 #   vdb: raw file, read-only, 4096-byte blocks, serial, writethrough
-#   vdc: qcow2 overlay (our driver) over a qcow2 base made by qemu-img, 2 queues
+#   vdc: qcow2 overlay (our driver) over a qcow2 base made by qemu-img, 2 queues,
+#        adaptive polling on (poll-max-ns)
 #
 # Usage: tests/guest/e2e.sh [path/to/vhost-user-blkd]
 set -euo pipefail
@@ -43,7 +44,7 @@ base_sum=$(md5sum <"$work/base.qcow2")
     --export "type=vhost-user-blk,id=ea,node-name=a,addr.type=unix,addr.path=$work/a.sock,writable=on,num-queues=2" \
     --export "type=vhost-user-blk,id=eb,node-name=b,addr.type=unix,addr.path=$work/b.sock,logical-block-size=4096,serial=vub-e2e-ro,writethrough=on" \
     --blockdev "driver=qcow2,node-name=c,file.driver=file,file.filename=$work/c.qcow2" \
-    --export "type=vhost-user-blk,id=ec,node-name=c,addr.type=unix,addr.path=$work/c.sock,writable=on,num-queues=2" \
+    --export "type=vhost-user-blk,id=ec,node-name=c,addr.type=unix,addr.path=$work/c.sock,writable=on,num-queues=2,poll-max-ns=32768" \
     --chardev "socket,id=mon0,path=$work/qmp.sock,server=on,wait=off" --monitor chardev=mon0 \
     --pidfile "$work/pid" >"$work/daemon.log" 2>&1 &
 daemon_pid=$!
@@ -82,10 +83,27 @@ echo "=== boot 2 (reconnect to the same daemon; resize while it runs)"
         '{"execute": "block_resize", "arguments": {"node-name": "a", "size": 335544320}}'
 ) &
 resizer=$!
+# CPU time (utime + stime, in clock ticks) of the daemon.
+daemon_ticks() { awk '{print $14 + $15}' "/proc/$daemon_pid/stat"; }
+(
+    for _ in $(seq 900); do grep -q IDLE-START "$work/console.log" 2>/dev/null && break; sleep 0.2; done
+    t0=$(daemon_ticks)
+    sleep 10
+    t1=$(daemon_ticks)
+    echo $((t1 - t0)) >"$work/idle-ticks"
+) &
+idler=$!
 boot2=0
 run "$here/boot2.sh" || boot2=$?
 wait "$resizer" || true
+wait "$idler" || true
 host_check "boot 2 checks passed" "[[ $boot2 -eq 0 ]]"
+idle_ticks=$(cat "$work/idle-ticks" 2>/dev/null || echo missing)
+hz=$(getconf CLK_TCK)
+echo "daemon CPU time in 10 s with three idle, connected guest disks: $idle_ticks ticks of 1/$hz s"
+# Not a timing assertion: a daemon that busy-polls while idle burns the
+# whole 10 s; the bound is 2 % of one CPU.
+host_check "idle daemon used < 0.2 CPU-s in 10 s" "[[ $idle_ticks =~ ^[0-9]+$ && $idle_ticks -lt $((hz / 5)) ]]"
 host_check "image grew to 320 MiB" "[[ \$(stat -c %s $work/a.img) -eq 335544320 ]]"
 
 kill -TERM "$daemon_pid"
