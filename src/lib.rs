@@ -21,6 +21,7 @@ pub mod daemon;
 pub mod drivers;
 pub mod events;
 pub mod io;
+pub mod jobs;
 pub mod opts;
 pub mod qmp;
 pub mod signals;

@@ -567,6 +567,21 @@ impl FileDriver {
         self.block_device
     }
 
+    /// Re-reads the file's size after something other than this node
+    /// wrote it (blockdev-create formatting the node's file).
+    pub fn refresh_size(&self) -> io::Result<u64> {
+        let len = self
+            .file
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .metadata()?
+            .len();
+        if !self.block_device {
+            self.size.store(len, Ordering::Relaxed);
+        }
+        Ok(self.size())
+    }
+
     /// Grows or shrinks a regular file (block_resize).
     pub fn truncate(&self, node: &Node, size: u64) -> Result<(), BlockError> {
         if self.block_device {

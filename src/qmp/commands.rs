@@ -71,6 +71,15 @@ const COMMANDS: &[&str] = &[
     "block-set-write-threshold",
     "cont",
     "blockdev-reopen",
+    "blockdev-create",
+    "query-jobs",
+    "query-block-jobs",
+    "job-pause",
+    "job-resume",
+    "job-cancel",
+    "job-complete",
+    "job-finalize",
+    "job-dismiss",
     "object-add",
     "object-del",
     "qom-get",
@@ -195,6 +204,12 @@ enum RemoveMode {
     #[default]
     Safe,
     Hard,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct JobId {
+    id: String,
 }
 
 #[derive(Deserialize)]
@@ -538,6 +553,40 @@ pub fn dispatch(
             for e in state.export_states() {
                 e.resume();
             }
+            ok(json!({}))
+        }
+        "blockdev-create" => {
+            let a: crate::jobs::create::CreateArgs = args(cmd)?;
+            let work = crate::jobs::create::Work::parse(a.options, &state.graph())
+                .map_err(QmpError::generic)?;
+            let job = crate::jobs::register(&a.job_id, "create", true, false)
+                .map_err(QmpError::generic)?;
+            crate::jobs::spawn(job, move |job| work.run(job));
+            ok(json!({}))
+        }
+        "query-jobs" => {
+            no_args(cmd)?;
+            ok(crate::jobs::query())
+        }
+        "query-block-jobs" => {
+            no_args(cmd)?;
+            // Block jobs (stream, commit, mirror, backup) are not
+            // implemented yet; create jobs are not block jobs.
+            ok(json!([]))
+        }
+        "job-pause" | "job-resume" | "job-cancel" | "job-complete" | "job-finalize"
+        | "job-dismiss" => {
+            use crate::jobs::JobVerb;
+            let verb = match cmd.name.as_str() {
+                "job-pause" => JobVerb::Pause,
+                "job-resume" => JobVerb::Resume,
+                "job-cancel" => JobVerb::Cancel,
+                "job-complete" => JobVerb::Complete,
+                "job-finalize" => JobVerb::Finalize,
+                _ => JobVerb::Dismiss,
+            };
+            let a: JobId = args(cmd)?;
+            crate::jobs::command(verb, &a.id).map_err(QmpError::generic)?;
             ok(json!({}))
         }
         other => Err(QmpError::command_not_found(other)),

@@ -1,0 +1,171 @@
+"""Jobs over QMP (qemu.qmp client): blockdev-create as a job for file,
+qcow2 and raw, its JOB_STATUS_CHANGE events and query-jobs, job-pause /
+job-resume / job-cancel / job-dismiss, and the errors QEMU gives, judged by
+qemu-img."""
+
+import asyncio
+import json
+import os
+import subprocess
+
+import pytest
+from qemu.qmp import ExecuteError, QMPClient
+
+from conftest import run
+
+
+async def connect(path):
+    c = QMPClient("test")
+    await c.connect(path)
+    return c
+
+
+def img_info(path):
+    out = subprocess.run(["qemu-img", "info", "--output=json", str(path)],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+async def job_events(c, job_id, until, timeout=30):
+    """JOB_STATUS_CHANGE statuses of `job_id` up to and including `until`."""
+    seen = []
+    async with asyncio.timeout(timeout):
+        async for ev in c.events:
+            if ev["event"] == "JOB_STATUS_CHANGE" and ev["data"]["id"] == job_id:
+                seen.append(ev["data"]["status"])
+                if ev["data"]["status"] == until:
+                    return seen
+    return seen
+
+
+def test_blockdev_create_file_then_qcow2_on_it(daemon, workdir):
+    img = workdir / "new.qcow2"
+
+    async def go():
+        c = await connect(daemon.monitor)
+        await c.execute("blockdev-create", {"job-id": "c1", "options": {
+            "driver": "file", "filename": str(img), "size": 0}})
+        assert await job_events(c, "c1", "concluded") == [
+            "created", "running", "waiting", "pending", "concluded"]
+        jobs = await c.execute("query-jobs")
+        assert jobs == [{"id": "c1", "type": "create", "status": "concluded",
+                         "current-progress": 0, "total-progress": 0}]
+        await c.execute("job-dismiss", {"id": "c1"})
+        assert await c.execute("query-jobs") == []
+
+        await c.execute("blockdev-add", {"driver": "file", "node-name": "f", "filename": str(img)})
+        await c.execute("blockdev-create", {"job-id": "c2", "options": {
+            "driver": "qcow2", "file": "f", "size": 64 << 20, "cluster-size": 65536,
+            "lazy-refcounts": True}})
+        assert (await job_events(c, "c2", "concluded"))[-1] == "concluded"
+        info = (await c.execute("query-jobs"))[0]
+        assert info["status"] == "concluded" and "error" not in info, info
+        await c.execute("job-dismiss", {"id": "c2"})
+        # The node now holds a qcow2 image: open it through the node.
+        await c.execute("blockdev-add", {"driver": "qcow2", "node-name": "q", "file": "f"})
+        nodes = {n["node-name"]: n for n in await c.execute("query-named-block-nodes")}
+        assert nodes["q"]["image"]["virtual-size"] == 64 << 20
+        await c.execute("blockdev-del", {"node-name": "q"})
+        await c.execute("blockdev-del", {"node-name": "f"})
+        await c.disconnect()
+
+    run(go())
+    info = img_info(img)
+    assert info["format"] == "qcow2" and info["virtual-size"] == 64 << 20
+    assert info["format-specific"]["data"]["lazy-refcounts"] is True
+    out = subprocess.run(["qemu-img", "check", str(img)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_blockdev_create_raw_resizes_the_file_node(daemon, workdir):
+    img = workdir / "r.img"
+    img.write_bytes(b"")
+
+    async def go():
+        c = await connect(daemon.monitor)
+        await c.execute("blockdev-add", {"driver": "file", "node-name": "f", "filename": str(img)})
+        await c.execute("blockdev-create", {"job-id": "r", "options": {
+            "driver": "raw", "file": "f", "size": 3 << 20}})
+        await job_events(c, "r", "concluded")
+        await c.execute("job-dismiss", {"id": "r"})
+        await c.disconnect()
+
+    run(go())
+    assert os.path.getsize(img) == 3 << 20
+
+
+def test_pause_resume_and_cancel_of_a_full_preallocation(daemon, workdir):
+    img = workdir / "big.img"
+
+    async def go():
+        c = await connect(daemon.monitor)
+        await c.execute("blockdev-create", {"job-id": "big", "options": {
+            "driver": "file", "filename": str(img), "size": 256 << 20,
+            "preallocation": "full"}})
+        # The job may already be past its first steps; pausing is accepted
+        # while it runs and takes effect at its next pause point.
+        try:
+            await c.execute("job-pause", {"id": "big"})
+            paused = True
+        except ExecuteError as e:
+            paused = False
+            assert "cannot accept command verb 'pause'" in str(e)
+        if paused:
+            with pytest.raises(ExecuteError, match="Job is already paused"):
+                await c.execute("job-pause", {"id": "big"})
+            await c.execute("job-resume", {"id": "big"})
+            with pytest.raises(ExecuteError, match="Can't resume a job that was not paused"):
+                await c.execute("job-resume", {"id": "big"})
+        try:
+            await c.execute("job-cancel", {"id": "big"})
+        except ExecuteError as e:
+            assert "cannot accept command verb 'cancel'" in str(e)  # finished first
+        seen = await job_events(c, "big", "concluded")
+        info = (await c.execute("query-jobs"))[0]
+        if "aborting" in seen:
+            assert info["error"] == "Operation canceled", info
+        else:
+            assert "error" not in info
+        assert info["total-progress"] in (0, 256 << 20)
+        with pytest.raises(ExecuteError, match="in state 'concluded' cannot accept command verb 'cancel'"):
+            await c.execute("job-cancel", {"id": "big"})
+        await c.execute("job-dismiss", {"id": "big"})
+        await c.disconnect()
+
+    run(go())
+
+
+def test_create_errors(daemon, workdir):
+    async def go():
+        c = await connect(daemon.monitor)
+        with pytest.raises(ExecuteError, match="node 'nope'"):
+            await c.execute("blockdev-create", {"job-id": "e1", "options": {
+                "driver": "qcow2", "file": "nope", "size": 1 << 20}})
+        with pytest.raises(ExecuteError, match="size"):
+            await c.execute("blockdev-create", {"job-id": "e1", "options": {
+                "driver": "file", "filename": str(workdir / "x")}})
+        with pytest.raises(ExecuteError, match="Invalid job ID"):
+            await c.execute("blockdev-create", {"job-id": "9x", "options": {
+                "driver": "file", "filename": str(workdir / "x"), "size": 0}})
+        # A node in use may not be overwritten.
+        (workdir / "used.img").write_bytes(b"\0" * 4096)
+        await c.execute("blockdev-add", {"driver": "raw", "node-name": "r",
+                                         "file": {"driver": "file", "node-name": "uf",
+                                                  "filename": str(workdir / "used.img")}})
+        with pytest.raises(ExecuteError, match="in use"):
+            await c.execute("blockdev-create", {"job-id": "e2", "options": {
+                "driver": "qcow2", "file": "uf", "size": 1 << 20}})
+        # A failure inside the job: the job ends with the error.
+        await c.execute("blockdev-create", {"job-id": "e3", "options": {
+            "driver": "file", "filename": str(workdir / "no-such-dir" / "x"), "size": 0}})
+        assert await job_events(c, "e3", "concluded") == [
+            "created", "running", "aborting", "concluded"]
+        info = (await c.execute("query-jobs"))[0]
+        assert "Could not create" in info["error"], info
+        await c.execute("job-dismiss", {"id": "e3"})
+        with pytest.raises(ExecuteError, match="Job 'e3' not found"):
+            await c.execute("job-dismiss", {"id": "e3"})
+        assert await c.execute("query-block-jobs") == []
+        await c.disconnect()
+
+    run(go())
