@@ -27,6 +27,19 @@ const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
 const F_INDIRECT: u16 = 4;
 
+/// Copies `buf.len()` bytes of guest memory at `p` into `buf`, volatile
+/// (the guest may change them under us).
+///
+/// # Safety
+/// `p..p + buf.len()` must be mapped guest memory that stays mapped for the
+/// call.
+unsafe fn load(p: *const u8, buf: &mut [u8]) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        // SAFETY: inside the range the caller vouches for.
+        *b = unsafe { p.add(i).read_volatile() };
+    }
+}
+
 /// The host address of `len` guest bytes at `addr`, if they lie in one
 /// region. `len` 0 is allowed (any address in a region).
 pub fn host_range(mem: &GuestMem, addr: GuestAddress, len: u64) -> Option<*mut u8> {
@@ -43,12 +56,9 @@ pub fn host_range(mem: &GuestMem, addr: GuestAddress, len: u64) -> Option<*mut u
 pub fn read(mem: &GuestMem, addr: GuestAddress, buf: &mut [u8]) -> bool {
     match host_range(mem, addr, buf.len() as u64) {
         Some(p) => {
-            for (i, b) in buf.iter_mut().enumerate() {
-                // SAFETY: `p..p + buf.len()` is mapped guest memory (checked
-                // by host_range), kept mapped by the caller's memory guard.
-                // Volatile: the guest may change it under us.
-                *b = unsafe { p.add(i).read_volatile() };
-            }
+            // SAFETY: `p..p + buf.len()` is mapped guest memory (checked by
+            // host_range), kept mapped by the caller's memory guard.
+            unsafe { load(p, buf) };
             true
         }
         None => mem.read_slice(buf, addr).is_ok(),
@@ -93,13 +103,9 @@ impl Table {
         let mut raw = [0u8; DESC_SIZE as usize];
         let at = u64::from(index) * DESC_SIZE;
         match self.host {
-            Some(p) => {
-                for (i, b) in raw.iter_mut().enumerate() {
-                    // SAFETY: index < size, so the 16 bytes lie in the table,
-                    // which host_range found mapped in one region.
-                    *b = unsafe { p.add(at as usize + i).read_volatile() };
-                }
-            }
+            // SAFETY: index < size, so the 16 bytes lie in the table, which
+            // host_range found mapped in one region.
+            Some(p) => unsafe { load(p.add(at as usize), &mut raw) },
             None => {
                 let addr = GuestAddress(self.addr.checked_add(at)?);
                 mem.read_slice(&mut raw, addr).ok()?;
@@ -193,10 +199,8 @@ impl Rings {
     pub fn avail_head(&self, idx: u16) -> u16 {
         let at = 4 + 2 * usize::from(idx % self.size);
         let mut b = [0u8; 2];
-        for (i, v) in b.iter_mut().enumerate() {
-            // SAFETY: `at + 1 < 4 + 2 * size`, inside the mapped avail ring.
-            *v = unsafe { self.avail.add(at + i).read_volatile() };
-        }
+        // SAFETY: `at + 1 < 4 + 2 * size`, inside the mapped avail ring.
+        unsafe { load(self.avail.add(at), &mut b) };
         u16::from_le_bytes(b)
     }
 
@@ -229,10 +233,8 @@ impl Rings {
         fence(Ordering::SeqCst);
         let at = 4 + 2 * usize::from(self.size);
         let mut b = [0u8; 2];
-        for (i, v) in b.iter_mut().enumerate() {
-            // SAFETY: used_event is the last field of the mapped avail ring.
-            *v = unsafe { self.avail.add(at + i).read_volatile() };
-        }
+        // SAFETY: used_event is the last field of the mapped avail ring.
+        unsafe { load(self.avail.add(at), &mut b) };
         let event = u16::from_le_bytes(b);
         new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
     }
