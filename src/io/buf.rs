@@ -46,7 +46,9 @@ impl Drop for IoVecs {
         } else {
             inner.iov.clear();
         }
-        POOL.with(|p| {
+        // try_with: lists still held by other thread-locals (a worker's
+        // tasks) drop while the thread exits, after the pool is gone.
+        let _ = POOL.try_with(|p| {
             if let Ok(mut p) = p.try_borrow_mut() {
                 if p.len() < POOL_MAX {
                     p.push(rc);
@@ -104,7 +106,10 @@ impl IoVecs {
     /// for as long as `owner` is alive, and `owner` must not move that memory.
     pub unsafe fn from_raw(iov: IoVecList, owner: Owner) -> Self {
         let len = iov.iter().map(|v| v.iov_len as u64).sum();
-        let pooled = POOL.with(|p| p.try_borrow_mut().ok().and_then(|mut p| p.pop()));
+        let pooled = POOL
+            .try_with(|p| p.try_borrow_mut().ok().and_then(|mut p| p.pop()))
+            .ok()
+            .flatten();
         let inner = match pooled {
             Some(mut rc) => {
                 let slot = Rc::get_mut(&mut rc).expect("pooled lists are unshared");
@@ -310,6 +315,22 @@ impl BounceView {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_list_dropped_after_the_pool_at_thread_exit_does_not_panic() {
+        thread_local! {
+            static HOLD: RefCell<Option<IoVecs>> = const { RefCell::new(None) };
+        }
+        let t = std::thread::spawn(|| {
+            // HOLD's destructor is registered before the pool's, so it runs
+            // after the pool is gone (as a worker's tasks do).
+            HOLD.with(|h| h.borrow_mut().take());
+            let (v, _) = IoVecs::bounce(512, 512);
+            drop(v.clone());
+            HOLD.with(|h| *h.borrow_mut() = Some(v));
+        });
+        assert!(t.join().is_ok(), "the thread panicked while exiting");
+    }
 
     #[test]
     fn lists_are_recycled_and_nested_owners_drop_cleanly() {
