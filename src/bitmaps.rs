@@ -87,6 +87,17 @@ pub fn find(node: &Node, name: &str) -> Result<Arc<DirtyBitmap>, String> {
         .ok_or_else(|| format!("Dirty bitmap '{name}' not found on node '{}'", node.name()))
 }
 
+/// A bitmap a job uses (a backup's) cannot be changed meanwhile.
+fn refuse_busy(b: &DirtyBitmap) -> Result<(), String> {
+    if b.is_busy() {
+        return Err(format!(
+            "Bitmap '{}' is currently in use by another operation and cannot be used",
+            b.name()
+        ));
+    }
+    Ok(())
+}
+
 fn default_granularity(node: &Node) -> u64 {
     match node.driver() {
         Driver::Qcow2(q) => q.cluster_size().clamp(4096, 1 << 31),
@@ -122,6 +133,7 @@ pub fn prepare_add(state: &State, a: &AddArgs) -> Result<Prepared, String> {
 pub fn prepare_named(state: &State, a: &NameArgs, kind: &str) -> Result<Prepared, String> {
     let n = node(state, &a.node)?;
     let b = find(&n, &a.name)?;
+    refuse_busy(&b)?;
     let op = match kind {
         "remove" => Op::Remove(b),
         "clear" => Op::Clear(b),
@@ -135,6 +147,7 @@ pub fn prepare_named(state: &State, a: &NameArgs, kind: &str) -> Result<Prepared
 pub fn prepare_merge(state: &State, a: &MergeArgs) -> Result<Prepared, String> {
     let n = node(state, &a.node)?;
     let target = find(&n, &a.target)?;
+    refuse_busy(&target)?;
     let mut sources = Vec::new();
     for s in &a.bitmaps {
         let b = match s {

@@ -249,7 +249,10 @@ impl State {
     }
 
     /// Like [`State::drained`], for every export that reaches any of `nodes`.
+    /// Block jobs working on a node below or above one of them pause at
+    /// their next pause point first (except the calling job itself).
     pub fn drained_many<R>(&self, nodes: &[&Node], f: impl FnOnce() -> R) -> R {
+        let jobs = crate::jobs::drain_begin(nodes);
         let affected: Vec<Arc<ExportState>> = self
             .export_states()
             .into_iter()
@@ -269,6 +272,7 @@ impl State {
         for e in &affected {
             e.drained_end();
         }
+        crate::jobs::drain_end(jobs);
         r
     }
 

@@ -21,6 +21,8 @@ pub struct DirtyBitmap {
     bits: Vec<AtomicU64>,
     enabled: AtomicBool,
     persistent: bool,
+    /// In use by a job (a backup's bitmap): commands must not change it.
+    busy: AtomicBool,
 }
 
 impl std::fmt::Debug for DirtyBitmap {
@@ -59,6 +61,7 @@ impl DirtyBitmap {
             bits: (0..words).map(|_| AtomicU64::new(0)).collect(),
             enabled: AtomicBool::new(enabled),
             persistent,
+            busy: AtomicBool::new(false),
         })
     }
 
@@ -84,6 +87,14 @@ impl DirtyBitmap {
 
     pub fn is_persistent(&self) -> bool {
         self.persistent
+    }
+
+    pub fn is_busy(&self) -> bool {
+        self.busy.load(Ordering::Acquire)
+    }
+
+    pub fn set_busy(&self, busy: bool) {
+        self.busy.store(busy, Ordering::Release);
     }
 
     /// Marks `[offset, offset + len)` dirty (if recording).
@@ -201,6 +212,61 @@ impl DirtyBitmap {
         b
     }
 
+    /// Marks `[offset, offset + len)` dirty whether or not recording is on
+    /// (a job's own bookkeeping).
+    pub fn set(&self, offset: u64, len: u64) {
+        if len == 0 || offset >= self.size {
+            return;
+        }
+        let end = (offset + len).min(self.size);
+        self.set_range(offset >> self.shift, (end - 1) >> self.shift);
+    }
+
+    /// Clears the granules `[offset, offset + len)` covers entirely or in
+    /// part (callers pass granule-aligned ranges).
+    pub fn clear_range(&self, offset: u64, len: u64) {
+        if len == 0 || offset >= self.size {
+            return;
+        }
+        let end = (offset + len).min(self.size);
+        let (first, last) = (offset >> self.shift, (end - 1) >> self.shift);
+        for g in first..=last {
+            if let Some(w) = self.bits.get((g / 64) as usize) {
+                let bit = 1u64 << (g % 64);
+                if w.load(Ordering::Relaxed) & bit != 0 {
+                    w.fetch_and(!bit, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// The offset of the first dirty granule at or after `from`.
+    pub fn next_dirty(&self, from: u64) -> Option<u64> {
+        let mut g = from >> self.shift;
+        let granules = self.size.div_ceil(self.granularity);
+        while g < granules {
+            let w = self.bits.get((g / 64) as usize)?.load(Ordering::Relaxed) >> (g % 64);
+            if w == 0 {
+                g = (g / 64 + 1) * 64;
+                continue;
+            }
+            let at = g + u64::from(w.trailing_zeros());
+            return (at < granules).then_some(at << self.shift);
+        }
+        None
+    }
+
+    /// How many bytes from `offset` (a dirty granule's start) are dirty
+    /// without a break, at most `max` (rounded up to whole granules, and
+    /// clipped to the size).
+    pub fn dirty_run(&self, offset: u64, max: u64) -> u64 {
+        let mut end = offset;
+        while end < self.size && end - offset < max && self.is_dirty(end) {
+            end += self.granularity;
+        }
+        end.min(self.size) - offset
+    }
+
     /// Whether the granule holding `offset` is dirty.
     pub fn is_dirty(&self, offset: u64) -> bool {
         let g = offset >> self.shift;
@@ -249,5 +315,23 @@ mod tests {
         t.mark(500_000, 1);
         assert_eq!(t.count(), 1000 * 512 - 458752);
         assert!(DirtyBitmap::new("x", 1, 1000, true, false).is_err());
+    }
+
+    #[test]
+    fn dirty_runs_are_found_and_cleared() {
+        let b = DirtyBitmap::new("b", 1 << 20, 4096, false, false).unwrap();
+        assert_eq!(b.next_dirty(0), None);
+        b.set(8192, 8192);
+        b.set(300 * 4096, 1);
+        assert_eq!(b.next_dirty(0), Some(8192));
+        assert_eq!(b.dirty_run(8192, 1 << 20), 8192);
+        assert_eq!(b.dirty_run(8192, 4096), 4096);
+        b.clear_range(8192, 8192);
+        assert_eq!(b.next_dirty(0), Some(300 * 4096));
+        assert_eq!(b.next_dirty(300 * 4096 + 1), None);
+        // A tail shorter than a granule is clipped.
+        let t = DirtyBitmap::new("t", 5000, 4096, true, false).unwrap();
+        t.set(4096, 10);
+        assert_eq!(t.dirty_run(4096, 1 << 20), 904);
     }
 }

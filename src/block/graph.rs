@@ -78,6 +78,11 @@ impl Graph {
         Ok(node)
     }
 
+    /// Whether the node was opened for a parent (and goes with it).
+    pub fn is_implicit(&self, name: &str) -> bool {
+        self.implicit.contains(name)
+    }
+
     pub fn throttle_group(&self, id: &str) -> Option<Arc<ThrottleGroup>> {
         self.throttle_groups.get(id).cloned()
     }
@@ -130,6 +135,9 @@ impl Graph {
             });
         }
         node.close();
+        // Gone for good: its edges give up their permissions and locks now,
+        // even if a replaced edge elsewhere still keeps the node in memory.
+        node.release_children();
         self.nodes.remove(name);
         self.implicit.remove(name);
         drop(node);
@@ -137,13 +145,14 @@ impl Graph {
             let orphan = self.implicit.iter().find(|n| {
                 self.nodes
                     .get(*n)
-                    .is_some_and(|node| node.parents().is_empty() && Arc::strong_count(node) == 1)
+                    .is_some_and(|node| node.parents().is_empty())
             });
             let Some(orphan) = orphan.cloned() else {
                 break;
             };
             if let Some(node) = self.nodes.remove(&orphan) {
                 node.close();
+                node.release_children();
             }
             self.implicit.remove(&orphan);
         }

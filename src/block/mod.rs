@@ -13,8 +13,10 @@ pub mod bitmap;
 mod error;
 mod future;
 mod graph;
+pub mod hooks;
 mod node;
 mod perm;
+pub mod ranges;
 mod stats;
 pub mod swap;
 

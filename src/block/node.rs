@@ -115,6 +115,8 @@ pub struct Node {
     write_threshold: AtomicU64,
     /// Dirty bitmaps recording writes through this node.
     bitmaps: super::swap::Swap<super::bitmap::BitmapList>,
+    /// Block jobs' write hooks (copy-before-write, mirroring).
+    hooks: super::swap::Swap<super::hooks::HookList>,
 }
 
 impl fmt::Debug for Node {
@@ -136,6 +138,7 @@ impl Node {
             parents: Mutex::new(Vec::new()),
             write_threshold: AtomicU64::new(0),
             bitmaps: super::swap::Swap::new(Arc::new(Vec::new())),
+            hooks: super::swap::Swap::new(Arc::new(Vec::new())),
         })
     }
 
@@ -258,6 +261,56 @@ impl Node {
     /// Replaces the list of bitmaps (management; the caller serialises).
     pub fn set_bitmaps(&self, list: Vec<Arc<super::bitmap::DirtyBitmap>>) {
         self.bitmaps.replace(Arc::new(list));
+    }
+
+    /// Adds a write hook. The caller holds the node's users in a drained
+    /// section, so that no write in flight misses it.
+    pub fn add_write_hook(&self, hook: Arc<dyn super::hooks::WriteHook>) {
+        let mut list: Vec<_> = self.hooks.get().iter().cloned().collect();
+        list.push(hook);
+        self.hooks.replace(Arc::new(list));
+    }
+
+    /// Removes a hook added by [`Node::add_write_hook`] (same drain rule).
+    pub fn remove_write_hook(&self, hook: &Arc<dyn super::hooks::WriteHook>) {
+        let list: Vec<_> = self
+            .hooks
+            .get()
+            .iter()
+            .filter(|h| !Arc::ptr_eq(h, hook))
+            .cloned()
+            .collect();
+        self.hooks.replace(Arc::new(list));
+    }
+
+    /// Runs `inner` (a write not started yet) through the node's hooks.
+    fn hooked<'a>(
+        &'a self,
+        offset: u64,
+        len: u64,
+        op: super::hooks::WriteOp<'a>,
+        inner: impl FnOnce() -> BlockFuture<'a> + 'a,
+    ) -> BlockFuture<'a> {
+        let hooks = self.hooks.get();
+        if hooks.is_empty() {
+            return inner();
+        }
+        // The driver's call starts only when the hooks let it (an
+        // async block is lazy; some drivers queue I/O when called).
+        let mut f = BlockFuture::boxed(async move { inner().await });
+        for h in hooks.iter() {
+            f = h.wrap(self, offset, len, op, f);
+        }
+        f
+    }
+
+    /// Releases every child edge now (the node left the graph for good:
+    /// a job dropped it from a chain). Its permissions and image locks on
+    /// the children go; the node must not be used for I/O afterwards.
+    pub fn release_children(&self) {
+        for c in self.children() {
+            c.release();
+        }
     }
 
     fn mark_dirty(&self, offset: u64, len: u64) {
@@ -391,7 +444,12 @@ impl Node {
         }
         self.check_write_threshold(offset, iov.len());
         self.mark_dirty(offset, iov.len());
-        self.driver.pwritev(self, offset, iov, fua)
+        self.hooked(
+            offset,
+            iov.len(),
+            super::hooks::WriteOp::Data(iov, fua),
+            move || self.driver.pwritev(self, offset, iov, fua),
+        )
     }
 
     pub fn flush(&self) -> BlockFuture<'_> {
@@ -418,7 +476,9 @@ impl Node {
             return refused;
         }
         self.mark_dirty(offset, len);
-        self.driver.pdiscard(self, offset, len)
+        self.hooked(offset, len, super::hooks::WriteOp::Discard, move || {
+            self.driver.pdiscard(self, offset, len)
+        })
     }
 
     /// Makes `len` bytes at `offset` read as zeroes; with `may_unmap` the
@@ -435,7 +495,12 @@ impl Node {
         }
         self.check_write_threshold(offset, len);
         self.mark_dirty(offset, len);
-        self.driver.pwrite_zeroes(self, offset, len, may_unmap, fua)
+        self.hooked(
+            offset,
+            len,
+            super::hooks::WriteOp::Zeroes(may_unmap, fua),
+            move || self.driver.pwrite_zeroes(self, offset, len, may_unmap, fua),
+        )
     }
 }
 
@@ -449,6 +514,8 @@ pub struct Child {
     node: super::swap::Swap<Arc<Node>>,
     perm: std::sync::atomic::AtomicU8,
     shared: std::sync::atomic::AtomicU8,
+    /// Set by [`Child::release`]: the parent link is gone already.
+    released: AtomicBool,
 }
 
 impl fmt::Debug for Child {
@@ -479,7 +546,17 @@ impl Child {
             node: super::swap::Swap::new(node),
             perm: std::sync::atomic::AtomicU8::new(perm.bits()),
             shared: std::sync::atomic::AtomicU8::new(shared.bits()),
+            released: AtomicBool::new(false),
         })
+    }
+
+    /// Gives up the edge's permissions (and image locks) now rather than
+    /// when the edge is dropped: for an edge that a `Swap` keeps alive
+    /// after it was replaced (a backing edge a job took out of a chain).
+    pub fn release(&self) {
+        if !self.released.swap(true, Ordering::AcqRel) {
+            self.node().detach_parent(&self.parent, self.role);
+        }
     }
 
     pub fn node(&self) -> &Arc<Node> {
@@ -524,6 +601,6 @@ impl Child {
 
 impl Drop for Child {
     fn drop(&mut self) {
-        self.node().detach_parent(&self.parent, self.role);
+        self.release();
     }
 }

@@ -12,14 +12,12 @@
 //! A read that copies and a guest write to the same bytes are serialised
 //! (QEMU marks copy-on-read requests serialising): otherwise the copy could
 //! write old data over the guest's newer write. Both take the range in a
-//! small table of ranges in flight and wait for an overlapping one.
-
-use std::sync::Mutex;
+//! table of ranges in flight ([`RangeLock`]) and wait for an overlapping one.
 
 use serde::Deserialize;
 
-use super::qcow2::lock::{self, Notifier};
 use super::{Allocation, BlockdevRef};
+use crate::block::ranges::RangeLock;
 use crate::block::{BlockError, Child, ChildRole, Graph, GraphError, Node, Perm};
 use crate::io::IoVecs;
 use crate::opts;
@@ -37,40 +35,11 @@ pub struct CorOptions {
     pub read_only: bool,
 }
 
-struct Range {
-    id: u64,
-    start: u64,
-    end: u64,
-    waiters: Vec<Notifier>,
-}
-
-#[derive(Default)]
-struct Ranges {
-    next: u64,
-    list: Vec<Range>,
-}
-
 pub struct CorDriver {
     file: Child,
     /// Depth of `bottom` below the filtered node (copy from it and above).
     bottom_depth: Option<u32>,
-    ranges: Mutex<Ranges>,
-}
-
-/// Holds a range of the filter; released (waking waiters) on drop.
-struct RangeGuard<'a> {
-    d: &'a CorDriver,
-    id: u64,
-}
-
-impl Drop for RangeGuard<'_> {
-    fn drop(&mut self) {
-        let mut r = self.d.ranges.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = r.list.iter().position(|x| x.id == self.id) {
-            // Dropping the notifiers wakes the waiters.
-            r.list.remove(i);
-        }
-    }
+    ranges: RangeLock,
 }
 
 impl CorDriver {
@@ -109,7 +78,7 @@ impl CorDriver {
         Ok(CorDriver {
             file,
             bottom_depth,
-            ranges: Mutex::new(Ranges::default()),
+            ranges: RangeLock::default(),
         })
     }
 
@@ -123,34 +92,6 @@ impl CorDriver {
 
     pub fn request_alignment(&self) -> u32 {
         self.file.node().request_alignment()
-    }
-
-    /// Takes `[start, end)` once no overlapping range is held.
-    async fn take(&self, start: u64, end: u64) -> RangeGuard<'_> {
-        loop {
-            let wait = {
-                let mut r = self.ranges.lock().unwrap_or_else(|e| e.into_inner());
-                match r.list.iter_mut().find(|x| x.start < end && start < x.end) {
-                    Some(busy) => {
-                        let (n, w) = lock::signal();
-                        busy.waiters.push(n);
-                        w
-                    }
-                    None => {
-                        r.next += 1;
-                        let id = r.next;
-                        r.list.push(Range {
-                            id,
-                            start,
-                            end,
-                            waiters: Vec::new(),
-                        });
-                        return RangeGuard { d: self, id };
-                    }
-                }
-            };
-            wait.await;
-        }
     }
 
     fn copies(&self, depth: u32) -> bool {
@@ -167,7 +108,7 @@ impl CorDriver {
             let n = st.len.clamp(1, len - done);
             let part = iov.sub(done, n);
             if st.kind != Allocation::Unallocated && self.copies(st.depth) && !node.is_read_only() {
-                let _g = self.take(pos, pos + n).await;
+                let _g = self.ranges.take(pos, pos + n).await;
                 node.preadv(pos, &part).await?;
                 node.pwritev(pos, &part, false).await?;
             } else {
@@ -179,7 +120,7 @@ impl CorDriver {
     }
 
     pub async fn pwritev(&self, offset: u64, iov: &IoVecs, fua: bool) -> Result<(), BlockError> {
-        let _g = self.take(offset, offset + iov.len()).await;
+        let _g = self.ranges.take(offset, offset + iov.len()).await;
         self.file.node().pwritev(offset, iov, fua).await
     }
 
@@ -190,7 +131,7 @@ impl CorDriver {
         may_unmap: bool,
         fua: bool,
     ) -> Result<(), BlockError> {
-        let _g = self.take(offset, offset + len).await;
+        let _g = self.ranges.take(offset, offset + len).await;
         self.file
             .node()
             .pwrite_zeroes(offset, len, may_unmap, fua)
@@ -198,7 +139,7 @@ impl CorDriver {
     }
 
     pub async fn pdiscard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        let _g = self.take(offset, offset + len).await;
+        let _g = self.ranges.take(offset, offset + len).await;
         self.file.node().pdiscard(offset, len).await
     }
 }

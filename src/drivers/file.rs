@@ -14,7 +14,7 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -79,6 +79,8 @@ pub struct FileDriver {
     size: AtomicU64,
     request_alignment: AtomicU32,
     mem_alignment: AtomicUsize,
+    /// The descriptor was opened read-write.
+    writable: AtomicBool,
     locking: bool,
     /// The permissions locked now: (taken, not shared).
     locks: Mutex<(Perm, Perm)>,
@@ -129,6 +131,7 @@ fn ofd_taken(fd: RawFd, byte: i64) -> io::Result<bool> {
 /// applied.
 pub struct FileReopen {
     file: File,
+    writable: bool,
     direct: bool,
     no_flush: bool,
     discard_unmap: bool,
@@ -217,6 +220,7 @@ impl FileDriver {
             size: AtomicU64::new(size),
             request_alignment: AtomicU32::new(request_alignment),
             mem_alignment: AtomicUsize::new(mem_alignment),
+            writable: AtomicBool::new(!o.read_only),
             locking: o.locking != Locking::Off,
             locks: Mutex::new((Perm::NONE, Perm::NONE)),
         })
@@ -276,6 +280,7 @@ impl FileDriver {
         })?;
         Ok(FileReopen {
             file,
+            writable: !o.read_only,
             direct: o.cache.direct,
             no_flush: o.cache.no_flush,
             discard_unmap: o.discard == DiscardMode::Unmap,
@@ -295,6 +300,7 @@ impl FileDriver {
         self.request_alignment
             .store(r.request_alignment, Ordering::Relaxed);
         self.mem_alignment.store(r.mem_alignment, Ordering::Relaxed);
+        self.writable.store(r.writable, Ordering::Relaxed);
         // The old descriptor's locks go with it; the new one takes them.
         *file = r.file;
         if self.locking {
@@ -306,6 +312,78 @@ impl FileDriver {
                 );
             }
         }
+    }
+
+    /// Opens the file again read-write, with the same cache options, and
+    /// makes `node` (this driver's node) writable: a backing image opened
+    /// read-only becomes the target of block-commit. Called with no
+    /// request in flight (in a drained section). The locks held now move
+    /// to the new descriptor; taking write permission is the parents'
+    /// business ([`crate::block::Child::set_perm`]).
+    pub fn reopen_read_write(&self, node: &Node) -> Result<(), String> {
+        self.reopen_access(node, true)
+    }
+
+    /// The reverse of [`FileDriver::reopen_read_write`]: a read-only
+    /// descriptor again, and `node` read-only. The caller has dropped
+    /// every parent's write permission.
+    pub fn reopen_read_only(&self, node: &Node) -> Result<(), String> {
+        self.reopen_access(node, false)
+    }
+
+    fn reopen_access(&self, node: &Node, write: bool) -> Result<(), String> {
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        if self.writable.load(Ordering::Relaxed) != write {
+            let mut flags = libc::O_CLOEXEC;
+            if self.is_direct() {
+                flags |= libc::O_DIRECT;
+            }
+            let mode = if write { "read-write" } else { "read-only" };
+            let err = |e: io::Error| {
+                format!(
+                    "node '{}': cannot reopen '{}' {mode}: {e}",
+                    node.name(),
+                    self.filename
+                )
+            };
+            let new = OpenOptions::new()
+                .read(true)
+                .write(write)
+                .custom_flags(flags)
+                .open(&self.filename)
+                .map_err(err)?;
+            // The name may point at another file by now (renamed, replaced).
+            let (old_meta, new_meta) =
+                (file.metadata().map_err(err)?, new.metadata().map_err(err)?);
+            if (old_meta.dev(), old_meta.ino()) != (new_meta.dev(), new_meta.ino()) {
+                return Err(format!(
+                    "node '{}': '{}' is not the file that was opened any more; it cannot be reopened {mode}",
+                    node.name(),
+                    self.filename
+                ));
+            }
+            // The new descriptor takes the locks before the old one drops
+            // them (closing it), so that no other process can slip in
+            // between. Both are read locks of this process: no conflict.
+            if self.locking {
+                let (perm, unshared) = *self.locks.lock().unwrap_or_else(|e| e.into_inner());
+                // On failure `new` is closed, and its locks with it.
+                self.apply_locks(new.as_raw_fd(), perm, unshared)
+                    .map_err(err)?;
+            }
+            self.fd.store(new.as_raw_fd(), Ordering::Release);
+            *file = new;
+            self.writable.store(write, Ordering::Relaxed);
+        }
+        node.set_read_only(!write);
+        Ok(())
+    }
+
+    /// The image locks held now, as (permissions taken, permissions not
+    /// shared); `None` with `locking=off`.
+    pub fn held_locks(&self) -> Option<(Perm, Perm)> {
+        self.locking
+            .then(|| *self.locks.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     pub fn filename(&self) -> &str {

@@ -11,15 +11,40 @@
 //! A job's state sits under its own mutex; the job thread waits on a
 //! condition variable at pause points. Jobs that reach `null` leave the
 //! registry.
+//!
+//! Block jobs (stream, commit, mirror, backup) also name the nodes they
+//! work on: a drained section of any of them pauses the job and waits
+//! until it stands at a pause point (`busy` false), so that no job I/O
+//! is in flight while the graph changes, as QEMU pauses jobs in drains.
+//! Each job's thread is its own iothread: it does its I/O with the
+//! synchronous engine, beside the exports' iothreads, and sleeps (not
+//! spins) to keep to its `speed`.
 
+mod backup;
+mod commit;
+mod copy;
 pub mod create;
+mod mirror;
+mod ratelimit;
 pub mod state;
+mod stream;
 
+use std::cell::RefCell;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::block::Node;
+pub use backup::{backup, BackupArgs};
+pub use commit::{commit, CommitArgs};
+pub use copy::OnError;
+pub use mirror::{drive_mirror, mirror, DriveMirrorArgs, MirrorArgs};
 pub use state::{JobError, JobState, JobStatus, JobVerb};
+pub use stream::{stream, StreamArgs};
+
+/// How long a drain waits for a job to reach a pause point.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One job in the registry.
 pub struct Job {
@@ -28,6 +53,16 @@ pub struct Job {
     pub kind: &'static str,
     state: Mutex<JobState>,
     wake: Condvar,
+    /// Block jobs are listed by query-block-jobs; create jobs are not.
+    block: bool,
+    /// The nodes the job works on (drains of these pause it).
+    nodes: Mutex<Vec<Arc<Node>>>,
+    rate: Mutex<ratelimit::RateLimit>,
+}
+
+thread_local! {
+    /// The job whose thread this is: its own drains do not wait for it.
+    static CURRENT_JOB: RefCell<Option<String>> = const { RefCell::new(None) };
 }
 
 impl Job {
@@ -40,12 +75,121 @@ impl Job {
     pub fn pause_point(&self) -> bool {
         let mut s = self.state();
         if s.pause_point_enter() {
+            s.busy = false;
+            self.wake.notify_all();
             while s.should_pause() {
                 s = self.wake.wait(s).unwrap_or_else(|e| e.into_inner());
             }
+            s.busy = true;
             s.pause_point_leave();
         }
         !s.is_cancelled()
+    }
+
+    /// Sleeps up to `d`, at rest (a drain need not wait), and wakes early
+    /// for any command on the job; then passes a pause point. Returns
+    /// false if the job was cancelled.
+    pub fn sleep(&self, d: Duration) -> bool {
+        let deadline = Instant::now() + d;
+        {
+            let mut s = self.state();
+            let kicks = s.kicks;
+            s.busy = false;
+            self.wake.notify_all();
+            while !s.is_cancelled() && s.kicks == kicks && !s.should_pause() {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                s = self
+                    .wake
+                    .wait_timeout(s, deadline - now)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+            s.busy = true;
+        }
+        self.pause_point()
+    }
+
+    /// After `n` bytes of work: sleeps as long as `speed` asks.
+    pub fn rate_limit(&self, n: u64) -> bool {
+        let speed = self.state().speed;
+        let d = self
+            .rate
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .delay(speed, Instant::now(), n);
+        if d.is_zero() {
+            return self.pause_point();
+        }
+        self.sleep(d)
+    }
+
+    /// Runs `f` (a graph change at the end of the work) under the
+    /// monitor's command lock; the job is at rest while it waits for the
+    /// lock, so a command that drains its nodes meanwhile does not wait
+    /// for it.
+    pub fn with_command_lock<R>(&self, state: &crate::daemon::State, f: impl FnOnce() -> R) -> R {
+        self.state().busy = false;
+        self.wake.notify_all();
+        let _g = state.command_lock();
+        self.state().busy = true;
+        f()
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.state().is_cancelled()
+    }
+
+    /// Sets the nodes whose drains pause the job.
+    pub fn set_nodes(&self, nodes: Vec<Arc<Node>>) {
+        *self.nodes.lock().unwrap_or_else(|e| e.into_inner()) = nodes;
+    }
+
+    fn touches(&self, drained: &[&Node]) -> bool {
+        self.nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|n| drained.iter().any(|d| n.reaches(d) || d.reaches(n)))
+    }
+
+    /// The job reached `ready` (mirror, active commit): BLOCK_JOB_READY.
+    pub fn ready(&self) {
+        let mut s = self.state();
+        if s.status() != JobStatus::Running {
+            return;
+        }
+        s.ready();
+        crate::events::global().emit("BLOCK_JOB_READY", block_event(self.kind, &s));
+    }
+
+    /// An I/O error of the work: reported as BLOCK_JOB_ERROR and handled
+    /// as `policy` says. With `stop` the job pauses itself and the caller
+    /// retries once it passes its pause point again.
+    pub fn io_error(
+        &self,
+        policy: OnError,
+        write: bool,
+        err: &crate::block::BlockError,
+    ) -> copy::ErrorAction {
+        let nospace = err.errno() == libc::ENOSPC;
+        let action = policy.action(nospace);
+        crate::events::global().emit(
+            "BLOCK_JOB_ERROR",
+            json!({
+                "device": self.id,
+                "operation": if write { "write" } else { "read" },
+                "action": action.name(),
+            }),
+        );
+        log::warn!("job {}: {err} ({})", self.id, action.name());
+        if action == copy::ErrorAction::Stop {
+            self.state()
+                .error_pause(if nospace { "nospace" } else { "failed" });
+        }
+        action
     }
 
     /// Progress for query-jobs: `current` of `total` units done.
@@ -70,6 +214,40 @@ impl Job {
         }
         v
     }
+
+    /// query-block-jobs' BlockJobInfo.
+    pub fn block_info(&self) -> Value {
+        let s = self.state();
+        let mut v = json!({
+            "type": self.kind,
+            "device": self.id,
+            "len": s.progress_total,
+            "offset": s.progress_current,
+            "busy": s.busy,
+            "paused": s.is_paused(),
+            "speed": s.speed,
+            "io-status": s.io_status,
+            "ready": matches!(s.status(), JobStatus::Ready | JobStatus::Standby),
+            "status": s.status().name(),
+            "auto-finalize": s.auto_finalize,
+            "auto-dismiss": s.auto_dismiss,
+        });
+        if let Some(e) = s.error() {
+            v["error"] = json!(e);
+        }
+        v
+    }
+}
+
+/// The members BLOCK_JOB_READY, _COMPLETED and _CANCELLED share.
+fn block_event(kind: &str, s: &JobState) -> Value {
+    json!({
+        "type": kind,
+        "device": s.id,
+        "len": s.progress_total,
+        "offset": s.progress_current,
+        "speed": s.speed,
+    })
 }
 
 static REGISTRY: Mutex<Vec<Arc<Job>>> = Mutex::new(Vec::new());
@@ -93,6 +271,52 @@ pub fn register(
     auto_finalize: bool,
     auto_dismiss: bool,
 ) -> Result<Arc<Job>, String> {
+    insert(id, kind, auto_finalize, auto_dismiss, None)
+}
+
+/// Options every block job takes (qapi: job-id, speed, auto-finalize,
+/// auto-dismiss).
+pub struct BlockJobOptions {
+    pub id: String,
+    pub speed: u64,
+    pub auto_finalize: bool,
+    pub auto_dismiss: bool,
+}
+
+/// Registers a block job: it sends BLOCK_JOB_COMPLETED (or _CANCELLED)
+/// as it concludes, and works on `nodes`.
+pub fn register_block(
+    kind: &'static str,
+    o: &BlockJobOptions,
+    nodes: Vec<Arc<Node>>,
+) -> Result<Arc<Job>, String> {
+    insert(
+        &o.id,
+        kind,
+        o.auto_finalize,
+        o.auto_dismiss,
+        Some((o.speed, nodes)),
+    )
+}
+
+/// Refuses an id that is malformed or taken (before a job's set-up).
+pub fn check_id(id: &str) -> Result<(), String> {
+    if !id_wellformed(id) {
+        return Err(format!("Invalid job ID '{id}'"));
+    }
+    if registry().iter().any(|j| j.id == id) {
+        return Err(format!("Job ID '{id}' already in use"));
+    }
+    Ok(())
+}
+
+fn insert(
+    id: &str,
+    kind: &'static str,
+    auto_finalize: bool,
+    auto_dismiss: bool,
+    block: Option<(u64, Vec<Arc<Node>>)>,
+) -> Result<Arc<Job>, String> {
     if !id_wellformed(id) {
         return Err(format!("Invalid job ID '{id}'"));
     }
@@ -103,11 +327,32 @@ pub fn register(
     let on_change = Box::new(|id: &str, st: JobStatus| {
         crate::events::global().emit("JOB_STATUS_CHANGE", json!({"id": id, "status": st.name()}));
     });
+    let mut state = JobState::new(id, auto_finalize, auto_dismiss, on_change);
+    let is_block = block.is_some();
+    let mut nodes = Vec::new();
+    if let Some((speed, n)) = block {
+        state.speed = speed;
+        nodes = n;
+        state.set_on_conclude(Box::new(move |s: &JobState| {
+            let mut v = block_event(kind, s);
+            if s.is_cancelled() {
+                crate::events::global().emit("BLOCK_JOB_CANCELLED", v);
+            } else {
+                if let Some(e) = s.error() {
+                    v["error"] = json!(e);
+                }
+                crate::events::global().emit("BLOCK_JOB_COMPLETED", v);
+            }
+        }));
+    }
     let job = Arc::new(Job {
         id: id.to_string(),
         kind,
-        state: Mutex::new(JobState::new(id, auto_finalize, auto_dismiss, on_change)),
+        state: Mutex::new(state),
         wake: Condvar::new(),
+        block: is_block,
+        nodes: Mutex::new(nodes),
+        rate: Mutex::new(ratelimit::RateLimit::default()),
     });
     reg.push(job.clone());
     Ok(job)
@@ -122,12 +367,19 @@ pub fn spawn(job: Arc<Job>, work: impl FnOnce(&Job) -> Result<(), String> + Send
         .name(format!("job-{}", job.id))
         .spawn(move || {
             let job = thread_job;
+            CURRENT_JOB.with(|c| *c.borrow_mut() = Some(job.id.clone()));
+            job.state().busy = true;
             let result = if job.pause_point() {
                 work(&job)
             } else {
                 Ok(()) // cancelled before it began; work_done reports it
             };
-            job.state().work_done(result);
+            {
+                let mut s = job.state();
+                s.busy = false;
+                s.work_done(result);
+            }
+            job.nodes.lock().unwrap_or_else(|e| e.into_inner()).clear();
             job.wake.notify_all();
             reap();
         });
@@ -156,25 +408,122 @@ pub fn query() -> Value {
     Value::Array(registry().iter().map(|j| j.info()).collect())
 }
 
+/// query-block-jobs.
+pub fn query_block() -> Value {
+    Value::Array(
+        registry()
+            .iter()
+            .filter(|j| j.block)
+            .map(|j| j.block_info())
+            .collect(),
+    )
+}
+
+/// The block job `id` (block-job-* commands), or QEMU's error.
+pub fn get_block(id: &str) -> Result<Arc<Job>, String> {
+    registry()
+        .iter()
+        .find(|j| j.id == id && j.block)
+        .cloned()
+        .ok_or_else(|| format!("Block job {id} not found"))
+}
+
 /// The job-* commands: pause, resume, cancel, complete, finalize, dismiss.
 pub fn command(verb: JobVerb, id: &str) -> Result<(), String> {
-    let job = get(id)?;
+    run_verb(&*get(id)?, verb, true)
+}
+
+/// Applies `verb` to `job` (`force` matters for cancel only).
+pub fn run_verb(job: &Job, verb: JobVerb, force: bool) -> Result<(), String> {
     let r = {
         let mut s = job.state();
         match verb {
             JobVerb::Pause => s.user_pause(),
             JobVerb::Resume => s.user_resume(),
-            JobVerb::Cancel => s.cancel(),
+            JobVerb::Cancel => s.cancel(force),
             JobVerb::Finalize => s.finalize(),
             JobVerb::Dismiss => s.dismiss(),
-            // No job of ours reaches `ready` yet, and the state table
-            // refuses complete in every other state.
-            JobVerb::Complete | JobVerb::SetSpeed => s.check(verb),
+            JobVerb::Complete => s.complete(),
+            JobVerb::SetSpeed => s.check(verb),
         }
     };
     job.wake.notify_all();
     reap();
     r.map_err(|e| e.0)
+}
+
+/// block-job-set-speed.
+pub fn set_speed(id: &str, speed: i64) -> Result<(), String> {
+    if speed < 0 {
+        return Err("Parameter 'speed' expects a non-negative value".into());
+    }
+    let job = get_block(id)?;
+    job.state().set_speed(speed as u64).map_err(|e| e.0)?;
+    job.wake.notify_all();
+    Ok(())
+}
+
+/// block-job-cancel: refused for a paused job unless forced, as QEMU.
+pub fn cancel_block(id: &str, force: bool) -> Result<(), String> {
+    let job = get_block(id)?;
+    if job.state().user_paused() && !force {
+        return Err(format!(
+            "The block job for device '{id}' is currently paused"
+        ));
+    }
+    run_verb(&job, JobVerb::Cancel, force)
+}
+
+/// Pauses every job (but the calling thread's own) that works on a node
+/// below or above one of `nodes`, and waits until each is at rest: the
+/// jobs' half of a drained section. [`drain_end`] resumes them.
+pub fn drain_begin(nodes: &[&Node]) -> Vec<Arc<Job>> {
+    let me = CURRENT_JOB.with(|c| c.borrow().clone());
+    let jobs: Vec<Arc<Job>> = registry()
+        .iter()
+        .filter(|j| me.as_deref() != Some(j.id.as_str()) && j.touches(nodes))
+        .cloned()
+        .collect();
+    for j in &jobs {
+        let mut s = j.state();
+        s.pause();
+        s.kicks += 1;
+        drop(s);
+        j.wake.notify_all();
+    }
+    for j in &jobs {
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        let mut s = j.state();
+        while s.busy && !s.status().is_completed() {
+            let now = Instant::now();
+            if now >= deadline {
+                log::error!(
+                    "job {}: still busy after {DRAIN_TIMEOUT:?} of a drain; going on",
+                    j.id
+                );
+                break;
+            }
+            s = j
+                .wake
+                .wait_timeout(s, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+    jobs
+}
+
+/// Ends the jobs' half of a drained section.
+pub fn drain_end(jobs: Vec<Arc<Job>>) {
+    for j in jobs {
+        j.state().resume();
+        j.wake.notify_all();
+    }
+}
+
+/// The job-id of a block job: the given one, or the device's name.
+pub fn job_id(given: Option<&str>, device: &str) -> String {
+    given.unwrap_or(device).to_string()
 }
 
 #[cfg(test)]

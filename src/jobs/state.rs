@@ -146,6 +146,11 @@ impl std::error::Error for JobError {}
 /// Hears a job's state changes (the daemon sends JOB_STATUS_CHANGE).
 pub type OnChange = Box<dyn FnMut(&str, JobStatus) + Send>;
 
+/// Hears a job conclude, just before `concluded` (block jobs send
+/// BLOCK_JOB_COMPLETED or BLOCK_JOB_CANCELLED there, as QEMU does when it
+/// finalizes a job).
+pub type OnConclude = Box<dyn FnMut(&JobState) + Send>;
+
 /// The lifecycle of one job: state, pause count, cancellation, result,
 /// progress. `on_change` hears every state change (JOB_STATUS_CHANGE).
 pub struct JobState {
@@ -163,7 +168,21 @@ pub struct JobState {
     pub progress_current: u64,
     pub progress_total: u64,
     pub speed: u64,
+    /// Working between pause points (holding node references, I/O in
+    /// flight); a drain waits until this is false.
+    pub busy: bool,
+    /// block-job-complete was accepted.
+    complete_requested: bool,
+    /// Cancelled without `force` while ready: the job ends without its
+    /// pivot, as a success (a mirror then leaves a consistent copy).
+    soft_cancel: bool,
+    /// qapi BlockDeviceIoStatus: "ok", "failed" or "nospace".
+    pub io_status: &'static str,
+    /// Bumped by every command that the work may be waiting for (pause,
+    /// cancel, complete, set-speed), so that a sleeping job looks again.
+    pub kicks: u64,
     on_change: OnChange,
+    on_conclude: Option<OnConclude>,
 }
 
 impl JobState {
@@ -181,7 +200,13 @@ impl JobState {
             progress_current: 0,
             progress_total: 0,
             speed: 0,
+            busy: false,
+            complete_requested: false,
+            soft_cancel: false,
+            io_status: "ok",
+            kicks: 0,
             on_change,
+            on_conclude: None,
         };
         j.set(JobStatus::Created);
         j
@@ -189,6 +214,53 @@ impl JobState {
 
     pub fn status(&self) -> JobStatus {
         self.status
+    }
+
+    pub fn set_on_conclude(&mut self, f: OnConclude) {
+        self.on_conclude = Some(f);
+    }
+
+    /// Whether the job is paused by a user or an error (block jobs'
+    /// `paused`), or stopped at a pause point.
+    pub fn is_paused(&self) -> bool {
+        matches!(self.status, JobStatus::Paused | JobStatus::Standby) || self.user_paused
+    }
+
+    pub fn complete_requested(&self) -> bool {
+        self.complete_requested
+    }
+
+    pub fn soft_cancel(&self) -> bool {
+        self.soft_cancel
+    }
+
+    /// block-job-complete / job-complete: accepted only when ready.
+    pub fn complete(&mut self) -> Result<(), JobError> {
+        self.check(JobVerb::Complete)?;
+        if self.cancelled || self.soft_cancel {
+            return Err(JobError(format!("Job '{}' has been cancelled", self.id)));
+        }
+        self.complete_requested = true;
+        self.kicks += 1;
+        Ok(())
+    }
+
+    /// block-job-set-speed.
+    pub fn set_speed(&mut self, speed: u64) -> Result<(), JobError> {
+        self.check(JobVerb::SetSpeed)?;
+        self.speed = speed;
+        self.kicks += 1;
+        Ok(())
+    }
+
+    /// An I/O error with the `stop` policy: the job pauses as if a user
+    /// paused it, and block-job-resume retries.
+    pub fn error_pause(&mut self, io_status: &'static str) {
+        self.io_status = io_status;
+        if !self.user_paused {
+            self.user_paused = true;
+            self.pause();
+        }
     }
 
     pub fn is_cancelled(&self) -> bool {
@@ -289,6 +361,7 @@ impl JobState {
         }
         self.user_paused = true;
         self.pause();
+        self.kicks += 1;
         Ok(())
     }
 
@@ -299,14 +372,23 @@ impl JobState {
         }
         self.check(JobVerb::Resume)?;
         self.user_paused = false;
+        self.io_status = "ok";
         self.resume();
+        self.kicks += 1;
         Ok(())
     }
 
     /// job-cancel: the work stops at its next pause point, and the job ends
-    /// through aborting. A job not started yet ends at once.
-    pub fn cancel(&mut self) -> Result<(), JobError> {
+    /// through aborting. A job not started yet ends at once. Without
+    /// `force`, a ready job (mirror, active commit) ends instead as a
+    /// success without its pivot (QEMU's block-job-cancel semantics).
+    pub fn cancel(&mut self, force: bool) -> Result<(), JobError> {
         self.check(JobVerb::Cancel)?;
+        self.kicks += 1;
+        if !force && matches!(self.status, JobStatus::Ready | JobStatus::Standby) {
+            self.soft_cancel = true;
+            return Ok(());
+        }
         self.cancelled = true;
         if self.status == JobStatus::Created {
             self.error = Some("Operation canceled".into());
@@ -344,6 +426,9 @@ impl JobState {
     }
 
     fn conclude(&mut self) {
+        if let Some(mut f) = self.on_conclude.take() {
+            f(self);
+        }
         self.set(JobStatus::Concluded);
         if self.auto_dismiss {
             self.set(JobStatus::Null);
@@ -457,7 +542,7 @@ mod tests {
     fn cancel_and_errors_end_through_aborting() {
         let (mut j, seen) = job(true, true);
         j.start();
-        j.cancel().unwrap();
+        j.cancel(true).unwrap();
         assert!(j.is_cancelled() && !j.should_pause());
         j.work_done(Ok(()));
         assert_eq!(j.error(), Some("Operation canceled"));
@@ -471,11 +556,11 @@ mod tests {
         j.work_done(Err("No space left on device".into()));
         assert_eq!(j.status(), JobStatus::Concluded);
         assert_eq!(j.error(), Some("No space left on device"));
-        assert!(j.cancel().is_err());
+        assert!(j.cancel(true).is_err());
 
         // Cancelled before it started: straight to the end.
         let (mut j, seen) = job(true, true);
-        j.cancel().unwrap();
+        j.cancel(true).unwrap();
         assert_eq!(j.status(), JobStatus::Null);
         assert_eq!(
             *seen.lock().unwrap(),

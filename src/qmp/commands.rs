@@ -74,6 +74,18 @@ const COMMANDS: &[&str] = &[
     "blockdev-create",
     "query-jobs",
     "query-block-jobs",
+    "block-stream",
+    "block-commit",
+    "blockdev-mirror",
+    "drive-mirror",
+    "blockdev-backup",
+    "block-job-set-speed",
+    "block-job-pause",
+    "block-job-resume",
+    "block-job-cancel",
+    "block-job-complete",
+    "block-job-finalize",
+    "block-job-dismiss",
     "job-pause",
     "job-resume",
     "job-cancel",
@@ -210,6 +222,27 @@ enum RemoveMode {
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 struct JobId {
     id: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct BlockJobDevice {
+    device: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct BlockJobCancel {
+    device: String,
+    #[serde(default, deserialize_with = "opts::bool")]
+    force: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct BlockJobSpeed {
+    device: String,
+    speed: i64,
 }
 
 #[derive(Deserialize)]
@@ -570,9 +603,61 @@ pub fn dispatch(
         }
         "query-block-jobs" => {
             no_args(cmd)?;
-            // Block jobs (stream, commit, mirror, backup) are not
-            // implemented yet; create jobs are not block jobs.
-            ok(json!([]))
+            ok(crate::jobs::query_block())
+        }
+        "block-stream" => {
+            crate::jobs::stream(state, args(cmd)?).map_err(QmpError::generic)?;
+            ok(json!({}))
+        }
+        "block-commit" => {
+            crate::jobs::commit(state, args(cmd)?).map_err(QmpError::generic)?;
+            ok(json!({}))
+        }
+        "blockdev-mirror" => {
+            crate::jobs::mirror(state, args(cmd)?).map_err(QmpError::generic)?;
+            ok(json!({}))
+        }
+        "drive-mirror" => {
+            crate::jobs::drive_mirror(state, args(cmd)?).map_err(QmpError::generic)?;
+            ok(json!({}))
+        }
+        "blockdev-backup" => {
+            crate::jobs::backup(state, args(cmd)?).map_err(QmpError::generic)?;
+            ok(json!({}))
+        }
+        "block-job-set-speed" => {
+            let a: BlockJobSpeed = args(cmd)?;
+            crate::jobs::set_speed(&a.device, a.speed).map_err(block_job_error)?;
+            ok(json!({}))
+        }
+        "block-job-cancel" => {
+            let a: BlockJobCancel = args(cmd)?;
+            crate::jobs::cancel_block(&a.device, a.force).map_err(block_job_error)?;
+            ok(json!({}))
+        }
+        "block-job-pause" | "block-job-resume" | "block-job-complete" => {
+            use crate::jobs::JobVerb;
+            let a: BlockJobDevice = args(cmd)?;
+            let verb = match cmd.name.as_str() {
+                "block-job-pause" => JobVerb::Pause,
+                "block-job-resume" => JobVerb::Resume,
+                _ => JobVerb::Complete,
+            };
+            let job = crate::jobs::get_block(&a.device).map_err(block_job_error)?;
+            crate::jobs::run_verb(&job, verb, false).map_err(QmpError::generic)?;
+            ok(json!({}))
+        }
+        "block-job-finalize" | "block-job-dismiss" => {
+            use crate::jobs::JobVerb;
+            let a: JobId = args(cmd)?;
+            let verb = if cmd.name == "block-job-finalize" {
+                JobVerb::Finalize
+            } else {
+                JobVerb::Dismiss
+            };
+            let job = crate::jobs::get_block(&a.id).map_err(block_job_error)?;
+            crate::jobs::run_verb(&job, verb, false).map_err(QmpError::generic)?;
+            ok(json!({}))
         }
         "job-pause" | "job-resume" | "job-cancel" | "job-complete" | "job-finalize"
         | "job-dismiss" => {
@@ -591,6 +676,16 @@ pub fn dispatch(
         }
         other => Err(QmpError::command_not_found(other)),
     }
+}
+
+/// "Block job x not found" is QEMU's DeviceNotActive.
+fn block_job_error(desc: String) -> QmpError {
+    let class = if desc.starts_with("Block job ") && desc.ends_with(" not found") {
+        ErrorClass::DeviceNotActive
+    } else {
+        ErrorClass::GenericError
+    };
+    QmpError { class, desc }
 }
 
 fn histogram_json(h: &LatencyHistogram) -> Value {

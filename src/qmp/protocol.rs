@@ -16,6 +16,7 @@ pub enum ErrorClass {
     GenericError,
     CommandNotFound,
     DeviceNotFound,
+    DeviceNotActive,
 }
 
 impl ErrorClass {
@@ -24,6 +25,7 @@ impl ErrorClass {
             ErrorClass::GenericError => "GenericError",
             ErrorClass::CommandNotFound => "CommandNotFound",
             ErrorClass::DeviceNotFound => "DeviceNotFound",
+            ErrorClass::DeviceNotActive => "DeviceNotActive",
         }
     }
 }

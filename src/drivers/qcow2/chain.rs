@@ -1,0 +1,74 @@
+//! Changing an image's place in a chain (block jobs): its backing edge
+//! and the backing file name and format its header records.
+
+use std::os::unix::fs::FileExt;
+
+use super::{header, Qcow2Driver};
+use crate::block::Child;
+
+impl Qcow2Driver {
+    /// Points the backing edge at another node (or none). The old edge
+    /// gives up its permissions at once. The caller holds the node's
+    /// users in a drained section.
+    pub fn replace_backing(&self, new: Option<Child>) {
+        let old = self.backing();
+        self.backing.replace(new);
+        if let Some(o) = old {
+            o.release();
+        }
+    }
+
+    /// Rewrites the backing file name and, when the header has a backing
+    /// format extension, the format it names (its padded room of eight
+    /// bytes holds "qcow2" and "raw" alike). An empty name removes the
+    /// backing file.
+    pub fn change_backing_file_and_format(
+        &self,
+        name: &str,
+        format: Option<&str>,
+    ) -> Result<(), String> {
+        if let Some(fmt) = format.filter(|_| !name.is_empty()) {
+            self.set_backing_format(fmt)?;
+        }
+        self.change_backing_file(name)
+    }
+
+    fn set_backing_format(&self, fmt: &str) -> Result<(), String> {
+        let path = super::super::file_name_of(self.f())
+            .ok_or_else(|| format!("node '{}' has no image file", self.name))?;
+        let _meta = futures::executor::block_on(self.meta.lock());
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| format!("cannot open '{path}' for writing: {e}"))?;
+        let mut hdr = vec![0u8; self.g.cs.min(1 << 16) as usize];
+        let n = file.read_at(&mut hdr, 0).map_err(|e| e.to_string())?;
+        hdr.truncate(n);
+        let be32 =
+            |b: &[u8], o: usize| u32::from_be_bytes(b[o..o + 4].try_into().unwrap_or([0; 4]));
+        let mut off = self.header.header_length as usize;
+        while off + 8 <= hdr.len() {
+            let ty = be32(&hdr, off);
+            let len = be32(&hdr, off + 4) as usize;
+            if ty == header::EXT_END {
+                return Ok(()); // no format recorded: readers probe
+            }
+            let room = len.div_ceil(8) * 8;
+            if ty == header::EXT_BACKING_FORMAT {
+                if fmt.len() > room.max(8) || off + 8 + room.max(fmt.len()) > hdr.len() {
+                    return Err("the backing format does not fit in the header".into());
+                }
+                let mut data = vec![0u8; room];
+                data[..fmt.len()].copy_from_slice(fmt.as_bytes());
+                file.write_all_at(&data, (off + 8) as u64)
+                    .map_err(|e| e.to_string())?;
+                file.write_all_at(&(fmt.len() as u32).to_be_bytes(), (off + 4) as u64)
+                    .map_err(|e| e.to_string())?;
+                return file.sync_data().map_err(|e| e.to_string());
+            }
+            off += 8 + room;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,383 @@
+//! block-commit: merge the images from `top` down to just above `base`
+//! into `base`, then drop them from the chain.
+//!
+//! ```text
+//!   before:          export -> active -> top -> mid -> base
+//!   intermediate:    copy what top..mid hold into base (made writable),
+//!                    then active's backing becomes base
+//!   active commit:   top is the active image (under the export): a mirror
+//!                    from top to base (copying only what lies above base),
+//!                    ready, and on complete the export moves to base
+//! ```
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use super::copy::{self, OnError};
+use super::mirror::{Initial, Mirror, Pivot};
+use super::stream::{drop_nodes, set_backing, split_chain};
+use super::{BlockJobOptions, Job};
+use crate::block::{Child, ChildRole, Node, Perm};
+use crate::daemon::State;
+use crate::drivers::Driver;
+
+const CHUNK: u64 = 1 << 20;
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct CommitArgs {
+    pub job_id: Option<String>,
+    pub device: String,
+    pub base_node: Option<String>,
+    pub base: Option<String>,
+    pub top_node: Option<String>,
+    pub top: Option<String>,
+    pub backing_file: Option<String>,
+    pub backing_mask_protocol: Option<bool>,
+    #[serde(default)]
+    pub speed: i64,
+    #[serde(default)]
+    pub on_error: OnError,
+    pub filter_node_name: Option<String>,
+    #[serde(default = "yes")]
+    pub auto_finalize: bool,
+    #[serde(default = "yes")]
+    pub auto_dismiss: bool,
+}
+
+/// Makes `base` writable for the job (qcow2 or raw over a file), and lets
+/// the backing edge above it share writes while the job runs.
+fn make_base_writable(state: &State, base: &Arc<Node>, edge_above: &Child) -> Result<(), String> {
+    state.drained(base, || -> Result<(), String> {
+        match base.driver() {
+            Driver::Qcow2(q) => q.reopen_writable(base)?,
+            Driver::Raw(r) => {
+                let f = r.file().node();
+                if f.is_read_only() {
+                    let Driver::File(fd) = f.driver() else {
+                        return Err(format!("node '{}' cannot be made writable", base.name()));
+                    };
+                    fd.reopen_read_write(f)?;
+                }
+                r.file().set_perm(
+                    Perm::CONSISTENT_READ | Perm::WRITE,
+                    Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
+                );
+                base.set_read_only(false);
+            }
+            _ => {
+                return Err(format!(
+                    "node '{}' ({}) cannot be committed into",
+                    base.name(),
+                    base.driver_name()
+                ))
+            }
+        }
+        edge_above.set_perm(edge_above.perm(), edge_above.shared() | Perm::WRITE);
+        Ok(())
+    })
+}
+
+/// The image back to a read-only backing image after the job.
+fn make_base_read_only(base: &Node, edge_above: Option<&Child>) {
+    if let Some(e) = edge_above {
+        e.set_perm(e.perm(), Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED);
+    }
+    match base.driver() {
+        Driver::Qcow2(q) => q.make_read_only(),
+        Driver::Raw(r) => r.file().set_perm(Perm::CONSISTENT_READ, Perm::ALL),
+        _ => {}
+    }
+    base.set_read_only(true);
+}
+
+/// The backing edge that points at `node` from the image above it.
+fn edge_into<'a>(above: &'a Node, node: &Arc<Node>) -> Option<&'a Child> {
+    above
+        .children()
+        .into_iter()
+        .find(|c| c.role() == ChildRole::Backing && Arc::ptr_eq(c.node(), node))
+}
+
+struct Intermediate {
+    top: Arc<Node>,
+    overlay: Arc<Node>,
+    base: Arc<Node>,
+    between: Vec<Arc<Node>>,
+    above_base: Arc<Node>,
+    backing_file: Option<String>,
+    on_error: OnError,
+    top_edge: Child,
+    base_edge: Child,
+}
+
+impl Intermediate {
+    fn run(&self, state: &State, job: &Job) -> Result<(), String> {
+        let r = self.copy(job);
+        job.with_command_lock(state, || {
+            let r = r.and_then(|()| {
+                if job.is_cancelled() {
+                    return Ok(());
+                }
+                copy::run(self.base.flush()).map_err(|e| copy::error_text(&e))?;
+                state.drained(&self.overlay, || {
+                    set_backing(
+                        &self.overlay,
+                        Some(&self.base),
+                        self.backing_file.as_deref(),
+                    )
+                })
+            });
+            let edge = edge_into(&self.above_base, &self.base);
+            let done = r.is_ok() && !job.is_cancelled();
+            state.drained(&self.base, || {
+                make_base_read_only(&self.base, if done { None } else { edge })
+            });
+            if done {
+                self.top_edge.release();
+                self.base_edge.release();
+                let mut gone = vec![self.top.clone()];
+                gone.extend(self.between.iter().cloned());
+                drop_nodes(state, &gone);
+                log::info!("job {}: committed into '{}'", job.id, self.base.name());
+            }
+            r
+        })
+    }
+
+    fn copy(&self, job: &Job) -> Result<(), String> {
+        let top: &Node = self.top_edge.node();
+        let base: &Node = self.base_edge.node();
+        let size = top.size().min(base.size());
+        let depth = Some(self.between.len() as u32 + 1);
+        let buf = copy::Buffer::new(CHUNK);
+        let mut off = 0;
+        job.progress(0, size);
+        while off < size {
+            if !job.pause_point() {
+                return Ok(());
+            }
+            let len = (size - off).min(CHUNK);
+            let r = copy::with_policy(job, self.on_error, false, || {
+                copy::allocated_above(top, depth, off, len)
+            })?;
+            let Some((above, n)) = r else {
+                off += len;
+                continue;
+            };
+            if above {
+                let (zero, _) = copy::reads_zero(top, off, n).unwrap_or((false, n));
+                let part = buf.part(n);
+                let read = if zero {
+                    Some(())
+                } else {
+                    copy::with_policy(job, self.on_error, false, || {
+                        copy::run(top.preadv(off, &part))
+                    })?
+                };
+                if read.is_some() {
+                    copy::with_policy(job, self.on_error, true, || {
+                        if zero {
+                            copy::run(base.pwrite_zeroes(off, n, false, false))
+                        } else {
+                            copy::run(base.pwritev(off, &part, false))
+                        }
+                    })?;
+                }
+            }
+            off += n;
+            job.progress(off, size);
+            if !job.rate_limit(n) {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// block-commit.
+pub fn commit(state: &Arc<State>, a: CommitArgs) -> Result<(), String> {
+    if a.filter_node_name.is_some() {
+        return Err(
+            "'filter-node-name' is not supported: this daemon inserts no commit filter node".into(),
+        );
+    }
+    let active = copy::skip_filters(&copy::resolve(state, &a.device)?);
+    let top = match (&a.top_node, &a.top) {
+        (Some(_), Some(_)) => return Err("'top-node' and 'top' are mutually exclusive".into()),
+        (Some(n), None) => copy::node(state, n)?,
+        (None, Some(f)) => {
+            let chain = std::iter::once(active.clone()).chain(copy::chain_below(&active));
+            let want = std::fs::canonicalize(f).ok();
+            chain
+                .into_iter()
+                .find(|c| {
+                    crate::drivers::file_name_of(c).is_some_and(|n| {
+                        n == *f || want.is_some() && std::fs::canonicalize(&n).ok() == want
+                    })
+                })
+                .ok_or_else(|| format!("Top image file {f} not found"))?
+        }
+        (None, None) => active.clone(),
+    };
+    let is_active = Arc::ptr_eq(&top, &active);
+    if !is_active
+        && !copy::chain_below(&active)
+            .iter()
+            .any(|c| Arc::ptr_eq(c, &top))
+    {
+        return Err(format!(
+            "Node '{}' is not in the backing chain of '{}'",
+            top.name(),
+            active.name()
+        ));
+    }
+    let (base, between) = match (a.base_node.as_deref(), a.base.as_deref()) {
+        (None, None) => {
+            let chain = copy::chain_below(&top);
+            match chain.split_last() {
+                Some((b, rest)) => (b.clone(), rest.to_vec()),
+                None => {
+                    return Err(format!(
+                        "Top image '{}' has no backing image to commit into",
+                        top.name()
+                    ))
+                }
+            }
+        }
+        (bn, bf) => {
+            let (b, between) = split_chain(state, &top, bn, bf)?;
+            (b.ok_or_else(|| "no base image found".to_string())?, between)
+        }
+    };
+    let speed = super::mirror::check_speed(a.speed)?;
+    let id = super::job_id(a.job_id.as_deref(), &a.device);
+    super::check_id(&id)?;
+    let above_base = between.last().cloned().unwrap_or_else(|| top.clone());
+    let o = BlockJobOptions {
+        id: id.clone(),
+        speed,
+        auto_finalize: a.auto_finalize,
+        auto_dismiss: a.auto_dismiss,
+    };
+    let mut nodes = vec![top.clone(), base.clone()];
+    nodes.extend(between.iter().cloned());
+    {
+        let edge = edge_into(&above_base, &base).ok_or_else(|| {
+            format!(
+                "'{}' is not the backing image above '{}'",
+                above_base.name(),
+                base.name()
+            )
+        })?;
+        make_base_writable(state, &base, edge)?;
+    }
+    let undo = |state: &State| {
+        state.drained(&base, || {
+            make_base_read_only(&base, edge_into(&above_base, &base))
+        });
+    };
+    if is_active {
+        let g = match base.driver() {
+            Driver::Qcow2(q) => q.cluster_size().clamp(4096, 65536),
+            _ => 65536,
+        };
+        let mut m = match Mirror::start(state, &id, top.clone(), base.clone(), g, false, CHUNK) {
+            Ok(m) => m,
+            Err(e) => {
+                undo(state);
+                return Err(e);
+            }
+        };
+        m.on_source_error = a.on_error;
+        m.on_target_error = a.on_error;
+        let job = match super::register_block("commit", &o, nodes) {
+            Ok(j) => j,
+            Err(e) => {
+                undo(state);
+                return Err(e);
+            }
+        };
+        let depth = between.len() as u32 + 1;
+        let gone: Vec<Arc<Node>> = std::iter::once(top.clone())
+            .chain(between.iter().cloned())
+            .collect();
+        let pivot: Pivot = Box::new(move |state: &State, m: &Mirror| {
+            let users = copy::Users::of(state, &m.source, &[]);
+            users.replace(&m.source, &m.target)?;
+            for e in users.exports() {
+                e.notify_config_change();
+            }
+            Ok(())
+        });
+        let st = state.clone();
+        let base2 = base.clone();
+        let above2 = above_base.clone();
+        super::spawn(job, move |job| {
+            let r = m.run(&st, job, Initial::Above(Some(depth)), pivot);
+            let pivoted = r.is_ok() && job.state().complete_requested() && !job.is_cancelled();
+            drop(m);
+            job.with_command_lock(&st, || {
+                if pivoted {
+                    // The base is the active image now; what was above it goes.
+                    drop_nodes(&st, &gone);
+                    log::info!("job {}: active commit into '{}'", job.id, base2.name());
+                } else {
+                    st.drained(&base2, || {
+                        make_base_read_only(&base2, edge_into(&above2, &base2))
+                    });
+                }
+            });
+            r
+        });
+        return Ok(());
+    }
+    let overlay = state
+        .graph()
+        .nodes()
+        .find(|n| edge_into(n, &top).is_some())
+        .cloned()
+        .ok_or_else(|| format!("Node '{}' has no overlay", top.name()));
+    let overlay = match overlay {
+        Ok(o) => o,
+        Err(e) => {
+            undo(state);
+            return Err(e);
+        }
+    };
+    let edges = copy::job_edge(&id, top.clone(), false)
+        .and_then(|t| copy::job_edge(&id, base.clone(), true).map(|b| (t, b)));
+    let (top_edge, base_edge) = match edges {
+        Ok(e) => e,
+        Err(e) => {
+            undo(state);
+            return Err(e);
+        }
+    };
+    let job = match super::register_block("commit", &o, nodes) {
+        Ok(j) => j,
+        Err(e) => {
+            undo(state);
+            return Err(e);
+        }
+    };
+    let c = Intermediate {
+        top,
+        overlay,
+        base,
+        between,
+        above_base,
+        backing_file: a.backing_file.clone(),
+        on_error: a.on_error,
+        top_edge,
+        base_edge,
+    };
+    let st = state.clone();
+    super::spawn(job, move |job| c.run(&st, job));
+    Ok(())
+}

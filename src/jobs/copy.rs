@@ -1,0 +1,282 @@
+//! What the block jobs share: error policies, finding the nodes a job
+//! names, reading the chain's allocation, a job's I/O buffer, and moving
+//! a node's users to another node (QEMU's bdrv_replace_node).
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::block::{BlockError, Child, ChildRole, Node};
+use crate::daemon::State;
+use crate::drivers::{Allocation, Driver};
+use crate::io::IoVecs;
+
+/// qapi BlockdevOnError: what a job does when its I/O fails.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnError {
+    #[default]
+    Report,
+    Ignore,
+    Enospc,
+    Stop,
+    Auto,
+}
+
+/// What became of one failed request (qapi BlockErrorAction).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorAction {
+    Report,
+    Ignore,
+    Stop,
+}
+
+impl ErrorAction {
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorAction::Report => "report",
+            ErrorAction::Ignore => "ignore",
+            ErrorAction::Stop => "stop",
+        }
+    }
+}
+
+impl OnError {
+    pub fn action(self, nospace: bool) -> ErrorAction {
+        match self {
+            OnError::Report | OnError::Auto => ErrorAction::Report,
+            OnError::Ignore => ErrorAction::Ignore,
+            OnError::Enospc if nospace => ErrorAction::Stop,
+            OnError::Enospc => ErrorAction::Report,
+            OnError::Stop => ErrorAction::Stop,
+        }
+    }
+}
+
+/// The error text a job ends with: the system's words for the errno, as
+/// QEMU reports it ("No space left on device").
+pub fn error_text(e: &BlockError) -> String {
+    let s = std::io::Error::from_raw_os_error(e.errno()).to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+/// Runs `op` until it succeeds, applying `policy` to its failures.
+/// `Ok(None)`: the failure was ignored; `Err`: the job must end with it.
+pub fn with_policy<T>(
+    job: &super::Job,
+    policy: OnError,
+    write: bool,
+    mut op: impl FnMut() -> Result<T, BlockError>,
+) -> Result<Option<T>, String> {
+    loop {
+        match op() {
+            Ok(v) => return Ok(Some(v)),
+            Err(e) => match job.io_error(policy, write, &e) {
+                ErrorAction::Report => return Err(error_text(&e)),
+                ErrorAction::Ignore => return Ok(None),
+                ErrorAction::Stop => {
+                    if !job.pause_point() {
+                        return Err("Operation canceled".into());
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// Runs a node's future to completion on the job's thread (synchronous
+/// engine: every operation completes as it is submitted; a wait for a
+/// lock another iothread holds parks the thread until it is woken).
+pub fn run<F: std::future::Future>(f: F) -> F::Output {
+    futures::executor::block_on(f)
+}
+
+/// A job's bounce buffer.
+pub struct Buffer {
+    iov: IoVecs,
+}
+
+impl Buffer {
+    pub fn new(len: u64) -> Buffer {
+        let (iov, _view) = IoVecs::bounce(len as usize, 4096);
+        Buffer { iov }
+    }
+
+    /// The first `n` bytes.
+    pub fn part(&self, n: u64) -> IoVecs {
+        self.iov.sub(0, n)
+    }
+}
+
+/// The node `device` names: an export's node, or a node by name.
+pub fn resolve(state: &State, device: &str) -> Result<Arc<Node>, String> {
+    if let Some(e) = state.export(device) {
+        return Ok(e.blk.node().clone());
+    }
+    state
+        .graph()
+        .get(device)
+        .map_err(|_| format!("Cannot find device='{device}' nor node-name='{device}'"))
+}
+
+/// The node a node name names, or QEMU's error for it.
+pub fn node(state: &State, name: &str) -> Result<Arc<Node>, String> {
+    state
+        .graph()
+        .get(name)
+        .map_err(|_| format!("Cannot find node '{name}'"))
+}
+
+/// Below any filters (throttle, copy-on-read): the node that holds data.
+pub fn skip_filters(node: &Arc<Node>) -> Arc<Node> {
+    match node.driver() {
+        Driver::Throttle(t) => skip_filters(t.file().node()),
+        Driver::CopyOnRead(c) => skip_filters(c.file().node()),
+        _ => node.clone(),
+    }
+}
+
+/// The backing node of an image, if any.
+pub fn backing_of(node: &Node) -> Option<Arc<Node>> {
+    node.children()
+        .into_iter()
+        .find(|c| c.role() == ChildRole::Backing)
+        .map(|c| c.node().clone())
+}
+
+/// The images below `top`, in order (top's backing first).
+pub fn chain_below(top: &Node) -> Vec<Arc<Node>> {
+    let mut out = Vec::new();
+    let mut cur = backing_of(top);
+    while let Some(n) = cur {
+        cur = backing_of(&n);
+        out.push(n);
+    }
+    out
+}
+
+/// Whether `[offset, ..)` of `top` reads as data from an image above
+/// `base_depth` (the depth of the base below top; None: no base), and for
+/// how many bytes (at most `len`) the answer holds. Zero clusters count as
+/// allocated (they hide what is below them).
+pub fn allocated_above(
+    top: &Node,
+    base_depth: Option<u32>,
+    offset: u64,
+    len: u64,
+) -> Result<(bool, u64), BlockError> {
+    let st = run(top.block_status(offset, len))?;
+    let n = st.len.clamp(1, len);
+    let above = st.kind != Allocation::Unallocated && base_depth.is_none_or(|b| st.depth < b);
+    Ok((above, n))
+}
+
+/// Whether `[offset, ..)` of `node` is allocated in `node` itself (not in
+/// its backing chain), and for how many bytes.
+pub fn allocated_in_top(node: &Node, offset: u64, len: u64) -> Result<(bool, u64), BlockError> {
+    let st = run(node.block_status(offset, len))?;
+    let n = st.len.clamp(1, len);
+    Ok((st.kind != Allocation::Unallocated && st.depth == 0, n))
+}
+
+/// Whether `[offset, ..)` of `node` reads as zeroes (a zero cluster, or
+/// nothing allocated in the whole chain), and for how many bytes.
+pub fn reads_zero(node: &Node, offset: u64, len: u64) -> Result<(bool, u64), BlockError> {
+    let st = run(node.block_status(offset, len))?;
+    let n = st.len.clamp(1, len);
+    Ok((
+        matches!(st.kind, Allocation::Zero | Allocation::Unallocated),
+        n,
+    ))
+}
+
+/// The edges that point at a node from its users: export roots and
+/// parents in the graph (backing edges excepted: an image above keeps
+/// reading what it read). Moving them is QEMU's bdrv_replace_node.
+pub struct Users {
+    exports: Vec<Arc<crate::vhost_user::ExportState>>,
+    parents: Vec<Arc<Node>>,
+    /// Parents that keep their edge (a filter put on top of the node).
+    except: Vec<String>,
+}
+
+impl Users {
+    /// The users of `node` now, but the parents named in `except`.
+    pub fn of(state: &State, node: &Arc<Node>, except: &[&str]) -> Users {
+        let parents = state
+            .graph()
+            .nodes()
+            .filter(|p| !except.contains(&p.name()))
+            .filter(|p| {
+                p.children()
+                    .iter()
+                    .any(|c| Arc::ptr_eq(c.node(), node) && c.role() != ChildRole::Backing)
+            })
+            .cloned()
+            .collect();
+        let exports = state
+            .export_states()
+            .into_iter()
+            .filter(|e| Arc::ptr_eq(e.blk.node(), node))
+            .collect();
+        Users {
+            exports,
+            parents,
+            except: except.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn edges_to<'a>(&'a self, node: &'a Arc<Node>) -> Vec<&'a Child> {
+        self.exports
+            .iter()
+            .map(|e| e.blk.root())
+            .chain(
+                self.parents
+                    .iter()
+                    .flat_map(|p| p.children())
+                    .filter(move |c| {
+                        Arc::ptr_eq(c.node(), node)
+                            && c.role() != ChildRole::Backing
+                            && !self.except.iter().any(|x| x == c.parent())
+                    }),
+            )
+            .filter(move |c| Arc::ptr_eq(c.node(), node))
+            .collect()
+    }
+
+    /// Moves every edge from `from` to `to`; all or none. The caller holds
+    /// both in a drained section.
+    pub fn replace(&self, from: &Arc<Node>, to: &Arc<Node>) -> Result<(), String> {
+        let mut moved: Vec<&Child> = Vec::new();
+        for c in self.edges_to(from) {
+            if let Err(e) = c.replace_node(to.clone()) {
+                for m in moved {
+                    if let Err(e) = m.replace_node(from.clone()) {
+                        log::error!("moving an edge back to {}: {e}", from.name());
+                    }
+                }
+                return Err(e.to_string());
+            }
+            moved.push(c);
+        }
+        Ok(())
+    }
+
+    /// The exports among the users (to send config-change notices).
+    pub fn exports(&self) -> &[Arc<crate::vhost_user::ExportState>] {
+        &self.exports
+    }
+}
+
+/// A root edge for a job's own I/O on a node (QEMU's job BlockBackend).
+pub fn job_edge(job_id: &str, node: Arc<Node>, write: bool) -> Result<Child, String> {
+    let mut perm = crate::block::Perm::CONSISTENT_READ;
+    if write {
+        perm = perm | crate::block::Perm::WRITE;
+    }
+    Child::attach(job_id, ChildRole::Root, node, perm, crate::block::Perm::ALL)
+        .map_err(|e| e.to_string())
+}

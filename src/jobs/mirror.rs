@@ -1,0 +1,675 @@
+//! blockdev-mirror and drive-mirror: copy a node to a target while the
+//! guest writes, then (block-job-complete) move the node's users to the
+//! target in one drained section. Active block-commit is this job with
+//! the base image as the target.
+//!
+//! ```text
+//!   command (drained): hook on the source, dirty bitmap per sync mode
+//!   job thread: copy dirty granules (source -> target), clearing them first
+//!               all clean -> BLOCK_JOB_READY; keep copying new writes
+//!   complete:   drained: copy what is left, flush target, move users
+//!   soft cancel (ready, no force): the same without the move: the
+//!               target is a consistent copy
+//! ```
+//!
+//! Writes are tracked by a write hook on the source (background mode:
+//! the range is marked dirty when the write has completed, so a copy that
+//! raced it is done again; write-blocking mode: the same data is written
+//! to the target before the guest's request completes). A range lock
+//! serialises the job's copies with write-blocking writes, so a copy of
+//! old data never lands on the target after the guest's newer write.
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use super::copy::{self, OnError};
+use super::{BlockJobOptions, Job};
+use crate::block::bitmap::DirtyBitmap;
+use crate::block::hooks::{WriteHook, WriteOp};
+use crate::block::ranges::RangeLock;
+use crate::block::{BlockFuture, Child, Node};
+use crate::daemon::State;
+use crate::drivers::Driver;
+
+/// Largest copy the job does at once.
+const CHUNK: u64 = 1 << 20;
+/// How long a job in sync sleeps before it looks for new writes.
+const IDLE: std::time::Duration = std::time::Duration::from_millis(20);
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SyncMode {
+    #[default]
+    Full,
+    Top,
+    None,
+    Incremental,
+    Bitmap,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CopyMode {
+    #[default]
+    Background,
+    WriteBlocking,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// blockdev-mirror's arguments (qapi BlockdevMirror... in block-core.json).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct MirrorArgs {
+    pub job_id: Option<String>,
+    pub device: String,
+    pub target: String,
+    pub replaces: Option<String>,
+    pub sync: SyncMode,
+    #[serde(default)]
+    pub speed: i64,
+    pub granularity: Option<u64>,
+    pub buf_size: Option<u64>,
+    #[serde(default)]
+    pub on_source_error: OnError,
+    #[serde(default)]
+    pub on_target_error: OnError,
+    pub filter_node_name: Option<String>,
+    #[serde(default)]
+    pub copy_mode: CopyMode,
+    #[serde(default = "yes")]
+    pub auto_finalize: bool,
+    #[serde(default = "yes")]
+    pub auto_dismiss: bool,
+}
+
+/// drive-mirror's `mode` (qapi NewImageMode).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NewImageMode {
+    Existing,
+    #[default]
+    AbsolutePaths,
+}
+
+/// drive-mirror's arguments: the target is a file, created (or opened)
+/// here.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct DriveMirrorArgs {
+    pub job_id: Option<String>,
+    pub device: String,
+    pub target: String,
+    pub format: Option<String>,
+    pub node_name: Option<String>,
+    pub replaces: Option<String>,
+    pub sync: SyncMode,
+    #[serde(default)]
+    pub mode: NewImageMode,
+    #[serde(default)]
+    pub speed: i64,
+    pub granularity: Option<u64>,
+    pub buf_size: Option<u64>,
+    #[serde(default)]
+    pub on_source_error: OnError,
+    #[serde(default)]
+    pub on_target_error: OnError,
+    pub unmap: Option<bool>,
+    #[serde(default)]
+    pub copy_mode: CopyMode,
+    #[serde(default = "yes")]
+    pub auto_finalize: bool,
+    #[serde(default = "yes")]
+    pub auto_dismiss: bool,
+}
+
+/// What a mirror tracks on its source.
+pub(super) struct MirrorHook {
+    pub dirty: DirtyBitmap,
+    ranges: RangeLock,
+    write_blocking: bool,
+    target: Arc<Node>,
+}
+
+impl WriteHook for MirrorHook {
+    fn wrap<'a>(
+        &'a self,
+        _node: &'a Node,
+        offset: u64,
+        len: u64,
+        op: WriteOp<'a>,
+        inner: BlockFuture<'a>,
+    ) -> BlockFuture<'a> {
+        if !self.write_blocking || matches!(op, WriteOp::Discard) {
+            // Marked once the write is done: a copy of the range that
+            // raced the write runs again.
+            return BlockFuture::boxed(async move {
+                let r = inner.await;
+                self.dirty.set(offset, len);
+                r
+            });
+        }
+        BlockFuture::boxed(async move {
+            let g = self.dirty.granularity();
+            let start = offset / g * g;
+            let end = (offset + len).div_ceil(g) * g;
+            let _held = self.ranges.take(start, end).await;
+            let r = inner.await;
+            let mirrored = match (&r, op) {
+                (Ok(()), WriteOp::Data(iov, fua)) => self.target.pwritev(offset, iov, fua).await,
+                (Ok(()), WriteOp::Zeroes(unmap, fua)) => {
+                    self.target.pwrite_zeroes(offset, len, unmap, fua).await
+                }
+                _ => Ok(()),
+            };
+            if r.is_err() || mirrored.is_err() {
+                // The background copy makes it right (or reports it).
+                self.dirty.set(offset, len);
+            }
+            r
+        })
+    }
+}
+
+/// One running mirror: the part the job thread and the finishing code
+/// share.
+pub(super) struct Mirror {
+    pub source: Arc<Node>,
+    pub target: Arc<Node>,
+    pub hook: Arc<MirrorHook>,
+    pub src_edge: Child,
+    pub dst_edge: Child,
+    pub on_source_error: OnError,
+    pub on_target_error: OnError,
+    pub chunk: u64,
+}
+
+/// How a mirror chooses what to copy first.
+pub(super) enum Initial {
+    /// Everything (sync=full).
+    All,
+    /// What the source holds itself (sync=top).
+    Top,
+    /// Nothing: only new writes (sync=none).
+    Nothing,
+    /// What is allocated above the image at this depth (active commit).
+    Above(Option<u32>),
+}
+
+/// What the job does once the user completes it.
+pub(super) type Pivot = Box<dyn FnOnce(&State, &Mirror) -> Result<(), String> + Send>;
+
+impl Mirror {
+    /// Sets up the hook on `source` (drained) and the job's edges.
+    pub fn start(
+        state: &State,
+        job_id: &str,
+        source: Arc<Node>,
+        target: Arc<Node>,
+        granularity: u64,
+        write_blocking: bool,
+        buf_size: u64,
+    ) -> Result<Mirror, String> {
+        let dirty = DirtyBitmap::new("", source.size(), granularity, false, false)?;
+        let hook = Arc::new(MirrorHook {
+            dirty,
+            ranges: RangeLock::default(),
+            write_blocking,
+            target: target.clone(),
+        });
+        let src_edge = copy::job_edge(job_id, source.clone(), false)?;
+        let dst_edge = copy::job_edge(job_id, target.clone(), true)?;
+        let h: Arc<dyn WriteHook> = hook.clone();
+        state.drained(&source, || source.add_write_hook(h));
+        Ok(Mirror {
+            source,
+            target,
+            hook,
+            src_edge,
+            dst_edge,
+            on_source_error: OnError::Report,
+            on_target_error: OnError::Report,
+            chunk: buf_size.clamp(granularity, CHUNK.max(granularity)),
+        })
+    }
+
+    fn remove_hook(&self, state: &State) {
+        let h: Arc<dyn WriteHook> = self.hook.clone();
+        state.drained(&self.source, || self.source.remove_write_hook(&h));
+    }
+
+    /// Marks what the first pass copies.
+    fn mark_initial(&self, job: &Job, initial: &Initial) -> Result<(), String> {
+        let size = self.source.size();
+        let dirty = &self.hook.dirty;
+        let mut off = 0;
+        while off < size {
+            if !job.pause_point() {
+                return Err("Operation canceled".into());
+            }
+            let len = (size - off).min(1 << 30);
+            let (mark, n) = match initial {
+                Initial::All => (true, len),
+                Initial::Nothing => (false, len),
+                Initial::Top => copy::allocated_in_top(&self.source, off, len)
+                    .map_err(|e| copy::error_text(&e))?,
+                Initial::Above(base) => copy::allocated_above(&self.source, *base, off, len)
+                    .map_err(|e| copy::error_text(&e))?,
+            };
+            if mark {
+                dirty.set(off, n);
+            }
+            off += n;
+        }
+        Ok(())
+    }
+
+    /// Copies `[off, off + n)` (dirty granules) from source to target.
+    /// Returns the bytes done (0 when a failure was ignored; the range is
+    /// dirty again).
+    fn copy(&self, job: &Job, off: u64, n: u64, buf: &copy::Buffer) -> Result<u64, String> {
+        let _held = copy::run(self.hook.ranges.take(off, off + n));
+        self.hook.dirty.clear_range(off, n);
+        let src: &Node = self.src_edge.node();
+        let dst: &Node = self.dst_edge.node();
+        let zero = copy::with_policy(job, self.on_source_error, false, || {
+            copy::reads_zero(src, off, n)
+        })?;
+        let Some((zero, zn)) = zero else {
+            self.hook.dirty.set(off, n);
+            return Ok(0);
+        };
+        let done = if zero {
+            let w = copy::with_policy(job, self.on_target_error, true, || {
+                copy::run(dst.pwrite_zeroes(off, zn, true, false))
+            })?;
+            w.map(|_| zn)
+        } else {
+            let part = buf.part(n);
+            let r = copy::with_policy(job, self.on_source_error, false, || {
+                copy::run(src.preadv(off, &part))
+            })?;
+            match r {
+                None => None,
+                Some(()) => copy::with_policy(job, self.on_target_error, true, || {
+                    copy::run(dst.pwritev(off, &part, false))
+                })?
+                .map(|_| n),
+            }
+        };
+        match done {
+            Some(d) => {
+                if d < n {
+                    self.hook.dirty.set(off + d, n - d);
+                }
+                Ok(d)
+            }
+            None => {
+                self.hook.dirty.set(off, n);
+                Ok(0)
+            }
+        }
+    }
+
+    /// Copies every dirty granule (the guest is stopped: the final pass).
+    fn copy_all(&self, job: &Job, buf: &copy::Buffer) -> Result<(), String> {
+        let mut tries = 0;
+        while let Some(off) = self.hook.dirty.next_dirty(0) {
+            let n = self.hook.dirty.dirty_run(off, self.chunk);
+            if self.copy(job, off, n, buf)? == 0 {
+                tries += 1;
+                if tries > 3 {
+                    return Err(format!(
+                        "cannot copy offset {off} of '{}' (errors ignored)",
+                        self.source.name()
+                    ));
+                }
+            }
+        }
+        copy::run(self.dst_edge.node().flush()).map_err(|e| copy::error_text(&e))
+    }
+
+    /// The job's work: first pass, ready, then track writes until the
+    /// user completes or cancels.
+    pub fn run(
+        &self,
+        state: &State,
+        job: &Job,
+        initial: Initial,
+        pivot: Pivot,
+    ) -> Result<(), String> {
+        let r = self.run_inner(state, job, initial, pivot);
+        if r.is_err() || job.is_cancelled() {
+            self.remove_hook(state);
+        }
+        r
+    }
+
+    fn run_inner(
+        &self,
+        state: &State,
+        job: &Job,
+        initial: Initial,
+        pivot: Pivot,
+    ) -> Result<(), String> {
+        self.mark_initial(job, &initial)?;
+        let buf = copy::Buffer::new(self.chunk);
+        let mut done = 0u64;
+        let mut cursor = 0u64;
+        loop {
+            if !job.pause_point() {
+                return Ok(()); // cancelled: the job ends as such
+            }
+            let dirty = &self.hook.dirty;
+            let next = dirty.next_dirty(cursor).or_else(|| dirty.next_dirty(0));
+            match next {
+                Some(off) => {
+                    let n = dirty.dirty_run(off, self.chunk);
+                    let d = self.copy(job, off, n, &buf)?;
+                    done += d;
+                    cursor = off + n;
+                    job.progress(done, done + dirty.count());
+                    if !job.rate_limit(n) {
+                        return Ok(());
+                    }
+                }
+                None => {
+                    job.progress(done, done);
+                    job.ready();
+                    let (complete, soft) = {
+                        let s = job.state();
+                        (s.complete_requested(), s.soft_cancel())
+                    };
+                    if complete || soft {
+                        return job
+                            .with_command_lock(state, || self.finish(state, job, complete, pivot));
+                    }
+                    if !job.sleep(IDLE) {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// The final pass in a drained section of the source, then the pivot
+    /// (`complete`) or nothing (a soft cancel: the target stays a copy).
+    fn finish(&self, state: &State, job: &Job, complete: bool, pivot: Pivot) -> Result<(), String> {
+        let buf = copy::Buffer::new(self.chunk);
+        let h: Arc<dyn WriteHook> = self.hook.clone();
+        let r = state.drained_many(&[&self.source, &self.target], || {
+            self.copy_all(job, &buf)?;
+            self.source.remove_write_hook(&h);
+            if complete {
+                pivot(state, self)?;
+            }
+            Ok(())
+        });
+        if r.is_err() {
+            state.drained(&self.source, || self.source.remove_write_hook(&h));
+        }
+        let total = job.state().progress_total;
+        job.progress(total, total);
+        if r.is_ok() {
+            log::info!(
+                "job {}: {} '{}' -> '{}'",
+                job.id,
+                if complete {
+                    "pivoted"
+                } else {
+                    "finished a copy of"
+                },
+                self.source.name(),
+                self.target.name()
+            );
+        }
+        r
+    }
+}
+
+/// The default granularity: the target's cluster size within
+/// [4 KiB, 64 KiB], as QEMU's bdrv_get_default_bitmap_granularity.
+fn default_granularity(target: &Node) -> u64 {
+    match target.driver() {
+        Driver::Qcow2(q) => q.cluster_size().clamp(4096, 65536),
+        _ => 65536,
+    }
+}
+
+fn check_granularity(g: u64) -> Result<(), String> {
+    if !(512..=64 << 20).contains(&g) {
+        return Err("Parameter 'granularity' expects a value in range [512B, 64MB]".into());
+    }
+    if !g.is_power_of_two() {
+        return Err("Granularity must be power of 2".into());
+    }
+    Ok(())
+}
+
+pub(super) fn check_speed(speed: i64) -> Result<u64, String> {
+    u64::try_from(speed).map_err(|_| "Invalid parameter 'speed'".to_string())
+}
+
+/// Checks shared by blockdev-mirror and drive-mirror; starts the job.
+#[allow(clippy::too_many_arguments)]
+fn start_mirror(
+    state: &Arc<State>,
+    o: BlockJobOptions,
+    source: Arc<Node>,
+    target: Arc<Node>,
+    replaces: Option<Arc<Node>>,
+    sync: SyncMode,
+    granularity: Option<u64>,
+    buf_size: Option<u64>,
+    errors: (OnError, OnError),
+    copy_mode: CopyMode,
+    backing_for_target: Option<Arc<Node>>,
+) -> Result<(), String> {
+    if Arc::ptr_eq(&source, &target) || source.reaches(&target) || target.reaches(&source) {
+        return Err("Can't mirror node into itself".into());
+    }
+    if target.is_read_only() {
+        return Err(format!("Node '{}' is read-only", target.name()));
+    }
+    if source.size() != target.size() {
+        return Err("Source and target image have different sizes".into());
+    }
+    let initial =
+        match sync {
+            SyncMode::Full => Initial::All,
+            SyncMode::Top => Initial::Top,
+            SyncMode::None => Initial::Nothing,
+            SyncMode::Incremental | SyncMode::Bitmap => return Err(
+                "Sync mode 'incremental'/'bitmap' is not supported by mirror; use blockdev-backup"
+                    .into(),
+            ),
+        };
+    let g = granularity.unwrap_or_else(|| default_granularity(&target));
+    check_granularity(g)?;
+    super::check_id(&o.id)?;
+    let mut m = Mirror::start(
+        state,
+        &o.id,
+        source.clone(),
+        target.clone(),
+        g,
+        copy_mode == CopyMode::WriteBlocking,
+        buf_size.unwrap_or(CHUNK),
+    )?;
+    let job = match super::register_block("mirror", &o, vec![source, target]) {
+        Ok(j) => j,
+        Err(e) => {
+            m.remove_hook(state);
+            return Err(e);
+        }
+    };
+    m.on_source_error = errors.0;
+    m.on_target_error = errors.1;
+    let to_replace = replaces.unwrap_or_else(|| m.source.clone());
+    let pivot: Pivot = Box::new(move |state: &State, m: &Mirror| {
+        if let Some(b) = &backing_for_target {
+            if let Driver::Qcow2(q) = m.target.driver() {
+                if q.backing().is_none() {
+                    let c = Child::attach(
+                        m.target.name(),
+                        crate::block::ChildRole::Backing,
+                        b.clone(),
+                        crate::block::Perm::CONSISTENT_READ,
+                        crate::block::Perm::CONSISTENT_READ | crate::block::Perm::WRITE_UNCHANGED,
+                    )
+                    .map_err(|e| e.to_string())?;
+                    q.set_backing(c)?;
+                }
+            }
+        }
+        let users = copy::Users::of(state, &to_replace, &[]);
+        users.replace(&to_replace, &m.target)?;
+        for e in users.exports() {
+            e.notify_config_change();
+        }
+        Ok(())
+    });
+    let st = state.clone();
+    super::spawn(job, move |job| m.run(&st, job, initial, pivot));
+    Ok(())
+}
+
+/// blockdev-mirror.
+pub fn mirror(state: &Arc<State>, a: MirrorArgs) -> Result<(), String> {
+    if a.filter_node_name.is_some() {
+        return Err("'filter-node-name' is not supported: this daemon tracks a mirror's writes on the source node itself and inserts no filter node".into());
+    }
+    let source = copy::skip_filters(&copy::resolve(state, &a.device)?);
+    let target = copy::node(state, &a.target)?;
+    let replaces = a
+        .replaces
+        .as_deref()
+        .map(|r| copy::node(state, r))
+        .transpose()?;
+    let o = BlockJobOptions {
+        id: super::job_id(a.job_id.as_deref(), &a.device),
+        speed: check_speed(a.speed)?,
+        auto_finalize: a.auto_finalize,
+        auto_dismiss: a.auto_dismiss,
+    };
+    start_mirror(
+        state,
+        o,
+        source,
+        target,
+        replaces,
+        a.sync,
+        a.granularity,
+        a.buf_size,
+        (a.on_source_error, a.on_target_error),
+        a.copy_mode,
+        None,
+    )
+}
+
+/// drive-mirror: creates (mode absolute-paths) or opens (existing) the
+/// target image, adds it as a node, and mirrors to it.
+pub fn drive_mirror(state: &Arc<State>, a: DriveMirrorArgs) -> Result<(), String> {
+    let source = copy::skip_filters(&copy::resolve(state, &a.device)?);
+    let format = a.format.clone().unwrap_or_else(|| match source.driver() {
+        Driver::Qcow2(_) => "qcow2".into(),
+        _ => "raw".into(),
+    });
+    if format != "qcow2" && format != "raw" {
+        return Err(format!(
+            "format '{format}' is not supported; use qcow2 or raw"
+        ));
+    }
+    let backing = copy::backing_of(&source);
+    let node_name = a
+        .node_name
+        .clone()
+        .unwrap_or_else(|| format!("{}-mirror-{}", source.name(), std::process::id()));
+    if state.graph().get(&node_name).is_ok() {
+        return Err(format!("node name '{node_name}' is already in use"));
+    }
+    let mut created = false;
+    if a.mode == NewImageMode::AbsolutePaths {
+        if std::path::Path::new(&a.target).exists() {
+            std::fs::remove_file(&a.target).map_err(|e| format!("{}: {e}", a.target))?;
+        }
+        if format == "qcow2" {
+            let mut opts = crate::drivers::qcow2::CreateOptions {
+                size: source.size(),
+                ..Default::default()
+            };
+            if a.sync == SyncMode::Top {
+                if let Some(b) = &backing {
+                    let f = crate::drivers::file_name_of(b)
+                        .ok_or_else(|| format!("node '{}' has no file name", b.name()))?;
+                    opts.backing_file = Some(f);
+                    opts.backing_fmt = Some(match b.driver() {
+                        Driver::Qcow2(_) => "qcow2".into(),
+                        _ => "raw".into(),
+                    });
+                }
+            }
+            crate::drivers::qcow2::create(&a.target, &opts)?;
+        } else {
+            let f = std::fs::File::create(&a.target).map_err(|e| format!("{}: {e}", a.target))?;
+            f.set_len(source.size())
+                .map_err(|e| format!("{}: {e}", a.target))?;
+        }
+        created = true;
+    }
+    // An existing top-mode target takes the source's backing at the pivot.
+    let take_backing =
+        a.mode == NewImageMode::Existing && a.sync == SyncMode::Top && format == "qcow2";
+    let mut opts = serde_json::json!({
+        "driver": format,
+        "node-name": node_name,
+        "file": {"driver": "file", "filename": a.target},
+    });
+    if take_backing {
+        opts["backing"] = serde_json::Value::Null;
+    }
+    let opts = crate::drivers::BlockdevOptions::from_json(opts)?;
+    let target = match state.add_blockdev(&opts) {
+        Ok(n) => n,
+        Err(e) => {
+            if created {
+                let _ = std::fs::remove_file(&a.target);
+            }
+            return Err(e.to_string());
+        }
+    };
+    let replaces = a
+        .replaces
+        .as_deref()
+        .map(|r| copy::node(state, r))
+        .transpose()?;
+    let o = BlockJobOptions {
+        id: super::job_id(a.job_id.as_deref(), &a.device),
+        speed: check_speed(a.speed)?,
+        auto_finalize: a.auto_finalize,
+        auto_dismiss: a.auto_dismiss,
+    };
+    let r = start_mirror(
+        state,
+        o,
+        source,
+        target,
+        replaces,
+        a.sync,
+        a.granularity,
+        a.buf_size,
+        (a.on_source_error, a.on_target_error),
+        a.copy_mode,
+        if take_backing { backing } else { None },
+    );
+    if r.is_err() {
+        let _ = state.del_blockdev(&node_name);
+        if created {
+            let _ = std::fs::remove_file(&a.target);
+        }
+    }
+    r
+}

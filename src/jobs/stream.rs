@@ -1,0 +1,316 @@
+//! block-stream: copy what the top image reads from its backing chain
+//! (down to `base`, exclusive) into the top image, then make `base` its
+//! backing image and drop the images in between.
+//!
+//! ```text
+//!   before:  export -> top -> mid -> base          (guest keeps writing)
+//!   job:     export -> copy-on-read filter (bottom = mid) -> top -> mid -> base
+//!            the job reads every extent found in mid through the filter,
+//!            which writes it into top, serialised with guest writes
+//!   after:   export -> top -> base    (top's header names base)
+//! ```
+//!
+//! The filter also copies what the guest reads, as QEMU's stream does.
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use super::copy::{self, OnError};
+use super::{BlockJobOptions, Job};
+use crate::block::{Child, ChildRole, Node, Perm};
+use crate::daemon::State;
+use crate::drivers::{BlockdevOptions, Driver};
+
+const CHUNK: u64 = 1 << 20;
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct StreamArgs {
+    pub job_id: Option<String>,
+    pub device: String,
+    pub base: Option<String>,
+    pub base_node: Option<String>,
+    pub backing_file: Option<String>,
+    pub backing_mask_protocol: Option<bool>,
+    pub bottom: Option<String>,
+    #[serde(default)]
+    pub speed: i64,
+    #[serde(default)]
+    pub on_error: OnError,
+    pub filter_node_name: Option<String>,
+    #[serde(default = "yes")]
+    pub auto_finalize: bool,
+    #[serde(default = "yes")]
+    pub auto_dismiss: bool,
+}
+
+/// A chain cut at its base: the base (None: the bottom of the chain) and
+/// the images between the top and it.
+pub(super) type Split = (Option<Arc<Node>>, Vec<Arc<Node>>);
+
+/// Finds the base a job names (by node name, or by file name as `base`)
+/// in the chain below `top`; returns it and the images above it.
+pub(super) fn split_chain(
+    state: &State,
+    top: &Node,
+    base_node: Option<&str>,
+    base_file: Option<&str>,
+) -> Result<Split, String> {
+    let chain = copy::chain_below(top);
+    let pos = match (base_node, base_file) {
+        (Some(_), Some(_)) => {
+            return Err("'base' and 'base-node' cannot be specified at the same time".into())
+        }
+        (Some(n), None) => {
+            let b = copy::node(state, n)?;
+            Some(
+                chain
+                    .iter()
+                    .position(|c| Arc::ptr_eq(c, &b))
+                    .ok_or_else(|| {
+                        format!("Node '{n}' is not a backing image of '{}'", top.name())
+                    })?,
+            )
+        }
+        (None, Some(f)) => {
+            let want = std::fs::canonicalize(f).ok();
+            Some(
+                chain
+                    .iter()
+                    .position(|c| {
+                        crate::drivers::file_name_of(c).is_some_and(|n| {
+                            n == f || std::fs::canonicalize(&n).ok() == want && want.is_some()
+                        })
+                    })
+                    .ok_or_else(|| format!("Can't find '{f}' in the backing chain"))?,
+            )
+        }
+        (None, None) => None,
+    };
+    Ok(match pos {
+        Some(p) => (Some(chain[p].clone()), chain[..p].to_vec()),
+        None => (None, chain),
+    })
+}
+
+/// The format name a header records for a backing image.
+pub(super) fn format_of(node: &Node) -> &'static str {
+    match node.driver() {
+        Driver::Qcow2(_) => "qcow2",
+        _ => "raw",
+    }
+}
+
+/// Makes `base` the backing image of `top` (None: no backing image), in
+/// the graph and in top's header; the old backing edge is released.
+/// The caller holds top's users drained.
+pub(super) fn set_backing(
+    top: &Node,
+    base: Option<&Arc<Node>>,
+    backing_file: Option<&str>,
+) -> Result<(), String> {
+    let Driver::Qcow2(q) = top.driver() else {
+        return Err(format!("node '{}' has no backing image", top.name()));
+    };
+    let name = match (base, backing_file) {
+        (_, Some(f)) => f.to_string(),
+        (Some(b), None) => crate::drivers::file_name_of(b).unwrap_or_default(),
+        (None, None) => String::new(),
+    };
+    let child = base
+        .map(|b| {
+            Child::attach(
+                top.name(),
+                ChildRole::Backing,
+                b.clone(),
+                Perm::CONSISTENT_READ,
+                Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
+            )
+            .map_err(|e| e.to_string())
+        })
+        .transpose()?;
+    q.change_backing_file_and_format(&name, base.map(|b| format_of(b)))?;
+    q.replace_backing(child);
+    Ok(())
+}
+
+/// Drops the images a job took out of a chain: implicit ones (opened from
+/// headers) leave the graph; those added by the user stay, unused.
+pub(super) fn drop_nodes(state: &State, nodes: &[Arc<Node>]) {
+    let mut graph = state.graph();
+    for n in nodes {
+        if graph.is_implicit(n.name()) && n.parents().is_empty() {
+            if let Err(e) = graph.remove(n.name()) {
+                log::warn!("removing node {}: {e}", n.name());
+            }
+        }
+    }
+}
+
+struct Stream {
+    top: Arc<Node>,
+    base: Option<Arc<Node>>,
+    between: Vec<Arc<Node>>,
+    filter: Arc<Node>,
+    backing_file: Option<String>,
+    on_error: OnError,
+    _edge: Child,
+}
+
+impl Stream {
+    fn run(&self, state: &State, job: &Job) -> Result<(), String> {
+        let r = self.copy(job);
+        job.with_command_lock(state, || {
+            let r = r.and_then(|()| {
+                if job.is_cancelled() {
+                    return Ok(());
+                }
+                state.drained(&self.top, || {
+                    set_backing(&self.top, self.base.as_ref(), self.backing_file.as_deref())
+                })
+            });
+            self.remove_filter(state);
+            if r.is_ok() && !job.is_cancelled() {
+                drop_nodes(state, &self.between);
+                log::info!("job {}: streamed into '{}'", job.id, self.top.name());
+            }
+            r
+        })
+    }
+
+    fn copy(&self, job: &Job) -> Result<(), String> {
+        let Driver::CopyOnRead(cor) = self.filter.driver() else {
+            return Err("the stream filter is gone".into());
+        };
+        let size = self.top.size();
+        let base_depth = self.base.as_ref().map(|_| self.between.len() as u32 + 1);
+        let buf = copy::Buffer::new(CHUNK);
+        let mut off = 0;
+        job.progress(0, size);
+        while off < size {
+            if !job.pause_point() {
+                return Ok(());
+            }
+            let len = (size - off).min(CHUNK);
+            let r = copy::with_policy(job, self.on_error, false, || {
+                let (above, n) = copy::allocated_above(&self.top, base_depth, off, len)?;
+                let (in_top, _) = copy::allocated_in_top(&self.top, off, n)?;
+                if above && !in_top {
+                    copy::run(cor.preadv(off, &buf.part(n)))?;
+                }
+                Ok(n)
+            })?;
+            let n = r.unwrap_or(len);
+            off += n;
+            job.progress(off, size);
+            if !job.rate_limit(n) {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves the filter's users back to the top image and drops it.
+    fn remove_filter(&self, state: &State) {
+        let users = copy::Users::of(state, &self.filter, &[]);
+        let r = state.drained_many(&[&self.filter, &self.top], || {
+            users.replace(&self.filter, &self.top)
+        });
+        if let Err(e) = r {
+            log::error!("job: moving users back from '{}': {e}", self.filter.name());
+            return;
+        }
+        if let Err(e) = state.del_blockdev(self.filter.name()) {
+            log::error!("removing the stream filter: {e}");
+        }
+    }
+}
+
+/// block-stream.
+pub fn stream(state: &Arc<State>, a: StreamArgs) -> Result<(), String> {
+    let top = copy::skip_filters(&copy::resolve(state, &a.device)?);
+    let Driver::Qcow2(_) = top.driver() else {
+        return Err(format!(
+            "node '{}' has no backing image to stream from",
+            top.name()
+        ));
+    };
+    if top.is_read_only() {
+        return Err(format!("Node '{}' is read-only", top.name()));
+    }
+    if a.bottom.is_some() && (a.base.is_some() || a.base_node.is_some()) {
+        return Err("'bottom' and 'base'/'base-node' cannot be specified at the same time".into());
+    }
+    let (base, between) = match &a.bottom {
+        Some(b) => {
+            let bottom = copy::node(state, b)?;
+            let chain = copy::chain_below(&top);
+            let p = chain
+                .iter()
+                .position(|c| Arc::ptr_eq(c, &bottom))
+                .ok_or_else(|| format!("Node '{b}' is not a backing image of '{}'", top.name()))?;
+            (chain.get(p + 1).cloned(), chain[..=p].to_vec())
+        }
+        None => split_chain(state, &top, a.base_node.as_deref(), a.base.as_deref())?,
+    };
+    let speed = super::mirror::check_speed(a.speed)?;
+    let id = super::job_id(a.job_id.as_deref(), &a.device);
+    super::check_id(&id)?;
+    if between.is_empty() {
+        // Nothing to copy: QEMU runs a job that ends at once.
+    }
+    let filter_name = a
+        .filter_node_name
+        .clone()
+        .unwrap_or_else(|| format!("{id}-stream-filter"));
+    let bottom = between.last().map(|n| n.name().to_string());
+    let opts = BlockdevOptions::from_json(serde_json::json!({
+        "driver": "copy-on-read",
+        "node-name": filter_name,
+        "file": top.name(),
+        "bottom": bottom,
+    }))?;
+    let edge = copy::job_edge(&id, top.clone(), true)?;
+    let filter = state
+        .graph()
+        .add_implicit(&opts)
+        .map_err(|e| e.to_string())?;
+    let users = copy::Users::of(state, &top, &[filter.name()]);
+    if let Err(e) = state.drained(&top, || users.replace(&top, &filter)) {
+        let _ = state.del_blockdev(filter.name());
+        return Err(e);
+    }
+    let mut nodes = vec![top.clone(), filter.clone()];
+    nodes.extend(between.iter().cloned());
+    nodes.extend(base.iter().cloned());
+    let o = BlockJobOptions {
+        id: id.clone(),
+        speed,
+        auto_finalize: a.auto_finalize,
+        auto_dismiss: a.auto_dismiss,
+    };
+    let s = Stream {
+        top,
+        base,
+        between,
+        filter,
+        backing_file: a.backing_file.clone(),
+        on_error: a.on_error,
+        _edge: edge,
+    };
+    let job = match super::register_block("stream", &o, nodes) {
+        Ok(j) => j,
+        Err(e) => {
+            s.remove_filter(state);
+            return Err(e);
+        }
+    };
+    let st = state.clone();
+    super::spawn(job, move |job| s.run(&st, job));
+    Ok(())
+}
