@@ -125,6 +125,10 @@ impl Intermediate {
                     return Ok(());
                 }
                 copy::run(self.base.flush()).map_err(|e| copy::error_text(&e))?;
+                // The copy is done: the job's own edges go before the
+                // overlay takes the base as its backing image.
+                self.top_edge.release();
+                self.base_edge.release();
                 state.drained(&self.overlay, || {
                     set_backing(
                         &self.overlay,
@@ -139,8 +143,6 @@ impl Intermediate {
                 make_base_read_only(&self.base, if done { None } else { edge })
             });
             if done {
-                self.top_edge.release();
-                self.base_edge.release();
                 let mut gone = vec![self.top.clone()];
                 gone.extend(self.between.iter().cloned());
                 drop_nodes(state, &gone);
