@@ -218,6 +218,7 @@ impl Backup {
                 return Ok(());
             }
             let n = cs.min(size - d);
+            let mut copied = 0;
             let _held = copy::run(self.hook.ranges.take(d, d + n));
             if todo.is_dirty(d) {
                 let part = buf.part(n);
@@ -242,6 +243,7 @@ impl Backup {
                     })?;
                     if w.is_some() {
                         todo.clear_range(d, n);
+                        copied = if zero { 0 } else { n };
                     }
                 }
             }
@@ -251,7 +253,7 @@ impl Backup {
             let done = total.saturating_sub(left).max(done_before);
             done_before = done;
             job.progress(done, total);
-            if !job.rate_limit(n) {
+            if !job.rate_limit(copied) {
                 return Ok(());
             }
         }

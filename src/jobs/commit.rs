@@ -173,7 +173,7 @@ impl Intermediate {
                 continue;
             };
             if above {
-                let (zero, _) = copy::reads_zero(top, off, n).unwrap_or((false, n));
+                let zero = copy::reads_zero(top, off, n).is_ok_and(|(z, zn)| z && zn >= n);
                 let part = buf.part(n);
                 let read = if zero {
                     Some(())
@@ -194,7 +194,7 @@ impl Intermediate {
             }
             off += n;
             job.progress(off, size);
-            if !job.rate_limit(n) {
+            if !job.rate_limit(if above { n } else { 0 }) {
                 return Ok(());
             }
         }

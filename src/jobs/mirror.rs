@@ -269,8 +269,9 @@ impl Mirror {
 
     /// Copies `[off, off + n)` (dirty granules) from source to target.
     /// Returns the bytes done (0 when a failure was ignored; the range is
-    /// dirty again).
-    fn copy(&self, job: &Job, off: u64, n: u64, buf: &copy::Buffer) -> Result<u64, String> {
+    /// dirty again) and how many of them were data (not zeroes: only data
+    /// counts against `speed`, as in QEMU).
+    fn copy(&self, job: &Job, off: u64, n: u64, buf: &copy::Buffer) -> Result<(u64, u64), String> {
         let _held = copy::run(self.hook.ranges.take(off, off + n));
         self.hook.dirty.clear_range(off, n);
         let src: &Node = self.src_edge.node();
@@ -280,13 +281,20 @@ impl Mirror {
         })?;
         let Some((zero, zn)) = zero else {
             self.hook.dirty.set(off, n);
-            return Ok(0);
+            return Ok((0, 0));
         };
         let done = if zero {
-            let w = copy::with_policy(job, self.on_target_error, true, || {
-                copy::run(dst.pwrite_zeroes(off, zn, true, false))
-            })?;
-            w.map(|_| zn)
+            // Nothing to write where the target reads as zeroes already
+            // (a fresh image).
+            let (tz, tn) = copy::reads_zero(dst, off, zn).unwrap_or((false, zn));
+            if tz {
+                Some(tn)
+            } else {
+                let w = copy::with_policy(job, self.on_target_error, true, || {
+                    copy::run(dst.pwrite_zeroes(off, zn, true, false))
+                })?;
+                w.map(|_| zn)
+            }
         } else {
             let part = buf.part(n);
             let r = copy::with_policy(job, self.on_source_error, false, || {
@@ -305,11 +313,11 @@ impl Mirror {
                 if d < n {
                     self.hook.dirty.set(off + d, n - d);
                 }
-                Ok(d)
+                Ok((d, if zero { 0 } else { d }))
             }
             None => {
                 self.hook.dirty.set(off, n);
-                Ok(0)
+                Ok((0, 0))
             }
         }
     }
@@ -319,7 +327,7 @@ impl Mirror {
         let mut tries = 0;
         while let Some(off) = self.hook.dirty.next_dirty(0) {
             let n = self.hook.dirty.dirty_run(off, self.chunk);
-            if self.copy(job, off, n, buf)? == 0 {
+            if self.copy(job, off, n, buf)?.0 == 0 {
                 tries += 1;
                 if tries > 3 {
                     return Err(format!(
@@ -368,11 +376,11 @@ impl Mirror {
             match next {
                 Some(off) => {
                     let n = dirty.dirty_run(off, self.chunk);
-                    let d = self.copy(job, off, n, &buf)?;
+                    let (d, data) = self.copy(job, off, n, &buf)?;
                     done += d;
-                    cursor = off + n;
+                    cursor = off + d.max(1);
                     job.progress(done, done + dirty.count());
-                    if !job.rate_limit(n) {
+                    if !job.rate_limit(data) {
                         return Ok(());
                     }
                 }

@@ -198,17 +198,21 @@ impl Stream {
             }
             let len = (size - off).min(CHUNK);
             let r = copy::with_policy(job, self.on_error, false, || {
-                let (above, n) = copy::allocated_above(&self.top, base_depth, off, len)?;
-                let (in_top, _) = copy::allocated_in_top(&self.top, off, n)?;
-                if above && !in_top {
+                // Data found below the top and above the base is copied.
+                let st = copy::run(self.top.block_status(off, len))?;
+                let n = st.len.clamp(1, len);
+                let below_top = st.kind != crate::drivers::Allocation::Unallocated
+                    && st.depth > 0
+                    && base_depth.is_none_or(|b| st.depth < b);
+                if below_top {
                     copy::run(cor.preadv(off, &buf.part(n)))?;
                 }
-                Ok(n)
+                Ok((n, below_top))
             })?;
-            let n = r.unwrap_or(len);
+            let (n, copied) = r.unwrap_or((len, false));
             off += n;
             job.progress(off, size);
-            if !job.rate_limit(n) {
+            if !job.rate_limit(if copied { n } else { 0 }) {
                 return Ok(());
             }
         }
