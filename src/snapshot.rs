@@ -365,7 +365,7 @@ fn prepare_external_sync(
 
 /// blockdev-snapshot-sync: creates (or opens) a qcow2 overlay file and puts
 /// it on top of the node.
-pub fn external_sync(state: &State, a: &SnapshotSyncArgs) -> Result<(), String> {
+pub fn external_sync(state: &Arc<State>, a: &SnapshotSyncArgs) -> Result<(), String> {
     transaction(state, vec![Action::BlockdevSnapshotSync(a.clone())])
 }
 
@@ -382,6 +382,8 @@ pub enum Action {
     BlockDirtyBitmapEnable(crate::bitmaps::NameArgs),
     BlockDirtyBitmapDisable(crate::bitmaps::NameArgs),
     BlockDirtyBitmapMerge(crate::bitmaps::MergeArgs),
+    /// Starts a backup job at the transaction's instant.
+    BlockdevBackup(crate::jobs::BackupArgs),
     /// Always fails (QEMU's, for testing the abort path).
     Abort(#[serde(default)] serde_json::Map<String, serde_json::Value>),
 }
@@ -398,6 +400,7 @@ impl Action {
             Action::BlockDirtyBitmapEnable(_) => "block-dirty-bitmap-enable",
             Action::BlockDirtyBitmapDisable(_) => "block-dirty-bitmap-disable",
             Action::BlockDirtyBitmapMerge(_) => "block-dirty-bitmap-merge",
+            Action::BlockdevBackup(_) => "blockdev-backup",
             Action::Abort(_) => "abort",
         }
     }
@@ -454,8 +457,12 @@ fn prepare_internal(state: &State, a: &InternalArgs) -> Result<Prepared, String>
 /// every node involved, so the guest sees all of them or none. If any
 /// check or step fails, what was done is undone: performed snapshots are
 /// reverted, overlays made for the transaction are closed and deleted.
-pub fn transaction(state: &State, actions: Vec<Action>) -> Result<(), String> {
+pub fn transaction(state: &Arc<State>, actions: Vec<Action>) -> Result<(), String> {
     let mut prepared: Vec<Prepared> = Vec::new();
+    // Backups start last, inside the same drained section, once every
+    // other action has been performed (a backup that cannot start undoes
+    // them all, and cancels the backups started before it).
+    let mut backups: Vec<(usize, crate::jobs::BackupArgs)> = Vec::new();
     let mut created: Vec<CreatedOverlay> = Vec::new();
     let fail = |created: &[CreatedOverlay], i: usize, what: &str, e: String| {
         for c in created.iter().rev() {
@@ -496,6 +503,10 @@ pub fn transaction(state: &State, actions: Vec<Action>) -> Result<(), String> {
                 crate::bitmaps::prepare_merge(state, b).map(Prepared::Bitmap)
             }
             Action::Abort(_) => Err("Transaction aborted using Abort action".into()),
+            Action::BlockdevBackup(b) => {
+                backups.push((i, b.clone()));
+                continue;
+            }
         };
         match r {
             Ok(p) => {
@@ -541,6 +552,13 @@ pub fn transaction(state: &State, actions: Vec<Action>) -> Result<(), String> {
             nodes.push(p.node().clone());
         }
     }
+    for (_, b) in &backups {
+        if let Ok(n) = crate::jobs::backup_source(state, b) {
+            if !nodes.iter().any(|m| Arc::ptr_eq(m, &n)) {
+                nodes.push(n);
+            }
+        }
+    }
     let node_refs: Vec<&Node> = nodes.iter().map(|n| &**n).collect();
     let done = state.drained_many(&node_refs, || -> Result<(), (usize, String)> {
         // Internal snapshots made so far, by index: (node, id) for undo.
@@ -562,28 +580,21 @@ pub fn transaction(state: &State, actions: Vec<Action>) -> Result<(), String> {
                 }
             };
             if let Err(e) = r {
-                for (j, q) in prepared[..i].iter().enumerate().rev() {
-                    match q {
-                        Prepared::Bitmap(b) => b.undo(),
-                        Prepared::External(x) => x.undo(),
-                        Prepared::Internal { node, .. } => {
-                            let Driver::Qcow2(qd) = node.driver() else {
-                                continue;
-                            };
-                            if let Some((_, id)) = made.iter().find(|(k, _)| *k == j) {
-                                let r = qcow2::SnapshotRef {
-                                    id: Some(id),
-                                    name: None,
-                                };
-                                if let Err(e) = futures::executor::block_on(qd.snapshot_delete(&r))
-                                {
-                                    log::error!("transaction: undoing snapshot {id}: {e}");
-                                }
-                            }
-                        }
-                    }
-                }
+                undo_all(&prepared[..i], &made);
                 return Err((i, e));
+            }
+        }
+        let mut started: Vec<String> = Vec::new();
+        for (i, b) in &backups {
+            match crate::jobs::backup(state, b.clone()) {
+                Ok(id) => started.push(id),
+                Err(e) => {
+                    for id in &started {
+                        let _ = crate::jobs::cancel_block(id, true);
+                    }
+                    undo_all(&prepared, &made);
+                    return Err((*i, e));
+                }
             }
         }
         Ok(())
@@ -603,6 +614,30 @@ pub fn transaction(state: &State, actions: Vec<Action>) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Undoes performed actions, last first.
+fn undo_all(prepared: &[Prepared], made: &[(usize, String)]) {
+    for (j, q) in prepared.iter().enumerate().rev() {
+        match q {
+            Prepared::Bitmap(b) => b.undo(),
+            Prepared::External(x) => x.undo(),
+            Prepared::Internal { node, .. } => {
+                let Driver::Qcow2(qd) = node.driver() else {
+                    continue;
+                };
+                if let Some((_, id)) = made.iter().find(|(k, _)| *k == j) {
+                    let r = qcow2::SnapshotRef {
+                        id: Some(id),
+                        name: None,
+                    };
+                    if let Err(e) = futures::executor::block_on(qd.snapshot_delete(&r)) {
+                        log::error!("transaction: undoing snapshot {id}: {e}");
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn rand_suffix() -> u32 {

@@ -82,6 +82,7 @@ impl RangeLock {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::future::Future;
 
     #[test]
     fn overlapping_ranges_wait_and_disjoint_ones_do_not() {

@@ -156,6 +156,10 @@ impl Backup {
             }
             copy::run(self.dst_edge.node().flush()).map_err(|e| copy::error_text(&e))
         });
+        let r = match r {
+            Ok(()) if !job.wait_finalize() => Ok(()),
+            r => r,
+        };
         job.with_command_lock(state, || {
             let h: Arc<dyn WriteHook> = self.hook.clone();
             state.drained(&self.source, || {
@@ -262,8 +266,13 @@ impl Backup {
     }
 }
 
-/// blockdev-backup.
-pub fn backup(state: &Arc<State>, a: BackupArgs) -> Result<(), String> {
+/// The node a blockdev-backup copies (for a transaction's drain).
+pub fn backup_source(state: &State, a: &BackupArgs) -> Result<Arc<Node>, String> {
+    Ok(copy::skip_filters(&copy::resolve(state, &a.device)?))
+}
+
+/// blockdev-backup; returns the job's id.
+pub fn backup(state: &Arc<State>, a: BackupArgs) -> Result<String, String> {
     if a.compress {
         return Err("'compress' is not supported: compressed clusters are read, never written, by this daemon's qcow2 driver".into());
     }
@@ -274,7 +283,9 @@ pub fn backup(state: &Arc<State>, a: BackupArgs) -> Result<(), String> {
         return Err("'discard-source' is not supported".into());
     }
     let source = copy::skip_filters(&copy::resolve(state, &a.device)?);
-    let target = copy::node(state, &a.target)?;
+    let id = super::job_id(a.job_id.as_deref(), &a.device);
+    super::check_id(&id)?;
+    let target = copy::target(state, &a.target)?;
     if Arc::ptr_eq(&source, &target) || source.reaches(&target) || target.reaches(&source) {
         return Err("Source and target cannot be the same".into());
     }
@@ -287,6 +298,10 @@ pub fn backup(state: &Arc<State>, a: BackupArgs) -> Result<(), String> {
             source.size(),
             target.size()
         ));
+    }
+    if let Some(name) = &a.bitmap {
+        crate::bitmaps::find(&source, name)
+            .map_err(|_| format!("Bitmap '{name}' could not be found"))?;
     }
     let mode = match (a.sync, &a.bitmap, a.bitmap_mode) {
         (SyncMode::Incremental, Some(_), None | Some(BitmapMode::OnSuccess)) => {
@@ -319,7 +334,8 @@ pub fn backup(state: &Arc<State>, a: BackupArgs) -> Result<(), String> {
     };
     let bitmap = match &a.bitmap {
         Some(name) => {
-            let b = crate::bitmaps::find(&source, name)?;
+            let b = crate::bitmaps::find(&source, name)
+                .map_err(|_| format!("Bitmap '{name}' could not be found"))?;
             if b.is_busy() {
                 return Err(format!(
                     "Bitmap '{name}' is currently in use by another operation and cannot be used"
@@ -333,8 +349,6 @@ pub fn backup(state: &Arc<State>, a: BackupArgs) -> Result<(), String> {
         None => None,
     };
     let speed = super::mirror::check_speed(a.speed)?;
-    let id = super::job_id(a.job_id.as_deref(), &a.device);
-    super::check_id(&id)?;
     let cs = match target.driver() {
         Driver::Qcow2(q) => q.cluster_size().max(65536),
         _ => 65536,
@@ -347,7 +361,7 @@ pub fn backup(state: &Arc<State>, a: BackupArgs) -> Result<(), String> {
         failed: Mutex::new(None),
     });
     let src_edge = copy::job_edge(&id, source.clone(), false)?;
-    let dst_edge = copy::job_edge(&id, target.clone(), true)?;
+    let dst_edge = copy::target_edge(&id, target.clone())?;
     let size = source.size();
     let h: Arc<dyn WriteHook> = hook.clone();
     let saved = state.drained(&source, || -> Result<Option<Vec<u64>>, String> {
@@ -409,7 +423,8 @@ pub fn backup(state: &Arc<State>, a: BackupArgs) -> Result<(), String> {
             return Err(e);
         }
     };
+    let id = job.id.clone();
     let st = state.clone();
     super::spawn(job, move |job| b.run(&st, job));
-    Ok(())
+    Ok(id)
 }

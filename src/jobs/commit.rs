@@ -119,9 +119,10 @@ struct Intermediate {
 impl Intermediate {
     fn run(&self, state: &State, job: &Job) -> Result<(), String> {
         let r = self.copy(job);
+        let finalize = r.is_ok() && job.wait_finalize();
         job.with_command_lock(state, || {
             let r = r.and_then(|()| {
-                if job.is_cancelled() {
+                if job.is_cancelled() || !finalize {
                     return Ok(());
                 }
                 copy::run(self.base.flush()).map_err(|e| copy::error_text(&e))?;
@@ -209,10 +210,16 @@ pub fn commit(state: &Arc<State>, a: CommitArgs) -> Result<(), String> {
             "'filter-node-name' is not supported: this daemon inserts no commit filter node".into(),
         );
     }
-    let active = copy::skip_filters(&copy::resolve(state, &a.device)?);
+    let active = copy::skip_filters(
+        &copy::resolve(state, &a.device).map_err(|_| format!("Device '{}' not found", a.device))?,
+    );
+    let id = super::job_id(a.job_id.as_deref(), &a.device);
+    super::check_id(&id)?;
+    super::check_not_busy(&active)?;
+    let not_in_chain = |n: &str| format!("'{n}' is not in this backing file chain");
     let top = match (&a.top_node, &a.top) {
         (Some(_), Some(_)) => return Err("'top-node' and 'top' are mutually exclusive".into()),
-        (Some(n), None) => copy::node(state, n)?,
+        (Some(n), None) => copy::node(state, n).map_err(|_| not_in_chain(n))?,
         (None, Some(f)) => {
             let chain = std::iter::once(active.clone()).chain(copy::chain_below(&active));
             let want = std::fs::canonicalize(f).ok();
@@ -233,33 +240,28 @@ pub fn commit(state: &Arc<State>, a: CommitArgs) -> Result<(), String> {
             .iter()
             .any(|c| Arc::ptr_eq(c, &top))
     {
-        return Err(format!(
-            "Node '{}' is not in the backing chain of '{}'",
-            top.name(),
-            active.name()
-        ));
+        return Err(not_in_chain(top.name()));
     }
     let (base, between) = match (a.base_node.as_deref(), a.base.as_deref()) {
         (None, None) => {
             let chain = copy::chain_below(&top);
             match chain.split_last() {
                 Some((b, rest)) => (b.clone(), rest.to_vec()),
-                None => {
-                    return Err(format!(
-                        "Top image '{}' has no backing image to commit into",
-                        top.name()
-                    ))
-                }
+                None => return Err("cannot commit an image into itself".into()),
             }
         }
         (bn, bf) => {
-            let (b, between) = split_chain(state, &top, bn, bf)?;
+            if bn == Some(top.name()) {
+                return Err("cannot commit an image into itself".into());
+            }
+            let (b, between) = split_chain(state, &top, bn, bf).map_err(|e| match bn {
+                Some(n) if !e.contains("cannot be specified") => not_in_chain(n),
+                _ => e,
+            })?;
             (b.ok_or_else(|| "no base image found".to_string())?, between)
         }
     };
     let speed = super::mirror::check_speed(a.speed)?;
-    let id = super::job_id(a.job_id.as_deref(), &a.device);
-    super::check_id(&id)?;
     let above_base = between.last().cloned().unwrap_or_else(|| top.clone());
     let o = BlockJobOptions {
         id: id.clone(),
@@ -368,6 +370,7 @@ pub fn commit(state: &Arc<State>, a: CommitArgs) -> Result<(), String> {
             return Err(e);
         }
     };
+    job.progress(0, top.size());
     let c = Intermediate {
         top,
         overlay,

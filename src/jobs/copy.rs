@@ -127,7 +127,17 @@ pub fn node(state: &State, name: &str) -> Result<Arc<Node>, String> {
     state
         .graph()
         .get(name)
-        .map_err(|_| format!("Cannot find node '{name}'"))
+        .map_err(|_| format!("Cannot find device='' nor node-name='{name}'"))
+}
+
+/// A job's target node (QEMU looks it up as a device or a node name).
+pub fn target(state: &State, name: &str) -> Result<Arc<Node>, String> {
+    let n = state
+        .graph()
+        .get(name)
+        .map_err(|_| format!("Cannot find device='{name}' nor node-name='{name}'"))?;
+    super::check_not_busy(&n)?;
+    Ok(n)
 }
 
 /// Below any filters (throttle, copy-on-read): the node that holds data.
@@ -279,4 +289,18 @@ pub fn job_edge(job_id: &str, node: Arc<Node>, write: bool) -> Result<Child, Str
     }
     Child::attach(job_id, ChildRole::Root, node, perm, crate::block::Perm::ALL)
         .map_err(|e| e.to_string())
+}
+
+/// The edge a job writes a target through: nobody else may write the
+/// target meanwhile (QEMU's mirror and backup targets share reads only).
+pub fn target_edge(job_id: &str, node: Arc<Node>) -> Result<Child, String> {
+    use crate::block::Perm;
+    Child::attach(
+        job_id,
+        ChildRole::Root,
+        node,
+        Perm::CONSISTENT_READ | Perm::WRITE,
+        Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
+    )
+    .map_err(|e| e.to_string())
 }

@@ -221,7 +221,7 @@ impl Mirror {
             target: target.clone(),
         });
         let src_edge = copy::job_edge(job_id, source.clone(), false)?;
-        let dst_edge = copy::job_edge(job_id, target.clone(), true)?;
+        let dst_edge = copy::target_edge(job_id, target.clone())?;
         let h: Arc<dyn WriteHook> = hook.clone();
         state.drained(&source, || source.add_write_hook(h));
         Ok(Mirror {
@@ -392,6 +392,9 @@ impl Mirror {
                         (s.complete_requested(), s.soft_cancel())
                     };
                     if complete || soft {
+                        if !job.wait_finalize() {
+                            return Ok(());
+                        }
                         return job
                             .with_command_lock(state, || self.finish(state, job, complete, pivot));
                     }
@@ -412,6 +415,9 @@ impl Mirror {
             self.copy_all(job, &buf)?;
             self.source.remove_write_hook(&h);
             if complete {
+                // The users that move to the target may write it.
+                self.dst_edge
+                    .set_perm(self.dst_edge.perm(), crate::block::Perm::ALL);
                 pivot(state, self)?;
             }
             Ok(())
@@ -551,14 +557,17 @@ pub fn mirror(state: &Arc<State>, a: MirrorArgs) -> Result<(), String> {
         return Err("'filter-node-name' is not supported: this daemon tracks a mirror's writes on the source node itself and inserts no filter node".into());
     }
     let source = copy::skip_filters(&copy::resolve(state, &a.device)?);
-    let target = copy::node(state, &a.target)?;
+    let id = super::job_id(a.job_id.as_deref(), &a.device);
+    super::check_id(&id)?;
+    super::check_not_busy(&source)?;
+    let target = copy::target(state, &a.target)?;
     let replaces = a
         .replaces
         .as_deref()
         .map(|r| copy::node(state, r))
         .transpose()?;
     let o = BlockJobOptions {
-        id: super::job_id(a.job_id.as_deref(), &a.device),
+        id,
         speed: check_speed(a.speed)?,
         auto_finalize: a.auto_finalize,
         auto_dismiss: a.auto_dismiss,
@@ -582,6 +591,8 @@ pub fn mirror(state: &Arc<State>, a: MirrorArgs) -> Result<(), String> {
 /// target image, adds it as a node, and mirrors to it.
 pub fn drive_mirror(state: &Arc<State>, a: DriveMirrorArgs) -> Result<(), String> {
     let source = copy::skip_filters(&copy::resolve(state, &a.device)?);
+    super::check_id(&super::job_id(a.job_id.as_deref(), &a.device))?;
+    super::check_not_busy(&source)?;
     let format = a.format.clone().unwrap_or_else(|| match source.driver() {
         Driver::Qcow2(_) => "qcow2".into(),
         _ => "raw".into(),

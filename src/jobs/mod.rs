@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::block::Node;
-pub use backup::{backup, BackupArgs};
+pub use backup::{backup, backup_source, BackupArgs};
 pub use commit::{commit, CommitArgs};
 pub use copy::OnError;
 pub use mirror::{drive_mirror, mirror, DriveMirrorArgs, MirrorArgs};
@@ -140,6 +140,24 @@ impl Job {
 
     pub fn is_cancelled(&self) -> bool {
         self.state().is_cancelled()
+    }
+
+    /// Called before the work's graph changes: without auto-finalize the
+    /// job waits in `pending` for job-finalize (BLOCK_JOB_PENDING), at
+    /// rest. Returns false if it was cancelled instead.
+    pub fn wait_finalize(&self) -> bool {
+        let mut s = self.state();
+        if s.auto_finalize || s.is_cancelled() {
+            return !s.is_cancelled();
+        }
+        s.enter_pending();
+        s.busy = false;
+        self.wake.notify_all();
+        while !s.finalize_requested() && !s.is_cancelled() {
+            s = self.wake.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        s.busy = true;
+        !s.is_cancelled()
     }
 
     /// Sets the nodes whose drains pause the job.
@@ -304,7 +322,7 @@ pub fn check_id(id: &str) -> Result<(), String> {
     if !id_wellformed(id) {
         return Err(format!("Invalid job ID '{id}'"));
     }
-    if registry().iter().any(|j| j.id == id) {
+    if registry().iter().any(|j| j.id == id && live(j)) {
         return Err(format!("Job ID '{id}' already in use"));
     }
     Ok(())
@@ -321,6 +339,7 @@ fn insert(
         return Err(format!("Invalid job ID '{id}'"));
     }
     let mut reg = registry();
+    reg.retain(|j| live(j));
     if reg.iter().any(|j| j.id == id) {
         return Err(format!("Job ID '{id}' already in use"));
     }
@@ -333,6 +352,9 @@ fn insert(
     if let Some((speed, n)) = block {
         state.speed = speed;
         nodes = n;
+        state.set_on_pending(Box::new(move |s: &JobState| {
+            crate::events::global().emit("BLOCK_JOB_PENDING", json!({"type": kind, "id": s.id}));
+        }));
         state.set_on_conclude(Box::new(move |s: &JobState| {
             let mut v = block_event(kind, s);
             if s.is_cancelled() {
@@ -395,17 +417,28 @@ fn reap() {
     registry().retain(|j| j.state().status() != JobStatus::Null);
 }
 
+/// A job that reached `null` is gone, even before its thread reaped it.
+fn live(j: &Job) -> bool {
+    j.state().status() != JobStatus::Null
+}
+
 pub fn get(id: &str) -> Result<Arc<Job>, String> {
     registry()
         .iter()
-        .find(|j| j.id == id)
+        .find(|j| j.id == id && live(j))
         .cloned()
         .ok_or_else(|| format!("Job '{id}' not found"))
 }
 
 /// query-jobs.
 pub fn query() -> Value {
-    Value::Array(registry().iter().map(|j| j.info()).collect())
+    Value::Array(
+        registry()
+            .iter()
+            .filter(|j| live(j))
+            .map(|j| j.info())
+            .collect(),
+    )
 }
 
 /// query-block-jobs.
@@ -413,7 +446,7 @@ pub fn query_block() -> Value {
     Value::Array(
         registry()
             .iter()
-            .filter(|j| j.block)
+            .filter(|j| j.block && live(j))
             .map(|j| j.block_info())
             .collect(),
     )
@@ -423,9 +456,9 @@ pub fn query_block() -> Value {
 pub fn get_block(id: &str) -> Result<Arc<Job>, String> {
     registry()
         .iter()
-        .find(|j| j.id == id && j.block)
+        .find(|j| j.id == id && j.block && live(j))
         .cloned()
-        .ok_or_else(|| format!("Block job {id} not found"))
+        .ok_or_else(|| format!("Block job '{id}' not found"))
 }
 
 /// The job-* commands: pause, resume, cancel, complete, finalize, dismiss.
@@ -519,6 +552,26 @@ pub fn drain_end(jobs: Vec<Arc<Job>>) {
         j.state().resume();
         j.wake.notify_all();
     }
+}
+
+/// Refuses a node another block job works on (QEMU's op blockers).
+pub fn check_not_busy(node: &Node) -> Result<(), String> {
+    for j in registry().iter().filter(|j| j.block && live(j)) {
+        let uses = j
+            .nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|n| std::ptr::eq(&**n, node));
+        if uses {
+            return Err(format!(
+                "Node '{}' is busy: block device is in use by block job: {}",
+                node.name(),
+                j.kind
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The job-id of a block job: the given one, or the device's name.

@@ -181,8 +181,13 @@ pub struct JobState {
     /// Bumped by every command that the work may be waiting for (pause,
     /// cancel, complete, set-speed), so that a sleeping job looks again.
     pub kicks: u64,
+    /// The work waits in `pending` for job-finalize before its graph
+    /// changes (auto-finalize off); set while it waits.
+    waiting_finalize: bool,
+    finalize_requested: bool,
     on_change: OnChange,
     on_conclude: Option<OnConclude>,
+    on_pending: Option<OnConclude>,
 }
 
 impl JobState {
@@ -205,8 +210,11 @@ impl JobState {
             soft_cancel: false,
             io_status: "ok",
             kicks: 0,
+            waiting_finalize: false,
+            finalize_requested: false,
             on_change,
             on_conclude: None,
+            on_pending: None,
         };
         j.set(JobStatus::Created);
         j
@@ -218,6 +226,26 @@ impl JobState {
 
     pub fn set_on_conclude(&mut self, f: OnConclude) {
         self.on_conclude = Some(f);
+    }
+
+    /// Hears the job wait in `pending` for job-finalize (BLOCK_JOB_PENDING).
+    pub fn set_on_pending(&mut self, f: OnConclude) {
+        self.on_pending = Some(f);
+    }
+
+    /// The work is done but for its graph changes, which wait for
+    /// job-finalize: waiting, then pending.
+    pub fn enter_pending(&mut self) {
+        self.set(JobStatus::Waiting);
+        self.set(JobStatus::Pending);
+        self.waiting_finalize = true;
+        if let Some(mut f) = self.on_pending.take() {
+            f(self);
+        }
+    }
+
+    pub fn finalize_requested(&self) -> bool {
+        self.finalize_requested
     }
 
     /// Whether the job is paused by a user or an error (block jobs'
@@ -411,6 +439,11 @@ impl JobState {
             self.conclude();
             return;
         }
+        if self.waiting_finalize {
+            // Finalized already: the graph changes are made.
+            self.conclude();
+            return;
+        }
         self.set(JobStatus::Waiting);
         self.set(JobStatus::Pending);
         if self.auto_finalize {
@@ -421,6 +454,12 @@ impl JobState {
     /// job-finalize (without auto-finalize).
     pub fn finalize(&mut self) -> Result<(), JobError> {
         self.check(JobVerb::Finalize)?;
+        if self.waiting_finalize {
+            // The job's thread makes its graph changes, then concludes.
+            self.finalize_requested = true;
+            self.kicks += 1;
+            return Ok(());
+        }
         self.conclude();
         Ok(())
     }

@@ -165,9 +165,10 @@ struct Stream {
 impl Stream {
     fn run(&self, state: &State, job: &Job) -> Result<(), String> {
         let r = self.copy(job);
+        let finalize = r.is_ok() && job.wait_finalize();
         job.with_command_lock(state, || {
             let r = r.and_then(|()| {
-                if job.is_cancelled() {
+                if job.is_cancelled() || !finalize {
                     return Ok(());
                 }
                 state.drained(&self.top, || {
@@ -238,6 +239,9 @@ impl Stream {
 /// block-stream.
 pub fn stream(state: &Arc<State>, a: StreamArgs) -> Result<(), String> {
     let top = copy::skip_filters(&copy::resolve(state, &a.device)?);
+    let id = super::job_id(a.job_id.as_deref(), &a.device);
+    super::check_id(&id)?;
+    super::check_not_busy(&top)?;
     let Driver::Qcow2(_) = top.driver() else {
         return Err(format!(
             "node '{}' has no backing image to stream from",
@@ -263,11 +267,6 @@ pub fn stream(state: &Arc<State>, a: StreamArgs) -> Result<(), String> {
         None => split_chain(state, &top, a.base_node.as_deref(), a.base.as_deref())?,
     };
     let speed = super::mirror::check_speed(a.speed)?;
-    let id = super::job_id(a.job_id.as_deref(), &a.device);
-    super::check_id(&id)?;
-    if between.is_empty() {
-        // Nothing to copy: QEMU runs a job that ends at once.
-    }
     let filter_name = a
         .filter_node_name
         .clone()
@@ -308,7 +307,10 @@ pub fn stream(state: &Arc<State>, a: StreamArgs) -> Result<(), String> {
         _edge: edge,
     };
     let job = match super::register_block("stream", &o, nodes) {
-        Ok(j) => j,
+        Ok(j) => {
+            j.progress(0, s.top.size());
+            j
+        }
         Err(e) => {
             s.remove_filter(state);
             return Err(e);

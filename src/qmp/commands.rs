@@ -610,7 +610,7 @@ pub fn dispatch(
             ok(json!({}))
         }
         "block-commit" => {
-            crate::jobs::commit(state, args(cmd)?).map_err(QmpError::generic)?;
+            crate::jobs::commit(state, args(cmd)?).map_err(block_job_error)?;
             ok(json!({}))
         }
         "blockdev-mirror" => {
@@ -682,6 +682,8 @@ pub fn dispatch(
 fn block_job_error(desc: String) -> QmpError {
     let class = if desc.starts_with("Block job ") && desc.ends_with(" not found") {
         ErrorClass::DeviceNotActive
+    } else if desc.starts_with("Device '") && desc.ends_with("' not found") {
+        ErrorClass::DeviceNotFound
     } else {
         ErrorClass::GenericError
     };
