@@ -282,6 +282,12 @@ impl State {
         if size % 512 != 0 {
             return Err(format!("size {size} is not a multiple of 512"));
         }
+        // A job's bitmaps and copies are sized for the node as it is.
+        for n in
+            std::iter::once(node.clone()).chain(node.children().iter().map(|c| c.node().clone()))
+        {
+            crate::jobs::check_not_busy(&n)?;
+        }
         self.drained(&node, || -> Result<(), String> {
             node.truncate(size)?;
             crate::bitmaps::resize_all(&node);
@@ -451,6 +457,8 @@ impl State {
 
     /// Stops taking requests, waits for those in flight, flushes every node.
     pub fn shutdown(&self) {
+        // Jobs first: none may write once nodes are flushed and closed.
+        crate::jobs::cancel_all(SHUTDOWN_DRAIN_TIMEOUT);
         let exports = self.export_states();
         for e in &exports {
             e.quiesce();

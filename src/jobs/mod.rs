@@ -554,6 +554,37 @@ pub fn drain_end(jobs: Vec<Arc<Job>>) {
     }
 }
 
+/// Cancels every job (shutdown) and waits, up to `timeout`, until each
+/// has ended: no job writes to a node once the daemon flushes and closes
+/// them. QEMU's job_cancel_sync_all.
+pub fn cancel_all(timeout: Duration) {
+    let jobs: Vec<Arc<Job>> = registry().iter().cloned().collect();
+    for j in &jobs {
+        let mut s = j.state();
+        if JobVerb::Cancel.allowed_in(s.status()) {
+            let _ = s.cancel(true);
+        }
+        drop(s);
+        j.wake.notify_all();
+    }
+    let deadline = Instant::now() + timeout;
+    for j in &jobs {
+        let mut s = j.state();
+        while !matches!(s.status(), JobStatus::Concluded | JobStatus::Null) {
+            let now = Instant::now();
+            if now >= deadline {
+                log::error!("job {}: still running at shutdown after {timeout:?}", j.id);
+                break;
+            }
+            s = j
+                .wake
+                .wait_timeout(s, (deadline - now).min(Duration::from_millis(50)))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
 /// Refuses a node another block job works on (QEMU's op blockers).
 pub fn check_not_busy(node: &Node) -> Result<(), String> {
     for j in registry().iter().filter(|j| j.block && live(j)) {
@@ -625,5 +656,111 @@ mod tests {
             get("reg-test.1").err().unwrap(),
             "Job 'reg-test.1' not found"
         );
+    }
+
+    fn null_node(name: &str) -> Arc<Node> {
+        let mut g = crate::block::Graph::new();
+        let o = crate::drivers::BlockdevOptions::from_json(json!({
+            "driver": "null-co", "node-name": name, "size": 1 << 20
+        }))
+        .unwrap();
+        g.add(&o).unwrap()
+    }
+
+    fn wait_for(j: &Job, what: impl Fn(&JobState) -> bool) {
+        for _ in 0..500 {
+            if what(&j.state()) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("job {} never got there: {}", j.id, j.info());
+    }
+
+    #[test]
+    fn a_drain_of_a_jobs_node_waits_for_it_to_rest_and_holds_it() {
+        let node = null_node("drain-n0");
+        let other = null_node("drain-n1");
+        let o = BlockJobOptions {
+            id: "drain-test".into(),
+            speed: 0,
+            auto_finalize: true,
+            auto_dismiss: true,
+        };
+        let j = register_block("stream", &o, vec![node.clone()]).unwrap();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let steps = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let s2 = steps.clone();
+        spawn(j.clone(), move |job| {
+            while stop_rx.try_recv().is_err() {
+                if !job.pause_point() {
+                    break;
+                }
+                s2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Ok(())
+        });
+        wait_for(&j, |s| s.status() == JobStatus::Running);
+        // A drain of another node leaves the job alone.
+        assert!(drain_begin(&[&*other]).is_empty());
+        let held = drain_begin(&[&*node]);
+        assert_eq!(held.len(), 1);
+        assert!(!j.state().busy, "the job rests while drained");
+        let before = steps.load(std::sync::atomic::Ordering::SeqCst);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(steps.load(std::sync::atomic::Ordering::SeqCst), before);
+        assert_eq!(j.state().status(), JobStatus::Paused);
+        drain_end(held);
+        wait_for(&j, |s| s.status() == JobStatus::Running);
+        stop_tx.send(()).unwrap();
+        wait_for(&j, |s| s.status() == JobStatus::Null);
+        assert!(steps.load(std::sync::atomic::Ordering::SeqCst) > before);
+    }
+
+    #[test]
+    fn without_auto_finalize_the_work_waits_in_pending_for_finalize() {
+        let o = BlockJobOptions {
+            id: "pending-test".into(),
+            speed: 0,
+            auto_finalize: false,
+            auto_dismiss: false,
+        };
+        let j = register_block("commit", &o, Vec::new()).unwrap();
+        let changed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let c2 = changed.clone();
+        spawn(j.clone(), move |job| {
+            if job.wait_finalize() {
+                c2.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            Ok(())
+        });
+        wait_for(&j, |s| s.status() == JobStatus::Pending);
+        assert!(!changed.load(std::sync::atomic::Ordering::SeqCst));
+        command(JobVerb::Finalize, "pending-test").unwrap();
+        wait_for(&j, |s| s.status() == JobStatus::Concluded);
+        assert!(changed.load(std::sync::atomic::Ordering::SeqCst));
+        command(JobVerb::Dismiss, "pending-test").unwrap();
+    }
+
+    #[test]
+    fn a_rate_limited_job_sleeps_and_wakes_for_a_cancel() {
+        let o = BlockJobOptions {
+            id: "speed-test".into(),
+            speed: 1,
+            auto_finalize: true,
+            auto_dismiss: false,
+        };
+        let j = register_block("backup", &o, Vec::new()).unwrap();
+        spawn(j.clone(), move |job| {
+            // One byte per second: this chunk asks for a very long sleep.
+            while job.rate_limit(1 << 20) {}
+            Ok(())
+        });
+        wait_for(&j, |s| s.status() == JobStatus::Running && !s.busy);
+        cancel_block("speed-test", true).unwrap();
+        wait_for(&j, |s| s.status() == JobStatus::Concluded);
+        assert_eq!(j.info()["error"], "Operation canceled");
+        command(JobVerb::Dismiss, "speed-test").unwrap();
     }
 }

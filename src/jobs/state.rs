@@ -632,4 +632,32 @@ mod tests {
         assert!(!JobStatus::Null.can_become(JobStatus::Created));
         assert!(JobStatus::Waiting.is_completed() && !JobStatus::Ready.is_completed());
     }
+
+    #[test]
+    fn cancel_without_force_when_ready_ends_as_a_success() {
+        let (mut j, seen) = job(true, true);
+        j.start();
+        j.ready();
+        j.cancel(false).unwrap();
+        assert!(j.soft_cancel() && !j.is_cancelled());
+        assert!(j.complete().is_err(), "a cancelled job cannot complete");
+        j.work_done(Ok(()));
+        assert_eq!(j.error(), None);
+        assert_eq!(
+            &seen.lock().unwrap()[1..],
+            [
+                "running",
+                "ready",
+                "waiting",
+                "pending",
+                "concluded",
+                "null"
+            ]
+        );
+        // While running, cancel is forced whatever the flag says.
+        let (mut j, _) = job(true, true);
+        j.start();
+        j.cancel(false).unwrap();
+        assert!(j.is_cancelled());
+    }
 }
