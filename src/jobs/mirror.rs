@@ -351,7 +351,9 @@ impl Mirror {
     ) -> Result<(), String> {
         let r = self.run_inner(state, job, initial, pivot);
         if r.is_err() || job.is_cancelled() {
-            self.remove_hook(state);
+            // Graph changes of a job thread run under the command lock,
+            // so that two jobs never wait in each other's drains.
+            job.with_command_lock(state, || self.remove_hook(state));
         }
         r
     }

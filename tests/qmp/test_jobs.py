@@ -169,3 +169,50 @@ def test_create_errors(daemon, workdir):
         await c.disconnect()
 
     run(go())
+
+
+def test_sigterm_cancels_running_block_jobs_and_leaves_clean_images(daemon, workdir):
+    """A mirror and a backup still copying (speed-limited) when SIGTERM
+    arrives: both are cancelled before the nodes are flushed and closed,
+    the daemon exits 0, and qemu-img finds every image clean, the source
+    unchanged."""
+    src = workdir / "src.qcow2"
+    ref = workdir / "ref.raw"
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", str(src), "32M"], check=True,
+                   capture_output=True)
+    subprocess.run(["qemu-io", "-c", "write -P 0x3c 0 32M", str(src)], check=True,
+                   capture_output=True)
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(src), str(ref)], check=True)
+    targets = [workdir / "m.qcow2", workdir / "b.qcow2"]
+    for t in targets:
+        subprocess.run(["qemu-img", "create", "-f", "qcow2", str(t), "32M"], check=True,
+                       capture_output=True)
+
+    async def go():
+        c = await connect(daemon.monitor)
+        for name, path in [("src", src), ("m", targets[0]), ("b", targets[1])]:
+            await c.execute("blockdev-add", {"driver": "qcow2", "node-name": name,
+                                             "file": {"driver": "file", "filename": str(path)}})
+        await c.execute("blockdev-mirror", {"job-id": "j-m", "device": "src", "target": "m",
+                                            "sync": "full", "speed": 1 << 20})
+        await c.execute("blockdev-backup", {"job-id": "j-b", "device": "src", "target": "b",
+                                            "sync": "full", "speed": 1 << 20})
+        for _ in range(100):
+            jobs = await c.execute("query-block-jobs")
+            if all(j["offset"] > 0 for j in jobs) and len(jobs) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert {j["device"]: j["status"] for j in jobs} == {"j-m": "running", "j-b": "running"}
+        await c.disconnect()
+
+    run(go())
+    rc = daemon.stop()
+    log = (workdir / "daemon.log").read_text()
+    assert rc == 0, log
+    assert "still running at shutdown" not in log, log
+    for img in [src, *targets]:
+        out = subprocess.run(["qemu-img", "check", str(img)], capture_output=True, text=True)
+        assert out.returncode == 0 and "No errors were found" in out.stdout, out.stdout
+    out = subprocess.run(["qemu-img", "compare", str(src), str(ref)], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
