@@ -1454,3 +1454,195 @@ fn copy_on_read_fills_the_top_image_from_the_chain() {
     }
     assert_eq!(std::fs::read(p("base.qcow2")).unwrap(), base_before);
 }
+
+// ---------------------------------------------------------------------------
+// Reopening a backing image read-write (block-commit's target)
+// ---------------------------------------------------------------------------
+
+/// base.qcow2 (2M, 0x11 in its first 1M) under top.qcow2, made by
+/// qemu-img; returns the path of the top image.
+fn commit_chain(d: &Path) -> PathBuf {
+    let p = |n: &str| d.join(n).to_str().unwrap().to_string();
+    run(
+        "qemu-img",
+        &["create", "-f", "qcow2", &p("base.qcow2"), "2M"],
+    );
+    run("qemu-io", &["-c", "write -P 0x11 0 1M", &p("base.qcow2")]);
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            &p("top.qcow2"),
+        ],
+    );
+    d.join("top.qcow2")
+}
+
+fn qcow2_of(node: &Node) -> &vhost_user_blkd::drivers::Qcow2Driver {
+    match node.driver() {
+        Driver::Qcow2(q) => q,
+        _ => unreachable!("a qcow2 node"),
+    }
+}
+
+fn write_node(node: &Node, off: u64, data: &[u8]) -> Result<(), String> {
+    let (iov, view) = IoVecs::bounce(data.len(), 4096);
+    view.with_bytes(&iov, |b| b.copy_from_slice(data));
+    block_on(node.pwritev(off, &iov, false)).map_err(|e| e.to_string())
+}
+
+/// The backing node and its file node are read-only, its file node holds
+/// no write lock, and writes to it are refused.
+fn assert_still_read_only(img: &Img) {
+    let base = img.graph.get("q-backing").unwrap();
+    let file = img.graph.get("q-backing-file").unwrap();
+    assert!(base.is_read_only() && qcow2_of(&base).is_read_only());
+    assert!(file.is_read_only());
+    let Driver::File(fd) = file.driver() else {
+        unreachable!("a file node")
+    };
+    let (taken, _) = fd.held_locks().unwrap();
+    assert!(!taken.contains(vhost_user_blkd::block::Perm::WRITE));
+    assert!(write_node(&base, 0, &[0x99; 4096]).is_err());
+}
+
+#[test]
+fn reopened_backing_image_takes_writes_and_is_read_only_again() {
+    let dir = tmp();
+    let d = dir.path();
+    let img = open(&commit_chain(d));
+    let base = img.graph.get("q-backing").unwrap();
+    assert!(write_node(&base, 0, &[0x99; 4096]).is_err());
+
+    qcow2_of(&base).reopen_writable(&base).unwrap();
+    assert!(!base.is_read_only() && !qcow2_of(&base).is_read_only());
+    assert!(!img.graph.get("q-backing-file").unwrap().is_read_only());
+    // In place (over qemu-io's data) and allocating.
+    write_node(&base, 512 * KIB, &[0x22; 64 * KIB as usize]).unwrap();
+    write_node(&base, 1536 * KIB, &[0x33; 64 * KIB as usize]).unwrap();
+    let mut want = vec![0u8; 2 * MIB as usize];
+    want[..MIB as usize].fill(0x11);
+    want[512 * KIB as usize..576 * KIB as usize].fill(0x22);
+    want[1536 * KIB as usize..1600 * KIB as usize].fill(0x33);
+    // The overlay sees them through its backing edge.
+    assert!(img.read(0, 2 * MIB) == want);
+    // A writer holds the write lock: qemu-io cannot even read the image.
+    let base_path = d.join("base.qcow2");
+    let busy = Command::new("qemu-io")
+        .args(["-r", "-c", "read 0 4k", base_path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&busy.stderr).contains("lock"),
+        "qemu-io opened an image we write: {busy:?}"
+    );
+
+    base.set_read_only(true);
+    qcow2_of(&base).make_read_only();
+    assert!(qcow2_of(&base).is_read_only());
+    assert!(write_node(&base, 0, &[0x99; 4096]).is_err());
+    // Written out and unlocked for writing while still open.
+    check_clean(&base_path);
+    img.close();
+    check_clean(&base_path);
+    check_clean(&d.join("top.qcow2"));
+    let raw = d.join("want.raw");
+    std::fs::write(&raw, &want).unwrap();
+    compare(&base_path, "qcow2", &raw, "raw");
+}
+
+#[test]
+fn reopen_writable_refuses_while_another_process_shares_no_writes() {
+    let dir = tmp();
+    let d = dir.path();
+    let top = commit_chain(d);
+    let base_path = d.join("base.qcow2");
+    // Another open of the image (its own descriptor and locks, as another
+    // process would have): read-only, and sharing no writes.
+    let other = open_with(
+        &base_path,
+        json!({"node-name": "other", "read-only": true,
+               "file": {"driver": "file", "node-name": "other-file",
+                        "filename": base_path.to_str().unwrap(), "read-only": true}}),
+    )
+    .unwrap();
+    let img = open(&top);
+    let base = img.graph.get("q-backing").unwrap();
+
+    let e = qcow2_of(&base).reopen_writable(&base).unwrap_err();
+    assert!(
+        e.contains("'q-backing'") && e.contains("Failed to get \"write\" lock"),
+        "{e}"
+    );
+    assert_still_read_only(&img);
+    // Nothing was left behind: once the other user is gone, it works.
+    other.close();
+    qcow2_of(&base).reopen_writable(&base).unwrap();
+    write_node(&base, 0, &[0x44; 4096]).unwrap();
+    base.set_read_only(true);
+    qcow2_of(&base).make_read_only();
+    img.close();
+    check_clean(&base_path);
+}
+
+#[test]
+fn reopen_writable_refuses_while_another_parent_shares_no_writes() {
+    let dir = tmp();
+    let d = dir.path();
+    let mut img = open(&commit_chain(d));
+    // A second format node on the backing image's file node.
+    let peek: BlockdevOptions = serde_json::from_value(json!({
+        "driver": "qcow2", "node-name": "peek", "read-only": true,
+        "file": "q-backing-file", "backing": null,
+    }))
+    .unwrap();
+    img.graph.add(&peek).unwrap();
+    let base = img.graph.get("q-backing").unwrap();
+
+    let e = qcow2_of(&base).reopen_writable(&base).unwrap_err();
+    assert!(e.contains("'q-backing'") && e.contains("'peek'"), "{e}");
+    assert_still_read_only(&img);
+    img.graph.remove("peek").unwrap();
+    img.close();
+    check_clean(&d.join("base.qcow2"));
+}
+
+#[test]
+fn reopened_backing_image_keeps_its_persistent_bitmaps() {
+    let dir = tmp();
+    let d = dir.path();
+    let top = commit_chain(d);
+    let base_path = d.join("base.qcow2");
+    let bp = base_path.to_str().unwrap();
+    run("qemu-img", &["bitmap", "--add", "-g", "65536", bp, "b0"]);
+    let img = open(&top);
+    let base = img.graph.get("q-backing").unwrap();
+    assert_eq!(base.bitmaps().len(), 1);
+
+    qcow2_of(&base).reopen_writable(&base).unwrap();
+    // In use on disk while we write (a crash leaves it inconsistent).
+    let info = run("qemu-img", &["info", "-U", "--output=json", bp]);
+    assert!(info.contains("in-use"), "{info}");
+    write_node(&base, 1536 * KIB, &[0x33; 4096]).unwrap();
+    assert_eq!(base.bitmaps()[0].count(), 64 * KIB);
+    base.set_read_only(true);
+    qcow2_of(&base).make_read_only();
+    img.close();
+
+    // Stored afresh, consistent, with the write recorded.
+    check_clean(&base_path);
+    let info = run("qemu-img", &["info", "--output=json", bp]);
+    assert!(
+        info.contains("\"b0\"") && info.contains("auto") && !info.contains("in-use"),
+        "{info}"
+    );
+    let again = open_with(&base_path, json!({"read-only": true, "file": {"driver": "file", "node-name": "q-file", "filename": bp, "read-only": true}})).unwrap();
+    assert_eq!(again.node.bitmaps()[0].count(), 64 * KIB);
+    again.close();
+}

@@ -10,6 +10,7 @@
 
 #![allow(dead_code)]
 
+pub mod client;
 pub mod queue;
 
 use std::fs::File;
@@ -78,6 +79,17 @@ impl Daemon {
 
     /// Like `start_in`, with extra environment variables.
     pub fn start_env(dir: tempfile::TempDir, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_bin(daemon_bin(), dir, args, env)
+    }
+
+    /// Like `start_env` with another daemon binary that takes the same
+    /// command line (e.g. qemu-storage-daemon, to check a test itself).
+    pub fn start_bin(
+        bin: &str,
+        dir: tempfile::TempDir,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let socket = dir.path().join("vub.sock");
         let args: Vec<String> = args
             .iter()
@@ -87,7 +99,7 @@ impl Daemon {
             })
             .collect();
         let log = File::create(dir.path().join("daemon.log")).expect("daemon log");
-        let child = Command::new(daemon_bin())
+        let child = Command::new(bin)
             .args(&args)
             .env(
                 "RUST_LOG",
@@ -585,6 +597,10 @@ pub fn split_segments(a: GuestAddress, len: u32, readable: bool) -> Vec<Desc> {
 /// A minimal QMP client for tests that drive the monitor from Rust.
 pub struct Qmp {
     stream: std::io::BufReader<std::os::unix::net::UnixStream>,
+    /// Events read while waiting for a reply, oldest first, for `wait_event`.
+    events: std::collections::VecDeque<serde_json::Value>,
+    /// The start of a line a timed-out read left behind.
+    partial: String,
 }
 
 impl Qmp {
@@ -592,6 +608,8 @@ impl Qmp {
         let s = std::os::unix::net::UnixStream::connect(path).expect("QMP connect");
         let mut q = Qmp {
             stream: std::io::BufReader::new(s),
+            events: std::collections::VecDeque::new(),
+            partial: String::new(),
         };
         let greeting = q.read();
         assert!(greeting.get("QMP").is_some(), "{greeting}");
@@ -601,13 +619,82 @@ impl Qmp {
     }
 
     fn read(&mut self) -> serde_json::Value {
-        use std::io::BufRead;
-        let mut line = String::new();
-        self.stream.read_line(&mut line).expect("QMP read");
-        serde_json::from_str(&line).expect("QMP JSON")
+        self.read_until(None)
+            .expect("QMP read without a deadline timed out")
     }
 
-    /// Runs a command; returns its reply (events before it are skipped).
+    /// Reads one message, or None once `deadline` has passed.
+    fn read_until(&mut self, deadline: Option<Instant>) -> Option<serde_json::Value> {
+        use std::io::BufRead;
+        loop {
+            let timeout = match deadline {
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return None;
+                    }
+                    Some(left)
+                }
+                None => None,
+            };
+            self.stream
+                .get_ref()
+                .set_read_timeout(timeout)
+                .expect("QMP read timeout");
+            match self.stream.read_line(&mut self.partial) {
+                Ok(0) => panic!("QMP connection closed (partial line {:?})", self.partial),
+                Ok(_) if self.partial.ends_with('\n') => {
+                    let line = std::mem::take(&mut self.partial);
+                    return Some(
+                        serde_json::from_str(&line)
+                            .unwrap_or_else(|e| panic!("QMP JSON: {e}: {line:?}")),
+                    );
+                }
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => panic!("QMP read: {e}"),
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for the first event named in `names` (events
+    /// that arrived during `execute` count, oldest first); returns it and
+    /// drops the events before it. Panics on timeout, listing the events seen.
+    pub fn wait_event_of(&mut self, names: &[&str], timeout: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        loop {
+            let ev = match self.events.pop_front() {
+                Some(ev) => ev,
+                None => match self.read_until(Some(deadline)) {
+                    Some(v) if v.get("event").is_some() => v,
+                    Some(v) => panic!("QMP reply while waiting for {names:?}: {v}"),
+                    None => panic!(
+                        "no {names:?} event within {timeout:?}; events seen: {}",
+                        serde_json::Value::Array(seen)
+                    ),
+                },
+            };
+            if names.iter().any(|n| ev["event"] == *n) {
+                return ev;
+            }
+            seen.push(ev);
+        }
+    }
+
+    /// `wait_event_of` for one event name.
+    pub fn wait_event(&mut self, name: &str, timeout: Duration) -> serde_json::Value {
+        self.wait_event_of(&[name], timeout)
+    }
+
+    /// Runs a command; returns its reply (events before it are kept for
+    /// `wait_event`).
     pub fn execute(&mut self, cmd: &str, args: serde_json::Value) -> serde_json::Value {
         use std::io::Write;
         let msg = serde_json::json!({"execute": cmd, "arguments": args});
@@ -618,6 +705,7 @@ impl Qmp {
             if v.get("event").is_none() {
                 return v;
             }
+            self.events.push_back(v);
         }
     }
 }

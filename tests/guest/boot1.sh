@@ -47,6 +47,9 @@ check "vdc capacity (the base's size)" eq "$(cat $C/size)" $((96 * 1024 * 1024 /
 check "vdc has 2 queues" eq "$(ls $C/mq | wc -l)" 2
 check "vdc shows the base's data at 80 MiB" \
     eq "$(dd if=/dev/vdc bs=1M skip=80 count=1 iflag=direct 2>/dev/null | tr -d 'Z' | wc -c)" 0
+# The host mirrors vdc to a new image and pivots the export to it while
+# this fio writes and verifies (tests/guest/mirror.py).
+echo "MIRROR-ME"
 check "fio verified random writes on the qcow2 disk" fio --output=/tmp/fioc.out /e2e/verify-qcow2.fio
 grep -E "err=|IOPS" /tmp/fioc.out | head -4
 yes VUBQCOW | head -c 1048576 > /tmp/qmarker

@@ -5,7 +5,8 @@
 #   vda: raw file, writable, 2 queues, discard on   (checks, fio, discard)
 #   vdb: raw file, read-only, 4096-byte blocks, serial, writethrough
 #   vdc: qcow2 overlay (our driver) over a qcow2 base made by qemu-img, 2 queues,
-#        adaptive polling on (poll-max-ns)
+#        adaptive polling on (poll-max-ns); during boot 1's fio it is mirrored
+#        (blockdev-mirror, write-blocking) to a new image, which then serves it
 #
 # Usage: tests/guest/e2e.sh [path/to/vhost-user-blkd]
 set -euo pipefail
@@ -66,14 +67,27 @@ host_check() {
     else echo "FAIL: host: $1"; host_fail=$((host_fail + 1)); fi
 }
 
+qemu-img create -q -f qcow2 "$work/m.qcow2" 96M
 echo "=== boot 1"
+: >"$work/console.log"
+(
+    for _ in $(seq 900); do grep -q MIRROR-ME "$work/console.log" 2>/dev/null && break; sleep 0.2; done
+    if python3 "$here/mirror.py" "$work/qmp.sock" ec c "$work/m.qcow2" >"$work/mirror.log" 2>&1; then
+        echo ok >"$work/mirror-status"
+    fi
+) &
+mirrorer=$!
 boot1=0
 run "$here/boot1.sh" || boot1=$?
+wait "$mirrorer" || true
+cat "$work/mirror.log" 2>/dev/null || true
 host_check "boot 1 checks passed" "[[ $boot1 -eq 0 ]]"
 host_check "guest's marker is at 150 MiB of the image" \
     "cmp -s <(yes VUBMARK | head -c 1048576) <(dd if=$work/a.img bs=1M skip=150 count=1 2>/dev/null)"
 host_check "read-only image untouched" "[[ \$(tr -d '\\000' < $work/b.img | wc -c) -eq 0 ]]"
 host_check "daemon survived the guest's shutdown" "kill -0 $daemon_pid"
+host_check "vdc mirrored to a new image and the export pivoted while boot 1 ran" \
+    "[[ \$(cat $work/mirror-status 2>/dev/null) == ok ]]"
 
 echo "=== boot 2 (reconnect to the same daemon; resize while it runs)"
 : >"$work/console.log"
@@ -114,9 +128,12 @@ host_check "daemon exits 0 on SIGTERM" "[[ $rc -eq 0 ]]"
 host_check "sockets removed at exit" "[[ ! -e $work/a.sock && ! -e $work/b.sock && ! -e $work/c.sock ]]"
 host_check "qemu-img check accepts the qcow2 overlay" "qemu-img check -q $work/c.qcow2"
 host_check "the qcow2 base is untouched" "[[ \$(md5sum <$work/base.qcow2) == '$base_sum' ]]"
-qemu-img convert -f qcow2 -O raw "$work/c.qcow2" "$work/c.raw"
-host_check "the guest's qcow2 marker is at 64 MiB of the overlay" \
-    "cmp -s <(yes VUBQCOW | head -c 1048576) <(dd if=$work/c.raw bs=1M skip=64 count=1 2>/dev/null)"
+host_check "qemu-img check accepts the mirror target" "qemu-img check -q $work/m.qcow2"
+qemu-img convert -f qcow2 -O raw "$work/m.qcow2" "$work/m.raw"
+host_check "the guest's qcow2 marker is at 64 MiB of the mirror target" \
+    "cmp -s <(yes VUBQCOW | head -c 1048576) <(dd if=$work/m.raw bs=1M skip=64 count=1 2>/dev/null)"
+host_check "the base's data at 80 MiB came along" \
+    "[[ \$(dd if=$work/m.raw bs=512 skip=\$((80 * 2048 + 65)) count=63 2>/dev/null | tr -d 'Z' | wc -c) -eq 0 ]]"
 if [[ $host_fail -ne 0 ]]; then
     echo "--- daemon log"; cat "$work/daemon.log"
 fi

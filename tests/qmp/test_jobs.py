@@ -216,3 +216,60 @@ def test_sigterm_cancels_running_block_jobs_and_leaves_clean_images(daemon, work
     out = subprocess.run(["qemu-img", "compare", str(src), str(ref)], capture_output=True,
                          text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_mirror_pivot_keeps_the_throttle_filter_in_the_exports_path(daemon, workdir):
+    """export -> throttle t0 -> d0: a mirror of the export (device = export
+    id) copies d0, below the filter, and the pivot moves the filter's edge
+    to the target: the export still goes through t0 and its group."""
+    src = workdir / "src.qcow2"
+    tgt = workdir / "tgt.qcow2"
+    for p in (src, tgt):
+        subprocess.run(["qemu-img", "create", "-f", "qcow2", str(p), "16M"], check=True,
+                       capture_output=True)
+    subprocess.run(["qemu-io", "-c", "write -P 0x61 1M 3M", str(src)], check=True,
+                   capture_output=True)
+
+    async def go():
+        c = await connect(daemon.monitor)
+        await c.execute("object-add", {"qom-type": "throttle-group", "id": "tg0",
+                                       "limits": {"iops-total": 100000}})
+        await c.execute("blockdev-add", {"driver": "qcow2", "node-name": "d0",
+                                         "file": {"driver": "file", "filename": str(src)}})
+        await c.execute("blockdev-add", {"driver": "throttle", "node-name": "t0",
+                                         "throttle-group": "tg0", "file": "d0"})
+        await c.execute("blockdev-add", {"driver": "qcow2", "node-name": "tgt",
+                                         "file": {"driver": "file", "filename": str(tgt)}})
+        await c.execute("block-export-add", {"type": "vhost-user-blk", "id": "e0",
+                                             "node-name": "t0", "writable": True,
+                                             "addr": {"type": "unix",
+                                                      "path": str(workdir / "e0.sock")}})
+        await c.execute("blockdev-mirror", {"job-id": "m", "device": "e0", "target": "tgt",
+                                            "sync": "full"})
+        for _ in range(200):
+            jobs = await c.execute("query-block-jobs")
+            if jobs and jobs[0]["ready"]:
+                break
+            await asyncio.sleep(0.02)
+        assert jobs[0]["ready"], jobs
+        await c.execute("block-job-complete", {"device": "m"})
+        for _ in range(200):
+            if not await c.execute("query-block-jobs"):
+                break
+            await asyncio.sleep(0.02)
+        exports = await c.execute("query-block-exports")
+        assert [e["node-name"] for e in exports] == ["t0"], exports
+        g = await c.execute("x-debug-query-block-graph")
+        name = {n["id"]: n["name"] for n in g["nodes"]}
+        edges = {(name[e["parent"]], e["name"]): name[e["child"]] for e in g["edges"]}
+        assert edges[("t0", "filtered")] == "tgt", edges
+        assert ("d0", "root") not in {(v, k[1]) for k, v in edges.items() if k[0] == "e0"}
+        # The source is free now: nobody uses it.
+        await c.execute("blockdev-del", {"node-name": "d0"})
+        await c.disconnect()
+
+    run(go())
+    assert daemon.stop() == 0
+    out = subprocess.run(["qemu-img", "compare", str(src), str(tgt)], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
