@@ -35,8 +35,8 @@ pub struct PreparedExternal {
     node: Arc<Node>,
     overlay: Arc<Node>,
     overlay_name: String,
-    parents: Vec<Arc<Node>>,
-    exports: Vec<Arc<crate::vhost_user::ExportState>>,
+    /// The node's users: their edges move to the overlay.
+    users: crate::jobs::Users,
 }
 
 /// Checks that `overlay` (a qcow2 node without a backing file that no one
@@ -75,27 +75,13 @@ pub fn prepare_external(
         ));
     }
     backing_format(&node)?;
-    let parents: Vec<Arc<Node>> = graph
-        .nodes()
-        .filter(|p| {
-            p.children()
-                .iter()
-                .any(|c| Arc::ptr_eq(c.node(), &node) && c.role() != ChildRole::Backing)
-        })
-        .cloned()
-        .collect();
     drop(graph);
-    let exports = state
-        .export_states()
-        .into_iter()
-        .filter(|e| Arc::ptr_eq(e.blk.node(), &node))
-        .collect();
+    let users = crate::jobs::Users::of(state, &node, &[]);
     Ok(PreparedExternal {
         node,
         overlay,
         overlay_name: overlay_name.to_string(),
-        parents,
-        exports,
+        users,
     })
 }
 
@@ -104,40 +90,16 @@ impl PreparedExternal {
         &self.node
     }
 
-    fn edges_to<'a>(&'a self, target: &'a Arc<Node>) -> Vec<&'a Child> {
-        self.exports
-            .iter()
-            .map(|e| e.blk.root())
-            .chain(
-                self.parents
-                    .iter()
-                    .flat_map(|p| p.children())
-                    .filter(move |c| {
-                        Arc::ptr_eq(c.node(), target) && c.role() != ChildRole::Backing
-                    }),
-            )
-            .collect()
-    }
-
     /// Moves every edge to the overlay, gives it the node as backing, and
     /// makes the node read-only. The caller holds the node drained.
     pub fn perform(&self) -> Result<(), String> {
         let node = &self.node;
-        let mut moved: Vec<&Child> = Vec::new();
-        let undo = |moved: &[&Child]| {
-            for c in moved {
-                if let Err(e) = c.replace_node(node.clone()) {
-                    log::error!("snapshot: undoing an edge move: {e}");
-                }
+        self.users.replace(node, &self.overlay)?;
+        let undo = || {
+            if let Err(e) = self.users.replace(&self.overlay, node) {
+                log::error!("snapshot: undoing an edge move: {e}");
             }
         };
-        for c in self.edges_to(node) {
-            if let Err(e) = c.replace_node(self.overlay.clone()) {
-                undo(&moved);
-                return Err(e.to_string());
-            }
-            moved.push(c);
-        }
         let backing = match Child::attach(
             &self.overlay_name,
             ChildRole::Backing,
@@ -147,7 +109,7 @@ impl PreparedExternal {
         ) {
             Ok(c) => c,
             Err(e) => {
-                undo(&moved);
+                undo();
                 return Err(e.to_string());
             }
         };
@@ -155,7 +117,7 @@ impl PreparedExternal {
             unreachable!("checked by prepare_external");
         };
         if let Err(e) = q.set_backing(backing) {
-            undo(&moved);
+            undo();
             return Err(e);
         }
         // The old image is a backing image now.
@@ -182,10 +144,8 @@ impl PreparedExternal {
             _ => {}
         }
         node.set_read_only(false);
-        for c in self.edges_to(&self.overlay) {
-            if let Err(e) = c.replace_node(node.clone()) {
-                log::error!("snapshot: undoing an edge move: {e}");
-            }
+        if let Err(e) = self.users.replace(&self.overlay, node) {
+            log::error!("snapshot: undoing an edge move: {e}");
         }
     }
 

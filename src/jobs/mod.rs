@@ -38,7 +38,7 @@ use serde_json::{json, Value};
 use crate::block::Node;
 pub use backup::{backup, backup_source, BackupArgs};
 pub use commit::{commit, CommitArgs};
-pub use copy::OnError;
+pub use copy::{OnError, Users};
 pub use mirror::{drive_mirror, mirror, DriveMirrorArgs, MirrorArgs};
 pub use state::{JobError, JobState, JobStatus, JobVerb};
 pub use stream::{stream, StreamArgs};

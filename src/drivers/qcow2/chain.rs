@@ -33,10 +33,11 @@ impl Qcow2Driver {
         self.change_backing_file(name)
     }
 
-    fn set_backing_format(&self, fmt: &str) -> Result<(), String> {
+    /// The image file opened for writing, and its first cluster (at most
+    /// 64 KiB): the header and its extensions.
+    pub(super) fn header_cluster(&self) -> Result<(std::fs::File, Vec<u8>), String> {
         let path = super::super::file_name_of(self.f())
             .ok_or_else(|| format!("node '{}' has no image file", self.name))?;
-        let _meta = futures::executor::block_on(self.meta.lock());
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -45,30 +46,57 @@ impl Qcow2Driver {
         let mut hdr = vec![0u8; self.g.cs.min(1 << 16) as usize];
         let n = file.read_at(&mut hdr, 0).map_err(|e| e.to_string())?;
         hdr.truncate(n);
+        Ok((file, hdr))
+    }
+
+    /// The header extensions: (offset of the extension's header, type,
+    /// length), up to the end marker.
+    fn extensions(&self, hdr: &[u8]) -> Vec<(usize, u32, usize)> {
         let be32 =
             |b: &[u8], o: usize| u32::from_be_bytes(b[o..o + 4].try_into().unwrap_or([0; 4]));
+        let mut out = Vec::new();
         let mut off = self.header.header_length as usize;
         while off + 8 <= hdr.len() {
-            let ty = be32(&hdr, off);
-            let len = be32(&hdr, off + 4) as usize;
+            let ty = be32(hdr, off);
+            let len = be32(hdr, off + 4) as usize;
+            out.push((off, ty, len));
             if ty == header::EXT_END {
-                return Ok(()); // no format recorded: readers probe
+                break;
             }
-            let room = len.div_ceil(8) * 8;
-            if ty == header::EXT_BACKING_FORMAT {
-                if fmt.len() > room.max(8) || off + 8 + room.max(fmt.len()) > hdr.len() {
-                    return Err("the backing format does not fit in the header".into());
-                }
-                let mut data = vec![0u8; room];
-                data[..fmt.len()].copy_from_slice(fmt.as_bytes());
-                file.write_all_at(&data, (off + 8) as u64)
-                    .map_err(|e| e.to_string())?;
-                file.write_all_at(&(fmt.len() as u32).to_be_bytes(), (off + 4) as u64)
-                    .map_err(|e| e.to_string())?;
-                return file.sync_data().map_err(|e| e.to_string());
-            }
-            off += 8 + room;
+            off += 8 + len.div_ceil(8) * 8;
         }
-        Ok(())
+        out
+    }
+
+    /// Where the extensions end (after the end marker).
+    pub(super) fn extension_end(&self, hdr: &[u8]) -> usize {
+        match self.extensions(hdr).last() {
+            Some((off, header::EXT_END, _)) => off + 8,
+            Some((off, _, len)) => off + 8 + len.div_ceil(8) * 8,
+            None => self.header.header_length as usize,
+        }
+    }
+
+    fn set_backing_format(&self, fmt: &str) -> Result<(), String> {
+        let _meta = futures::executor::block_on(self.meta.lock());
+        let (file, hdr) = self.header_cluster()?;
+        let Some(&(off, _, len)) = self
+            .extensions(&hdr)
+            .iter()
+            .find(|e| e.1 == header::EXT_BACKING_FORMAT)
+        else {
+            return Ok(()); // no format recorded: readers probe
+        };
+        let room = len.div_ceil(8) * 8;
+        if fmt.len() > room || off + 8 + room > hdr.len() {
+            return Err("the backing format does not fit in the header".into());
+        }
+        let mut data = vec![0u8; room];
+        data[..fmt.len()].copy_from_slice(fmt.as_bytes());
+        file.write_all_at(&data, (off + 8) as u64)
+            .map_err(|e| e.to_string())?;
+        file.write_all_at(&(fmt.len() as u32).to_be_bytes(), (off + 4) as u64)
+            .map_err(|e| e.to_string())?;
+        file.sync_data().map_err(|e| e.to_string())
     }
 }

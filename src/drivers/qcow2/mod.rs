@@ -763,36 +763,15 @@ impl Qcow2Driver {
     /// through a descriptor of its own; nothing else of it changes.
     pub fn change_backing_file(&self, name: &str) -> Result<(), String> {
         use std::os::unix::fs::FileExt;
-        let g = self.g;
         if name.len() > header::MAX_BACKING_NAME as usize {
             return Err("the backing file name is too long".into());
         }
-        let path = super::file_name_of(self.f())
-            .ok_or_else(|| format!("node '{}' has no image file", self.name))?;
         // No header field update of ours may interleave.
         let mut meta_guard = futures::executor::block_on(self.meta.lock());
         meta_guard.backing_name_bytes = (!name.is_empty()).then(|| name.as_bytes().to_vec());
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(|e| format!("cannot open '{path}' for writing: {e}"))?;
-        let mut hdr = vec![0u8; g.cs.min(1 << 16) as usize];
-        let n = file.read_at(&mut hdr, 0).map_err(|e| e.to_string())?;
-        hdr.truncate(n);
+        let (file, hdr) = self.header_cluster()?;
         // Where the extensions end: the name goes right after them.
-        let be32 =
-            |b: &[u8], o: usize| u32::from_be_bytes(b[o..o + 4].try_into().unwrap_or([0; 4]));
-        let mut off = self.header.header_length as usize;
-        while off + 8 <= hdr.len() {
-            let ty = be32(&hdr, off);
-            let len = be32(&hdr, off + 4) as usize;
-            off += 8;
-            if ty == header::EXT_END {
-                break;
-            }
-            off += len.div_ceil(8) * 8;
-        }
+        let off = self.extension_end(&hdr);
         if name.is_empty() {
             let mut f = [0u8; 12];
             f[..8].copy_from_slice(&0u64.to_be_bytes());
