@@ -285,6 +285,7 @@ pub fn backup(state: &Arc<State>, a: BackupArgs) -> Result<String, String> {
     let source = copy::skip_filters(&copy::resolve(state, &a.device)?);
     let id = super::job_id(a.job_id.as_deref(), &a.device);
     super::check_id(&id)?;
+    super::check_not_busy(&source)?;
     let target = copy::target(state, &a.target)?;
     if Arc::ptr_eq(&source, &target) || source.reaches(&target) || target.reaches(&source) {
         return Err("Source and target cannot be the same".into());
@@ -293,11 +294,7 @@ pub fn backup(state: &Arc<State>, a: BackupArgs) -> Result<String, String> {
         return Err(format!("Node '{}' is read-only", target.name()));
     }
     if source.size() != target.size() {
-        return Err(format!(
-            "Source and target image have different sizes ({} and {} bytes)",
-            source.size(),
-            target.size()
-        ));
+        return Err("Source and target image have different sizes".into());
     }
     if let Some(name) = &a.bitmap {
         crate::bitmaps::find(&source, name)

@@ -466,7 +466,7 @@ fn check_granularity(g: u64) -> Result<(), String> {
 }
 
 pub(super) fn check_speed(speed: i64) -> Result<u64, String> {
-    u64::try_from(speed).map_err(|_| "Invalid parameter 'speed'".to_string())
+    u64::try_from(speed).map_err(|_| "Parameter 'speed' expects a non-negative value".to_string())
 }
 
 /// Checks shared by blockdev-mirror and drive-mirror; starts the job.
@@ -548,6 +548,11 @@ fn start_mirror(
         }
         Ok(())
     });
+    if matches!(initial, Initial::All) {
+        // Known at once for a full copy (the other modes count what
+        // their first pass finds).
+        job.progress(0, m.source.size());
+    }
     let st = state.clone();
     super::spawn(job, move |job| m.run(&st, job, initial, pivot));
     Ok(())

@@ -712,10 +712,12 @@ mod tests {
         assert_eq!(steps.load(std::sync::atomic::Ordering::SeqCst), before);
         assert_eq!(j.state().status(), JobStatus::Paused);
         drain_end(held);
-        wait_for(&j, |s| s.status() == JobStatus::Running);
+        assert_eq!(j.state().status(), JobStatus::Running);
+        wait_for(&j, |_| {
+            steps.load(std::sync::atomic::Ordering::SeqCst) > before
+        });
         stop_tx.send(()).unwrap();
         wait_for(&j, |s| s.status() == JobStatus::Null);
-        assert!(steps.load(std::sync::atomic::Ordering::SeqCst) > before);
     }
 
     #[test]

@@ -74,7 +74,7 @@ const VERBS: [[u8; N]; 7] = [
     [0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0], // pause
     [0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0], // resume
     [0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0], // set-speed
-    [0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0], // complete
+    [0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0], // complete (standby too, since QEMU 6.1)
     [0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], // finalize
     [0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0], // dismiss
 ];
@@ -262,11 +262,15 @@ impl JobState {
         self.soft_cancel
     }
 
-    /// block-job-complete / job-complete: accepted only when ready.
+    /// block-job-complete / job-complete: accepted when ready (or in
+    /// standby), unless a cancel was asked for.
     pub fn complete(&mut self) -> Result<(), JobError> {
         self.check(JobVerb::Complete)?;
         if self.cancelled || self.soft_cancel {
-            return Err(JobError(format!("Job '{}' has been cancelled", self.id)));
+            return Err(JobError(format!(
+                "The active block job '{}' cannot be completed",
+                self.id
+            )));
         }
         self.complete_requested = true;
         self.kicks += 1;
@@ -377,8 +381,14 @@ impl JobState {
         self.pause_count += 1;
     }
 
+    /// Undoes a pause. The last one moves a paused job back to running
+    /// (or standby to ready) at once, as QEMU's job_resume does; the work
+    /// goes on when its thread wakes.
     pub fn resume(&mut self) {
         self.pause_count = self.pause_count.saturating_sub(1);
+        if self.pause_count == 0 {
+            self.pause_point_leave();
+        }
     }
 
     /// job-pause / block-job-pause.
@@ -608,7 +618,7 @@ mod tests {
     }
 
     #[test]
-    fn complete_is_accepted_only_when_ready() {
+    fn complete_is_accepted_only_when_ready_or_standby() {
         let (mut j, _) = job(true, true);
         j.start();
         assert_eq!(
