@@ -174,14 +174,15 @@ def test_create_errors(daemon, workdir):
 def test_sigterm_cancels_running_block_jobs_and_leaves_clean_images(daemon, workdir):
     """A mirror and a backup still copying (speed-limited) when SIGTERM
     arrives: both are cancelled before the nodes are flushed and closed,
-    the daemon exits 0, and qemu-img finds every image clean, the source
+    the daemon exits 0, and qemu-img finds every image clean, the sources
     unchanged."""
-    src = workdir / "src.qcow2"
+    src, src2 = workdir / "src.qcow2", workdir / "src2.qcow2"
     ref = workdir / "ref.raw"
-    subprocess.run(["qemu-img", "create", "-f", "qcow2", str(src), "32M"], check=True,
-                   capture_output=True)
-    subprocess.run(["qemu-io", "-c", "write -P 0x3c 0 32M", str(src)], check=True,
-                   capture_output=True)
+    for s in (src, src2):
+        subprocess.run(["qemu-img", "create", "-f", "qcow2", str(s), "32M"], check=True,
+                       capture_output=True)
+        subprocess.run(["qemu-io", "-c", "write -P 0x3c 0 32M", str(s)], check=True,
+                       capture_output=True)
     subprocess.run(["qemu-img", "convert", "-O", "raw", str(src), str(ref)], check=True)
     targets = [workdir / "m.qcow2", workdir / "b.qcow2"]
     for t in targets:
@@ -190,12 +191,13 @@ def test_sigterm_cancels_running_block_jobs_and_leaves_clean_images(daemon, work
 
     async def go():
         c = await connect(daemon.monitor)
-        for name, path in [("src", src), ("m", targets[0]), ("b", targets[1])]:
+        for name, path in [("src", src), ("src2", src2), ("m", targets[0]),
+                           ("b", targets[1])]:
             await c.execute("blockdev-add", {"driver": "qcow2", "node-name": name,
                                              "file": {"driver": "file", "filename": str(path)}})
         await c.execute("blockdev-mirror", {"job-id": "j-m", "device": "src", "target": "m",
                                             "sync": "full", "speed": 1 << 20})
-        await c.execute("blockdev-backup", {"job-id": "j-b", "device": "src", "target": "b",
+        await c.execute("blockdev-backup", {"job-id": "j-b", "device": "src2", "target": "b",
                                             "sync": "full", "speed": 1 << 20})
         for _ in range(100):
             jobs = await c.execute("query-block-jobs")
@@ -210,12 +212,13 @@ def test_sigterm_cancels_running_block_jobs_and_leaves_clean_images(daemon, work
     log = (workdir / "daemon.log").read_text()
     assert rc == 0, log
     assert "still running at shutdown" not in log, log
-    for img in [src, *targets]:
+    for img in [src, src2, *targets]:
         out = subprocess.run(["qemu-img", "check", str(img)], capture_output=True, text=True)
         assert out.returncode == 0 and "No errors were found" in out.stdout, out.stdout
-    out = subprocess.run(["qemu-img", "compare", str(src), str(ref)], capture_output=True,
-                         text=True)
-    assert out.returncode == 0, out.stdout + out.stderr
+    for s in (src, src2):
+        out = subprocess.run(["qemu-img", "compare", str(s), str(ref)], capture_output=True,
+                             text=True)
+        assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_mirror_pivot_keeps_the_throttle_filter_in_the_exports_path(daemon, workdir):
@@ -273,3 +276,173 @@ def test_mirror_pivot_keeps_the_throttle_filter_in_the_exports_path(daemon, work
     out = subprocess.run(["qemu-img", "compare", str(src), str(tgt)], capture_output=True,
                          text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+# --------------------------------------------------------------------------
+# Sync modes and bitmap modes the other tests do not reach. The guest is
+# vub-bench (libblkio); its write buffers hold 0xa5.
+
+from conftest import BENCH_BIN  # noqa: E402
+
+MiB = 1 << 20
+
+
+def sh(*args):
+    return subprocess.run([str(a) for a in args], check=True, capture_output=True,
+                          text=True).stdout
+
+
+def guest_writes(sock, size, runtime="0.3"):
+    out = subprocess.run([BENCH_BIN, "--socket", str(sock), "--rw", "randwrite", "--bs", "64k",
+                          "--iodepth", "4", "--runtime", runtime, "--ramp", "0", "--size",
+                          str(size), "--json"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+def vhost_export(eid, node, sock):
+    return {"type": "vhost-user-blk", "id": eid, "node-name": node, "writable": True,
+            "addr": {"type": "unix", "path": str(sock)}}
+
+
+def qcow2(name, path, **extra):
+    return {"driver": "qcow2", "node-name": name,
+            "file": {"driver": "file", "filename": str(path)}, **extra}
+
+
+async def until_gone(c, job, timeout=30):
+    async with asyncio.timeout(timeout):
+        while any(j["device"] == job for j in await c.execute("query-block-jobs")):
+            await asyncio.sleep(0.02)
+
+
+async def until_ready(c, job, timeout=30):
+    async with asyncio.timeout(timeout):
+        while True:
+            jobs = {j["device"]: j for j in await c.execute("query-block-jobs")}
+            if jobs[job]["ready"]:
+                return
+            await asyncio.sleep(0.02)
+
+
+def map_of(img):
+    return json.loads(sh("qemu-img", "map", "--output=json", img))
+
+
+def test_mirror_sync_none_copies_only_new_writes(daemon, workdir):
+    """Source and target are both fresh overlays of one base: a mirror with
+    sync=none copies only what the guest writes meanwhile, and after the
+    pivot the target, read through the base, is the source's disk."""
+    base, src, tgt = workdir / "base.qcow2", workdir / "src.qcow2", workdir / "tgt.qcow2"
+    sh("qemu-img", "create", "-f", "qcow2", base, "16M")
+    sh("qemu-io", "-c", "write -P 0x17 0 16M", base)
+    for o in (src, tgt):
+        sh("qemu-img", "create", "-f", "qcow2", "-b", base, "-F", "qcow2", o)
+    sock = workdir / "e0.sock"
+
+    async def go():
+        c = await connect(daemon.monitor)
+        await c.execute("blockdev-add", qcow2("src", src))
+        await c.execute("blockdev-add", qcow2("tgt", tgt))
+        await c.execute("block-export-add", vhost_export("e0", "src", sock))
+        await c.execute("blockdev-mirror", {"job-id": "m", "device": "src", "target": "tgt",
+                                            "sync": "none"})
+        await until_ready(c, "m")
+        guest_writes(sock, 4 * MiB)
+        await c.execute("block-job-complete", {"device": "m"})
+        await until_gone(c, "m")
+        exports = await c.execute("query-block-exports")
+        assert exports[0]["node-name"] == "tgt", exports
+        await c.disconnect()
+
+    run(go())
+    assert daemon.stop() == 0
+    for img in (src, tgt):
+        out = subprocess.run(["qemu-img", "check", str(img)], capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout
+    assert subprocess.run(["qemu-img", "compare", str(src), str(tgt)]).returncode == 0
+    # Only the guest's 4 MiB were copied: the target holds no more than that.
+    held = sum(e["length"] for e in map_of(tgt) if e["depth"] == 0 and e["data"])
+    assert 0 < held <= 4 * MiB, map_of(tgt)
+
+
+def test_backup_sync_none_copies_old_data_of_what_the_guest_overwrites(daemon, workdir):
+    """sync=none: nothing is copied but the old data of clusters the guest
+    overwrites, until the job is cancelled (BLOCK_JOB_CANCELLED)."""
+    src, tgt = workdir / "src.qcow2", workdir / "tgt.qcow2"
+    sh("qemu-img", "create", "-f", "qcow2", src, "16M")
+    sh("qemu-io", "-c", "write -P 0x29 0 16M", src)
+    sh("qemu-img", "create", "-f", "qcow2", tgt, "16M")
+    sock = workdir / "e0.sock"
+
+    async def go():
+        c = await connect(daemon.monitor)
+        await c.execute("blockdev-add", qcow2("src", src))
+        await c.execute("blockdev-add", qcow2("tgt", tgt))
+        await c.execute("block-export-add", vhost_export("e0", "src", sock))
+        await c.execute("blockdev-backup", {"job-id": "b", "device": "src", "target": "tgt",
+                                            "sync": "none"})
+        guest_writes(sock, 2 * MiB)
+        [j] = await c.execute("query-block-jobs")
+        assert j["status"] == "running" and 0 < j["offset"] <= 2 * MiB, j
+        await c.execute("block-job-cancel", {"device": "b"})
+        await until_gone(c, "b")
+        await c.disconnect()
+
+    run(go())
+    assert daemon.stop() == 0
+    out = subprocess.run(["qemu-img", "check", str(tgt)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout
+    copied = [e for e in map_of(tgt) if e["data"]]
+    assert copied and all(e["start"] + e["length"] <= 2 * MiB for e in copied), copied
+    # What was copied is the data from before the guest's writes.
+    for e in copied:
+        sh("qemu-io", "-r", "-c", f"read -P 0x29 {e['start']} {e['length']}", tgt)
+
+
+@pytest.mark.parametrize("mode", ["never", "always"])
+def test_bitmap_modes_keep_the_bits_a_backup_did_not_settle(daemon, workdir, mode):
+    """sync=bitmap with bitmap-mode=never keeps every bit after a
+    successful backup (and adds the writes made meanwhile); with
+    bitmap-mode=always, a backup cancelled midway clears only what it
+    copied."""
+    src, tgt = workdir / "src.qcow2", workdir / "tgt.qcow2"
+    sh("qemu-img", "create", "-f", "qcow2", src, "32M")
+    sh("qemu-img", "create", "-f", "qcow2", tgt, "32M")
+    sock = workdir / "e0.sock"
+
+    async def bitmap_count(c):
+        n = {x["node-name"]: x for x in await c.execute("query-named-block-nodes")}
+        return {b["name"]: b["count"] for b in n["src"].get("dirty-bitmaps", [])}["b0"]
+
+    async def go():
+        c = await connect(daemon.monitor)
+        await c.execute("blockdev-add", qcow2("src", src))
+        await c.execute("blockdev-add", qcow2("tgt", tgt))
+        await c.execute("block-export-add", vhost_export("e0", "src", sock))
+        await c.execute("block-dirty-bitmap-add", {"node": "src", "name": "b0"})
+        guest_writes(sock, 32 * MiB, runtime="0.5")
+        dirty = await bitmap_count(c)
+        assert dirty > 4 * MiB, dirty
+        args = {"job-id": "b", "device": "src", "target": "tgt", "sync": "bitmap",
+                "bitmap": "b0", "bitmap-mode": mode}
+        if mode == "never":
+            await c.execute("blockdev-backup", args)
+            await until_gone(c, "b")
+            assert await bitmap_count(c) == dirty
+        else:
+            # Slow enough to be cancelled midway: 1 MiB/s.
+            await c.execute("blockdev-backup", {**args, "speed": MiB})
+            async with asyncio.timeout(30):
+                while True:
+                    [j] = await c.execute("query-block-jobs")
+                    if j["offset"] > 0:
+                        break
+                    await asyncio.sleep(0.02)
+            await c.execute("block-job-cancel", {"device": "b", "force": True})
+            await until_gone(c, "b")
+            left = await bitmap_count(c)
+            assert 0 < left < dirty, (left, dirty)
+        await c.disconnect()
+
+    run(go())
+    assert daemon.stop() == 0
