@@ -715,7 +715,10 @@ fn incremental_backups_replay_to_each_backup_point() {
              "target": "full", "sync": "full", "speed": speed}},
         ]}),
     );
-    assert!(r.get("return").is_some(), "transaction with blockdev-backup: {r}");
+    assert!(
+        r.get("return").is_some(),
+        "transaction with blockdev-backup: {r}"
+    );
     let mut job = "full".to_string();
     for n in 1..=3 {
         // The guest writes while the previous backup runs, and a round
