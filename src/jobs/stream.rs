@@ -171,6 +171,9 @@ impl Stream {
                 if job.is_cancelled() || !finalize {
                     return Ok(());
                 }
+                // What was copied is durable before the header stops
+                // naming the images it came from.
+                copy::run(self.top.flush()).map_err(|e| copy::error_text(&e))?;
                 state.drained(&self.top, || {
                     set_backing(&self.top, self.base.as_ref(), self.backing_file.as_deref())
                 })
