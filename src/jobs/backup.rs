@@ -287,7 +287,10 @@ pub fn backup(state: &Arc<State>, a: BackupArgs) -> Result<String, String> {
     super::check_id(&id)?;
     super::check_not_busy(&source)?;
     let target = copy::target(state, &a.target)?;
-    if Arc::ptr_eq(&source, &target) || source.reaches(&target) || target.reaches(&source) {
+    // A target whose backing image is the source is fine (image fleecing:
+    // the target shows the point in time through its backing); a target
+    // below the source is not.
+    if Arc::ptr_eq(&source, &target) || source.reaches(&target) {
         return Err("Source and target cannot be the same".into());
     }
     if target.is_read_only() {
@@ -323,9 +326,23 @@ pub fn backup(state: &Arc<State>, a: BackupArgs) -> Result<String, String> {
                 }
             ))
         }
-        (_, Some(_), _) => {
-            return Err("a bitmap can only be used with sync=bitmap or sync=incremental".into())
+        (SyncMode::None, Some(_), _) => {
+            return Err("sync-mode 'none' does not produce meaningful bitmap outputs".into())
         }
+        (_, Some(_), None) => {
+            return Err("Bitmap sync mode must be given when providing a bitmap".into())
+        }
+        (_, Some(_), Some(BitmapMode::Never)) => return Err(format!(
+            "Bitmap sync mode 'never' has no meaningful effect when combined with sync mode '{}'",
+            if a.sync == SyncMode::Full {
+                "full"
+            } else {
+                "top"
+            }
+        )),
+        // full/top with a bitmap: the bitmap restarts at the backup (a new
+        // incremental chain), as bitmap-mode says.
+        (_, Some(_), Some(m)) => m,
         (_, None, Some(_)) => return Err("Cannot specify bitmap sync mode without a bitmap".into()),
         (_, None, None) => BitmapMode::OnSuccess,
     };
@@ -386,10 +403,15 @@ pub fn backup(state: &Arc<State>, a: BackupArgs) -> Result<String, String> {
                     hook.todo.set(d, n);
                     off = d + n;
                 }
-                saved = Some(b.snapshot());
-                b.clear();
-                b.set_busy(true);
             }
+        }
+        if let Some(b) = &bitmap {
+            // From here the bitmap records only what changes after this
+            // point; what it held is kept to be put back if bitmap-mode
+            // says so.
+            saved = Some(b.snapshot());
+            b.clear();
+            b.set_busy(true);
         }
         source.add_write_hook(h.clone());
         Ok(saved)

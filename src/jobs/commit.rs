@@ -14,11 +14,11 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use super::copy::{self, OnError};
+use super::copy::{self, edge_into, make_base_read_only, make_base_writable, OnError};
 use super::mirror::{Initial, Mirror, Pivot};
 use super::stream::{drop_nodes, set_backing, split_chain};
 use super::{BlockJobOptions, Job};
-use crate::block::{Child, ChildRole, Node, Perm};
+use crate::block::{Child, Node};
 use crate::daemon::State;
 use crate::drivers::Driver;
 
@@ -48,60 +48,6 @@ pub struct CommitArgs {
     pub auto_finalize: bool,
     #[serde(default = "yes")]
     pub auto_dismiss: bool,
-}
-
-/// Makes `base` writable for the job (qcow2 or raw over a file), and lets
-/// the backing edge above it share writes while the job runs.
-fn make_base_writable(state: &State, base: &Arc<Node>, edge_above: &Child) -> Result<(), String> {
-    state.drained(base, || -> Result<(), String> {
-        match base.driver() {
-            Driver::Qcow2(q) => q.reopen_writable(base)?,
-            Driver::Raw(r) => {
-                let f = r.file().node();
-                if f.is_read_only() {
-                    let Driver::File(fd) = f.driver() else {
-                        return Err(format!("node '{}' cannot be made writable", base.name()));
-                    };
-                    fd.reopen_read_write(f)?;
-                }
-                r.file().set_perm(
-                    Perm::CONSISTENT_READ | Perm::WRITE,
-                    Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
-                );
-                base.set_read_only(false);
-            }
-            _ => {
-                return Err(format!(
-                    "node '{}' ({}) cannot be committed into",
-                    base.name(),
-                    base.driver_name()
-                ))
-            }
-        }
-        edge_above.set_perm(edge_above.perm(), edge_above.shared() | Perm::WRITE);
-        Ok(())
-    })
-}
-
-/// The image back to a read-only backing image after the job.
-fn make_base_read_only(base: &Node, edge_above: Option<&Child>) {
-    if let Some(e) = edge_above {
-        e.set_perm(e.perm(), Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED);
-    }
-    match base.driver() {
-        Driver::Qcow2(q) => q.make_read_only(),
-        Driver::Raw(r) => r.file().set_perm(Perm::CONSISTENT_READ, Perm::ALL),
-        _ => {}
-    }
-    base.set_read_only(true);
-}
-
-/// The backing edge that points at `node` from the image above it.
-fn edge_into<'a>(above: &'a Node, node: &Arc<Node>) -> Option<&'a Child> {
-    above
-        .children()
-        .into_iter()
-        .find(|c| c.role() == ChildRole::Backing && Arc::ptr_eq(c.node(), node))
 }
 
 struct Intermediate {
@@ -235,6 +181,12 @@ pub fn commit(state: &Arc<State>, a: CommitArgs) -> Result<(), String> {
         (None, None) => active.clone(),
     };
     let is_active = Arc::ptr_eq(&top, &active);
+    if is_active && a.backing_file.is_some() {
+        return Err(format!(
+            "'backing-file' specified, but '{}' is the active layer",
+            top.name()
+        ));
+    }
     if !is_active
         && !copy::chain_below(&active)
             .iter()

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::block::{BlockError, Child, ChildRole, Node};
+use crate::block::{BlockError, Child, ChildRole, Node, Perm};
 use crate::daemon::State;
 use crate::drivers::{Allocation, Driver};
 use crate::io::IoVecs;
@@ -303,4 +303,64 @@ pub fn target_edge(job_id: &str, node: Arc<Node>) -> Result<Child, String> {
         Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
     )
     .map_err(|e| e.to_string())
+}
+
+/// Makes an image of a chain writable for a job that writes into it
+/// (commit's base, stream into an intermediate image: qcow2, or raw over
+/// a file), and lets the backing edge above it share writes meanwhile.
+pub fn make_base_writable(
+    state: &State,
+    base: &Arc<Node>,
+    edge_above: &Child,
+) -> Result<(), String> {
+    state.drained(base, || -> Result<(), String> {
+        match base.driver() {
+            Driver::Qcow2(q) => q.reopen_writable(base)?,
+            Driver::Raw(r) => {
+                let f = r.file().node();
+                if f.is_read_only() {
+                    let Driver::File(fd) = f.driver() else {
+                        return Err(format!("node '{}' cannot be made writable", base.name()));
+                    };
+                    fd.reopen_read_write(f)?;
+                }
+                r.file().set_perm(
+                    Perm::CONSISTENT_READ | Perm::WRITE,
+                    Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
+                );
+                base.set_read_only(false);
+            }
+            _ => {
+                return Err(format!(
+                    "node '{}' ({}) cannot be committed into",
+                    base.name(),
+                    base.driver_name()
+                ))
+            }
+        }
+        edge_above.set_perm(edge_above.perm(), edge_above.shared() | Perm::WRITE);
+        Ok(())
+    })
+}
+
+/// The image back to a read-only backing image after the job (the edge
+/// above it shares no writes again, when given).
+pub fn make_base_read_only(base: &Node, edge_above: Option<&Child>) {
+    if let Some(e) = edge_above {
+        e.set_perm(e.perm(), Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED);
+    }
+    match base.driver() {
+        Driver::Qcow2(q) => q.make_read_only(),
+        Driver::Raw(r) => r.file().set_perm(Perm::CONSISTENT_READ, Perm::ALL),
+        _ => {}
+    }
+    base.set_read_only(true);
+}
+
+/// The backing edge that points at `node` from the image above it.
+pub fn edge_into<'a>(above: &'a Node, node: &Arc<Node>) -> Option<&'a Child> {
+    above
+        .children()
+        .into_iter()
+        .find(|c| c.role() == ChildRole::Backing && Arc::ptr_eq(c.node(), node))
 }

@@ -185,6 +185,10 @@ pub(super) struct Mirror {
     pub on_source_error: OnError,
     pub on_target_error: OnError,
     pub chunk: u64,
+    /// The target gets its backing image only at the pivot (drive-mirror
+    /// with sync top/none): zeroes must be written, never left unallocated,
+    /// or the backing image would show through.
+    pub late_backing: bool,
 }
 
 /// How a mirror chooses what to copy first.
@@ -233,6 +237,7 @@ impl Mirror {
             on_source_error: OnError::Report,
             on_target_error: OnError::Report,
             chunk: buf_size.clamp(granularity, CHUNK.max(granularity)),
+            late_backing: false,
         })
     }
 
@@ -286,12 +291,17 @@ impl Mirror {
         let done = if zero {
             // Nothing to write where the target reads as zeroes already
             // (a fresh image).
-            let (tz, tn) = copy::reads_zero(dst, off, zn).unwrap_or((false, zn));
+            let (tz, tn) = if self.late_backing {
+                (false, zn)
+            } else {
+                copy::reads_zero(dst, off, zn).unwrap_or((false, zn))
+            };
             if tz {
                 Some(tn)
             } else {
+                let unmap = !self.late_backing;
                 let w = copy::with_policy(job, self.on_target_error, true, || {
-                    copy::run(dst.pwrite_zeroes(off, zn, true, false))
+                    copy::run(dst.pwrite_zeroes(off, zn, unmap, false))
                 })?;
                 w.map(|_| zn)
             }
@@ -460,7 +470,7 @@ fn check_granularity(g: u64) -> Result<(), String> {
         return Err("Parameter 'granularity' expects a value in range [512B, 64MB]".into());
     }
     if !g.is_power_of_two() {
-        return Err("Granularity must be power of 2".into());
+        return Err("Parameter 'granularity' expects a power of 2".into());
     }
     Ok(())
 }
@@ -493,16 +503,13 @@ fn start_mirror(
     if source.size() != target.size() {
         return Err("Source and target image have different sizes".into());
     }
-    let initial =
-        match sync {
-            SyncMode::Full => Initial::All,
-            SyncMode::Top => Initial::Top,
-            SyncMode::None => Initial::Nothing,
-            SyncMode::Incremental | SyncMode::Bitmap => return Err(
-                "Sync mode 'incremental'/'bitmap' is not supported by mirror; use blockdev-backup"
-                    .into(),
-            ),
-        };
+    let initial = match sync {
+        SyncMode::Full => Initial::All,
+        SyncMode::Top => Initial::Top,
+        SyncMode::None => Initial::Nothing,
+        SyncMode::Incremental => return Err("Sync mode 'incremental' not supported".into()),
+        SyncMode::Bitmap => return Err("Sync mode 'bitmap' not supported".into()),
+    };
     let g = granularity.unwrap_or_else(|| default_granularity(&target));
     check_granularity(g)?;
     super::check_id(&o.id)?;
@@ -524,30 +531,42 @@ fn start_mirror(
     };
     m.on_source_error = errors.0;
     m.on_target_error = errors.1;
+    m.late_backing = backing_for_target.is_some();
     let to_replace = replaces.unwrap_or_else(|| m.source.clone());
     let pivot: Pivot = Box::new(move |state: &State, m: &Mirror| {
+        let users = copy::Users::of(state, &to_replace, &[]);
+        users.replace(&to_replace, &m.target)?;
+        // Then the target takes its backing image (drive-mirror, sync
+        // top/none): the source's users write the target now, so the
+        // backing edge conflicts with no one.
         if let Some(b) = &backing_for_target {
             if let Driver::Qcow2(q) = m.target.driver() {
                 if q.backing().is_none() {
-                    let c = Child::attach(
+                    let attached = Child::attach(
                         m.target.name(),
                         crate::block::ChildRole::Backing,
                         b.clone(),
                         crate::block::Perm::CONSISTENT_READ,
                         crate::block::Perm::CONSISTENT_READ | crate::block::Perm::WRITE_UNCHANGED,
                     )
-                    .map_err(|e| e.to_string())?;
-                    q.set_backing(c)?;
+                    .map_err(|e| e.to_string())
+                    .and_then(|c| q.set_backing(c));
+                    if let Err(e) = attached {
+                        // All or nothing: the users go back to the source.
+                        if let Err(e2) = users.replace(&m.target, &to_replace) {
+                            log::error!("mirror: moving users back: {e2}");
+                        }
+                        return Err(e);
+                    }
                 }
             }
         }
-        let users = copy::Users::of(state, &to_replace, &[]);
-        users.replace(&to_replace, &m.target)?;
         for e in users.exports() {
             e.notify_config_change();
         }
         Ok(())
     });
+
     if matches!(initial, Initial::All) {
         // Known at once for a full copy (the other modes count what
         // their first pass finds).
@@ -609,7 +628,14 @@ pub fn drive_mirror(state: &Arc<State>, a: DriveMirrorArgs) -> Result<(), String
             "format '{format}' is not supported; use qcow2 or raw"
         ));
     }
-    let backing = copy::backing_of(&source);
+    // What the target's backing image becomes (QEMU's
+    // MIRROR_SOURCE_BACKING_CHAIN): the source itself for sync=none, the
+    // source's backing image for sync=top, none for a full copy.
+    let backing = match a.sync {
+        SyncMode::None => Some(source.clone()),
+        SyncMode::Top => copy::backing_of(&source),
+        _ => None,
+    };
     let node_name = a
         .node_name
         .clone()
@@ -627,7 +653,7 @@ pub fn drive_mirror(state: &Arc<State>, a: DriveMirrorArgs) -> Result<(), String
                 size: source.size(),
                 ..Default::default()
             };
-            if a.sync == SyncMode::Top {
+            {
                 if let Some(b) = &backing {
                     let f = crate::drivers::file_name_of(b)
                         .ok_or_else(|| format!("node '{}' has no file name", b.name()))?;
@@ -646,9 +672,9 @@ pub fn drive_mirror(state: &Arc<State>, a: DriveMirrorArgs) -> Result<(), String
         }
         created = true;
     }
-    // An existing top-mode target takes the source's backing at the pivot.
-    let take_backing =
-        a.mode == NewImageMode::Existing && a.sync == SyncMode::Top && format == "qcow2";
+    // The target is opened without a backing image; it takes one at the
+    // pivot (the header of a new image names it already).
+    let take_backing = backing.is_some() && format == "qcow2";
     let mut opts = serde_json::json!({
         "driver": format,
         "node-name": node_name,

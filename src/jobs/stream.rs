@@ -159,7 +159,10 @@ struct Stream {
     filter: Arc<Node>,
     backing_file: Option<String>,
     on_error: OnError,
-    _edge: Child,
+    /// The image above `top` when top is an intermediate image, made
+    /// writable for the job.
+    overlay: Option<Arc<Node>>,
+    edge: Child,
 }
 
 impl Stream {
@@ -179,6 +182,7 @@ impl Stream {
                 })
             });
             self.remove_filter(state);
+            self.back_to_read_only(state);
             if r.is_ok() && !job.is_cancelled() {
                 drop_nodes(state, &self.between);
                 log::info!("job {}: streamed into '{}'", job.id, self.top.name());
@@ -223,6 +227,16 @@ impl Stream {
         Ok(())
     }
 
+    /// An intermediate image goes back to being a read-only backing image.
+    fn back_to_read_only(&self, state: &State) {
+        if let Some(o) = &self.overlay {
+            self.edge.release();
+            state.drained(&self.top, || {
+                copy::make_base_read_only(&self.top, copy::edge_into(o, &self.top))
+            });
+        }
+    }
+
     /// Moves the filter's users back to the top image and drops it.
     fn remove_filter(&self, state: &State) {
         let users = copy::Users::of(state, &self.filter, &[]);
@@ -251,9 +265,19 @@ pub fn stream(state: &Arc<State>, a: StreamArgs) -> Result<(), String> {
             top.name()
         ));
     };
-    if top.is_read_only() {
+    // Streaming into an intermediate image (a read-only backing image of
+    // the image above it) writes into it: it is made writable for the job.
+    let overlay = top.is_read_only().then(|| {
+        state
+            .graph()
+            .nodes()
+            .find(|n| copy::edge_into(n, &top).is_some())
+            .cloned()
+    });
+    if let Some(None) = overlay {
         return Err(format!("Node '{}' is read-only", top.name()));
     }
+    let overlay = overlay.flatten();
     if a.bottom.is_some() && (a.base.is_some() || a.base_node.is_some()) {
         return Err("'bottom' and 'base'/'base-node' cannot be specified at the same time".into());
     }
@@ -281,14 +305,37 @@ pub fn stream(state: &Arc<State>, a: StreamArgs) -> Result<(), String> {
         "file": top.name(),
         "bottom": bottom,
     }))?;
-    let edge = copy::job_edge(&id, top.clone(), true)?;
-    let filter = state
-        .graph()
-        .add_implicit(&opts)
-        .map_err(|e| e.to_string())?;
+    if let Some(o) = &overlay {
+        let e = copy::edge_into(o, &top).ok_or("the chain changed")?;
+        copy::make_base_writable(state, &top, e)?;
+    }
+    let back_to_read_only = |state: &State| {
+        if let Some(o) = &overlay {
+            state.drained(&top, || {
+                copy::make_base_read_only(&top, copy::edge_into(o, &top))
+            });
+        }
+    };
+    let edge = match copy::job_edge(&id, top.clone(), true) {
+        Ok(e) => e,
+        Err(e) => {
+            back_to_read_only(state);
+            return Err(e);
+        }
+    };
+    let filter = match state.graph().add_implicit(&opts) {
+        Ok(f) => f,
+        Err(e) => {
+            drop(edge);
+            back_to_read_only(state);
+            return Err(e.to_string());
+        }
+    };
     let users = copy::Users::of(state, &top, &[filter.name()]);
     if let Err(e) = state.drained(&top, || users.replace(&top, &filter)) {
         let _ = state.del_blockdev(filter.name());
+        drop(edge);
+        back_to_read_only(state);
         return Err(e);
     }
     let mut nodes = vec![top.clone(), filter.clone()];
@@ -307,7 +354,8 @@ pub fn stream(state: &Arc<State>, a: StreamArgs) -> Result<(), String> {
         filter,
         backing_file: a.backing_file.clone(),
         on_error: a.on_error,
-        _edge: edge,
+        overlay,
+        edge,
     };
     let job = match super::register_block("stream", &o, nodes) {
         Ok(j) => {
@@ -316,6 +364,7 @@ pub fn stream(state: &Arc<State>, a: StreamArgs) -> Result<(), String> {
         }
         Err(e) => {
             s.remove_filter(state);
+            s.back_to_read_only(state);
             return Err(e);
         }
     };

@@ -505,12 +505,22 @@ impl Qcow2Driver {
                 format!("the backing chain would be deeper than {MAX_CHAIN_DEPTH} images"),
             ));
         }
+        // A backing node the user named (blockdev-add's `backing`) may be
+        // written by its other users, as in QEMU, where a backing edge
+        // shares writes when nothing above needs the data unchanged: image
+        // fleecing puts an overlay on a disk the guest writes, and a
+        // backup's copy-before-write keeps the overlay's view. Backing
+        // files opened from a header share no writes.
+        let mut shared = Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED;
+        if matches!(&o.backing, Some(Some(BlockdevRef::Name(_)))) {
+            shared = shared | Perm::WRITE;
+        }
         Child::attach(
             name,
             ChildRole::Backing,
             node,
             Perm::CONSISTENT_READ,
-            Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
+            shared,
         )
         .map(Some)
     }
