@@ -418,6 +418,17 @@ fn prepare_internal(state: &State, a: &InternalArgs) -> Result<Prepared, String>
 /// check or step fails, what was done is undone: performed snapshots are
 /// reverted, overlays made for the transaction are closed and deleted.
 pub fn transaction(state: &Arc<State>, actions: Vec<Action>) -> Result<(), String> {
+    transaction_with(state, actions, false)
+}
+
+/// `transaction`; with `grouped` (completion-mode grouped) the jobs it
+/// starts finalize together, and fail together.
+pub fn transaction_with(
+    state: &Arc<State>,
+    actions: Vec<Action>,
+    grouped: bool,
+) -> Result<(), String> {
+    let txn = grouped.then(|| Arc::new(crate::jobs::JobTxn::default()));
     let mut prepared: Vec<Prepared> = Vec::new();
     // Backups start last, inside the same drained section, once every
     // other action has been performed (a backup that cannot start undoes
@@ -546,16 +557,27 @@ pub fn transaction(state: &Arc<State>, actions: Vec<Action>) -> Result<(), Strin
         }
         let mut started: Vec<String> = Vec::new();
         for (i, b) in &backups {
-            match crate::jobs::backup(state, b.clone()) {
+            match crate::jobs::backup_in(state, b.clone(), txn.as_ref()) {
                 Ok(id) => started.push(id),
                 Err(e) => {
-                    for id in &started {
-                        let _ = crate::jobs::cancel_block(id, true);
+                    match &txn {
+                        Some(t) => t.cancel_all(),
+                        None => {
+                            for id in &started {
+                                let _ = crate::jobs::cancel_block(id, true);
+                            }
+                        }
+                    }
+                    if let Some(t) = &txn {
+                        t.seal();
                     }
                     undo_all(&prepared, &made);
                     return Err((*i, e));
                 }
             }
+        }
+        if let Some(t) = &txn {
+            t.seal();
         }
         Ok(())
     });

@@ -273,6 +273,15 @@ pub fn backup_source(state: &State, a: &BackupArgs) -> Result<Arc<Node>, String>
 
 /// blockdev-backup; returns the job's id.
 pub fn backup(state: &Arc<State>, a: BackupArgs) -> Result<String, String> {
+    backup_in(state, a, None)
+}
+
+/// blockdev-backup as a member of a grouped transaction's jobs.
+pub fn backup_in(
+    state: &Arc<State>,
+    a: BackupArgs,
+    txn: Option<&Arc<super::JobTxn>>,
+) -> Result<String, String> {
     if a.compress {
         return Err("'compress' is not supported: compressed clusters are read, never written, by this daemon's qcow2 driver".into());
     }
@@ -332,14 +341,16 @@ pub fn backup(state: &Arc<State>, a: BackupArgs) -> Result<String, String> {
         (_, Some(_), None) => {
             return Err("Bitmap sync mode must be given when providing a bitmap".into())
         }
-        (_, Some(_), Some(BitmapMode::Never)) => return Err(format!(
+        (_, Some(_), Some(BitmapMode::Never)) => {
+            return Err(format!(
             "Bitmap sync mode 'never' has no meaningful effect when combined with sync mode '{}'",
             if a.sync == SyncMode::Full {
                 "full"
             } else {
                 "top"
             }
-        )),
+        ))
+        }
         // full/top with a bitmap: the bitmap restarts at the backup (a new
         // incremental chain), as bitmap-mode says.
         (_, Some(_), Some(m)) => m,
@@ -443,6 +454,9 @@ pub fn backup(state: &Arc<State>, a: BackupArgs) -> Result<String, String> {
         }
     };
     let id = job.id.clone();
+    if let Some(t) = txn {
+        t.add(&job);
+    }
     let st = state.clone();
     super::spawn(job, move |job| b.run(&st, job));
     Ok(id)

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::block::Node;
-pub use backup::{backup, backup_source, BackupArgs};
+pub use backup::{backup, backup_in, backup_source, BackupArgs};
 pub use commit::{commit, CommitArgs};
 pub use copy::{OnError, Users};
 pub use mirror::{drive_mirror, mirror, DriveMirrorArgs, MirrorArgs};
@@ -58,6 +58,93 @@ pub struct Job {
     /// The nodes the job works on (drains of these pause it).
     nodes: Mutex<Vec<Arc<Node>>>,
     rate: Mutex<ratelimit::RateLimit>,
+    /// The group of a transaction with completion-mode grouped.
+    txn: Mutex<Option<Arc<JobTxn>>>,
+}
+
+/// Jobs started by one `transaction` with completion-mode `grouped`
+/// (QEMU's JobTxn): they finalize together once all have done their work,
+/// and when one fails or is cancelled, the others are cancelled.
+#[derive(Default)]
+pub struct JobTxn {
+    state: Mutex<TxnState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct TxnState {
+    members: Vec<Arc<Job>>,
+    /// Members whose work is done and that wait to finalize.
+    arrived: usize,
+    aborting: bool,
+    /// Every member has been added (the transaction's jobs all started).
+    sealed: bool,
+}
+
+impl JobTxn {
+    fn lock(&self) -> MutexGuard<'_, TxnState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes `job` a member (before it starts).
+    pub fn add(self: &Arc<Self>, job: &Arc<Job>) {
+        self.lock().members.push(job.clone());
+        *job.txn.lock().unwrap_or_else(|e| e.into_inner()) = Some(self.clone());
+    }
+
+    /// All members are in: they may finalize once all are done.
+    pub fn seal(&self) {
+        self.lock().sealed = true;
+        self.changed.notify_all();
+    }
+
+    /// The transaction failed after some members started: they are all
+    /// cancelled.
+    pub fn cancel_all(&self) {
+        let members = self.lock().members.clone();
+        if let Some(first) = members.first() {
+            let mut s = first.state();
+            if JobVerb::Cancel.allowed_in(s.status()) && !s.is_cancelled() {
+                let _ = s.cancel(true);
+            }
+            drop(s);
+            first.wake.notify_all();
+            self.abort(first);
+        }
+    }
+
+    /// A member failed or was cancelled: every other member is cancelled.
+    fn abort(&self, failed: &Job) {
+        let members = {
+            let mut t = self.lock();
+            if t.aborting {
+                return;
+            }
+            t.aborting = true;
+            t.members.clone()
+        };
+        self.changed.notify_all();
+        for m in members.iter().filter(|m| !std::ptr::eq(&***m, failed)) {
+            let mut s = m.state();
+            if JobVerb::Cancel.allowed_in(s.status()) && !s.is_cancelled() {
+                let _ = s.cancel(true);
+            }
+            drop(s);
+            m.wake.notify_all();
+        }
+    }
+
+    /// A member's work is done: waits until every member's is, or the
+    /// group aborts. Returns false when it aborted.
+    fn arrive_and_wait(&self) -> bool {
+        let mut t = self.lock();
+        t.arrived += 1;
+        self.changed.notify_all();
+        while !t.aborting && !(t.sealed && t.arrived >= t.members.len()) {
+            t = self.changed.wait(t).unwrap_or_else(|e| e.into_inner());
+        }
+        !t.aborting
+    }
 }
 
 thread_local! {
@@ -142,10 +229,35 @@ impl Job {
         self.state().is_cancelled()
     }
 
+    /// A cancelled member of a grouped transaction takes the others with
+    /// it (and wakes any that wait to finalize).
+    fn cancel_group(&self) {
+        let txn = self.txn.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(t) = txn {
+            t.abort(self);
+        }
+    }
+
     /// Called before the work's graph changes: without auto-finalize the
     /// job waits in `pending` for job-finalize (BLOCK_JOB_PENDING), at
     /// rest. Returns false if it was cancelled instead.
     pub fn wait_finalize(&self) -> bool {
+        let txn = self.txn.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(t) = txn {
+            // A grouped transaction's jobs finalize together, at rest
+            // while they wait for each other.
+            self.state().busy = false;
+            self.wake.notify_all();
+            let together = t.arrive_and_wait();
+            self.state().busy = true;
+            if !together {
+                let mut s = self.state();
+                if !s.is_cancelled() {
+                    let _ = s.cancel(true);
+                }
+                return false;
+            }
+        }
         let mut s = self.state();
         if s.auto_finalize || s.is_cancelled() {
             return !s.is_cancelled();
@@ -375,6 +487,7 @@ fn insert(
         block: is_block,
         nodes: Mutex::new(nodes),
         rate: Mutex::new(ratelimit::RateLimit::default()),
+        txn: Mutex::new(None),
     });
     reg.push(job.clone());
     Ok(job)
@@ -396,6 +509,11 @@ pub fn spawn(job: Arc<Job>, work: impl FnOnce(&Job) -> Result<(), String> + Send
             } else {
                 Ok(()) // cancelled before it began; work_done reports it
             };
+            let failed = result.is_err() || job.is_cancelled();
+            let txn = job.txn.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if let (true, Some(t)) = (failed, &txn) {
+                t.abort(&job);
+            }
             {
                 let mut s = job.state();
                 s.busy = false;
@@ -481,6 +599,9 @@ pub fn run_verb(job: &Job, verb: JobVerb, force: bool) -> Result<(), String> {
         }
     };
     job.wake.notify_all();
+    if verb == JobVerb::Cancel && r.is_ok() && job.is_cancelled() {
+        job.cancel_group();
+    }
     reap();
     r.map_err(|e| e.0)
 }
@@ -566,6 +687,7 @@ pub fn cancel_all(timeout: Duration) {
         }
         drop(s);
         j.wake.notify_all();
+        j.cancel_group();
     }
     let deadline = Instant::now() + timeout;
     for j in &jobs {
@@ -764,5 +886,61 @@ mod tests {
         wait_for(&j, |s| s.status() == JobStatus::Concluded);
         assert_eq!(j.info()["error"], "Operation canceled");
         command(JobVerb::Dismiss, "speed-test").unwrap();
+    }
+
+    #[test]
+    fn grouped_jobs_finalize_together_and_fail_together() {
+        let opts = |id: &str| BlockJobOptions {
+            id: id.into(),
+            speed: 0,
+            auto_finalize: true,
+            auto_dismiss: false,
+        };
+        // Success: the quick one waits for the slow one before it ends.
+        let txn = Arc::new(JobTxn::default());
+        let quick = register_block("backup", &opts("grp-quick"), Vec::new()).unwrap();
+        let slow = register_block("backup", &opts("grp-slow"), Vec::new()).unwrap();
+        txn.add(&quick);
+        txn.add(&slow);
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        spawn(quick.clone(), |job| {
+            assert!(job.wait_finalize());
+            Ok(())
+        });
+        spawn(slow.clone(), move |job| {
+            go_rx.recv().ok();
+            assert!(job.wait_finalize());
+            Ok(())
+        });
+        txn.seal();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(
+            quick.state().status(),
+            JobStatus::Running,
+            "waits for its group"
+        );
+        go_tx.send(()).unwrap();
+        wait_for(&quick, |s| s.status() == JobStatus::Concluded);
+        wait_for(&slow, |s| s.status() == JobStatus::Concluded);
+        assert!(quick.state().error().is_none() && slow.state().error().is_none());
+
+        // Failure: one fails, the other (still working) is cancelled.
+        let txn = Arc::new(JobTxn::default());
+        let bad = register_block("backup", &opts("grp-bad"), Vec::new()).unwrap();
+        let other = register_block("backup", &opts("grp-other"), Vec::new()).unwrap();
+        txn.add(&bad);
+        txn.add(&other);
+        spawn(other.clone(), |job| {
+            while job.sleep(std::time::Duration::from_millis(5)) {}
+            Ok(())
+        });
+        spawn(bad.clone(), |_| Err("No space left on device".into()));
+        txn.seal();
+        wait_for(&other, |s| s.status() == JobStatus::Concluded);
+        assert!(other.state().is_cancelled());
+        assert_eq!(bad.state().error(), Some("No space left on device"));
+        for id in ["grp-quick", "grp-slow", "grp-bad", "grp-other"] {
+            command(JobVerb::Dismiss, id).unwrap();
+        }
     }
 }

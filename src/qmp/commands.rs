@@ -383,14 +383,18 @@ pub fn dispatch(
                 properties: Option<Value>,
             }
             let a: A = args(cmd)?;
-            if let Some(p) = &a.properties {
-                if p.get("completion-mode").is_some_and(|m| m != "individual") {
-                    return Err(QmpError::generic(
-                        "completion-mode 'grouped' is not supported (no actions with jobs)",
-                    ));
+            let grouped = match a.properties.as_ref().and_then(|p| p.get("completion-mode")) {
+                None => false,
+                Some(m) if m == "individual" => false,
+                Some(m) if m == "grouped" => true,
+                Some(m) => {
+                    return Err(QmpError::generic(format!(
+                        "Parameter 'completion-mode' does not accept value {m}"
+                    )))
                 }
-            }
-            crate::snapshot::transaction(state, a.actions).map_err(QmpError::generic)?;
+            };
+            crate::snapshot::transaction_with(state, a.actions, grouped)
+                .map_err(QmpError::generic)?;
             ok(json!({}))
         }
         "block-dirty-bitmap-add"

@@ -542,6 +542,39 @@ def test_commit_of_mid_into_base(dm, workdir):
     assert allocated(top) == [(5 * MiB, 7 * MiB)]
 
 
+def test_commit_with_manual_finalize_changes_the_chain_at_finalize(dm, workdir):
+    base, mid, top, ref = make_chain(workdir)
+
+    async def go():
+        c = await connect(dm.monitor)
+        ev = Events(c)
+        n = await open_chain(c, base, mid, top)
+        await c.execute("block-commit", {"job-id": "c1", "device": "top", "top-node": n["mid"],
+                                         "base-node": n["base"], "auto-finalize": False})
+        await ev.wait("BLOCK_JOB_PENDING", id="c1")
+        assert (await job_info(c, "c1"))["status"] == "pending"
+        # mid is still in the chain (QEMU's depth is 3 here: its commit_top
+        # filter sits between top and mid while the job lives).
+        got = await nodes(c)
+        assert got["top"]["backing_file_depth"] in (2, 3) and n["mid"] in got, got["top"]
+        await c.execute("block-job-finalize", {"id": "c1"})
+        done = await ev.wait("BLOCK_JOB_COMPLETED", device="c1")
+        await ev.status("c1", "null")
+        assert "error" not in done["data"], done
+        assert ev.of("c1") == ["created", "running", "waiting", "pending", "BLOCK_JOB_PENDING",
+                               "BLOCK_JOB_COMPLETED", "concluded", "null"], ev.dump("c1")
+        got = await nodes(c)
+        assert got["top"]["backing_file_depth"] == 1 and n["mid"] not in got
+        await c.disconnect()
+
+    run(go())
+    dm.stop()
+    check_clean(top)
+    check_clean(base)
+    assert img_info(top)["backing-filename"] == str(base)
+    assert_identical(top, ref)
+
+
 def test_commit_writes_the_given_backing_file_name(dm, workdir):
     """backing-file is the name written into the overlay of top-node; it
     is refused for an active commit (there is no overlay)."""
