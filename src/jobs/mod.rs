@@ -140,7 +140,8 @@ impl JobTxn {
         let mut t = self.lock();
         t.arrived += 1;
         self.changed.notify_all();
-        while !t.aborting && !(t.sealed && t.arrived >= t.members.len()) {
+        let all_done = |t: &TxnState| t.sealed && t.arrived >= t.members.len();
+        while !t.aborting && !all_done(&t) {
             t = self.changed.wait(t).unwrap_or_else(|e| e.into_inner());
         }
         !t.aborting
