@@ -497,6 +497,17 @@ fn start_mirror(
     if Arc::ptr_eq(&source, &target) || source.reaches(&target) || target.reaches(&source) {
         return Err("Can't mirror node into itself".into());
     }
+    // `replaces` may name the source or a filter above it: moving the
+    // users of anything else would change what they see at once.
+    if let Some(r) = &replaces {
+        if !Arc::ptr_eq(&copy::skip_filters(r), &source) {
+            return Err(format!(
+                "Cannot replace '{}' by a node mirrored from '{}', because it cannot be guaranteed that doing so would not lead to an abrupt change of visible data",
+                r.name(),
+                source.name()
+            ));
+        }
+    }
     if target.is_read_only() {
         return Err(format!("Node '{}' is read-only", target.name()));
     }
@@ -642,6 +653,22 @@ pub fn drive_mirror(state: &Arc<State>, a: DriveMirrorArgs) -> Result<(), String
         .unwrap_or_else(|| format!("{}-mirror-{}", source.name(), std::process::id()));
     if state.graph().get(&node_name).is_ok() {
         return Err(format!("node name '{node_name}' is already in use"));
+    }
+    // A new image replaces whatever file is at the path, so that must be
+    // no image this daemon has open.
+    let want = std::fs::canonicalize(&a.target).ok();
+    if want.is_some() {
+        for n in state.graph().nodes() {
+            if let Driver::File(f) = n.driver() {
+                if std::fs::canonicalize(f.filename()).ok() == want {
+                    return Err(format!(
+                        "'{}' is in use by node '{}'; choose another target file",
+                        a.target,
+                        n.name()
+                    ));
+                }
+            }
+        }
     }
     let mut created = false;
     if a.mode == NewImageMode::AbsolutePaths {

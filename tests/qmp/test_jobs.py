@@ -494,3 +494,36 @@ def test_sigkill_during_stream_and_commit_loses_nothing(workdir, delay):
         out = subprocess.run(["qemu-img", "compare", "-F", "raw", str(top), str(ref)],
                              capture_output=True, text=True)
         assert out.returncode == 0, (top, out.stdout, out.stderr)
+
+
+def test_mirror_refuses_targets_and_replacements_that_would_harm_other_disks(daemon, workdir):
+    """drive-mirror onto a file an open image uses (absolute-paths would
+    replace it), and blockdev-mirror replacing a node that is not the
+    source or a filter above it: refused, and nothing changes."""
+    src, other, tgt = workdir / "src.qcow2", workdir / "other.qcow2", workdir / "tgt.qcow2"
+    for p in (src, other, tgt):
+        sh("qemu-img", "create", "-f", "qcow2", p, "16M")
+    sh("qemu-io", "-c", "write -P 0x44 0 1M", src)
+    before = src.read_bytes()
+
+    async def go():
+        c = await connect(daemon.monitor)
+        for name, p in (("src", src), ("other", other), ("tgt", tgt)):
+            await c.execute("blockdev-add", qcow2(name, p))
+        await c.execute("block-export-add", vhost_export("eo", "other", workdir / "eo.sock"))
+        with pytest.raises(ExecuteError) as e:
+            await c.execute("drive-mirror", {"device": "src", "target": str(src),
+                                             "sync": "full", "format": "qcow2"})
+        assert "is in use by node 'src-file'" in str(e.value), str(e.value)
+        with pytest.raises(ExecuteError) as e:
+            await c.execute("blockdev-mirror", {"job-id": "m", "device": "src", "target": "tgt",
+                                                "sync": "full", "replaces": "other"})
+        assert str(e.value).startswith("Cannot replace 'other' by a node mirrored from 'src'")
+        assert await c.execute("query-block-jobs") == []
+        exports = await c.execute("query-block-exports")
+        assert [e["node-name"] for e in exports] == ["other"], exports
+        await c.disconnect()
+
+    run(go())
+    assert daemon.stop() == 0
+    assert src.read_bytes() == before
