@@ -48,6 +48,8 @@ pub fn prepare_external(
 ) -> Result<PreparedExternal, String> {
     let graph = state.graph();
     let node = graph.get(node_name).map_err(|e| e.to_string())?;
+    // A job's writes and copies follow the node it started on.
+    crate::jobs::check_not_busy(&node)?;
     let overlay = graph.get(overlay_name).map_err(|e| e.to_string())?;
     let Driver::Qcow2(q) = overlay.driver() else {
         return Err(format!(
@@ -640,7 +642,11 @@ fn internal_target(state: &State, device: &str) -> Result<Arc<Node>, String> {
     };
     loop {
         let next = match node.driver() {
-            Driver::Qcow2(_) => return Ok(node),
+            Driver::Qcow2(_) => {
+                // A job's copies follow the image as it is.
+                crate::jobs::check_not_busy(&node)?;
+                return Ok(node);
+            }
             Driver::Throttle(t) => t.file().node().clone(),
             Driver::CopyOnRead(c) => c.file().node().clone(),
             _ => {

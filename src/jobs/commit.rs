@@ -214,6 +214,9 @@ pub fn commit(state: &Arc<State>, a: CommitArgs) -> Result<(), String> {
         }
     };
     let speed = super::mirror::check_speed(a.speed)?;
+    if a.backing_file.as_ref().is_some_and(|f| f.len() > 1023) {
+        return Err("Parameter 'backing-file' is longer than 1023 bytes".into());
+    }
     let above_base = between.last().cloned().unwrap_or_else(|| top.clone());
     let o = BlockJobOptions {
         id: id.clone(),

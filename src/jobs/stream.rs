@@ -294,6 +294,9 @@ pub fn stream(state: &Arc<State>, a: StreamArgs) -> Result<(), String> {
         None => split_chain(state, &top, a.base_node.as_deref(), a.base.as_deref())?,
     };
     let speed = super::mirror::check_speed(a.speed)?;
+    if a.backing_file.as_ref().is_some_and(|f| f.len() > 1023) {
+        return Err("Parameter 'backing-file' is longer than 1023 bytes".into());
+    }
     let filter_name = a
         .filter_node_name
         .clone()

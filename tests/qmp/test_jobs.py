@@ -527,3 +527,35 @@ def test_mirror_refuses_targets_and_replacements_that_would_harm_other_disks(dae
     run(go())
     assert daemon.stop() == 0
     assert src.read_bytes() == before
+
+
+def test_snapshots_of_a_node_a_job_works_on_are_refused(daemon, workdir):
+    """An external or internal snapshot would move the node's writes away
+    from the job that follows them: refused while the job runs."""
+    src, tgt = workdir / "src.qcow2", workdir / "tgt.qcow2"
+    for p in (src, tgt):
+        sh("qemu-img", "create", "-f", "qcow2", p, "16M")
+
+    async def go():
+        c = await connect(daemon.monitor)
+        await c.execute("blockdev-add", qcow2("src", src))
+        await c.execute("blockdev-add", qcow2("tgt", tgt))
+        await c.execute("blockdev-mirror", {"job-id": "m", "device": "src", "target": "tgt",
+                                            "sync": "full"})
+        busy = "Node 'src' is busy: block device is in use by block job: mirror"
+        with pytest.raises(ExecuteError) as e:
+            await c.execute("blockdev-snapshot-sync", {
+                "node-name": "src", "snapshot-file": str(workdir / "o.qcow2"),
+                "snapshot-node-name": "o"})
+        assert str(e.value) == busy
+        with pytest.raises(ExecuteError) as e:
+            await c.execute("blockdev-snapshot-internal-sync", {"device": "src", "name": "s"})
+        assert str(e.value) == busy
+        assert not (workdir / "o.qcow2").exists()
+        await c.execute("block-job-cancel", {"device": "m", "force": True})
+        await until_gone(c, "m")
+        await c.execute("blockdev-snapshot-internal-sync", {"device": "src", "name": "s"})
+        await c.disconnect()
+
+    run(go())
+    assert daemon.stop() == 0
