@@ -976,7 +976,7 @@ fn locking_off_lets_a_second_opener_in_and_readers_are_welcome() {
 /// Waits for `child` to create `sock`; fails if it exits first.
 fn wait_listening(child: &mut std::process::Child, sock: &std::path::Path, what: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
+    while !common::listening(sock) {
         assert!(child.try_wait().unwrap().is_none(), "{what} exited");
         assert!(
             std::time::Instant::now() < deadline,

@@ -136,7 +136,11 @@ impl Daemon {
 
     fn wait_for_socket(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.socket.exists() {
+        // The socket file appears at bind(), a moment before listen(): a
+        // connect in between is refused. Wait until the kernel lists the
+        // socket as listening (/proc/net/unix flag __SO_ACCEPTCON), which
+        // does not take a connection from the daemon.
+        while !self.socket.exists() || !listening(&self.socket) {
             if let Some(status) = self.child.as_ref().and(None::<ExitStatus>) {
                 panic!("daemon exited: {status}");
             }
@@ -605,6 +609,14 @@ pub struct Qmp {
 
 impl Qmp {
     pub fn connect(path: &Path) -> Qmp {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !listening(path) {
+            assert!(
+                Instant::now() < deadline,
+                "QMP socket {path:?} never listened"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let s = std::os::unix::net::UnixStream::connect(path).expect("QMP connect");
         let mut q = Qmp {
             stream: std::io::BufReader::new(s),
@@ -708,4 +720,17 @@ impl Qmp {
             self.events.push_back(v);
         }
     }
+}
+
+/// Whether a UNIX socket bound at `path` is listening.
+pub fn listening(path: &Path) -> bool {
+    let want = path.to_string_lossy();
+    std::fs::read_to_string("/proc/net/unix").is_ok_and(|t| {
+        t.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() >= 8
+                && f[7] == want
+                && u32::from_str_radix(f[3], 16).is_ok_and(|flags| flags & 0x10000 != 0)
+        })
+    })
 }

@@ -18,6 +18,20 @@ BENCH_BIN = os.environ.get("VUB_BENCH", str(REPO / "target/debug/vub-bench"))
 QSD_BIN = os.environ.get("QSD_BIN", "qemu-storage-daemon")
 
 
+def listening(path):
+    """Whether the UNIX socket at `path` listens: its file appears at
+    bind(), a moment before listen(), and a connect in between is refused.
+    /proc/net/unix marks listening sockets with __SO_ACCEPTCON (0x10000)."""
+    if not os.path.exists(path):
+        return False
+    with open("/proc/net/unix") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if len(fields) >= 8 and fields[7] == path and int(fields[3], 16) & 0x10000:
+                return True
+    return False
+
+
 class Daemon:
     def __init__(self, argv, workdir, monitor):
         self.workdir = Path(workdir)
@@ -25,7 +39,7 @@ class Daemon:
         self.log = open(self.workdir / "daemon.log", "w")
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 20
-        while not os.path.exists(self.monitor):
+        while not listening(self.monitor):
             if self.proc.poll() is not None or time.time() > deadline:
                 raise RuntimeError("daemon did not start:\n" + self.read_log())
             time.sleep(0.02)
