@@ -189,13 +189,7 @@ impl Backup {
             b.restore(&now);
         } else if *mode == BitmapMode::Always {
             // What was not copied stays dirty.
-            let todo = &self.hook.todo;
-            let mut off = 0;
-            while let Some(d) = todo.next_dirty(off) {
-                let n = todo.dirty_run(d, u64::MAX);
-                b.set(d, n);
-                off = d + n;
-            }
+            b.merge_from(&self.hook.todo);
         }
     }
 
@@ -407,13 +401,8 @@ pub fn backup_in(
                 }
             }
             SyncMode::Incremental | SyncMode::Bitmap => {
-                let b = bitmap.as_ref().expect("checked above");
-                let mut off = 0;
-                while let Some(d) = b.next_dirty(off) {
-                    let n = b.dirty_run(d, u64::MAX);
-                    hook.todo.set(d, n);
-                    off = d + n;
-                }
+                hook.todo
+                    .merge_from(bitmap.as_ref().expect("checked above"));
             }
         }
         if let Some(b) = &bitmap {

@@ -166,18 +166,10 @@ pub fn commit(state: &Arc<State>, a: CommitArgs) -> Result<(), String> {
     let top = match (&a.top_node, &a.top) {
         (Some(_), Some(_)) => return Err("'top-node' and 'top' are mutually exclusive".into()),
         (Some(n), None) => copy::node(state, n).map_err(|_| not_in_chain(n))?,
-        (None, Some(f)) => {
-            let chain = std::iter::once(active.clone()).chain(copy::chain_below(&active));
-            let want = std::fs::canonicalize(f).ok();
-            chain
-                .into_iter()
-                .find(|c| {
-                    crate::drivers::file_name_of(c).is_some_and(|n| {
-                        n == *f || want.is_some() && std::fs::canonicalize(&n).ok() == want
-                    })
-                })
-                .ok_or_else(|| format!("Top image file {f} not found"))?
-        }
+        (None, Some(f)) => std::iter::once(active.clone())
+            .chain(copy::chain_below(&active))
+            .find(|c| copy::names_file(c, f))
+            .ok_or_else(|| format!("Top image file {f} not found"))?,
         (None, None) => active.clone(),
     };
     let is_active = Arc::ptr_eq(&top, &active);

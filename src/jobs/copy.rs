@@ -140,6 +140,17 @@ pub fn target(state: &State, name: &str) -> Result<Arc<Node>, String> {
     Ok(n)
 }
 
+/// Whether `node`'s image is the file `f` (as given, or the same file by
+/// its canonical path).
+pub fn names_file(node: &Node, f: &str) -> bool {
+    crate::drivers::file_name_of(node).is_some_and(|n| {
+        n == f
+            || std::fs::canonicalize(&n)
+                .ok()
+                .is_some_and(|c| std::fs::canonicalize(f).ok() == Some(c))
+    })
+}
+
 /// Below any filters (throttle, copy-on-read): the node that holds data.
 pub fn skip_filters(node: &Arc<Node>) -> Arc<Node> {
     match node.driver() {
@@ -248,8 +259,7 @@ impl Users {
                     .iter()
                     .flat_map(|p| p.children())
                     .filter(move |c| {
-                        Arc::ptr_eq(c.node(), node)
-                            && c.role() != ChildRole::Backing
+                        c.role() != ChildRole::Backing
                             && !self.except.iter().any(|x| x == c.parent())
                     }),
             )

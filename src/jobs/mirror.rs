@@ -656,18 +656,13 @@ pub fn drive_mirror(state: &Arc<State>, a: DriveMirrorArgs) -> Result<(), String
     }
     // A new image replaces whatever file is at the path, so that must be
     // no image this daemon has open.
-    let want = std::fs::canonicalize(&a.target).ok();
-    if want.is_some() {
-        for n in state.graph().nodes() {
-            if let Driver::File(f) = n.driver() {
-                if std::fs::canonicalize(f.filename()).ok() == want {
-                    return Err(format!(
-                        "'{}' is in use by node '{}'; choose another target file",
-                        a.target,
-                        n.name()
-                    ));
-                }
-            }
+    for n in state.graph().nodes() {
+        if matches!(n.driver(), Driver::File(_)) && copy::names_file(n, &a.target) {
+            return Err(format!(
+                "'{}' is in use by node '{}'; choose another target file",
+                a.target,
+                n.name()
+            ));
         }
     }
     let mut created = false;

@@ -273,11 +273,6 @@ impl Job {
         !s.is_cancelled()
     }
 
-    /// Sets the nodes whose drains pause the job.
-    pub fn set_nodes(&self, nodes: Vec<Arc<Node>>) {
-        *self.nodes.lock().unwrap_or_else(|e| e.into_inner()) = nodes;
-    }
-
     fn touches(&self, drained: &[&Node]) -> bool {
         self.nodes
             .lock()

@@ -77,19 +77,12 @@ pub(super) fn split_chain(
                     })?,
             )
         }
-        (None, Some(f)) => {
-            let want = std::fs::canonicalize(f).ok();
-            Some(
-                chain
-                    .iter()
-                    .position(|c| {
-                        crate::drivers::file_name_of(c).is_some_and(|n| {
-                            n == f || std::fs::canonicalize(&n).ok() == want && want.is_some()
-                        })
-                    })
-                    .ok_or_else(|| format!("Can't find '{f}' in the backing chain"))?,
-            )
-        }
+        (None, Some(f)) => Some(
+            chain
+                .iter()
+                .position(|c| copy::names_file(c, f))
+                .ok_or_else(|| format!("Can't find '{f}' in the backing chain"))?,
+        ),
         (None, None) => None,
     };
     Ok(match pos {
