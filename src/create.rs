@@ -10,6 +10,7 @@
 //! (off / metadata / falloc / full), `refcount_bits`.
 
 use crate::config::keyval;
+use crate::drivers::file::{self, NewFile};
 use crate::drivers::qcow2::{self, CreateOptions};
 use crate::opts;
 
@@ -115,13 +116,11 @@ pub fn run(args: &[String]) -> Result<(), String> {
             if !o_opts.is_empty() || c.backing_file.is_some() {
                 return Err("raw images take no -o options and no backing file".into());
             }
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)
-                .map_err(|e| format!("cannot create '{path}': {e}"))?;
-            f.set_len(size)
+            // Truncated only once it holds the image's write lock.
+            let new = NewFile::open(&path, &file::no_node)?;
+            let f = new.file();
+            f.set_len(0)
+                .and_then(|()| f.set_len(size))
                 .map_err(|e| format!("cannot size '{path}': {e}"))?;
         }
         other => return Err(format!("cannot create images of format '{other}'")),

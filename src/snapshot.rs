@@ -11,10 +11,12 @@
 //! request sees half of it; then the overlay takes the node as its backing
 //! and the node becomes read-only. Any failure moves the edges back.
 
+use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
 use crate::block::{Child, ChildRole, Node, Perm};
 use crate::daemon::State;
+use crate::drivers::file::{self, Created};
 use crate::drivers::{self, qcow2, BlockdevOptions, Driver};
 
 fn backing_format(node: &Node) -> Result<&'static str, String> {
@@ -233,7 +235,8 @@ fn device_or_node(
 /// again if the snapshot does not happen.
 struct CreatedOverlay {
     node: String,
-    file: Option<String>,
+    /// The file, when this call created it (it did not exist before).
+    file: Option<Created>,
 }
 
 impl CreatedOverlay {
@@ -242,9 +245,26 @@ impl CreatedOverlay {
             log::warn!("snapshot: removing overlay node {}: {e}", self.node);
         }
         if let Some(f) = &self.file {
-            let _ = std::fs::remove_file(f);
+            f.remove(&|dev, ino| file::node_using(&state.graph(), dev, ino, None));
         }
     }
+}
+
+/// QEMU's bdrv_img_create refuses an image named as its backing file; it
+/// compares the names, this compares the files too (another name, a
+/// symlink).
+fn check_not_backing(file: &str, backing: &str) -> Result<(), String> {
+    let same = file == backing
+        || matches!(
+            (std::fs::metadata(file), std::fs::metadata(backing)),
+            (Ok(a), Ok(b)) if (a.dev(), a.ino()) == (b.dev(), b.ino())
+        );
+    if same {
+        return Err(
+            "Error: Trying to create an image with the same filename as the backing file".into(),
+        );
+    }
+    Ok(())
 }
 
 /// Creates (mode absolute-paths) or finds (existing) the overlay file of
@@ -280,7 +300,7 @@ fn prepare_external_sync(
                     "snapshot file '{file}' does not exist (mode=existing)"
                 ));
             }
-            false
+            None
         }
         SnapshotMode::AbsolutePaths => {
             let backing = drivers::file_name_of(&node).ok_or_else(|| {
@@ -289,14 +309,18 @@ fn prepare_external_sync(
             let backing = std::fs::canonicalize(&backing)
                 .map(|p| p.to_string_lossy().into_owned())
                 .unwrap_or(backing);
+            check_not_backing(file, &backing)?;
+            // A job's node is refused before anything is created.
+            crate::jobs::check_not_busy(&node)?;
             let opts = qcow2::CreateOptions {
                 size: node.size(),
                 backing_file: Some(backing),
                 backing_fmt: Some(backing_format(&node)?.to_string()),
                 ..Default::default()
             };
-            qcow2::create(file, &opts)?;
-            true
+            let in_use = |dev, ino| file::node_using(&state.graph(), dev, ino, None);
+            let made = qcow2::create_in(file, &opts, &in_use)?;
+            made.created().then_some(made)
         }
     };
     let opts: BlockdevOptions = serde_json::from_value(serde_json::json!({
@@ -307,14 +331,14 @@ fn prepare_external_sync(
     }))
     .map_err(|e| e.to_string())?;
     if let Err(e) = state.add_blockdev(&opts) {
-        if created {
-            let _ = std::fs::remove_file(file);
+        if let Some(c) = &created {
+            c.remove(&|dev, ino| file::node_using(&state.graph(), dev, ino, None));
         }
         return Err(e.to_string());
     }
     let made = CreatedOverlay {
         node: overlay_name.clone(),
-        file: created.then(|| file.to_string()),
+        file: created,
     };
     match prepare_external(state, &node_name, &overlay_name) {
         Ok(p) => Ok((p, made)),

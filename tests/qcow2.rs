@@ -1646,3 +1646,79 @@ fn reopened_backing_image_keeps_its_persistent_bitmaps() {
     assert_eq!(again.node.bitmaps()[0].count(), 64 * KIB);
     again.close();
 }
+
+/// Runs a command that must fail; returns its output.
+fn run_fails(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().expect(cmd);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{cmd} {args:?} succeeded: {text}");
+    text
+}
+
+/// qemu-storage-daemon holding `img` open read-write (as a VM's disk)
+/// until dropped. It writes its pid file once the image is open.
+struct Holder(std::process::Child);
+
+impl Holder {
+    fn new(img: &Path, dir: &Path) -> Holder {
+        let pidfile = dir.join("qsd.pid");
+        let child = Command::new("qemu-storage-daemon")
+            .args([
+                "--blockdev",
+                &format!("driver=file,node-name=f,filename={}", img.display()),
+                "--blockdev",
+                "driver=qcow2,node-name=q,file=f",
+                "--pidfile",
+                pidfile.to_str().unwrap(),
+            ])
+            .spawn()
+            .expect("qemu-storage-daemon");
+        let mut h = Holder(child);
+        while !pidfile.exists() {
+            assert!(
+                h.0.try_wait().unwrap().is_none(),
+                "qemu-storage-daemon exited"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        h
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `vhost-user-blkd create` onto an image another process has open (and
+/// locked): refused as qemu-img refuses it, before anything is truncated;
+/// the image keeps its bytes and its inode.
+#[test]
+fn create_refuses_an_image_another_process_has_open() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tmp();
+    let img = dir.path().join("live.qcow2");
+    let p = img.to_str().unwrap();
+    run("qemu-img", &["create", "-f", "qcow2", p, "4M"]);
+    run("qemu-io", &["-c", "write -P 0x5a 0 1M", p]);
+    let before = std::fs::read(&img).unwrap();
+    let ino = std::fs::metadata(&img).unwrap().ino();
+    let _holder = Holder::new(&img, dir.path());
+    let theirs = run_fails("qemu-img", &["create", "-f", "qcow2", p, "1M"]);
+    assert!(theirs.contains("Failed to get \"write\" lock"), "{theirs}");
+    for fmt in ["qcow2", "raw"] {
+        let ours = run_fails(bin(), &["create", "-f", fmt, p, "1M"]);
+        assert!(
+            ours.contains("Failed to get \"write\" lock"),
+            "{fmt}: {ours}"
+        );
+        assert_eq!(std::fs::read(&img).unwrap(), before, "{fmt}: image changed");
+        assert_eq!(std::fs::metadata(&img).unwrap().ino(), ino);
+    }
+}

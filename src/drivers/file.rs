@@ -127,6 +127,215 @@ fn ofd_taken(fd: RawFd, byte: i64) -> io::Result<bool> {
     Ok(i32::from(fl.l_type) != libc::F_UNLCK)
 }
 
+/// Sets QEMU's lock bytes on `fd`: a read lock on 100 + bit for each
+/// permission taken, on 200 + bit for each one not shared; the others are
+/// dropped.
+fn apply_lock_bytes(fd: RawFd, perm: Perm, unshared: Perm) -> io::Result<()> {
+    for (bit, i, _) in PERM_BITS {
+        let ty = |on: bool| if on { libc::F_RDLCK } else { libc::F_UNLCK };
+        ofd_set(fd, LOCK_PERM_BASE + i, ty(perm.contains(bit)))?;
+        ofd_set(fd, LOCK_SHARED_BASE + i, ty(unshared.contains(bit)))?;
+    }
+    Ok(())
+}
+
+/// Checks that no other open file holds a lock that conflicts with taking
+/// `perm` and not sharing `unshared` (QEMU's raw_check_lock_bytes, with
+/// its wording).
+fn check_locks(fd: RawFd, perm: Perm, unshared: Perm, filename: &str) -> Result<(), String> {
+    let err = |e: io::Error| format!("cannot lock '{filename}': {e}");
+    for (bit, i, name) in PERM_BITS {
+        if perm.contains(bit) && ofd_taken(fd, LOCK_SHARED_BASE + i).map_err(err)? {
+            return Err(format!(
+                "Failed to get \"{name}\" lock: is another process using the image '{filename}'?"
+            ));
+        }
+        if unshared.contains(bit) && ofd_taken(fd, LOCK_PERM_BASE + i).map_err(err)? {
+            return Err(format!(
+                "Failed to get shared \"{name}\" lock: is another process using the image '{filename}'?"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Which open node of this daemon, if any, has the file `(dev, ino)` open
+/// (its name). Creation outside the daemon (the `create` command) passes
+/// [`no_node`].
+pub type InUse<'a> = &'a dyn Fn(u64, u64) -> Option<String>;
+
+/// For creation outside the daemon: no node has anything open.
+pub fn no_node(_dev: u64, _ino: u64) -> Option<String> {
+    None
+}
+
+/// The name of a file node of `graph` (other than `except`) that has the
+/// file `(dev, ino)` open.
+pub fn node_using(
+    graph: &crate::block::Graph,
+    dev: u64,
+    ino: u64,
+    except: Option<&Node>,
+) -> Option<String> {
+    graph
+        .nodes()
+        .filter(|n| !except.is_some_and(|e| std::ptr::eq(&***n, e)))
+        .find(|n| matches!(n.driver(), super::Driver::File(f) if f.is_file(dev, ino)))
+        .map(|n| n.name().to_string())
+}
+
+/// A file opened for (re)creation that holds QEMU's creation locks: the
+/// only way this daemon truncates, overwrites or removes an image file it
+/// does not have open as a node. Nothing is changed by opening; the
+/// caller truncates and writes through [`NewFile::file`]. The locks go when
+/// it is dropped or [`NewFile::close`]d.
+pub struct NewFile {
+    file: File,
+    path: String,
+    created: bool,
+    dev: u64,
+    ino: u64,
+}
+
+impl NewFile {
+    /// Opens (creating it if missing, never truncating) `path`, takes the
+    /// lock bytes of write and resize and checks that no other process
+    /// holds a conflicting one, and that no node of this daemon (as
+    /// `in_use` tells) has the file open.
+    pub fn open(path: &str, in_use: InUse) -> Result<NewFile, String> {
+        let cerr = |e: io::Error| format!("Could not create '{path}': {e}");
+        let open = |create: bool| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(create)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(path)
+        };
+        let (file, created) = match open(true) {
+            Ok(f) => (f, true),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                (open(false).map_err(cerr)?, false)
+            }
+            Err(e) => return Err(cerr(e)),
+        };
+        let meta = file.metadata().map_err(cerr)?;
+        let new = NewFile {
+            file,
+            path: path.to_string(),
+            created,
+            dev: meta.dev(),
+            ino: meta.ino(),
+        };
+        if let Err(e) = new.lock(in_use) {
+            // A file this call made is nobody else's yet: it goes again.
+            if created {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(e);
+        }
+        Ok(new)
+    }
+
+    /// Takes the creation locks, then checks for other holders (in this
+    /// order, as QEMU, so that two creators cannot both pass the check).
+    fn lock(&self, in_use: InUse) -> Result<(), String> {
+        // As QEMU's raw_co_create: write (to discard everything) and
+        // resize (to set the size), sharing all but resize (no one may
+        // change the size it promises).
+        let (perm, unshared) = (Perm::WRITE | Perm::RESIZE, Perm::RESIZE);
+        let fd = self.file.as_raw_fd();
+        apply_lock_bytes(fd, perm, unshared)
+            .map_err(|e| format!("cannot lock '{}': {e}", self.path))?;
+        check_locks(fd, perm, unshared, &self.path)?;
+        if let Some(node) = in_use(self.dev, self.ino) {
+            return Err(format!(
+                "Failed to get \"write\" lock: '{}' is in use by node '{node}'",
+                self.path
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Whether the file did not exist before this open.
+    pub fn created(&self) -> bool {
+        self.created
+    }
+
+    /// Closes the file (dropping its locks, so that a node can open it),
+    /// keeping what [`Created::remove`] needs to undo the creation.
+    pub fn close(self) -> Created {
+        Created {
+            path: self.path,
+            created: self.created,
+            dev: self.dev,
+            ino: self.ino,
+        }
+    }
+}
+
+/// A file made by [`NewFile`], closed again.
+#[derive(Debug, Clone)]
+pub struct Created {
+    path: String,
+    created: bool,
+    dev: u64,
+    ino: u64,
+}
+
+impl Created {
+    /// Whether the file did not exist before it was created.
+    pub fn created(&self) -> bool {
+        self.created
+    }
+
+    /// Undoes the creation: unlinks the file if this daemon created it (it
+    /// did not exist before), the name still leads to it, no other process
+    /// locks it and no node of this daemon has it open. A file that
+    /// existed before is never removed.
+    pub fn remove(&self, in_use: InUse) {
+        if !self.created {
+            return;
+        }
+        let Ok(again) = NewFile::open_existing(&self.path) else {
+            return;
+        };
+        if (again.dev, again.ino) != (self.dev, self.ino) {
+            log::warn!("'{}' is another file now; it is not removed", self.path);
+            return;
+        }
+        if let Err(e) = again.lock(in_use) {
+            log::warn!("'{}' is not removed: {e}", self.path);
+            return;
+        }
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            log::warn!("cannot remove '{}': {e}", self.path);
+        }
+    }
+}
+
+impl NewFile {
+    fn open_existing(path: &str) -> io::Result<NewFile> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)?;
+        let meta = file.metadata()?;
+        Ok(NewFile {
+            file,
+            path: path.to_string(),
+            created: false,
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+}
+
 /// A reopen prepared (new descriptor opened, alignment probed), not yet
 /// applied.
 pub struct FileReopen {
@@ -235,32 +444,23 @@ impl FileDriver {
         let fd = self.fd();
         let unshared = !shared;
         let err = |e: io::Error| format!("cannot lock '{}': {e}", self.filename);
-        for (bit, i, name) in PERM_BITS {
-            if perm.contains(bit) && ofd_taken(fd, LOCK_SHARED_BASE + i).map_err(err)? {
-                return Err(format!(
-                    "Failed to get \"{name}\" lock: is another process using the image '{}'?",
-                    self.filename
-                ));
-            }
-            if unshared.contains(bit) && ofd_taken(fd, LOCK_PERM_BASE + i).map_err(err)? {
-                return Err(format!(
-                    "Failed to get shared \"{name}\" lock: is another process using the image '{}'?",
-                    self.filename
-                ));
-            }
-        }
+        check_locks(fd, perm, unshared, &self.filename)?;
         self.apply_locks(fd, perm, unshared).map_err(err)?;
         *self.locks.lock().unwrap_or_else(|e| e.into_inner()) = (perm, unshared);
         Ok(())
     }
 
     fn apply_locks(&self, fd: RawFd, perm: Perm, unshared: Perm) -> io::Result<()> {
-        for (bit, i, _) in PERM_BITS {
-            let ty = |on: bool| if on { libc::F_RDLCK } else { libc::F_UNLCK };
-            ofd_set(fd, LOCK_PERM_BASE + i, ty(perm.contains(bit)))?;
-            ofd_set(fd, LOCK_SHARED_BASE + i, ty(unshared.contains(bit)))?;
-        }
-        Ok(())
+        apply_lock_bytes(fd, perm, unshared)
+    }
+
+    /// Whether this node's descriptor is the file `(dev, ino)`.
+    pub fn is_file(&self, dev: u64, ino: u64) -> bool {
+        self.file
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .metadata()
+            .is_ok_and(|m| (m.dev(), m.ino()) == (dev, ino))
     }
 
     /// Opens the file again with the options of a blockdev-reopen.

@@ -4,7 +4,7 @@
 //! each driver's async callbacks (QEMU's bdrv_co_* interface).
 
 mod cor;
-mod file;
+pub mod file;
 mod null;
 pub mod qcow2;
 mod raw;

@@ -22,6 +22,8 @@ use serde::Deserialize;
 use std::sync::Arc;
 
 use crate::block::{Graph, Node};
+use crate::daemon::State;
+use crate::drivers::file::{self, NewFile};
 use crate::drivers::qcow2::{CreateOptions, Preallocation};
 use crate::drivers::Driver;
 
@@ -187,21 +189,22 @@ impl Work {
         }
     }
 
-    /// Does the creation (on the job's thread).
-    pub fn run(self, job: &super::Job) -> Result<(), String> {
+    /// Does the creation (on the job's thread). Every file is truncated
+    /// or written only once this job holds its write lock and no other
+    /// node of `state` has it open (see [`NewFile`]), as QEMU ends the job
+    /// with 'Failed to get "write" lock'.
+    pub fn run(self, job: &super::Job, state: &State) -> Result<(), String> {
         match self {
             Work::File {
                 filename,
                 size,
                 prealloc,
             } => {
-                let f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(&filename)
-                    .map_err(|e| format!("Could not create '{filename}': {e}"))?;
-                f.set_len(size)
+                let in_use = |dev, ino| file::node_using(&state.graph(), dev, ino, None);
+                let new = NewFile::open(&filename, &in_use)?;
+                let f = new.file();
+                f.set_len(0)
+                    .and_then(|()| f.set_len(size))
                     .map_err(|e| format!("Could not resize '{filename}': {e}"))?;
                 match prealloc {
                     Prealloc::Off | Prealloc::Metadata => {}
@@ -240,7 +243,12 @@ impl Work {
                 let Driver::File(f) = node.driver() else {
                     return Err("not a file node".into());
                 };
+                // The node's own descriptor takes no lock (it has no
+                // parents); another node or process may hold the file.
+                let in_use = |dev, ino| file::node_using(&state.graph(), dev, ino, Some(&node));
+                let lock = NewFile::open(f.filename(), &in_use)?;
                 f.truncate(&node, size).map_err(|e| e.to_string())?;
+                drop(lock);
                 job.progress(1, 1);
                 Ok(())
             }
@@ -250,7 +258,8 @@ impl Work {
                 opts,
             } => {
                 job.progress(0, 1);
-                crate::drivers::qcow2::create(&filename, &opts)?;
+                let in_use = |dev, ino| file::node_using(&state.graph(), dev, ino, Some(&node));
+                crate::drivers::qcow2::create_in(&filename, &opts, &in_use)?;
                 if let Driver::File(f) = node.driver() {
                     f.refresh_size()
                         .map_err(|e| format!("Could not read the size of '{filename}': {e}"))?;

@@ -30,6 +30,7 @@ use crate::block::hooks::{WriteHook, WriteOp};
 use crate::block::ranges::RangeLock;
 use crate::block::{BlockFuture, Child, Node};
 use crate::daemon::State;
+use crate::drivers::file::{self, Created, NewFile};
 use crate::drivers::Driver;
 
 /// Largest copy the job does at once.
@@ -665,11 +666,12 @@ pub fn drive_mirror(state: &Arc<State>, a: DriveMirrorArgs) -> Result<(), String
             ));
         }
     }
-    let mut created = false;
+    // The file is created, or truncated once this call holds its write
+    // lock: never unlinked, so that a file another process has open (and
+    // locked) is not replaced under it.
+    let in_use = |dev, ino| file::node_using(&state.graph(), dev, ino, None);
+    let mut created: Option<Created> = None;
     if a.mode == NewImageMode::AbsolutePaths {
-        if std::path::Path::new(&a.target).exists() {
-            std::fs::remove_file(&a.target).map_err(|e| format!("{}: {e}", a.target))?;
-        }
         if format == "qcow2" {
             let mut opts = crate::drivers::qcow2::CreateOptions {
                 size: source.size(),
@@ -686,13 +688,15 @@ pub fn drive_mirror(state: &Arc<State>, a: DriveMirrorArgs) -> Result<(), String
                     });
                 }
             }
-            crate::drivers::qcow2::create(&a.target, &opts)?;
+            created = Some(crate::drivers::qcow2::create_in(&a.target, &opts, &in_use)?);
         } else {
-            let f = std::fs::File::create(&a.target).map_err(|e| format!("{}: {e}", a.target))?;
-            f.set_len(source.size())
+            let new = NewFile::open(&a.target, &in_use)?;
+            let f = new.file();
+            f.set_len(0)
+                .and_then(|()| f.set_len(source.size()))
                 .map_err(|e| format!("{}: {e}", a.target))?;
+            created = Some(new.close());
         }
-        created = true;
     }
     // The target is opened without a backing image; it takes one at the
     // pivot (the header of a new image names it already).
@@ -709,8 +713,8 @@ pub fn drive_mirror(state: &Arc<State>, a: DriveMirrorArgs) -> Result<(), String
     let target = match state.add_blockdev(&opts) {
         Ok(n) => n,
         Err(e) => {
-            if created {
-                let _ = std::fs::remove_file(&a.target);
+            if let Some(c) = &created {
+                c.remove(&in_use);
             }
             return Err(e.to_string());
         }
@@ -741,8 +745,8 @@ pub fn drive_mirror(state: &Arc<State>, a: DriveMirrorArgs) -> Result<(), String
     );
     if r.is_err() {
         let _ = state.del_blockdev(&node_name);
-        if created {
-            let _ = std::fs::remove_file(&a.target);
+        if let Some(c) = &created {
+            c.remove(&in_use);
         }
     }
     r

@@ -598,7 +598,8 @@ pub fn dispatch(
                 .map_err(QmpError::generic)?;
             let job = crate::jobs::register(&a.job_id, "create", true, false)
                 .map_err(QmpError::generic)?;
-            crate::jobs::spawn(job, move |job| work.run(job));
+            let st = state.clone();
+            crate::jobs::spawn(job, move |job| work.run(job, &st));
             ok(json!({}))
         }
         "query-jobs" => {

@@ -7,11 +7,11 @@
 //! covering itself. The header switches to them only once they are on disk;
 //! the old table and blocks are then simply free space.
 
-use std::fs::OpenOptions;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 
 use crate::block::{BlockError, Node};
+use crate::drivers::file::{self, Created, NewFile};
 
 use super::header::{self, Header, Snapshot, OFFSET_MASK};
 use super::meta::{self, Geo, Meta, COMPRESSED, COPIED};
@@ -334,8 +334,17 @@ impl CreateOptions {
     }
 }
 
-/// Creates a qcow2 image at `path` (the file is created or truncated).
+/// Creates a qcow2 image at `path` (the file is created or truncated)
+/// from the command line: no node is open.
 pub fn create(path: &str, o: &CreateOptions) -> Result<(), String> {
+    create_in(path, o, &file::no_node).map(|_| ())
+}
+
+/// Creates a qcow2 image at `path`: the file is created, or truncated once
+/// this call holds its write lock (see [`NewFile`]) and `in_use` names no
+/// node of the daemon that has it open. Returns what undoing the creation
+/// needs.
+pub fn create_in(path: &str, o: &CreateOptions, in_use: file::InUse) -> Result<Created, String> {
     let cluster_bits = o.check()?;
     let cs = o.cluster_size;
     let refcount_order = o.refcount_bits.trailing_zeros();
@@ -365,14 +374,10 @@ pub fn create(path: &str, o: &CreateOptions) -> Result<(), String> {
     let mut next = 1 + l1_clusters;
     let mut l1 = vec![0u64; (l1_clusters * cs / 8) as usize];
     let mut counts: Vec<u64> = vec![1; next as usize];
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(|e| format!("cannot create '{path}': {e}"))?;
+    let new = NewFile::open(path, in_use)?;
+    let file = new.file();
     let werr = |e: std::io::Error| format!("writing '{path}': {e}");
+    file.set_len(0).map_err(werr)?;
     let mut data_ranges = Vec::new();
     if o.preallocation != Preallocation::Off {
         let w = g.words_per_entry();
@@ -413,9 +418,8 @@ pub fn create(path: &str, o: &CreateOptions) -> Result<(), String> {
         Preallocation::Off | Preallocation::Metadata => {}
         Preallocation::Falloc => {
             // SAFETY: fallocate on a descriptor we own, no pointers.
-            let r = unsafe {
-                libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&file), 0, 0, end as i64)
-            };
+            let r =
+                unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(file), 0, 0, end as i64) };
             if r < 0 {
                 return Err(werr(std::io::Error::last_os_error()));
             }
@@ -503,7 +507,7 @@ pub fn create(path: &str, o: &CreateOptions) -> Result<(), String> {
     }
     file.write_all_at(&hdr_bytes, 0).map_err(werr)?;
     file.sync_all().map_err(werr)?;
-    Ok(())
+    Ok(new.close())
 }
 
 /// The virtual size and format of an image file (for a backing file given

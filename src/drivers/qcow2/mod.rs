@@ -27,7 +27,7 @@ pub mod lock;
 mod meta;
 mod snap;
 
-pub use build::{create, probe_size, CreateOptions, Preallocation};
+pub use build::{create, create_in, probe_size, CreateOptions, Preallocation};
 pub use header::{parse_snapshots, Header, Snapshot};
 pub use snap::SnapshotRef;
 
