@@ -90,7 +90,14 @@ pub fn run(args: &[String]) -> Result<(), String> {
             }
         }
     }
-    if let (Some(b), None) = (&c.backing_file, size) {
+    // As qemu-img (since 6.1): the backing format is given, never probed
+    // from the backing file's content, which its guest controls.
+    if c.backing_file.is_some() && c.backing_fmt.is_none() {
+        return Err(format!(
+            "{path}: Backing file specified without backing format; give it with -F (or -o backing_fmt=)"
+        ));
+    }
+    if let (Some(b), Some(fmt), None) = (&c.backing_file, &c.backing_fmt, size) {
         let full = if b.starts_with('/') {
             b.clone()
         } else {
@@ -100,11 +107,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
                 .unwrap_or_default();
             dir.join(b).to_string_lossy().into_owned()
         };
-        let (s, probed) = qcow2::probe_size(&full)?;
-        size = Some(s);
-        if c.backing_fmt.is_none() {
-            c.backing_fmt = Some(probed.to_string());
-        }
+        size = Some(qcow2::probe_size(&full, fmt)?);
     }
     let size = size.ok_or_else(|| format!("a size is needed\n{USAGE}"))?;
     match fmt.as_str() {

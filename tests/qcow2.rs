@@ -1722,3 +1722,143 @@ fn create_refuses_an_image_another_process_has_open() {
         assert_eq!(std::fs::metadata(&img).unwrap().ino(), ino);
     }
 }
+
+/// A backing file without a backing format is refused, as qemu-img
+/// (since 6.1) refuses it: a format probed from the backing file's content
+/// is what a guest controls.
+#[test]
+fn create_refuses_a_backing_file_without_a_format() {
+    let dir = tmp();
+    let d = dir.path();
+    let base = d.join("base.qcow2");
+    run(
+        "qemu-img",
+        &["create", "-f", "qcow2", base.to_str().unwrap(), "4M"],
+    );
+    let top = d.join("top.qcow2");
+    let t = top.to_str().unwrap();
+    let theirs = run_fails(
+        "qemu-img",
+        &["create", "-f", "qcow2", "-b", "base.qcow2", t],
+    );
+    assert!(
+        theirs.contains("Backing file specified without backing format"),
+        "{theirs}"
+    );
+    for args in [
+        vec!["create", "-b", "base.qcow2", t],
+        vec!["create", "-b", "base.qcow2", t, "4M"],
+        vec!["create", "-o", "backing_file=base.qcow2", t, "4M"],
+    ] {
+        let ours = run_fails(bin(), &args);
+        assert!(
+            ours.contains("Backing file specified without backing format"),
+            "{args:?}: {ours}"
+        );
+        assert!(!top.exists(), "{args:?} created the image");
+    }
+    run(bin(), &["create", "-b", "base.qcow2", "-F", "qcow2", t]);
+    let info = run("qemu-img", &["info", "--output=json", t]);
+    assert!(
+        info.contains("\"backing-filename-format\": \"qcow2\""),
+        "{info}"
+    );
+}
+
+/// Removes the backing format extension of a qcow2 image made by
+/// qemu-img (which always records one now): as an old image would be.
+fn forget_backing_format(img: &Path) {
+    let mut b = std::fs::read(img).unwrap();
+    let magic = 0xE279_2ACAu32.to_be_bytes();
+    let at = (72..4096)
+        .step_by(8)
+        .find(|&i| b[i..i + 4] == magic)
+        .expect("backing format extension");
+    // Its type becomes the end of the extensions.
+    b[at..at + 4].copy_from_slice(&[0; 4]);
+    std::fs::write(img, &b).unwrap();
+}
+
+/// The files a graph has open.
+fn open_files(img: &Img) -> Vec<String> {
+    img.graph
+        .nodes()
+        .filter_map(|n| vhost_user_blkd::drivers::file_name_of(n))
+        .collect()
+}
+
+/// A raw backing image whose content a guest made look like a qcow2 image
+/// naming a host file: an overlay that records no backing format must not
+/// open that host file (the probed format may not name further files).
+/// A probed qcow2 backing image that names nothing still opens.
+#[test]
+fn a_probed_backing_image_never_opens_files_its_content_names() {
+    let dir = tmp();
+    let d = dir.path();
+    let p = |n: &str| d.join(n).to_str().unwrap().to_string();
+    std::fs::write(d.join("secret"), vec![0x77u8; MIB as usize]).unwrap();
+    // What the guest wrote into its raw disk: a qcow2 header naming the
+    // host file.
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            &p("secret"),
+            "-F",
+            "raw",
+            &p("disk.raw"),
+            "1M",
+        ],
+    );
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "disk.raw",
+            "-F",
+            "raw",
+            &p("top.qcow2"),
+            "1M",
+        ],
+    );
+    forget_backing_format(&d.join("top.qcow2"));
+    match open_with(&d.join("top.qcow2"), json!({})) {
+        Ok(img) => panic!("opened, with {:?}", open_files(&img)),
+        Err(e) => assert!(e.contains("probed"), "{e}"),
+    }
+    // A probed qcow2 backing image without a backing file of its own, and
+    // a probed raw one, open and read.
+    run(
+        "qemu-img",
+        &["create", "-f", "qcow2", &p("plain.qcow2"), "1M"],
+    );
+    run("qemu-io", &["-c", "write -P 0x42 0 64k", &p("plain.qcow2")]);
+    std::fs::write(d.join("plain.raw"), vec![0x43u8; MIB as usize]).unwrap();
+    for (base, fmt, byte) in [("plain.qcow2", "qcow2", 0x42u8), ("plain.raw", "raw", 0x43)] {
+        let top = format!("top-{fmt}.qcow2");
+        run(
+            "qemu-img",
+            &[
+                "create",
+                "-f",
+                "qcow2",
+                "-b",
+                base,
+                "-F",
+                fmt,
+                &p(&top),
+                "1M",
+            ],
+        );
+        forget_backing_format(&d.join(&top));
+        let img = open_with(&d.join(&top), json!({})).unwrap();
+        assert_eq!(img.read(0, 4096), vec![byte; 4096], "{fmt}");
+        assert!(open_files(&img).contains(&p(base)));
+    }
+}

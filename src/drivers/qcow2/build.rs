@@ -7,7 +7,7 @@
 //! covering itself. The header switches to them only once they are on disk;
 //! the old table and blocks are then simply free space.
 
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 
 use crate::block::{BlockError, Node};
@@ -510,19 +510,24 @@ pub fn create_in(path: &str, o: &CreateOptions, in_use: file::InUse) -> Result<C
     Ok(new.close())
 }
 
-/// The virtual size and format of an image file (for a backing file given
-/// without a size).
-pub fn probe_size(path: &str) -> Result<(u64, &'static str), String> {
+/// The virtual size of an image file of format `fmt` (for a backing file
+/// given without a size).
+pub fn probe_size(path: &str, fmt: &str) -> Result<u64, String> {
     let mut f = std::fs::File::open(path).map_err(|e| format!("cannot open '{path}': {e}"))?;
-    let mut b = vec![0u8; 72];
-    let n = f.read(&mut b).map_err(|e| e.to_string())?;
-    if n >= 32 && u32::from_be_bytes([b[0], b[1], b[2], b[3]]) == header::MAGIC {
-        return Ok((
-            u64::from_be_bytes(b[24..32].try_into().unwrap_or([0; 8])),
-            "qcow2",
-        ));
+    match fmt {
+        "qcow2" => {
+            let mut b = [0u8; 32];
+            f.read_exact(&mut b)
+                .map_err(|e| format!("'{path}': cannot read the qcow2 header: {e}"))?;
+            let [m0, m1, m2, m3, ..] = b;
+            if u32::from_be_bytes([m0, m1, m2, m3]) != header::MAGIC {
+                return Err(format!("'{path}' is not a qcow2 image"));
+            }
+            let mut size = [0u8; 8];
+            size.copy_from_slice(&b[24..32]);
+            Ok(u64::from_be_bytes(size))
+        }
+        "raw" => f.seek(SeekFrom::End(0)).map_err(|e| e.to_string()),
+        other => Err(format!("backing format '{other}' is not supported")),
     }
-    let size = f.seek(SeekFrom::End(0)).map_err(|e| e.to_string())?;
-    let _ = f.flush();
-    Ok((size, "raw"))
 }

@@ -56,6 +56,9 @@ const OFF_AUTOCLEAR: u64 = header::OFF_INCOMPAT + 16;
 thread_local! {
     /// Depth of the backing chain being opened on this thread.
     static OPEN_DEPTH: Cell<u32> = const { Cell::new(0) };
+    /// The image being opened on this thread is a backing image whose
+    /// format was probed from its content.
+    static OPENING_PROBED: Cell<bool> = const { Cell::new(false) };
 }
 
 /// `backing`: absent (from the image header), `null` (none), or a node.
@@ -458,6 +461,21 @@ impl Qcow2Driver {
                 let Some(bf) = &hdr.backing_file else {
                     return Ok(None);
                 };
+                // A backing file recorded without its format is probed, as
+                // QEMU does; but its content is what a guest wrote when it
+                // was a raw disk, so a probed image may name no further
+                // file (QEMU would open it: a guest could make it read any
+                // host file). Recording the formats fixes a real chain.
+                if OPENING_PROBED.with(|p| p.get()) {
+                    return Err(open_err(
+                        name,
+                        format!(
+                            "its format was probed (the image above records no backing format), \
+                             so the backing file '{bf}' its header names is not opened; \
+                             record the backing formats ('qemu-img rebase -u -b FILE -F FMT')"
+                        ),
+                    ));
+                }
                 let depth = OPEN_DEPTH.with(|d| d.get());
                 if depth + 1 >= MAX_CHAIN_DEPTH {
                     return Err(open_err(
@@ -483,14 +501,16 @@ impl Qcow2Driver {
                         format!("cannot open backing file '{path}' (from the image header): no such file"),
                     ));
                 }
-                let fmt = hdr
-                    .backing_format
-                    .clone()
-                    .unwrap_or_else(|| probe_format(&path));
+                let (fmt, probed) = match &hdr.backing_format {
+                    Some(f) => (f.clone(), false),
+                    None => (probe_format(&path), true),
+                };
                 let bname = format!("{name}-backing");
                 let opts = backing_options(&bname, &path, &fmt).map_err(|e| open_err(name, e))?;
                 OPEN_DEPTH.with(|d| d.set(depth + 1));
+                let was = OPENING_PROBED.with(|p| p.replace(probed));
                 let r = graph.add_implicit(&opts);
+                OPENING_PROBED.with(|p| p.set(was));
                 OPEN_DEPTH.with(|d| d.set(depth));
                 r.map_err(|e| open_err(name, format!("backing file '{path}': {e}")))?
             }
