@@ -247,14 +247,15 @@ impl NewFile {
         let fd = self.file.as_raw_fd();
         apply_lock_bytes(fd, perm, unshared)
             .map_err(|e| format!("cannot lock '{}': {e}", self.path))?;
-        check_locks(fd, perm, unshared, &self.path)?;
+        // Our own nodes first: their locks (if they take any) conflict
+        // too, but the message can name the node.
         if let Some(node) = in_use(self.dev, self.ino) {
             return Err(format!(
                 "Failed to get \"write\" lock: '{}' is in use by node '{node}'",
                 self.path
             ));
         }
-        Ok(())
+        check_locks(fd, perm, unshared, &self.path)
     }
 
     pub fn file(&self) -> &File {

@@ -153,17 +153,27 @@ def test_blockdev_create_file_on_a_locked_image_fails_the_job_as_qemu_does(
     'Failed to get "write" lock' and the file is left alone. A qcow2 create
     on a second file node of the exported image fails the same way."""
     ours, theirs = workdir / "ours.qcow2", workdir / "theirs.qcow2"
+    unlocked = workdir / "unlocked.qcow2"
     b_ours, b_theirs = image(ours, 0x33), image(theirs, 0x44)
+    b_unlocked = image(unlocked, 0x55)
 
     async def go():
         q = await hold_in_qsd(qsd, theirs)
         c = await connect(daemon.monitor)
         await c.execute("blockdev-add", qcow2("o", ours))
         await c.execute("block-export-add", vhost_export("eo", "o", workdir / "o.sock"))
-        for i, p in enumerate((ours, theirs)):
+        # An image exported with locking=off takes no lock bytes: the
+        # daemon still knows it has the file open.
+        await c.execute("blockdev-add", {
+            "driver": "qcow2", "node-name": "u",
+            "file": {"driver": "file", "node-name": "u-file", "filename": str(unlocked),
+                     "locking": "off"}})
+        await c.execute("block-export-add", vhost_export("eu", "u", workdir / "u.sock"))
+        for i, p in enumerate((ours, theirs, unlocked)):
             err = await create_job(c, f"c{i}", {"driver": "file", "filename": str(p),
                                                 "size": MiB})
             assert err is not None and 'Failed to get "write" lock' in err, err
+        assert "is in use by node 'u-file'" in err, err
         # The same request in qemu-storage-daemon, for the image it holds.
         qerr = await create_job(q, "qc", {"driver": "file", "filename": str(theirs), "size": MiB})
         assert qerr is not None and qerr.startswith('Failed to get "write" lock'), qerr
@@ -175,6 +185,7 @@ def test_blockdev_create_file_on_a_locked_image_fails_the_job_as_qemu_does(
         err = await create_job(c, "c3", {"driver": "raw", "file": "f2", "size": MiB})
         assert err is not None and 'Failed to get "write" lock' in err, err
         assert fingerprint(ours) == b_ours and fingerprint(theirs) == b_theirs
+        assert fingerprint(unlocked) == b_unlocked
         await asyncio.to_thread(guest_writes, workdir / "o.sock", 4 * MiB)
         await c.disconnect()
         await q.disconnect()
