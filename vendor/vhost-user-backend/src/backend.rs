@@ -697,6 +697,15 @@ pub mod tests {
             self.events
         }
 
+        /// Replaces the exit events that `exit_event()` hands out clones of;
+        /// returns the previous ones.
+        pub fn replace_exit_events(
+            &mut self,
+            fds: Vec<(EventConsumer, EventNotifier)>,
+        ) -> Vec<(EventConsumer, EventNotifier)> {
+            std::mem::replace(&mut self.exit_event_fds, fds)
+        }
+
         pub fn stop_calls(&self) -> usize {
             self.stop_calls
         }

@@ -7,7 +7,6 @@ use std::collections::HashSet;
 use std::fmt::{Display, Formatter};
 use std::io::{self, ErrorKind, Result};
 use std::marker::PhantomData;
-use std::os::fd::IntoRawFd;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::Mutex;
 
@@ -88,6 +87,11 @@ pub struct VringEpollHandler<T: VhostUserBackend> {
     vrings: Vec<T::Vring>,
     thread_id: usize,
     exit_event_fd: Option<EventNotifier>,
+    // The consumer end of the backend's exit event, registered with `epoll`.
+    // Owned here so that it is closed when the handler is dropped: a daemon
+    // that builds a new `VhostUserDaemon` per connection would otherwise leak
+    // one descriptor per worker thread and connection.
+    _exit_event_consumer: Option<EventConsumer>,
     vring_enabled_event_fd: (EventConsumer, EventNotifier),
     vrings_with_pending_events: Mutex<HashSet<u16>>,
     phantom: PhantomData<T::Bitmap>,
@@ -114,20 +118,19 @@ where
     ) -> VringEpollResult<Self> {
         let epoll = Epoll::new().map_err(VringEpollError::EpollCreateFd)?;
         let num_backend_queues = backend.num_queues();
-        let exit_event_fd = backend.exit_event(thread_id);
-
-        let exit_event_fd = if let Some((consumer, notifier)) = exit_event_fd {
-            let id = num_backend_queues;
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    consumer.into_raw_fd(),
-                    EpollEvent::new(EventSet::IN, id as u64),
-                )
-                .map_err(VringEpollError::RegisterExitEvent)?;
-            Some(notifier)
-        } else {
-            None
+        let (exit_event_consumer, exit_event_fd) = match backend.exit_event(thread_id) {
+            Some((consumer, notifier)) => {
+                let id = num_backend_queues;
+                epoll
+                    .ctl(
+                        ControlOperation::Add,
+                        consumer.as_raw_fd(),
+                        EpollEvent::new(EventSet::IN, id as u64),
+                    )
+                    .map_err(VringEpollError::RegisterExitEvent)?;
+                (Some(consumer), Some(notifier))
+            }
+            None => (None, None),
         };
 
         let vring_enabled_event_fd =
@@ -149,6 +152,7 @@ where
             vrings,
             thread_id,
             exit_event_fd,
+            _exit_event_consumer: exit_event_consumer,
             vring_enabled_event_fd,
             vrings_with_pending_events: Mutex::new(HashSet::new()),
             phantom: PhantomData,
@@ -349,6 +353,44 @@ mod tests {
         result
             .expect("registering a vring must not wait for the backend lock")
             .unwrap();
+    }
+
+    #[test]
+    fn test_exit_event_consumer_closed_with_handler() {
+        use std::os::fd::FromRawFd;
+
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0x100000), 0x10000)]).unwrap(),
+        );
+        let vring = VringRwLock::new(mem, 0x1000).unwrap();
+        let backend = Arc::new(Mutex::new(MockVhostBackend::new()));
+
+        // An exit event made of a pipe: once every read end is closed, a write
+        // fails with EPIPE, which shows whether the handler closed its copy.
+        let mut fds = [0; 2];
+        // SAFETY: pipe() only writes two descriptors into the array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: both descriptors were just created and have no other owner.
+        let (consumer, notifier) = unsafe {
+            (
+                EventConsumer::from_raw_fd(fds[0]),
+                EventNotifier::from_raw_fd(fds[1]),
+            )
+        };
+        let writer = notifier.try_clone().unwrap();
+        backend
+            .lock()
+            .unwrap()
+            .replace_exit_events(vec![(consumer, notifier)]);
+
+        let handler = VringEpollHandler::new(backend.clone(), vec![vring], 0).unwrap();
+        // Only the handler's copy of the read end remains.
+        backend.lock().unwrap().replace_exit_events(vec![]);
+        writer.notify().unwrap();
+
+        drop(handler);
+        let err = writer.notify().unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EPIPE));
     }
 
     #[test]
