@@ -344,21 +344,29 @@ fn export_add_and_del_leak_no_descriptors_threads_or_memory() {
     let sock = d.dir.path().join("e1.sock");
     let n = cycles(200);
     let mut base = None;
-    for cycle in 0..n {
-        let r = qmp.execute(
+    let add = |qmp: &mut Qmp, id: &str, path: &Path| {
+        qmp.execute(
             "block-export-add",
             serde_json::json!({
-                "type": "vhost-user-blk", "id": "e1", "node-name": "n1",
-                "addr": {"type": "unix", "path": sock}, "writable": true,
+                "type": "vhost-user-blk", "id": id, "node-name": "n1",
+                "addr": {"type": "unix", "path": path}, "writable": true,
                 "num-queues": QUEUES,
             }),
-        );
+        )
+    };
+    for cycle in 0..n {
+        // Refused adds: a socket that cannot be bound, an id in use.
+        let r = add(&mut qmp, "bad", &d.dir.path().join("no/such/dir.sock"));
+        assert!(r.get("error").is_some(), "cycle {cycle}: {r}");
+        let r = add(&mut qmp, "e1", &sock);
         assert!(
             r.get("return").is_some(),
             "cycle {cycle}: block-export-add: {r}; fds by kind: {:?}; daemon log:\n{}",
             fd_kinds(pid),
             log_tail(&d)
         );
+        let r = add(&mut qmp, "e1", &d.dir.path().join("e2.sock"));
+        assert!(r.get("error").is_some(), "cycle {cycle}: {r}");
         // Every few cycles a VM uses the export: once gone before the
         // delete, once removed by a hard delete while connected.
         let vm = match cycle % 4 {
