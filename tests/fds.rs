@@ -437,3 +437,45 @@ fn open_files_soft_limit_is_raised_to_the_hard_limit() {
         ("2048".to_string(), "2048".to_string())
     );
 }
+
+/// An export that cannot set up a connection (here: too few descriptors for
+/// 16 iothreads) says why in the log, once, not ten times a second.
+#[test]
+fn connection_set_up_failures_are_logged_once_with_their_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start_bin(
+        "prlimit",
+        dir,
+        &[
+            "--nofile=64",
+            daemon_bin(),
+            "--blockdev",
+            "driver=null-co,node-name=n0,size=64M",
+            "--export",
+            "vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path={sock},num-queues=16",
+        ],
+        &[],
+    );
+    let failures = |d: &Daemon| {
+        d.log()
+            .lines()
+            .filter(|l| l.contains("cannot set up the connection"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while failures(&d).is_empty() {
+        assert!(Instant::now() < deadline, "no failure logged:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The server retries every 100 ms; give it a few tries.
+    std::thread::sleep(Duration::from_secs(1));
+    let f = failures(&d);
+    assert!(
+        f[0].contains("Too many open files"),
+        "the cause is logged: {}",
+        f[0]
+    );
+    assert_eq!(f.len(), 1, "logged once: {f:#?}");
+    assert!(d.alive());
+}
