@@ -560,6 +560,32 @@ fn write_pidfile(path: &Path) -> Result<(), DaemonError> {
     Ok(())
 }
 
+/// Raises the soft limit on open files to the hard limit, as QEMU does
+/// ("qemu_init: increase NOFILE soft limit on POSIX"): an export holds about
+/// ten descriptors per iothread, so the usual soft limit of 1024 would refuse
+/// the sixth connected 16-queue export. Nothing here uses select(). A
+/// failure only costs headroom, so it is logged and ignored.
+fn raise_open_files_limit() {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the rlimit we pass, a live local.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } != 0 || l.rlim_cur >= l.rlim_max {
+        return;
+    }
+    let soft = l.rlim_cur;
+    l.rlim_cur = l.rlim_max;
+    // SAFETY: setrlimit only reads the rlimit we pass.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &l) } != 0 {
+        log::warn!(
+            "cannot raise the open-files limit from {soft} to {}: {}",
+            l.rlim_max,
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Runs the daemon until SIGTERM, SIGINT or QMP `quit`, then shuts down
 /// cleanly.
 pub fn run(config: Config) -> Result<(), DaemonError> {
@@ -570,6 +596,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     // timers would not survive a fork). Start-up errors after the fork are
     // printed by the child, whose exit tells the waiting parent.
     let signals = TerminationSignals::block().map_err(DaemonError::Signals)?;
+    raise_open_files_limit();
     let mut ready_pipe = if config.daemonize {
         Some(daemonize()?)
     } else {

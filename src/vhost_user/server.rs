@@ -165,14 +165,26 @@ impl Server {
 
     /// Serves frontends one after another, until stopped.
     pub fn run(mut self) {
+        // The last failure logged: one that repeats (out of descriptors,
+        // say) is logged once, not at every retry.
+        let mut last_error = None;
         while !self.control.is_stopping() {
-            if let Err(e) = self.serve_one() {
-                if self.control.is_stopping() {
-                    break;
+            match self.serve_one() {
+                Ok(()) => last_error = None,
+                Err(e) => {
+                    if self.control.is_stopping() {
+                        break;
+                    }
+                    let msg = error_chain(&e);
+                    if last_error.as_ref() != Some(&msg) {
+                        log::error!("{msg}");
+                        last_error = Some(msg);
+                    } else {
+                        log::debug!("{msg}");
+                    }
+                    // Do not spin if accept itself keeps failing.
+                    std::thread::sleep(std::time::Duration::from_millis(100));
                 }
-                log::error!("{e}");
-                // Do not spin if accept itself keeps failing.
-                std::thread::sleep(std::time::Duration::from_millis(100));
             }
         }
         log::info!("export {}: stopped", self.export.config.id);
@@ -252,6 +264,19 @@ impl Server {
         }
         Ok(())
     }
+}
+
+/// An error with its causes ("cannot set up the connection: Too many open
+/// files").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
 }
 
 /// A frontend that closed its socket (VM shut down, QEMU killed) is the
