@@ -1032,3 +1032,7 @@ mod tests {
         assert_eq!(b, [1, 2]);
     }
 }
+
+#[cfg(test)]
+#[path = "meta_tests.rs"]
+mod meta_tests;
