@@ -575,12 +575,18 @@ impl Meta {
         avoid: (u64, u64),
     ) -> Result<u64, BlockError> {
         let old = self.refcount(f, c).await?;
-        let new = old.checked_add_signed(delta).ok_or_else(|| {
-            self.corrupt_err(format!(
-                "refcount of cluster {c} would go from {old} by {delta}"
-            ))
-        })?;
-        if new > self.g.max_refcount() {
+        // Below zero is corruption; past the maximum (of the width, or of
+        // a u64 with 64-bit refcounts) a limit of the format.
+        let new = match old.checked_add_signed(delta) {
+            Some(n) => Some(n),
+            None if delta < 0 => {
+                return Err(self.corrupt_err(format!(
+                    "refcount of cluster {c} would go from {old} by {delta}"
+                )))
+            }
+            None => None,
+        };
+        let Some(new) = new.filter(|&n| n <= self.g.max_refcount()) else {
             return Err(BlockError::Unsupported {
                 node: self.node.clone(),
                 reason: format!(
@@ -589,7 +595,7 @@ impl Meta {
                     1 << self.g.refcount_order
                 ),
             });
-        }
+        };
         self.put_refcount(f, c, new, avoid).await?;
         if new == 0 {
             self.free_hint = self.free_hint.min(c);
