@@ -620,19 +620,33 @@ impl Meta {
         }
         let first = bi << self.g.rb_bits;
         let last = first + self.g.rb_entries();
-        let r = (first..last)
-            .find(|c| !(avoid.0..avoid.1).contains(c))
-            .ok_or_else(|| self.corrupt_err("no room for a refcount block"))?;
+        let own = (first..last).find(|c| !(avoid.0..avoid.1).contains(c));
+        // A run being counted that covers the whole block (a large L1
+        // table, say): the block goes past the run and everything in use,
+        // and is counted where that cluster's block says.
+        let r = own.unwrap_or_else(|| self.end_cluster.max(avoid.1));
         let off = r << self.g.cluster_bits;
         self.make_room_rb(f).await?;
         let mut bytes = vec![0u8; self.g.cs as usize];
-        set_refcount(&mut bytes, self.g.refcount_order, r - first, 1);
+        if own.is_some() {
+            set_refcount(&mut bytes, self.g.refcount_order, r - first, 1);
+        }
         self.rb.insert(off, bytes, true);
         self.reftable[bi as usize] = off;
         self.reftable_dirty
             .insert(((bi * 8) >> self.g.cluster_bits) as usize);
         self.rb_set.insert(r);
         self.end_cluster = self.end_cluster.max(r + 1);
+        if own.is_none() {
+            // The run and this block are avoided by blocks created for it.
+            let fut: futures::future::LocalBoxFuture<'_, _> =
+                Box::pin(self.update_refcount(f, r, 1, (avoid.0, r + 1)));
+            if fut.await? != 1 {
+                return Err(self.corrupt_err(format!(
+                    "cluster {r}, past the end of the image, is already counted"
+                )));
+            }
+        }
         Ok(off)
     }
 
