@@ -625,6 +625,11 @@ impl Meta {
         // table, say): the block goes past the run and everything in use,
         // and is counted where that cluster's block says.
         let r = own.unwrap_or_else(|| self.end_cluster.max(avoid.1));
+        if own.is_none() && self.refcount(f, r).await? != 0 {
+            return Err(self.corrupt_err(format!(
+                "cluster {r}, past the end of the image, is already counted"
+            )));
+        }
         let off = r << self.g.cluster_bits;
         self.make_room_rb(f).await?;
         let mut bytes = vec![0u8; self.g.cs as usize];
@@ -641,11 +646,7 @@ impl Meta {
             // The run and this block are avoided by blocks created for it.
             let fut: futures::future::LocalBoxFuture<'_, _> =
                 Box::pin(self.update_refcount(f, r, 1, (avoid.0, r + 1)));
-            if fut.await? != 1 {
-                return Err(self.corrupt_err(format!(
-                    "cluster {r}, past the end of the image, is already counted"
-                )));
-            }
+            fut.await?;
         }
         Ok(off)
     }

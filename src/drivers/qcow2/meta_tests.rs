@@ -998,3 +998,26 @@ fn grow_l1_by_more_than_a_refcount_block() {
         assert_clean(&t.path);
     }
 }
+
+#[test]
+fn a_refcount_block_placed_past_a_run_is_not_put_on_a_counted_cluster() {
+    // A hostile image counts cluster 604 (past the end of the file) in a
+    // refcount block at cluster 2000. A run of 600 from cluster 4 covers
+    // block 1 whole; its refcount block would go at 604, which is in use
+    // as far as the refcounts say: refused, and nothing points there.
+    let mut t = image(1 << 20, 16, 16, 16);
+    assert_eq!(t.m.end_cluster, 4);
+    let mut counts = vec![0u64; 256];
+    counts[(604 - 512) as usize] = 1;
+    let block = encode_refblock(&t.m.g, &counts);
+    block_on(write_buf(&t.f, 2000 * CS, &block)).unwrap();
+    t.m.reftable[2] = 2000 * CS;
+    let e = block_on(t.m.alloc(&t.f, 600)).expect_err("refblock on a counted cluster");
+    assert!(
+        matches!(e, BlockError::Corrupt { .. }) && e.to_string().contains("cluster 604"),
+        "{e}"
+    );
+    assert_eq!(t.m.reftable[1], 0);
+    assert!(!t.m.rb_set.contains(&604));
+    assert_eq!(t.rc(604), 1);
+}
