@@ -92,18 +92,19 @@ fn image(size: u64, refcount_bits: u32, l2_tables: u64, rb_tables: u64) -> Img {
 }
 
 fn image_cs(size: u64, cs: u64, refcount_bits: u32, l2_tables: u64, rb_tables: u64) -> Img {
+    let o = CreateOptions {
+        size,
+        cluster_size: cs,
+        refcount_bits,
+        ..CreateOptions::default()
+    };
+    image_opts(&o, l2_tables, rb_tables)
+}
+
+fn image_opts(o: &CreateOptions, l2_tables: u64, rb_tables: u64) -> Img {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("t.qcow2").to_str().unwrap().to_string();
-    build::create(
-        &path,
-        &CreateOptions {
-            size,
-            cluster_size: cs,
-            refcount_bits,
-            ..CreateOptions::default()
-        },
-    )
-    .expect("create image");
+    build::create(&path, o).expect("create image");
     let f = file_node(&path);
     let m = open_meta(&f, l2_tables, rb_tables);
     Img {
@@ -1020,4 +1021,53 @@ fn a_refcount_block_placed_past_a_run_is_not_put_on_a_counted_cluster() {
     assert_eq!(t.m.reftable[1], 0);
     assert!(!t.m.rb_set.contains(&604));
     assert_eq!(t.rc(604), 1);
+}
+
+#[test]
+fn extended_l2_entries_keep_their_bitmaps_through_eviction() {
+    // 16 KiB clusters with extended L2 entries: 1024 entries (two words
+    // each) a table; two tables cached, four in use.
+    let mut t = image_opts(
+        &CreateOptions {
+            size: 64 << 20,
+            cluster_size: 16384,
+            extended_l2: true,
+            ..CreateOptions::default()
+        },
+        2,
+        4,
+    );
+    let g = t.m.g;
+    assert!(g.extended);
+    assert_eq!(g.words_per_entry(), 2);
+    let per = g.l2_entries();
+    assert_eq!(per, 1024);
+    let mut want = Vec::new();
+    for k in 0..4u64 {
+        let gc = k * per + 2 * k + 1;
+        let l2 = block_on(t.m.l2_for_write(&t.f, gc)).unwrap();
+        let d = t.alloc(1);
+        block_on(write_buf(&t.f, d * g.cs, &vec![7u8; g.cs as usize])).unwrap();
+        // Subclusters 0..=k allocated, subcluster 20 + k reads as zeroes.
+        let bitmap = ((1u64 << (k + 1)) - 1) | (1 << (32 + 20 + k));
+        t.m.set_entry(l2, gc, (d * g.cs) | COPIED, bitmap);
+        want.push((gc, (d * g.cs) | COPIED, bitmap));
+    }
+    // Evicted and on disk: entry word, then bitmap.
+    let (gc, e, b) = want[0];
+    let l2 = t.m.l1[0] & OFFSET_MASK;
+    let words = decode_be64(&read_buf_sync(&t.f, l2, g.cs));
+    let i = (gc & (per - 1)) as usize * 2;
+    assert_eq!((words[i], words[i + 1]), (e, b));
+    for &(gc, e, b) in &want {
+        let (ge, gb, _) = block_on(t.m.entry(&t.f, gc)).unwrap();
+        assert_eq!((ge, gb), (e, b), "guest cluster {gc}");
+        assert_eq!(sc_state(&g, ge, gb, 0).unwrap(), Sc::Data(e & OFFSET_MASK));
+        assert_eq!(sc_state(&g, ge, gb, 20 + (gc / per)).unwrap(), Sc::Zero);
+        assert_eq!(sc_state(&g, ge, gb, 31).unwrap(), Sc::Unallocated);
+        // The neighbours are untouched.
+        assert_eq!(t.entry(gc + 1), 0);
+    }
+    t.flush_all();
+    assert_clean(&t.path);
 }
