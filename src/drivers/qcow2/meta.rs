@@ -575,12 +575,18 @@ impl Meta {
         avoid: (u64, u64),
     ) -> Result<u64, BlockError> {
         let old = self.refcount(f, c).await?;
-        let new = old.checked_add_signed(delta).ok_or_else(|| {
-            self.corrupt_err(format!(
-                "refcount of cluster {c} would go from {old} by {delta}"
-            ))
-        })?;
-        if new > self.g.max_refcount() {
+        // Below zero is corruption; past the maximum (of the width, or of
+        // a u64 with 64-bit refcounts) a limit of the format.
+        let new = match old.checked_add_signed(delta) {
+            Some(n) => Some(n),
+            None if delta < 0 => {
+                return Err(self.corrupt_err(format!(
+                    "refcount of cluster {c} would go from {old} by {delta}"
+                )))
+            }
+            None => None,
+        };
+        let Some(new) = new.filter(|&n| n <= self.g.max_refcount()) else {
             return Err(BlockError::Unsupported {
                 node: self.node.clone(),
                 reason: format!(
@@ -589,7 +595,7 @@ impl Meta {
                     1 << self.g.refcount_order
                 ),
             });
-        }
+        };
         self.put_refcount(f, c, new, avoid).await?;
         if new == 0 {
             self.free_hint = self.free_hint.min(c);
@@ -614,19 +620,34 @@ impl Meta {
         }
         let first = bi << self.g.rb_bits;
         let last = first + self.g.rb_entries();
-        let r = (first..last)
-            .find(|c| !(avoid.0..avoid.1).contains(c))
-            .ok_or_else(|| self.corrupt_err("no room for a refcount block"))?;
+        let own = (first..last).find(|c| !(avoid.0..avoid.1).contains(c));
+        // A run being counted that covers the whole block (a large L1
+        // table, say): the block goes past the run and everything in use,
+        // and is counted where that cluster's block says.
+        let r = own.unwrap_or_else(|| self.end_cluster.max(avoid.1));
+        if own.is_none() && self.refcount(f, r).await? != 0 {
+            return Err(self.corrupt_err(format!(
+                "cluster {r}, past the end of the image, is already counted"
+            )));
+        }
         let off = r << self.g.cluster_bits;
         self.make_room_rb(f).await?;
         let mut bytes = vec![0u8; self.g.cs as usize];
-        set_refcount(&mut bytes, self.g.refcount_order, r - first, 1);
+        if own.is_some() {
+            set_refcount(&mut bytes, self.g.refcount_order, r - first, 1);
+        }
         self.rb.insert(off, bytes, true);
         self.reftable[bi as usize] = off;
         self.reftable_dirty
             .insert(((bi * 8) >> self.g.cluster_bits) as usize);
         self.rb_set.insert(r);
         self.end_cluster = self.end_cluster.max(r + 1);
+        if own.is_none() {
+            // The run and this block are avoided by blocks created for it.
+            let fut: futures::future::LocalBoxFuture<'_, _> =
+                Box::pin(self.update_refcount(f, r, 1, (avoid.0, r + 1)));
+            fut.await?;
+        }
         Ok(off)
     }
 
@@ -1032,3 +1053,7 @@ mod tests {
         assert_eq!(b, [1, 2]);
     }
 }
+
+#[cfg(test)]
+#[path = "meta_tests.rs"]
+mod meta_tests;
