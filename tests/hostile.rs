@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::*;
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 const MIB: u64 = 1 << 20;
 
@@ -579,5 +579,115 @@ fn random_chains_always_come_back_and_the_daemon_keeps_serving() {
             assert_serving(&mut vm);
         }
     }
+    assert_serving(&mut vm);
+}
+
+/// A daemon with a QMP monitor at `{dir}/qmp.sock`.
+fn daemon_with_qmp() -> Daemon {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::File::create(dir.path().join("disk.img"))
+        .unwrap()
+        .set_len(16 * MIB)
+        .unwrap();
+    Daemon::start_in(
+        dir,
+        &[
+            "--blockdev",
+            "driver=file,node-name=f0,filename={dir}/disk.img",
+            "--blockdev",
+            "driver=raw,node-name=d0,file=f0",
+            "--export",
+            "vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={sock},writable=on",
+            "--chardev",
+            "socket,id=m,path={dir}/qmp.sock,server=on,wait=off",
+            "--monitor",
+            "chardev=m",
+        ],
+    )
+}
+
+/// Publishes `n` writes on queue 0 and kicks, without waiting for them.
+fn submit_writes(vm: &mut Vm, n: u64) {
+    let data = pattern(7, 4096);
+    for i in 0..n {
+        let h = vm.write_header(T_OUT, 8 * i);
+        let d = vm.alloc(4096);
+        vm.mem.write_slice(&data, d).unwrap();
+        let s = vm.status_buf();
+        vm.queues[0].add_chain(&vm.mem, &[Desc::r(h, 16), Desc::r(d, 4096), Desc::w(s, 1)]);
+    }
+    vm.queues[0].kick();
+}
+
+/// Issue 15 (4): a frontend broke the protocol (a refused SET_CONFIG, its
+/// only memory region removed), published requests and went away. Requests
+/// popped after the connection ended were never returned nor cancelled and
+/// stayed counted as in flight (4 tries in 10), so every later drain
+/// (block_resize, shutdown) waited its full 30 s timeout.
+#[test]
+fn requests_of_a_dead_connection_never_stay_in_flight() {
+    let d = daemon_with_qmp();
+    let mut qmp = Qmp::connect(&d.dir.path().join("qmp.sock"));
+    let in_flight = |qmp: &mut Qmp| {
+        let r = qmp.execute("query-blockstats", serde_json::json!({}));
+        r["return"][0]["stats"]["x-in-flight"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{r}"))
+    };
+    let tries = 45;
+    for i in 0..tries {
+        let mut vm = Vm::connect(&d.socket, VmOptions::default());
+        let region = vhost::VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: MEM_SIZE,
+            userspace_addr: vm.mem.get_host_address(GuestAddress(0)).unwrap() as u64,
+            mmap_offset: 0,
+            mmap_handle: vm.memfd_raw(),
+        };
+        match i % 3 {
+            // Refused: the daemon ends the connection while the kicks are
+            // still registered.
+            0 => {
+                let _ = vm.frontend.set_config(
+                    0,
+                    vhost::vhost_user::message::VhostUserConfigFlags::WRITABLE,
+                    &[0xff; 8],
+                );
+                submit_writes(&mut vm, 16);
+            }
+            // The only region removed, then requests published.
+            1 => {
+                let _ = vm.frontend.remove_mem_region(&region);
+                submit_writes(&mut vm, 16);
+            }
+            // Requests published, then their memory removed under them.
+            _ => {
+                submit_writes(&mut vm, 16);
+                let _ = vm.frontend.remove_mem_region(&region);
+            }
+        }
+        drop(vm);
+    }
+    // One frontend at a time: this one is served only once the server has
+    // finished with every earlier connection.
+    let mut vm = Vm::connect(&d.socket, VmOptions::default());
+    assert_serving(&mut vm);
+    assert_eq!(
+        in_flight(&mut qmp),
+        0,
+        "requests of {tries} dead connections still counted in flight"
+    );
+    // And a drain does not wait for them (it would for its 30 s timeout).
+    let t = std::time::Instant::now();
+    let r = qmp.execute(
+        "block_resize",
+        serde_json::json!({"node-name": "d0", "size": 32 * MIB}),
+    );
+    assert!(r.get("return").is_some(), "{r}");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "block_resize took {:?}",
+        t.elapsed()
+    );
     assert_serving(&mut vm);
 }

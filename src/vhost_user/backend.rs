@@ -293,6 +293,8 @@ pub struct VhostUserBlk {
     /// One timerfd per iothread, for I/O limits; taken on its first event.
     timers: Vec<Mutex<Option<TimerFd>>>,
     backend_req: Mutex<Option<Backend>>,
+    /// The frontend is gone (or broke the protocol): nothing more is popped.
+    closed: AtomicBool,
 }
 
 impl VhostUserBlk {
@@ -335,7 +337,21 @@ impl VhostUserBlk {
             wakers,
             timers,
             backend_req: Mutex::new(None),
+            closed: AtomicBool::new(false),
         })
+    }
+
+    /// The connection ended: the iothreads pop no more requests (the kick
+    /// eventfds stay registered until the daemon object is dropped).
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        for w in &self.wakers {
+            let _ = w.write(1);
+        }
+    }
+
+    pub(super) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
 
     /// The event id of the iothreads' wake-up eventfd.

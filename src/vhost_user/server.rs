@@ -240,9 +240,12 @@ impl Server {
             .connection
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = None;
-        // The frontend is gone (or broke the protocol). Requests it popped
-        // may still be running: let them finish before the worker threads and
-        // their rings go away with the daemon.
+        // The frontend is gone (or broke the protocol). Its kicks stay
+        // registered until the daemon is dropped, so stop popping first.
+        // Requests it popped may still be running: let them finish before
+        // the worker threads and their rings go away with the daemon; what a
+        // worker popped after this drain is cancelled when the worker ends.
+        backend.close();
         backend.drain_all();
         drop(daemon);
         match result {

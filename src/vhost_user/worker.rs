@@ -67,6 +67,11 @@ impl HeadSet {
         let (w, b) = (usize::from(head) / 64, head % 64);
         self.bits[w] &= !(1 << b);
     }
+
+    /// How many heads are in flight.
+    fn count(&self) -> usize {
+        self.bits.iter().map(|w| w.count_ones() as usize).sum()
+    }
 }
 
 /// Adaptive polling. After a batch the iothread polls its rings and its
@@ -222,6 +227,29 @@ thread_local! {
     static WORKER: RefCell<Option<Worker>> = const { RefCell::new(None) };
 }
 
+/// The worker thread ends (its connection is being dropped): requests it
+/// popped and never returned are cancelled. Their futures are dropped, the
+/// kernel finishes the I/O they submitted, and only then do they stop
+/// counting as in flight, so that a drain never waits for a connection that
+/// is gone and never runs while the kernel still works for it.
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.tasks = Executor::new();
+        let _ = PARKED.try_with(|p| p.borrow_mut().clear());
+        self.io.wait_idle();
+        let cancelled: usize = self.heads.iter().map(HeadSet::count).sum();
+        if cancelled > 0 {
+            log::debug!(
+                "export {}: {cancelled} requests of a closed connection cancelled",
+                self.export.config.id
+            );
+        }
+        for _ in 0..cancelled {
+            self.export.in_flight().dec();
+        }
+    }
+}
+
 impl Worker {
     fn new(blk: &VhostUserBlk, thread_id: usize) -> Worker {
         let io = match blk.take_ring(thread_id) {
@@ -265,7 +293,7 @@ impl Worker {
         let Some(&queue) = self.queues.get(local) else {
             return false;
         };
-        if blk.export.is_quiesced() {
+        if blk.export.is_quiesced() || blk.is_closed() {
             return false;
         }
         if blk.memory().is_none() {
@@ -314,7 +342,7 @@ impl Worker {
     /// Whether queue `local` has chains the guest published that we have
     /// not popped.
     fn has_published(&self, blk: &VhostUserBlk, vring: &Vring) -> bool {
-        if blk.export.is_quiesced() {
+        if blk.export.is_quiesced() || blk.is_closed() {
             return false;
         }
         let Some(mem) = blk.memory() else {
