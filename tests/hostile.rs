@@ -584,6 +584,11 @@ fn random_chains_always_come_back_and_the_daemon_keeps_serving() {
 
 /// A daemon with a QMP monitor at `{dir}/qmp.sock`.
 fn daemon_with_qmp() -> Daemon {
+    daemon_with_qmp_opts("")
+}
+
+/// Like `daemon_with_qmp`, with `opts` appended to the export's options.
+fn daemon_with_qmp_opts(opts: &str) -> Daemon {
     let dir = tempfile::tempdir().unwrap();
     std::fs::File::create(dir.path().join("disk.img"))
         .unwrap()
@@ -597,7 +602,9 @@ fn daemon_with_qmp() -> Daemon {
             "--blockdev",
             "driver=raw,node-name=d0,file=f0",
             "--export",
-            "vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={sock},writable=on",
+            &format!(
+                "vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={{sock}},writable=on{opts}"
+            ),
             "--chardev",
             "socket,id=m,path={dir}/qmp.sock,server=on,wait=off",
             "--monitor",
@@ -689,5 +696,235 @@ fn requests_of_a_dead_connection_never_stay_in_flight() {
         "block_resize took {:?}",
         t.elapsed()
     );
+    assert_serving(&mut vm);
+}
+
+/// Where the truncation tests cut the guest's memfd: the rings (at 1 MiB)
+/// and the data area (from 16 MiB) stay, `FAR` is gone.
+const KEEP: u64 = 32 * MIB;
+const FAR: u64 = 48 * MIB;
+
+/// Publishes `descs` on queue 0, truncates the guest's memfd to `KEEP`
+/// (after the chain is written: our own accesses beyond it would fault
+/// too), kicks, and returns what came back on the used ring.
+fn publish_then_truncate(d: &mut Daemon, vm: &mut Vm, descs: &[Desc]) -> Vec<queue::Used> {
+    let head = vm.queues[0].add_chain(&vm.mem, descs);
+    // SAFETY: ftruncate on the test VM's memfd; the test touches nothing
+    // beyond KEEP afterwards.
+    assert_eq!(unsafe { libc::ftruncate(vm.memfd_raw(), KEEP as i64) }, 0);
+    vm.queues[0].kick();
+    let used = vm.queues[0].wait_used(&vm.mem, 1, Duration::from_secs(5));
+    assert_alive(d);
+    for u in &used {
+        assert_eq!(u.id, u32::from(head));
+    }
+    used
+}
+
+/// The daemon process still runs (it used to die of SIGBUS).
+fn assert_alive(d: &mut Daemon) {
+    let status = d.child.as_mut().expect("daemon").try_wait().unwrap();
+    assert!(status.is_none(), "daemon died: {status:?}\n{}", d.log());
+}
+
+/// The daemon ended the connection whose memory vanished, and serves the
+/// next one.
+fn assert_survived(d: &mut Daemon, vm: Vm) {
+    drop(vm);
+    let mut vm = Vm::connect(&d.socket, VmOptions::default());
+    assert_serving(&mut vm);
+    assert_alive(d);
+    assert!(
+        d.log().contains("memory vanished"),
+        "the connection was not ended:\n{}",
+        d.log()
+    );
+}
+
+/// Issue 15 (5): a request header beyond the end of the (truncated) memfd
+/// was read with SIGBUS, killing the daemon. Now the request fails and that
+/// connection ends.
+#[test]
+fn header_in_truncated_guest_memory_does_not_kill_the_daemon() {
+    let (mut d, mut vm) = setup();
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&T_IN.to_le_bytes());
+    vm.mem.write_slice(&h, GuestAddress(FAR)).unwrap();
+    let data = vm.alloc(512);
+    let s = vm.status_buf();
+    let descs = [
+        Desc::r(GuestAddress(FAR), 16),
+        Desc::w(data, 512),
+        Desc::w(s, 1),
+    ];
+    let used = publish_then_truncate(&mut d, &mut vm, &descs);
+    assert_eq!(used.len(), 1, "the request came back");
+    assert_eq!(vm.status_at(s), S_IOERR);
+    assert_survived(&mut d, vm);
+}
+
+/// Issue 15 (5): the status byte beyond the end of the memfd.
+#[test]
+fn status_in_truncated_guest_memory_does_not_kill_the_daemon() {
+    let (mut d, mut vm) = setup();
+    let h = vm.write_header(T_IN, 0);
+    let data = vm.alloc(512);
+    let descs = [
+        Desc::r(h, 16),
+        Desc::w(data, 512),
+        Desc::w(GuestAddress(FAR), 1),
+    ];
+    publish_then_truncate(&mut d, &mut vm, &descs);
+    assert_survived(&mut d, vm);
+}
+
+/// Issue 15 (5): the GET_ID buffer beyond the end of the memfd. The request
+/// gets IOERR (its status byte is still there), not success for an id
+/// written into nothing.
+#[test]
+fn get_id_buffer_in_truncated_guest_memory_does_not_kill_the_daemon() {
+    let (mut d, mut vm) = setup();
+    let h = vm.write_header(T_GET_ID, 0);
+    let s = vm.status_buf();
+    let descs = [
+        Desc::r(h, 16),
+        Desc::w(GuestAddress(FAR), 20),
+        Desc::w(s, 1),
+    ];
+    let used = publish_then_truncate(&mut d, &mut vm, &descs);
+    assert_eq!(used.len(), 1, "the request came back");
+    assert_eq!(vm.status_at(s), S_IOERR);
+    assert_survived(&mut d, vm);
+}
+
+/// A vhost-user frontend without the harness's guest memory: it offers a
+/// `region_size` region backed by a memfd of `file_size` bytes, mapped at
+/// a made-up frontend address (the daemon never sees our mapping).
+fn offer_region_beyond_its_file(socket: &std::path::Path, add_mem_reg: bool) -> bool {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
+    use vhost::vhost_user::Frontend;
+    use vhost::{VhostUserMemoryRegionInfo, VringConfigData};
+
+    // SAFETY: memfd_create with a valid name; the fd is owned by the File.
+    let file = unsafe {
+        let fd = libc::memfd_create(c"small".as_ptr(), libc::MFD_CLOEXEC);
+        assert!(fd >= 0);
+        std::fs::File::from_raw_fd(fd)
+    };
+    file.set_len(4096).unwrap();
+    let ua = 0x7f00_0000_0000u64;
+    let mut f = Frontend::connect(socket, 1).expect("connect");
+    f.set_owner().unwrap();
+    let features = f.get_features().unwrap();
+    let pf = f.get_protocol_features().unwrap();
+    f.set_protocol_features(
+        pf & (VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::MQ),
+    )
+    .unwrap();
+    f.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    f.set_features(features & (VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES))
+        .unwrap();
+    let region = VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0,
+        memory_size: 16 * MIB,
+        userspace_addr: ua,
+        mmap_offset: 0,
+        mmap_handle: file.as_raw_fd(),
+    };
+    let accepted = if add_mem_reg {
+        f.add_mem_region(&region).is_ok()
+    } else {
+        f.set_mem_table(&[region]).is_ok()
+    };
+    // Whatever the answer, go on as a frontend that ignores it: rings in
+    // the part of the region the file does not have, and a kick.
+    let kick = eventfd();
+    let call = eventfd();
+    let _ = f.set_vring_num(0, 256);
+    let _ = f.set_vring_addr(
+        0,
+        &VringConfigData {
+            queue_max_size: 256,
+            queue_size: 256,
+            flags: 0,
+            desc_table_addr: ua + MIB,
+            used_ring_addr: ua + MIB + 0x1_0000,
+            avail_ring_addr: ua + MIB + 0x2_0000,
+            log_addr: None,
+        },
+    );
+    let _ = f.set_vring_base(0, 0);
+    let _ = f.set_vring_call(0, &call);
+    let _ = f.set_vring_kick(0, &kick);
+    let _ = f.set_vring_enable(0, true);
+    let _ = kick.write(1);
+    std::thread::sleep(Duration::from_millis(200));
+    accepted
+}
+
+/// Issue 15 (5): a 16 MiB region backed by a 4 KiB file was accepted, and
+/// the first look at a ring beyond the file's end killed the daemon with
+/// SIGBUS. The memory update is refused now (SET_MEM_TABLE and
+/// ADD_MEM_REG), that connection ends, the daemon serves the next one.
+#[test]
+fn region_larger_than_its_file_is_refused() {
+    let (mut d, vm) = setup();
+    drop(vm);
+    for add_mem_reg in [false, true] {
+        let accepted = offer_region_beyond_its_file(&d.socket, add_mem_reg);
+        assert_alive(&mut d);
+        assert!(!accepted, "a region beyond its file was accepted");
+        let mut vm = Vm::connect(&d.socket, VmOptions::default());
+        assert_serving(&mut vm);
+    }
+    assert!(d
+        .log()
+        .contains("needs 16777216 bytes of its file, which has 4096"));
+}
+
+/// The SIGBUS handler only absorbs faults in guest memory: any other SIGBUS
+/// still ends the process with that signal.
+#[test]
+fn a_sigbus_outside_guest_memory_still_kills() {
+    let (mut d, mut vm) = setup();
+    assert_serving(&mut vm);
+    // SAFETY: kill only takes a pid and a signal number.
+    unsafe { libc::kill(d.pid(), libc::SIGBUS) };
+    let mut child = d.child.take().unwrap();
+    let status = wait_timeout(&mut child, Duration::from_secs(10)).expect("daemon exits");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGBUS), "{status:?}");
+}
+
+/// Data buffers beyond the end of the memfd are reached by the kernel
+/// (io_uring), which fails with EFAULT rather than SIGBUS: IOERR, and that
+/// is the guest's fault, not the storage's (no error policy).
+#[test]
+fn data_buffers_in_truncated_guest_memory_get_ioerr() {
+    // With `stop` the export used to stop on EFAULT and park the request.
+    let mut d = daemon_with_qmp_opts(",on-read-error=stop,on-write-error=stop");
+    let mut vm = Vm::connect(&d.socket, VmOptions::default());
+    for t in [T_IN, T_OUT] {
+        let h = vm.write_header(t, 0);
+        let s = vm.status_buf();
+        let data = GuestAddress(FAR);
+        let desc = if t == T_IN {
+            Desc::w(data, 4096)
+        } else {
+            Desc::r(data, 4096)
+        };
+        let used = publish_then_truncate(&mut d, &mut vm, &[Desc::r(h, 16), desc, Desc::w(s, 1)]);
+        assert_eq!(used.len(), 1, "the request came back");
+        assert_eq!(vm.status_at(s), S_IOERR);
+        vm.reset_alloc();
+    }
+    assert_alive(&mut d);
+    // The connection goes on (the kernel's EFAULT poisons nothing).
+    assert!(!d.log().contains("memory vanished"), "{}", d.log());
+    drop(vm);
+    let mut vm = Vm::connect(&d.socket, VmOptions::default());
     assert_serving(&mut vm);
 }

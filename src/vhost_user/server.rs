@@ -231,6 +231,7 @@ impl Server {
             .connection
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = daemon.shutdown_handle();
+        backend.set_shutdown(daemon.shutdown_handle());
         if self.control.is_stopping() {
             daemon.request_shutdown();
         }
@@ -246,6 +247,7 @@ impl Server {
         // the worker threads and their rings go away with the daemon; what a
         // worker popped after this drain is cancelled when the worker ends.
         backend.close();
+        backend.set_shutdown(None);
         backend.drain_all();
         drop(daemon);
         match result {

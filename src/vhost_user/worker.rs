@@ -19,7 +19,7 @@ use std::future::Future;
 use std::num::Wrapping;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -221,6 +221,11 @@ struct Worker {
     /// Global queue index of each of this thread's vrings.
     queues: Vec<u16>,
     heads: Vec<HeadSet>,
+    /// The connection's poison flag (its guest memory vanished under an
+    /// access): requests fail from then on. An Rc so tasks share it without
+    /// an atomic reference count.
+    #[allow(clippy::redundant_allocation)]
+    poisoned: Rc<Arc<AtomicBool>>,
 }
 
 thread_local! {
@@ -283,6 +288,7 @@ impl Worker {
             spare: Vec::with_capacity(256),
             queues,
             heads,
+            poisoned: Rc::new(blk.poison_flag()),
         }
     }
 
@@ -494,11 +500,31 @@ impl Worker {
                 };
                 self.done.borrow_mut().push(Completion { queue, head, len });
             }
+            Parsed::Request(req) if self.poisoned.load(Ordering::Relaxed) => {
+                // Parsed from memory that vanished (read back as zeroes):
+                // not what the guest asked for.
+                let len = u32::from(guest::write_byte(
+                    &req.mem,
+                    req.status,
+                    virtio_blk::Status::IoErr as u8,
+                ));
+                self.done.borrow_mut().push(Completion {
+                    queue,
+                    head: req.head,
+                    len,
+                });
+            }
             Parsed::Request(req) => {
                 let export = self.export.clone();
                 let done = self.done.clone();
+                let poisoned = self.poisoned.clone();
                 let task = async move {
-                    let status = run_request(&req, &export).await;
+                    let mut status = run_request(&req, &export).await;
+                    if poisoned.load(Ordering::Relaxed) {
+                        // Guest memory vanished under the request: its data
+                        // may be zeroes rather than what was asked for.
+                        status = virtio_blk::Status::IoErr;
+                    }
                     let len = if status == virtio_blk::Status::Ok {
                         req.used_len
                     } else {
@@ -662,6 +688,12 @@ async fn run_request(req: &virtio_blk::Request, export: &Arc<ExportState>) -> vi
                 Outcome::Failed { direction, error } => (direction, error),
             };
         let errno = error.errno();
+        if errno == libc::EFAULT {
+            // The kernel could not reach the guest's buffers (memory the
+            // frontend truncated): the guest's fault, not the storage's, so
+            // no error policy and no BLOCK_IO_ERROR.
+            return Status::IoErr;
+        }
         let policy = match direction {
             IoDirection::Read => export.config.on_read_error,
             IoDirection::Write => export.config.on_write_error,
@@ -771,6 +803,9 @@ pub fn handle_event(blk: &VhostUserBlk, device_event: u16, vrings: &[Vring], thr
         worker.flush(blk, vrings);
         worker.poll(blk, vrings);
         worker.arm_timer();
+        if worker.poisoned.load(Ordering::Relaxed) {
+            blk.end_poisoned();
+        }
     });
 }
 
