@@ -633,7 +633,7 @@ fn submit_writes(vm: &mut Vm, n: u64) {
 /// (block_resize, shutdown) waited its full 30 s timeout.
 #[test]
 fn requests_of_a_dead_connection_never_stay_in_flight() {
-    let d = daemon_with_qmp();
+    let mut d = daemon_with_qmp();
     let mut qmp = Qmp::connect(&d.dir.path().join("qmp.sock"));
     let in_flight = |qmp: &mut Qmp| {
         let r = qmp.execute("query-blockstats", serde_json::json!({}));
@@ -697,6 +697,16 @@ fn requests_of_a_dead_connection_never_stay_in_flight() {
         t.elapsed()
     );
     assert_serving(&mut vm);
+    // Nor does the shutdown's drain.
+    drop(vm);
+    let t = std::time::Instant::now();
+    let status = d.terminate();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "shutdown took {:?}",
+        t.elapsed()
+    );
 }
 
 /// Where the truncation tests cut the guest's memfd: the rings (at 1 MiB)
@@ -727,9 +737,53 @@ fn assert_alive(d: &mut Daemon) {
     assert!(status.is_none(), "daemon died: {status:?}\n{}", d.log());
 }
 
-/// The daemon ended the connection whose memory vanished, and serves the
-/// next one.
-fn assert_survived(d: &mut Daemon, vm: Vm) {
+/// A daemon with two exports: `e0` on `d.socket` and `e1` on
+/// `{dir}/other.sock`, and a VM connected to each.
+fn setup_two() -> (Daemon, Vm, Vm) {
+    let dir = tempfile::tempdir().unwrap();
+    for img in ["disk.img", "other.img"] {
+        std::fs::File::create(dir.path().join(img))
+            .unwrap()
+            .set_len(16 * MIB)
+            .unwrap();
+    }
+    let d = Daemon::start_in(
+        dir,
+        &[
+            "--blockdev",
+            "driver=file,node-name=f0,filename={dir}/disk.img",
+            "--blockdev",
+            "driver=raw,node-name=d0,file=f0",
+            "--blockdev",
+            "driver=file,node-name=f1,filename={dir}/other.img",
+            "--blockdev",
+            "driver=raw,node-name=d1,file=f1",
+            "--export",
+            "vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={sock},writable=on",
+            "--export",
+            "vhost-user-blk,id=e1,node-name=d1,addr.type=unix,addr.path={dir}/other.sock,writable=on",
+        ],
+    );
+    let other_sock = d.dir.path().join("other.sock");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !listening(&other_sock) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "second export never listened"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let vm = Vm::connect(&d.socket, VmOptions::default());
+    let mut other = Vm::connect(&other_sock, VmOptions::default());
+    assert_serving(&mut other);
+    (d, vm, other)
+}
+
+/// The daemon ended the connection whose memory vanished, serves the next
+/// one, and the other export's frontend, connected all along, was served
+/// throughout.
+fn assert_survived(d: &mut Daemon, vm: Vm, other: &mut Vm) {
+    assert_serving(other);
     drop(vm);
     let mut vm = Vm::connect(&d.socket, VmOptions::default());
     assert_serving(&mut vm);
@@ -746,7 +800,7 @@ fn assert_survived(d: &mut Daemon, vm: Vm) {
 /// connection ends.
 #[test]
 fn header_in_truncated_guest_memory_does_not_kill_the_daemon() {
-    let (mut d, mut vm) = setup();
+    let (mut d, mut vm, mut other) = setup_two();
     let mut h = [0u8; 16];
     h[0..4].copy_from_slice(&T_IN.to_le_bytes());
     vm.mem.write_slice(&h, GuestAddress(FAR)).unwrap();
@@ -760,13 +814,13 @@ fn header_in_truncated_guest_memory_does_not_kill_the_daemon() {
     let used = publish_then_truncate(&mut d, &mut vm, &descs);
     assert_eq!(used.len(), 1, "the request came back");
     assert_eq!(vm.status_at(s), S_IOERR);
-    assert_survived(&mut d, vm);
+    assert_survived(&mut d, vm, &mut other);
 }
 
 /// Issue 15 (5): the status byte beyond the end of the memfd.
 #[test]
 fn status_in_truncated_guest_memory_does_not_kill_the_daemon() {
-    let (mut d, mut vm) = setup();
+    let (mut d, mut vm, mut other) = setup_two();
     let h = vm.write_header(T_IN, 0);
     let data = vm.alloc(512);
     let descs = [
@@ -775,7 +829,7 @@ fn status_in_truncated_guest_memory_does_not_kill_the_daemon() {
         Desc::w(GuestAddress(FAR), 1),
     ];
     publish_then_truncate(&mut d, &mut vm, &descs);
-    assert_survived(&mut d, vm);
+    assert_survived(&mut d, vm, &mut other);
 }
 
 /// Issue 15 (5): the GET_ID buffer beyond the end of the memfd. The request
@@ -783,7 +837,7 @@ fn status_in_truncated_guest_memory_does_not_kill_the_daemon() {
 /// written into nothing.
 #[test]
 fn get_id_buffer_in_truncated_guest_memory_does_not_kill_the_daemon() {
-    let (mut d, mut vm) = setup();
+    let (mut d, mut vm, mut other) = setup_two();
     let h = vm.write_header(T_GET_ID, 0);
     let s = vm.status_buf();
     let descs = [
@@ -794,7 +848,7 @@ fn get_id_buffer_in_truncated_guest_memory_does_not_kill_the_daemon() {
     let used = publish_then_truncate(&mut d, &mut vm, &descs);
     assert_eq!(used.len(), 1, "the request came back");
     assert_eq!(vm.status_at(s), S_IOERR);
-    assert_survived(&mut d, vm);
+    assert_survived(&mut d, vm, &mut other);
 }
 
 /// A vhost-user frontend without the harness's guest memory: it offers a

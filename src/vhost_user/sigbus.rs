@@ -408,3 +408,77 @@ impl Drop for Mapped {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::FromRawFd;
+    use vm_memory::{FileOffset, GuestAddress};
+
+    fn memfd(len: u64) -> std::fs::File {
+        // SAFETY: memfd_create with a valid name; the File owns the fd.
+        let f = unsafe {
+            let fd = libc::memfd_create(c"sigbus-test".as_ptr(), libc::MFD_CLOEXEC);
+            assert!(fd >= 0);
+            std::fs::File::from_raw_fd(fd)
+        };
+        f.set_len(len).unwrap();
+        f
+    }
+
+    fn map(file: &std::fs::File, len: usize) -> GuestMem {
+        GuestMem::from_ranges_with_files([(
+            GuestAddress(0),
+            len,
+            Some(FileOffset::new(file.try_clone().unwrap(), 0)),
+        )])
+        .unwrap()
+    }
+
+    #[test]
+    fn a_fault_in_truncated_guest_memory_reads_zeroes_and_poisons() {
+        let file = memfd(8192);
+        let mem = map(&file, 8192);
+        let mut mapped = Mapped::new();
+        mapped.add(&mem).unwrap();
+        let flag = mapped.poison_flag();
+        let p = mem.iter().next().unwrap().as_ptr();
+        // SAFETY: both pages are mapped; the first is written while the file
+        // still has it.
+        unsafe { p.write_volatile(7) };
+        file.set_len(4096).unwrap();
+        let before = recovered();
+        // SAFETY: the second page is mapped; its file page is gone, so this
+        // load faults and the handler puts a zero page there.
+        let v = unsafe { p.add(4096).read_volatile() };
+        assert_eq!(v, 0);
+        assert!(flag.load(Ordering::SeqCst));
+        assert!(recovered() > before);
+        // SAFETY: the first page is untouched by the handler.
+        assert_eq!(unsafe { p.read_volatile() }, 7);
+        let addr = p as usize;
+        assert!(lookup(addr).is_some());
+        drop(mem);
+        drop(mapped);
+        assert!(lookup(addr).is_none(), "released with its mapping");
+    }
+
+    #[test]
+    fn a_region_larger_than_its_file_is_refused() {
+        let file = memfd(4096);
+        let mem = map(&file, 16 << 20);
+        let mut mapped = Mapped::new();
+        let e = mapped.add(&mem).unwrap_err();
+        assert!(
+            matches!(e, MapError::BeyondFile { need, have: 4096, .. } if need == 16 << 20),
+            "{e}"
+        );
+        // Registered all the same until the table is dropped (the library
+        // had it in place already); released with it.
+        let addr = mem.iter().next().unwrap().as_ptr() as usize;
+        assert!(lookup(addr).is_some());
+        drop(mem);
+        mapped.sweep();
+        assert!(lookup(addr).is_none());
+    }
+}
