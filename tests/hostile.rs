@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::*;
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 const MIB: u64 = 1 << 20;
 
@@ -579,5 +579,407 @@ fn random_chains_always_come_back_and_the_daemon_keeps_serving() {
             assert_serving(&mut vm);
         }
     }
+    assert_serving(&mut vm);
+}
+
+/// A daemon with a QMP monitor at `{dir}/qmp.sock`.
+fn daemon_with_qmp() -> Daemon {
+    daemon_with_qmp_opts("")
+}
+
+/// Like `daemon_with_qmp`, with `opts` appended to the export's options.
+fn daemon_with_qmp_opts(opts: &str) -> Daemon {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::File::create(dir.path().join("disk.img"))
+        .unwrap()
+        .set_len(16 * MIB)
+        .unwrap();
+    Daemon::start_in(
+        dir,
+        &[
+            "--blockdev",
+            "driver=file,node-name=f0,filename={dir}/disk.img",
+            "--blockdev",
+            "driver=raw,node-name=d0,file=f0",
+            "--export",
+            &format!(
+                "vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={{sock}},writable=on{opts}"
+            ),
+            "--chardev",
+            "socket,id=m,path={dir}/qmp.sock,server=on,wait=off",
+            "--monitor",
+            "chardev=m",
+        ],
+    )
+}
+
+/// Publishes `n` writes on queue 0 and kicks, without waiting for them.
+fn submit_writes(vm: &mut Vm, n: u64) {
+    let data = pattern(7, 4096);
+    for i in 0..n {
+        let h = vm.write_header(T_OUT, 8 * i);
+        let d = vm.alloc(4096);
+        vm.mem.write_slice(&data, d).unwrap();
+        let s = vm.status_buf();
+        vm.queues[0].add_chain(&vm.mem, &[Desc::r(h, 16), Desc::r(d, 4096), Desc::w(s, 1)]);
+    }
+    vm.queues[0].kick();
+}
+
+/// Issue 15 (4): a frontend broke the protocol (a refused SET_CONFIG, its
+/// only memory region removed), published requests and went away. Requests
+/// popped after the connection ended were never returned nor cancelled and
+/// stayed counted as in flight (4 tries in 10), so every later drain
+/// (block_resize, shutdown) waited its full 30 s timeout. 180 tries: before
+/// the fix, 10 runs of 10 left 106 to 276 requests counted.
+#[test]
+fn requests_of_a_dead_connection_never_stay_in_flight() {
+    let mut d = daemon_with_qmp();
+    let mut qmp = Qmp::connect(&d.dir.path().join("qmp.sock"));
+    let in_flight = |qmp: &mut Qmp| {
+        let r = qmp.execute("query-blockstats", serde_json::json!({}));
+        r["return"][0]["stats"]["x-in-flight"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{r}"))
+    };
+    let tries = 180;
+    for i in 0..tries {
+        let mut vm = Vm::connect(&d.socket, VmOptions::default());
+        let region = vhost::VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: MEM_SIZE,
+            userspace_addr: vm.mem.get_host_address(GuestAddress(0)).unwrap() as u64,
+            mmap_offset: 0,
+            mmap_handle: vm.memfd_raw(),
+        };
+        match i % 3 {
+            // Refused: the daemon ends the connection while the kicks are
+            // still registered.
+            0 => {
+                let _ = vm.frontend.set_config(
+                    0,
+                    vhost::vhost_user::message::VhostUserConfigFlags::WRITABLE,
+                    &[0xff; 8],
+                );
+                submit_writes(&mut vm, 16);
+            }
+            // The only region removed, then requests published.
+            1 => {
+                let _ = vm.frontend.remove_mem_region(&region);
+                submit_writes(&mut vm, 16);
+            }
+            // Requests published, then their memory removed under them.
+            _ => {
+                submit_writes(&mut vm, 16);
+                let _ = vm.frontend.remove_mem_region(&region);
+            }
+        }
+        drop(vm);
+    }
+    // One frontend at a time: this one is served only once the server has
+    // finished with every earlier connection.
+    let mut vm = Vm::connect(&d.socket, VmOptions::default());
+    assert_serving(&mut vm);
+    assert_eq!(
+        in_flight(&mut qmp),
+        0,
+        "requests of {tries} dead connections still counted in flight"
+    );
+    // And a drain does not wait for them (it would for its 30 s timeout).
+    let t = std::time::Instant::now();
+    let r = qmp.execute(
+        "block_resize",
+        serde_json::json!({"node-name": "d0", "size": 32 * MIB}),
+    );
+    assert!(r.get("return").is_some(), "{r}");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "block_resize took {:?}",
+        t.elapsed()
+    );
+    assert_serving(&mut vm);
+    // Nor does the shutdown's drain.
+    drop(vm);
+    let t = std::time::Instant::now();
+    let status = d.terminate();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "shutdown took {:?}",
+        t.elapsed()
+    );
+}
+
+/// Where the truncation tests cut the guest's memfd: the rings (at 1 MiB)
+/// and the data area (from 16 MiB) stay, `FAR` is gone.
+const KEEP: u64 = 32 * MIB;
+const FAR: u64 = 48 * MIB;
+
+/// Publishes `descs` on queue 0, truncates the guest's memfd to `KEEP`
+/// (after the chain is written: our own accesses beyond it would fault
+/// too), kicks, and returns what came back on the used ring.
+fn publish_then_truncate(d: &mut Daemon, vm: &mut Vm, descs: &[Desc]) -> Vec<queue::Used> {
+    let head = vm.queues[0].add_chain(&vm.mem, descs);
+    // SAFETY: ftruncate on the test VM's memfd; the test touches nothing
+    // beyond KEEP afterwards.
+    assert_eq!(unsafe { libc::ftruncate(vm.memfd_raw(), KEEP as i64) }, 0);
+    vm.queues[0].kick();
+    let used = vm.queues[0].wait_used(&vm.mem, 1, Duration::from_secs(5));
+    assert_alive(d);
+    for u in &used {
+        assert_eq!(u.id, u32::from(head));
+    }
+    used
+}
+
+/// The daemon process still runs (it used to die of SIGBUS).
+fn assert_alive(d: &mut Daemon) {
+    let status = d.child.as_mut().expect("daemon").try_wait().unwrap();
+    assert!(status.is_none(), "daemon died: {status:?}\n{}", d.log());
+}
+
+/// A daemon with two exports: `e0` on `d.socket` and `e1` on
+/// `{dir}/other.sock`, and a VM connected to each.
+fn setup_two() -> (Daemon, Vm, Vm) {
+    let dir = tempfile::tempdir().unwrap();
+    for img in ["disk.img", "other.img"] {
+        std::fs::File::create(dir.path().join(img))
+            .unwrap()
+            .set_len(16 * MIB)
+            .unwrap();
+    }
+    let d = Daemon::start_in(
+        dir,
+        &[
+            "--blockdev",
+            "driver=file,node-name=f0,filename={dir}/disk.img",
+            "--blockdev",
+            "driver=raw,node-name=d0,file=f0",
+            "--blockdev",
+            "driver=file,node-name=f1,filename={dir}/other.img",
+            "--blockdev",
+            "driver=raw,node-name=d1,file=f1",
+            "--export",
+            "vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={sock},writable=on",
+            "--export",
+            "vhost-user-blk,id=e1,node-name=d1,addr.type=unix,addr.path={dir}/other.sock,writable=on",
+        ],
+    );
+    let other_sock = d.dir.path().join("other.sock");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !listening(&other_sock) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "second export never listened"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let vm = Vm::connect(&d.socket, VmOptions::default());
+    let mut other = Vm::connect(&other_sock, VmOptions::default());
+    assert_serving(&mut other);
+    (d, vm, other)
+}
+
+/// The daemon ended the connection whose memory vanished, serves the next
+/// one, and the other export's frontend, connected all along, was served
+/// throughout.
+fn assert_survived(d: &mut Daemon, vm: Vm, other: &mut Vm) {
+    assert_serving(other);
+    drop(vm);
+    let mut vm = Vm::connect(&d.socket, VmOptions::default());
+    assert_serving(&mut vm);
+    assert_alive(d);
+    assert!(
+        d.log().contains("memory vanished"),
+        "the connection was not ended:\n{}",
+        d.log()
+    );
+}
+
+/// Issue 15 (5): a request header beyond the end of the (truncated) memfd
+/// was read with SIGBUS, killing the daemon. Now the request fails and that
+/// connection ends.
+#[test]
+fn header_in_truncated_guest_memory_does_not_kill_the_daemon() {
+    let (mut d, mut vm, mut other) = setup_two();
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&T_IN.to_le_bytes());
+    vm.mem.write_slice(&h, GuestAddress(FAR)).unwrap();
+    let data = vm.alloc(512);
+    let s = vm.status_buf();
+    let descs = [
+        Desc::r(GuestAddress(FAR), 16),
+        Desc::w(data, 512),
+        Desc::w(s, 1),
+    ];
+    let used = publish_then_truncate(&mut d, &mut vm, &descs);
+    assert_eq!(used.len(), 1, "the request came back");
+    assert_eq!(vm.status_at(s), S_IOERR);
+    assert_survived(&mut d, vm, &mut other);
+}
+
+/// Issue 15 (5): the status byte beyond the end of the memfd.
+#[test]
+fn status_in_truncated_guest_memory_does_not_kill_the_daemon() {
+    let (mut d, mut vm, mut other) = setup_two();
+    let h = vm.write_header(T_IN, 0);
+    let data = vm.alloc(512);
+    let descs = [
+        Desc::r(h, 16),
+        Desc::w(data, 512),
+        Desc::w(GuestAddress(FAR), 1),
+    ];
+    publish_then_truncate(&mut d, &mut vm, &descs);
+    assert_survived(&mut d, vm, &mut other);
+}
+
+/// Issue 15 (5): the GET_ID buffer beyond the end of the memfd. The request
+/// gets IOERR (its status byte is still there), not success for an id
+/// written into nothing.
+#[test]
+fn get_id_buffer_in_truncated_guest_memory_does_not_kill_the_daemon() {
+    let (mut d, mut vm, mut other) = setup_two();
+    let h = vm.write_header(T_GET_ID, 0);
+    let s = vm.status_buf();
+    let descs = [
+        Desc::r(h, 16),
+        Desc::w(GuestAddress(FAR), 20),
+        Desc::w(s, 1),
+    ];
+    let used = publish_then_truncate(&mut d, &mut vm, &descs);
+    assert_eq!(used.len(), 1, "the request came back");
+    assert_eq!(vm.status_at(s), S_IOERR);
+    assert_survived(&mut d, vm, &mut other);
+}
+
+/// A vhost-user frontend without the harness's guest memory: it offers a
+/// `region_size` region backed by a memfd of `file_size` bytes, mapped at
+/// a made-up frontend address (the daemon never sees our mapping).
+fn offer_region_beyond_its_file(socket: &std::path::Path, add_mem_reg: bool) -> bool {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
+    use vhost::vhost_user::Frontend;
+    use vhost::{VhostUserMemoryRegionInfo, VringConfigData};
+
+    // SAFETY: memfd_create with a valid name; the fd is owned by the File.
+    let file = unsafe {
+        let fd = libc::memfd_create(c"small".as_ptr(), libc::MFD_CLOEXEC);
+        assert!(fd >= 0);
+        std::fs::File::from_raw_fd(fd)
+    };
+    file.set_len(4096).unwrap();
+    let ua = 0x7f00_0000_0000u64;
+    let mut f = Frontend::connect(socket, 1).expect("connect");
+    f.set_owner().unwrap();
+    let features = f.get_features().unwrap();
+    let pf = f.get_protocol_features().unwrap();
+    f.set_protocol_features(
+        pf & (VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::MQ),
+    )
+    .unwrap();
+    f.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    f.set_features(features & (VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES))
+        .unwrap();
+    let region = VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0,
+        memory_size: 16 * MIB,
+        userspace_addr: ua,
+        mmap_offset: 0,
+        mmap_handle: file.as_raw_fd(),
+    };
+    let accepted = if add_mem_reg {
+        f.add_mem_region(&region).is_ok()
+    } else {
+        f.set_mem_table(&[region]).is_ok()
+    };
+    // Whatever the answer, go on as a frontend that ignores it: rings in
+    // the part of the region the file does not have, and a kick.
+    let kick = eventfd();
+    let call = eventfd();
+    let _ = f.set_vring_num(0, 256);
+    let _ = f.set_vring_addr(
+        0,
+        &VringConfigData {
+            queue_max_size: 256,
+            queue_size: 256,
+            flags: 0,
+            desc_table_addr: ua + MIB,
+            used_ring_addr: ua + MIB + 0x1_0000,
+            avail_ring_addr: ua + MIB + 0x2_0000,
+            log_addr: None,
+        },
+    );
+    let _ = f.set_vring_base(0, 0);
+    let _ = f.set_vring_call(0, &call);
+    let _ = f.set_vring_kick(0, &kick);
+    let _ = f.set_vring_enable(0, true);
+    let _ = kick.write(1);
+    std::thread::sleep(Duration::from_millis(200));
+    accepted
+}
+
+/// Issue 15 (5): a 16 MiB region backed by a 4 KiB file was accepted, and
+/// the first look at a ring beyond the file's end killed the daemon with
+/// SIGBUS. The memory update is refused now (SET_MEM_TABLE and
+/// ADD_MEM_REG), that connection ends, the daemon serves the next one.
+#[test]
+fn region_larger_than_its_file_is_refused() {
+    let (mut d, vm) = setup();
+    drop(vm);
+    for add_mem_reg in [false, true] {
+        let accepted = offer_region_beyond_its_file(&d.socket, add_mem_reg);
+        assert_alive(&mut d);
+        assert!(!accepted, "a region beyond its file was accepted");
+        let mut vm = Vm::connect(&d.socket, VmOptions::default());
+        assert_serving(&mut vm);
+    }
+    assert!(d
+        .log()
+        .contains("needs 16777216 bytes of its file, which has 4096"));
+}
+
+/// The SIGBUS handler only absorbs faults in guest memory: any other SIGBUS
+/// still ends the process with that signal.
+#[test]
+fn a_sigbus_outside_guest_memory_still_kills() {
+    let (mut d, mut vm) = setup();
+    assert_serving(&mut vm);
+    // SAFETY: kill only takes a pid and a signal number.
+    unsafe { libc::kill(d.pid(), libc::SIGBUS) };
+    let mut child = d.child.take().unwrap();
+    let status = wait_timeout(&mut child, Duration::from_secs(10)).expect("daemon exits");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGBUS), "{status:?}");
+}
+
+/// Data buffers beyond the end of the memfd are reached by the kernel
+/// (io_uring), which fails with EFAULT rather than SIGBUS: IOERR, and that
+/// is the guest's fault, not the storage's (no error policy).
+#[test]
+fn data_buffers_in_truncated_guest_memory_get_ioerr() {
+    // With `stop` the export used to stop on EFAULT and park the request.
+    let mut d = daemon_with_qmp_opts(",on-read-error=stop,on-write-error=stop");
+    let mut vm = Vm::connect(&d.socket, VmOptions::default());
+    for t in [T_IN, T_OUT] {
+        let h = vm.write_header(t, 0);
+        let s = vm.status_buf();
+        let data = GuestAddress(FAR);
+        let desc = if t == T_IN {
+            Desc::w(data, 4096)
+        } else {
+            Desc::r(data, 4096)
+        };
+        let used = publish_then_truncate(&mut d, &mut vm, &[Desc::r(h, 16), desc, Desc::w(s, 1)]);
+        assert_eq!(used.len(), 1, "the request came back");
+        assert_eq!(vm.status_at(s), S_IOERR);
+        vm.reset_alloc();
+    }
+    assert_alive(&mut d);
+    // The connection goes on (the kernel's EFAULT poisons nothing).
+    assert!(!d.log().contains("memory vanished"), "{}", d.log());
+    drop(vm);
+    let mut vm = Vm::connect(&d.socket, VmOptions::default());
     assert_serving(&mut vm);
 }

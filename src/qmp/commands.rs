@@ -798,6 +798,9 @@ fn block_stats(state: &Arc<State>, query_nodes: bool) -> Value {
             "x-throttled-wr-time-ns".into(),
             json!(throttled(crate::throttle::Direction::Write)),
         );
+        // Requests popped from the guest's rings and not yet returned: what
+        // a drain waits for.
+        stats.insert("x-in-flight".into(), json!(e.in_flight().get()));
         out.push(json!({
             "device": e.config.id,
             "node-name": e.blk.node().name(),

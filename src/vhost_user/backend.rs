@@ -14,7 +14,7 @@ use std::time::Duration;
 use std::os::fd::AsRawFd;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Backend;
-use vhost_user_backend::{VhostUserBackend, VringRwLock};
+use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VringRwLock};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -24,7 +24,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::notify::ConfigNotifier;
-use super::worker;
+use super::{sigbus, worker};
 use crate::block::{BlockBackend, DrainCounter};
 use crate::config::ExportConfig;
 use crate::io::{EngineKind, PreparedRing};
@@ -293,6 +293,18 @@ pub struct VhostUserBlk {
     /// One timerfd per iothread, for I/O limits; taken on its first event.
     timers: Vec<Mutex<Option<TimerFd>>>,
     backend_req: Mutex<Option<Backend>>,
+    /// The frontend is gone (or broke the protocol): nothing more is popped.
+    closed: AtomicBool,
+    /// The guest-memory regions this connection mapped, registered with the
+    /// SIGBUS handler.
+    mapped: Mutex<sigbus::Mapped>,
+    /// Set by the SIGBUS handler when the frontend's memory vanished under
+    /// an access: the connection's requests fail and it ends.
+    poisoned: Arc<AtomicBool>,
+    /// The last memory table accepted, restored when an update is refused.
+    accepted: Mutex<Option<GuestMem>>,
+    /// Ends this connection from an iothread.
+    shutdown: Mutex<Option<ShutdownHandle>>,
 }
 
 impl VhostUserBlk {
@@ -326,6 +338,7 @@ impl VhostUserBlk {
             }
             timers.push(Mutex::new(Some(t)));
         }
+        let mapped = sigbus::Mapped::new();
         Ok(VhostUserBlk {
             export,
             mem: RwLock::new(None),
@@ -335,7 +348,59 @@ impl VhostUserBlk {
             wakers,
             timers,
             backend_req: Mutex::new(None),
+            closed: AtomicBool::new(false),
+            poisoned: mapped.poison_flag(),
+            mapped: Mutex::new(mapped),
+            accepted: Mutex::new(None),
+            shutdown: Mutex::new(None),
         })
+    }
+
+    /// The connection ended: the iothreads pop no more requests (the kick
+    /// eventfds stay registered until the daemon object is dropped).
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        for w in &self.wakers {
+            let _ = w.write(1);
+        }
+    }
+
+    /// Whether the iothreads must pop nothing more: the connection ended,
+    /// or its guest memory vanished under an access.
+    pub(super) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire) || self.poisoned.load(Ordering::Relaxed)
+    }
+
+    /// The flag the SIGBUS handler sets for this connection.
+    pub(super) fn poison_flag(&self) -> Arc<AtomicBool> {
+        self.poisoned.clone()
+    }
+
+    /// Lets the iothreads end this connection (see `end_poisoned`).
+    pub fn set_shutdown(&self, h: Option<ShutdownHandle>) {
+        *self.shutdown.lock().unwrap_or_else(|e| e.into_inner()) = h;
+    }
+
+    /// Ends the connection once its guest memory turned out to be gone
+    /// (the frontend truncated it): its requests fail, the daemon and the
+    /// other exports go on.
+    pub(super) fn end_poisoned(&self) {
+        if !self.poisoned.load(Ordering::Relaxed) || self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        log::warn!(
+            "export {}: the frontend's memory vanished under an access (its file was \
+             truncated); ending the connection",
+            self.export.config.id
+        );
+        if let Some(h) = self
+            .shutdown
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            h.shutdown();
+        }
     }
 
     /// The event id of the iothreads' wake-up eventfd.
@@ -471,6 +536,19 @@ impl VhostUserBlk {
     }
 }
 
+impl Drop for VhostUserBlk {
+    fn drop(&mut self) {
+        // Our own references to the memory go first, so that the regions
+        // are unregistered from the SIGBUS handler, then unmapped.
+        *self.mem.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.accepted.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
+        self.mapped
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .sweep();
+    }
+}
+
 impl VhostUserBackend for VhostUserBlk {
     type Bitmap = ();
     type Vring = Vring;
@@ -531,8 +609,32 @@ impl VhostUserBackend for VhostUserBlk {
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMem>) -> io::Result<()> {
         // Requests hold a snapshot (an Arc) of the memory they were parsed
         // against, so old mappings live until those requests complete.
+        let mut mapped = self.mapped.lock().unwrap_or_else(|e| e.into_inner());
+        let new = mem.memory();
+        let checked = mapped.add(&new);
+        drop(new);
+        let mut accepted = self.accepted.lock().unwrap_or_else(|e| e.into_inner());
+        let result = match checked {
+            Ok(()) => {
+                *accepted = Some((*mem.memory()).clone());
+                Ok(())
+            }
+            Err(e) => {
+                // The library put the new table in place already (the rings
+                // see it too): put the last good one back. The frontend gets
+                // a failure and the connection ends.
+                log::warn!(
+                    "export {}: {e}; memory update refused",
+                    self.export.config.id
+                );
+                let good = accepted.clone().unwrap_or_default();
+                mem.lock().unwrap_or_else(|e| e.into_inner()).replace(good);
+                Err(io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))
+            }
+        };
         *self.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
-        Ok(())
+        mapped.sweep();
+        result
     }
 
     fn set_backend_req_fd(&self, backend: Backend) {

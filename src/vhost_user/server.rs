@@ -243,6 +243,7 @@ impl Server {
             .connection
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = daemon.shutdown_handle();
+        backend.set_shutdown(daemon.shutdown_handle());
         if self.control.is_stopping() {
             daemon.request_shutdown();
         }
@@ -252,9 +253,13 @@ impl Server {
             .connection
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = None;
-        // The frontend is gone (or broke the protocol). Requests it popped
-        // may still be running: let them finish before the worker threads and
-        // their rings go away with the daemon.
+        // The frontend is gone (or broke the protocol). Its kicks stay
+        // registered until the daemon is dropped, so stop popping first.
+        // Requests it popped may still be running: let them finish before
+        // the worker threads and their rings go away with the daemon; what a
+        // worker popped after this drain is cancelled when the worker ends.
+        backend.close();
+        backend.set_shutdown(None);
         backend.drain_all();
         drop(daemon);
         match result {

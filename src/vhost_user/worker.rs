@@ -19,7 +19,7 @@ use std::future::Future;
 use std::num::Wrapping;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -66,6 +66,11 @@ impl HeadSet {
     fn remove(&mut self, head: u16) {
         let (w, b) = (usize::from(head) / 64, head % 64);
         self.bits[w] &= !(1 << b);
+    }
+
+    /// How many heads are in flight.
+    fn count(&self) -> usize {
+        self.bits.iter().map(|w| w.count_ones() as usize).sum()
     }
 }
 
@@ -216,10 +221,38 @@ struct Worker {
     /// Global queue index of each of this thread's vrings.
     queues: Vec<u16>,
     heads: Vec<HeadSet>,
+    /// The connection's poison flag (its guest memory vanished under an
+    /// access): requests fail from then on. An Rc so tasks share it without
+    /// an atomic reference count.
+    #[allow(clippy::redundant_allocation)]
+    poisoned: Rc<Arc<AtomicBool>>,
 }
 
 thread_local! {
     static WORKER: RefCell<Option<Worker>> = const { RefCell::new(None) };
+}
+
+/// The worker thread ends (its connection is being dropped): requests it
+/// popped and never returned are cancelled. Their futures are dropped, the
+/// kernel finishes the I/O they submitted, and only then do they stop
+/// counting as in flight, so that a drain never waits for a connection that
+/// is gone and never runs while the kernel still works for it.
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.tasks = Executor::new();
+        let _ = PARKED.try_with(|p| p.borrow_mut().clear());
+        self.io.wait_idle();
+        let cancelled: usize = self.heads.iter().map(HeadSet::count).sum();
+        if cancelled > 0 {
+            log::debug!(
+                "export {}: {cancelled} requests of a closed connection cancelled",
+                self.export.config.id
+            );
+        }
+        for _ in 0..cancelled {
+            self.export.in_flight().dec();
+        }
+    }
 }
 
 impl Worker {
@@ -255,6 +288,7 @@ impl Worker {
             spare: Vec::with_capacity(256),
             queues,
             heads,
+            poisoned: Rc::new(blk.poison_flag()),
         }
     }
 
@@ -265,7 +299,7 @@ impl Worker {
         let Some(&queue) = self.queues.get(local) else {
             return false;
         };
-        if blk.export.is_quiesced() {
+        if blk.export.is_quiesced() || blk.is_closed() {
             return false;
         }
         if blk.memory().is_none() {
@@ -314,7 +348,7 @@ impl Worker {
     /// Whether queue `local` has chains the guest published that we have
     /// not popped.
     fn has_published(&self, blk: &VhostUserBlk, vring: &Vring) -> bool {
-        if blk.export.is_quiesced() {
+        if blk.export.is_quiesced() || blk.is_closed() {
             return false;
         }
         let Some(mem) = blk.memory() else {
@@ -466,11 +500,31 @@ impl Worker {
                 };
                 self.done.borrow_mut().push(Completion { queue, head, len });
             }
+            Parsed::Request(req) if self.poisoned.load(Ordering::Relaxed) => {
+                // Parsed from memory that vanished (read back as zeroes):
+                // not what the guest asked for.
+                let len = u32::from(guest::write_byte(
+                    &req.mem,
+                    req.status,
+                    virtio_blk::Status::IoErr as u8,
+                ));
+                self.done.borrow_mut().push(Completion {
+                    queue,
+                    head: req.head,
+                    len,
+                });
+            }
             Parsed::Request(req) => {
                 let export = self.export.clone();
                 let done = self.done.clone();
+                let poisoned = self.poisoned.clone();
                 let task = async move {
-                    let status = run_request(&req, &export).await;
+                    let mut status = run_request(&req, &export).await;
+                    if poisoned.load(Ordering::Relaxed) {
+                        // Guest memory vanished under the request: its data
+                        // may be zeroes rather than what was asked for.
+                        status = virtio_blk::Status::IoErr;
+                    }
                     let len = if status == virtio_blk::Status::Ok {
                         req.used_len
                     } else {
@@ -634,6 +688,12 @@ async fn run_request(req: &virtio_blk::Request, export: &Arc<ExportState>) -> vi
                 Outcome::Failed { direction, error } => (direction, error),
             };
         let errno = error.errno();
+        if errno == libc::EFAULT {
+            // The kernel could not reach the guest's buffers (memory the
+            // frontend truncated): the guest's fault, not the storage's, so
+            // no error policy and no BLOCK_IO_ERROR.
+            return Status::IoErr;
+        }
         let policy = match direction {
             IoDirection::Read => export.config.on_read_error,
             IoDirection::Write => export.config.on_write_error,
@@ -743,6 +803,9 @@ pub fn handle_event(blk: &VhostUserBlk, device_event: u16, vrings: &[Vring], thr
         worker.flush(blk, vrings);
         worker.poll(blk, vrings);
         worker.arm_timer();
+        if worker.poisoned.load(Ordering::Relaxed) {
+            blk.end_poisoned();
+        }
     });
 }
 
