@@ -97,6 +97,15 @@ impl State {
         })
     }
 
+    /// x-debug-panic (debug builds, for tests): panics holding the graph
+    /// and the export table, as a bug in a command would.
+    #[cfg(debug_assertions)]
+    pub fn debug_panic(&self) -> ! {
+        let _graph = self.graph();
+        let _exports = lock(&self.exports);
+        panic!("x-debug-panic: a panic on purpose");
+    }
+
     pub fn graph(&self) -> MutexGuard<'_, Graph> {
         lock(&self.graph)
     }

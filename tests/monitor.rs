@@ -1,0 +1,222 @@
+//! The management plane under abuse: QMP sessions by the thousand, panicking
+//! commands, idle and hostile clients, duplicate keys, the pidfile, socket
+//! paths already in use, and shutdown with parked writes.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+/// A daemon with only a QMP monitor (on `{sock}`), run under
+/// `prlimit --nofile=256`, with `env` added to its environment.
+fn monitor_daemon(extra: &[&str], env: &[(&str, &str)]) -> Daemon {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut args = vec![
+        "--nofile=256",
+        "--",
+        daemon_bin(),
+        "--chardev",
+        "socket,id=m0,path={sock},server=on,wait=off",
+        "--monitor",
+        "chardev=m0",
+    ];
+    args.extend_from_slice(extra);
+    // prlimit sets the limit on itself, then execs the daemon: same pid.
+    Daemon::start_bin("prlimit", dir, &args, env)
+}
+
+/// (open fds, threads, RSS in KiB) of process `pid`.
+fn usage(pid: i32) -> (usize, usize, u64) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("/proc/PID/fd")
+        .count();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in /proc/{pid}/status"))
+    };
+    (fds, field("Threads:") as usize, field("VmRSS:"))
+}
+
+/// Polls until the daemon's fds and threads are back to at most `base`
+/// (client threads end a moment after their connection closes), or 10 s.
+fn settle(pid: i32, base: (usize, usize, u64)) -> (usize, usize, u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = usage(pid);
+        if (now.0 <= base.0 && now.1 <= base.1) || Instant::now() > deadline {
+            return now;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A raw QMP connection: lines in, lines out, with a read timeout so that a
+/// daemon that never answers fails the test instead of hanging it.
+struct Raw {
+    r: BufReader<UnixStream>,
+}
+
+impl Raw {
+    fn connect(path: &Path) -> std::io::Result<Raw> {
+        let s = UnixStream::connect(path)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Ok(Raw {
+            r: BufReader::new(s),
+        })
+    }
+
+    /// The next line, or None at EOF (or a reset connection).
+    fn line(&mut self) -> std::io::Result<Option<String>> {
+        let mut l = String::new();
+        match self.r.read_line(&mut l) {
+            Ok(0) => Ok(None),
+            Ok(_) => Ok(Some(l)),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn value(&mut self) -> Value {
+        let l = self
+            .line()
+            .expect("QMP read")
+            .expect("QMP connection closed");
+        serde_json::from_str(&l).unwrap_or_else(|e| panic!("QMP JSON {e}: {l:?}"))
+    }
+
+    fn send_bytes(&mut self, b: &[u8]) {
+        let s = self.r.get_mut();
+        s.write_all(b).expect("QMP write");
+        s.write_all(b"\n").expect("QMP write");
+    }
+
+    /// Sends `text` verbatim and returns the next reply (events skipped).
+    fn send_text(&mut self, text: &str) -> Value {
+        self.send_bytes(text.as_bytes());
+        loop {
+            let v = self.value();
+            if v.get("event").is_none() {
+                return v;
+            }
+        }
+    }
+
+    fn cmd(&mut self, name: &str, args: Value) -> Value {
+        self.send_text(&json!({"execute": name, "arguments": args}).to_string())
+    }
+
+    /// Connects, reads the greeting and negotiates.
+    fn negotiated(path: &Path) -> Raw {
+        let mut c = Raw::connect(path).expect("QMP connect");
+        let g = c.value();
+        assert!(g.get("QMP").is_some(), "{g}");
+        let r = c.cmd("qmp_capabilities", json!({}));
+        assert_eq!(r, json!({"return": {}}));
+        c
+    }
+}
+
+fn next(c: &mut Raw, what: &str) -> Result<Value, String> {
+    let l = c
+        .line()
+        .map_err(|e| format!("{what}: {e}"))?
+        .ok_or(format!("{what}: connection closed"))?;
+    serde_json::from_str(&l).map_err(|e| format!("{what}: {e}: {l:?}"))
+}
+
+/// One whole session: greeting, negotiation, a command, close.
+fn session(path: &Path) -> Result<(), String> {
+    let mut c = Raw::connect(path).map_err(|e| format!("connect: {e}"))?;
+    let g = next(&mut c, "greeting")?;
+    if g.get("QMP").is_none() {
+        return Err(format!("greeting: {g}"));
+    }
+    c.send_bytes(br#"{"execute": "qmp_capabilities"}"#);
+    let r = next(&mut c, "qmp_capabilities")?;
+    if r != json!({"return": {}}) {
+        return Err(format!("qmp_capabilities: {r}"));
+    }
+    c.send_bytes(br#"{"execute": "query-version", "id": 7}"#);
+    let r = next(&mut c, "query-version")?;
+    if r["id"] != 7 || r.get("return").is_none() {
+        return Err(format!("query-version: {r}"));
+    }
+    Ok(())
+}
+
+#[test]
+fn a_thousand_qmp_sessions_leave_fds_threads_and_rss_flat() {
+    let d = monitor_daemon(&[], &[]);
+    let pid = d.pid();
+    let idle = usage(pid);
+    // One session first, so that what is allocated once (allocator arenas)
+    // is in the RSS baseline.
+    session(&d.socket).expect("first session");
+    let first = settle(pid, idle);
+    let base = (idle.0, idle.1, first.2);
+    for i in 0..1000 {
+        if let Err(e) = session(&d.socket) {
+            panic!("session {i}: {e}; daemon usage now {:?}", usage(pid));
+        }
+    }
+    let after = settle(pid, base);
+    eprintln!("1000 QMP sessions: (fds, threads, RSS KiB) {base:?} -> {after:?}");
+    assert_eq!(after.0, base.0, "open fds");
+    assert_eq!(after.1, base.1, "threads");
+    assert!(
+        after.2 < base.2 + 16 * 1024,
+        "RSS grew from {} KiB to {} KiB",
+        base.2,
+        after.2
+    );
+}
+
+#[test]
+fn panicking_commands_get_an_error_and_free_their_client_slot() {
+    // No backtraces: symbolising one maps the debug info (100 MB of RSS).
+    let d = monitor_daemon(&[], &[("RUST_BACKTRACE", "0")]);
+    let pid = d.pid();
+    let base = usage(pid);
+    // More than the 64 client slots, each on a connection of its own.
+    for i in 0..100 {
+        let mut c = Raw::negotiated(&d.socket);
+        let r = c.send_text(r#"{"execute": "x-debug-panic", "id": 1}"#);
+        assert_eq!(r["error"]["class"], "GenericError", "call {i}: {r}");
+        assert_eq!(r["id"], 1, "call {i}: {r}");
+        assert!(
+            r["error"]["desc"]
+                .as_str()
+                .is_some_and(|s| s.contains("internal error")),
+            "call {i}: {r}"
+        );
+        // The connection goes on after the panic.
+        let r = c.cmd("query-version", json!({}));
+        assert!(r.get("return").is_some(), "call {i}: {r}");
+    }
+    // The management locks the panics held are usable: commands that take
+    // the graph and the export table still work, from a new client.
+    let mut c = Raw::negotiated(&d.socket);
+    let r = c.cmd(
+        "blockdev-add",
+        json!({"driver": "null-co", "node-name": "n0"}),
+    );
+    assert_eq!(r, json!({"return": {}}));
+    let r = c.cmd("query-named-block-nodes", json!({}));
+    assert_eq!(r["return"][0]["node-name"], "n0", "{r}");
+    let r = c.cmd("query-block-exports", json!({}));
+    assert_eq!(r, json!({"return": []}));
+    drop(c);
+    let after = settle(pid, base);
+    eprintln!("100 panicking commands: (fds, threads, RSS KiB) {base:?} -> {after:?}");
+    assert_eq!((after.0, after.1), (base.0, base.1), "fds and threads");
+}
