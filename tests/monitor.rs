@@ -47,17 +47,23 @@ fn usage(pid: i32) -> (usize, usize, u64) {
     (fds, field("Threads:") as usize, field("VmRSS:"))
 }
 
-/// Polls until the daemon's fds and threads are back to at most `base`
-/// (client threads end a moment after their connection closes), or 10 s.
-fn settle(pid: i32, base: (usize, usize, u64)) -> (usize, usize, u64) {
+/// How many QMP client threads process `pid` has.
+fn client_threads(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("/proc/PID/task")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|c| c.trim() == "vub-qmp-client")
+        .count()
+}
+
+/// Usage once every client thread has ended (a moment after its
+/// connection closes; at most 10 s).
+fn settle(pid: i32) -> (usize, usize, u64) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let now = usage(pid);
-        if (now.0 <= base.0 && now.1 <= base.1) || Instant::now() > deadline {
-            return now;
-        }
+    while client_threads(pid) > 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
+    usage(pid)
 }
 
 /// A raw QMP connection: lines in, lines out, with a read timeout so that a
@@ -158,18 +164,16 @@ fn session(path: &Path) -> Result<(), String> {
 fn a_thousand_qmp_sessions_leave_fds_threads_and_rss_flat() {
     let d = monitor_daemon(&[], &[]);
     let pid = d.pid();
-    let idle = usage(pid);
-    // One session first, so that what is allocated once (allocator arenas)
-    // is in the RSS baseline.
+    // One session first, so that what is made once (the monitor's thread,
+    // allocator arenas) is in the baseline.
     session(&d.socket).expect("first session");
-    let first = settle(pid, idle);
-    let base = (idle.0, idle.1, first.2);
+    let base = settle(pid);
     for i in 0..1000 {
         if let Err(e) = session(&d.socket) {
             panic!("session {i}: {e}; daemon usage now {:?}", usage(pid));
         }
     }
-    let after = settle(pid, base);
+    let after = settle(pid);
     eprintln!("1000 QMP sessions: (fds, threads, RSS KiB) {base:?} -> {after:?}");
     assert_eq!(after.0, base.0, "open fds");
     assert_eq!(after.1, base.1, "threads");
@@ -186,7 +190,8 @@ fn panicking_commands_get_an_error_and_free_their_client_slot() {
     // No backtraces: symbolising one maps the debug info (100 MB of RSS).
     let d = monitor_daemon(&[], &[("RUST_BACKTRACE", "0")]);
     let pid = d.pid();
-    let base = usage(pid);
+    session(&d.socket).expect("first session");
+    let base = settle(pid);
     // More than the 64 client slots, each on a connection of its own.
     for i in 0..100 {
         let mut c = Raw::negotiated(&d.socket);
@@ -216,7 +221,119 @@ fn panicking_commands_get_an_error_and_free_their_client_slot() {
     let r = c.cmd("query-block-exports", json!({}));
     assert_eq!(r, json!({"return": []}));
     drop(c);
-    let after = settle(pid, base);
+    let after = settle(pid);
     eprintln!("100 panicking commands: (fds, threads, RSS KiB) {base:?} -> {after:?}");
     assert_eq!((after.0, after.1), (base.0, base.1), "fds and threads");
+}
+
+/// Whether the daemon closes `c` (EOF) before the 10 s read timeout.
+fn closed_by_daemon(c: &mut Raw) -> bool {
+    loop {
+        match c.line() {
+            Ok(None) => return true,
+            Ok(Some(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[test]
+fn idle_clients_that_never_negotiate_cannot_lock_management_out() {
+    let d = monitor_daemon(&[], &[]);
+    // Every slot taken by clients that read the greeting and sit there.
+    let mut idle: Vec<Raw> = (0..64)
+        .map(|_| {
+            let mut c = Raw::connect(&d.socket).expect("connect");
+            assert!(c.value().get("QMP").is_some());
+            c
+        })
+        .collect();
+    // A new client still gets in, and takes the oldest idle one's slot
+    // (the new ones stay connected: every slot stays taken).
+    let mut admitted = Vec::new();
+    for (i, old) in idle.iter_mut().take(3).enumerate() {
+        let mut c = Raw::negotiated(&d.socket);
+        let r = c.cmd("query-version", json!({}));
+        assert!(r.get("return").is_some(), "client {i}: {r}");
+        assert!(closed_by_daemon(old), "idle client {i} was not closed");
+        admitted.push(c);
+    }
+    assert!(
+        d.log()
+            .contains("closed the oldest one that has not negotiated"),
+        "{}",
+        d.log()
+    );
+}
+
+#[test]
+fn a_client_must_negotiate_in_time_and_may_idle_after() {
+    let d = monitor_daemon(&[], &[("VUB_QMP_NEGOTIATION_TIMEOUT_MS", "300")]);
+    let mut silent = Raw::connect(&d.socket).expect("connect");
+    assert!(silent.value().get("QMP").is_some());
+    // Sends half a command, byte by byte, and never finishes it.
+    let mut dripping = Raw::connect(&d.socket).expect("connect");
+    assert!(dripping.value().get("QMP").is_some());
+    let mut ok = Raw::negotiated(&d.socket);
+    let partial = br#"{"execute": "qmp_capab"#;
+    let mut dripped = 0;
+    for b in partial {
+        if dripping.r.get_mut().write_all(&[*b]).is_err() {
+            break; // closed already
+        }
+        dripped += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(closed_by_daemon(&mut silent), "silent client not closed");
+    assert!(
+        closed_by_daemon(&mut dripping),
+        "dripping client not closed ({dripped} bytes sent)"
+    );
+    // The negotiated client was idle as long, and is still served.
+    let r = ok.cmd("query-version", json!({}));
+    assert!(r.get("return").is_some(), "{r}");
+    assert!(
+        d.log().contains("no qmp_capabilities within"),
+        "{}",
+        d.log()
+    );
+}
+
+#[test]
+fn with_every_slot_negotiated_a_new_client_is_refused_until_one_leaves() {
+    let d = monitor_daemon(&[], &[]);
+    let mut held: Vec<Raw> = (0..64).map(|_| Raw::negotiated(&d.socket)).collect();
+    let mut extra = Raw::connect(&d.socket).expect("connect");
+    assert!(closed_by_daemon(&mut extra), "65th client was served");
+    drop(held.pop());
+    // The slot frees once the client's thread has seen the close.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut c = Raw::connect(&d.socket).expect("connect");
+        if let Ok(Some(g)) = c.line() {
+            assert!(g.contains("QMP"), "{g}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no slot freed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn duplicate_keys_are_refused_as_qemu_does() {
+    let d = monitor_daemon(&[], &[]);
+    let mut c = Raw::negotiated(&d.socket);
+    let want =
+        json!({"error": {"class": "GenericError", "desc": "JSON parse error, duplicate key"}});
+    for text in [
+        r#"{"execute": "query-version", "execute": "quit"}"#,
+        r#"{"execute": "query-version", "id": 1, "id": 2}"#,
+        r#"{"execute": "blockdev-add", "arguments": {"driver": "null-co", "node-name": "a", "node-name": "b"}}"#,
+        r#"{"execute": "x", "arguments": {"a": [{"k": 1, "k": 1}]}}"#,
+    ] {
+        assert_eq!(c.send_text(text), want, "{text}");
+    }
+    // Nothing of those ran, and the connection goes on.
+    let r = c.cmd("query-named-block-nodes", json!({}));
+    assert_eq!(r, json!({"return": []}));
 }

@@ -364,11 +364,14 @@ fn session(
                 cmd.name
             )))
         });
+        if negotiated && !was_negotiated {
+            // Before the reply: once the client has it, its slot is safe.
+            negotiated_flag.store(true, Ordering::Release);
+        }
         match outcome {
             Ok(done) => {
                 sender.send(&protocol::reply(done.value, cmd.id.clone()))?;
                 if negotiated && !was_negotiated {
-                    negotiated_flag.store(true, Ordering::Release);
                     let events = sender.clone();
                     *subscription = Some(state.events.subscribe(move |ev| events.send(ev).is_ok()));
                 }
