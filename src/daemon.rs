@@ -2,8 +2,8 @@
 //! at run time (QMP), and its start-up and shutdown.
 //!
 //! ```text
-//!   block SIGTERM/SIGINT -> [daemonize] -> Config -> State::add_blockdev
-//!          (Graph) -> State::bind_export (socket) -> pidfile
+//!   block SIGTERM/SIGINT -> [daemonize] -> lock pidfile -> State::add_blockdev
+//!          (Graph) -> State::bind_export (socket) -> write pidfile
 //!          -> start exports and monitors
 //!   SIGTERM/SIGINT/quit -> quiesce exports -> drain -> flush every node
 //!          -> remove sockets and pidfile -> exit 0
@@ -46,6 +46,13 @@ pub enum DaemonError {
     Object { reason: String },
     #[error("cannot write pidfile {path}")]
     Pidfile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// qemu-storage-daemon's words.
+    #[error("cannot create pid file {path}: Cannot lock pid file (another instance runs?)")]
+    PidfileLocked {
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -556,17 +563,99 @@ fn redirect_stdio_to_null() {
     }
 }
 
-fn write_pidfile(path: &Path) -> Result<(), DaemonError> {
-    let err = |source| DaemonError::Pidfile {
-        path: path.to_path_buf(),
-        source,
-    };
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(err)?;
-    writeln!(f, "{}", std::process::id()).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)?;
+/// Opens `path` with `flags` added to O_CLOEXEC|O_NOFOLLOW: a symlink
+/// there is an error (ELOOP), never followed.
+fn open_nofollow(path: &Path, flags: libc::c_int) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true)
+        .mode(0o644)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | flags);
+    if flags & libc::O_EXCL != 0 {
+        o.create_new(true);
+    } else {
+        o.create(true);
+    }
+    o.open(path)
+}
+
+/// Takes a write lock on all of `f` without waiting. An open file
+/// description lock, which conflicts with the POSIX lock QEMU's
+/// qemu_write_pidfile takes (and is not lost when another descriptor of
+/// the file is closed).
+fn lock_whole_file(f: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: an all-zero flock is a valid value of this plain C struct.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: F_OFD_SETLK on an fd we own, with a live flock to read.
+    if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &fl) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     Ok(())
+}
+
+/// The pidfile, locked from start-up to exit: a second instance with the
+/// same pidfile fails to lock it and refuses to start.
+struct Pidfile {
+    path: PathBuf,
+    /// The locked file(s): the one found at the path, then the one written.
+    held: Vec<std::fs::File>,
+}
+
+impl Pidfile {
+    /// Opens (or creates) the pidfile, never through a symlink, and locks
+    /// it; nothing is written yet.
+    fn lock(path: &Path) -> Result<Pidfile, DaemonError> {
+        let f = open_nofollow(path, 0).map_err(|source| DaemonError::Pidfile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        lock_whole_file(&f).map_err(|source| DaemonError::PidfileLocked {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(Pidfile {
+            path: path.to_path_buf(),
+            held: vec![f],
+        })
+    }
+
+    /// Writes our pid through a temporary sibling renamed over the pidfile
+    /// (a reader sees the old file or the whole new one). The sibling is
+    /// created exclusively and not through a symlink, and locked before it
+    /// takes the pidfile's name, so the lock never lapses.
+    fn write_pid(&mut self) -> Result<(), DaemonError> {
+        let err = |source| DaemonError::Pidfile {
+            path: self.path.clone(),
+            source,
+        };
+        let tmp = self.path.with_extension("tmp");
+        let excl = libc::O_EXCL;
+        let mut f = match open_nofollow(&tmp, excl) {
+            // Left by an instance that died, or planted (a symlink): we hold
+            // the pidfile's lock, so the name is ours. remove_file removes a
+            // symlink itself, not what it points to.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                std::fs::remove_file(&tmp).map_err(err)?;
+                open_nofollow(&tmp, excl).map_err(err)?
+            }
+            r => r.map_err(err)?,
+        };
+        let r = (|| {
+            lock_whole_file(&f)?;
+            writeln!(f, "{}", std::process::id())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &self.path)
+        })();
+        if let Err(e) = r {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(err(e));
+        }
+        self.held.push(f);
+        Ok(())
+    }
 }
 
 /// Runs the daemon until SIGTERM, SIGINT or QMP `quit`, then shuts down
@@ -584,6 +673,8 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     } else {
         None
     };
+    // Locked before anything is bound: a second instance stops here.
+    let mut pidfile = config.pidfile.as_deref().map(Pidfile::lock).transpose()?;
     let engine = EngineKind::probe();
     log::info!("I/O engine: {}", engine.name());
     let state = State::new(engine);
@@ -605,8 +696,8 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     for m in &config.monitors {
         monitors.push(Monitor::bind(m, state.clone())?);
     }
-    if let Some(p) = &config.pidfile {
-        write_pidfile(p)?;
+    if let Some(p) = pidfile.as_mut() {
+        p.write_pid()?;
     }
     for server in servers {
         state.start_export(server)?;
@@ -628,8 +719,11 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     for s in state.socket_paths().iter().chain(&monitor_sockets) {
         let _ = std::fs::remove_file(s);
     }
-    if let Some(p) = &config.pidfile {
-        let _ = std::fs::remove_file(p);
+    if let Some(p) = pidfile {
+        // Removed while still locked: a new instance cannot lock a file
+        // that is about to go.
+        let _ = std::fs::remove_file(&p.path);
+        drop(p.held);
     }
     log::info!("exiting");
     Ok(())

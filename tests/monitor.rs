@@ -337,3 +337,123 @@ fn duplicate_keys_are_refused_as_qemu_does() {
     let r = c.cmd("query-named-block-nodes", json!({}));
     assert_eq!(r, json!({"return": []}));
 }
+
+/// Waits for `path` to hold a pid; returns it.
+fn read_pidfile(path: &Path) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(pid) = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            return pid;
+        }
+        assert!(Instant::now() < deadline, "pidfile never written");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn the_pidfile_write_follows_no_symlink() {
+    let dir = tempfile::tempdir().unwrap();
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, b"precious\n").unwrap();
+    // The temporary sibling the pidfile is written through, planted as a
+    // symlink to another file.
+    std::os::unix::fs::symlink(&victim, dir.path().join("d.tmp")).unwrap();
+    let pidfile = dir.path().join("d.pid");
+    let mut d = Daemon::start_in(
+        dir,
+        &[
+            "--chardev",
+            "socket,id=m0,path={sock},server=on,wait=off",
+            "--monitor",
+            "chardev=m0",
+            "--pidfile",
+            "{dir}/d.pid",
+        ],
+    );
+    assert_eq!(read_pidfile(&pidfile), d.pid());
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious\n");
+    assert!(
+        std::fs::symlink_metadata(&pidfile).unwrap().is_file(),
+        "the pidfile is a file of its own"
+    );
+    assert!(d.terminate().success());
+    assert!(!pidfile.exists());
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious\n");
+
+    // A symlink at the pidfile's own path is refused, not followed.
+    let dir = tempfile::tempdir().unwrap();
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, b"precious\n").unwrap();
+    let pidfile = dir.path().join("d.pid");
+    std::os::unix::fs::symlink(&victim, &pidfile).unwrap();
+    let mon = format!(
+        "socket,id=m0,path={},server=on,wait=off",
+        dir.path().join("m.sock").display()
+    );
+    let (code, err) = run_daemon(&[
+        "--chardev",
+        &mon,
+        "--monitor",
+        "chardev=m0",
+        "--pidfile",
+        pidfile.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("pidfile"), "{err}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious\n");
+}
+
+#[test]
+fn a_second_instance_with_the_same_pidfile_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("d.pid");
+    let other_sock = dir.path().join("other.sock");
+    let mut first = Daemon::start_in(
+        dir,
+        &[
+            "--chardev",
+            "socket,id=m0,path={sock},server=on,wait=off",
+            "--monitor",
+            "chardev=m0",
+            "--pidfile",
+            "{dir}/d.pid",
+        ],
+    );
+    assert_eq!(read_pidfile(&pidfile), first.pid());
+    let mut second = std::process::Command::new(daemon_bin())
+        .args([
+            "--chardev",
+            &format!(
+                "socket,id=m0,path={},server=on,wait=off",
+                other_sock.display()
+            ),
+            "--monitor",
+            "chardev=m0",
+            "--pidfile",
+            pidfile.to_str().unwrap(),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_timeout(&mut second, Duration::from_secs(10));
+    if status.is_none() {
+        let _ = second.kill();
+        let _ = second.wait();
+        panic!(
+            "the second instance runs; pidfile now says {:?}",
+            std::fs::read_to_string(&pidfile)
+        );
+    }
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.unwrap().code(), Some(1), "{err}");
+    assert!(err.contains("Cannot lock pid file"), "{err}");
+    assert!(first.alive(), "the first instance runs on");
+    assert_eq!(read_pidfile(&pidfile), first.pid());
+    Raw::negotiated(&first.socket);
+    assert!(first.terminate().success());
+    assert!(!pidfile.exists());
+}
