@@ -338,6 +338,25 @@ fn duplicate_keys_are_refused_as_qemu_does() {
     assert_eq!(r, json!({"return": []}));
 }
 
+/// Runs the daemon with `args` until it exits (at most 10 s: one that runs
+/// on is killed, and its code is None) and returns its code and stderr.
+fn run_briefly(args: &[&str]) -> (Option<i32>, String) {
+    let err = tempfile::NamedTempFile::new().unwrap();
+    let mut child = std::process::Command::new(daemon_bin())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stderr(err.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let status = wait_timeout(&mut child, Duration::from_secs(10));
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let text = std::fs::read_to_string(err.path()).unwrap();
+    (status.and_then(|s| s.code()), text)
+}
+
 /// Waits for `path` to hold a pid; returns it.
 fn read_pidfile(path: &Path) -> i32 {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -393,7 +412,7 @@ fn the_pidfile_write_follows_no_symlink() {
         "socket,id=m0,path={},server=on,wait=off",
         dir.path().join("m.sock").display()
     );
-    let (code, err) = run_daemon(&[
+    let (code, err) = run_briefly(&[
         "--chardev",
         &mon,
         "--monitor",
@@ -401,7 +420,7 @@ fn the_pidfile_write_follows_no_symlink() {
         "--pidfile",
         pidfile.to_str().unwrap(),
     ]);
-    assert_eq!(code, 1, "{err}");
+    assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("pidfile"), "{err}");
     assert_eq!(std::fs::read(&victim).unwrap(), b"precious\n");
 }
@@ -456,4 +475,125 @@ fn a_second_instance_with_the_same_pidfile_refuses_to_start() {
     Raw::negotiated(&first.socket);
     assert!(first.terminate().success());
     assert!(!pidfile.exists());
+}
+
+#[test]
+fn block_export_add_refuses_the_socket_path_of_a_live_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let e0 = dir.path().join("e0.sock");
+    let foreign = dir.path().join("foreign.sock");
+    let d = Daemon::start_in(
+        dir,
+        &[
+            "--chardev",
+            "socket,id=m0,path={sock},server=on,wait=off",
+            "--monitor",
+            "chardev=m0",
+            "--blockdev",
+            "driver=null-co,node-name=n0",
+            "--blockdev",
+            "driver=null-co,node-name=n1",
+            "--export",
+            "vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path={dir}/e0.sock",
+        ],
+    );
+    let listener = std::os::unix::net::UnixListener::bind(&foreign).unwrap();
+    let mut c = Raw::negotiated(&d.socket);
+    for (id, path) in [("e1", &e0), ("e2", &foreign)] {
+        let r = c.cmd(
+            "block-export-add",
+            json!({"type": "vhost-user-blk", "id": id, "node-name": "n1",
+                   "addr": {"type": "unix", "path": path}}),
+        );
+        let desc = r["error"]["desc"].as_str().unwrap_or_default();
+        assert!(desc.contains("a server is listening"), "{id}: {r}");
+    }
+    let r = c.cmd("query-block-exports", json!({}));
+    assert_eq!(r["return"].as_array().map(Vec::len), Some(1), "{r}");
+    // Both servers still own their paths.
+    let mut vm = Vm::connect(&e0, VmOptions::default());
+    assert_eq!(vm.flush(0), S_OK);
+    drop(vm);
+    let _probe = UnixStream::connect(&foreign).expect("foreign server still reachable");
+    listener.set_nonblocking(true).unwrap();
+    assert!(
+        listener.accept().is_ok(),
+        "foreign server got the connection"
+    );
+    // A stale socket (its server gone) is replaced.
+    drop(listener);
+    let r = c.cmd(
+        "block-export-add",
+        json!({"type": "vhost-user-blk", "id": "e2", "node-name": "n1",
+               "addr": {"type": "unix", "path": foreign}}),
+    );
+    assert_eq!(r, json!({"return": {}}));
+    let mut vm = Vm::connect(&foreign, VmOptions::default());
+    assert_eq!(vm.flush(0), S_OK);
+}
+
+#[test]
+fn start_up_refuses_export_and_monitor_paths_a_live_server_listens_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let live = dir.path().join("live.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&live).unwrap();
+    let export = format!(
+        "vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path={}",
+        live.display()
+    );
+    let monitor = format!("socket,id=m0,path={},server=on,wait=off", live.display());
+    let cases: [&[&str]; 2] = [
+        &[
+            "--blockdev",
+            "driver=null-co,node-name=n0",
+            "--export",
+            &export,
+        ],
+        &["--chardev", &monitor, "--monitor", "chardev=m0"],
+    ];
+    for args in cases {
+        let (code, err) = run_briefly(args);
+        assert_eq!(code, Some(1), "{args:?}: {err}");
+        assert!(err.contains("a server is listening"), "{args:?}: {err}");
+        let _probe = UnixStream::connect(&live).expect("the live server keeps its path");
+    }
+    // Two exports of one daemon on the same path: the second is refused.
+    let dup = dir.path().join("dup.sock");
+    let e = |id: &str, node: &str| {
+        format!(
+            "vhost-user-blk,id={id},node-name={node},addr.type=unix,addr.path={}",
+            dup.display()
+        )
+    };
+    let (e0, e1) = (e("e0", "n0"), e("e1", "n1"));
+    let (code, err) = run_briefly(&[
+        "--blockdev",
+        "driver=null-co,node-name=n0",
+        "--blockdev",
+        "driver=null-co,node-name=n1",
+        "--export",
+        &e0,
+        "--export",
+        &e1,
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("e1") && err.contains("a server is listening"),
+        "{err}"
+    );
+    // A dead server's socket file is replaced.
+    drop(listener);
+    let dir = tempfile::tempdir().unwrap();
+    drop(std::os::unix::net::UnixListener::bind(dir.path().join("vub.sock")).unwrap());
+    let d = Daemon::start_in(
+        dir,
+        &[
+            "--blockdev",
+            "driver=null-co,node-name=n0",
+            "--export",
+            "vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path={sock}",
+        ],
+    );
+    let mut vm = Vm::connect(&d.socket, VmOptions::default());
+    assert_eq!(vm.flush(0), S_OK);
 }
