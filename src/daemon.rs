@@ -5,8 +5,9 @@
 //!   block SIGTERM/SIGINT -> [daemonize] -> lock pidfile -> State::add_blockdev
 //!          (Graph) -> State::bind_export (socket) -> write pidfile
 //!          -> start exports and monitors
-//!   SIGTERM/SIGINT/quit -> quiesce exports -> drain -> flush every node
-//!          -> remove sockets and pidfile -> exit 0
+//!   SIGTERM/SIGINT/quit -> quiesce exports, fail parked requests -> drain
+//!          -> flush every node -> remove sockets and pidfile
+//!          -> exit 0 (1 if a parked write was dropped or a flush failed)
 //! ```
 //!
 //! Locking: `graph` and `exports` are taken by management only (start-up,
@@ -57,6 +58,9 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    /// Exit status 1: data did not reach the disk.
+    #[error("shutdown lost data: {reason}")]
+    Shutdown { reason: String },
     #[error("cannot daemonize")]
     Daemonize(#[source] std::io::Error),
     #[error("cannot set up signal handling")]
@@ -472,13 +476,17 @@ impl State {
     }
 
     /// Stops taking requests, waits for those in flight, flushes every node.
-    pub fn shutdown(&self) {
+    /// Requests parked by the `stop` policy fail at once (nobody will
+    /// `cont`). Err lists what did not reach the disk: dropped writes,
+    /// failed flushes.
+    pub fn shutdown(&self) -> Result<(), Vec<String>> {
+        let mut lost = Vec::new();
         // Jobs first: none may write once nodes are flushed and closed.
         crate::jobs::cancel_all(SHUTDOWN_DRAIN_TIMEOUT);
         let exports = self.export_states();
         for e in &exports {
             e.quiesce();
-            e.abort_parked();
+            e.abort_parked_for_shutdown();
         }
         for e in &exports {
             if !e.with_throttling_off(|| e.in_flight().wait_idle(SHUTDOWN_DRAIN_TIMEOUT)) {
@@ -490,10 +498,36 @@ impl State {
                 );
             }
         }
+        for e in &exports {
+            let d = e.dropped();
+            if d.writes > 0 {
+                let msg = format!(
+                    "export {}: {} parked write request(s) dropped ({} bytes{}): \
+                     the guest was told they failed; their data is not in the image",
+                    e.config.id,
+                    d.writes,
+                    d.write_bytes,
+                    d.first
+                        .map(|f| format!(" at offsets {f}..{}", d.end))
+                        .unwrap_or_default()
+                );
+                log::error!("{msg}");
+                lost.push(msg);
+            }
+            if d.reads > 0 {
+                log::warn!(
+                    "export {}: {} parked read request(s) failed",
+                    e.config.id,
+                    d.reads
+                );
+            }
+        }
         let nodes: Vec<Arc<Node>> = self.graph().nodes().cloned().collect();
         for node in &nodes {
             if let Err(e) = futures::executor::block_on(node.flush()) {
-                log::error!("flush of node {} failed: {e}", node.name());
+                let msg = format!("flush of node {} failed: {e}", node.name());
+                log::error!("{msg}");
+                lost.push(msg);
             }
         }
         // Parents before children: a format writes its metadata into its
@@ -502,6 +536,11 @@ impl State {
         order.sort_by_key(|n| std::cmp::Reverse(depth_below(n)));
         for node in order {
             node.close();
+        }
+        if lost.is_empty() {
+            Ok(())
+        } else {
+            Err(lost)
         }
     }
 }
@@ -715,7 +754,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
 
     let sig = signals.wait();
     log::info!("signal {sig}: draining and flushing");
-    state.shutdown();
+    let outcome = state.shutdown();
     for s in state.socket_paths().iter().chain(&monitor_sockets) {
         let _ = std::fs::remove_file(s);
     }
@@ -724,6 +763,11 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         // that is about to go.
         let _ = std::fs::remove_file(&p.path);
         drop(p.held);
+    }
+    if let Err(lost) = outcome {
+        return Err(DaemonError::Shutdown {
+            reason: lost.join("; "),
+        });
     }
     log::info!("exiting");
     Ok(())

@@ -597,3 +597,101 @@ fn start_up_refuses_export_and_monitor_paths_a_live_server_listens_on() {
     let mut vm = Vm::connect(&d.socket, VmOptions::default());
     assert_eq!(vm.flush(0), S_OK);
 }
+
+/// A small tmpfs, lazily unmounted when dropped (the test runs as root).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: std::path::PathBuf, size: &str) -> Tmpfs {
+        std::fs::create_dir(&at).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&at)
+            .output()
+            .expect("mount");
+        assert!(
+            out.status.success(),
+            "cannot mount a tmpfs (the test needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(at)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn sigterm_with_writes_parked_on_a_full_disk_exits_at_once_and_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = Tmpfs::mount(dir.path().join("small"), "1M");
+    let img = small.0.join("full.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let file = format!("driver=file,node-name=f0,filename={}", img.display());
+    let mut d = Daemon::start_in(
+        dir,
+        &[
+            "--blockdev",
+            &file,
+            "--blockdev",
+            "driver=raw,node-name=d0,file=f0",
+            "--export",
+            "vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={sock},\
+             writable=on,on-write-error=stop",
+        ],
+    );
+    let mut vm = Vm::connect(&d.socket, VmOptions::default());
+    // 2 MiB of writes onto a 1 MiB file system: the last ones park.
+    let len = 64 << 10;
+    let mut statuses = Vec::new();
+    for i in 0..32u64 {
+        let h = vm.write_header(T_OUT, i * len / 512);
+        let data = vm.alloc(len);
+        let s = vm.status_buf();
+        vm.queues[0].add_chain(
+            &vm.mem,
+            &[Desc::r(h, 16), Desc::r(data, len as u32), Desc::w(s, 1)],
+        );
+        statuses.push(s);
+    }
+    vm.queues[0].kick();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !d.log().contains("stopped after an I/O error") {
+        assert!(Instant::now() < deadline, "no write parked:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut child = d.child.take().unwrap();
+    // SAFETY: kill only takes a pid and a signal number.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    // The shutdown drain waits up to 30 s for requests in flight; parked
+    // ones must not count.
+    let status = wait_timeout(&mut child, Duration::from_secs(15));
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("still running 15 s after SIGTERM:\n{}", d.log());
+    }
+    let status = status.unwrap();
+    let log = d.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("parked write"), "{log}");
+    let done = vm.queues[0].used_idx(&vm.mem);
+    let failed = statuses
+        .iter()
+        .filter(|s| vm.status_at(**s) == S_IOERR)
+        .count();
+    assert!(failed >= 1, "{done} completed, none failed:\n{log}");
+    assert!(
+        log.contains(&format!("{failed} parked write")),
+        "{failed} writes failed:\n{log}"
+    );
+}
