@@ -641,24 +641,48 @@ struct Pidfile {
     path: PathBuf,
     /// The locked file(s): the one found at the path, then the one written.
     held: Vec<std::fs::File>,
+    /// Whether we created the file at the path (removed if start-up fails).
+    created: bool,
+    written: bool,
+}
+
+impl Drop for Pidfile {
+    /// A start-up that failed leaves no empty pidfile of its own behind
+    /// (removed while still locked).
+    fn drop(&mut self) {
+        if self.created && !self.written {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 impl Pidfile {
     /// Opens (or creates) the pidfile, never through a symlink, and locks
     /// it; nothing is written yet.
     fn lock(path: &Path) -> Result<Pidfile, DaemonError> {
-        let f = open_nofollow(path, 0).map_err(|source| DaemonError::Pidfile {
+        let err = |source| DaemonError::Pidfile {
             path: path.to_path_buf(),
             source,
-        })?;
-        lock_whole_file(&f).map_err(|source| DaemonError::PidfileLocked {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Ok(Pidfile {
+        };
+        let (f, created) = match open_nofollow(path, libc::O_EXCL) {
+            Ok(f) => (f, true),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                (open_nofollow(path, 0).map_err(err)?, false)
+            }
+            Err(e) => return Err(err(e)),
+        };
+        let locked = lock_whole_file(&f);
+        let pidfile = Pidfile {
             path: path.to_path_buf(),
             held: vec![f],
-        })
+            created: created && locked.is_ok(),
+            written: false,
+        };
+        locked.map_err(|source| DaemonError::PidfileLocked {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(pidfile)
     }
 
     /// Writes our pid through a temporary sibling renamed over the pidfile
@@ -693,6 +717,7 @@ impl Pidfile {
             return Err(err(e));
         }
         self.held.push(f);
+        self.written = true;
         Ok(())
     }
 }
@@ -762,7 +787,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         // Removed while still locked: a new instance cannot lock a file
         // that is about to go.
         let _ = std::fs::remove_file(&p.path);
-        drop(p.held);
+        drop(p);
     }
     if let Err(lost) = outcome {
         return Err(DaemonError::Shutdown {

@@ -708,3 +708,24 @@ fn sigterm_with_writes_parked_on_a_full_disk_exits_at_once_and_non_zero() {
         "{failed} writes failed:\n{log}"
     );
 }
+
+#[test]
+fn a_start_up_failure_leaves_no_pidfile_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("d.pid");
+    let sock = dir.path().join("s.sock");
+    let export = format!(
+        "vhost-user-blk,id=e0,node-name=missing,addr.type=unix,addr.path={}",
+        sock.display()
+    );
+    let (code, err) = run_briefly(&[
+        "--blockdev",
+        "driver=null-co,node-name=n0",
+        "--export",
+        &export,
+        "--pidfile",
+        pidfile.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(!pidfile.exists(), "{err}");
+}
