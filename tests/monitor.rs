@@ -729,3 +729,55 @@ fn a_start_up_failure_leaves_no_pidfile_behind() {
     assert_eq!(code, Some(1), "{err}");
     assert!(!pidfile.exists(), "{err}");
 }
+
+#[test]
+fn blockdev_add_of_an_image_that_broke_the_parser_never_costs_a_client_slot() {
+    // issue 15: backing_file_offset = 2^64-1 made the header parser panic;
+    // each such blockdev-add took a client slot for good, and after 64 the
+    // monitor refused everyone. Whatever the parser answers now (a panic
+    // caught, or a proper error), it answers, and the monitor serves on.
+    let d = monitor_daemon(&[], &[("RUST_BACKTRACE", "0")]);
+    let img = d.dir.path().join("bad.qcow2");
+    common::client::qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "1M"]);
+    let mut bytes = std::fs::read(&img).unwrap();
+    bytes[8..16].copy_from_slice(&u64::MAX.to_be_bytes());
+    bytes[16..20].copy_from_slice(&10u32.to_be_bytes());
+    std::fs::write(&img, bytes).unwrap();
+    session(&d.socket).expect("first session");
+    let base = settle(d.pid());
+    for i in 0..70 {
+        let mut c = Raw::negotiated(&d.socket);
+        let r = c.cmd(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": format!("q{i}"),
+                   "file": {"driver": "file", "filename": img}}),
+        );
+        assert_eq!(r["error"]["class"], "GenericError", "call {i}: {r}");
+    }
+    // Nothing of the failed opens stays: no node, no open file.
+    let mut c = Raw::negotiated(&d.socket);
+    let r = c.cmd("query-named-block-nodes", json!({}));
+    assert_eq!(r, json!({"return": []}));
+    drop(c);
+    let after = settle(d.pid());
+    assert_eq!((after.0, after.1), (base.0, base.1), "fds and threads");
+    // At start-up, the same image is an error (exit 1), not a crash.
+    let opts = format!(
+        "driver=qcow2,node-name=q,file.driver=file,file.filename={}",
+        img.display()
+    );
+    let mon = format!(
+        "socket,id=m1,path={},server=on,wait=off",
+        d.dir.path().join("m1.sock").display()
+    );
+    let (code, err) = run_briefly(&[
+        "--blockdev",
+        &opts,
+        "--chardev",
+        &mon,
+        "--monitor",
+        "chardev=m1",
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("node q") || err.contains("'q'"), "{err}");
+}
