@@ -2,11 +2,12 @@
 //! at run time (QMP), and its start-up and shutdown.
 //!
 //! ```text
-//!   block SIGTERM/SIGINT -> [daemonize] -> Config -> State::add_blockdev
-//!          (Graph) -> State::bind_export (socket) -> pidfile
+//!   block SIGTERM/SIGINT -> [daemonize] -> lock pidfile -> State::add_blockdev
+//!          (Graph) -> State::bind_export (socket) -> write pidfile
 //!          -> start exports and monitors
-//!   SIGTERM/SIGINT/quit -> quiesce exports -> drain -> flush every node
-//!          -> remove sockets and pidfile -> exit 0
+//!   SIGTERM/SIGINT/quit -> quiesce exports, fail parked requests -> drain
+//!          -> flush every node -> remove sockets and pidfile
+//!          -> exit 0 (1 if a parked write was dropped or a flush failed)
 //! ```
 //!
 //! Locking: `graph` and `exports` are taken by management only (start-up,
@@ -50,6 +51,16 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    /// qemu-storage-daemon's words.
+    #[error("cannot create pid file {path}: Cannot lock pid file (another instance runs?)")]
+    PidfileLocked {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Exit status 1: data did not reach the disk.
+    #[error("shutdown lost data: {reason}")]
+    Shutdown { reason: String },
     #[error("cannot daemonize")]
     Daemonize(#[source] std::io::Error),
     #[error("cannot set up signal handling")]
@@ -95,6 +106,15 @@ impl State {
             commands: Mutex::new(()),
             events: crate::events::global().clone(),
         })
+    }
+
+    /// x-debug-panic (debug builds, for tests): panics holding the graph
+    /// and the export table, as a bug in a command would.
+    #[cfg(debug_assertions)]
+    pub fn debug_panic(&self) -> ! {
+        let _graph = self.graph();
+        let _exports = lock(&self.exports);
+        panic!("x-debug-panic: a panic on purpose");
     }
 
     pub fn graph(&self) -> MutexGuard<'_, Graph> {
@@ -456,13 +476,17 @@ impl State {
     }
 
     /// Stops taking requests, waits for those in flight, flushes every node.
-    pub fn shutdown(&self) {
+    /// Requests parked by the `stop` policy fail at once (nobody will
+    /// `cont`). Err lists what did not reach the disk: dropped writes,
+    /// failed flushes.
+    pub fn shutdown(&self) -> Result<(), Vec<String>> {
+        let mut lost = Vec::new();
         // Jobs first: none may write once nodes are flushed and closed.
         crate::jobs::cancel_all(SHUTDOWN_DRAIN_TIMEOUT);
         let exports = self.export_states();
         for e in &exports {
             e.quiesce();
-            e.abort_parked();
+            e.abort_parked_for_shutdown();
         }
         for e in &exports {
             if !e.with_throttling_off(|| e.in_flight().wait_idle(SHUTDOWN_DRAIN_TIMEOUT)) {
@@ -474,10 +498,36 @@ impl State {
                 );
             }
         }
+        for e in &exports {
+            let d = e.dropped();
+            if d.writes > 0 {
+                let msg = format!(
+                    "export {}: {} parked write request(s) dropped ({} bytes{}): \
+                     the guest was told they failed; their data is not in the image",
+                    e.config.id,
+                    d.writes,
+                    d.write_bytes,
+                    d.first
+                        .map(|f| format!(" at offsets {f}..{}", d.end))
+                        .unwrap_or_default()
+                );
+                log::error!("{msg}");
+                lost.push(msg);
+            }
+            if d.reads > 0 {
+                log::warn!(
+                    "export {}: {} parked read request(s) failed",
+                    e.config.id,
+                    d.reads
+                );
+            }
+        }
         let nodes: Vec<Arc<Node>> = self.graph().nodes().cloned().collect();
         for node in &nodes {
             if let Err(e) = futures::executor::block_on(node.flush()) {
-                log::error!("flush of node {} failed: {e}", node.name());
+                let msg = format!("flush of node {} failed: {e}", node.name());
+                log::error!("{msg}");
+                lost.push(msg);
             }
         }
         // Parents before children: a format writes its metadata into its
@@ -486,6 +536,11 @@ impl State {
         order.sort_by_key(|n| std::cmp::Reverse(depth_below(n)));
         for node in order {
             node.close();
+        }
+        if lost.is_empty() {
+            Ok(())
+        } else {
+            Err(lost)
         }
     }
 }
@@ -547,16 +602,36 @@ fn redirect_stdio_to_null() {
     }
 }
 
-fn write_pidfile(path: &Path) -> Result<(), DaemonError> {
-    let err = |source| DaemonError::Pidfile {
-        path: path.to_path_buf(),
-        source,
-    };
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(err)?;
-    writeln!(f, "{}", std::process::id()).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)?;
+/// Opens `path` with `flags` added to O_CLOEXEC|O_NOFOLLOW: a symlink
+/// there is an error (ELOOP), never followed.
+fn open_nofollow(path: &Path, flags: libc::c_int) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true)
+        .mode(0o644)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | flags);
+    if flags & libc::O_EXCL != 0 {
+        o.create_new(true);
+    } else {
+        o.create(true);
+    }
+    o.open(path)
+}
+
+/// Takes a write lock on all of `f` without waiting. An open file
+/// description lock, which conflicts with the POSIX lock QEMU's
+/// qemu_write_pidfile takes (and is not lost when another descriptor of
+/// the file is closed).
+fn lock_whole_file(f: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: an all-zero flock is a valid value of this plain C struct.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: F_OFD_SETLK on an fd we own, with a live flock to read.
+    if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &fl) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     Ok(())
 }
 
@@ -586,6 +661,93 @@ fn raise_open_files_limit() {
     }
 }
 
+/// The pidfile, locked from start-up to exit: a second instance with the
+/// same pidfile fails to lock it and refuses to start.
+struct Pidfile {
+    path: PathBuf,
+    /// The locked file(s): the one found at the path, then the one written.
+    held: Vec<std::fs::File>,
+    /// Whether we created the file at the path (removed if start-up fails).
+    created: bool,
+    written: bool,
+}
+
+impl Drop for Pidfile {
+    /// A start-up that failed leaves no empty pidfile of its own behind
+    /// (removed while still locked).
+    fn drop(&mut self) {
+        if self.created && !self.written {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+impl Pidfile {
+    /// Opens (or creates) the pidfile, never through a symlink, and locks
+    /// it; nothing is written yet.
+    fn lock(path: &Path) -> Result<Pidfile, DaemonError> {
+        let err = |source| DaemonError::Pidfile {
+            path: path.to_path_buf(),
+            source,
+        };
+        let (f, created) = match open_nofollow(path, libc::O_EXCL) {
+            Ok(f) => (f, true),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                (open_nofollow(path, 0).map_err(err)?, false)
+            }
+            Err(e) => return Err(err(e)),
+        };
+        let locked = lock_whole_file(&f);
+        let pidfile = Pidfile {
+            path: path.to_path_buf(),
+            held: vec![f],
+            created: created && locked.is_ok(),
+            written: false,
+        };
+        locked.map_err(|source| DaemonError::PidfileLocked {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(pidfile)
+    }
+
+    /// Writes our pid through a temporary sibling renamed over the pidfile
+    /// (a reader sees the old file or the whole new one). The sibling is
+    /// created exclusively and not through a symlink, and locked before it
+    /// takes the pidfile's name, so the lock never lapses.
+    fn write_pid(&mut self) -> Result<(), DaemonError> {
+        let err = |source| DaemonError::Pidfile {
+            path: self.path.clone(),
+            source,
+        };
+        let tmp = self.path.with_extension("tmp");
+        let excl = libc::O_EXCL;
+        let mut f = match open_nofollow(&tmp, excl) {
+            // Left by an instance that died, or planted (a symlink): we hold
+            // the pidfile's lock, so the name is ours. remove_file removes a
+            // symlink itself, not what it points to.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                std::fs::remove_file(&tmp).map_err(err)?;
+                open_nofollow(&tmp, excl).map_err(err)?
+            }
+            r => r.map_err(err)?,
+        };
+        let r = (|| {
+            lock_whole_file(&f)?;
+            writeln!(f, "{}", std::process::id())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &self.path)
+        })();
+        if let Err(e) = r {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(err(e));
+        }
+        self.held.push(f);
+        self.written = true;
+        Ok(())
+    }
+}
+
 /// Runs the daemon until SIGTERM, SIGINT or QMP `quit`, then shuts down
 /// cleanly.
 pub fn run(config: Config) -> Result<(), DaemonError> {
@@ -602,6 +764,8 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     } else {
         None
     };
+    // Locked before anything is bound: a second instance stops here.
+    let mut pidfile = config.pidfile.as_deref().map(Pidfile::lock).transpose()?;
     let engine = EngineKind::probe();
     log::info!("I/O engine: {}", engine.name());
     let state = State::new(engine);
@@ -623,8 +787,8 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     for m in &config.monitors {
         monitors.push(Monitor::bind(m, state.clone())?);
     }
-    if let Some(p) = &config.pidfile {
-        write_pidfile(p)?;
+    if let Some(p) = pidfile.as_mut() {
+        p.write_pid()?;
     }
     for server in servers {
         state.start_export(server)?;
@@ -642,12 +806,20 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
 
     let sig = signals.wait();
     log::info!("signal {sig}: draining and flushing");
-    state.shutdown();
+    let outcome = state.shutdown();
     for s in state.socket_paths().iter().chain(&monitor_sockets) {
         let _ = std::fs::remove_file(s);
     }
-    if let Some(p) = &config.pidfile {
-        let _ = std::fs::remove_file(p);
+    if let Some(p) = pidfile {
+        // Removed while still locked: a new instance cannot lock a file
+        // that is about to go.
+        let _ = std::fs::remove_file(&p.path);
+        drop(p);
+    }
+    if let Err(lost) = outcome {
+        return Err(DaemonError::Shutdown {
+            reason: lost.join("; "),
+        });
     }
     log::info!("exiting");
     Ok(())

@@ -2,19 +2,27 @@
 //! ...). Emitting only queues the event; a delivery thread hands it to every
 //! subscriber, so an iothread never waits for a slow monitor client.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use serde_json::Value;
 
-type Sink = Box<dyn Fn(&Value) -> bool + Send>;
+type Sink = (u64, Box<dyn Fn(&Value) -> bool + Send>);
 
-/// Subscribers of events; a sink that returns false is removed.
+/// Subscribers of events; a sink that returns false is removed, and
+/// [`EventBus::unsubscribe`] removes one (with whatever it holds, such as a
+/// monitor client's socket) at once.
 #[derive(Clone)]
 pub struct EventBus {
     sinks: Arc<Mutex<Vec<Sink>>>,
     queue: Sender<Value>,
+    next_id: Arc<AtomicU64>,
 }
+
+/// Names a subscription, for [`EventBus::unsubscribe`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SubscriptionId(u64);
 
 impl Default for EventBus {
     fn default() -> Self {
@@ -28,22 +36,36 @@ impl Default for EventBus {
                     deliver
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .retain(|s| s(&ev));
+                        .retain(|(_, s)| s(&ev));
                 }
             });
         if let Err(e) = spawned {
             log::error!("cannot start the event thread: {e}");
         }
-        EventBus { sinks, queue }
+        EventBus {
+            sinks,
+            queue,
+            next_id: Arc::default(),
+        }
     }
 }
 
 impl EventBus {
-    pub fn subscribe(&self, sink: impl Fn(&Value) -> bool + Send + 'static) {
+    pub fn subscribe(&self, sink: impl Fn(&Value) -> bool + Send + 'static) -> SubscriptionId {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.sinks
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(Box::new(sink));
+            .push((id, Box::new(sink)));
+        SubscriptionId(id)
+    }
+
+    /// Drops the sink `id` (if an event had not dropped it already).
+    pub fn unsubscribe(&self, id: SubscriptionId) {
+        self.sinks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(i, _)| *i != id.0);
     }
 
     /// Queues `name` with `data`, stamped with the current time.

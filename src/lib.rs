@@ -26,6 +26,7 @@ pub mod opts;
 pub mod qmp;
 pub mod signals;
 pub mod snapshot;
+pub mod sockpath;
 pub mod throttle;
 pub mod vhost_user;
 pub mod virtio_blk;

@@ -50,7 +50,24 @@ impl Graph {
         }
         let read_only = opts.read_only();
         let before: Vec<String> = self.nodes.keys().cloned().collect();
-        let driver = match Driver::open(opts, self) {
+        // A panic while opening (a bug, such as a parser that trusts image
+        // content) is an error like any other: the children opened for
+        // the node are dropped below, not left open in the graph.
+        let opened =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Driver::open(opts, self)))
+                .unwrap_or_else(|p| {
+                    let msg = p
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| p.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    log::error!("node {name}: opening panicked: {msg}");
+                    Err(GraphError::Open {
+                        node: name.clone(),
+                        reason: format!("internal error while opening: {msg}"),
+                    })
+                });
+        let driver = match opened {
             Ok(d) => d,
             Err(e) => {
                 // Children opened for this node go with it.

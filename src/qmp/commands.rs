@@ -281,6 +281,10 @@ pub fn dispatch(
             class: ErrorClass::CommandNotFound,
             desc: "Capabilities negotiation is already complete, command ignored".into(),
         }),
+        // Debug builds only, for tests: a command that panics, as a bug
+        // would, holding the management locks.
+        #[cfg(debug_assertions)]
+        "x-debug-panic" => state.debug_panic(),
         "query-version" => {
             no_args(cmd)?;
             let (major, minor, micro) = version();

@@ -15,11 +15,12 @@ pub mod protocol;
 mod reader;
 
 use std::io::{self, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -28,8 +29,15 @@ use crate::daemon::State;
 use protocol::QmpError;
 use reader::{JsonReader, ReadError};
 
-/// Clients served at once; more are refused.
-const MAX_CLIENTS: usize = 64;
+/// Clients served at once; when full, a new client takes the slot of the
+/// oldest one that has not negotiated, or is refused if all have.
+pub const MAX_CLIENTS: usize = 64;
+
+/// How long a client may take from connecting to `qmp_capabilities`.
+pub const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Overrides [`NEGOTIATION_TIMEOUT`], in milliseconds (for tests).
+pub const NEGOTIATION_TIMEOUT_ENV: &str = "VUB_QMP_NEGOTIATION_TIMEOUT_MS";
 
 #[derive(Debug, thiserror::Error)]
 pub enum MonitorError {
@@ -46,21 +54,51 @@ pub struct Monitor {
     path: PathBuf,
     pretty: bool,
     state: Arc<State>,
+    negotiation_timeout: Duration,
+}
+
+/// A connected client, as the accept thread sees it.
+struct Client {
+    id: u64,
+    since: Instant,
+    negotiated: Arc<AtomicBool>,
+    stream: Arc<UnixStream>,
+}
+
+type Clients = Arc<Mutex<Vec<Client>>>;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Frees a client's slot when its thread ends, however it ends.
+struct Slot {
+    id: u64,
+    clients: Clients,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        lock(&self.clients).retain(|c| c.id != self.id);
+    }
+}
+
+fn negotiation_timeout() -> Duration {
+    std::env::var(NEGOTIATION_TIMEOUT_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(NEGOTIATION_TIMEOUT, Duration::from_millis)
 }
 
 impl Monitor {
-    /// Listens on the monitor's socket (a stale socket file is replaced).
+    /// Listens on the monitor's socket (a stale socket file is replaced;
+    /// one a live server listens on is not).
     pub fn bind(cfg: &MonitorConfig, state: Arc<State>) -> Result<Monitor, MonitorError> {
         let err = |source| MonitorError::Listen {
             path: cfg.path.clone(),
             source,
         };
-        if let Ok(meta) = std::fs::symlink_metadata(&cfg.path) {
-            use std::os::unix::fs::FileTypeExt;
-            if meta.file_type().is_socket() {
-                std::fs::remove_file(&cfg.path).map_err(err)?;
-            }
-        }
+        crate::sockpath::remove_stale(&cfg.path, false).map_err(err)?;
         let listener = UnixListener::bind(&cfg.path).map_err(err)?;
         log::info!("QMP monitor on {}", cfg.path.display());
         Ok(Monitor {
@@ -68,6 +106,7 @@ impl Monitor {
             path: cfg.path.clone(),
             pretty: cfg.pretty,
             state,
+            negotiation_timeout: negotiation_timeout(),
         })
     }
 
@@ -83,34 +122,132 @@ impl Monitor {
             .map(|_| ())
     }
 
+    /// Closes the clients that did not negotiate in time; returns how long
+    /// until the next one's time is up.
+    fn reap(&self, clients: &Clients) -> Option<Duration> {
+        let now = Instant::now();
+        let mut list = lock(clients);
+        list.retain(|c| {
+            let late = !c.negotiated.load(Ordering::Acquire)
+                && now.duration_since(c.since) >= self.negotiation_timeout;
+            if late {
+                log::warn!(
+                    "QMP client closed: no qmp_capabilities within {:?}",
+                    self.negotiation_timeout
+                );
+                let _ = c.stream.shutdown(std::net::Shutdown::Both);
+            }
+            !late
+        });
+        list.iter()
+            .filter(|c| !c.negotiated.load(Ordering::Acquire))
+            .map(|c| (c.since + self.negotiation_timeout).saturating_duration_since(now))
+            .min()
+    }
+
+    /// Waits until a connection is ready to accept (true) or `timeout`
+    /// passes (false).
+    fn wait_readable(&self, timeout: Option<Duration>) -> io::Result<bool> {
+        let ms = timeout.map_or(-1, |t| {
+            // Round up: waking before the deadline only loops once more.
+            i32::try_from(t.as_millis().saturating_add(1)).unwrap_or(i32::MAX)
+        });
+        let mut pfd = libc::pollfd {
+            fd: self.listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one live pollfd, for the listener we own.
+        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                return Ok(false);
+            }
+            return Err(e);
+        }
+        Ok(r > 0)
+    }
+
     fn run(self) {
-        let clients = Arc::new(AtomicUsize::new(0));
-        for stream in self.listener.incoming() {
-            let stream = match stream {
-                Ok(s) => s,
+        let clients: Clients = Arc::default();
+        let mut next_id = 0u64;
+        if let Err(e) = self.listener.set_nonblocking(true) {
+            log::warn!("QMP: cannot make the listener non-blocking: {e}");
+        }
+        loop {
+            let next_deadline = self.reap(&clients);
+            match self.wait_readable(next_deadline) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    log::warn!("QMP poll failed: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            }
+            let stream = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => {
                     log::warn!("QMP accept failed: {e}");
                     std::thread::sleep(Duration::from_millis(100));
                     continue;
                 }
             };
-            if clients.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
-                clients.fetch_sub(1, Ordering::AcqRel);
-                log::warn!("QMP: more than {MAX_CLIENTS} clients; connection refused");
+            // Accepted sockets do not inherit O_NONBLOCK, but be sure.
+            if stream.set_nonblocking(false).is_err() {
                 continue;
             }
+            let stream = Arc::new(stream);
+            let negotiated = Arc::new(AtomicBool::new(false));
+            {
+                let mut list = lock(&clients);
+                if list.len() >= MAX_CLIENTS {
+                    // The list is in order of arrival: the first one that
+                    // has not negotiated is the oldest.
+                    match list
+                        .iter()
+                        .position(|c| !c.negotiated.load(Ordering::Acquire))
+                    {
+                        Some(i) => {
+                            let old = list.remove(i);
+                            let _ = old.stream.shutdown(std::net::Shutdown::Both);
+                            log::warn!(
+                                "QMP: {MAX_CLIENTS} clients; closed the oldest one that has \
+                                 not negotiated to admit a new one"
+                            );
+                        }
+                        None => {
+                            log::warn!("QMP: {MAX_CLIENTS} negotiated clients; connection refused");
+                            continue;
+                        }
+                    }
+                }
+                next_id += 1;
+                list.push(Client {
+                    id: next_id,
+                    since: Instant::now(),
+                    negotiated: negotiated.clone(),
+                    stream: stream.clone(),
+                });
+            }
+            let slot = Slot {
+                id: next_id,
+                clients: clients.clone(),
+            };
             let state = self.state.clone();
             let pretty = self.pretty;
-            let clients = clients.clone();
             let spawned = std::thread::Builder::new()
                 .name("vub-qmp-client".into())
                 .spawn(move || {
-                    if let Err(e) = serve_client(stream, state, pretty) {
+                    let _slot = slot;
+                    if let Err(e) = serve_client(stream, state, pretty, negotiated) {
                         log::debug!("QMP client ended: {e}");
                     }
-                    clients.fetch_sub(1, Ordering::AcqRel);
                 });
             if spawned.is_err() {
+                // The closure (and with it the slot) was dropped.
                 log::warn!("QMP: cannot start a client thread");
             }
         }
@@ -120,7 +257,9 @@ impl Monitor {
 /// The sending half of a client connection, shared with the event bus.
 #[derive(Clone)]
 struct Sender {
-    stream: Arc<Mutex<UnixStream>>,
+    stream: Arc<UnixStream>,
+    /// One message at a time: a reply and an event never interleave.
+    writing: Arc<Mutex<()>>,
     pretty: bool,
 }
 
@@ -133,31 +272,58 @@ impl Sender {
         }
         .map_err(io::Error::other)?;
         text.push_str("\r\n");
-        let mut s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
-        s.write_all(text.as_bytes())
+        let _one = lock(&self.writing);
+        (&*self.stream).write_all(text.as_bytes())
     }
 }
 
-fn serve_client(stream: UnixStream, state: Arc<State>, pretty: bool) -> io::Result<()> {
-    let handle = stream.try_clone()?;
-    let r = session(stream, state, pretty);
-    // The event bus may hold a clone of the stream: close the connection
-    // for real, so that the client sees it end.
-    let _ = handle.shutdown(std::net::Shutdown::Both);
+fn serve_client(
+    stream: Arc<UnixStream>,
+    state: Arc<State>,
+    pretty: bool,
+    negotiated: Arc<AtomicBool>,
+) -> io::Result<()> {
+    let mut subscription = None;
+    let r = session(&stream, &state, pretty, &negotiated, &mut subscription);
+    // Close the connection for real, so that the client sees it end, and
+    // drop the event bus's hold on it: the socket is closed once the last
+    // reference goes with this thread.
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    if let Some(id) = subscription {
+        state.events.unsubscribe(id);
+    }
     r
 }
 
-fn session(stream: UnixStream, state: Arc<State>, pretty: bool) -> io::Result<()> {
+/// The message of a panic's payload.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> &str {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        s
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s
+    } else {
+        "(no message)"
+    }
+}
+
+fn session(
+    stream: &Arc<UnixStream>,
+    state: &Arc<State>,
+    pretty: bool,
+    negotiated_flag: &AtomicBool,
+    subscription: &mut Option<crate::events::SubscriptionId>,
+) -> io::Result<()> {
     // A client that stops reading must not stall commands or events.
     stream.set_write_timeout(Some(Duration::from_secs(5)))?;
     let sender = Sender {
-        stream: Arc::new(Mutex::new(stream.try_clone()?)),
+        stream: stream.clone(),
+        writing: Arc::default(),
         pretty,
     };
     let (major, minor, micro) = commands::version();
     sender.send(&protocol::greeting(major, minor, micro, commands::PACKAGE))?;
     let mut negotiated = false;
-    let mut reader = JsonReader::new(stream);
+    let mut reader = JsonReader::new(&**stream);
     loop {
         let value = match reader.next_value() {
             Ok(Some(v)) => v,
@@ -184,13 +350,30 @@ fn session(stream: UnixStream, state: Arc<State>, pretty: bool) -> io::Result<()
             }
         };
         let was_negotiated = negotiated;
-        let outcome = commands::dispatch(&state, &cmd, &mut negotiated);
+        // A panic is a bug; it must not take the connection (or the
+        // client's slot) with it. The management locks it may have held
+        // are taken with into_inner() everywhere, so they stay usable.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            commands::dispatch(state, &cmd, &mut negotiated)
+        }))
+        .unwrap_or_else(|p| {
+            let msg = panic_message(&*p);
+            log::error!("QMP command '{}' panicked: {msg}", cmd.name);
+            Err(QmpError::generic(format!(
+                "internal error in '{}': {msg}",
+                cmd.name
+            )))
+        });
+        if negotiated && !was_negotiated {
+            // Before the reply: once the client has it, its slot is safe.
+            negotiated_flag.store(true, Ordering::Release);
+        }
         match outcome {
             Ok(done) => {
                 sender.send(&protocol::reply(done.value, cmd.id.clone()))?;
                 if negotiated && !was_negotiated {
                     let events = sender.clone();
-                    state.events.subscribe(move |ev| events.send(ev).is_ok());
+                    *subscription = Some(state.events.subscribe(move |ev| events.send(ev).is_ok()));
                 }
                 if done.quit {
                     log::info!("QMP quit");

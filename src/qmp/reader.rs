@@ -15,6 +15,82 @@ pub const MAX_VALUE: usize = 1 << 20;
 /// Deepest accepted nesting.
 pub const MAX_DEPTH: usize = 64;
 
+/// QEMU's json-parser.c refuses an object with a key twice.
+const DUPLICATE_KEY: &str = "duplicate key";
+
+/// A JSON value in which no object has a key twice (serde_json's own Value
+/// keeps the last: `{"execute": "query-version", "execute": "quit"}` would
+/// quit).
+struct Strict(Value);
+
+impl<'de> serde::Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut v = Vec::new();
+        while let Some(Strict(e)) = seq.next_element()? {
+            v.push(e);
+        }
+        Ok(Value::Array(v))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut m = serde_json::Map::new();
+        while let Some(k) = map.next_key::<String>()? {
+            if m.contains_key(&k) {
+                return Err(serde::de::Error::custom(DUPLICATE_KEY));
+            }
+            let Strict(v) = map.next_value()?;
+            m.insert(k, v);
+        }
+        Ok(Value::Object(m))
+    }
+}
+
 #[derive(Debug)]
 pub enum ReadError {
     /// Not JSON (or not UTF-8); the connection goes on.
@@ -149,10 +225,14 @@ impl<R: Read> JsonReader<R> {
                         depth -= 1;
                         if depth == 0 {
                             let bytes = &self.buf[..i];
-                            let parsed = serde_json::from_slice::<Value>(bytes);
+                            let parsed = serde_json::from_slice::<Strict>(bytes);
                             self.pos = i;
                             return match parsed {
-                                Ok(v) => Ok(Some(v)),
+                                Ok(Strict(v)) => Ok(Some(v)),
+                                // QEMU's words, without serde's position.
+                                Err(e) if e.to_string().starts_with(DUPLICATE_KEY) => Err(
+                                    ReadError::Parse(format!("JSON parse error, {DUPLICATE_KEY}")),
+                                ),
                                 Err(e) => Err(ReadError::Parse(format!("JSON parse error, {e}"))),
                             };
                         }
@@ -202,6 +282,22 @@ mod tests {
         assert!(matches!(r.next_value(), Err(ReadError::Parse(_))));
         assert!(matches!(r.next_value(), Err(ReadError::Parse(_))));
         assert_eq!(r.next_value().unwrap().unwrap()["ok"], 1);
+    }
+
+    #[test]
+    fn duplicate_keys_are_parse_errors_at_any_depth() {
+        let mut r = reader(
+            br#"{"a": 1, "a": 1} {"a": {"b": [{"c": 1, "c": 2}]}} {"a": {"b": 1}, "b": {"b": 2}, "n": -1.5}"#,
+        );
+        for _ in 0..2 {
+            match r.next_value() {
+                Err(ReadError::Parse(d)) => assert_eq!(d, "JSON parse error, duplicate key"),
+                other => panic!("{other:?}"),
+            }
+        }
+        let v = r.next_value().unwrap().unwrap();
+        assert_eq!(v["b"]["b"], 2);
+        assert_eq!(v["n"], -1.5);
     }
 
     #[test]

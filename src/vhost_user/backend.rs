@@ -40,6 +40,19 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Submission queue entries of each iothread's io_uring.
 const RING_ENTRIES: u32 = 256;
 
+/// Parked requests (`stop` policy) that shutdown failed instead of retrying.
+#[derive(Clone, Debug, Default)]
+pub struct Dropped {
+    /// Writes, flushes, discards and write-zeroes: data the guest meant to
+    /// store and that is not in the image.
+    pub writes: u64,
+    pub write_bytes: u64,
+    /// Lowest offset and highest end of the dropped writes.
+    pub first: Option<u64>,
+    pub end: u64,
+    pub reads: u64,
+}
+
 /// The part of an export that lives across connections.
 pub struct ExportState {
     pub config: ExportConfig,
@@ -58,6 +71,10 @@ pub struct ExportState {
     resume_gen: AtomicU64,
     /// Bumped when parked requests must give up (disconnect, shutdown).
     abort_gen: AtomicU64,
+    /// Set at shutdown: a request the `stop` policy would park fails at once.
+    closing: AtomicBool,
+    /// Parked requests shutdown gave up on.
+    dropped: Mutex<Dropped>,
     /// Wakes the current connection's iothreads (one eventfd each), so that
     /// they look at their rings again when a drained section ends: the
     /// guest's kicks were consumed while the export was quiesced.
@@ -82,6 +99,8 @@ impl ExportState {
             stopped: AtomicBool::new(false),
             resume_gen: AtomicU64::new(0),
             abort_gen: AtomicU64::new(0),
+            closing: AtomicBool::new(false),
+            dropped: Mutex::new(Dropped::default()),
             wakers: Mutex::new(Vec::new()),
             notifier: Mutex::new(None),
             listener_name: Mutex::new(Vec::new()),
@@ -169,9 +188,57 @@ impl ExportState {
         self.abort_gen.fetch_add(1, Ordering::AcqRel);
         if self.stopped.swap(false, Ordering::AcqRel) {
             self.drained_end();
-        } else {
-            self.wake_iothreads();
         }
+        // Always: drained_end wakes only when the last section ends, and
+        // shutdown holds one open (the parked requests then waited out the
+        // 30 s drain).
+        self.wake_iothreads();
+    }
+
+    /// Shutdown: parked requests fail now, and none parks from now on
+    /// (the closing flag is set before the abort generation moves, so a
+    /// request that read the old generation sees the flag).
+    pub fn abort_parked_for_shutdown(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        self.abort_parked();
+    }
+
+    pub(super) fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
+    }
+
+    /// Records a request shutdown gave up on (failed to the guest).
+    pub(super) fn note_dropped(&self, kind: &crate::virtio_blk::RequestKind, write: bool) {
+        use crate::virtio_blk::RequestKind;
+        let (offset, bytes) = match kind {
+            RequestKind::Read { offset, data } | RequestKind::Write { offset, data } => {
+                (Some(*offset), data.len())
+            }
+            RequestKind::Discard { ranges } | RequestKind::WriteZeroes { ranges } => (
+                ranges.iter().map(|r| r.offset).min(),
+                ranges.iter().fold(0u64, |a, r| a.saturating_add(r.len)),
+            ),
+            RequestKind::Flush | RequestKind::GetId { .. } => (None, 0),
+        };
+        let mut d = self.dropped.lock().unwrap_or_else(|e| e.into_inner());
+        if !write {
+            d.reads = d.reads.saturating_add(1);
+            return;
+        }
+        d.writes = d.writes.saturating_add(1);
+        d.write_bytes = d.write_bytes.saturating_add(bytes);
+        if let Some(o) = offset {
+            d.first = Some(d.first.map_or(o, |f| f.min(o)));
+            d.end = d.end.max(o.saturating_add(bytes));
+        }
+    }
+
+    /// The parked requests shutdown gave up on.
+    pub fn dropped(&self) -> Dropped {
+        self.dropped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn wake_iothreads(&self) {

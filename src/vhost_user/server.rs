@@ -107,16 +107,22 @@ fn check_listening_unix_socket(fd: RawFd) -> io::Result<()> {
 }
 
 impl Server {
-    /// Opens the export's listening socket (removing a stale socket file).
+    /// Opens the export's listening socket (removing a stale socket file,
+    /// refusing a path a live server listens on).
     pub fn bind(export: Arc<ExportState>) -> Result<Server, ServerError> {
         let id = export.config.id.clone();
         let (listener, path) = match &export.config.addr {
             SocketAddress::Unix { path } => {
-                let l = Listener::new(path, true).map_err(|source| ServerError::Listen {
+                let err = |source| ServerError::Listen {
                     export: id.clone(),
                     path: path.clone(),
                     source,
-                })?;
+                };
+                // A stale file is replaced; the path of a live server
+                // (another export, another process) is not taken over.
+                crate::sockpath::remove_stale(std::path::Path::new(path), true)
+                    .map_err(|e| err(vhost::vhost_user::Error::SocketError(e)))?;
+                let l = Listener::new(path, false).map_err(err)?;
                 (l, Some(PathBuf::from(path)))
             }
             SocketAddress::Fd { str } => {

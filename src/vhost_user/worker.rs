@@ -719,6 +719,12 @@ async fn run_request(req: &virtio_blk::Request, export: &Arc<ExportState>) -> vi
             ErrorAction::Ignore => return Status::Ok,
             ErrorAction::Stop => {
                 let (resume, abort) = export.park_state();
+                let write = direction == IoDirection::Write;
+                if export.is_closing() {
+                    // Shutting down: nobody will `cont`.
+                    export.note_dropped(&req.kind, write);
+                    return Status::IoErr;
+                }
                 export.stop_on_error();
                 match (Parked {
                     export: export.clone(),
@@ -728,7 +734,12 @@ async fn run_request(req: &virtio_blk::Request, export: &Arc<ExportState>) -> vi
                 .await
                 {
                     ParkEnd::Resume => continue,
-                    ParkEnd::Abort => return Status::IoErr,
+                    ParkEnd::Abort => {
+                        if export.is_closing() {
+                            export.note_dropped(&req.kind, write);
+                        }
+                        return Status::IoErr;
+                    }
                 }
             }
             _ => return Status::IoErr,

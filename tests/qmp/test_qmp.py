@@ -333,6 +333,24 @@ def test_replies_have_the_shape_qemu_storage_daemon_gives(daemon, qsd, workdir):
     run(go())
 
 
+def test_duplicate_keys_get_the_error_qemu_storage_daemon_gives(daemon, qsd):
+    msgs = [b'{"execute": "query-version", "execute": "quit"}',
+            b'{"execute": "query-version", "id": 1, "id": 2}',
+            b'{"execute": "blockdev-add", "arguments": '
+            b'{"driver": "null-co", "node-name": "a", "node-name": "b"}}']
+    replies = []
+    for d in (daemon, qsd):
+        s, f, _ = raw_socket(d.monitor)
+        send(f, {"execute": "qmp_capabilities"})
+        replies.append([send(f, m) for m in msgs] + [send(f, {"execute": "query-named-block-nodes"})])
+        s.close()
+    ours, theirs = replies
+    assert ours == theirs
+    assert ours[0] == {"error": {"class": "GenericError", "desc": "JSON parse error, duplicate key"}}
+    assert ours[-1] == {"return": []}
+    assert daemon.alive()
+
+
 def test_stalled_and_abusive_monitor_clients_do_not_stall_guest_io(daemon, workdir):
     sock = workdir / "io.sock"
 
