@@ -977,6 +977,10 @@ fn huge_bitmap_table_size_is_refused_without_allocating() {
             );
         }
         let peak = peak_rss_kib();
+        eprintln!(
+            "bitmap_table_size {n:#x}: refused, peak RSS {} MiB",
+            peak / 1024
+        );
         assert!(peak < 256 * 1024, "{n:#x}: peak RSS {} MiB", peak / 1024);
     }
 }

@@ -442,7 +442,11 @@ impl Header {
             .ok()
             .zip(usize::try_from(end).ok())
             .and_then(|(s, e)| b.get(s..e))
-            .ok_or("the backing file name lies beyond the first cluster")?;
+            .ok_or_else(|| {
+                format!(
+                    "the backing file name (backing_file_offset {start:#x}, backing_file_size {len}) lies beyond the first cluster"
+                )
+            })?;
         let name = String::from_utf8(name.to_vec())
             .map_err(|_| "the backing file name is not UTF-8".to_string())?;
         self.backing_file = Some(name);
@@ -623,6 +627,42 @@ mod tests {
     }
 
     #[test]
+    fn backing_file_name_and_format_are_bounded() {
+        let with_name = |off: u64, len: u32| {
+            let mut b = v3(16);
+            b[8..16].copy_from_slice(&off.to_be_bytes());
+            b[16..20].copy_from_slice(&len.to_be_bytes());
+            b
+        };
+        let mut b = with_name(512, 4);
+        b[512..516].copy_from_slice(b"base");
+        let h = Header::parse(&b, 1 << 20).unwrap();
+        assert_eq!(h.backing_file.as_deref(), Some("base"));
+        // An empty name is no backing file (QEMU opens none).
+        let h = Header::parse(&with_name(512, 0), 1 << 20).unwrap();
+        assert_eq!(h.backing_file, None);
+        for (off, len) in [(512, 1024), (4000, 200), (u64::MAX, 10), (u64::MAX - 4, 10)] {
+            let e = Header::parse(&with_name(off, len), 1 << 20).unwrap_err();
+            assert!(
+                e.contains("backing_file_offset") || e.contains("backing_file_size"),
+                "{off} {len}: {e}"
+            );
+        }
+        // A backing format extension longer than QEMU's 15 bytes.
+        let mut b = v3(16);
+        b[104..108].copy_from_slice(&EXT_BACKING_FORMAT.to_be_bytes());
+        b[108..112].copy_from_slice(&16u32.to_be_bytes());
+        let e = Header::parse(&b, 1 << 20).unwrap_err();
+        assert!(e.contains("ext_backing_format"), "{e}");
+        // An extension running into the backing file name.
+        let mut b = with_name(120, 4);
+        b[104..108].copy_from_slice(&0x1234u32.to_be_bytes());
+        b[108..112].copy_from_slice(&16u32.to_be_bytes());
+        let e = Header::parse(&b, 1 << 20).unwrap_err();
+        assert!(e.contains("Header extension too large"), "{e}");
+    }
+
+    #[test]
     fn refuses_bad_fields() {
         let cases: Vec<(usize, Vec<u8>, &str)> = vec![
             (20, 30u32.to_be_bytes().to_vec(), "cluster size"),
@@ -632,6 +672,16 @@ mod tests {
             (48, 1000u64.to_be_bytes().to_vec(), "not cluster aligned"),
             (32, 1u32.to_be_bytes().to_vec(), "encrypted"),
             (4, 4u32.to_be_bytes().to_vec(), "version"),
+            (
+                8,
+                u64::MAX.to_be_bytes().to_vec(),
+                "Invalid backing file offset",
+            ),
+            (
+                8,
+                65537u64.to_be_bytes().to_vec(),
+                "backing_file_offset 0x10001",
+            ),
         ];
         for (off, bytes, msg) in cases {
             let mut b = v3(16);
