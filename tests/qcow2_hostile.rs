@@ -846,8 +846,25 @@ fn mutated_images_never_panic_and_stay_bounded() {
     for i in 0..count {
         let si = (i % seeds.len() as u64) as usize;
         let s = &seeds[si];
-        let (bytes, what) = mutate(&mut rng, s);
+        let (bytes, mut what) = mutate(&mut rng, s);
         std::fs::write(&target, &bytes).unwrap();
+        // The file's length too: cut short, or grown sparse (tables and
+        // references then lie within it; a refcount repair counts it).
+        let len = bytes.len() as u64;
+        let new_len = match rng.below(40) {
+            0 => Some(rng.below(len)),
+            1 => Some(len / s.cs / 2 * s.cs),
+            2 => Some(len + rng.pick(&[s.cs, MIB, 1 << 30, 16 << 30, 1 << 40])),
+            _ => None,
+        };
+        if let Some(n) = new_len {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&target)
+                .unwrap();
+            f.set_len(n).unwrap();
+            what.push(format!("file length {len} -> {n}"));
+        }
         let label = format!("#{i} {} [{}]", s.name, what.join(", "));
         let _ = std::fs::write(&current, &label);
         dog.set(label.clone());
@@ -1173,4 +1190,41 @@ fn snapshot_of_an_image_referencing_clusters_past_its_end_is_refused() {
         .expect("snapshot_create hangs");
     let e = r.expect_err("snapshot of a corrupt image");
     assert!(e.contains("past the end of the image file"), "{e}");
+}
+
+/// A dirty image (lazy refcounts, not closed) has its refcounts rebuilt at
+/// a writable open, counting every cluster of the file. A sparse file of
+/// 64 GiB with 512-byte clusters (2^27 clusters) made that count 1 GiB of
+/// counts, copied, and 256 MiB of new refcount blocks. The repair now
+/// counts at most 2^24 clusters and leaves larger files to qemu-img.
+#[test]
+fn refcount_repair_of_a_huge_sparse_file_is_refused() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("dirty.qcow2");
+    let s = img.to_str().unwrap();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        s,
+        "1M",
+    ]);
+    qemu_io(&img, &["write -P 0x11 0 8k"]);
+    let mut b = std::fs::read(&img).unwrap();
+    b[79] |= 1; // the dirty bit
+    std::fs::write(&img, &b).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.set_len(64 << 30).unwrap();
+    drop(f);
+    reset_peak_rss();
+    let r = open(&img, false).err();
+    let peak = peak_rss_kib();
+    eprintln!("{r:?}; peak RSS {} MiB", peak / 1024);
+    let e = r.expect("opened");
+    assert!(e.contains("qemu-img check -r all"), "{e}");
+    assert!(peak < 256 * 1024, "peak RSS {} MiB", peak / 1024);
 }
