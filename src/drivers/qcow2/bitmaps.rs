@@ -374,6 +374,15 @@ async fn write_extension(
     let len = cs.min(1 << 16);
     let old = meta::read_buf(f, 0, len).await?;
     let hl = h.header_length as usize;
+    if hl > len {
+        // A header longer than 64 KiB (QEMU allows up to the cluster).
+        return Err(BlockError::Unsupported {
+            node: m.node.clone(),
+            reason: format!(
+                "a header_length of {hl} bytes leaves no room for the bitmaps extension here"
+            ),
+        });
+    }
     let mut exts: Vec<(u32, Vec<u8>)> = Vec::new();
     let mut off = hl;
     while off + 8 <= old.len() {
