@@ -1287,3 +1287,65 @@ fn bitmaps_store_with_a_header_longer_than_64k_does_not_panic() {
     // The image still opens.
     open(&img, true).unwrap().close();
 }
+
+/// Bitmap tables may all name one place in the file: `n` bitmaps with
+/// tables of 2^20 entries (8 MiB each, 512 MiB of bitmap at 512-byte
+/// clusters: QEMU's maximum) made the open read n x 8 MiB (65535 of them:
+/// 512 GiB). The tables together are now bounded (64 MiB).
+fn shared_bitmap_tables_image(dir: &Path, n: u32) -> PathBuf {
+    let img = dir.join(format!("shared-tables-{n}.qcow2"));
+    let s = img.to_str().unwrap();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        s,
+        "1M",
+    ]);
+    qemu_img(&["bitmap", "--add", s, "b0"]);
+    let mut b = std::fs::read(&img).unwrap();
+    let hl = be32(&b, 100) as usize;
+    assert_eq!(be32(&b, hl), 0x2385_2875);
+    // A new directory at the end of the file, then 8 MiB for the table.
+    let dir_off = b.len().div_ceil(512) * 512;
+    let mut d = Vec::new();
+    let table_off = (dir_off + n as usize * 32).div_ceil(512) * 512;
+    for i in 0..n {
+        d.extend_from_slice(&(table_off as u64).to_be_bytes());
+        d.extend_from_slice(&(1u32 << 20).to_be_bytes());
+        d.extend_from_slice(&1u32.to_be_bytes()); // in use
+        d.push(1);
+        d.push(16);
+        d.extend_from_slice(&6u16.to_be_bytes());
+        d.extend_from_slice(&0u32.to_be_bytes());
+        d.extend_from_slice(format!("b{i:05}").as_bytes());
+        d.resize(d.len().div_ceil(8) * 8, 0);
+    }
+    b.resize(dir_off, 0);
+    b.extend_from_slice(&d);
+    b.resize(table_off + (8 << 20), 0);
+    b[hl + 8..hl + 12].copy_from_slice(&n.to_be_bytes());
+    b[hl + 16..hl + 24].copy_from_slice(&(d.len() as u64).to_be_bytes());
+    b[hl + 24..hl + 32].copy_from_slice(&(dir_off as u64).to_be_bytes());
+    std::fs::write(&img, &b).unwrap();
+    img
+}
+
+#[test]
+fn bitmap_tables_together_are_bounded() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    // Eight tables of 8 MiB: what QEMU takes, and so do we.
+    let img = shared_bitmap_tables_image(dir.path(), 8);
+    open(&img, true).unwrap().close();
+    for n in [9, 65535] {
+        let img = shared_bitmap_tables_image(dir.path(), n);
+        let t = Instant::now();
+        let e = open(&img, true).err().expect("opened");
+        eprintln!("{n} bitmaps: refused in {:?}: {e}", t.elapsed());
+        assert!(e.contains("bitmap tables"), "{e}");
+    }
+}

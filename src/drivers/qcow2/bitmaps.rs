@@ -34,8 +34,11 @@ const MAX_NAME: usize = 1023;
 const RESERVED_FLAGS: u32 = 0xffff_fffc;
 const TABLE_RESERVED: u64 = 0xff00_0000_0000_01fe;
 /// All the bitmaps of one image together take at most this much memory
-/// (QEMU bounds each bitmap by BME_MAX_PHYS_SIZE but not their sum).
+/// (QEMU bounds each bitmap by BME_MAX_PHYS_SIZE but not their sum), and
+/// their tables at most this many bytes (each table is at most 8 MiB; 65535
+/// of them sharing one place in the file would be 512 GiB to read).
 const MAX_TOTAL_BYTES: u64 = MAX_PHYS_BYTES;
+const MAX_TOTAL_TABLE_BYTES: u64 = 64 << 20;
 
 /// Where one stored bitmap lives (to free it when it is rewritten).
 #[derive(Debug, Clone)]
@@ -104,7 +107,10 @@ fn check_entry(e: &DirEntry, ty: u8, cs: u64, size: u64, file_size: u64) -> Resu
             e.table_offset
         ));
     }
-    if e.table_offset >= file_size {
+    if e.table_offset
+        .checked_add(entries * 8)
+        .is_none_or(|end| end > file_size)
+    {
         return bad(format!(
             "the bitmap table at bitmap_table_offset {:#x} ({entries} entries) is beyond the end of the file",
             e.table_offset
@@ -142,6 +148,7 @@ fn parse_dir(
     file_size: u64,
 ) -> Result<Vec<DirEntry>, String> {
     let mut out = Vec::new();
+    let mut names = std::collections::HashSet::new();
     let mut off = 0usize;
     while off < dir.len() {
         if off + 24 > dir.len() {
@@ -175,7 +182,7 @@ fn parse_dir(
                 "Bitmap '{name}' doesn't satisfy the constraints: name_size {name_len} is more than {MAX_NAME}"
             ));
         }
-        if out.iter().any(|e: &DirEntry| e.name == name) {
+        if !names.insert(name.clone()) {
             return Err(format!(
                 "Bitmap '{name}' is stored twice in the bitmap directory"
             ));
@@ -288,10 +295,18 @@ pub async fn load(
     dir.truncate(dir_len as usize);
     let entries = parse_dir(&dir, nb, g.cs, size, file_size)?;
     let mut total = 0u64;
+    let mut tables = 0u64;
     for e in &entries {
         if e.flags & IN_USE == 0 {
             total += size.div_ceil(1 << e.gbits).div_ceil(8);
         }
+        tables += u64::from(e.table_entries) * 8;
+    }
+    if tables > MAX_TOTAL_TABLE_BYTES {
+        return Err(format!(
+            "the bitmap tables (bitmap_table_size) take {tables} bytes together, more than {} MiB",
+            MAX_TOTAL_TABLE_BYTES >> 20
+        ));
     }
     if total > MAX_TOTAL_BYTES {
         return Err(format!(
