@@ -1078,30 +1078,54 @@ fn daemon_open(img: &Path, limit: Duration) -> (Option<i32>, String) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // stderr is read as it comes (a full pipe would stall the daemon).
+    let mut pipe = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut pipe, &mut s);
+        s
+    });
+    let wait = |child: &mut std::process::Child, limit: Duration| {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Some(st) = child.try_wait().unwrap() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        None
+    };
     let start = Instant::now();
-    let status = loop {
+    let mut status = None;
+    let mut note = "";
+    while start.elapsed() < limit {
         if let Some(st) = child.try_wait().unwrap() {
-            break Some(st);
+            status = Some(st);
+            break;
         }
         if sock.exists() {
             // Serving: stop it as an operator would.
             // SAFETY: kill(2) on our own child's pid, no pointers.
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            break None;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            break None;
+            status = wait(&mut child, limit);
+            if status.is_none() {
+                note = "\n(did not stop on SIGTERM)";
+            }
+            break;
         }
         std::thread::sleep(Duration::from_millis(5));
+    }
+    if status.is_none() && note.is_empty() {
+        note = "\n(neither served nor exited)";
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let err = reader.join().unwrap_or_default() + note;
+    let code = match status {
+        Some(st) => st.code().or(st.signal().map(|s| -s)).filter(|&c| c >= 0),
+        None => None,
     };
-    let out = child.wait_with_output().unwrap();
-    let st = status.unwrap_or(out.status);
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    (
-        st.code().or(st.signal().map(|s| -s)).filter(|&c| c >= 0),
-        err,
-    )
+    (code, err)
 }
 
 /// A sample of mutated images at daemon start-up: each either serves (and
