@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The long version of the qcow2 mutation campaign (tests/qcow2_hostile.rs;
-# the suite runs 4000 cases): more mutated images, several seeds, release
+# the suite runs 3000 cases): more mutated images, several seeds, release
 # build. Each case opens a mutated image in process read-only and
 # read-write, reads, writes, closes; any panic, hang (60 s) or a peak RSS
 # over 512 MiB fails. Also a larger sample at daemon start-up.

@@ -18,7 +18,7 @@
 //! backing_file_offset of 2^64-1), and a sample of mutated images given to
 //! the daemon at start-up (exit 1 with a message; never 101 or a signal).
 //!
-//! The campaign's size: QCOW2_MUTATIONS (default 4000), its seed:
+//! The campaign's size: QCOW2_MUTATIONS (default 3000), its seed:
 //! QCOW2_MUTATION_SEED; scripts/qcow2-mutate.sh runs a longer one.
 
 use std::io::Write as _;
@@ -845,7 +845,7 @@ fn env_u64(name: &str, default: u64) -> u64 {
 #[test]
 fn mutated_images_never_panic_and_stay_bounded() {
     let _g = serial();
-    let count = env_u64("QCOW2_MUTATIONS", 4000);
+    let count = env_u64("QCOW2_MUTATIONS", 3000);
     let seed = env_u64("QCOW2_MUTATION_SEED", 0x9e37_79b9_7f4a_7c15);
     let dir = tempfile::tempdir().unwrap();
     let seeds = make_seeds(dir.path());
