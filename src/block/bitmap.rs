@@ -160,7 +160,13 @@ impl DirtyBitmap {
     }
 
     pub fn restore(&self, words: &[u64]) {
-        for (w, v) in self.bits.iter().zip(words) {
+        self.restore_at(0, words);
+    }
+
+    /// Sets the words from index `first` on to `words` (what lies beyond
+    /// the bitmap is ignored).
+    pub fn restore_at(&self, first: usize, words: &[u64]) {
+        for (w, v) in self.bits.iter().skip(first).zip(words) {
             w.store(*v, Ordering::Relaxed);
         }
     }

@@ -24,6 +24,11 @@ pub fn snapshot_table_len(snaps: &[Snapshot]) -> u64 {
         .sum()
 }
 
+/// The most clusters a refcount rebuild at open counts (in memory: 8 bytes
+/// a cluster, and the new refcount blocks): 1 TiB of 64 KiB clusters.
+/// Larger images are left to `qemu-img check -r all`.
+const MAX_REBUILD_CLUSTERS: u64 = 1 << 24;
+
 /// Reference counts, one per cluster.
 struct Counts {
     c: Vec<u64>,
@@ -41,7 +46,7 @@ impl Counts {
         if i >= self.c.len() {
             self.c.resize(i + 1, 0);
         }
-        self.c[i] += 1;
+        self.c[i] = self.c[i].saturating_add(1);
         Ok(())
     }
 
@@ -67,7 +72,7 @@ pub struct Layout {
 
 /// Lays refcounts for `counts` out starting at cluster `start` (past every
 /// cluster in use), counting the new clusters themselves.
-pub fn layout_refcounts(g: &Geo, counts: &[u64], start: u64) -> Result<Layout, String> {
+pub fn layout_refcounts(g: &Geo, counts: Vec<u64>, start: u64) -> Result<Layout, String> {
     let rbe = g.rb_entries();
     let mut k = 0u64;
     let mut m = 1u64;
@@ -85,7 +90,7 @@ pub fn layout_refcounts(g: &Geo, counts: &[u64], start: u64) -> Result<Layout, S
         return Err("the refcount table would exceed its maximum size".into());
     }
     let total = start + k + m;
-    let mut c = counts.to_vec();
+    let mut c = counts;
     c.resize(total as usize, 0);
     for x in start..total {
         c[x as usize] += 1;
@@ -124,6 +129,11 @@ async fn count_references(
 ) -> Result<Counts, String> {
     let g = m.g;
     let file_clusters = f.size().div_ceil(g.cs);
+    if file_clusters > MAX_REBUILD_CLUSTERS {
+        return Err(format!(
+            "the image file has {file_clusters} clusters, more than the {MAX_REBUILD_CLUSTERS} a repair at open counts; repair it with 'qemu-img check -r all'"
+        ));
+    }
     let mut counts = Counts {
         c: vec![0; file_clusters as usize],
         limit: file_clusters,
@@ -138,7 +148,8 @@ async fn count_references(
             "the snapshot table",
         )?;
     }
-    let mut l1s = vec![(m.l1.clone(), m.l1_size)];
+    count_l1(f, &g, &mut counts, &m.l1, m.l1_size).await?;
+    // One snapshot L1 table in memory at a time.
     for s in snaps {
         counts.add_range(
             s.l1_table_offset,
@@ -150,33 +161,43 @@ async fn count_references(
         let b = meta::read_buf(f, s.l1_table_offset, bytes.max(512) as usize)
             .await
             .map_err(|e| e.to_string())?;
-        l1s.push((meta::decode_be64(&b), s.l1_size));
+        count_l1(f, &g, &mut counts, &meta::decode_be64(&b), s.l1_size).await?;
     }
+    Ok(counts)
+}
+
+/// Counts the L2 tables an L1 table (`size` entries of `l1`) references,
+/// and the clusters their entries reference.
+async fn count_l1(
+    f: &Node,
+    g: &Geo,
+    counts: &mut Counts,
+    l1: &[u64],
+    size: u32,
+) -> Result<(), String> {
     let w = g.words_per_entry();
-    for (l1, size) in l1s {
-        for &e in l1.iter().take(size as usize) {
-            let l2 = e & OFFSET_MASK;
-            if l2 == 0 {
-                continue;
-            }
-            counts.add(l2 >> g.cluster_bits, "an L1 entry")?;
-            let t = meta::decode_be64(
-                &meta::read_buf(f, l2, g.cs as usize)
-                    .await
-                    .map_err(|e| e.to_string())?,
-            );
-            for i in (0..t.len()).step_by(w) {
-                let e = t[i];
-                if e & COMPRESSED != 0 {
-                    let (off, len) = g.compressed(e & !COPIED);
-                    counts.add_range(off, len, &g, "a compressed cluster")?;
-                } else if e & OFFSET_MASK != 0 {
-                    counts.add((e & OFFSET_MASK) >> g.cluster_bits, "an L2 entry")?;
-                }
+    for &e in l1.iter().take(size as usize) {
+        let l2 = e & OFFSET_MASK;
+        if l2 == 0 {
+            continue;
+        }
+        counts.add(l2 >> g.cluster_bits, "an L1 entry")?;
+        let t = meta::decode_be64(
+            &meta::read_buf(f, l2, g.cs as usize)
+                .await
+                .map_err(|e| e.to_string())?,
+        );
+        for i in (0..t.len()).step_by(w) {
+            let e = t[i];
+            if e & COMPRESSED != 0 {
+                let (off, len) = g.compressed(e & !COPIED);
+                counts.add_range(off, len, g, "a compressed cluster")?;
+            } else if e & OFFSET_MASK != 0 {
+                counts.add((e & OFFSET_MASK) >> g.cluster_bits, "an L2 entry")?;
             }
         }
     }
-    Ok(counts)
+    Ok(())
 }
 
 /// Replaces the refcounts of an open image by counted ones.
@@ -194,7 +215,7 @@ pub async fn rebuild_refcounts(
         .rposition(|&c| c > 0)
         .map_or(0, |i| i as u64 + 1);
     let start = used.max(f.size().div_ceil(g.cs));
-    let layout = layout_refcounts(&g, &counts.c, start)?;
+    let layout = layout_refcounts(&g, counts.c, start)?;
     let io = |e: BlockError| e.to_string();
     for (cluster, bytes) in &layout.blocks {
         meta::write_buf(f, cluster << g.cluster_bits, bytes)
@@ -403,7 +424,7 @@ pub fn create_in(path: &str, o: &CreateOptions, in_use: file::InUse) -> Result<C
     }
     file.write_all_at(&meta::encode_be64(&l1), cs)
         .map_err(werr)?;
-    let layout = layout_refcounts(&g, &counts, next)?;
+    let layout = layout_refcounts(&g, counts, next)?;
     for (c, bytes) in &layout.blocks {
         file.write_all_at(bytes, c << cluster_bits).map_err(werr)?;
     }

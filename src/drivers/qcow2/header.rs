@@ -22,11 +22,25 @@ pub const OFF_SIZE: u64 = 24;
 pub const OFF_REFTABLE: u64 = 48;
 pub const OFF_INCOMPAT: u64 = 72;
 
-/// Limits that bound memory and time for hostile images (QEMU's).
+/// Limits that bound memory and time for hostile images (QEMU's, from
+/// block/qcow2.h: QCOW_MAX_L1_SIZE, QCOW_MAX_REFTABLE_SIZE,
+/// QCOW_MAX_SNAPSHOTS, QCOW_MAX_SNAPSHOTS_SIZE,
+/// QCOW_MAX_SNAPSHOT_EXTRA_DATA; the backing file name of 1023 bytes).
 pub const MAX_L1_BYTES: u64 = 32 << 20;
 pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 pub const MAX_SNAPSHOTS: u32 = 65536;
+pub const MAX_SNAPSHOTS_BYTES: u64 = 1024 * MAX_SNAPSHOTS as u64;
+pub const MAX_SNAPSHOT_EXTRA: usize = 1024;
 pub const MAX_BACKING_NAME: u32 = 1023;
+/// The backing format extension holds fewer bytes than QEMU's
+/// `backing_format[16]`.
+pub const MAX_BACKING_FORMAT: usize = 15;
+/// The bitmaps extension's data: nb_bitmaps, reserved, directory size and
+/// offset.
+pub const BITMAPS_EXT_LEN: usize = 24;
+/// Tables (offset + length) must end below this: QEMU passes them to
+/// functions taking int64_t (validate_table_offset).
+pub const MAX_TABLE_END: u64 = i64::MAX as u64;
 /// Host offsets in tables use bits 9..55.
 pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 pub const MAX_IMAGE_SIZE: u64 = 1 << 61;
@@ -165,6 +179,9 @@ impl Header {
                 h.refcount_order
             ));
         }
+        if h.backing_file_offset != 0 {
+            h.check_backing_offset()?;
+        }
         h.parse_extensions(b)?;
         h.check_features()?;
         h.check_tables(file_size)?;
@@ -173,10 +190,15 @@ impl Header {
     }
 
     fn parse_extensions(&mut self, b: &[u8]) -> Result<(), String> {
-        let limit = b.len().min(1 << self.cluster_bits);
+        // As QEMU: the extensions end where the backing file name starts
+        // (checked to be in the first cluster), else at the cluster's end.
+        let mut limit = b.len().min(1 << self.cluster_bits);
+        if self.backing_file_offset != 0 {
+            limit = limit.min(usize::try_from(self.backing_file_offset).unwrap_or(usize::MAX));
+        }
         let mut off = self.header_length as usize;
         loop {
-            if off + 8 > limit {
+            if off.saturating_add(8) > limit {
                 // v2 images may have no end marker when the header fills
                 // the cluster; stop at the end of what we read.
                 break;
@@ -187,13 +209,24 @@ impl Header {
             if ty == EXT_END {
                 break;
             }
-            if off + len > limit {
+            if off.saturating_add(len) > limit {
                 return Err(format!(
-                    "header extension 0x{ty:08x} of {len} bytes runs past the first cluster"
+                    "Header extension too large: extension 0x{ty:08x} of {len} bytes runs past the first cluster (or into the backing file name)"
                 ));
             }
             let data = &b[off..off + len];
             match ty {
+                EXT_BACKING_FORMAT if len > MAX_BACKING_FORMAT => {
+                    return Err(format!(
+                        "ERROR: ext_backing_format: len={len} too large (>={})",
+                        MAX_BACKING_FORMAT + 1
+                    ));
+                }
+                EXT_BITMAPS if len != BITMAPS_EXT_LEN => {
+                    return Err(format!(
+                        "bitmaps_ext: Invalid extension length {len} (must be {BITMAPS_EXT_LEN})"
+                    ));
+                }
                 EXT_BACKING_FORMAT => {
                     let s = String::from_utf8_lossy(data)
                         .trim_end_matches('\0')
@@ -284,7 +317,11 @@ impl Header {
             ));
         }
         if u64::from(self.l1_size) * 8 > MAX_L1_BYTES {
-            return Err(format!("L1 table of {} entries is too large", self.l1_size));
+            return Err(format!(
+                "Active L1 table too large: l1_size {} entries is more than {} (too large)",
+                self.l1_size,
+                MAX_L1_BYTES / 8
+            ));
         }
         if self.l1_size > 0 && (!aligned(self.l1_table_offset) || self.l1_table_offset == 0) {
             return Err(format!(
@@ -297,8 +334,9 @@ impl Header {
         }
         if u64::from(self.refcount_table_clusters) * cs > MAX_REFTABLE_BYTES {
             return Err(format!(
-                "refcount table of {} clusters is too large",
-                self.refcount_table_clusters
+                "Reference count table too large: refcount_table_clusters {} is more than {} MiB (too large)",
+                self.refcount_table_clusters,
+                MAX_REFTABLE_BYTES >> 20
             ));
         }
         if !aligned(self.refcount_table_offset) || self.refcount_table_offset == 0 {
@@ -308,14 +346,24 @@ impl Header {
             ));
         }
         if self.nb_snapshots > MAX_SNAPSHOTS {
-            return Err(format!("{} snapshots is too many", self.nb_snapshots));
-        }
-        if self.nb_snapshots > 0 && (!aligned(self.snapshots_offset) || self.snapshots_offset == 0)
-        {
             return Err(format!(
-                "snapshot table offset {:#x} is not cluster aligned",
-                self.snapshots_offset
+                "Too many snapshots: nb_snapshots {} is more than {MAX_SNAPSHOTS} (too many)",
+                self.nb_snapshots
             ));
+        }
+        if self.nb_snapshots > 0 {
+            if !aligned(self.snapshots_offset) || self.snapshots_offset == 0 {
+                return Err(format!(
+                    "Invalid snapshot table offset: snapshots_offset {:#x} is not cluster aligned",
+                    self.snapshots_offset
+                ));
+            }
+            if self.snapshots_offset >= file_size {
+                return Err(format!(
+                    "Invalid snapshot table offset: snapshots_offset {:#x} is beyond the end of the file ({file_size} bytes)",
+                    self.snapshots_offset
+                ));
+            }
         }
         let ranges = [
             (
@@ -333,7 +381,10 @@ impl Header {
             if len == 0 {
                 continue;
             }
-            if off.checked_add(len).is_none_or(|e| e > OFFSET_MASK) {
+            if off
+                .checked_add(len)
+                .is_none_or(|e| e > OFFSET_MASK.min(MAX_TABLE_END))
+            {
                 return Err(format!("{what} at {off:#x} lies outside any image"));
             }
             if off > file_size {
@@ -359,22 +410,43 @@ impl Header {
         Ok(())
     }
 
-    fn read_backing_name(&mut self, b: &[u8]) -> Result<(), String> {
-        if self.backing_file_offset == 0 {
-            return Ok(());
-        }
-        if self.backing_file_size > MAX_BACKING_NAME || self.backing_file_size == 0 {
+    /// The backing file name, checked as QEMU does: its offset within the
+    /// first cluster, its length at most 1023 bytes and within the cluster.
+    /// An empty name is no backing file (QEMU opens none either).
+    fn check_backing_offset(&self) -> Result<(), String> {
+        if self.backing_file_offset > self.cluster_size() {
             return Err(format!(
-                "backing file name length {} is invalid",
-                self.backing_file_size
+                "Invalid backing file offset: backing_file_offset {:#x} is beyond the first cluster ({} bytes)",
+                self.backing_file_offset,
+                self.cluster_size()
             ));
         }
-        let start = self.backing_file_offset;
-        let end = start + u64::from(self.backing_file_size);
-        if end > self.cluster_size() || end > b.len() as u64 {
-            return Err("the backing file name lies beyond the first cluster".into());
+        Ok(())
+    }
+
+    fn read_backing_name(&mut self, b: &[u8]) -> Result<(), String> {
+        if self.backing_file_offset == 0 || self.backing_file_size == 0 {
+            return Ok(());
         }
-        let name = &b[start as usize..end as usize];
+        self.check_backing_offset()?;
+        let start = self.backing_file_offset;
+        let room = self.cluster_size() - start;
+        let len = u64::from(self.backing_file_size);
+        if len > u64::from(MAX_BACKING_NAME).min(room) {
+            return Err(format!(
+                "Backing file name too long: backing_file_size {len} at backing_file_offset {start:#x} is more than {MAX_BACKING_NAME} bytes or runs beyond the first cluster"
+            ));
+        }
+        let end = start + len;
+        let name = usize::try_from(start)
+            .ok()
+            .zip(usize::try_from(end).ok())
+            .and_then(|(s, e)| b.get(s..e))
+            .ok_or_else(|| {
+                format!(
+                    "the backing file name (backing_file_offset {start:#x}, backing_file_size {len}) lies beyond the first cluster"
+                )
+            })?;
         let name = String::from_utf8(name.to_vec())
             .map_err(|_| "the backing file name is not UTF-8".to_string())?;
         self.backing_file = Some(name);
@@ -419,22 +491,30 @@ impl Snapshot {
 }
 
 /// Parses `n` snapshot table entries from `b`; returns them and the
-/// table's length in bytes.
+/// table's length in bytes. Checked as QEMU's qcow2_read_snapshots does
+/// (extra data at most 1024 bytes, the table at most 64 MiB), and each
+/// snapshot's L1 table as qcow2_validate_table does (cluster aligned, at
+/// most 32 MiB, within the largest offset).
 pub fn parse_snapshots(
     b: &[u8],
     n: u32,
     cluster_size: u64,
 ) -> Result<(Vec<Snapshot>, u64), String> {
-    let mut out = Vec::with_capacity(n as usize);
+    if n > MAX_SNAPSHOTS {
+        return Err(format!(
+            "Too many snapshots: nb_snapshots {n} is more than {MAX_SNAPSHOTS}"
+        ));
+    }
+    let mut out = Vec::with_capacity((n as usize).min(b.len() / 40));
     let mut off = 0usize;
     let need = |off: usize, len: usize| -> Result<(), String> {
-        if off + len > b.len() {
+        if off.checked_add(len).is_none_or(|e| e > b.len()) {
             Err("the snapshot table is truncated".into())
         } else {
             Ok(())
         }
     };
-    for _ in 0..n {
+    for i in 0..n {
         need(off, 40)?;
         let l1_table_offset = be64(b, off);
         let l1_size = be32(b, off + 8);
@@ -445,9 +525,9 @@ pub fn parse_snapshots(
         let vm_clock_nsec = be64(b, off + 24);
         let mut vm_state_size = u64::from(be32(b, off + 32));
         let extra_len = be32(b, off + 36) as usize;
-        if extra_len > 1024 {
+        if extra_len > MAX_SNAPSHOT_EXTRA {
             return Err(format!(
-                "snapshot extra data of {extra_len} bytes is too large"
+                "Too much extra metadata in snapshot table entry {i}: extra_data_size {extra_len} is more than {MAX_SNAPSHOT_EXTRA} bytes (too large)"
             ));
         }
         off += 40;
@@ -466,8 +546,27 @@ pub fn parse_snapshots(
         let name = String::from_utf8_lossy(&b[off..off + name_len]).to_string();
         off += name_len;
         off = off.div_ceil(8) * 8;
-        if l1_table_offset % cluster_size != 0 || u64::from(l1_size) * 8 > MAX_L1_BYTES {
-            return Err(format!("snapshot '{id}' has an invalid L1 table"));
+        if off as u64 > MAX_SNAPSHOTS_BYTES {
+            return Err(format!(
+                "Snapshot table too large: more than {MAX_SNAPSHOTS_BYTES} bytes at entry {i}"
+            ));
+        }
+        let l1_bytes = u64::from(l1_size) * 8;
+        if l1_bytes > MAX_L1_BYTES {
+            return Err(format!(
+                "Snapshot L1 table too large: snapshot '{id}' has l1_size {l1_size} (more than {} entries)",
+                MAX_L1_BYTES / 8
+            ));
+        }
+        if l1_table_offset % cluster_size != 0
+            || l1_table_offset
+                .checked_add(l1_bytes)
+                .is_none_or(|e| e > OFFSET_MASK)
+            || (l1_size > 0 && l1_table_offset == 0)
+        {
+            return Err(format!(
+                "Snapshot L1 table offset invalid: snapshot '{id}' has l1_table_offset {l1_table_offset:#x}"
+            ));
         }
         out.push(Snapshot {
             l1_table_offset,
@@ -528,6 +627,42 @@ mod tests {
     }
 
     #[test]
+    fn backing_file_name_and_format_are_bounded() {
+        let with_name = |off: u64, len: u32| {
+            let mut b = v3(16);
+            b[8..16].copy_from_slice(&off.to_be_bytes());
+            b[16..20].copy_from_slice(&len.to_be_bytes());
+            b
+        };
+        let mut b = with_name(512, 4);
+        b[512..516].copy_from_slice(b"base");
+        let h = Header::parse(&b, 1 << 20).unwrap();
+        assert_eq!(h.backing_file.as_deref(), Some("base"));
+        // An empty name is no backing file (QEMU opens none).
+        let h = Header::parse(&with_name(512, 0), 1 << 20).unwrap();
+        assert_eq!(h.backing_file, None);
+        for (off, len) in [(512, 1024), (4000, 200), (u64::MAX, 10), (u64::MAX - 4, 10)] {
+            let e = Header::parse(&with_name(off, len), 1 << 20).unwrap_err();
+            assert!(
+                e.contains("backing_file_offset") || e.contains("backing_file_size"),
+                "{off} {len}: {e}"
+            );
+        }
+        // A backing format extension longer than QEMU's 15 bytes.
+        let mut b = v3(16);
+        b[104..108].copy_from_slice(&EXT_BACKING_FORMAT.to_be_bytes());
+        b[108..112].copy_from_slice(&16u32.to_be_bytes());
+        let e = Header::parse(&b, 1 << 20).unwrap_err();
+        assert!(e.contains("ext_backing_format"), "{e}");
+        // An extension running into the backing file name.
+        let mut b = with_name(120, 4);
+        b[104..108].copy_from_slice(&0x1234u32.to_be_bytes());
+        b[108..112].copy_from_slice(&16u32.to_be_bytes());
+        let e = Header::parse(&b, 1 << 20).unwrap_err();
+        assert!(e.contains("Header extension too large"), "{e}");
+    }
+
+    #[test]
     fn refuses_bad_fields() {
         let cases: Vec<(usize, Vec<u8>, &str)> = vec![
             (20, 30u32.to_be_bytes().to_vec(), "cluster size"),
@@ -537,6 +672,16 @@ mod tests {
             (48, 1000u64.to_be_bytes().to_vec(), "not cluster aligned"),
             (32, 1u32.to_be_bytes().to_vec(), "encrypted"),
             (4, 4u32.to_be_bytes().to_vec(), "version"),
+            (
+                8,
+                u64::MAX.to_be_bytes().to_vec(),
+                "Invalid backing file offset",
+            ),
+            (
+                8,
+                65537u64.to_be_bytes().to_vec(),
+                "backing_file_offset 0x10001",
+            ),
         ];
         for (off, bytes, msg) in cases {
             let mut b = v3(16);

@@ -662,6 +662,15 @@ impl Meta {
         avoid: (u64, u64),
     ) -> Result<(), BlockError> {
         let g = self.g;
+        let too_large = || BlockError::Unsupported {
+            node: self.node.clone(),
+            reason: "the refcount table would exceed its maximum size".into(),
+        };
+        // Before anything is sized by `bi` (a cluster index from the image:
+        // a corrupt entry may name any cluster up to 2^56).
+        if bi >= header::MAX_REFTABLE_BYTES / 8 {
+            return Err(too_large());
+        }
         let old_entries = self.reftable.len() as u64;
         let start = self.end_cluster.max(avoid.1);
         let mut k = 0u64;
@@ -672,6 +681,9 @@ impl Meta {
             let end = start + k + m;
             entries = entries.max(end.div_ceil(g.rb_entries()));
             m = (entries * 8).div_ceil(g.cs);
+            if m * g.cs > header::MAX_REFTABLE_BYTES {
+                return Err(too_large());
+            }
             let end = start + k + m;
             let missing = ((start >> g.rb_bits)..=((end - 1) >> g.rb_bits))
                 .filter(|&b| b >= old_entries || self.reftable[b as usize] == 0)
@@ -680,12 +692,6 @@ impl Meta {
                 break;
             }
             k = missing;
-        }
-        if (m * g.cs) > header::MAX_REFTABLE_BYTES {
-            return Err(BlockError::Unsupported {
-                node: self.node.clone(),
-                reason: "the refcount table would exceed its maximum size".into(),
-            });
         }
         let mut table = self.reftable.clone();
         table.resize((m * g.cs / 8) as usize, 0);

@@ -221,15 +221,16 @@ impl Qcow2Driver {
         let file = Child::attach(name, ChildRole::File, child, perm, shared)?;
         let f = file.node().clone();
         let file_size = f.size();
-        let first = futures::executor::block_on(meta::read_buf(&f, 0, 4096))
+        let mut first = futures::executor::block_on(meta::read_buf(&f, 0, 4096))
             .map_err(|e| block_err(name, e))?;
-        let mut hdr = Header::parse(&first, file_size).map_err(|e| open_err(name, e))?;
-        if hdr.cluster_size() > 4096 {
-            let all =
-                futures::executor::block_on(meta::read_buf(&f, 0, hdr.cluster_size() as usize))
-                    .map_err(|e| block_err(name, e))?;
-            hdr = Header::parse(&all, file_size).map_err(|e| open_err(name, e))?;
+        // The whole first cluster before parsing: extensions and the
+        // backing file name may lie anywhere in it.
+        let cluster_bits = u32::from_be_bytes([first[20], first[21], first[22], first[23]]);
+        if (13..=21).contains(&cluster_bits) {
+            first = futures::executor::block_on(meta::read_buf(&f, 0, 1 << cluster_bits))
+                .map_err(|e| block_err(name, e))?;
         }
+        let mut hdr = Header::parse(&first, file_size).map_err(|e| open_err(name, e))?;
         let g = Geo::new(&hdr);
         let file_align = u64::from(f.request_alignment());
         if file_align > g.cs {

@@ -58,22 +58,36 @@ impl Qcow2Driver {
     ) -> Result<(), BlockError> {
         let f = self.f();
         let w = self.g.words_per_entry();
+        // A reference past everything the file holds is corruption: its
+        // count would need refcount blocks (and a table) sized by it.
+        let check = |m: &Meta, c: u64, what: &str| {
+            if c >= m.end_cluster {
+                Err(m.corrupt_err(format!(
+                    "{what} refers to cluster {c}, past the end of the image file; repair it with 'qemu-img check -r all'"
+                )))
+            } else {
+                Ok(())
+            }
+        };
         for &e in l1.iter().take(size as usize) {
             let l2 = e & OFFSET_MASK;
             if l2 == 0 {
                 continue;
             }
+            check(m, l2 >> self.g.cluster_bits, "an L1 entry")?;
             m.load_l2(f, l2).await?;
             let words: Vec<u64> = m.l2_words(l2).to_vec();
             for i in (0..words.len()).step_by(w) {
                 let e = words[i];
                 if e & COMPRESSED != 0 {
                     for c in m.compressed_clusters(e) {
+                        check(m, c, "a compressed L2 entry")?;
                         m.update_refcount(f, c, delta, (0, 0)).await?;
                     }
                 } else if e & OFFSET_MASK != 0 {
-                    m.update_refcount(f, (e & OFFSET_MASK) >> self.g.cluster_bits, delta, (0, 0))
-                        .await?;
+                    let c = (e & OFFSET_MASK) >> self.g.cluster_bits;
+                    check(m, c, "an L2 entry")?;
+                    m.update_refcount(f, c, delta, (0, 0)).await?;
                 }
             }
             m.update_refcount(f, l2 >> self.g.cluster_bits, delta, (0, 0))
