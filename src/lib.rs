@@ -27,6 +27,7 @@ pub mod qmp;
 pub mod signals;
 pub mod snapshot;
 pub mod sockpath;
+pub mod state;
 pub mod throttle;
 pub mod vhost_user;
 pub mod virtio_blk;
