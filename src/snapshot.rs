@@ -15,9 +15,9 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
 use crate::block::{Child, ChildRole, Node, Perm};
-use crate::daemon::State;
 use crate::drivers::file::{self, Created};
 use crate::drivers::{self, qcow2, BlockdevOptions, Driver};
+use crate::state::State;
 
 fn backing_format(node: &Node) -> Result<&'static str, String> {
     match node.driver() {

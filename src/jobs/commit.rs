@@ -19,8 +19,8 @@ use super::mirror::{Initial, Mirror, Pivot};
 use super::stream::{drop_nodes, set_backing, split_chain};
 use super::{BlockJobOptions, Job};
 use crate::block::{Child, Node};
-use crate::daemon::State;
 use crate::drivers::Driver;
+use crate::state::State;
 
 const CHUNK: u64 = 1 << 20;
 

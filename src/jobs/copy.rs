@@ -7,9 +7,9 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::block::{BlockError, Child, ChildRole, Node, Perm};
-use crate::daemon::State;
 use crate::drivers::{Allocation, Driver};
 use crate::io::IoVecs;
+use crate::state::State;
 
 /// qapi BlockdevOnError: what a job does when its I/O fails.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

@@ -19,8 +19,8 @@ use serde::Deserialize;
 use super::copy::{self, OnError};
 use super::{BlockJobOptions, Job};
 use crate::block::{Child, ChildRole, Node, Perm};
-use crate::daemon::State;
 use crate::drivers::{BlockdevOptions, Driver};
+use crate::state::State;
 
 const CHUNK: u64 = 1 << 20;
 
