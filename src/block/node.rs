@@ -346,6 +346,21 @@ impl Node {
         self.bitmaps.get()
     }
 
+    /// Gives the node's dirty bitmaps its size again, after block_resize
+    /// (bits past a smaller size go). The caller holds the node's users
+    /// drained.
+    pub fn resize_bitmaps(&self) {
+        let size = self.size();
+        let list: Vec<Arc<super::bitmap::DirtyBitmap>> = self
+            .bitmaps()
+            .iter()
+            .map(|b| Arc::new(b.resized(size)))
+            .collect();
+        if !list.is_empty() {
+            self.set_bitmaps(list);
+        }
+    }
+
     /// Replaces the list of bitmaps (management; the caller serialises).
     pub fn set_bitmaps(&self, list: Vec<Arc<super::bitmap::DirtyBitmap>>) {
         self.bitmaps.replace(Arc::new(list));
