@@ -12,8 +12,7 @@
 //! ```
 //!
 //! The shell also registers the subsystems that take part in State's
-//! drained sections (block jobs, dirty bitmaps), so that `state/` names
-//! none of them.
+//! drained sections (block jobs), so that `state/` names none of them.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -80,24 +79,10 @@ impl DrainParticipant for Jobs {
     }
 }
 
-/// Dirty bitmaps follow their node's new size.
-struct Bitmaps;
-
-impl DrainParticipant for Bitmaps {
-    fn drain_begin(&self, _nodes: &[&Node]) -> Resume {
-        Resume::nothing()
-    }
-
-    fn resized(&self, node: &Node) {
-        crate::bitmaps::resize_all(node);
-    }
-}
-
 /// A State with the subsystems that take part in its drained sections.
 pub fn new_state(engine: EngineKind) -> Arc<State> {
     let state = State::new(engine);
     state.register(Arc::new(Jobs));
-    state.register(Arc::new(Bitmaps));
     state
 }
 

@@ -66,15 +66,7 @@ pub enum ReopenError {
     },
     #[error("node '{0}' is listed twice")]
     ListedTwice(String),
-    #[error("node '{0}': qcow2 nodes cannot be reopened yet")]
-    Qcow2(String),
-    #[error(
-        "node '{0}': throttle nodes cannot be reopened yet; change the group's limits with qom-set"
-    )]
-    Throttle(String),
-    #[error("node '{0}': driver mismatch")]
-    Mismatch(String),
-    /// The driver refused the new options.
+    /// The driver refused the new options (or cannot reopen).
     #[error("{0}")]
     Driver(String),
     #[error("node '{node}' cannot be read-only: {who} writes to it")]

@@ -1,6 +1,6 @@
 //! The daemon's runtime state: the block graph, the exports, and the
-//! subsystems registered to take part in drained sections (block jobs,
-//! dirty bitmaps: see [`DrainParticipant`]). Changed at start-up and at run
+//! subsystems registered to take part in drained sections (block jobs:
+//! see [`DrainParticipant`]). Changed at start-up and at run
 //! time (by the monitor's commands), and shut down. It knows nothing of
 //! QMP nor of the process: the shell (`shell.rs`) builds it, registers the
 //! participants and runs the monitors.
@@ -198,6 +198,7 @@ impl State {
         }
         self.drained(&node, || -> Result<(), StateError> {
             node.truncate(size).map_err(StateError::Truncate)?;
+            node.resize_bitmaps();
             for p in &participants {
                 p.resized(&node);
             }

@@ -1,5 +1,5 @@
 //! What [`State`](super::State) calls in the subsystems that work on its
-//! nodes besides the exports (block jobs, dirty bitmaps), so that `state/`
+//! nodes besides the exports (block jobs), so that `state/`
 //! names none of them: each registers a [`DrainParticipant`] with
 //! [`State::register`](super::State::register), and drained sections,
 //! block_resize and shutdown call every registered participant.

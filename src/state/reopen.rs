@@ -7,8 +7,7 @@ use std::sync::Arc;
 
 use super::{ReopenError, State, StateError};
 use crate::block::{ChildRole, Graph, Node};
-use crate::drivers::file::FileReopen;
-use crate::drivers::{BlockdevOptions, Driver};
+use crate::drivers::{BlockdevOptions, PreparedReopen};
 use crate::vhost_user::ExportState;
 
 /// The listed nodes with their new options.
@@ -21,23 +20,18 @@ impl State {
     pub fn reopen(&self, list: &[BlockdevOptions]) -> Result<(), StateError> {
         let graph = self.graph();
         let items = reopen_items(&graph, list)?;
+        // Prepare: open new descriptors, check what may not change.
         let prepared = items
             .iter()
-            .map(|(node, o)| prepare(node, o))
+            .map(|(node, o)| node.prepare_reopen(o).map_err(ReopenError::Driver))
             .collect::<Result<Vec<_>, _>>()?;
         let exports = self.export_states();
         check_writers(&graph, &items, &exports)?;
         check_alignment(&items, &prepared, &exports)?;
         let nodes: Vec<&Node> = items.iter().map(|(n, _)| &**n).collect();
         self.drained_many(&nodes, || {
-            for ((node, o), p) in items.iter().zip(prepared) {
-                node.set_read_only(o.read_only());
-                match (node.driver(), o, p) {
-                    (Driver::File(f), _, Some(fr)) => f.commit_reopen(fr),
-                    (Driver::Raw(r), BlockdevOptions::Raw(ro), _) => r.commit_reopen(ro),
-                    (Driver::Null(n), BlockdevOptions::NullCo(no), _) => n.commit_reopen(no),
-                    _ => {}
-                }
+            for ((node, _), p) in items.iter().zip(prepared) {
+                p.commit(node);
                 log::info!("node {}: reopened", node.name());
             }
         });
@@ -64,27 +58,6 @@ fn reopen_items<'a>(graph: &Graph, list: &'a [BlockdevOptions]) -> Result<Items<
         items.push((node, o));
     }
     Ok(items)
-}
-
-/// Opens new descriptors (file) or checks what may not change.
-fn prepare(node: &Node, o: &BlockdevOptions) -> Result<Option<FileReopen>, ReopenError> {
-    let name = || node.name().to_string();
-    match (node.driver(), o) {
-        (Driver::File(f), BlockdevOptions::File(fo)) => {
-            f.prepare_reopen(fo).map(Some).map_err(ReopenError::Driver)
-        }
-        (Driver::Raw(r), BlockdevOptions::Raw(ro)) => {
-            r.check_reopen(ro).map_err(ReopenError::Driver)?;
-            Ok(None)
-        }
-        (Driver::Null(n), BlockdevOptions::NullCo(no)) => {
-            n.check_reopen(no).map_err(ReopenError::Driver)?;
-            Ok(None)
-        }
-        (Driver::Qcow2(_), BlockdevOptions::Qcow2(_)) => Err(ReopenError::Qcow2(name())),
-        (Driver::Throttle(_), BlockdevOptions::Throttle(_)) => Err(ReopenError::Throttle(name())),
-        _ => Err(ReopenError::Mismatch(name())),
-    }
 }
 
 /// Permissions in the final state: a read-only node keeps no writer.
@@ -126,12 +99,11 @@ fn check_writers(
 /// Alignment: exports over a file node must still meet it.
 fn check_alignment(
     items: &Items<'_>,
-    prepared: &[Option<FileReopen>],
+    prepared: &[PreparedReopen],
     exports: &[Arc<ExportState>],
 ) -> Result<(), ReopenError> {
     for ((node, _), p) in items.iter().zip(prepared) {
-        if let Some(fr) = p {
-            let align = fr.request_alignment();
+        if let Some(align) = p.request_alignment() {
             for e in exports {
                 if e.blk.node().reaches(node) && e.config.logical_block_size % align != 0 {
                     return Err(ReopenError::Alignment {
