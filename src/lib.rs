@@ -28,5 +28,6 @@ pub mod signals;
 pub mod snapshot;
 pub mod sockpath;
 pub mod throttle;
+pub mod transaction;
 pub mod vhost_user;
 pub mod virtio_blk;

@@ -382,7 +382,7 @@ pub fn dispatch(
             #[derive(serde::Deserialize)]
             #[serde(deny_unknown_fields)]
             struct A {
-                actions: Vec<crate::snapshot::Action>,
+                actions: Vec<crate::transaction::Action>,
                 #[serde(default)]
                 properties: Option<Value>,
             }
@@ -397,7 +397,7 @@ pub fn dispatch(
                     )))
                 }
             };
-            crate::snapshot::transaction_with(state, a.actions, grouped)
+            crate::transaction::transaction_with(state, a.actions, grouped)
                 .map_err(QmpError::generic)?;
             ok(json!({}))
         }
@@ -407,13 +407,13 @@ pub fn dispatch(
         | "block-dirty-bitmap-enable"
         | "block-dirty-bitmap-disable"
         | "block-dirty-bitmap-merge" => {
-            use crate::snapshot::Action;
+            use crate::transaction::Action;
             let v = Value::Object(cmd.arguments.clone());
             let action: Action = serde_json::from_value(json!({"type": cmd.name, "data": v}))
                 .map_err(|e| {
                     QmpError::generic(format!("Invalid arguments for '{}': {e}", cmd.name))
                 })?;
-            crate::snapshot::transaction(state, vec![action]).map_err(QmpError::generic)?;
+            crate::transaction::transaction(state, vec![action]).map_err(QmpError::generic)?;
             ok(json!({}))
         }
         "x-debug-block-dirty-bitmap-sha256" => {
