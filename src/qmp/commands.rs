@@ -7,7 +7,8 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::protocol::{Command, ErrorClass, QmpError};
+use super::protocol::Command;
+use crate::qapi::{ErrorClass, QmpError};
 use std::sync::atomic::Ordering;
 
 use crate::block::{BlockStats, HistogramKind, IoKind, LatencyHistogram, Node, Perm};

@@ -26,7 +26,7 @@ use serde_json::Value;
 
 use crate::config::MonitorConfig;
 use crate::daemon::State;
-use protocol::QmpError;
+use crate::qapi::QmpError;
 use reader::{JsonReader, ReadError};
 
 /// Clients served at once; when full, a new client takes the slot of the
