@@ -28,6 +28,7 @@ pub mod qmp;
 pub mod signals;
 pub mod snapshot;
 pub mod sockpath;
+pub mod state;
 pub mod throttle;
 pub mod transaction;
 pub mod vhost_user;
