@@ -16,9 +16,11 @@ mod graph;
 pub mod hooks;
 mod node;
 mod perm;
+pub mod policy;
 pub mod ranges;
 mod stats;
 pub mod swap;
+pub mod users;
 
 pub use backend::BlockBackend;
 pub use error::{BlockError, GraphError};
