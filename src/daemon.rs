@@ -306,7 +306,7 @@ impl State {
         for n in
             std::iter::once(node.clone()).chain(node.children().iter().map(|c| c.node().clone()))
         {
-            crate::jobs::check_not_busy(&n)?;
+            crate::jobs::check_not_busy(&n).map_err(|e| e.desc)?;
         }
         self.drained(&node, || -> Result<(), String> {
             node.truncate(size)?;
