@@ -12,8 +12,8 @@ use serde::Deserialize;
 
 use crate::block::bitmap::DirtyBitmap;
 use crate::block::Node;
-use crate::daemon::State;
 use crate::drivers::Driver;
+use crate::state::State;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -8,7 +8,6 @@
 use std::sync::Arc;
 
 use crate::block::Node;
-use crate::daemon::State;
 use crate::jobs::{BackupArgs, JobTxn};
 use crate::qapi::QmpError;
 use crate::snapshot::internal::PreparedInternal;
@@ -16,6 +15,7 @@ use crate::snapshot::{
     prepare_external, prepare_external_sync, CreatedOverlay, InternalArgs, PreparedExternal,
     SnapshotArgs, SnapshotSyncArgs,
 };
+use crate::state::State;
 
 /// One action of a `transaction`.
 #[derive(Debug, Clone, serde::Deserialize)]

@@ -28,10 +28,10 @@ use crate::block::bitmap::DirtyBitmap;
 use crate::block::hooks::{WriteHook, WriteOp};
 use crate::block::ranges::RangeLock;
 use crate::block::{BlockError, BlockFuture, Child, Node};
-use crate::daemon::State;
 use crate::drivers::Driver;
 use crate::io::IoVecs;
 use crate::qapi::QmpError;
+use crate::state::State;
 
 fn yes() -> bool {
     true

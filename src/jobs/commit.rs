@@ -20,9 +20,9 @@ use super::stream::{drop_nodes, set_backing, split_chain};
 use super::OnError;
 use super::{BlockJobOptions, Job};
 use crate::block::{Child, Node};
-use crate::daemon::State;
 use crate::drivers::Driver;
 use crate::qapi::QmpError;
+use crate::state::State;
 
 const CHUNK: u64 = 1 << 20;
 

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use crate::block::policy::{ErrorAction, OnError};
 use crate::block::users::Users;
 use crate::block::{BlockError, Child, ChildRole, Node, Perm};
-use crate::daemon::State;
 use crate::drivers::{Allocation, Driver};
 use crate::io::IoVecs;
 use crate::qapi::QmpError;
+use crate::state::State;
 use crate::vhost_user::ExportState;
 
 /// The error text a job ends with: the system's words for the errno, as

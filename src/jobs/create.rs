@@ -22,11 +22,11 @@ use serde::Deserialize;
 use std::sync::Arc;
 
 use crate::block::{Graph, Node};
-use crate::daemon::State;
 use crate::drivers::file::{self, NewFile};
 use crate::drivers::qcow2::{CreateOptions, Preallocation};
 use crate::drivers::Driver;
 use crate::qapi::QmpError;
+use crate::state::State;
 
 #[derive(Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]

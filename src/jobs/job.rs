@@ -100,7 +100,7 @@ impl Job {
     /// monitor's command lock; the job is at rest while it waits for the
     /// lock, so a command that drains its nodes meanwhile does not wait
     /// for it.
-    pub fn with_command_lock<R>(&self, state: &crate::daemon::State, f: impl FnOnce() -> R) -> R {
+    pub fn with_command_lock<R>(&self, state: &crate::state::State, f: impl FnOnce() -> R) -> R {
         self.state().busy = false;
         self.wake.notify_all();
         let _g = state.command_lock();

@@ -30,10 +30,10 @@ use crate::block::bitmap::DirtyBitmap;
 use crate::block::hooks::{WriteHook, WriteOp};
 use crate::block::ranges::RangeLock;
 use crate::block::{BlockFuture, Child, Node};
-use crate::daemon::State;
 use crate::drivers::file::{self, Created, NewFile};
 use crate::drivers::Driver;
 use crate::qapi::QmpError;
+use crate::state::State;
 
 /// Largest copy the job does at once.
 const CHUNK: u64 = 1 << 20;

@@ -20,9 +20,9 @@ use super::copy;
 use super::OnError;
 use super::{BlockJobOptions, Job};
 use crate::block::{Child, ChildRole, Node, Perm};
-use crate::daemon::State;
 use crate::drivers::{BlockdevOptions, Driver};
 use crate::qapi::QmpError;
+use crate::state::State;
 
 const CHUNK: u64 = 1 << 20;
 
@@ -345,11 +345,7 @@ fn find_overlay(state: &State, top: &Arc<Node>) -> Result<Option<Arc<Node>>, Qmp
 
 /// The base (`bottom`, `base` or `base-node`) and the images between top
 /// and it, top's backing first.
-fn find_base(
-    state: &State,
-    a: &StreamArgs,
-    top: &Arc<Node>,
-) -> Result<Split, QmpError> {
+fn find_base(state: &State, a: &StreamArgs, top: &Arc<Node>) -> Result<Split, QmpError> {
     if a.bottom.is_some() && (a.base.is_some() || a.base_node.is_some()) {
         return Err(QmpError::generic(
             "'bottom' and 'base'/'base-node' cannot be specified at the same time",

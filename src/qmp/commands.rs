@@ -13,9 +13,9 @@ use std::sync::atomic::Ordering;
 
 use crate::block::{BlockStats, HistogramKind, IoKind, LatencyHistogram, Node, Perm};
 use crate::config::{ExportConfig, ExportOptions};
-use crate::daemon::State;
 use crate::drivers::{BlockdevOptions, Driver};
 use crate::opts;
+use crate::state::State;
 
 pub const PACKAGE: &str = concat!("vhost-user-blkd ", env!("CARGO_PKG_VERSION"));
 
@@ -356,12 +356,21 @@ pub fn dispatch(
             let a: ExportDel = args(cmd)?;
             state
                 .del_export(&a.id, a.mode == RemoveMode::Hard)
-                .map_err(QmpError::generic)?;
+                .map_err(|e| QmpError::generic(e.to_string()))?;
             ok(json!({}))
         }
         "query-block-exports" => {
             no_args(cmd)?;
-            ok(state.query_exports())
+            ok(json!(state
+                .export_list()
+                .iter()
+                .map(|e| json!({
+                    "type": "vhost-user-blk",
+                    "id": e.id,
+                    "node-name": e.node_name,
+                    "shutting-down": e.shutting_down,
+                }))
+                .collect::<Vec<_>>()))
         }
         "blockdev-snapshot" => {
             #[derive(serde::Deserialize)]
@@ -501,7 +510,9 @@ pub fn dispatch(
                     ))
                 }
             };
-            state.resize(&node, a.size).map_err(QmpError::generic)?;
+            state
+                .resize(&node, a.size)
+                .map_err(|e| QmpError::generic(e.to_string()))?;
             ok(json!({}))
         }
         "query-blockstats" => {
@@ -547,7 +558,9 @@ pub fn dispatch(
         }
         "object-add" => {
             let o: crate::config::ObjectOptions = args(cmd)?;
-            state.add_object(&o).map_err(QmpError::generic)?;
+            state
+                .add_object(&o)
+                .map_err(|e| QmpError::generic(e.to_string()))?;
             ok(json!({}))
         }
         "object-del" => {
@@ -582,7 +595,9 @@ pub fn dispatch(
         }
         "blockdev-reopen" => {
             let a: Reopen = args(cmd)?;
-            state.reopen(&a.options).map_err(QmpError::generic)?;
+            state
+                .reopen(&a.options)
+                .map_err(|e| QmpError::generic(e.to_string()))?;
             ok(json!({}))
         }
         "cont" => {

@@ -1,8 +1,8 @@
 //! change-backing-file: the backing file name an image records.
 
-use crate::daemon::State;
 use crate::drivers::Driver;
 use crate::qapi::QmpError;
+use crate::state::State;
 
 /// change-backing-file: rewrites the backing file name recorded in
 /// `image`, which must be in the backing chain of `device` (an export id

@@ -4,9 +4,9 @@
 use std::sync::Arc;
 
 use crate::block::{Node, Perm};
-use crate::daemon::State;
 use crate::drivers::{qcow2, Driver};
 use crate::qapi::QmpError;
+use crate::state::State;
 
 /// blockdev-snapshot-internal-sync's arguments.
 #[derive(Debug, Clone, serde::Deserialize)]

@@ -27,10 +27,10 @@ use std::sync::Arc;
 
 use crate::block::users::Users;
 use crate::block::{Child, ChildRole, Node, Perm};
-use crate::daemon::State;
 use crate::drivers::file::{self, Created};
 use crate::drivers::{self, qcow2, BlockdevOptions, Driver};
 use crate::qapi::QmpError;
+use crate::state::State;
 use crate::transaction::{transaction, Action};
 
 fn backing_format(node: &Node) -> Result<&'static str, QmpError> {
