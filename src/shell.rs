@@ -17,14 +17,12 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
-use crate::block::Node;
 use crate::config::Config;
 use crate::io::EngineKind;
 use crate::qmp::{Monitor, MonitorError};
 use crate::signals::TerminationSignals;
-use crate::state::{Busy, DataLost, DrainParticipant, Resume, State, StateError};
+use crate::state::{DataLost, State, StateError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShellError {
@@ -59,30 +57,10 @@ pub enum ShellError {
     Signals(#[source] std::io::Error),
 }
 
-/// Block jobs in State's drained sections, resizes and shutdown: they pause
-/// while a node they work on is drained, refuse a resize of their nodes,
-/// and are cancelled (and waited for) before nodes are flushed and closed.
-struct Jobs;
-
-impl DrainParticipant for Jobs {
-    fn drain_begin(&self, nodes: &[&Node]) -> Resume {
-        let jobs = crate::jobs::drain_begin(nodes);
-        Resume::with(move || crate::jobs::drain_end(jobs))
-    }
-
-    fn check_resize(&self, node: &Node) -> Result<(), Busy> {
-        crate::jobs::check_not_busy(node).map_err(|reason| Busy { reason })
-    }
-
-    fn shutdown(&self, timeout: Duration) {
-        crate::jobs::cancel_all(timeout);
-    }
-}
-
 /// A State with the subsystems that take part in its drained sections.
 pub fn new_state(engine: EngineKind) -> Arc<State> {
     let state = State::new(engine);
-    state.register(Arc::new(Jobs));
+    state.register(Arc::new(crate::jobs::Participant));
     state
 }
 

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::protocol::{Command, ErrorClass, QmpError};
+use super::protocol::Command;
+use crate::qapi::{ErrorClass, QmpError};
 use std::sync::atomic::Ordering;
 
 use crate::block::{BlockStats, HistogramKind, IoKind, LatencyHistogram, Node, Perm};
@@ -379,19 +380,19 @@ pub fn dispatch(
                 overlay: String,
             }
             let a: A = args(cmd)?;
-            crate::snapshot::external(state, &a.node, &a.overlay).map_err(QmpError::generic)?;
+            crate::snapshot::external(state, &a.node, &a.overlay)?;
             ok(json!({}))
         }
         "blockdev-snapshot-sync" => {
             let a: crate::snapshot::SnapshotSyncArgs = args(cmd)?;
-            crate::snapshot::external_sync(state, &a).map_err(QmpError::generic)?;
+            crate::snapshot::external_sync(state, &a)?;
             ok(json!({}))
         }
         "transaction" => {
             #[derive(serde::Deserialize)]
             #[serde(deny_unknown_fields)]
             struct A {
-                actions: Vec<crate::snapshot::Action>,
+                actions: Vec<crate::transaction::Action>,
                 #[serde(default)]
                 properties: Option<Value>,
             }
@@ -406,8 +407,7 @@ pub fn dispatch(
                     )))
                 }
             };
-            crate::snapshot::transaction_with(state, a.actions, grouped)
-                .map_err(QmpError::generic)?;
+            crate::transaction::transaction_with(state, a.actions, grouped)?;
             ok(json!({}))
         }
         "block-dirty-bitmap-add"
@@ -416,13 +416,13 @@ pub fn dispatch(
         | "block-dirty-bitmap-enable"
         | "block-dirty-bitmap-disable"
         | "block-dirty-bitmap-merge" => {
-            use crate::snapshot::Action;
+            use crate::transaction::Action;
             let v = Value::Object(cmd.arguments.clone());
             let action: Action = serde_json::from_value(json!({"type": cmd.name, "data": v}))
                 .map_err(|e| {
                     QmpError::generic(format!("Invalid arguments for '{}': {e}", cmd.name))
                 })?;
-            crate::snapshot::transaction(state, vec![action]).map_err(QmpError::generic)?;
+            crate::transaction::transaction(state, vec![action])?;
             ok(json!({}))
         }
         "x-debug-block-dirty-bitmap-sha256" => {
@@ -448,8 +448,7 @@ pub fn dispatch(
                 &a.device,
                 &a.image_node_name,
                 &a.backing_file,
-            )
-            .map_err(QmpError::generic)?;
+            )?;
             ok(json!({}))
         }
         "blockdev-snapshot-internal-sync" => {
@@ -460,8 +459,7 @@ pub fn dispatch(
                 name: String,
             }
             let a: A = args(cmd)?;
-            crate::snapshot::internal_create(state, &a.device, &a.name)
-                .map_err(QmpError::generic)?;
+            crate::snapshot::internal_create(state, &a.device, &a.name)?;
             ok(json!({}))
         }
         "blockdev-snapshot-delete-internal-sync" => {
@@ -478,8 +476,7 @@ pub fn dispatch(
                 &a.device,
                 a.id.as_deref(),
                 a.name.as_deref(),
-            )
-            .map_err(QmpError::generic)?;
+            )?;
             ok(crate::snapshot::snapshot_info(&s))
         }
         "x-blockdev-snapshot-goto-internal" => {
@@ -496,8 +493,7 @@ pub fn dispatch(
                 &a.node_name,
                 a.id.as_deref(),
                 a.name.as_deref(),
-            )
-            .map_err(QmpError::generic)?;
+            )?;
             ok(crate::snapshot::snapshot_info(&s))
         }
         "block_resize" => {
@@ -613,10 +609,8 @@ pub fn dispatch(
         }
         "blockdev-create" => {
             let a: crate::jobs::create::CreateArgs = args(cmd)?;
-            let work = crate::jobs::create::Work::parse(a.options, &state.graph())
-                .map_err(QmpError::generic)?;
-            let job = crate::jobs::register(&a.job_id, "create", true, false)
-                .map_err(QmpError::generic)?;
+            let work = crate::jobs::create::Work::parse(a.options, &state.graph())?;
+            let job = crate::jobs::register(&a.job_id, "create", true, false)?;
             let st = state.clone();
             crate::jobs::spawn(job, move |job| work.run(job, &st));
             ok(json!({}))
@@ -630,33 +624,33 @@ pub fn dispatch(
             ok(crate::jobs::query_block())
         }
         "block-stream" => {
-            crate::jobs::stream(state, args(cmd)?).map_err(QmpError::generic)?;
+            crate::jobs::stream(state, args(cmd)?)?;
             ok(json!({}))
         }
         "block-commit" => {
-            crate::jobs::commit(state, args(cmd)?).map_err(block_job_error)?;
+            crate::jobs::commit(state, args(cmd)?)?;
             ok(json!({}))
         }
         "blockdev-mirror" => {
-            crate::jobs::mirror(state, args(cmd)?).map_err(QmpError::generic)?;
+            crate::jobs::mirror(state, args(cmd)?)?;
             ok(json!({}))
         }
         "drive-mirror" => {
-            crate::jobs::drive_mirror(state, args(cmd)?).map_err(QmpError::generic)?;
+            crate::jobs::drive_mirror(state, args(cmd)?)?;
             ok(json!({}))
         }
         "blockdev-backup" => {
-            crate::jobs::backup(state, args(cmd)?).map_err(QmpError::generic)?;
+            crate::jobs::backup(state, args(cmd)?)?;
             ok(json!({}))
         }
         "block-job-set-speed" => {
             let a: BlockJobSpeed = args(cmd)?;
-            crate::jobs::set_speed(&a.device, a.speed).map_err(block_job_error)?;
+            crate::jobs::set_speed(&a.device, a.speed)?;
             ok(json!({}))
         }
         "block-job-cancel" => {
             let a: BlockJobCancel = args(cmd)?;
-            crate::jobs::cancel_block(&a.device, a.force).map_err(block_job_error)?;
+            crate::jobs::cancel_block(&a.device, a.force)?;
             ok(json!({}))
         }
         "block-job-pause" | "block-job-resume" | "block-job-complete" => {
@@ -667,8 +661,8 @@ pub fn dispatch(
                 "block-job-resume" => JobVerb::Resume,
                 _ => JobVerb::Complete,
             };
-            let job = crate::jobs::get_block(&a.device).map_err(block_job_error)?;
-            crate::jobs::run_verb(&job, verb, false).map_err(QmpError::generic)?;
+            let job = crate::jobs::get_block(&a.device)?;
+            crate::jobs::run_verb(&job, verb, false)?;
             ok(json!({}))
         }
         "block-job-finalize" | "block-job-dismiss" => {
@@ -679,8 +673,8 @@ pub fn dispatch(
             } else {
                 JobVerb::Dismiss
             };
-            let job = crate::jobs::get_block(&a.id).map_err(block_job_error)?;
-            crate::jobs::run_verb(&job, verb, false).map_err(QmpError::generic)?;
+            let job = crate::jobs::get_block(&a.id)?;
+            crate::jobs::run_verb(&job, verb, false)?;
             ok(json!({}))
         }
         "job-pause" | "job-resume" | "job-cancel" | "job-complete" | "job-finalize"
@@ -695,7 +689,7 @@ pub fn dispatch(
                 _ => JobVerb::Dismiss,
             };
             let a: JobId = args(cmd)?;
-            crate::jobs::command(verb, &a.id).map_err(QmpError::generic)?;
+            crate::jobs::command(verb, &a.id)?;
             ok(json!({}))
         }
         other => Err(QmpError::command_not_found(other)),
@@ -703,17 +697,6 @@ pub fn dispatch(
 }
 
 /// "Block job x not found" is QEMU's DeviceNotActive.
-fn block_job_error(desc: String) -> QmpError {
-    let class = if desc.starts_with("Block job ") && desc.ends_with(" not found") {
-        ErrorClass::DeviceNotActive
-    } else if desc.starts_with("Device '") && desc.ends_with("' not found") {
-        ErrorClass::DeviceNotFound
-    } else {
-        ErrorClass::GenericError
-    };
-    QmpError { class, desc }
-}
-
 fn histogram_json(h: &LatencyHistogram) -> Value {
     json!({
         "boundaries": h.boundaries,

@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::config::MonitorConfig;
+use crate::qapi::QmpError;
 use crate::state::State;
-use protocol::QmpError;
 use reader::{JsonReader, ReadError};
 
 /// Clients served at once; when full, a new client takes the slot of the
