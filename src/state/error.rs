@@ -4,7 +4,7 @@
 use crate::block::GraphError;
 use crate::vhost_user::ServerError;
 
-use super::Busy;
+use super::participant::Busy;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {

@@ -7,27 +7,12 @@ use std::sync::Arc;
 
 use serde_json::json;
 
-use super::{lock, ExportRefusal, State, StateError, SHUTDOWN_DRAIN_TIMEOUT};
+use super::{
+    lock, ExportInfo, ExportRefusal, RunningExport, State, StateError, SHUTDOWN_DRAIN_TIMEOUT,
+};
 use crate::block::BlockBackend;
 use crate::config::ExportConfig;
-use crate::vhost_user::{ExportState, Server, ServerControl};
-
-/// An export whose server thread runs.
-pub(super) struct RunningExport {
-    state: Arc<ExportState>,
-    control: Arc<ServerControl>,
-    socket: Option<PathBuf>,
-    shutting_down: bool,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-/// What query-block-exports tells of one export.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ExportInfo {
-    pub id: String,
-    pub node_name: String,
-    pub shutting_down: bool,
-}
+use crate::vhost_user::{ExportState, Server};
 
 impl State {
     /// Validates an export against its node and opens its socket; the

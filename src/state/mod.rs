@@ -23,6 +23,7 @@ mod participant;
 mod reopen;
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
@@ -30,16 +31,30 @@ use crate::block::{Graph, GraphError, Node};
 use crate::drivers::BlockdevOptions;
 use crate::events::EventBus;
 use crate::io::EngineKind;
-use crate::vhost_user::ExportState;
+use crate::vhost_user::{ExportState, ServerControl};
 
 pub use error::{DataLost, ExportRefusal, ReopenError, StateError};
-pub use exports::ExportInfo;
 pub use participant::{Busy, DrainParticipant, Resume};
-
-use exports::RunningExport;
 
 /// How long shutdown waits for requests in flight.
 const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An export whose server thread runs.
+struct RunningExport {
+    state: Arc<ExportState>,
+    control: Arc<ServerControl>,
+    socket: Option<PathBuf>,
+    shutting_down: bool,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What query-block-exports tells of one export.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportInfo {
+    pub id: String,
+    pub node_name: String,
+    pub shutting_down: bool,
+}
 
 /// The graph and the exports, shared by start-up, the monitors and shutdown.
 pub struct State {

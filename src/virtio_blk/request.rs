@@ -17,11 +17,16 @@
 use virtio_bindings::virtio_blk::*;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use super::config::{DeviceParams, SECTOR};
 use super::guest::{self, GuestMem, MemGuard, Segment};
-use super::{HEADER_SIZE, RANGE_SIZE, SECTOR};
 use smallvec::SmallVec;
 
 use crate::io::{IoVecList, IoVecs, Owner};
+
+/// Length of the request header (type, reserved, sector).
+pub const HEADER_SIZE: u64 = 16;
+/// Length of one discard / write-zeroes range.
+pub const RANGE_SIZE: u64 = 16;
 
 /// A request's status byte.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -128,7 +133,7 @@ pub enum Parsed {
 }
 
 /// What the device advertises, against which requests are checked.
-pub type Limits = super::DeviceParams;
+pub type Limits = DeviceParams;
 
 /// Largest data transfer of one request: the kernel's limit on one readv.
 const MAX_TRANSFER: u64 = i32::MAX as u64 & !4095;
