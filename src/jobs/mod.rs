@@ -25,6 +25,7 @@ mod commit;
 mod copy;
 pub mod create;
 mod mirror;
+pub mod qmp;
 mod ratelimit;
 pub mod state;
 mod stream;
