@@ -17,10 +17,12 @@ mod graph;
 pub mod hooks;
 mod node;
 mod perm;
+pub mod policy;
 pub mod ranges;
 mod stats;
 mod status;
 pub mod swap;
+pub mod users;
 
 pub use backend::BlockBackend;
 pub use driver::BlockDriver;

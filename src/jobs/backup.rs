@@ -20,8 +20,9 @@ use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
 
-use super::copy::{self, OnError};
+use super::copy;
 use super::mirror::SyncMode;
+use super::OnError;
 use super::{BlockJobOptions, Job};
 use crate::block::bitmap::DirtyBitmap;
 use crate::block::hooks::{WriteHook, WriteOp};

@@ -14,9 +14,10 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use super::copy::{self, edge_into, make_base_read_only, make_base_writable, OnError};
+use super::copy::{self, edge_into, make_base_read_only, make_base_writable};
 use super::mirror::{Initial, Mirror, Pivot};
 use super::stream::{drop_nodes, set_backing, split_chain};
+use super::OnError;
 use super::{BlockJobOptions, Job};
 use crate::block::{Child, Node};
 use crate::daemon::State;
@@ -259,8 +260,10 @@ pub fn commit(state: &Arc<State>, a: CommitArgs) -> Result<(), String> {
             .chain(between.iter().cloned())
             .collect();
         let pivot: Pivot = Box::new(move |state: &State, m: &Mirror| {
-            let users = copy::Users::of(state, &m.source, &[]);
-            users.replace(&m.source, &m.target)?;
+            let users = copy::users(state, &m.source, &[]);
+            users
+                .replace(&m.source, &m.target)
+                .map_err(|e| e.to_string())?;
             for e in users.exports() {
                 e.notify_config_change();
             }

@@ -1,57 +1,16 @@
-//! What the block jobs share: error policies, finding the nodes a job
-//! names, reading the chain's allocation, a job's I/O buffer, and moving
-//! a node's users to another node (QEMU's bdrv_replace_node).
+//! What the block jobs share: applying an error policy, finding the nodes
+//! a job names, reading the chain's allocation, a job's I/O buffer, and
+//! the users of a node (whose edges `block::users` moves).
 
 use std::sync::Arc;
 
-use serde::Deserialize;
-
+use crate::block::policy::{ErrorAction, OnError};
+use crate::block::users::Users;
 use crate::block::{BlockError, Child, ChildRole, Node, Perm};
 use crate::daemon::State;
 use crate::drivers::{Allocation, Driver};
 use crate::io::IoVecs;
-
-/// qapi BlockdevOnError: what a job does when its I/O fails.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum OnError {
-    #[default]
-    Report,
-    Ignore,
-    Enospc,
-    Stop,
-    Auto,
-}
-
-/// What became of one failed request (qapi BlockErrorAction).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorAction {
-    Report,
-    Ignore,
-    Stop,
-}
-
-impl ErrorAction {
-    pub fn name(self) -> &'static str {
-        match self {
-            ErrorAction::Report => "report",
-            ErrorAction::Ignore => "ignore",
-            ErrorAction::Stop => "stop",
-        }
-    }
-}
-
-impl OnError {
-    pub fn action(self, nospace: bool) -> ErrorAction {
-        match self {
-            OnError::Report | OnError::Auto => ErrorAction::Report,
-            OnError::Ignore => ErrorAction::Ignore,
-            OnError::Enospc if nospace => ErrorAction::Stop,
-            OnError::Enospc => ErrorAction::Report,
-            OnError::Stop => ErrorAction::Stop,
-        }
-    }
-}
+use crate::vhost_user::ExportState;
 
 /// The error text a job ends with: the system's words for the errno, as
 /// QEMU reports it ("No space left on device").
@@ -214,81 +173,18 @@ pub fn reads_zero(node: &Node, offset: u64, len: u64) -> Result<(bool, u64), Blo
     ))
 }
 
-/// The edges that point at a node from its users: export roots and
-/// parents in the graph (backing edges excepted: an image above keeps
-/// reading what it read). Moving them is QEMU's bdrv_replace_node.
-pub struct Users {
-    exports: Vec<Arc<crate::vhost_user::ExportState>>,
-    parents: Vec<Arc<Node>>,
-    /// Parents that keep their edge (a filter put on top of the node).
-    except: Vec<String>,
-}
-
-impl Users {
-    /// The users of `node` now, but the parents named in `except`.
-    pub fn of(state: &State, node: &Arc<Node>, except: &[&str]) -> Users {
-        let parents = state
-            .graph()
-            .nodes()
-            .filter(|p| !except.contains(&p.name()))
-            .filter(|p| {
-                p.children()
-                    .iter()
-                    .any(|c| Arc::ptr_eq(c.node(), node) && c.role() != ChildRole::Backing)
-            })
-            .cloned()
-            .collect();
-        let exports = state
-            .export_states()
-            .into_iter()
-            .filter(|e| Arc::ptr_eq(e.blk.node(), node))
-            .collect();
-        Users {
-            exports,
-            parents,
-            except: except.iter().map(|s| s.to_string()).collect(),
-        }
-    }
-
-    fn edges_to<'a>(&'a self, node: &'a Arc<Node>) -> Vec<&'a Child> {
-        self.exports
-            .iter()
-            .map(|e| e.blk.root())
-            .chain(
-                self.parents
-                    .iter()
-                    .flat_map(|p| p.children())
-                    .filter(move |c| {
-                        c.role() != ChildRole::Backing
-                            && !self.except.iter().any(|x| x == c.parent())
-                    }),
-            )
-            .filter(move |c| Arc::ptr_eq(c.node(), node))
-            .collect()
-    }
-
-    /// Moves every edge from `from` to `to`; all or none. The caller holds
-    /// both in a drained section.
-    pub fn replace(&self, from: &Arc<Node>, to: &Arc<Node>) -> Result<(), String> {
-        let mut moved: Vec<&Child> = Vec::new();
-        for c in self.edges_to(from) {
-            if let Err(e) = c.replace_node(to.clone()) {
-                for m in moved {
-                    if let Err(e) = m.replace_node(from.clone()) {
-                        log::error!("moving an edge back to {}: {e}", from.name());
-                    }
-                }
-                return Err(e.to_string());
-            }
-            moved.push(c);
-        }
-        Ok(())
-    }
-
-    /// The exports among the users (to send config-change notices).
-    pub fn exports(&self) -> &[Arc<crate::vhost_user::ExportState>] {
-        &self.exports
-    }
+/// The users of `node` (export roots and parents in the graph, but the
+/// parents named in `except`): the edges a graph change moves.
+pub fn users(state: &State, node: &Arc<Node>, except: &[&str]) -> Users<Arc<ExportState>> {
+    let exports = state
+        .export_states()
+        .into_iter()
+        .map(|e| {
+            let blk = e.blk.clone();
+            (e, blk)
+        })
+        .collect();
+    Users::of(state.graph().nodes(), exports, node, except)
 }
 
 /// A root edge for a job's own I/O on a node (QEMU's job BlockBackend).

@@ -23,7 +23,8 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use super::copy::{self, OnError};
+use super::copy;
+use super::OnError;
 use super::{BlockJobOptions, Job};
 use crate::block::bitmap::DirtyBitmap;
 use crate::block::hooks::{WriteHook, WriteOp};
@@ -546,8 +547,10 @@ fn start_mirror(
     m.late_backing = backing_for_target.is_some();
     let to_replace = replaces.unwrap_or_else(|| m.source.clone());
     let pivot: Pivot = Box::new(move |state: &State, m: &Mirror| {
-        let users = copy::Users::of(state, &to_replace, &[]);
-        users.replace(&to_replace, &m.target)?;
+        let users = copy::users(state, &to_replace, &[]);
+        users
+            .replace(&to_replace, &m.target)
+            .map_err(|e| e.to_string())?;
         // Then the target takes its backing image (drive-mirror, sync
         // top/none): the source's users write the target now, so the
         // backing edge conflicts with no one.

@@ -16,7 +16,8 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use super::copy::{self, OnError};
+use super::copy;
+use super::OnError;
 use super::{BlockJobOptions, Job};
 use crate::block::{Child, ChildRole, Node, Perm};
 use crate::daemon::State;
@@ -232,7 +233,7 @@ impl Stream {
 
     /// Moves the filter's users back to the top image and drops it.
     fn remove_filter(&self, state: &State) {
-        let users = copy::Users::of(state, &self.filter, &[]);
+        let users = copy::users(state, &self.filter, &[]);
         let r = state.drained_many(&[&self.filter, &self.top], || {
             users.replace(&self.filter, &self.top)
         });
@@ -327,12 +328,12 @@ pub fn stream(state: &Arc<State>, a: StreamArgs) -> Result<(), String> {
             return Err(e.to_string());
         }
     };
-    let users = copy::Users::of(state, &top, &[filter.name()]);
+    let users = copy::users(state, &top, &[filter.name()]);
     if let Err(e) = state.drained(&top, || users.replace(&top, &filter)) {
         let _ = state.del_blockdev(filter.name());
         drop(edge);
         back_to_read_only(state);
-        return Err(e);
+        return Err(e.to_string());
     }
     let mut nodes = vec![top.clone(), filter.clone()];
     nodes.extend(between.iter().cloned());

@@ -25,6 +25,7 @@ pub use internal::{internal_create, internal_delete, internal_goto, snapshot_inf
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
+use crate::block::users::Users;
 use crate::block::{Child, ChildRole, Node, Perm};
 use crate::daemon::State;
 use crate::drivers::file::{self, Created};
@@ -50,7 +51,7 @@ pub struct PreparedExternal {
     overlay: Arc<Node>,
     overlay_name: String,
     /// The node's users: their edges move to the overlay.
-    users: crate::jobs::Users,
+    users: Users<Arc<crate::vhost_user::ExportState>>,
 }
 
 /// Checks that `overlay` (a qcow2 node without a backing file that no one
@@ -92,7 +93,7 @@ pub fn prepare_external(
     }
     backing_format(&node)?;
     drop(graph);
-    let users = crate::jobs::Users::of(state, &node, &[]);
+    let users = crate::jobs::users(state, &node, &[]);
     Ok(PreparedExternal {
         node,
         overlay,
@@ -110,7 +111,9 @@ impl PreparedExternal {
     /// makes the node read-only. The caller holds the node drained.
     pub fn perform(&self) -> Result<(), String> {
         let node = &self.node;
-        self.users.replace(node, &self.overlay)?;
+        self.users
+            .replace(node, &self.overlay)
+            .map_err(|e| e.to_string())?;
         let undo = || {
             if let Err(e) = self.users.replace(&self.overlay, node) {
                 log::error!("snapshot: undoing an edge move: {e}");
