@@ -14,7 +14,6 @@ use serde::Deserialize;
 use crate::block::bitmap::DirtyBitmap;
 use crate::block::Node;
 use crate::daemon::State;
-use crate::drivers::Driver;
 use crate::qapi::QmpError;
 
 pub mod qmp;
@@ -108,10 +107,8 @@ fn refuse_busy(b: &DirtyBitmap) -> Result<(), QmpError> {
 }
 
 fn default_granularity(node: &Node) -> u64 {
-    match node.driver() {
-        Driver::Qcow2(q) => q.cluster_size().clamp(4096, 1 << 31),
-        _ => 65536,
-    }
+    node.cluster_size()
+        .map_or(65536, |c| c.clamp(4096, 1 << 31))
 }
 
 /// The prepare functions answer `E: From<QmpError>`: [`QmpError`] itself,
@@ -132,14 +129,11 @@ fn add(state: &State, a: &AddArgs) -> Result<Prepared, QmpError> {
     if n.bitmaps().iter().any(|b| b.name() == a.name) {
         return refuse(format!("Bitmap already exists: {}", a.name));
     }
-    if a.persistent {
-        let ok = matches!(n.driver(), Driver::Qcow2(q) if q.can_store_bitmaps());
-        if !ok {
-            return refuse(format!(
-                "node '{}' cannot store persistent bitmaps (a writable qcow2 v3 image can)",
-                a.node
-            ));
-        }
+    if a.persistent && !n.can_store_bitmaps() {
+        return refuse(format!(
+            "node '{}' cannot store persistent bitmaps (a writable qcow2 v3 image can)",
+            a.node
+        ));
     }
     let g = a.granularity.unwrap_or_else(|| default_granularity(&n));
     let b = DirtyBitmap::new(&a.name, n.size(), g, !a.disabled, a.persistent)

@@ -13,7 +13,7 @@ use serde_json::{json, Map, Value};
 use super::table::Def;
 use crate::block::{Node, Perm};
 use crate::daemon::State;
-use crate::drivers::{BlockdevOptions, Driver};
+use crate::drivers::{BlockdevOptions, FormatSpecific};
 use crate::opts;
 use crate::qapi::{Args, QmpError};
 
@@ -127,123 +127,94 @@ fn set_write_threshold(state: &Arc<State>, a: WriteThreshold) -> Result<(), QmpE
     Ok(())
 }
 
-/// The file a node's data comes from, as QEMU names it.
-fn filename(node: &Node) -> String {
-    match node.driver() {
-        Driver::File(f) => f.filename().to_string(),
-        Driver::Null(_) => "null-co://".to_string(),
-        Driver::Raw(r) => filename(r.file().node()),
-        Driver::Qcow2(q) => filename(q.file().node()),
-        Driver::Throttle(t) => filename(t.file().node()),
-        Driver::CopyOnRead(c) => filename(c.file().node()),
-    }
-}
-
-fn direct(node: &Node) -> bool {
-    match node.driver() {
-        Driver::File(f) => f.is_direct(),
-        Driver::Null(_) => false,
-        Driver::Raw(r) => direct(r.file().node()),
-        Driver::Qcow2(q) => direct(q.file().node()),
-        Driver::Throttle(t) => direct(t.file().node()),
-        Driver::CopyOnRead(c) => direct(c.file().node()),
-    }
-}
-
-fn no_flush(node: &Node) -> bool {
-    match node.driver() {
-        Driver::File(f) => f.is_no_flush(),
-        Driver::Null(_) => false,
-        Driver::Raw(r) => no_flush(r.file().node()),
-        Driver::Qcow2(q) => no_flush(q.file().node()),
-        Driver::Throttle(t) => no_flush(t.file().node()),
-        Driver::CopyOnRead(c) => no_flush(c.file().node()),
-    }
-}
-
-/// BlockDeviceInfo (qapi/block-core.json).
-/// ImageInfo of a node and (unless `flat`) its backing chain.
+/// ImageInfo of a node and (unless `flat`) its backing chain
+/// (qapi/block-core.json).
 fn image_info(node: &Node, flat: bool) -> Map<String, Value> {
     let mut image = Map::new();
-    image.insert("filename".into(), json!(filename(node)));
+    image.insert("filename".into(), json!(node.display_filename()));
     image.insert("format".into(), json!(node.driver_name()));
     image.insert("virtual-size".into(), json!(node.size()));
     image.insert("dirty-flag".into(), json!(false));
-    if let Driver::Qcow2(q) = node.driver() {
-        let h = q.header();
-        image.insert("cluster-size".into(), json!(q.cluster_size()));
-        image.insert(
-            "format-specific".into(),
-            json!({"type": "qcow2", "data": {
-                "compat": if h.version >= 3 { "1.1" } else { "0.10" },
-                "lazy-refcounts": q.is_lazy(),
-                "refcount-bits": h.refcount_bits(),
-                "corrupt": h.incompatible & 2 != 0,
-                "extended-l2": h.extended_l2(),
-            }}),
-        );
-        if let Some(b) = q.backing_file_name() {
+    // Only qcow2 has format-specific facts, and only it a backing node.
+    let Some(FormatSpecific::Qcow2 {
+        v3,
+        lazy_refcounts,
+        refcount_bits,
+        corrupt,
+        extended_l2,
+    }) = node.format_specific()
+    else {
+        return image;
+    };
+    if let Some(c) = node.cluster_size() {
+        image.insert("cluster-size".into(), json!(c));
+    }
+    image.insert(
+        "format-specific".into(),
+        json!({"type": "qcow2", "data": {
+            "compat": if v3 { "1.1" } else { "0.10" },
+            "lazy-refcounts": lazy_refcounts,
+            "refcount-bits": refcount_bits,
+            "corrupt": corrupt,
+            "extended-l2": extended_l2,
+        }}),
+    );
+    if let Some(header) = node.backing_file() {
+        if let Some(b) = header.backing_file_name() {
             image.insert("backing-filename".into(), json!(b));
         }
-        if let Some(f) = &h.backing_format {
+        if let Some(f) = header.backing_format() {
             image.insert("backing-filename-format".into(), json!(f));
         }
-        if !q.snapshots().is_empty() {
-            let snaps: Vec<Value> = q
-                .snapshots()
-                .iter()
-                .map(crate::snapshot::snapshot_info)
-                .collect();
-            image.insert("snapshots".into(), json!(snaps));
-        }
-        if let Some(b) = q.backing() {
-            image.insert("full-backing-filename".into(), json!(filename(b.node())));
-            if !flat {
-                image.insert(
-                    "backing-image".into(),
-                    Value::Object(image_info(b.node(), false)),
-                );
-            }
+    }
+    let snapshots = node
+        .internal_snapshots()
+        .map(|s| s.snapshots())
+        .unwrap_or_default();
+    if !snapshots.is_empty() {
+        let snaps: Vec<Value> = snapshots
+            .iter()
+            .map(crate::snapshot::snapshot_info)
+            .collect();
+        image.insert("snapshots".into(), json!(snaps));
+    }
+    if let Some(b) = node.backing() {
+        image.insert(
+            "full-backing-filename".into(),
+            json!(b.node().display_filename()),
+        );
+        if !flat {
+            image.insert(
+                "backing-image".into(),
+                Value::Object(image_info(b.node(), false)),
+            );
         }
     }
     image
 }
 
-/// How many backing nodes are below `node`.
-fn backing_depth(node: &Node) -> u32 {
-    match node.driver() {
-        Driver::Qcow2(q) => q.backing().map_or(0, |b| 1 + backing_depth(b.node())),
-        _ => 0,
-    }
-}
-
+/// BlockDeviceInfo (qapi/block-core.json).
 fn block_device_info(node: &Node, flat: bool) -> Value {
     let image = image_info(node, flat);
-    let mut backing = Value::Null;
-    if let Driver::Qcow2(q) = node.driver() {
-        if let Some(b) = q.backing() {
-            backing = json!(filename(b.node()));
-        }
-    }
     let mut v = json!({
         "node-name": node.name(),
         "drv": node.driver_name(),
-        "file": filename(node),
+        "file": node.display_filename(),
         "ro": node.is_read_only(),
         "encrypted": false,
-        "backing_file_depth": backing_depth(node),
+        "backing_file_depth": node.backing_depth(),
         "detect_zeroes": "off",
         "bps": 0, "bps_rd": 0, "bps_wr": 0,
         "iops": 0, "iops_rd": 0, "iops_wr": 0,
         "write_threshold": node.write_threshold(),
         "image": Value::Object(image),
-        "cache": {"writeback": true, "direct": direct(node), "no-flush": no_flush(node)},
+        "cache": {"writeback": true, "direct": node.is_direct(), "no-flush": node.is_no_flush()},
     });
     if !node.bitmaps().is_empty() {
         v["dirty-bitmaps"] = crate::bitmaps::qmp::info(node);
     }
-    if !backing.is_null() {
-        v["backing_file"] = backing;
+    if let Some(b) = node.backing() {
+        v["backing_file"] = json!(b.node().display_filename());
     }
     v
 }
