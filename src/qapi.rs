@@ -79,14 +79,6 @@ impl QmpError {
     }
 }
 
-/// For callers whose own errors are still text (the transaction engine):
-/// the description, whose class is then lost.
-impl From<QmpError> for String {
-    fn from(e: QmpError) -> String {
-        e.desc
-    }
-}
-
 /// A command's arguments, as the client sent them.
 #[derive(Clone, Copy)]
 pub struct Args<'a> {

@@ -8,13 +8,14 @@
 use std::sync::Arc;
 
 use crate::block::Node;
-use crate::daemon::State;
 use crate::jobs::{BackupArgs, JobTxn};
+use crate::qapi::QmpError;
 use crate::snapshot::internal::PreparedInternal;
 use crate::snapshot::{
     prepare_external, prepare_external_sync, CreatedOverlay, InternalArgs, PreparedExternal,
     SnapshotArgs, SnapshotSyncArgs,
 };
+use crate::state::State;
 
 /// One action of a `transaction`.
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -76,7 +77,7 @@ impl Prepared {
         !matches!(self, Prepared::Bitmap(_))
     }
 
-    fn perform(&self) -> Result<(), String> {
+    fn perform(&self) -> Result<(), QmpError> {
         match self {
             Prepared::Bitmap(b) => {
                 b.perform();
@@ -100,7 +101,7 @@ impl Prepared {
         state: &State,
         a: &Action,
         created: &mut Vec<CreatedOverlay>,
-    ) -> Result<Prepared, String> {
+    ) -> Result<Prepared, QmpError> {
         use crate::bitmaps::{prepare_add, prepare_merge, prepare_named};
         match a {
             Action::BlockdevSnapshotSync(s) => prepare_external_sync(state, s).map(|(p, c)| {
@@ -127,7 +128,7 @@ impl Prepared {
                 prepare_named(state, b, "disable").map(Prepared::Bitmap)
             }
             Action::BlockDirtyBitmapMerge(b) => prepare_merge(state, b).map(Prepared::Bitmap),
-            Action::Abort(_) => Err("Transaction aborted using Abort action".into()),
+            Action::Abort(_) => Err(QmpError::generic("Transaction aborted using Abort action")),
             Action::BlockdevBackup(_) => unreachable!("backups are not prepared"),
         }
     }
@@ -147,14 +148,16 @@ struct Plan {
 
 impl Plan {
     /// Checks action `i` and adds it to the plan.
-    fn add(&mut self, state: &State, i: usize, a: &Action) -> Result<(), String> {
+    fn add(&mut self, state: &State, i: usize, a: &Action) -> Result<(), QmpError> {
         if let Action::BlockdevBackup(b) = a {
             self.backups.push((i, b.clone()));
             return Ok(());
         }
         let p = Prepared::of(state, a, &mut self.created)?;
         if self.adds_a_bitmap_twice(&p) {
-            return Err("Bitmap already exists (added earlier in this transaction)".into());
+            return Err(QmpError::generic(
+                "Bitmap already exists (added earlier in this transaction)",
+            ));
         }
         if p.is_snapshot()
             && self
@@ -162,10 +165,10 @@ impl Plan {
                 .iter()
                 .any(|q| q.is_snapshot() && Arc::ptr_eq(q.node(), p.node()))
         {
-            return Err(format!(
+            return Err(QmpError::generic(format!(
                 "node '{}' is in the transaction twice",
                 p.node().name()
-            ));
+            )));
         }
         self.prepared.push(p);
         Ok(())
@@ -206,7 +209,7 @@ impl Plan {
         &self,
         state: &Arc<State>,
         txn: Option<&Arc<JobTxn>>,
-    ) -> Result<(), (usize, String)> {
+    ) -> Result<(), (usize, QmpError)> {
         for (i, p) in self.prepared.iter().enumerate() {
             if let Err(e) = p.perform() {
                 undo_all(&self.prepared[..i]);
@@ -253,7 +256,7 @@ impl Plan {
 
     /// The transaction failed at action `i`: the overlays made for it go
     /// (after our references to them), and the error names the action.
-    fn fail(self, state: &State, actions: &[Action], i: usize, e: String) -> String {
+    fn fail(self, state: &State, actions: &[Action], i: usize, e: QmpError) -> QmpError {
         let Plan {
             prepared, created, ..
         } = self;
@@ -264,7 +267,10 @@ impl Plan {
         if actions.len() == 1 {
             e
         } else {
-            format!("action {} ({}): {e}", i + 1, actions[i].name())
+            QmpError::new(
+                e.class,
+                format!("action {} ({}): {}", i + 1, actions[i].name(), e.desc),
+            )
         }
     }
 }
@@ -274,7 +280,7 @@ impl Plan {
 /// every node involved, so the guest sees all of them or none. If any
 /// check or step fails, what was done is undone: performed snapshots are
 /// reverted, overlays made for the transaction are closed and deleted.
-pub fn transaction(state: &Arc<State>, actions: Vec<Action>) -> Result<(), String> {
+pub fn transaction(state: &Arc<State>, actions: Vec<Action>) -> Result<(), QmpError> {
     transaction_with(state, actions, false)
 }
 
@@ -284,7 +290,7 @@ pub fn transaction_with(
     state: &Arc<State>,
     actions: Vec<Action>,
     grouped: bool,
-) -> Result<(), String> {
+) -> Result<(), QmpError> {
     let txn = grouped.then(|| Arc::new(JobTxn::default()));
     let mut plan = Plan::default();
     for (i, a) in actions.iter().enumerate() {

@@ -13,8 +13,8 @@ use serde::Deserialize;
 
 use crate::block::bitmap::DirtyBitmap;
 use crate::block::Node;
-use crate::daemon::State;
 use crate::qapi::QmpError;
+use crate::state::State;
 
 pub mod qmp;
 
@@ -111,13 +111,7 @@ fn default_granularity(node: &Node) -> u64 {
         .map_or(65536, |c| c.clamp(4096, 1 << 31))
 }
 
-/// The prepare functions answer `E: From<QmpError>`: [`QmpError`] itself,
-/// or `String` for the transaction engine until its own errors are typed.
-pub fn prepare_add<E: From<QmpError>>(state: &State, a: &AddArgs) -> Result<Prepared, E> {
-    add(state, a).map_err(E::from)
-}
-
-fn add(state: &State, a: &AddArgs) -> Result<Prepared, QmpError> {
+pub fn prepare_add(state: &State, a: &AddArgs) -> Result<Prepared, QmpError> {
     let n = node(state, &a.node)?;
     let refuse = |desc: String| Err(QmpError::generic(desc));
     if a.name.is_empty() {
@@ -142,15 +136,7 @@ fn add(state: &State, a: &AddArgs) -> Result<Prepared, QmpError> {
 }
 
 /// `kind` is "remove", "clear", "enable" or "disable".
-pub fn prepare_named<E: From<QmpError>>(
-    state: &State,
-    a: &NameArgs,
-    kind: &str,
-) -> Result<Prepared, E> {
-    named(state, a, kind).map_err(E::from)
-}
-
-fn named(state: &State, a: &NameArgs, kind: &str) -> Result<Prepared, QmpError> {
+pub fn prepare_named(state: &State, a: &NameArgs, kind: &str) -> Result<Prepared, QmpError> {
     let n = node(state, &a.node)?;
     let b = find(&n, &a.name)?;
     refuse_busy(&b)?;
@@ -168,11 +154,7 @@ fn named(state: &State, a: &NameArgs, kind: &str) -> Result<Prepared, QmpError> 
     Ok(Prepared::new(n, op))
 }
 
-pub fn prepare_merge<E: From<QmpError>>(state: &State, a: &MergeArgs) -> Result<Prepared, E> {
-    merge(state, a).map_err(E::from)
-}
-
-fn merge(state: &State, a: &MergeArgs) -> Result<Prepared, QmpError> {
+pub fn prepare_merge(state: &State, a: &MergeArgs) -> Result<Prepared, QmpError> {
     let n = node(state, &a.node)?;
     let target = find(&n, &a.target)?;
     refuse_busy(&target)?;

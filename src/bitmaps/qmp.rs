@@ -10,8 +10,8 @@ use serde_json::{json, Value};
 
 use super::{AddArgs, MergeArgs, NameArgs};
 use crate::block::Node;
-use crate::daemon::State;
 use crate::qapi::{CommandDef, QmpError};
+use crate::state::State;
 use crate::transaction::Action;
 
 pub static COMMANDS: &[CommandDef<Arc<State>>] = &[
@@ -25,7 +25,7 @@ pub static COMMANDS: &[CommandDef<Arc<State>>] = &[
 ];
 
 fn one(state: &Arc<State>, action: Action) -> Result<(), QmpError> {
-    crate::transaction::transaction(state, vec![action]).map_err(QmpError::generic)
+    crate::transaction::transaction(state, vec![action])
 }
 
 fn add(state: &Arc<State>, a: AddArgs) -> Result<(), QmpError> {

@@ -7,9 +7,10 @@ use std::sync::Arc;
 use crate::block::policy::{ErrorAction, OnError};
 use crate::block::users::Users;
 use crate::block::{BlockError, Child, ChildRole, Node, Perm};
-use crate::daemon::State;
 use crate::drivers::{Allocation, Driver};
 use crate::io::IoVecs;
+use crate::qapi::QmpError;
+use crate::state::State;
 use crate::vhost_user::ExportState;
 
 /// The error text a job ends with: the system's words for the errno, as
@@ -22,6 +23,11 @@ pub fn error_text(e: &BlockError) -> String {
     }
 }
 
+/// A job's failure for an I/O error: the error text, as [`error_text`].
+pub fn job_error(e: &BlockError) -> QmpError {
+    QmpError::generic(error_text(e))
+}
+
 /// Runs `op` until it succeeds, applying `policy` to its failures.
 /// `Ok(None)`: the failure was ignored; `Err`: the job must end with it.
 pub fn with_policy<T>(
@@ -29,16 +35,16 @@ pub fn with_policy<T>(
     policy: OnError,
     write: bool,
     mut op: impl FnMut() -> Result<T, BlockError>,
-) -> Result<Option<T>, String> {
+) -> Result<Option<T>, QmpError> {
     loop {
         match op() {
             Ok(v) => return Ok(Some(v)),
             Err(e) => match job.io_error(policy, write, &e) {
-                ErrorAction::Report => return Err(error_text(&e)),
+                ErrorAction::Report => return Err(job_error(&e)),
                 ErrorAction::Ignore => return Ok(None),
                 ErrorAction::Stop => {
                     if !job.pause_point() {
-                        return Err("Operation canceled".into());
+                        return Err(QmpError::generic("Operation canceled"));
                     }
                 }
             },
@@ -71,30 +77,32 @@ impl Buffer {
 }
 
 /// The node `device` names: an export's node, or a node by name.
-pub fn resolve(state: &State, device: &str) -> Result<Arc<Node>, String> {
+pub fn resolve(state: &State, device: &str) -> Result<Arc<Node>, QmpError> {
     if let Some(e) = state.export(device) {
         return Ok(e.blk.node().clone());
     }
-    state
-        .graph()
-        .get(device)
-        .map_err(|_| format!("Cannot find device='{device}' nor node-name='{device}'"))
+    state.graph().get(device).map_err(|_| {
+        QmpError::generic(format!(
+            "Cannot find device='{device}' nor node-name='{device}'"
+        ))
+    })
 }
 
 /// The node a node name names, or QEMU's error for it.
-pub fn node(state: &State, name: &str) -> Result<Arc<Node>, String> {
+pub fn node(state: &State, name: &str) -> Result<Arc<Node>, QmpError> {
     state
         .graph()
         .get(name)
-        .map_err(|_| format!("Cannot find device='' nor node-name='{name}'"))
+        .map_err(|_| QmpError::generic(format!("Cannot find device='' nor node-name='{name}'")))
 }
 
 /// A job's target node (QEMU looks it up as a device or a node name).
-pub fn target(state: &State, name: &str) -> Result<Arc<Node>, String> {
-    let n = state
-        .graph()
-        .get(name)
-        .map_err(|_| format!("Cannot find device='{name}' nor node-name='{name}'"))?;
+pub fn target(state: &State, name: &str) -> Result<Arc<Node>, QmpError> {
+    let n = state.graph().get(name).map_err(|_| {
+        QmpError::generic(format!(
+            "Cannot find device='{name}' nor node-name='{name}'"
+        ))
+    })?;
     super::check_not_busy(&n)?;
     Ok(n)
 }
@@ -188,18 +196,18 @@ pub fn users(state: &State, node: &Arc<Node>, except: &[&str]) -> Users<Arc<Expo
 }
 
 /// A root edge for a job's own I/O on a node (QEMU's job BlockBackend).
-pub fn job_edge(job_id: &str, node: Arc<Node>, write: bool) -> Result<Child, String> {
+pub fn job_edge(job_id: &str, node: Arc<Node>, write: bool) -> Result<Child, QmpError> {
     let mut perm = crate::block::Perm::CONSISTENT_READ;
     if write {
         perm = perm | crate::block::Perm::WRITE;
     }
     Child::attach(job_id, ChildRole::Root, node, perm, crate::block::Perm::ALL)
-        .map_err(|e| e.to_string())
+        .map_err(|e| QmpError::generic(e.to_string()))
 }
 
 /// The edge a job writes a target through: nobody else may write the
 /// target meanwhile (QEMU's mirror and backup targets share reads only).
-pub fn target_edge(job_id: &str, node: Arc<Node>) -> Result<Child, String> {
+pub fn target_edge(job_id: &str, node: Arc<Node>) -> Result<Child, QmpError> {
     use crate::block::Perm;
     Child::attach(
         job_id,
@@ -208,7 +216,7 @@ pub fn target_edge(job_id: &str, node: Arc<Node>) -> Result<Child, String> {
         Perm::CONSISTENT_READ | Perm::WRITE,
         Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
     )
-    .map_err(|e| e.to_string())
+    .map_err(|e| QmpError::generic(e.to_string()))
 }
 
 /// Makes an image of a chain writable for a job that writes into it
@@ -218,17 +226,20 @@ pub fn make_base_writable(
     state: &State,
     base: &Arc<Node>,
     edge_above: &Child,
-) -> Result<(), String> {
-    state.drained(base, || -> Result<(), String> {
+) -> Result<(), QmpError> {
+    state.drained(base, || -> Result<(), QmpError> {
         match base.driver() {
-            Driver::Qcow2(q) => q.reopen_writable(base)?,
+            Driver::Qcow2(q) => q.reopen_writable(base).map_err(QmpError::generic)?,
             Driver::Raw(r) => {
                 let f = r.file().node();
                 if f.is_read_only() {
                     let Driver::File(fd) = f.driver() else {
-                        return Err(format!("node '{}' cannot be made writable", base.name()));
+                        return Err(QmpError::generic(format!(
+                            "node '{}' cannot be made writable",
+                            base.name()
+                        )));
                     };
-                    fd.reopen_read_write(f)?;
+                    fd.reopen_read_write(f).map_err(QmpError::generic)?;
                 }
                 r.file().set_perm(
                     Perm::CONSISTENT_READ | Perm::WRITE,
@@ -237,11 +248,11 @@ pub fn make_base_writable(
                 base.set_read_only(false);
             }
             _ => {
-                return Err(format!(
+                return Err(QmpError::generic(format!(
                     "node '{}' ({}) cannot be committed into",
                     base.name(),
                     base.driver_name()
-                ))
+                )))
             }
         }
         edge_above.set_perm(edge_above.perm(), edge_above.shared() | Perm::WRITE);

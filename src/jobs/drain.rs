@@ -107,7 +107,7 @@ impl crate::state::DrainParticipant for Participant {
 
     /// A job's bitmaps and copies are sized for its nodes as they are.
     fn check_resize(&self, node: &Node) -> Result<(), crate::state::Busy> {
-        super::registry::check_not_busy(node).map_err(|reason| crate::state::Busy { reason })
+        super::registry::check_not_busy(node).map_err(|e| crate::state::Busy { reason: e.desc })
     }
 
     fn shutdown(&self, timeout: Duration) {

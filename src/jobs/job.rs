@@ -12,6 +12,7 @@ use super::state::{JobState, JobStatus};
 use super::txn::JobTxn;
 use crate::block::policy::{ErrorAction, OnError};
 use crate::block::Node;
+use crate::qapi::QmpError;
 
 /// One job in the registry.
 pub struct Job {
@@ -99,7 +100,7 @@ impl Job {
     /// monitor's command lock; the job is at rest while it waits for the
     /// lock, so a command that drains its nodes meanwhile does not wait
     /// for it.
-    pub fn with_command_lock<R>(&self, state: &crate::daemon::State, f: impl FnOnce() -> R) -> R {
+    pub fn with_command_lock<R>(&self, state: &crate::state::State, f: impl FnOnce() -> R) -> R {
         self.state().busy = false;
         self.wake.notify_all();
         let _g = state.command_lock();
@@ -259,7 +260,7 @@ pub(super) fn block_event(kind: &str, s: &JobState) -> Value {
 
 /// Runs `work` on a thread of its own: the job starts, passes a pause
 /// point, works, and ends with the work's result.
-pub fn spawn(job: Arc<Job>, work: impl FnOnce(&Job) -> Result<(), String> + Send + 'static) {
+pub fn spawn(job: Arc<Job>, work: impl FnOnce(&Job) -> Result<(), QmpError> + Send + 'static) {
     job.state().start();
     let thread_job = job.clone();
     let spawned = std::thread::Builder::new()
@@ -288,8 +289,9 @@ pub fn spawn(job: Arc<Job>, work: impl FnOnce(&Job) -> Result<(), String> + Send
             super::registry::reap();
         });
     if let Err(e) = spawned {
-        job.state()
-            .work_done(Err(format!("cannot start a thread for the job: {e}")));
+        job.state().work_done(Err(QmpError::generic(format!(
+            "cannot start a thread for the job: {e}"
+        ))));
         super::registry::reap();
     }
 }

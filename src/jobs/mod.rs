@@ -70,7 +70,10 @@ mod tests {
         assert!(register("a b", "create", true, true).is_err());
         let j = register("reg-test.1", "create", true, false).unwrap();
         assert_eq!(
-            register("reg-test.1", "create", true, true).err().unwrap(),
+            register("reg-test.1", "create", true, true)
+                .err()
+                .unwrap()
+                .desc,
             "Job ID 'reg-test.1' already in use"
         );
         let (tx, rx) = std::sync::mpsc::channel::<()>();
@@ -103,7 +106,7 @@ mod tests {
         assert!(get("reg-test.1").is_ok(), "kept until dismissed");
         command(JobVerb::Dismiss, "reg-test.1").unwrap();
         assert_eq!(
-            get("reg-test.1").err().unwrap(),
+            get("reg-test.1").err().unwrap().desc,
             "Job 'reg-test.1' not found"
         );
     }
@@ -262,7 +265,9 @@ mod tests {
             while job.sleep(std::time::Duration::from_millis(5)) {}
             Ok(())
         });
-        spawn(bad.clone(), |_| Err("No space left on device".into()));
+        spawn(bad.clone(), |_| {
+            Err(crate::qapi::QmpError::generic("No space left on device"))
+        });
         txn.seal();
         wait_for(&other, |s| s.status() == JobStatus::Concluded);
         assert!(other.state().is_cancelled());

@@ -3,19 +3,19 @@
 //! blockdev-backup), the block-job-* and job-* verbs, query-jobs and
 //! query-block-jobs.
 //!
-//! The block-job-* commands name a block job by its id; a missing one is
-//! QEMU's DeviceNotActive, and block-commit's unknown device is
-//! DeviceNotFound; every other failure is a GenericError.
+//! The classes come with the errors: the job layer says DeviceNotActive
+//! for a missing block job (registry::get_block) and DeviceNotFound for
+//! block-commit's unknown device; nothing here reads an error's text.
 
 use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{Job, JobVerb};
-use crate::daemon::State;
+use super::JobVerb;
 use crate::opts;
 use crate::qapi::{CommandDef, QmpError};
+use crate::state::State;
 
 pub static COMMANDS: &[CommandDef<Arc<State>>] = &[
     crate::command!("blockdev-create", blockdev_create),
@@ -42,8 +42,8 @@ pub static COMMANDS: &[CommandDef<Arc<State>>] = &[
 ];
 
 fn blockdev_create(state: &Arc<State>, a: super::create::CreateArgs) -> Result<(), QmpError> {
-    let work = super::create::Work::parse(a.options, &state.graph()).map_err(QmpError::generic)?;
-    let job = super::register(&a.job_id, "create", true, false).map_err(QmpError::generic)?;
+    let work = super::create::Work::parse(a.options, &state.graph())?;
+    let job = super::register(&a.job_id, "create", true, false)?;
     let st = state.clone();
     super::spawn(job, move |job| work.run(job, &st));
     Ok(())
@@ -58,38 +58,23 @@ fn query_block_jobs(_: &Arc<State>) -> Result<Value, QmpError> {
 }
 
 fn block_stream(state: &Arc<State>, a: super::StreamArgs) -> Result<(), QmpError> {
-    super::stream(state, a).map_err(QmpError::generic)
+    super::stream(state, a)
 }
 
 fn block_commit(state: &Arc<State>, a: super::CommitArgs) -> Result<(), QmpError> {
-    // commit() refuses a filter node first, then an unknown device with
-    // QEMU's DeviceNotFound text: the class is decided here, where the
-    // device is looked up, not from the text.
-    if a.filter_node_name.is_none() && super::copy::resolve(state, &a.device).is_err() {
-        return Err(QmpError::not_found(format!(
-            "Device '{}' not found",
-            a.device
-        )));
-    }
-    super::commit(state, a).map_err(QmpError::generic)
+    super::commit(state, a)
 }
 
 fn blockdev_mirror(state: &Arc<State>, a: super::MirrorArgs) -> Result<(), QmpError> {
-    super::mirror(state, a).map_err(QmpError::generic)
+    super::mirror(state, a)
 }
 
 fn drive_mirror(state: &Arc<State>, a: super::DriveMirrorArgs) -> Result<(), QmpError> {
-    super::drive_mirror(state, a).map_err(QmpError::generic)
+    super::drive_mirror(state, a)
 }
 
 fn blockdev_backup(state: &Arc<State>, a: super::BackupArgs) -> Result<(), QmpError> {
-    super::backup(state, a).map(drop).map_err(QmpError::generic)
-}
-
-/// The block job `id`; the only way to miss is that there is none, QEMU's
-/// DeviceNotActive.
-fn block_job(id: &str) -> Result<Arc<Job>, QmpError> {
-    super::get_block(id).map_err(QmpError::not_active)
+    super::backup(state, a).map(drop)
 }
 
 #[derive(Deserialize)]
@@ -100,11 +85,7 @@ struct BlockJobSpeed {
 }
 
 fn block_job_set_speed(_: &Arc<State>, a: BlockJobSpeed) -> Result<(), QmpError> {
-    // A negative speed is refused before the job is looked up.
-    if a.speed >= 0 {
-        block_job(&a.device)?;
-    }
-    super::set_speed(&a.device, a.speed).map_err(QmpError::generic)
+    super::set_speed(&a.device, a.speed)
 }
 
 #[derive(Deserialize)]
@@ -116,8 +97,7 @@ struct BlockJobCancel {
 }
 
 fn block_job_cancel(_: &Arc<State>, a: BlockJobCancel) -> Result<(), QmpError> {
-    block_job(&a.device)?;
-    super::cancel_block(&a.device, a.force).map_err(QmpError::generic)
+    super::cancel_block(&a.device, a.force)
 }
 
 #[derive(Deserialize)]
@@ -127,8 +107,8 @@ struct BlockJobDevice {
 }
 
 fn block_job_verb(id: &str, verb: JobVerb) -> Result<(), QmpError> {
-    let job = block_job(id)?;
-    super::run_verb(&job, verb, false).map_err(QmpError::generic)
+    let job = super::get_block(id)?;
+    super::run_verb(&job, verb, false)
 }
 
 fn block_job_pause(_: &Arc<State>, a: BlockJobDevice) -> Result<(), QmpError> {
@@ -159,7 +139,7 @@ fn block_job_dismiss(_: &Arc<State>, a: JobId) -> Result<(), QmpError> {
 
 /// The job-* commands name any job; all their failures are GenericErrors.
 fn job_verb(id: &str, verb: JobVerb) -> Result<(), QmpError> {
-    super::command(verb, id).map_err(QmpError::generic)
+    super::command(verb, id)
 }
 
 fn job_pause(_: &Arc<State>, a: JobId) -> Result<(), QmpError> {

@@ -9,6 +9,7 @@ use super::job::{block_event, Job};
 use super::ratelimit;
 use super::state::{JobState, JobStatus, JobVerb};
 use crate::block::Node;
+use crate::qapi::QmpError;
 
 static REGISTRY: Mutex<Vec<Arc<Job>>> = Mutex::new(Vec::new());
 
@@ -30,7 +31,7 @@ pub fn register(
     kind: &'static str,
     auto_finalize: bool,
     auto_dismiss: bool,
-) -> Result<Arc<Job>, String> {
+) -> Result<Arc<Job>, QmpError> {
     insert(id, kind, auto_finalize, auto_dismiss, None)
 }
 
@@ -49,7 +50,7 @@ pub fn register_block(
     kind: &'static str,
     o: &BlockJobOptions,
     nodes: Vec<Arc<Node>>,
-) -> Result<Arc<Job>, String> {
+) -> Result<Arc<Job>, QmpError> {
     insert(
         &o.id,
         kind,
@@ -60,12 +61,12 @@ pub fn register_block(
 }
 
 /// Refuses an id that is malformed or taken (before a job's set-up).
-pub fn check_id(id: &str) -> Result<(), String> {
+pub fn check_id(id: &str) -> Result<(), QmpError> {
     if !id_wellformed(id) {
-        return Err(format!("Invalid job ID '{id}'"));
+        return Err(QmpError::generic(format!("Invalid job ID '{id}'")));
     }
     if registry().iter().any(|j| j.id == id && live(j)) {
-        return Err(format!("Job ID '{id}' already in use"));
+        return Err(QmpError::generic(format!("Job ID '{id}' already in use")));
     }
     Ok(())
 }
@@ -76,14 +77,14 @@ fn insert(
     auto_finalize: bool,
     auto_dismiss: bool,
     block: Option<(u64, Vec<Arc<Node>>)>,
-) -> Result<Arc<Job>, String> {
+) -> Result<Arc<Job>, QmpError> {
     if !id_wellformed(id) {
-        return Err(format!("Invalid job ID '{id}'"));
+        return Err(QmpError::generic(format!("Invalid job ID '{id}'")));
     }
     let mut reg = registry();
     reg.retain(|j| live(j));
     if reg.iter().any(|j| j.id == id) {
-        return Err(format!("Job ID '{id}' already in use"));
+        return Err(QmpError::generic(format!("Job ID '{id}' already in use")));
     }
     let on_change = Box::new(|id: &str, st: JobStatus| {
         crate::events::global().emit("JOB_STATUS_CHANGE", json!({"id": id, "status": st.name()}));
@@ -133,12 +134,12 @@ pub(super) fn live(j: &Job) -> bool {
     j.state().status() != JobStatus::Null
 }
 
-pub fn get(id: &str) -> Result<Arc<Job>, String> {
+pub fn get(id: &str) -> Result<Arc<Job>, QmpError> {
     registry()
         .iter()
         .find(|j| j.id == id && live(j))
         .cloned()
-        .ok_or_else(|| format!("Job '{id}' not found"))
+        .ok_or_else(|| QmpError::generic(format!("Job '{id}' not found")))
 }
 
 /// query-jobs.
@@ -164,21 +165,21 @@ pub fn query_block() -> Value {
 }
 
 /// The block job `id` (block-job-* commands), or QEMU's error.
-pub fn get_block(id: &str) -> Result<Arc<Job>, String> {
+pub fn get_block(id: &str) -> Result<Arc<Job>, QmpError> {
     registry()
         .iter()
         .find(|j| j.id == id && j.block && live(j))
         .cloned()
-        .ok_or_else(|| format!("Block job '{id}' not found"))
+        .ok_or_else(|| QmpError::not_active(format!("Block job '{id}' not found")))
 }
 
 /// The job-* commands: pause, resume, cancel, complete, finalize, dismiss.
-pub fn command(verb: JobVerb, id: &str) -> Result<(), String> {
+pub fn command(verb: JobVerb, id: &str) -> Result<(), QmpError> {
     run_verb(&*get(id)?, verb, true)
 }
 
 /// Applies `verb` to `job` (`force` matters for cancel only).
-pub fn run_verb(job: &Job, verb: JobVerb, force: bool) -> Result<(), String> {
+pub fn run_verb(job: &Job, verb: JobVerb, force: bool) -> Result<(), QmpError> {
     let r = {
         let mut s = job.state();
         match verb {
@@ -196,33 +197,35 @@ pub fn run_verb(job: &Job, verb: JobVerb, force: bool) -> Result<(), String> {
         job.cancel_group();
     }
     reap();
-    r.map_err(|e| e.0)
+    Ok(r?)
 }
 
 /// block-job-set-speed.
-pub fn set_speed(id: &str, speed: i64) -> Result<(), String> {
+pub fn set_speed(id: &str, speed: i64) -> Result<(), QmpError> {
     if speed < 0 {
-        return Err("Parameter 'speed' expects a non-negative value".into());
+        return Err(QmpError::generic(
+            "Parameter 'speed' expects a non-negative value",
+        ));
     }
     let job = get_block(id)?;
-    job.state().set_speed(speed as u64).map_err(|e| e.0)?;
+    job.state().set_speed(speed as u64)?;
     job.wake.notify_all();
     Ok(())
 }
 
 /// block-job-cancel: refused for a paused job unless forced, as QEMU.
-pub fn cancel_block(id: &str, force: bool) -> Result<(), String> {
+pub fn cancel_block(id: &str, force: bool) -> Result<(), QmpError> {
     let job = get_block(id)?;
     if job.state().user_paused() && !force {
-        return Err(format!(
+        return Err(QmpError::generic(format!(
             "The block job for device '{id}' is currently paused"
-        ));
+        )));
     }
     run_verb(&job, JobVerb::Cancel, force)
 }
 
 /// Refuses a node another block job works on (QEMU's op blockers).
-pub fn check_not_busy(node: &Node) -> Result<(), String> {
+pub fn check_not_busy(node: &Node) -> Result<(), QmpError> {
     for j in registry().iter().filter(|j| j.block && live(j)) {
         let uses = j
             .nodes
@@ -231,11 +234,11 @@ pub fn check_not_busy(node: &Node) -> Result<(), String> {
             .iter()
             .any(|n| std::ptr::eq(&**n, node));
         if uses {
-            return Err(format!(
+            return Err(QmpError::generic(format!(
                 "Node '{}' is busy: block device is in use by block job: {}",
                 node.name(),
                 j.kind
-            ));
+            )));
         }
     }
     Ok(())

@@ -13,9 +13,9 @@ use serde_json::{json, Map, Value};
 use super::table::Def;
 use crate::block::{BlockStats, HistogramKind, IoKind, LatencyHistogram};
 use crate::config::{ExportConfig, ExportOptions};
-use crate::daemon::State;
 use crate::opts;
 use crate::qapi::QmpError;
+use crate::state::State;
 
 pub static COMMANDS: &[Def] = &[
     crate::command!("block-export-add", block_export_add),
@@ -51,11 +51,20 @@ struct ExportDel {
 fn block_export_del(state: &Arc<State>, a: ExportDel) -> Result<(), QmpError> {
     state
         .del_export(&a.id, a.mode == RemoveMode::Hard)
-        .map_err(QmpError::generic)
+        .map_err(|e| QmpError::generic(e.to_string()))
 }
 
 fn query_block_exports(state: &Arc<State>) -> Result<Value, QmpError> {
-    Ok(state.query_exports())
+    Ok(json!(state
+        .export_list()
+        .iter()
+        .map(|e| json!({
+            "type": "vhost-user-blk",
+            "id": e.id,
+            "node-name": e.node_name,
+            "shutting-down": e.shutting_down,
+        }))
+        .collect::<Vec<_>>()))
 }
 
 /// cont: exports stopped by an error policy go on.

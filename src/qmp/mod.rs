@@ -3,7 +3,7 @@
 //! ```text
 //!   accept thread --> one thread per client (at most MAX_CLIENTS)
 //!     greeting -> qmp_capabilities -> commands (table.rs: the subsystems'
-//!       tables of typed handlers) on daemon::State
+//!       tables of typed handlers) on state::State
 //!     events (EventBus) -> every negotiated client, written without blocking
 //! ```
 //!
@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::config::MonitorConfig;
-use crate::daemon::State;
 use crate::qapi::QmpError;
+use crate::state::State;
 use reader::{JsonReader, ReadError};
 
 /// Clients served at once; when full, a new client takes the slot of the

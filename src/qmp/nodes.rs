@@ -12,10 +12,10 @@ use serde_json::{json, Map, Value};
 
 use super::table::Def;
 use crate::block::{Node, Perm};
-use crate::daemon::State;
 use crate::drivers::{BlockdevOptions, FormatSpecific};
 use crate::opts;
 use crate::qapi::{Args, QmpError};
+use crate::state::State;
 
 pub static COMMANDS: &[Def] = &[
     crate::command!("blockdev-add", blockdev_add, raw),
@@ -97,7 +97,9 @@ fn block_resize(state: &Arc<State>, a: Resize) -> Result<(), QmpError> {
             ))
         }
     };
-    state.resize(&node, a.size).map_err(QmpError::generic)
+    state
+        .resize(&node, a.size)
+        .map_err(|e| QmpError::generic(e.to_string()))
 }
 
 #[derive(Deserialize)]
@@ -107,7 +109,9 @@ struct Reopen {
 }
 
 fn blockdev_reopen(state: &Arc<State>, a: Reopen) -> Result<(), QmpError> {
-    state.reopen(&a.options).map_err(QmpError::generic)
+    state
+        .reopen(&a.options)
+        .map_err(|e| QmpError::generic(e.to_string()))
 }
 
 #[derive(Deserialize)]

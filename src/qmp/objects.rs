@@ -9,8 +9,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::table::Def;
-use crate::daemon::State;
 use crate::qapi::QmpError;
+use crate::state::State;
 
 pub static COMMANDS: &[Def] = &[
     crate::command!("object-add", object_add),
@@ -20,7 +20,9 @@ pub static COMMANDS: &[Def] = &[
 ];
 
 fn object_add(state: &Arc<State>, o: crate::config::ObjectOptions) -> Result<(), QmpError> {
-    state.add_object(&o).map_err(QmpError::generic)
+    state
+        .add_object(&o)
+        .map_err(|e| QmpError::generic(e.to_string()))
 }
 
 #[derive(Deserialize)]

@@ -10,9 +10,9 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::table::Def;
-use crate::daemon::State;
 use crate::qapi::QmpError;
 use crate::snapshot::{self, SnapshotSyncArgs};
+use crate::state::State;
 use crate::transaction::Action;
 
 pub static COMMANDS: &[Def] = &[
@@ -33,11 +33,11 @@ struct BlockdevSnapshot {
 }
 
 fn blockdev_snapshot(state: &Arc<State>, a: BlockdevSnapshot) -> Result<(), QmpError> {
-    snapshot::external(state, &a.node, &a.overlay).map_err(QmpError::generic)
+    snapshot::external(state, &a.node, &a.overlay)
 }
 
 fn blockdev_snapshot_sync(state: &Arc<State>, a: SnapshotSyncArgs) -> Result<(), QmpError> {
-    snapshot::external_sync(state, &a).map_err(QmpError::generic)
+    snapshot::external_sync(state, &a)
 }
 
 #[derive(Deserialize)]
@@ -59,7 +59,7 @@ fn transaction(state: &Arc<State>, a: Transaction) -> Result<(), QmpError> {
             )))
         }
     };
-    crate::transaction::transaction_with(state, a.actions, grouped).map_err(QmpError::generic)
+    crate::transaction::transaction_with(state, a.actions, grouped)
 }
 
 #[derive(Deserialize)]
@@ -72,7 +72,6 @@ struct ChangeBackingFile {
 
 fn change_backing_file(state: &Arc<State>, a: ChangeBackingFile) -> Result<(), QmpError> {
     snapshot::change_backing_file(state, &a.device, &a.image_node_name, &a.backing_file)
-        .map_err(QmpError::generic)
 }
 
 #[derive(Deserialize)]
@@ -83,9 +82,7 @@ struct InternalSync {
 }
 
 fn internal_sync(state: &Arc<State>, a: InternalSync) -> Result<(), QmpError> {
-    snapshot::internal_create(state, &a.device, &a.name)
-        .map(drop)
-        .map_err(QmpError::generic)
+    snapshot::internal_create(state, &a.device, &a.name).map(drop)
 }
 
 #[derive(Deserialize)]
@@ -97,8 +94,7 @@ struct DeleteInternal {
 }
 
 fn delete_internal(state: &Arc<State>, a: DeleteInternal) -> Result<Value, QmpError> {
-    let s = snapshot::internal_delete(state, &a.device, a.id.as_deref(), a.name.as_deref())
-        .map_err(QmpError::generic)?;
+    let s = snapshot::internal_delete(state, &a.device, a.id.as_deref(), a.name.as_deref())?;
     Ok(snapshot::snapshot_info(&s))
 }
 
@@ -111,7 +107,6 @@ struct GotoInternal {
 }
 
 fn goto_internal(state: &Arc<State>, a: GotoInternal) -> Result<Value, QmpError> {
-    let s = snapshot::internal_goto(state, &a.node_name, a.id.as_deref(), a.name.as_deref())
-        .map_err(QmpError::generic)?;
+    let s = snapshot::internal_goto(state, &a.node_name, a.id.as_deref(), a.name.as_deref())?;
     Ok(snapshot::snapshot_info(&s))
 }

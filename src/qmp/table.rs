@@ -9,8 +9,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::protocol::Command;
-use crate::daemon::State;
 use crate::qapi::{Args, CommandDef, Done, ErrorClass, QmpError};
+use crate::state::State;
 
 /// A command of this daemon: a handler on the daemon's state.
 pub type Def = CommandDef<Arc<State>>;

@@ -1,7 +1,8 @@
 //! change-backing-file: the backing file name an image records.
 
-use crate::daemon::State;
 use crate::drivers::Driver;
+use crate::qapi::QmpError;
+use crate::state::State;
 
 /// change-backing-file: rewrites the backing file name recorded in
 /// `image`, which must be in the backing chain of `device` (an export id
@@ -11,27 +12,31 @@ pub fn change_backing_file(
     device: &str,
     image: &str,
     backing_file: &str,
-) -> Result<(), String> {
+) -> Result<(), QmpError> {
     let top = match state.export(device) {
         Some(e) => e.blk.node().clone(),
         None => state
             .graph()
             .get(device)
-            .map_err(|_| format!("Device '{device}' not found"))?,
+            .map_err(|_| QmpError::generic(format!("Device '{device}' not found")))?,
     };
-    let node = state.graph().get(image).map_err(|e| e.to_string())?;
+    let node = state
+        .graph()
+        .get(image)
+        .map_err(|e| QmpError::generic(e.to_string()))?;
     if !top.reaches(&node) {
-        return Err(format!(
+        return Err(QmpError::generic(format!(
             "node '{image}' is not in the backing chain of '{device}'"
-        ));
+        )));
     }
     let Driver::Qcow2(q) = node.driver() else {
-        return Err(format!(
+        return Err(QmpError::generic(format!(
             "node '{image}' ({}) records no backing file name",
             node.driver_name()
-        ));
+        )));
     };
-    q.change_backing_file(backing_file)?;
+    q.change_backing_file(backing_file)
+        .map_err(QmpError::generic)?;
     log::info!("node {image}: backing file name set to '{backing_file}'");
     Ok(())
 }

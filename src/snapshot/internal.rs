@@ -4,8 +4,9 @@
 use std::sync::Arc;
 
 use crate::block::{Node, Perm};
-use crate::daemon::State;
 use crate::drivers::{qcow2, Driver};
+use crate::qapi::QmpError;
+use crate::state::State;
 
 /// blockdev-snapshot-internal-sync's arguments.
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -25,23 +26,26 @@ pub struct PreparedInternal {
 
 impl PreparedInternal {
     /// Checks that `a.device`'s qcow2 image can take a snapshot `a.name`.
-    pub fn prepare(state: &State, a: &InternalArgs) -> Result<PreparedInternal, String> {
+    pub fn prepare(state: &State, a: &InternalArgs) -> Result<PreparedInternal, QmpError> {
         let node = internal_target(state, &a.device)?;
         let Driver::Qcow2(q) = node.driver() else {
             unreachable!("internal_target returns qcow2 nodes");
         };
         if node.is_read_only() {
-            return Err(format!("node '{}' is read-only", node.name()));
+            return Err(QmpError::generic(format!(
+                "node '{}' is read-only",
+                node.name()
+            )));
         }
         if a.name.is_empty() {
-            return Err("the snapshot name must not be empty".into());
+            return Err(QmpError::generic("the snapshot name must not be empty"));
         }
         if q.snapshots().iter().any(|s| s.name == a.name) {
-            return Err(format!(
+            return Err(QmpError::generic(format!(
                 "a snapshot named '{}' already exists on node '{}'",
                 a.name,
                 node.name()
-            ));
+            )));
         }
         Ok(PreparedInternal {
             node,
@@ -55,12 +59,12 @@ impl PreparedInternal {
     }
 
     /// Makes the snapshot. The caller holds the node drained.
-    pub fn perform(&self) -> Result<(), String> {
+    pub fn perform(&self) -> Result<(), QmpError> {
         let Driver::Qcow2(q) = self.node.driver() else {
             unreachable!("checked in prepare");
         };
         let s = futures::executor::block_on(q.snapshot_create(&self.name, now()))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| QmpError::generic(e.to_string()))?;
         *self.made.lock().unwrap_or_else(|e| e.into_inner()) = Some(s.id);
         Ok(())
     }
@@ -93,12 +97,16 @@ impl PreparedInternal {
 
 /// The qcow2 node an internal snapshot command means by `device`: an
 /// export's id or a node name, followed down through filters.
-pub(crate) fn internal_target(state: &State, device: &str) -> Result<Arc<Node>, String> {
+pub(crate) fn internal_target(state: &State, device: &str) -> Result<Arc<Node>, QmpError> {
     let mut node = match state.export(device) {
         Some(e) => e.blk.node().clone(),
-        None => state.graph().get(device).map_err(|_| {
-            format!("Device '{device}' not found (neither an export id nor a node name)")
-        })?,
+        None => state
+            .graph()
+            .get(device)
+            .map_err(|_| {
+                format!("Device '{device}' not found (neither an export id nor a node name)")
+            })
+            .map_err(QmpError::generic)?,
     };
     loop {
         let next = match node.driver() {
@@ -110,11 +118,11 @@ pub(crate) fn internal_target(state: &State, device: &str) -> Result<Arc<Node>, 
             Driver::Throttle(t) => t.file().node().clone(),
             Driver::CopyOnRead(c) => c.file().node().clone(),
             _ => {
-                return Err(format!(
+                return Err(QmpError::generic(format!(
                     "node '{}' ({}) does not support internal snapshots",
                     node.name(),
                     node.driver_name()
-                ))
+                )))
             }
         };
         node = next;
@@ -139,7 +147,11 @@ pub fn snapshot_info(s: &qcow2::Snapshot) -> serde_json::Value {
 }
 
 /// blockdev-snapshot-internal-sync.
-pub fn internal_create(state: &State, device: &str, name: &str) -> Result<qcow2::Snapshot, String> {
+pub fn internal_create(
+    state: &State,
+    device: &str,
+    name: &str,
+) -> Result<qcow2::Snapshot, QmpError> {
     let node = internal_target(state, device)?;
     let Driver::Qcow2(q) = node.driver() else {
         unreachable!("internal_target returns qcow2 nodes");
@@ -148,7 +160,7 @@ pub fn internal_create(state: &State, device: &str, name: &str) -> Result<qcow2:
         .drained(&node, || {
             futures::executor::block_on(q.snapshot_create(name, now()))
         })
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| QmpError::generic(e.to_string()))?;
     log::info!(
         "node {}: internal snapshot '{}' (id {}) created",
         node.name(),
@@ -164,9 +176,9 @@ pub fn internal_delete(
     device: &str,
     id: Option<&str>,
     name: Option<&str>,
-) -> Result<qcow2::Snapshot, String> {
+) -> Result<qcow2::Snapshot, QmpError> {
     if id.is_none() && name.is_none() {
-        return Err("one of 'id' and 'name' is needed".into());
+        return Err(QmpError::generic("one of 'id' and 'name' is needed"));
     }
     let node = internal_target(state, device)?;
     let Driver::Qcow2(q) = node.driver() else {
@@ -175,7 +187,7 @@ pub fn internal_delete(
     let r = qcow2::SnapshotRef { id, name };
     let s = state
         .drained(&node, || futures::executor::block_on(q.snapshot_delete(&r)))
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| QmpError::generic(e.to_string()))?;
     log::info!(
         "node {}: internal snapshot '{}' (id {}) deleted",
         node.name(),
@@ -192,16 +204,19 @@ pub fn internal_goto(
     node_name: &str,
     id: Option<&str>,
     name: Option<&str>,
-) -> Result<qcow2::Snapshot, String> {
+) -> Result<qcow2::Snapshot, QmpError> {
     if id.is_none() && name.is_none() {
-        return Err("one of 'id' and 'name' is needed".into());
+        return Err(QmpError::generic("one of 'id' and 'name' is needed"));
     }
-    let node = state.graph().get(node_name).map_err(|e| e.to_string())?;
+    let node = state
+        .graph()
+        .get(node_name)
+        .map_err(|e| QmpError::generic(e.to_string()))?;
     let Driver::Qcow2(q) = node.driver() else {
-        return Err(format!(
+        return Err(QmpError::generic(format!(
             "node '{node_name}' ({}) has no internal snapshots",
             node.driver_name()
-        ));
+        )));
     };
     let writers: Vec<String> = node
         .parent_perms()
@@ -210,17 +225,17 @@ pub fn internal_goto(
         .map(|(n, _, _)| n)
         .collect();
     if !writers.is_empty() {
-        return Err(format!(
+        return Err(QmpError::generic(format!(
             "node '{node_name}' is in use for writing by {}: detach it (block-export-del) before reverting",
             writers.join(", ")
-        ));
+        )));
     }
     let r = qcow2::SnapshotRef { id, name };
     let s = state
         .drained(&node, || {
             futures::executor::block_on(q.snapshot_goto(&node, &r))
         })
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| QmpError::generic(e.to_string()))?;
     log::info!(
         "node {node_name}: reverted to internal snapshot '{}' (id {})",
         s.name,

@@ -27,20 +27,21 @@ use std::sync::Arc;
 
 use crate::block::users::Users;
 use crate::block::{Child, ChildRole, Node, Perm};
-use crate::daemon::State;
 use crate::drivers::file::{self, Created};
 use crate::drivers::{self, qcow2, BlockdevOptions, Driver};
+use crate::qapi::QmpError;
+use crate::state::State;
 use crate::transaction::{transaction, Action};
 
-fn backing_format(node: &Node) -> Result<&'static str, String> {
+fn backing_format(node: &Node) -> Result<&'static str, QmpError> {
     match node.driver() {
         Driver::Qcow2(_) => Ok("qcow2"),
         Driver::Raw(_) | Driver::File(_) => Ok("raw"),
-        _ => Err(format!(
+        _ => Err(QmpError::generic(format!(
             "node '{}' ({}) cannot be the backing file of an image",
             node.name(),
             node.driver_name()
-        )),
+        ))),
     }
 }
 
@@ -60,36 +61,42 @@ pub fn prepare_external(
     state: &State,
     node_name: &str,
     overlay_name: &str,
-) -> Result<PreparedExternal, String> {
+) -> Result<PreparedExternal, QmpError> {
     let graph = state.graph();
-    let node = graph.get(node_name).map_err(|e| e.to_string())?;
+    let node = graph
+        .get(node_name)
+        .map_err(|e| QmpError::generic(e.to_string()))?;
     // A job's writes and copies follow the node it started on.
     crate::jobs::check_not_busy(&node)?;
-    let overlay = graph.get(overlay_name).map_err(|e| e.to_string())?;
+    let overlay = graph
+        .get(overlay_name)
+        .map_err(|e| QmpError::generic(e.to_string()))?;
     let Driver::Qcow2(q) = overlay.driver() else {
-        return Err(format!(
+        return Err(QmpError::generic(format!(
             "the overlay '{overlay_name}' ({}) does not support backing files; use qcow2",
             overlay.driver_name()
-        ));
+        )));
     };
     if q.backing().is_some() {
-        return Err(format!(
+        return Err(QmpError::generic(format!(
             "the overlay '{overlay_name}' already has a backing image"
-        ));
+        )));
     }
     if !overlay.parents().is_empty() {
-        return Err(format!(
+        return Err(QmpError::generic(format!(
             "the overlay '{overlay_name}' is already in use by {}",
             overlay.parents().join(", ")
-        ));
+        )));
     }
     if overlay.is_read_only() {
-        return Err(format!("the overlay '{overlay_name}' is read-only"));
+        return Err(QmpError::generic(format!(
+            "the overlay '{overlay_name}' is read-only"
+        )));
     }
     if Arc::ptr_eq(&node, &overlay) || overlay.reaches(&node) || node.reaches(&overlay) {
-        return Err(format!(
+        return Err(QmpError::generic(format!(
             "'{overlay_name}' cannot be an overlay of '{node_name}': one contains the other"
-        ));
+        )));
     }
     backing_format(&node)?;
     drop(graph);
@@ -109,11 +116,11 @@ impl PreparedExternal {
 
     /// Moves every edge to the overlay, gives it the node as backing, and
     /// makes the node read-only. The caller holds the node drained.
-    pub fn perform(&self) -> Result<(), String> {
+    pub fn perform(&self) -> Result<(), QmpError> {
         let node = &self.node;
         self.users
             .replace(node, &self.overlay)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| QmpError::generic(e.to_string()))?;
         let undo = || {
             if let Err(e) = self.users.replace(&self.overlay, node) {
                 log::error!("snapshot: undoing an edge move: {e}");
@@ -129,7 +136,7 @@ impl PreparedExternal {
             Ok(c) => c,
             Err(e) => {
                 undo();
-                return Err(e.to_string());
+                return Err(QmpError::generic(e.to_string()));
             }
         };
         let Driver::Qcow2(q) = self.overlay.driver() else {
@@ -137,7 +144,7 @@ impl PreparedExternal {
         };
         if let Err(e) = q.set_backing(backing) {
             undo();
-            return Err(e);
+            return Err(QmpError::generic(e));
         }
         // The old image is a backing image now.
         node.set_read_only(true);
@@ -183,7 +190,7 @@ impl PreparedExternal {
 }
 
 /// blockdev-snapshot: `overlay` goes on top of `node`.
-pub fn external(state: &State, node_name: &str, overlay_name: &str) -> Result<(), String> {
+pub fn external(state: &State, node_name: &str, overlay_name: &str) -> Result<(), QmpError> {
     let p = prepare_external(state, node_name, overlay_name)?;
     state.drained(&p.node, || p.perform())?;
     p.announce(state);
@@ -227,14 +234,16 @@ fn device_or_node(
     state: &State,
     device: Option<&str>,
     node: Option<&str>,
-) -> Result<String, String> {
+) -> Result<String, QmpError> {
     match (node, device) {
         (Some(n), None) => Ok(n.to_string()),
         (None, Some(d)) => match state.export(d) {
             Some(e) => Ok(e.blk.node().name().to_string()),
-            None => Err(format!("Device '{d}' not found")),
+            None => Err(QmpError::generic(format!("Device '{d}' not found"))),
         },
-        _ => Err("exactly one of 'device' and 'node-name' is needed".into()),
+        _ => Err(QmpError::generic(
+            "exactly one of 'device' and 'node-name' is needed",
+        )),
     }
 }
 
@@ -260,16 +269,16 @@ impl CreatedOverlay {
 /// QEMU's bdrv_img_create refuses an image named as its backing file; it
 /// compares the names, this compares the files too (another name, a
 /// symlink).
-fn check_not_backing(file: &str, backing: &str) -> Result<(), String> {
+fn check_not_backing(file: &str, backing: &str) -> Result<(), QmpError> {
     let same = file == backing
         || matches!(
             (std::fs::metadata(file), std::fs::metadata(backing)),
             (Ok(a), Ok(b)) if (a.dev(), a.ino()) == (b.dev(), b.ino())
         );
     if same {
-        return Err(
-            "Error: Trying to create an image with the same filename as the backing file".into(),
-        );
+        return Err(QmpError::generic(
+            "Error: Trying to create an image with the same filename as the backing file",
+        ));
     }
     Ok(())
 }
@@ -279,17 +288,20 @@ fn check_not_backing(file: &str, backing: &str) -> Result<(), String> {
 pub(crate) fn prepare_external_sync(
     state: &State,
     a: &SnapshotSyncArgs,
-) -> Result<(PreparedExternal, CreatedOverlay), String> {
+) -> Result<(PreparedExternal, CreatedOverlay), QmpError> {
     let node_name = device_or_node(state, a.device.as_deref(), a.node_name.as_deref())?;
     let file = a.snapshot_file.as_str();
     if let Some(f) = &a.format {
         if f != "qcow2" {
-            return Err(format!(
+            return Err(QmpError::generic(format!(
                 "format '{f}' cannot have a backing file here; use qcow2"
-            ));
+            )));
         }
     }
-    let node = state.graph().get(&node_name).map_err(|e| e.to_string())?;
+    let node = state
+        .graph()
+        .get(&node_name)
+        .map_err(|e| QmpError::generic(e.to_string()))?;
     let overlay_name = match &a.snapshot_node_name {
         Some(n) => n.clone(),
         None => format!(
@@ -298,21 +310,25 @@ pub(crate) fn prepare_external_sync(
         ),
     };
     if state.graph().get(&overlay_name).is_ok() {
-        return Err(format!("node name '{overlay_name}' is already in use"));
+        return Err(QmpError::generic(format!(
+            "node name '{overlay_name}' is already in use"
+        )));
     }
     let created = match a.mode {
         SnapshotMode::Existing => {
             if !std::path::Path::new(file).exists() {
-                return Err(format!(
+                return Err(QmpError::generic(format!(
                     "snapshot file '{file}' does not exist (mode=existing)"
-                ));
+                )));
             }
             None
         }
         SnapshotMode::AbsolutePaths => {
-            let backing = drivers::file_name_of(&node).ok_or_else(|| {
-                format!("node '{node_name}' has no file name to use as a backing file")
-            })?;
+            let backing = drivers::file_name_of(&node)
+                .ok_or_else(|| {
+                    format!("node '{node_name}' has no file name to use as a backing file")
+                })
+                .map_err(QmpError::generic)?;
             let backing = std::fs::canonicalize(&backing)
                 .map(|p| p.to_string_lossy().into_owned())
                 .unwrap_or(backing);
@@ -326,7 +342,7 @@ pub(crate) fn prepare_external_sync(
                 ..Default::default()
             };
             let in_use = |dev, ino| file::node_using(&state.graph(), dev, ino, None);
-            let made = qcow2::create_in(file, &opts, &in_use)?;
+            let made = qcow2::create_in(file, &opts, &in_use).map_err(QmpError::generic)?;
             made.created().then_some(made)
         }
     };
@@ -336,12 +352,12 @@ pub(crate) fn prepare_external_sync(
         "file": {"driver": "file", "filename": file},
         "backing": null,
     }))
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| QmpError::generic(e.to_string()))?;
     if let Err(e) = state.add_blockdev(&opts) {
         if let Some(c) = &created {
             c.remove(&|dev, ino| file::node_using(&state.graph(), dev, ino, None));
         }
-        return Err(e.to_string());
+        return Err(QmpError::generic(e.to_string()));
     }
     let made = CreatedOverlay {
         node: overlay_name.clone(),
@@ -358,7 +374,7 @@ pub(crate) fn prepare_external_sync(
 
 /// blockdev-snapshot-sync: creates (or opens) a qcow2 overlay file and puts
 /// it on top of the node.
-pub fn external_sync(state: &Arc<State>, a: &SnapshotSyncArgs) -> Result<(), String> {
+pub fn external_sync(state: &Arc<State>, a: &SnapshotSyncArgs) -> Result<(), QmpError> {
     transaction(state, vec![Action::BlockdevSnapshotSync(a.clone())])
 }
 

@@ -29,7 +29,8 @@ use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::backend::{ExportState, VhostUserBlk, Vring};
+use super::connection::{VhostUserBlk, Vring};
+use super::export::ExportState;
 use crate::config::ErrorAction;
 use crate::io::{self as aio, Executor, IoCtx};
 use crate::virtio_blk::{self, guest, GuestMem, Parsed};

@@ -16,10 +16,8 @@ mod request;
 
 pub use config::{DeviceConfig, DeviceParams, CONFIG_SIZE, WRITEBACK_OFFSET};
 pub use execute::{execute, IoDirection, Outcome};
-pub use request::{
-    parse, GuestMem, Limits, MemGuard, ParseError, Parsed, Range, Request, RequestKind, Segment,
-    Status,
-};
+pub use guest::{GuestMem, MemGuard, Segment};
+pub use request::{parse, Limits, ParseError, Parsed, Range, Request, RequestKind, Status};
 
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;

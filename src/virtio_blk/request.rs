@@ -15,17 +15,13 @@
 //! writable byte to hold it.
 
 use virtio_bindings::virtio_blk::*;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryLoadGuard, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::{guest, HEADER_SIZE, RANGE_SIZE, SECTOR};
+use super::guest::{self, GuestMem, MemGuard, Segment};
+use super::{HEADER_SIZE, RANGE_SIZE, SECTOR};
 use smallvec::SmallVec;
 
 use crate::io::{IoVecList, IoVecs, Owner};
-
-/// Guest memory as the vhost-user adapter maps it.
-pub type GuestMem = GuestMemoryMmap<()>;
-/// A snapshot of guest memory that stays mapped while it is held.
-pub type MemGuard = GuestMemoryLoadGuard<GuestMem>;
 
 /// A request's status byte.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,13 +35,6 @@ pub enum Status {
 /// The segments of a chain's readable or writable stream. A typical chain
 /// has a header, one or two data buffers and a status byte: no allocation.
 type Segs = SmallVec<[Segment; 4]>;
-
-/// A run of guest memory named by one descriptor (or part of one).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Segment {
-    pub addr: GuestAddress,
-    pub len: u64,
-}
 
 /// One range of a discard or write-zeroes request, in bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
