@@ -121,6 +121,14 @@ impl<'a> Args<'a> {
         })
     }
 
+    /// As [`Args::parse`], but the error names no parameter, as a
+    /// transaction action's does (`Invalid arguments for 'x': {serde's text}`).
+    pub fn parse_flat<T: DeserializeOwned>(&self) -> Result<T, QmpError> {
+        serde_json::from_value(self.to_value()).map_err(|e| {
+            QmpError::generic(format!("Invalid arguments for '{}': {e}", self.command))
+        })
+    }
+
     /// For a command that takes no arguments.
     pub fn none(&self) -> Result<NoArgs, QmpError> {
         match self.arguments.keys().next() {
@@ -169,6 +177,8 @@ pub struct CommandDef<S: 'static> {
 ///
 /// - `command!("name", handler)`: `handler(&S, A) -> Result<R, QmpError>`
 ///   where `A: Deserialize` is parsed from the arguments by [`Args::parse`];
+/// - `command!("name", handler, flat)`: as the first, parsed by
+///   [`Args::parse_flat`];
 /// - `command!("name", handler, no_args)`: `handler(&S) -> Result<R, QmpError>`,
 ///   any argument is refused;
 /// - `command!("name", handler, raw)`: `handler(&S, Args) -> Result<R, QmpError>`
@@ -181,6 +191,13 @@ macro_rules! command {
         $crate::qapi::CommandDef {
             name: $name,
             run: |s, a| $handler(s, a.parse()?).map(Into::into),
+            listed: true,
+        }
+    };
+    ($name:literal, $handler:path, flat) => {
+        $crate::qapi::CommandDef {
+            name: $name,
+            run: |s, a| $handler(s, a.parse_flat()?).map(Into::into),
             listed: true,
         }
     };

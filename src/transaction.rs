@@ -114,24 +114,20 @@ impl Prepared {
             Action::BlockdevSnapshotInternalSync(s) => {
                 PreparedInternal::prepare(state, s).map(Prepared::Internal)
             }
-            Action::BlockDirtyBitmapAdd(b) => prepare_add(state, b)
-                .map(Prepared::Bitmap)
-                .map_err(QmpError::generic),
-            Action::BlockDirtyBitmapRemove(b) => prepare_named(state, b, "remove")
-                .map(Prepared::Bitmap)
-                .map_err(QmpError::generic),
-            Action::BlockDirtyBitmapClear(b) => prepare_named(state, b, "clear")
-                .map(Prepared::Bitmap)
-                .map_err(QmpError::generic),
-            Action::BlockDirtyBitmapEnable(b) => prepare_named(state, b, "enable")
-                .map(Prepared::Bitmap)
-                .map_err(QmpError::generic),
-            Action::BlockDirtyBitmapDisable(b) => prepare_named(state, b, "disable")
-                .map(Prepared::Bitmap)
-                .map_err(QmpError::generic),
-            Action::BlockDirtyBitmapMerge(b) => prepare_merge(state, b)
-                .map(Prepared::Bitmap)
-                .map_err(QmpError::generic),
+            Action::BlockDirtyBitmapAdd(b) => prepare_add(state, b).map(Prepared::Bitmap),
+            Action::BlockDirtyBitmapRemove(b) => {
+                prepare_named(state, b, "remove").map(Prepared::Bitmap)
+            }
+            Action::BlockDirtyBitmapClear(b) => {
+                prepare_named(state, b, "clear").map(Prepared::Bitmap)
+            }
+            Action::BlockDirtyBitmapEnable(b) => {
+                prepare_named(state, b, "enable").map(Prepared::Bitmap)
+            }
+            Action::BlockDirtyBitmapDisable(b) => {
+                prepare_named(state, b, "disable").map(Prepared::Bitmap)
+            }
+            Action::BlockDirtyBitmapMerge(b) => prepare_merge(state, b).map(Prepared::Bitmap),
             Action::Abort(_) => Err(QmpError::generic("Transaction aborted using Abort action")),
             Action::BlockdevBackup(_) => unreachable!("backups are not prepared"),
         }

@@ -33,6 +33,7 @@ pub mod create;
 mod drain;
 mod job;
 mod mirror;
+pub mod qmp;
 mod ratelimit;
 mod registry;
 pub mod state;
