@@ -31,7 +31,6 @@ use crate::block::hooks::{WriteHook, WriteOp};
 use crate::block::ranges::RangeLock;
 use crate::block::{BlockFuture, Child, Node};
 use crate::drivers::file::{self, Created, NewFile};
-use crate::drivers::Driver;
 use crate::qapi::QmpError;
 use crate::state::State;
 
@@ -475,10 +474,9 @@ impl Mirror {
 /// The default granularity: the target's cluster size within
 /// [4 KiB, 64 KiB], as QEMU's bdrv_get_default_bitmap_granularity.
 fn default_granularity(target: &Node) -> u64 {
-    match target.driver() {
-        Driver::Qcow2(q) => q.cluster_size().clamp(4096, 65536),
-        _ => 65536,
-    }
+    target
+        .cluster_size()
+        .map_or(65536, |c| c.clamp(4096, 65536))
 }
 
 fn check_granularity(g: u64) -> Result<(), QmpError> {
@@ -581,8 +579,8 @@ fn start_mirror(
         // top/none): the source's users write the target now, so the
         // backing edge conflicts with no one.
         if let Some(b) = &backing_for_target {
-            if let Driver::Qcow2(q) = m.target.driver() {
-                if q.backing().is_none() {
+            if let Some(q) = m.target.backing_file() {
+                if m.target.backing().is_none() {
                     let attached = Child::attach(
                         m.target.name(),
                         crate::block::ChildRole::Backing,
@@ -660,10 +658,10 @@ pub fn drive_mirror(state: &Arc<State>, a: DriveMirrorArgs) -> Result<(), QmpErr
     let source = copy::skip_filters(&copy::resolve(state, &a.device)?);
     super::check_id(&super::job_id(a.job_id.as_deref(), &a.device))?;
     super::check_not_busy(&source)?;
-    let format = a.format.clone().unwrap_or_else(|| match source.driver() {
-        Driver::Qcow2(_) => "qcow2".into(),
-        _ => "raw".into(),
-    });
+    let format = a
+        .format
+        .clone()
+        .unwrap_or_else(|| super::stream::format_of(&source).into());
     if format != "qcow2" && format != "raw" {
         return Err(QmpError::generic(format!(
             "format '{format}' is not supported; use qcow2 or raw"
@@ -758,7 +756,7 @@ fn target_node_name(state: &State, a: &DriveMirrorArgs, source: &Node) -> Result
         )));
     }
     for n in state.graph().nodes() {
-        if matches!(n.driver(), Driver::File(_)) && copy::names_file(n, &a.target) {
+        if n.protocol_file().is_some() && copy::names_file(n, &a.target) {
             return Err(QmpError::generic(format!(
                 "'{}' is in use by node '{}'; choose another target file",
                 a.target,
@@ -798,10 +796,7 @@ fn create_target(
         let f = crate::drivers::file_name_of(b)
             .ok_or_else(|| QmpError::generic(format!("node '{}' has no file name", b.name())))?;
         opts.backing_file = Some(f);
-        opts.backing_fmt = Some(match b.driver() {
-            Driver::Qcow2(_) => "qcow2".into(),
-            _ => "raw".into(),
-        });
+        opts.backing_fmt = Some(super::stream::format_of(b).into());
     }
     crate::drivers::qcow2::create_in(&a.target, &opts, &in_use).map_err(QmpError::generic)
 }

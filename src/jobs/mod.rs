@@ -43,7 +43,7 @@ pub use crate::block::policy::OnError;
 pub use backup::{backup, backup_in, backup_source, BackupArgs};
 pub use commit::{commit, CommitArgs};
 pub use copy::users;
-pub use drain::{cancel_all, drain_begin, drain_end, Participant};
+pub use drain::Participant;
 pub use job::{spawn, Job};
 pub use mirror::{drive_mirror, mirror, DriveMirrorArgs, MirrorArgs};
 pub use registry::{
@@ -155,15 +155,15 @@ mod tests {
         });
         wait_for(&j, |s| s.status() == JobStatus::Running);
         // A drain of another node leaves the job alone.
-        assert!(drain_begin(&[&*other]).is_empty());
-        let held = drain_begin(&[&*node]);
+        assert!(drain::drain_begin(&[&*other]).is_empty());
+        let held = drain::drain_begin(&[&*node]);
         assert_eq!(held.len(), 1);
         assert!(!j.state().busy, "the job rests while drained");
         let before = steps.load(std::sync::atomic::Ordering::SeqCst);
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert_eq!(steps.load(std::sync::atomic::Ordering::SeqCst), before);
         assert_eq!(j.state().status(), JobStatus::Paused);
-        drain_end(held);
+        drain::drain_end(held);
         assert_eq!(j.state().status(), JobStatus::Running);
         wait_for(&j, |_| {
             steps.load(std::sync::atomic::Ordering::SeqCst) > before

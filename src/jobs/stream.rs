@@ -20,7 +20,7 @@ use super::copy;
 use super::OnError;
 use super::{BlockJobOptions, Job};
 use crate::block::{Child, ChildRole, Node, Perm};
-use crate::drivers::{BlockdevOptions, Driver};
+use crate::drivers::{BlockdevOptions, ImageFormat};
 use crate::qapi::QmpError;
 use crate::state::State;
 
@@ -98,8 +98,8 @@ pub(super) fn split_chain(
 
 /// The format name a header records for a backing image.
 pub(super) fn format_of(node: &Node) -> &'static str {
-    match node.driver() {
-        Driver::Qcow2(_) => "qcow2",
+    match node.image_format() {
+        Some(ImageFormat::Qcow2) => "qcow2",
         _ => "raw",
     }
 }
@@ -112,7 +112,7 @@ pub(super) fn set_backing(
     base: Option<&Arc<Node>>,
     backing_file: Option<&str>,
 ) -> Result<(), QmpError> {
-    let Driver::Qcow2(q) = top.driver() else {
+    let Some(q) = top.backing_file() else {
         return Err(QmpError::generic(format!(
             "node '{}' has no backing image",
             top.name()
@@ -194,9 +194,10 @@ impl Stream {
     }
 
     fn copy(&self, job: &Job) -> Result<(), QmpError> {
-        let Driver::CopyOnRead(cor) = self.filter.driver() else {
+        if self.filter.driver_name() != "copy-on-read" {
             return Err(QmpError::generic("the stream filter is gone"));
-        };
+        }
+        let cor: &Node = &self.filter;
         let size = self.top.size();
         let base_depth = self.base.as_ref().map(|_| self.between.len() as u32 + 1);
         let buf = copy::Buffer::new(CHUNK);
@@ -261,12 +262,12 @@ pub fn stream(state: &Arc<State>, a: StreamArgs) -> Result<(), QmpError> {
     let id = super::job_id(a.job_id.as_deref(), &a.device);
     super::check_id(&id)?;
     super::check_not_busy(&top)?;
-    let Driver::Qcow2(_) = top.driver() else {
+    if top.backing_file().is_none() {
         return Err(QmpError::generic(format!(
             "node '{}' has no backing image to stream from",
             top.name()
         )));
-    };
+    }
     let overlay = find_overlay(state, &top)?;
     let (base, between) = find_base(state, &a, &top)?;
     let speed = super::mirror::check_speed(a.speed)?;
