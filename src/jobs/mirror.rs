@@ -513,40 +513,8 @@ fn start_mirror(
     copy_mode: CopyMode,
     backing_for_target: Option<Arc<Node>>,
 ) -> Result<(), QmpError> {
-    if Arc::ptr_eq(&source, &target) || source.reaches(&target) || target.reaches(&source) {
-        return Err(QmpError::generic("Can't mirror node into itself"));
-    }
-    // `replaces` may name the source or a filter above it: moving the
-    // users of anything else would change what they see at once.
-    if let Some(r) = &replaces {
-        if !Arc::ptr_eq(&copy::skip_filters(r), &source) {
-            return Err(QmpError::generic(format!(
-                "Cannot replace '{}' by a node mirrored from '{}', because it cannot be guaranteed that doing so would not lead to an abrupt change of visible data",
-                r.name(),
-                source.name()
-            )));
-        }
-    }
-    if target.is_read_only() {
-        return Err(QmpError::generic(format!(
-            "Node '{}' is read-only",
-            target.name()
-        )));
-    }
-    if source.size() != target.size() {
-        return Err(QmpError::generic(
-            "Source and target image have different sizes",
-        ));
-    }
-    let initial = match sync {
-        SyncMode::Full => Initial::All,
-        SyncMode::Top => Initial::Top,
-        SyncMode::None => Initial::Nothing,
-        SyncMode::Incremental => {
-            return Err(QmpError::generic("Sync mode 'incremental' not supported"))
-        }
-        SyncMode::Bitmap => return Err(QmpError::generic("Sync mode 'bitmap' not supported")),
-    };
+    check_nodes(&source, &target, replaces.as_ref())?;
+    let initial = initial_of(sync)?;
     let g = granularity.unwrap_or_else(|| default_granularity(&target));
     check_granularity(g)?;
     super::check_id(&o.id)?;
@@ -570,7 +538,70 @@ fn start_mirror(
     m.on_target_error = errors.1;
     m.late_backing = backing_for_target.is_some();
     let to_replace = replaces.unwrap_or_else(|| m.source.clone());
-    let pivot: Pivot = Box::new(move |state: &State, m: &Mirror| {
+    let pivot = pivot_to(to_replace, backing_for_target);
+
+    if matches!(initial, Initial::All) {
+        // Known at once for a full copy (the other modes count what
+        // their first pass finds).
+        job.progress(0, m.source.size());
+    }
+    let st = state.clone();
+    super::spawn(job, move |job| m.run(&st, job, initial, pivot));
+    Ok(())
+}
+
+/// Refuses a mirror into itself, a `replaces` that is not the source
+/// (or a filter above it), and a target that cannot take the copy.
+fn check_nodes(
+    source: &Arc<Node>,
+    target: &Arc<Node>,
+    replaces: Option<&Arc<Node>>,
+) -> Result<(), QmpError> {
+    if Arc::ptr_eq(source, target) || source.reaches(target) || target.reaches(source) {
+        return Err(QmpError::generic("Can't mirror node into itself"));
+    }
+    // `replaces` may name the source or a filter above it: moving the
+    // users of anything else would change what they see at once.
+    if let Some(r) = replaces {
+        if !Arc::ptr_eq(&copy::skip_filters(r), source) {
+            return Err(QmpError::generic(format!(
+                "Cannot replace '{}' by a node mirrored from '{}', because it cannot be guaranteed that doing so would not lead to an abrupt change of visible data",
+                r.name(),
+                source.name()
+            )));
+        }
+    }
+    if target.is_read_only() {
+        return Err(QmpError::generic(format!(
+            "Node '{}' is read-only",
+            target.name()
+        )));
+    }
+    if source.size() != target.size() {
+        return Err(QmpError::generic(
+            "Source and target image have different sizes",
+        ));
+    }
+    Ok(())
+}
+
+/// Where the first pass starts for a sync mode.
+fn initial_of(sync: SyncMode) -> Result<Initial, QmpError> {
+    Ok(match sync {
+        SyncMode::Full => Initial::All,
+        SyncMode::Top => Initial::Top,
+        SyncMode::None => Initial::Nothing,
+        SyncMode::Incremental => {
+            return Err(QmpError::generic("Sync mode 'incremental' not supported"))
+        }
+        SyncMode::Bitmap => return Err(QmpError::generic("Sync mode 'bitmap' not supported")),
+    })
+}
+
+/// The pivot of `complete`: the users of `to_replace` move to the target,
+/// which then takes its backing image when it has one to take.
+fn pivot_to(to_replace: Arc<Node>, backing_for_target: Option<Arc<Node>>) -> Pivot {
+    Box::new(move |state: &State, m: &Mirror| {
         let users = copy::users(state, &to_replace, &[]);
         users
             .replace(&to_replace, &m.target)
@@ -604,16 +635,7 @@ fn start_mirror(
             e.notify_config_change();
         }
         Ok(())
-    });
-
-    if matches!(initial, Initial::All) {
-        // Known at once for a full copy (the other modes count what
-        // their first pass finds).
-        job.progress(0, m.source.size());
-    }
-    let st = state.clone();
-    super::spawn(job, move |job| m.run(&st, job, initial, pivot));
-    Ok(())
+    })
 }
 
 /// blockdev-mirror.
