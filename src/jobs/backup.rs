@@ -451,7 +451,7 @@ pub fn backup_in(
     }
     let mode = bitmap_mode(&a)?;
     let bitmap = find_bitmap(&source, &a, mode)?;
-    let speed = super::mirror::check_speed(a.speed)?;
+    let speed = copy::check_speed(a.speed)?;
     let cs = target.cluster_size().map_or(65536, |c| c.max(65536));
     let todo = DirtyBitmap::new("", source.size(), cs, false, false).map_err(QmpError::generic)?;
     let hook = Arc::new(CbwHook {

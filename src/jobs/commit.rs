@@ -261,7 +261,7 @@ fn find_chain(state: &State, a: &CommitArgs) -> Result<Chain, QmpError> {
     super::check_not_busy(&active)?;
     let top = find_top(state, a, &active)?;
     let (base, between) = find_base(state, a, &top)?;
-    let speed = super::mirror::check_speed(a.speed)?;
+    let speed = copy::check_speed(a.speed)?;
     if a.backing_file.as_ref().is_some_and(|f| f.len() > 1023) {
         return Err(QmpError::generic(
             "Parameter 'backing-file' is longer than 1023 bytes",

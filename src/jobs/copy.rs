@@ -8,6 +8,7 @@ use crate::block::policy::{ErrorAction, OnError};
 use crate::block::users::Users;
 use crate::block::Allocation;
 use crate::block::{BlockError, Child, ChildRole, Node, Perm};
+use crate::drivers::ImageFormat;
 use crate::io::IoVecs;
 use crate::qapi::QmpError;
 use crate::state::State;
@@ -105,6 +106,20 @@ pub fn target(state: &State, name: &str) -> Result<Arc<Node>, QmpError> {
     })?;
     super::check_not_busy(&n)?;
     Ok(n)
+}
+
+/// A job's `speed`: refused when negative.
+pub fn check_speed(speed: i64) -> Result<u64, QmpError> {
+    u64::try_from(speed)
+        .map_err(|_| QmpError::generic("Parameter 'speed' expects a non-negative value"))
+}
+
+/// The format name a header records for a backing image.
+pub fn format_of(node: &Node) -> &'static str {
+    match node.image_format() {
+        Some(ImageFormat::Qcow2) => "qcow2",
+        _ => "raw",
+    }
 }
 
 /// Whether `node`'s image is the file `f` (as given, or the same file by

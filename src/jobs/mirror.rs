@@ -493,11 +493,6 @@ fn check_granularity(g: u64) -> Result<(), QmpError> {
     Ok(())
 }
 
-pub(super) fn check_speed(speed: i64) -> Result<u64, QmpError> {
-    u64::try_from(speed)
-        .map_err(|_| QmpError::generic("Parameter 'speed' expects a non-negative value"))
-}
-
 /// Checks shared by blockdev-mirror and drive-mirror; starts the job.
 #[allow(clippy::too_many_arguments)]
 fn start_mirror(
@@ -655,7 +650,7 @@ pub fn mirror(state: &Arc<State>, a: MirrorArgs) -> Result<(), QmpError> {
         .transpose()?;
     let o = BlockJobOptions {
         id,
-        speed: check_speed(a.speed)?,
+        speed: copy::check_speed(a.speed)?,
         auto_finalize: a.auto_finalize,
         auto_dismiss: a.auto_dismiss,
     };
@@ -683,7 +678,7 @@ pub fn drive_mirror(state: &Arc<State>, a: DriveMirrorArgs) -> Result<(), QmpErr
     let format = a
         .format
         .clone()
-        .unwrap_or_else(|| super::stream::format_of(&source).into());
+        .unwrap_or_else(|| copy::format_of(&source).into());
     if format != "qcow2" && format != "raw" {
         return Err(QmpError::generic(format!(
             "format '{format}' is not supported; use qcow2 or raw"
@@ -738,7 +733,7 @@ pub fn drive_mirror(state: &Arc<State>, a: DriveMirrorArgs) -> Result<(), QmpErr
         .transpose()?;
     let o = BlockJobOptions {
         id: super::job_id(a.job_id.as_deref(), &a.device),
-        speed: check_speed(a.speed)?,
+        speed: copy::check_speed(a.speed)?,
         auto_finalize: a.auto_finalize,
         auto_dismiss: a.auto_dismiss,
     };
@@ -818,7 +813,7 @@ fn create_target(
         let f = crate::drivers::file_name_of(b)
             .ok_or_else(|| QmpError::generic(format!("node '{}' has no file name", b.name())))?;
         opts.backing_file = Some(f);
-        opts.backing_fmt = Some(super::stream::format_of(b).into());
+        opts.backing_fmt = Some(copy::format_of(b).into());
     }
     crate::drivers::qcow2::create_in(&a.target, &opts, &in_use).map_err(QmpError::generic)
 }

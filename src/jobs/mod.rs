@@ -44,11 +44,11 @@ pub use backup::{backup, backup_in, backup_source, BackupArgs};
 pub use commit::{commit, CommitArgs};
 pub use copy::users;
 pub use drain::Participant;
-pub use job::{spawn, Job};
+pub use job::Job;
 pub use mirror::{drive_mirror, mirror, DriveMirrorArgs, MirrorArgs};
 pub use registry::{
     cancel_block, check_id, check_not_busy, command, get, get_block, job_id, query, query_block,
-    register, register_block, run_verb, set_speed, BlockJobOptions,
+    register, register_block, run_verb, set_speed, spawn, BlockJobOptions,
 };
 pub use state::{JobError, JobState, JobStatus, JobVerb};
 pub use stream::{stream, StreamArgs};
@@ -270,6 +270,9 @@ mod tests {
         txn.seal();
         wait_for(&other, |s| s.status() == JobStatus::Concluded);
         assert!(other.state().is_cancelled());
+        // The failed one reports its failure to the group before it
+        // records it: wait until it has concluded too.
+        wait_for(&bad, |s| s.status() == JobStatus::Concluded);
         assert_eq!(bad.state().error(), Some("No space left on device"));
         for id in ["grp-quick", "grp-slow", "grp-bad", "grp-other"] {
             command(JobVerb::Dismiss, id).unwrap();

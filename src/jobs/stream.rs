@@ -20,7 +20,7 @@ use super::copy;
 use super::OnError;
 use super::{BlockJobOptions, Job};
 use crate::block::{Child, ChildRole, Node, Perm};
-use crate::drivers::{BlockdevOptions, ImageFormat};
+use crate::drivers::BlockdevOptions;
 use crate::qapi::QmpError;
 use crate::state::State;
 
@@ -96,14 +96,6 @@ pub(super) fn split_chain(
     })
 }
 
-/// The format name a header records for a backing image.
-pub(super) fn format_of(node: &Node) -> &'static str {
-    match node.image_format() {
-        Some(ImageFormat::Qcow2) => "qcow2",
-        _ => "raw",
-    }
-}
-
 /// Makes `base` the backing image of `top` (None: no backing image), in
 /// the graph and in top's header; the old backing edge is released.
 /// The caller holds top's users drained.
@@ -135,7 +127,7 @@ pub(super) fn set_backing(
             .map_err(|e| QmpError::generic(e.to_string()))
         })
         .transpose()?;
-    q.change_backing_file_and_format(&name, base.map(|b| format_of(b)))
+    q.change_backing_file_and_format(&name, base.map(|b| copy::format_of(b)))
         .map_err(QmpError::generic)?;
     q.replace_backing(child);
     Ok(())
@@ -270,7 +262,7 @@ pub fn stream(state: &Arc<State>, a: StreamArgs) -> Result<(), QmpError> {
     }
     let overlay = find_overlay(state, &top)?;
     let (base, between) = find_base(state, &a, &top)?;
-    let speed = super::mirror::check_speed(a.speed)?;
+    let speed = copy::check_speed(a.speed)?;
     if a.backing_file.as_ref().is_some_and(|f| f.len() > 1023) {
         return Err(QmpError::generic(
             "Parameter 'backing-file' is longer than 1023 bytes",

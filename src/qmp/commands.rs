@@ -385,7 +385,7 @@ pub fn dispatch(
         }
         "blockdev-snapshot-sync" => {
             let a: crate::snapshot::SnapshotSyncArgs = args(cmd)?;
-            crate::snapshot::external_sync(state, &a)?;
+            crate::transaction::snapshot_sync(state, &a)?;
             ok(json!({}))
         }
         "transaction" => {

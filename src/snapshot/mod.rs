@@ -31,7 +31,6 @@ use crate::drivers::file::{self, Created};
 use crate::drivers::{self, qcow2, BlockdevOptions};
 use crate::qapi::QmpError;
 use crate::state::State;
-use crate::transaction::{transaction, Action};
 
 fn backing_format(node: &Node) -> Result<&'static str, QmpError> {
     node.image_format().map(|f| f.name()).ok_or_else(|| {
@@ -355,12 +354,6 @@ pub(crate) fn prepare_external_sync(
             Err(e)
         }
     }
-}
-
-/// blockdev-snapshot-sync: creates (or opens) a qcow2 overlay file and puts
-/// it on top of the node.
-pub fn external_sync(state: &Arc<State>, a: &SnapshotSyncArgs) -> Result<(), QmpError> {
-    transaction(state, vec![Action::BlockdevSnapshotSync(a.clone())])
 }
 
 fn rand_suffix() -> u32 {
