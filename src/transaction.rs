@@ -275,6 +275,12 @@ impl Plan {
     }
 }
 
+/// blockdev-snapshot-sync: creates (or opens) a qcow2 overlay file and puts
+/// it on top of the node, as a transaction of one action.
+pub fn snapshot_sync(state: &Arc<State>, a: &SnapshotSyncArgs) -> Result<(), QmpError> {
+    transaction(state, vec![Action::BlockdevSnapshotSync(a.clone())])
+}
+
 /// `transaction`: every action is checked (overlay files created and
 /// opened) first; then all are performed inside one drained section of
 /// every node involved, so the guest sees all of them or none. If any

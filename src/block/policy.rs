@@ -2,7 +2,7 @@
 //! rerror/werror) and block jobs (on-source-error, on-target-error, ...)
 //! alike.
 
-use serde::Deserialize;
+use serde::{de, Deserialize, Deserializer};
 
 /// qapi BlockdevOnError: the policy for a failed request.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -63,6 +63,18 @@ impl OnError {
     }
 }
 
+/// An export's policy (on-read-error, on-write-error): a BlockdevOnError
+/// but `auto`, which only jobs take (QEMU refuses it for rerror/werror).
+pub fn export_policy<'de, D: Deserializer<'de>>(d: D) -> Result<Option<OnError>, D::Error> {
+    match Option::<OnError>::deserialize(d)? {
+        Some(OnError::Auto) => Err(de::Error::unknown_variant(
+            "auto",
+            &["report", "ignore", "enospc", "stop"],
+        )),
+        o => Ok(o),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,5 +86,28 @@ mod tests {
         assert_eq!(OnError::Auto.action(true), ErrorAction::Report);
         assert_eq!(OnError::Ignore.action(false), ErrorAction::Ignore);
         assert_eq!(OnError::Stop.action(false), ErrorAction::Stop);
+    }
+
+    #[derive(Deserialize)]
+    struct Export {
+        #[serde(default, deserialize_with = "export_policy")]
+        p: Option<OnError>,
+    }
+
+    #[test]
+    fn exports_refuse_auto_in_the_words_of_the_enum_they_had() {
+        let e = serde_json::from_value::<Export>(serde_json::json!({"p": "auto"}))
+            .err()
+            .map(|e| e.to_string());
+        assert_eq!(
+            e.as_deref(),
+            Some("unknown variant `auto`, expected one of `report`, `ignore`, `enospc`, `stop`")
+        );
+        let ok = |v| serde_json::from_value::<Export>(v).map(|e| e.p).ok();
+        assert_eq!(
+            ok(serde_json::json!({"p": "enospc"})),
+            Some(Some(OnError::Enospc))
+        );
+        assert_eq!(ok(serde_json::json!({})), Some(None));
     }
 }

@@ -28,7 +28,6 @@ use crate::block::bitmap::DirtyBitmap;
 use crate::block::hooks::{WriteHook, WriteOp};
 use crate::block::ranges::RangeLock;
 use crate::block::{BlockError, BlockFuture, Child, Node};
-use crate::drivers::Driver;
 use crate::io::IoVecs;
 use crate::qapi::QmpError;
 use crate::state::State;
@@ -452,11 +451,8 @@ pub fn backup_in(
     }
     let mode = bitmap_mode(&a)?;
     let bitmap = find_bitmap(&source, &a, mode)?;
-    let speed = super::mirror::check_speed(a.speed)?;
-    let cs = match target.driver() {
-        Driver::Qcow2(q) => q.cluster_size().max(65536),
-        _ => 65536,
-    };
+    let speed = copy::check_speed(a.speed)?;
+    let cs = target.cluster_size().map_or(65536, |c| c.max(65536));
     let todo = DirtyBitmap::new("", source.size(), cs, false, false).map_err(QmpError::generic)?;
     let hook = Arc::new(CbwHook {
         todo,

@@ -20,7 +20,6 @@ use super::stream::{drop_nodes, set_backing, split_chain};
 use super::OnError;
 use super::{BlockJobOptions, Job};
 use crate::block::{Child, Node};
-use crate::drivers::Driver;
 use crate::qapi::QmpError;
 use crate::state::State;
 
@@ -262,7 +261,7 @@ fn find_chain(state: &State, a: &CommitArgs) -> Result<Chain, QmpError> {
     super::check_not_busy(&active)?;
     let top = find_top(state, a, &active)?;
     let (base, between) = find_base(state, a, &top)?;
-    let speed = super::mirror::check_speed(a.speed)?;
+    let speed = copy::check_speed(a.speed)?;
     if a.backing_file.as_ref().is_some_and(|f| f.len() > 1023) {
         return Err(QmpError::generic(
             "Parameter 'backing-file' is longer than 1023 bytes",
@@ -314,10 +313,10 @@ fn start_active(
     c: Chain,
     o: &BlockJobOptions,
 ) -> Result<(), QmpError> {
-    let g = match c.base.driver() {
-        Driver::Qcow2(q) => q.cluster_size().clamp(4096, 65536),
-        _ => 65536,
-    };
+    let g = c
+        .base
+        .cluster_size()
+        .map_or(65536, |c| c.clamp(4096, 65536));
     let started = Mirror::start(state, &c.id, c.top.clone(), c.base.clone(), g, false, CHUNK);
     let mut m = match started {
         Ok(m) => m,

@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use crate::block::policy::{ErrorAction, OnError};
 use crate::block::users::Users;
+use crate::block::Allocation;
 use crate::block::{BlockError, Child, ChildRole, Node, Perm};
-use crate::drivers::{Allocation, Driver};
+use crate::drivers::ImageFormat;
 use crate::io::IoVecs;
 use crate::qapi::QmpError;
 use crate::state::State;
@@ -107,6 +108,20 @@ pub fn target(state: &State, name: &str) -> Result<Arc<Node>, QmpError> {
     Ok(n)
 }
 
+/// A job's `speed`: refused when negative.
+pub fn check_speed(speed: i64) -> Result<u64, QmpError> {
+    u64::try_from(speed)
+        .map_err(|_| QmpError::generic("Parameter 'speed' expects a non-negative value"))
+}
+
+/// The format name a header records for a backing image.
+pub fn format_of(node: &Node) -> &'static str {
+    match node.image_format() {
+        Some(ImageFormat::Qcow2) => "qcow2",
+        _ => "raw",
+    }
+}
+
 /// Whether `node`'s image is the file `f` (as given, or the same file by
 /// its canonical path).
 pub fn names_file(node: &Node, f: &str) -> bool {
@@ -120,11 +135,7 @@ pub fn names_file(node: &Node, f: &str) -> bool {
 
 /// Below any filters (throttle, copy-on-read): the node that holds data.
 pub fn skip_filters(node: &Arc<Node>) -> Arc<Node> {
-    match node.driver() {
-        Driver::Throttle(t) => skip_filters(t.file().node()),
-        Driver::CopyOnRead(c) => skip_filters(c.file().node()),
-        _ => node.clone(),
-    }
+    Node::skip_filters(node)
 }
 
 /// The backing node of an image, if any.
@@ -228,33 +239,7 @@ pub fn make_base_writable(
     edge_above: &Child,
 ) -> Result<(), QmpError> {
     state.drained(base, || -> Result<(), QmpError> {
-        match base.driver() {
-            Driver::Qcow2(q) => q.reopen_writable(base).map_err(QmpError::generic)?,
-            Driver::Raw(r) => {
-                let f = r.file().node();
-                if f.is_read_only() {
-                    let Driver::File(fd) = f.driver() else {
-                        return Err(QmpError::generic(format!(
-                            "node '{}' cannot be made writable",
-                            base.name()
-                        )));
-                    };
-                    fd.reopen_read_write(f).map_err(QmpError::generic)?;
-                }
-                r.file().set_perm(
-                    Perm::CONSISTENT_READ | Perm::WRITE,
-                    Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
-                );
-                base.set_read_only(false);
-            }
-            _ => {
-                return Err(QmpError::generic(format!(
-                    "node '{}' ({}) cannot be committed into",
-                    base.name(),
-                    base.driver_name()
-                )))
-            }
-        }
+        base.reopen_writable().map_err(QmpError::generic)?;
         edge_above.set_perm(edge_above.perm(), edge_above.shared() | Perm::WRITE);
         Ok(())
     })
@@ -266,12 +251,7 @@ pub fn make_base_read_only(base: &Node, edge_above: Option<&Child>) {
     if let Some(e) = edge_above {
         e.set_perm(e.perm(), Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED);
     }
-    match base.driver() {
-        Driver::Qcow2(q) => q.make_read_only(),
-        Driver::Raw(r) => r.file().set_perm(Perm::CONSISTENT_READ, Perm::ALL),
-        _ => {}
-    }
-    base.set_read_only(true);
+    base.make_read_only();
 }
 
 /// The backing edge that points at `node` from the image above it.

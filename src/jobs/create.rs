@@ -24,7 +24,6 @@ use std::sync::Arc;
 use crate::block::{Graph, Node};
 use crate::drivers::file::{self, NewFile};
 use crate::drivers::qcow2::{CreateOptions, Preallocation};
-use crate::drivers::Driver;
 use crate::qapi::QmpError;
 use crate::state::State;
 
@@ -127,9 +126,9 @@ fn unused_file_node(graph: &Graph, name: &str) -> Result<(Arc<Node>, String), Qm
             "Node '{name}' is in use (it has parents); create on an unused node"
         )));
     }
-    match node.driver() {
-        Driver::File(f) => Ok((node.clone(), f.filename().to_string())),
-        _ => Err(QmpError::generic(format!(
+    match node.protocol_file() {
+        Some(f) => Ok((node.clone(), f.filename().to_string())),
+        None => Err(QmpError::generic(format!(
             "Node '{name}' is not a file node; blockdev-create formats a file node"
         ))),
     }
@@ -249,14 +248,14 @@ impl Work {
                 Ok(())
             }
             Work::Raw { node, size } => {
-                let Driver::File(f) = node.driver() else {
+                let Some(f) = node.protocol_file() else {
                     return Err(QmpError::generic("not a file node"));
                 };
                 // The node's own descriptor takes no lock (it has no
                 // parents); another node or process may hold the file.
                 let in_use = |dev, ino| file::node_using(&state.graph(), dev, ino, Some(&node));
                 let lock = NewFile::open(f.filename(), &in_use).map_err(QmpError::generic)?;
-                f.truncate(&node, size)
+                f.set_len(&node, size)
                     .map_err(|e| QmpError::generic(e.to_string()))?;
                 drop(lock);
                 job.progress(1, 1);
@@ -271,7 +270,7 @@ impl Work {
                 let in_use = |dev, ino| file::node_using(&state.graph(), dev, ino, Some(&node));
                 crate::drivers::qcow2::create_in(&filename, &opts, &in_use)
                     .map_err(QmpError::generic)?;
-                if let Driver::File(f) = node.driver() {
+                if let Some(f) = node.protocol_file() {
                     f.refresh_size().map_err(|e| {
                         QmpError::generic(format!("Could not read the size of '{filename}': {e}"))
                     })?;

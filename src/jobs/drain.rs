@@ -16,7 +16,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pauses every job (but the calling thread's own) that works on a node
 /// below or above one of `nodes`, and waits until each is at rest: the
 /// jobs' half of a drained section. [`drain_end`] resumes them.
-pub fn drain_begin(nodes: &[&Node]) -> Vec<Arc<Job>> {
+pub(super) fn drain_begin(nodes: &[&Node]) -> Vec<Arc<Job>> {
     let me = CURRENT_JOB.with(|c| c.borrow().clone());
     let jobs: Vec<Arc<Job>> = registry()
         .iter()
@@ -53,7 +53,7 @@ pub fn drain_begin(nodes: &[&Node]) -> Vec<Arc<Job>> {
 }
 
 /// Ends the jobs' half of a drained section.
-pub fn drain_end(jobs: Vec<Arc<Job>>) {
+pub(super) fn drain_end(jobs: Vec<Arc<Job>>) {
     for j in jobs {
         j.state().resume();
         j.wake.notify_all();
@@ -63,7 +63,7 @@ pub fn drain_end(jobs: Vec<Arc<Job>>) {
 /// Cancels every job (shutdown) and waits, up to `timeout`, until each
 /// has ended: no job writes to a node once the daemon flushes and closes
 /// them. QEMU's job_cancel_sync_all.
-pub fn cancel_all(timeout: Duration) {
+pub(super) fn cancel_all(timeout: Duration) {
     let jobs: Vec<Arc<Job>> = registry().iter().cloned().collect();
     for j in &jobs {
         let mut s = j.state();

@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::ratelimit;
+use super::state::JobVerb;
 use super::state::{JobState, JobStatus};
-use super::txn::JobTxn;
+use super::txn::{JobTxn, Member};
 use crate::block::policy::{ErrorAction, OnError};
 use crate::block::Node;
-use crate::qapi::QmpError;
 
 /// One job in the registry.
 pub struct Job {
@@ -258,40 +258,17 @@ pub(super) fn block_event(kind: &str, s: &JobState) -> Value {
     })
 }
 
-/// Runs `work` on a thread of its own: the job starts, passes a pause
-/// point, works, and ends with the work's result.
-pub fn spawn(job: Arc<Job>, work: impl FnOnce(&Job) -> Result<(), QmpError> + Send + 'static) {
-    job.state().start();
-    let thread_job = job.clone();
-    let spawned = std::thread::Builder::new()
-        .name(format!("job-{}", job.id))
-        .spawn(move || {
-            let job = thread_job;
-            CURRENT_JOB.with(|c| *c.borrow_mut() = Some(job.id.clone()));
-            job.state().busy = true;
-            let result = if job.pause_point() {
-                work(&job)
-            } else {
-                Ok(()) // cancelled before it began; work_done reports it
-            };
-            let failed = result.is_err() || job.is_cancelled();
-            let txn = job.txn.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            if let (true, Some(t)) = (failed, &txn) {
-                t.abort(&job);
-            }
-            {
-                let mut s = job.state();
-                s.busy = false;
-                s.work_done(result);
-            }
-            job.nodes.lock().unwrap_or_else(|e| e.into_inner()).clear();
-            job.wake.notify_all();
-            super::registry::reap();
-        });
-    if let Err(e) = spawned {
-        job.state().work_done(Err(QmpError::generic(format!(
-            "cannot start a thread for the job: {e}"
-        ))));
-        super::registry::reap();
+impl Member for Job {
+    fn joined(&self, txn: Arc<JobTxn>) {
+        *self.txn.lock().unwrap_or_else(|e| e.into_inner()) = Some(txn);
+    }
+
+    fn cancel_for_group(&self) {
+        let mut s = self.state();
+        if JobVerb::Cancel.allowed_in(s.status()) && !s.is_cancelled() {
+            let _ = s.cancel(true);
+        }
+        drop(s);
+        self.wake.notify_all();
     }
 }

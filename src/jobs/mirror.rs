@@ -31,7 +31,6 @@ use crate::block::hooks::{WriteHook, WriteOp};
 use crate::block::ranges::RangeLock;
 use crate::block::{BlockFuture, Child, Node};
 use crate::drivers::file::{self, Created, NewFile};
-use crate::drivers::Driver;
 use crate::qapi::QmpError;
 use crate::state::State;
 
@@ -475,10 +474,9 @@ impl Mirror {
 /// The default granularity: the target's cluster size within
 /// [4 KiB, 64 KiB], as QEMU's bdrv_get_default_bitmap_granularity.
 fn default_granularity(target: &Node) -> u64 {
-    match target.driver() {
-        Driver::Qcow2(q) => q.cluster_size().clamp(4096, 65536),
-        _ => 65536,
-    }
+    target
+        .cluster_size()
+        .map_or(65536, |c| c.clamp(4096, 65536))
 }
 
 fn check_granularity(g: u64) -> Result<(), QmpError> {
@@ -493,11 +491,6 @@ fn check_granularity(g: u64) -> Result<(), QmpError> {
         ));
     }
     Ok(())
-}
-
-pub(super) fn check_speed(speed: i64) -> Result<u64, QmpError> {
-    u64::try_from(speed)
-        .map_err(|_| QmpError::generic("Parameter 'speed' expects a non-negative value"))
 }
 
 /// Checks shared by blockdev-mirror and drive-mirror; starts the job.
@@ -515,40 +508,8 @@ fn start_mirror(
     copy_mode: CopyMode,
     backing_for_target: Option<Arc<Node>>,
 ) -> Result<(), QmpError> {
-    if Arc::ptr_eq(&source, &target) || source.reaches(&target) || target.reaches(&source) {
-        return Err(QmpError::generic("Can't mirror node into itself"));
-    }
-    // `replaces` may name the source or a filter above it: moving the
-    // users of anything else would change what they see at once.
-    if let Some(r) = &replaces {
-        if !Arc::ptr_eq(&copy::skip_filters(r), &source) {
-            return Err(QmpError::generic(format!(
-                "Cannot replace '{}' by a node mirrored from '{}', because it cannot be guaranteed that doing so would not lead to an abrupt change of visible data",
-                r.name(),
-                source.name()
-            )));
-        }
-    }
-    if target.is_read_only() {
-        return Err(QmpError::generic(format!(
-            "Node '{}' is read-only",
-            target.name()
-        )));
-    }
-    if source.size() != target.size() {
-        return Err(QmpError::generic(
-            "Source and target image have different sizes",
-        ));
-    }
-    let initial = match sync {
-        SyncMode::Full => Initial::All,
-        SyncMode::Top => Initial::Top,
-        SyncMode::None => Initial::Nothing,
-        SyncMode::Incremental => {
-            return Err(QmpError::generic("Sync mode 'incremental' not supported"))
-        }
-        SyncMode::Bitmap => return Err(QmpError::generic("Sync mode 'bitmap' not supported")),
-    };
+    check_nodes(&source, &target, replaces.as_ref())?;
+    let initial = initial_of(sync)?;
     let g = granularity.unwrap_or_else(|| default_granularity(&target));
     check_granularity(g)?;
     super::check_id(&o.id)?;
@@ -572,7 +533,70 @@ fn start_mirror(
     m.on_target_error = errors.1;
     m.late_backing = backing_for_target.is_some();
     let to_replace = replaces.unwrap_or_else(|| m.source.clone());
-    let pivot: Pivot = Box::new(move |state: &State, m: &Mirror| {
+    let pivot = pivot_to(to_replace, backing_for_target);
+
+    if matches!(initial, Initial::All) {
+        // Known at once for a full copy (the other modes count what
+        // their first pass finds).
+        job.progress(0, m.source.size());
+    }
+    let st = state.clone();
+    super::spawn(job, move |job| m.run(&st, job, initial, pivot));
+    Ok(())
+}
+
+/// Refuses a mirror into itself, a `replaces` that is not the source
+/// (or a filter above it), and a target that cannot take the copy.
+fn check_nodes(
+    source: &Arc<Node>,
+    target: &Arc<Node>,
+    replaces: Option<&Arc<Node>>,
+) -> Result<(), QmpError> {
+    if Arc::ptr_eq(source, target) || source.reaches(target) || target.reaches(source) {
+        return Err(QmpError::generic("Can't mirror node into itself"));
+    }
+    // `replaces` may name the source or a filter above it: moving the
+    // users of anything else would change what they see at once.
+    if let Some(r) = replaces {
+        if !Arc::ptr_eq(&copy::skip_filters(r), source) {
+            return Err(QmpError::generic(format!(
+                "Cannot replace '{}' by a node mirrored from '{}', because it cannot be guaranteed that doing so would not lead to an abrupt change of visible data",
+                r.name(),
+                source.name()
+            )));
+        }
+    }
+    if target.is_read_only() {
+        return Err(QmpError::generic(format!(
+            "Node '{}' is read-only",
+            target.name()
+        )));
+    }
+    if source.size() != target.size() {
+        return Err(QmpError::generic(
+            "Source and target image have different sizes",
+        ));
+    }
+    Ok(())
+}
+
+/// Where the first pass starts for a sync mode.
+fn initial_of(sync: SyncMode) -> Result<Initial, QmpError> {
+    Ok(match sync {
+        SyncMode::Full => Initial::All,
+        SyncMode::Top => Initial::Top,
+        SyncMode::None => Initial::Nothing,
+        SyncMode::Incremental => {
+            return Err(QmpError::generic("Sync mode 'incremental' not supported"))
+        }
+        SyncMode::Bitmap => return Err(QmpError::generic("Sync mode 'bitmap' not supported")),
+    })
+}
+
+/// The pivot of `complete`: the users of `to_replace` move to the target,
+/// which then takes its backing image when it has one to take.
+fn pivot_to(to_replace: Arc<Node>, backing_for_target: Option<Arc<Node>>) -> Pivot {
+    Box::new(move |state: &State, m: &Mirror| {
         let users = copy::users(state, &to_replace, &[]);
         users
             .replace(&to_replace, &m.target)
@@ -581,8 +605,8 @@ fn start_mirror(
         // top/none): the source's users write the target now, so the
         // backing edge conflicts with no one.
         if let Some(b) = &backing_for_target {
-            if let Driver::Qcow2(q) = m.target.driver() {
-                if q.backing().is_none() {
+            if let Some(q) = m.target.backing_file() {
+                if m.target.backing().is_none() {
                     let attached = Child::attach(
                         m.target.name(),
                         crate::block::ChildRole::Backing,
@@ -606,16 +630,7 @@ fn start_mirror(
             e.notify_config_change();
         }
         Ok(())
-    });
-
-    if matches!(initial, Initial::All) {
-        // Known at once for a full copy (the other modes count what
-        // their first pass finds).
-        job.progress(0, m.source.size());
-    }
-    let st = state.clone();
-    super::spawn(job, move |job| m.run(&st, job, initial, pivot));
-    Ok(())
+    })
 }
 
 /// blockdev-mirror.
@@ -635,7 +650,7 @@ pub fn mirror(state: &Arc<State>, a: MirrorArgs) -> Result<(), QmpError> {
         .transpose()?;
     let o = BlockJobOptions {
         id,
-        speed: check_speed(a.speed)?,
+        speed: copy::check_speed(a.speed)?,
         auto_finalize: a.auto_finalize,
         auto_dismiss: a.auto_dismiss,
     };
@@ -660,10 +675,10 @@ pub fn drive_mirror(state: &Arc<State>, a: DriveMirrorArgs) -> Result<(), QmpErr
     let source = copy::skip_filters(&copy::resolve(state, &a.device)?);
     super::check_id(&super::job_id(a.job_id.as_deref(), &a.device))?;
     super::check_not_busy(&source)?;
-    let format = a.format.clone().unwrap_or_else(|| match source.driver() {
-        Driver::Qcow2(_) => "qcow2".into(),
-        _ => "raw".into(),
-    });
+    let format = a
+        .format
+        .clone()
+        .unwrap_or_else(|| copy::format_of(&source).into());
     if format != "qcow2" && format != "raw" {
         return Err(QmpError::generic(format!(
             "format '{format}' is not supported; use qcow2 or raw"
@@ -718,7 +733,7 @@ pub fn drive_mirror(state: &Arc<State>, a: DriveMirrorArgs) -> Result<(), QmpErr
         .transpose()?;
     let o = BlockJobOptions {
         id: super::job_id(a.job_id.as_deref(), &a.device),
-        speed: check_speed(a.speed)?,
+        speed: copy::check_speed(a.speed)?,
         auto_finalize: a.auto_finalize,
         auto_dismiss: a.auto_dismiss,
     };
@@ -758,7 +773,7 @@ fn target_node_name(state: &State, a: &DriveMirrorArgs, source: &Node) -> Result
         )));
     }
     for n in state.graph().nodes() {
-        if matches!(n.driver(), Driver::File(_)) && copy::names_file(n, &a.target) {
+        if n.protocol_file().is_some() && copy::names_file(n, &a.target) {
             return Err(QmpError::generic(format!(
                 "'{}' is in use by node '{}'; choose another target file",
                 a.target,
@@ -798,10 +813,7 @@ fn create_target(
         let f = crate::drivers::file_name_of(b)
             .ok_or_else(|| QmpError::generic(format!("node '{}' has no file name", b.name())))?;
         opts.backing_file = Some(f);
-        opts.backing_fmt = Some(match b.driver() {
-            Driver::Qcow2(_) => "qcow2".into(),
-            _ => "raw".into(),
-        });
+        opts.backing_fmt = Some(copy::format_of(b).into());
     }
     crate::drivers::qcow2::create_in(&a.target, &opts, &in_use).map_err(QmpError::generic)
 }

@@ -44,12 +44,12 @@ pub use crate::block::policy::OnError;
 pub use backup::{backup, backup_in, backup_source, BackupArgs};
 pub use commit::{commit, CommitArgs};
 pub use copy::users;
-pub use drain::{cancel_all, drain_begin, drain_end, Participant};
-pub use job::{spawn, Job};
+pub use drain::Participant;
+pub use job::Job;
 pub use mirror::{drive_mirror, mirror, DriveMirrorArgs, MirrorArgs};
 pub use registry::{
     cancel_block, check_id, check_not_busy, command, get, get_block, job_id, query, query_block,
-    register, register_block, run_verb, set_speed, BlockJobOptions,
+    register, register_block, run_verb, set_speed, spawn, BlockJobOptions,
 };
 pub use state::{JobError, JobState, JobStatus, JobVerb};
 pub use stream::{stream, StreamArgs};
@@ -156,15 +156,15 @@ mod tests {
         });
         wait_for(&j, |s| s.status() == JobStatus::Running);
         // A drain of another node leaves the job alone.
-        assert!(drain_begin(&[&*other]).is_empty());
-        let held = drain_begin(&[&*node]);
+        assert!(drain::drain_begin(&[&*other]).is_empty());
+        let held = drain::drain_begin(&[&*node]);
         assert_eq!(held.len(), 1);
         assert!(!j.state().busy, "the job rests while drained");
         let before = steps.load(std::sync::atomic::Ordering::SeqCst);
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert_eq!(steps.load(std::sync::atomic::Ordering::SeqCst), before);
         assert_eq!(j.state().status(), JobStatus::Paused);
-        drain_end(held);
+        drain::drain_end(held);
         assert_eq!(j.state().status(), JobStatus::Running);
         wait_for(&j, |_| {
             steps.load(std::sync::atomic::Ordering::SeqCst) > before
@@ -271,6 +271,9 @@ mod tests {
         txn.seal();
         wait_for(&other, |s| s.status() == JobStatus::Concluded);
         assert!(other.state().is_cancelled());
+        // The failed one reports its failure to the group before it
+        // records it: wait until it has concluded too.
+        wait_for(&bad, |s| s.status() == JobStatus::Concluded);
         assert_eq!(bad.state().error(), Some("No space left on device"));
         for id in ["grp-quick", "grp-slow", "grp-bad", "grp-other"] {
             command(JobVerb::Dismiss, id).unwrap();

@@ -5,7 +5,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use serde_json::{json, Value};
 
-use super::job::{block_event, Job};
+use super::job::{block_event, Job, CURRENT_JOB};
 use super::ratelimit;
 use super::state::{JobState, JobStatus, JobVerb};
 use crate::block::Node;
@@ -247,4 +247,42 @@ pub fn check_not_busy(node: &Node) -> Result<(), QmpError> {
 /// The job-id of a block job: the given one, or the device's name.
 pub fn job_id(given: Option<&str>, device: &str) -> String {
     given.unwrap_or(device).to_string()
+}
+
+/// Runs `work` on a thread of its own: the job starts, passes a pause
+/// point, works, and ends with the work's result.
+pub fn spawn(job: Arc<Job>, work: impl FnOnce(&Job) -> Result<(), QmpError> + Send + 'static) {
+    job.state().start();
+    let thread_job = job.clone();
+    let spawned = std::thread::Builder::new()
+        .name(format!("job-{}", job.id))
+        .spawn(move || {
+            let job = thread_job;
+            CURRENT_JOB.with(|c| *c.borrow_mut() = Some(job.id.clone()));
+            job.state().busy = true;
+            let result = if job.pause_point() {
+                work(&job)
+            } else {
+                Ok(()) // cancelled before it began; work_done reports it
+            };
+            let failed = result.is_err() || job.is_cancelled();
+            let txn = job.txn.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if let (true, Some(t)) = (failed, &txn) {
+                t.abort(&*job);
+            }
+            {
+                let mut s = job.state();
+                s.busy = false;
+                s.work_done(result);
+            }
+            job.nodes.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            job.wake.notify_all();
+            reap();
+        });
+    if let Err(e) = spawned {
+        job.state().work_done(Err(QmpError::generic(format!(
+            "cannot start a thread for the job: {e}"
+        ))));
+        reap();
+    }
 }

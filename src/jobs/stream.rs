@@ -20,7 +20,7 @@ use super::copy;
 use super::OnError;
 use super::{BlockJobOptions, Job};
 use crate::block::{Child, ChildRole, Node, Perm};
-use crate::drivers::{BlockdevOptions, Driver};
+use crate::drivers::BlockdevOptions;
 use crate::qapi::QmpError;
 use crate::state::State;
 
@@ -96,14 +96,6 @@ pub(super) fn split_chain(
     })
 }
 
-/// The format name a header records for a backing image.
-pub(super) fn format_of(node: &Node) -> &'static str {
-    match node.driver() {
-        Driver::Qcow2(_) => "qcow2",
-        _ => "raw",
-    }
-}
-
 /// Makes `base` the backing image of `top` (None: no backing image), in
 /// the graph and in top's header; the old backing edge is released.
 /// The caller holds top's users drained.
@@ -112,7 +104,7 @@ pub(super) fn set_backing(
     base: Option<&Arc<Node>>,
     backing_file: Option<&str>,
 ) -> Result<(), QmpError> {
-    let Driver::Qcow2(q) = top.driver() else {
+    let Some(q) = top.backing_file() else {
         return Err(QmpError::generic(format!(
             "node '{}' has no backing image",
             top.name()
@@ -135,7 +127,7 @@ pub(super) fn set_backing(
             .map_err(|e| QmpError::generic(e.to_string()))
         })
         .transpose()?;
-    q.change_backing_file_and_format(&name, base.map(|b| format_of(b)))
+    q.change_backing_file_and_format(&name, base.map(|b| copy::format_of(b)))
         .map_err(QmpError::generic)?;
     q.replace_backing(child);
     Ok(())
@@ -194,9 +186,10 @@ impl Stream {
     }
 
     fn copy(&self, job: &Job) -> Result<(), QmpError> {
-        let Driver::CopyOnRead(cor) = self.filter.driver() else {
+        if self.filter.driver_name() != "copy-on-read" {
             return Err(QmpError::generic("the stream filter is gone"));
-        };
+        }
+        let cor: &Node = &self.filter;
         let size = self.top.size();
         let base_depth = self.base.as_ref().map(|_| self.between.len() as u32 + 1);
         let buf = copy::Buffer::new(CHUNK);
@@ -261,15 +254,15 @@ pub fn stream(state: &Arc<State>, a: StreamArgs) -> Result<(), QmpError> {
     let id = super::job_id(a.job_id.as_deref(), &a.device);
     super::check_id(&id)?;
     super::check_not_busy(&top)?;
-    let Driver::Qcow2(_) = top.driver() else {
+    if top.backing_file().is_none() {
         return Err(QmpError::generic(format!(
             "node '{}' has no backing image to stream from",
             top.name()
         )));
-    };
+    }
     let overlay = find_overlay(state, &top)?;
     let (base, between) = find_base(state, &a, &top)?;
-    let speed = super::mirror::check_speed(a.speed)?;
+    let speed = copy::check_speed(a.speed)?;
     if a.backing_file.as_ref().is_some_and(|f| f.len() > 1023) {
         return Err(QmpError::generic(
             "Parameter 'backing-file' is longer than 1023 bytes",

@@ -2,8 +2,16 @@
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use super::job::Job;
-use super::state::JobVerb;
+/// What a group asks of its members (block jobs): this file names no
+/// job type.
+pub trait Member: Send + Sync {
+    /// The member joined `txn` (it reports its failure to it).
+    fn joined(&self, txn: Arc<JobTxn>);
+
+    /// Cancels the member (forced), where it can still be cancelled, and
+    /// wakes it.
+    fn cancel_for_group(&self);
+}
 
 /// Jobs started by one `transaction` with completion-mode `grouped`
 /// (QEMU's JobTxn): they finalize together once all have done their work,
@@ -16,7 +24,7 @@ pub struct JobTxn {
 
 #[derive(Default)]
 struct TxnState {
-    members: Vec<Arc<Job>>,
+    members: Vec<Arc<dyn Member>>,
     /// Members whose work is done and that wait to finalize.
     arrived: usize,
     aborting: bool,
@@ -30,9 +38,9 @@ impl JobTxn {
     }
 
     /// Makes `job` a member (before it starts).
-    pub fn add(self: &Arc<Self>, job: &Arc<Job>) {
+    pub fn add<M: Member + 'static>(self: &Arc<Self>, job: &Arc<M>) {
         self.lock().members.push(job.clone());
-        *job.txn.lock().unwrap_or_else(|e| e.into_inner()) = Some(self.clone());
+        job.joined(self.clone());
     }
 
     /// All members are in: they may finalize once all are done.
@@ -46,18 +54,13 @@ impl JobTxn {
     pub fn cancel_all(&self) {
         let members = self.lock().members.clone();
         if let Some(first) = members.first() {
-            let mut s = first.state();
-            if JobVerb::Cancel.allowed_in(s.status()) && !s.is_cancelled() {
-                let _ = s.cancel(true);
-            }
-            drop(s);
-            first.wake.notify_all();
-            self.abort(first);
+            first.cancel_for_group();
+            self.abort(&**first);
         }
     }
 
     /// A member failed or was cancelled: every other member is cancelled.
-    pub(super) fn abort(&self, failed: &Job) {
+    pub(super) fn abort(&self, failed: &dyn Member) {
         let members = {
             let mut t = self.lock();
             if t.aborting {
@@ -67,13 +70,12 @@ impl JobTxn {
             t.members.clone()
         };
         self.changed.notify_all();
-        for m in members.iter().filter(|m| !std::ptr::eq(&***m, failed)) {
-            let mut s = m.state();
-            if JobVerb::Cancel.allowed_in(s.status()) && !s.is_cancelled() {
-                let _ = s.cancel(true);
-            }
-            drop(s);
-            m.wake.notify_all();
+        let failed: *const dyn Member = failed;
+        for m in members
+            .iter()
+            .filter(|m| !std::ptr::addr_eq(Arc::as_ptr(m), failed))
+        {
+            m.cancel_for_group();
         }
     }
 

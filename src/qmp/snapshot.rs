@@ -37,7 +37,7 @@ fn blockdev_snapshot(state: &Arc<State>, a: BlockdevSnapshot) -> Result<(), QmpE
 }
 
 fn blockdev_snapshot_sync(state: &Arc<State>, a: SnapshotSyncArgs) -> Result<(), QmpError> {
-    snapshot::external_sync(state, &a)
+    crate::transaction::snapshot_sync(state, &a)
 }
 
 #[derive(Deserialize)]

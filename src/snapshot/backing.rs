@@ -1,6 +1,5 @@
 //! change-backing-file: the backing file name an image records.
 
-use crate::drivers::Driver;
 use crate::qapi::QmpError;
 use crate::state::State;
 
@@ -29,7 +28,7 @@ pub fn change_backing_file(
             "node '{image}' is not in the backing chain of '{device}'"
         )));
     }
-    let Driver::Qcow2(q) = node.driver() else {
+    let Some(q) = node.backing_file() else {
         return Err(QmpError::generic(format!(
             "node '{image}' ({}) records no backing file name",
             node.driver_name()

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use crate::block::{Node, Perm};
-use crate::drivers::{qcow2, Driver};
+use crate::drivers::qcow2;
 use crate::qapi::QmpError;
 use crate::state::State;
 
@@ -28,7 +28,7 @@ impl PreparedInternal {
     /// Checks that `a.device`'s qcow2 image can take a snapshot `a.name`.
     pub fn prepare(state: &State, a: &InternalArgs) -> Result<PreparedInternal, QmpError> {
         let node = internal_target(state, &a.device)?;
-        let Driver::Qcow2(q) = node.driver() else {
+        let Some(q) = node.internal_snapshots() else {
             unreachable!("internal_target returns qcow2 nodes");
         };
         if node.is_read_only() {
@@ -60,7 +60,7 @@ impl PreparedInternal {
 
     /// Makes the snapshot. The caller holds the node drained.
     pub fn perform(&self) -> Result<(), QmpError> {
-        let Driver::Qcow2(q) = self.node.driver() else {
+        let Some(q) = self.node.internal_snapshots() else {
             unreachable!("checked in prepare");
         };
         let s = futures::executor::block_on(q.snapshot_create(&self.name, now()))
@@ -71,7 +71,7 @@ impl PreparedInternal {
 
     /// Deletes the snapshot if it was made.
     pub fn undo(&self) {
-        let Driver::Qcow2(qd) = self.node.driver() else {
+        let Some(qd) = self.node.internal_snapshots() else {
             return;
         };
         let made = self.made.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -100,24 +100,21 @@ impl PreparedInternal {
 pub(crate) fn internal_target(state: &State, device: &str) -> Result<Arc<Node>, QmpError> {
     let mut node = match state.export(device) {
         Some(e) => e.blk.node().clone(),
-        None => state
-            .graph()
-            .get(device)
-            .map_err(|_| {
-                format!("Device '{device}' not found (neither an export id nor a node name)")
-            })
-            .map_err(QmpError::generic)?,
+        None => state.graph().get(device).map_err(|_| {
+            QmpError::generic(format!(
+                "Device '{device}' not found (neither an export id nor a node name)"
+            ))
+        })?,
     };
     loop {
-        let next = match node.driver() {
-            Driver::Qcow2(_) => {
-                // A job's copies follow the image as it is.
-                crate::jobs::check_not_busy(&node)?;
-                return Ok(node);
-            }
-            Driver::Throttle(t) => t.file().node().clone(),
-            Driver::CopyOnRead(c) => c.file().node().clone(),
-            _ => {
+        if node.internal_snapshots().is_some() {
+            // A job's copies follow the image as it is.
+            crate::jobs::check_not_busy(&node)?;
+            return Ok(node);
+        }
+        let next = match node.is_filter().then(|| node.file_child()).flatten() {
+            Some(c) => c.node().clone(),
+            None => {
                 return Err(QmpError::generic(format!(
                     "node '{}' ({}) does not support internal snapshots",
                     node.name(),
@@ -153,7 +150,7 @@ pub fn internal_create(
     name: &str,
 ) -> Result<qcow2::Snapshot, QmpError> {
     let node = internal_target(state, device)?;
-    let Driver::Qcow2(q) = node.driver() else {
+    let Some(q) = node.internal_snapshots() else {
         unreachable!("internal_target returns qcow2 nodes");
     };
     let s = state
@@ -181,7 +178,7 @@ pub fn internal_delete(
         return Err(QmpError::generic("one of 'id' and 'name' is needed"));
     }
     let node = internal_target(state, device)?;
-    let Driver::Qcow2(q) = node.driver() else {
+    let Some(q) = node.internal_snapshots() else {
         unreachable!("internal_target returns qcow2 nodes");
     };
     let r = qcow2::SnapshotRef { id, name };
@@ -212,7 +209,7 @@ pub fn internal_goto(
         .graph()
         .get(node_name)
         .map_err(|e| QmpError::generic(e.to_string()))?;
-    let Driver::Qcow2(q) = node.driver() else {
+    let Some(q) = node.internal_snapshots() else {
         return Err(QmpError::generic(format!(
             "node '{node_name}' ({}) has no internal snapshots",
             node.driver_name()

@@ -28,21 +28,18 @@ use std::sync::Arc;
 use crate::block::users::Users;
 use crate::block::{Child, ChildRole, Node, Perm};
 use crate::drivers::file::{self, Created};
-use crate::drivers::{self, qcow2, BlockdevOptions, Driver};
+use crate::drivers::{self, qcow2, BlockdevOptions};
 use crate::qapi::QmpError;
 use crate::state::State;
-use crate::transaction::{transaction, Action};
 
 fn backing_format(node: &Node) -> Result<&'static str, QmpError> {
-    match node.driver() {
-        Driver::Qcow2(_) => Ok("qcow2"),
-        Driver::Raw(_) | Driver::File(_) => Ok("raw"),
-        _ => Err(QmpError::generic(format!(
+    node.image_format().map(|f| f.name()).ok_or_else(|| {
+        QmpError::generic(format!(
             "node '{}' ({}) cannot be the backing file of an image",
             node.name(),
             node.driver_name()
-        ))),
-    }
+        ))
+    })
 }
 
 /// An external snapshot that passed its checks, to be performed inside a
@@ -71,13 +68,13 @@ pub fn prepare_external(
     let overlay = graph
         .get(overlay_name)
         .map_err(|e| QmpError::generic(e.to_string()))?;
-    let Driver::Qcow2(q) = overlay.driver() else {
+    if overlay.backing_file().is_none() {
         return Err(QmpError::generic(format!(
             "the overlay '{overlay_name}' ({}) does not support backing files; use qcow2",
             overlay.driver_name()
         )));
-    };
-    if q.backing().is_some() {
+    }
+    if overlay.backing().is_some() {
         return Err(QmpError::generic(format!(
             "the overlay '{overlay_name}' already has a backing image"
         )));
@@ -139,7 +136,7 @@ impl PreparedExternal {
                 return Err(QmpError::generic(e.to_string()));
             }
         };
-        let Driver::Qcow2(q) = self.overlay.driver() else {
+        let Some(q) = self.overlay.backing_file() else {
             unreachable!("checked by prepare_external");
         };
         if let Err(e) = q.set_backing(backing) {
@@ -147,12 +144,7 @@ impl PreparedExternal {
             return Err(QmpError::generic(e));
         }
         // The old image is a backing image now.
-        node.set_read_only(true);
-        match node.driver() {
-            Driver::Qcow2(b) => b.make_read_only(),
-            Driver::Raw(r) => r.file().set_perm(Perm::CONSISTENT_READ, Perm::ALL),
-            _ => {}
-        }
+        node.make_read_only();
         Ok(())
     }
 
@@ -161,15 +153,7 @@ impl PreparedExternal {
     /// The overlay keeps its backing edge until it is deleted.
     pub fn undo(&self) {
         let node = &self.node;
-        match node.driver() {
-            Driver::Qcow2(b) => b.make_writable(),
-            Driver::Raw(r) => r.file().set_perm(
-                Perm::CONSISTENT_READ | Perm::WRITE,
-                Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
-            ),
-            _ => {}
-        }
-        node.set_read_only(false);
+        node.make_writable();
         if let Err(e) = self.users.replace(&self.overlay, node) {
             log::error!("snapshot: undoing an edge move: {e}");
         }
@@ -370,12 +354,6 @@ pub(crate) fn prepare_external_sync(
             Err(e)
         }
     }
-}
-
-/// blockdev-snapshot-sync: creates (or opens) a qcow2 overlay file and puts
-/// it on top of the node.
-pub fn external_sync(state: &Arc<State>, a: &SnapshotSyncArgs) -> Result<(), QmpError> {
-    transaction(state, vec![Action::BlockdevSnapshotSync(a.clone())])
 }
 
 fn rand_suffix() -> u32 {
