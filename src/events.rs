@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 type Sink = (u64, Box<dyn Fn(&Value) -> bool + Send>);
 
@@ -70,14 +70,41 @@ impl EventBus {
 
     /// Queues `name` with `data`, stamped with the current time.
     pub fn emit(&self, name: &str, data: Value) {
-        let ev = crate::qmp::protocol::event(name, data);
+        let ev = stamped(name, data);
         log::debug!("event {ev}");
         let _ = self.queue.send(ev);
     }
+}
+
+/// An event with the current wall-clock time, as QEMU stamps them:
+/// `{"event": NAME, "data": {..}, "timestamp": {"seconds": S, "microseconds": U}}`.
+pub fn stamped(name: &str, data: Value) -> Value {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    json!({
+        "event": name,
+        "data": data,
+        "timestamp": {"seconds": now.as_secs(), "microseconds": now.subsec_micros()}
+    })
 }
 
 /// The daemon's event bus, reachable from the I/O path.
 pub fn global() -> &'static EventBus {
     static BUS: OnceLock<EventBus> = OnceLock::new();
     BUS.get_or_init(EventBus::default)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_carry_a_timestamp() {
+        let e = stamped("X", json!({"id": "e0"}));
+        assert_eq!(e["event"], "X");
+        assert_eq!(e["data"], json!({"id": "e0"}));
+        assert!(e["timestamp"]["seconds"].as_u64().unwrap() > 1_600_000_000);
+        assert!(e["timestamp"]["microseconds"].as_u64().unwrap() < 1_000_000);
+    }
 }

@@ -4,8 +4,9 @@
 //! The modules follow the data path, and depend one way:
 //!
 //! ```text
+//!   shell (the process: start-up, signals, shutdown) -> qmp -> state
 //!   vhost_user -> virtio_blk -> block -> drivers -> io
-//!   config (shared option types) ; daemon (start-up, shutdown)
+//!   config (shared option types)
 //! ```
 //!
 //! See docs/ARCHITECTURE.md for the design.
@@ -17,16 +18,19 @@ pub mod bitmaps;
 pub mod block;
 pub mod config;
 pub mod create;
-pub mod daemon;
 pub mod drivers;
 pub mod events;
 pub mod io;
 pub mod jobs;
 pub mod opts;
+pub mod qapi;
 pub mod qmp;
+pub mod shell;
 pub mod signals;
 pub mod snapshot;
 pub mod sockpath;
+pub mod state;
 pub mod throttle;
+pub mod transaction;
 pub mod vhost_user;
 pub mod virtio_blk;

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use vhost_user_blkd::config::{Args, Config};
-use vhost_user_blkd::daemon;
+use vhost_user_blkd::shell;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
@@ -34,7 +34,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match daemon::run(config) {
+    match shell::run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let mut msg = e.to_string();

@@ -10,23 +10,29 @@
 
 mod backend;
 pub mod bitmap;
+mod driver;
 mod error;
 mod future;
 mod graph;
 pub mod hooks;
 mod node;
 mod perm;
+pub mod policy;
 pub mod ranges;
 mod stats;
+mod status;
 pub mod swap;
+pub mod users;
 
 pub use backend::BlockBackend;
+pub use driver::BlockDriver;
 pub use error::{BlockError, GraphError};
 pub use future::BlockFuture;
 pub use graph::Graph;
 pub use node::{Child, ChildRole, DrainCounter, Node};
 pub use perm::Perm;
 pub use stats::{BlockStats, HistogramKind, IoKind, KindStats, LatencyHistogram};
+pub use status::{Allocation, BlockStatus};
 
 /// Bytes in a sector, the unit of virtio-blk and QEMU offsets.
 pub const SECTOR_SIZE: u64 = 512;

@@ -3,6 +3,7 @@
 
 use serde::Deserialize;
 
+use crate::block::policy::{self, OnError};
 use crate::opts;
 
 /// `--export` / block-export-add, tagged by `type`.
@@ -21,33 +22,6 @@ pub enum SocketAddress {
     /// An already listening socket, passed by the orchestrator: `str` is
     /// its file descriptor number.
     Fd { str: String },
-}
-
-/// What happens when the storage fails a request (QEMU's rerror/werror).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ErrorAction {
-    /// The guest gets an I/O error.
-    #[default]
-    Report,
-    /// The guest is told the request succeeded.
-    Ignore,
-    /// Stop on ENOSPC (until `cont`), report anything else.
-    Enospc,
-    /// Park the request and stop the export's queues until `cont`, which
-    /// retries it: the guest sees no error once the cause is fixed.
-    Stop,
-}
-
-impl ErrorAction {
-    pub fn name(self) -> &'static str {
-        match self {
-            ErrorAction::Report => "report",
-            ErrorAction::Ignore => "ignore",
-            ErrorAction::Enospc => "enospc",
-            ErrorAction::Stop => "stop",
-        }
-    }
 }
 
 /// Default number of queues: enough that a guest with one queue per vCPU
@@ -82,13 +56,13 @@ pub struct VhostUserBlkOptions {
     /// GET_ID answer, at most 20 bytes.
     #[serde(default)]
     pub serial: Option<String>,
-    /// Policy for failed reads (default report).
-    #[serde(default)]
-    pub on_read_error: Option<ErrorAction>,
+    /// Policy for failed reads (default report; QEMU's rerror).
+    #[serde(default, deserialize_with = "policy::export_policy")]
+    pub on_read_error: Option<OnError>,
     /// Policy for failed writes, flushes, discards (default enospc, as
     /// QEMU's werror).
-    #[serde(default)]
-    pub on_write_error: Option<ErrorAction>,
+    #[serde(default, deserialize_with = "policy::export_policy")]
+    pub on_write_error: Option<OnError>,
     /// Longest time an iothread polls its rings for more work before it
     /// sleeps, in ns (like QEMU's iothread poll-max-ns); 0, the default,
     /// turns polling off. The window adapts: it grows after polling found

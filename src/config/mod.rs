@@ -12,8 +12,7 @@ mod export;
 pub mod keyval;
 
 pub use export::{
-    ErrorAction, ExportOptions, SocketAddress, VhostUserBlkOptions, DEFAULT_NUM_QUEUES,
-    DEFAULT_QUEUE_SIZE,
+    ExportOptions, SocketAddress, VhostUserBlkOptions, DEFAULT_NUM_QUEUES, DEFAULT_QUEUE_SIZE,
 };
 
 use std::path::PathBuf;
@@ -21,6 +20,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use serde::Deserialize;
 
+use crate::block::policy::OnError;
 use crate::drivers::{
     BlockdevOptions, BlockdevRef, CacheOptions, DiscardMode, FileOptions, RawOptions,
 };
@@ -112,8 +112,8 @@ pub struct ExportConfig {
     pub logical_block_size: u32,
     pub serial: Vec<u8>,
     pub num_iothreads: usize,
-    pub on_read_error: ErrorAction,
-    pub on_write_error: ErrorAction,
+    pub on_read_error: OnError,
+    pub on_write_error: OnError,
     pub poll_max_ns: u64,
 }
 
@@ -329,8 +329,8 @@ impl TryFrom<VhostUserBlkOptions> for ExportConfig {
             logical_block_size: lbs as u32,
             serial,
             num_iothreads: num_iothreads as usize,
-            on_read_error: o.on_read_error.unwrap_or(ErrorAction::Report),
-            on_write_error: o.on_write_error.unwrap_or(ErrorAction::Enospc),
+            on_read_error: o.on_read_error.unwrap_or(OnError::Report),
+            on_write_error: o.on_write_error.unwrap_or(OnError::Enospc),
             poll_max_ns: o.poll_max_ns.unwrap_or(export::DEFAULT_POLL_MAX_NS),
         })
     }

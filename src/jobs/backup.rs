@@ -20,16 +20,17 @@ use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
 
-use super::copy::{self, OnError};
+use super::copy;
 use super::mirror::SyncMode;
+use super::OnError;
 use super::{BlockJobOptions, Job};
 use crate::block::bitmap::DirtyBitmap;
 use crate::block::hooks::{WriteHook, WriteOp};
 use crate::block::ranges::RangeLock;
 use crate::block::{BlockError, BlockFuture, Child, Node};
-use crate::daemon::State;
-use crate::drivers::Driver;
 use crate::io::IoVecs;
+use crate::qapi::QmpError;
+use crate::state::State;
 
 fn yes() -> bool {
     true
@@ -142,7 +143,7 @@ struct Backup {
 }
 
 impl Backup {
-    fn run(&self, state: &State, job: &Job) -> Result<(), String> {
+    fn run(&self, state: &State, job: &Job) -> Result<(), QmpError> {
         let r = self.copy(job);
         let r = r.and_then(|()| {
             if let Some(e) = self
@@ -152,9 +153,9 @@ impl Backup {
                 .unwrap_or_else(|e| e.into_inner())
                 .clone()
             {
-                return Err(e);
+                return Err(QmpError::generic(e));
             }
-            copy::run(self.dst_edge.node().flush()).map_err(|e| copy::error_text(&e))
+            copy::run(self.dst_edge.node().flush()).map_err(|e| copy::job_error(&e))
         });
         let r = match r {
             Ok(()) if !job.wait_finalize() => Ok(()),
@@ -193,7 +194,7 @@ impl Backup {
         }
     }
 
-    fn copy(&self, job: &Job) -> Result<(), String> {
+    fn copy(&self, job: &Job) -> Result<(), QmpError> {
         let todo = &self.hook.todo;
         let size = todo.size();
         let total = todo.count();
@@ -261,29 +262,26 @@ impl Backup {
 }
 
 /// The node a blockdev-backup copies (for a transaction's drain).
-pub fn backup_source(state: &State, a: &BackupArgs) -> Result<Arc<Node>, String> {
+pub fn backup_source(state: &State, a: &BackupArgs) -> Result<Arc<Node>, QmpError> {
     Ok(copy::skip_filters(&copy::resolve(state, &a.device)?))
 }
 
 /// blockdev-backup; returns the job's id.
-pub fn backup(state: &Arc<State>, a: BackupArgs) -> Result<String, String> {
+pub fn backup(state: &Arc<State>, a: BackupArgs) -> Result<String, QmpError> {
     backup_in(state, a, None)
 }
 
-/// blockdev-backup as a member of a grouped transaction's jobs.
-pub fn backup_in(
-    state: &Arc<State>,
-    a: BackupArgs,
-    txn: Option<&Arc<super::JobTxn>>,
-) -> Result<String, String> {
+/// Refuses what this daemon does not do, and finds the source and the
+/// target (and the job's id).
+fn find_nodes(state: &State, a: &BackupArgs) -> Result<(Arc<Node>, String, Arc<Node>), QmpError> {
     if a.compress {
-        return Err("'compress' is not supported: compressed clusters are read, never written, by this daemon's qcow2 driver".into());
+        return Err(QmpError::generic("'compress' is not supported: compressed clusters are read, never written, by this daemon's qcow2 driver"));
     }
     if a.filter_node_name.is_some() {
-        return Err("'filter-node-name' is not supported: this daemon copies before writes in a hook on the source and inserts no filter node".into());
+        return Err(QmpError::generic("'filter-node-name' is not supported: this daemon copies before writes in a hook on the source and inserts no filter node"));
     }
     if a.discard_source == Some(true) {
-        return Err("'discard-source' is not supported".into());
+        return Err(QmpError::generic("'discard-source' is not supported"));
     }
     let source = copy::skip_filters(&copy::resolve(state, &a.device)?);
     let id = super::job_id(a.job_id.as_deref(), &a.device);
@@ -294,71 +292,97 @@ pub fn backup_in(
     // the target shows the point in time through its backing); a target
     // below the source is not.
     if Arc::ptr_eq(&source, &target) || source.reaches(&target) {
-        return Err("Source and target cannot be the same".into());
+        return Err(QmpError::generic("Source and target cannot be the same"));
     }
     if target.is_read_only() {
-        return Err(format!("Node '{}' is read-only", target.name()));
+        return Err(QmpError::generic(format!(
+            "Node '{}' is read-only",
+            target.name()
+        )));
     }
     if source.size() != target.size() {
-        return Err("Source and target image have different sizes".into());
+        return Err(QmpError::generic(
+            "Source and target image have different sizes",
+        ));
     }
-    if let Some(name) = &a.bitmap {
-        crate::bitmaps::find(&source, name)
-            .map_err(|_| format!("Bitmap '{name}' could not be found"))?;
-    }
+    Ok((source, id, target))
+}
+
+/// The bitmap-mode a backup's sync mode and bitmap call for, as QEMU
+/// checks them.
+fn bitmap_mode(a: &BackupArgs) -> Result<BitmapMode, QmpError> {
     let mode = match (a.sync, &a.bitmap, a.bitmap_mode) {
         (SyncMode::Incremental, Some(_), None | Some(BitmapMode::OnSuccess)) => {
             BitmapMode::OnSuccess
         }
         (SyncMode::Incremental, Some(_), Some(_)) => {
-            return Err(
-                "Bitmap sync mode must be 'on-success' when using sync mode 'incremental'".into(),
-            )
+            return Err(QmpError::generic(
+                "Bitmap sync mode must be 'on-success' when using sync mode 'incremental'",
+            ))
         }
         (SyncMode::Bitmap, Some(_), Some(m)) => m,
         (SyncMode::Bitmap, Some(_), None) => {
-            return Err("Bitmap sync mode must be given when providing a bitmap".into())
+            return Err(QmpError::generic(
+                "Bitmap sync mode must be given when providing a bitmap",
+            ))
         }
         (SyncMode::Incremental | SyncMode::Bitmap, None, _) => {
-            return Err(format!(
+            return Err(QmpError::generic(format!(
                 "must provide a valid bitmap name for '{}' sync mode",
                 if a.sync == SyncMode::Bitmap {
                     "bitmap"
                 } else {
                     "incremental"
                 }
-            ))
+            )))
         }
         (SyncMode::None, Some(_), _) => {
-            return Err("sync-mode 'none' does not produce meaningful bitmap outputs".into())
+            return Err(QmpError::generic(
+                "sync-mode 'none' does not produce meaningful bitmap outputs",
+            ))
         }
         (_, Some(_), None) => {
-            return Err("Bitmap sync mode must be given when providing a bitmap".into())
+            return Err(QmpError::generic(
+                "Bitmap sync mode must be given when providing a bitmap",
+            ))
         }
         (_, Some(_), Some(BitmapMode::Never)) => {
-            return Err(format!(
+            return Err(QmpError::generic(format!(
             "Bitmap sync mode 'never' has no meaningful effect when combined with sync mode '{}'",
             if a.sync == SyncMode::Full {
                 "full"
             } else {
                 "top"
             }
-        ))
+        )))
         }
         // full/top with a bitmap: the bitmap restarts at the backup (a new
         // incremental chain), as bitmap-mode says.
         (_, Some(_), Some(m)) => m,
-        (_, None, Some(_)) => return Err("Cannot specify bitmap sync mode without a bitmap".into()),
+        (_, None, Some(_)) => {
+            return Err(QmpError::generic(
+                "Cannot specify bitmap sync mode without a bitmap",
+            ))
+        }
         (_, None, None) => BitmapMode::OnSuccess,
     };
+    Ok(mode)
+}
+
+/// The bitmap a backup names: not in use by another operation.
+fn find_bitmap(
+    source: &Node,
+    a: &BackupArgs,
+    mode: BitmapMode,
+) -> Result<Option<Arc<DirtyBitmap>>, QmpError> {
     let bitmap = match &a.bitmap {
         Some(name) => {
-            let b = crate::bitmaps::find(&source, name)
-                .map_err(|_| format!("Bitmap '{name}' could not be found"))?;
+            let b = crate::bitmaps::find(source, name)
+                .map_err(|_| QmpError::generic(format!("Bitmap '{name}' could not be found")))?;
             if b.is_busy() {
-                return Err(format!(
+                return Err(QmpError::generic(format!(
                     "Bitmap '{name}' is currently in use by another operation and cannot be used"
-                ));
+                )));
             }
             if !b.is_enabled() && mode == BitmapMode::OnSuccess {
                 // Allowed by QEMU too: a disabled bitmap copies its bits.
@@ -367,12 +391,69 @@ pub fn backup_in(
         }
         None => None,
     };
-    let speed = super::mirror::check_speed(a.speed)?;
-    let cs = match target.driver() {
-        Driver::Qcow2(q) => q.cluster_size().max(65536),
-        _ => 65536,
-    };
-    let todo = DirtyBitmap::new("", source.size(), cs, false, false)?;
+    Ok(bitmap)
+}
+
+/// The point in time, in a drained section of the source: nothing is in
+/// flight, the hook goes on, and what to copy is decided. Returns what the
+/// bitmap held (to be put back if bitmap-mode says so).
+fn start_point(
+    state: &State,
+    source: &Arc<Node>,
+    sync: SyncMode,
+    hook: &Arc<CbwHook>,
+    bitmap: Option<&Arc<DirtyBitmap>>,
+) -> Result<Option<Vec<u64>>, QmpError> {
+    let size = source.size();
+    let h: Arc<dyn WriteHook> = hook.clone();
+    state.drained(source, || {
+        let mut saved = None;
+        match sync {
+            SyncMode::Full | SyncMode::None => hook.todo.set(0, size),
+            SyncMode::Top => {
+                let mut off = 0;
+                while off < size {
+                    let (top, n) = copy::allocated_in_top(source, off, size - off)
+                        .map_err(|e| copy::job_error(&e))?;
+                    if top {
+                        hook.todo.set(off, n);
+                    }
+                    off += n;
+                }
+            }
+            SyncMode::Incremental | SyncMode::Bitmap => {
+                hook.todo.merge_from(bitmap.expect("checked above"));
+            }
+        }
+        if let Some(b) = bitmap {
+            // From here the bitmap records only what changes after this
+            // point; what it held is kept to be put back if bitmap-mode
+            // says so.
+            saved = Some(b.snapshot());
+            b.clear();
+            b.set_busy(true);
+        }
+        source.add_write_hook(h);
+        Ok(saved)
+    })
+}
+
+/// blockdev-backup as a member of a grouped transaction's jobs.
+pub fn backup_in(
+    state: &Arc<State>,
+    a: BackupArgs,
+    txn: Option<&Arc<super::JobTxn>>,
+) -> Result<String, QmpError> {
+    let (source, id, target) = find_nodes(state, &a)?;
+    if let Some(name) = &a.bitmap {
+        crate::bitmaps::find(&source, name)
+            .map_err(|_| QmpError::generic(format!("Bitmap '{name}' could not be found")))?;
+    }
+    let mode = bitmap_mode(&a)?;
+    let bitmap = find_bitmap(&source, &a, mode)?;
+    let speed = copy::check_speed(a.speed)?;
+    let cs = target.cluster_size().map_or(65536, |c| c.max(65536));
+    let todo = DirtyBitmap::new("", source.size(), cs, false, false).map_err(QmpError::generic)?;
     let hook = Arc::new(CbwHook {
         todo,
         ranges: RangeLock::default(),
@@ -381,41 +462,8 @@ pub fn backup_in(
     });
     let src_edge = copy::job_edge(&id, source.clone(), false)?;
     let dst_edge = copy::target_edge(&id, target.clone())?;
-    let size = source.size();
+    let saved = start_point(state, &source, a.sync, &hook, bitmap.as_ref())?;
     let h: Arc<dyn WriteHook> = hook.clone();
-    let saved = state.drained(&source, || -> Result<Option<Vec<u64>>, String> {
-        // The point in time: nothing is in flight, the hook goes on, and
-        // what to copy is decided.
-        let mut saved = None;
-        match a.sync {
-            SyncMode::Full | SyncMode::None => hook.todo.set(0, size),
-            SyncMode::Top => {
-                let mut off = 0;
-                while off < size {
-                    let (top, n) = copy::allocated_in_top(&source, off, size - off)
-                        .map_err(|e| copy::error_text(&e))?;
-                    if top {
-                        hook.todo.set(off, n);
-                    }
-                    off += n;
-                }
-            }
-            SyncMode::Incremental | SyncMode::Bitmap => {
-                hook.todo
-                    .merge_from(bitmap.as_ref().expect("checked above"));
-            }
-        }
-        if let Some(b) = &bitmap {
-            // From here the bitmap records only what changes after this
-            // point; what it held is kept to be put back if bitmap-mode
-            // says so.
-            saved = Some(b.snapshot());
-            b.clear();
-            b.set_busy(true);
-        }
-        source.add_write_hook(h.clone());
-        Ok(saved)
-    })?;
     let o = BlockJobOptions {
         id,
         speed,

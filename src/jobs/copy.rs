@@ -1,57 +1,18 @@
-//! What the block jobs share: error policies, finding the nodes a job
-//! names, reading the chain's allocation, a job's I/O buffer, and moving
-//! a node's users to another node (QEMU's bdrv_replace_node).
+//! What the block jobs share: applying an error policy, finding the nodes
+//! a job names, reading the chain's allocation, a job's I/O buffer, and
+//! the users of a node (whose edges `block::users` moves).
 
 use std::sync::Arc;
 
-use serde::Deserialize;
-
+use crate::block::policy::{ErrorAction, OnError};
+use crate::block::users::Users;
+use crate::block::Allocation;
 use crate::block::{BlockError, Child, ChildRole, Node, Perm};
-use crate::daemon::State;
-use crate::drivers::{Allocation, Driver};
+use crate::drivers::ImageFormat;
 use crate::io::IoVecs;
-
-/// qapi BlockdevOnError: what a job does when its I/O fails.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum OnError {
-    #[default]
-    Report,
-    Ignore,
-    Enospc,
-    Stop,
-    Auto,
-}
-
-/// What became of one failed request (qapi BlockErrorAction).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorAction {
-    Report,
-    Ignore,
-    Stop,
-}
-
-impl ErrorAction {
-    pub fn name(self) -> &'static str {
-        match self {
-            ErrorAction::Report => "report",
-            ErrorAction::Ignore => "ignore",
-            ErrorAction::Stop => "stop",
-        }
-    }
-}
-
-impl OnError {
-    pub fn action(self, nospace: bool) -> ErrorAction {
-        match self {
-            OnError::Report | OnError::Auto => ErrorAction::Report,
-            OnError::Ignore => ErrorAction::Ignore,
-            OnError::Enospc if nospace => ErrorAction::Stop,
-            OnError::Enospc => ErrorAction::Report,
-            OnError::Stop => ErrorAction::Stop,
-        }
-    }
-}
+use crate::qapi::QmpError;
+use crate::state::State;
+use crate::vhost_user::ExportState;
 
 /// The error text a job ends with: the system's words for the errno, as
 /// QEMU reports it ("No space left on device").
@@ -63,6 +24,11 @@ pub fn error_text(e: &BlockError) -> String {
     }
 }
 
+/// A job's failure for an I/O error: the error text, as [`error_text`].
+pub fn job_error(e: &BlockError) -> QmpError {
+    QmpError::generic(error_text(e))
+}
+
 /// Runs `op` until it succeeds, applying `policy` to its failures.
 /// `Ok(None)`: the failure was ignored; `Err`: the job must end with it.
 pub fn with_policy<T>(
@@ -70,16 +36,16 @@ pub fn with_policy<T>(
     policy: OnError,
     write: bool,
     mut op: impl FnMut() -> Result<T, BlockError>,
-) -> Result<Option<T>, String> {
+) -> Result<Option<T>, QmpError> {
     loop {
         match op() {
             Ok(v) => return Ok(Some(v)),
             Err(e) => match job.io_error(policy, write, &e) {
-                ErrorAction::Report => return Err(error_text(&e)),
+                ErrorAction::Report => return Err(job_error(&e)),
                 ErrorAction::Ignore => return Ok(None),
                 ErrorAction::Stop => {
                     if !job.pause_point() {
-                        return Err("Operation canceled".into());
+                        return Err(QmpError::generic("Operation canceled"));
                     }
                 }
             },
@@ -112,32 +78,48 @@ impl Buffer {
 }
 
 /// The node `device` names: an export's node, or a node by name.
-pub fn resolve(state: &State, device: &str) -> Result<Arc<Node>, String> {
+pub fn resolve(state: &State, device: &str) -> Result<Arc<Node>, QmpError> {
     if let Some(e) = state.export(device) {
         return Ok(e.blk.node().clone());
     }
-    state
-        .graph()
-        .get(device)
-        .map_err(|_| format!("Cannot find device='{device}' nor node-name='{device}'"))
+    state.graph().get(device).map_err(|_| {
+        QmpError::generic(format!(
+            "Cannot find device='{device}' nor node-name='{device}'"
+        ))
+    })
 }
 
 /// The node a node name names, or QEMU's error for it.
-pub fn node(state: &State, name: &str) -> Result<Arc<Node>, String> {
+pub fn node(state: &State, name: &str) -> Result<Arc<Node>, QmpError> {
     state
         .graph()
         .get(name)
-        .map_err(|_| format!("Cannot find device='' nor node-name='{name}'"))
+        .map_err(|_| QmpError::generic(format!("Cannot find device='' nor node-name='{name}'")))
 }
 
 /// A job's target node (QEMU looks it up as a device or a node name).
-pub fn target(state: &State, name: &str) -> Result<Arc<Node>, String> {
-    let n = state
-        .graph()
-        .get(name)
-        .map_err(|_| format!("Cannot find device='{name}' nor node-name='{name}'"))?;
+pub fn target(state: &State, name: &str) -> Result<Arc<Node>, QmpError> {
+    let n = state.graph().get(name).map_err(|_| {
+        QmpError::generic(format!(
+            "Cannot find device='{name}' nor node-name='{name}'"
+        ))
+    })?;
     super::check_not_busy(&n)?;
     Ok(n)
+}
+
+/// A job's `speed`: refused when negative.
+pub fn check_speed(speed: i64) -> Result<u64, QmpError> {
+    u64::try_from(speed)
+        .map_err(|_| QmpError::generic("Parameter 'speed' expects a non-negative value"))
+}
+
+/// The format name a header records for a backing image.
+pub fn format_of(node: &Node) -> &'static str {
+    match node.image_format() {
+        Some(ImageFormat::Qcow2) => "qcow2",
+        _ => "raw",
+    }
 }
 
 /// Whether `node`'s image is the file `f` (as given, or the same file by
@@ -153,11 +135,7 @@ pub fn names_file(node: &Node, f: &str) -> bool {
 
 /// Below any filters (throttle, copy-on-read): the node that holds data.
 pub fn skip_filters(node: &Arc<Node>) -> Arc<Node> {
-    match node.driver() {
-        Driver::Throttle(t) => skip_filters(t.file().node()),
-        Driver::CopyOnRead(c) => skip_filters(c.file().node()),
-        _ => node.clone(),
-    }
+    Node::skip_filters(node)
 }
 
 /// The backing node of an image, if any.
@@ -214,96 +192,33 @@ pub fn reads_zero(node: &Node, offset: u64, len: u64) -> Result<(bool, u64), Blo
     ))
 }
 
-/// The edges that point at a node from its users: export roots and
-/// parents in the graph (backing edges excepted: an image above keeps
-/// reading what it read). Moving them is QEMU's bdrv_replace_node.
-pub struct Users {
-    exports: Vec<Arc<crate::vhost_user::ExportState>>,
-    parents: Vec<Arc<Node>>,
-    /// Parents that keep their edge (a filter put on top of the node).
-    except: Vec<String>,
-}
-
-impl Users {
-    /// The users of `node` now, but the parents named in `except`.
-    pub fn of(state: &State, node: &Arc<Node>, except: &[&str]) -> Users {
-        let parents = state
-            .graph()
-            .nodes()
-            .filter(|p| !except.contains(&p.name()))
-            .filter(|p| {
-                p.children()
-                    .iter()
-                    .any(|c| Arc::ptr_eq(c.node(), node) && c.role() != ChildRole::Backing)
-            })
-            .cloned()
-            .collect();
-        let exports = state
-            .export_states()
-            .into_iter()
-            .filter(|e| Arc::ptr_eq(e.blk.node(), node))
-            .collect();
-        Users {
-            exports,
-            parents,
-            except: except.iter().map(|s| s.to_string()).collect(),
-        }
-    }
-
-    fn edges_to<'a>(&'a self, node: &'a Arc<Node>) -> Vec<&'a Child> {
-        self.exports
-            .iter()
-            .map(|e| e.blk.root())
-            .chain(
-                self.parents
-                    .iter()
-                    .flat_map(|p| p.children())
-                    .filter(move |c| {
-                        c.role() != ChildRole::Backing
-                            && !self.except.iter().any(|x| x == c.parent())
-                    }),
-            )
-            .filter(move |c| Arc::ptr_eq(c.node(), node))
-            .collect()
-    }
-
-    /// Moves every edge from `from` to `to`; all or none. The caller holds
-    /// both in a drained section.
-    pub fn replace(&self, from: &Arc<Node>, to: &Arc<Node>) -> Result<(), String> {
-        let mut moved: Vec<&Child> = Vec::new();
-        for c in self.edges_to(from) {
-            if let Err(e) = c.replace_node(to.clone()) {
-                for m in moved {
-                    if let Err(e) = m.replace_node(from.clone()) {
-                        log::error!("moving an edge back to {}: {e}", from.name());
-                    }
-                }
-                return Err(e.to_string());
-            }
-            moved.push(c);
-        }
-        Ok(())
-    }
-
-    /// The exports among the users (to send config-change notices).
-    pub fn exports(&self) -> &[Arc<crate::vhost_user::ExportState>] {
-        &self.exports
-    }
+/// The users of `node` (export roots and parents in the graph, but the
+/// parents named in `except`): the edges a graph change moves.
+pub fn users(state: &State, node: &Arc<Node>, except: &[&str]) -> Users<Arc<ExportState>> {
+    let exports = state
+        .export_states()
+        .into_iter()
+        .map(|e| {
+            let blk = e.blk.clone();
+            (e, blk)
+        })
+        .collect();
+    Users::of(state.graph().nodes(), exports, node, except)
 }
 
 /// A root edge for a job's own I/O on a node (QEMU's job BlockBackend).
-pub fn job_edge(job_id: &str, node: Arc<Node>, write: bool) -> Result<Child, String> {
+pub fn job_edge(job_id: &str, node: Arc<Node>, write: bool) -> Result<Child, QmpError> {
     let mut perm = crate::block::Perm::CONSISTENT_READ;
     if write {
         perm = perm | crate::block::Perm::WRITE;
     }
     Child::attach(job_id, ChildRole::Root, node, perm, crate::block::Perm::ALL)
-        .map_err(|e| e.to_string())
+        .map_err(|e| QmpError::generic(e.to_string()))
 }
 
 /// The edge a job writes a target through: nobody else may write the
 /// target meanwhile (QEMU's mirror and backup targets share reads only).
-pub fn target_edge(job_id: &str, node: Arc<Node>) -> Result<Child, String> {
+pub fn target_edge(job_id: &str, node: Arc<Node>) -> Result<Child, QmpError> {
     use crate::block::Perm;
     Child::attach(
         job_id,
@@ -312,7 +227,7 @@ pub fn target_edge(job_id: &str, node: Arc<Node>) -> Result<Child, String> {
         Perm::CONSISTENT_READ | Perm::WRITE,
         Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
     )
-    .map_err(|e| e.to_string())
+    .map_err(|e| QmpError::generic(e.to_string()))
 }
 
 /// Makes an image of a chain writable for a job that writes into it
@@ -322,32 +237,9 @@ pub fn make_base_writable(
     state: &State,
     base: &Arc<Node>,
     edge_above: &Child,
-) -> Result<(), String> {
-    state.drained(base, || -> Result<(), String> {
-        match base.driver() {
-            Driver::Qcow2(q) => q.reopen_writable(base)?,
-            Driver::Raw(r) => {
-                let f = r.file().node();
-                if f.is_read_only() {
-                    let Driver::File(fd) = f.driver() else {
-                        return Err(format!("node '{}' cannot be made writable", base.name()));
-                    };
-                    fd.reopen_read_write(f)?;
-                }
-                r.file().set_perm(
-                    Perm::CONSISTENT_READ | Perm::WRITE,
-                    Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
-                );
-                base.set_read_only(false);
-            }
-            _ => {
-                return Err(format!(
-                    "node '{}' ({}) cannot be committed into",
-                    base.name(),
-                    base.driver_name()
-                ))
-            }
-        }
+) -> Result<(), QmpError> {
+    state.drained(base, || -> Result<(), QmpError> {
+        base.reopen_writable().map_err(QmpError::generic)?;
         edge_above.set_perm(edge_above.perm(), edge_above.shared() | Perm::WRITE);
         Ok(())
     })
@@ -359,12 +251,7 @@ pub fn make_base_read_only(base: &Node, edge_above: Option<&Child>) {
     if let Some(e) = edge_above {
         e.set_perm(e.perm(), Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED);
     }
-    match base.driver() {
-        Driver::Qcow2(q) => q.make_read_only(),
-        Driver::Raw(r) => r.file().set_perm(Perm::CONSISTENT_READ, Perm::ALL),
-        _ => {}
-    }
-    base.set_read_only(true);
+    base.make_read_only();
 }
 
 /// The backing edge that points at `node` from the image above it.

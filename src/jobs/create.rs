@@ -22,10 +22,10 @@ use serde::Deserialize;
 use std::sync::Arc;
 
 use crate::block::{Graph, Node};
-use crate::daemon::State;
 use crate::drivers::file::{self, NewFile};
 use crate::drivers::qcow2::{CreateOptions, Preallocation};
-use crate::drivers::Driver;
+use crate::qapi::QmpError;
+use crate::state::State;
 
 #[derive(Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -117,31 +117,34 @@ pub enum Work {
 
 /// The filename of file node `name`, which must have no parents (nothing
 /// may be using what is about to be overwritten).
-fn unused_file_node(graph: &Graph, name: &str) -> Result<(Arc<Node>, String), String> {
-    let node = graph.get(name).map_err(|e| e.to_string())?;
+fn unused_file_node(graph: &Graph, name: &str) -> Result<(Arc<Node>, String), QmpError> {
+    let node = graph
+        .get(name)
+        .map_err(|e| QmpError::generic(e.to_string()))?;
     if !node.parents().is_empty() {
-        return Err(format!(
+        return Err(QmpError::generic(format!(
             "Node '{name}' is in use (it has parents); create on an unused node"
-        ));
+        )));
     }
-    match node.driver() {
-        Driver::File(f) => Ok((node.clone(), f.filename().to_string())),
-        _ => Err(format!(
+    match node.protocol_file() {
+        Some(f) => Ok((node.clone(), f.filename().to_string())),
+        None => Err(QmpError::generic(format!(
             "Node '{name}' is not a file node; blockdev-create formats a file node"
-        )),
+        ))),
     }
 }
 
 impl Work {
-    pub fn parse(options: serde_json::Value, graph: &Graph) -> Result<Work, String> {
-        let o: Options = serde_path_to_error::deserialize(options)
-            .map_err(|e| format!("Invalid options for 'blockdev-create': {e}"))?;
+    pub fn parse(options: serde_json::Value, graph: &Graph) -> Result<Work, QmpError> {
+        let o: Options = serde_path_to_error::deserialize(options).map_err(|e| {
+            QmpError::generic(format!("Invalid options for 'blockdev-create': {e}"))
+        })?;
         match o {
             Options::File(f) => {
                 if f.preallocation == Prealloc::Metadata {
-                    return Err(
-                        "Unsupported preallocation mode 'metadata' for driver 'file'".into(),
-                    );
+                    return Err(QmpError::generic(
+                        "Unsupported preallocation mode 'metadata' for driver 'file'",
+                    ));
                 }
                 Ok(Work::File {
                     filename: f.filename,
@@ -162,7 +165,11 @@ impl Work {
                 match q.version.as_deref() {
                     None | Some("v3") => opts.version = 3,
                     Some("v2") => opts.version = 2,
-                    Some(v) => return Err(format!("Invalid qcow2 version '{v}' (v2 or v3)")),
+                    Some(v) => {
+                        return Err(QmpError::generic(format!(
+                            "Invalid qcow2 version '{v}' (v2 or v3)"
+                        )))
+                    }
                 }
                 if let Some(c) = q.cluster_size {
                     opts.cluster_size = c;
@@ -193,7 +200,7 @@ impl Work {
     /// or written only once this job holds its write lock and no other
     /// node of `state` has it open (see [`NewFile`]), as QEMU ends the job
     /// with 'Failed to get "write" lock'.
-    pub fn run(self, job: &super::Job, state: &State) -> Result<(), String> {
+    pub fn run(self, job: &super::Job, state: &State) -> Result<(), QmpError> {
         match self {
             Work::File {
                 filename,
@@ -201,11 +208,11 @@ impl Work {
                 prealloc,
             } => {
                 let in_use = |dev, ino| file::node_using(&state.graph(), dev, ino, None);
-                let new = NewFile::open(&filename, &in_use)?;
+                let new = NewFile::open(&filename, &in_use).map_err(QmpError::generic)?;
                 let f = new.file();
-                f.set_len(0)
-                    .and_then(|()| f.set_len(size))
-                    .map_err(|e| format!("Could not resize '{filename}': {e}"))?;
+                f.set_len(0).and_then(|()| f.set_len(size)).map_err(|e| {
+                    QmpError::generic(format!("Could not resize '{filename}': {e}"))
+                })?;
                 match prealloc {
                     Prealloc::Off | Prealloc::Metadata => {}
                     Prealloc::Falloc => {
@@ -213,10 +220,10 @@ impl Work {
                         // SAFETY: plain syscall on an fd we own.
                         let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, size as i64) };
                         if r != 0 {
-                            return Err(format!(
+                            return Err(QmpError::generic(format!(
                                 "Could not preallocate '{filename}': {}",
                                 std::io::Error::last_os_error()
-                            ));
+                            )));
                         }
                     }
                     Prealloc::Full => {
@@ -224,30 +231,32 @@ impl Work {
                         let mut at = 0u64;
                         while at < size {
                             if !job.pause_point() {
-                                return Err("Operation canceled".into());
+                                return Err(QmpError::generic("Operation canceled"));
                             }
                             let n = (size - at).min(zeroes.len() as u64) as usize;
-                            f.write_all_at(&zeroes[..n], at)
-                                .map_err(|e| format!("Could not write '{filename}': {e}"))?;
+                            f.write_all_at(&zeroes[..n], at).map_err(|e| {
+                                QmpError::generic(format!("Could not write '{filename}': {e}"))
+                            })?;
                             at += n as u64;
                             job.progress(at, size);
                         }
                     }
                 }
                 f.sync_all()
-                    .map_err(|e| format!("Could not flush '{filename}': {e}"))?;
+                    .map_err(|e| QmpError::generic(format!("Could not flush '{filename}': {e}")))?;
                 job.progress(size, size);
                 Ok(())
             }
             Work::Raw { node, size } => {
-                let Driver::File(f) = node.driver() else {
-                    return Err("not a file node".into());
+                let Some(f) = node.protocol_file() else {
+                    return Err(QmpError::generic("not a file node"));
                 };
                 // The node's own descriptor takes no lock (it has no
                 // parents); another node or process may hold the file.
                 let in_use = |dev, ino| file::node_using(&state.graph(), dev, ino, Some(&node));
-                let lock = NewFile::open(f.filename(), &in_use)?;
-                f.truncate(&node, size).map_err(|e| e.to_string())?;
+                let lock = NewFile::open(f.filename(), &in_use).map_err(QmpError::generic)?;
+                f.set_len(&node, size)
+                    .map_err(|e| QmpError::generic(e.to_string()))?;
                 drop(lock);
                 job.progress(1, 1);
                 Ok(())
@@ -259,10 +268,12 @@ impl Work {
             } => {
                 job.progress(0, 1);
                 let in_use = |dev, ino| file::node_using(&state.graph(), dev, ino, Some(&node));
-                crate::drivers::qcow2::create_in(&filename, &opts, &in_use)?;
-                if let Driver::File(f) = node.driver() {
-                    f.refresh_size()
-                        .map_err(|e| format!("Could not read the size of '{filename}': {e}"))?;
+                crate::drivers::qcow2::create_in(&filename, &opts, &in_use)
+                    .map_err(QmpError::generic)?;
+                if let Some(f) = node.protocol_file() {
+                    f.refresh_size().map_err(|e| {
+                        QmpError::generic(format!("Could not read the size of '{filename}': {e}"))
+                    })?;
                 }
                 job.progress(1, 1);
                 Ok(())

@@ -23,15 +23,16 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use super::copy::{self, OnError};
+use super::copy;
+use super::OnError;
 use super::{BlockJobOptions, Job};
 use crate::block::bitmap::DirtyBitmap;
 use crate::block::hooks::{WriteHook, WriteOp};
 use crate::block::ranges::RangeLock;
 use crate::block::{BlockFuture, Child, Node};
-use crate::daemon::State;
 use crate::drivers::file::{self, Created, NewFile};
-use crate::drivers::Driver;
+use crate::qapi::QmpError;
+use crate::state::State;
 
 /// Largest copy the job does at once.
 const CHUNK: u64 = 1 << 20;
@@ -205,7 +206,7 @@ pub(super) enum Initial {
 }
 
 /// What the job does once the user completes it.
-pub(super) type Pivot = Box<dyn FnOnce(&State, &Mirror) -> Result<(), String> + Send>;
+pub(super) type Pivot = Box<dyn FnOnce(&State, &Mirror) -> Result<(), QmpError> + Send>;
 
 impl Mirror {
     /// Sets up the hook on `source` (drained) and the job's edges.
@@ -217,8 +218,9 @@ impl Mirror {
         granularity: u64,
         write_blocking: bool,
         buf_size: u64,
-    ) -> Result<Mirror, String> {
-        let dirty = DirtyBitmap::new("", source.size(), granularity, false, false)?;
+    ) -> Result<Mirror, QmpError> {
+        let dirty = DirtyBitmap::new("", source.size(), granularity, false, false)
+            .map_err(QmpError::generic)?;
         let hook = Arc::new(MirrorHook {
             dirty,
             ranges: RangeLock::default(),
@@ -248,22 +250,22 @@ impl Mirror {
     }
 
     /// Marks what the first pass copies.
-    fn mark_initial(&self, job: &Job, initial: &Initial) -> Result<(), String> {
+    fn mark_initial(&self, job: &Job, initial: &Initial) -> Result<(), QmpError> {
         let size = self.source.size();
         let dirty = &self.hook.dirty;
         let mut off = 0;
         while off < size {
             if !job.pause_point() {
-                return Err("Operation canceled".into());
+                return Err(QmpError::generic("Operation canceled"));
             }
             let len = (size - off).min(1 << 30);
             let (mark, n) = match initial {
                 Initial::All => (true, len),
                 Initial::Nothing => (false, len),
                 Initial::Top => copy::allocated_in_top(&self.source, off, len)
-                    .map_err(|e| copy::error_text(&e))?,
+                    .map_err(|e| copy::job_error(&e))?,
                 Initial::Above(base) => copy::allocated_above(&self.source, *base, off, len)
-                    .map_err(|e| copy::error_text(&e))?,
+                    .map_err(|e| copy::job_error(&e))?,
             };
             if mark {
                 dirty.set(off, n);
@@ -277,7 +279,13 @@ impl Mirror {
     /// Returns the bytes done (0 when a failure was ignored; the range is
     /// dirty again) and how many of them were data (not zeroes: only data
     /// counts against `speed`, as in QEMU).
-    fn copy(&self, job: &Job, off: u64, n: u64, buf: &copy::Buffer) -> Result<(u64, u64), String> {
+    fn copy(
+        &self,
+        job: &Job,
+        off: u64,
+        n: u64,
+        buf: &copy::Buffer,
+    ) -> Result<(u64, u64), QmpError> {
         let _held = copy::run(self.hook.ranges.take(off, off + n));
         self.hook.dirty.clear_range(off, n);
         let src: &Node = self.src_edge.node();
@@ -334,21 +342,21 @@ impl Mirror {
     }
 
     /// Copies every dirty granule (the guest is stopped: the final pass).
-    fn copy_all(&self, job: &Job, buf: &copy::Buffer) -> Result<(), String> {
+    fn copy_all(&self, job: &Job, buf: &copy::Buffer) -> Result<(), QmpError> {
         let mut tries = 0;
         while let Some(off) = self.hook.dirty.next_dirty(0) {
             let n = self.hook.dirty.dirty_run(off, self.chunk);
             if self.copy(job, off, n, buf)?.0 == 0 {
                 tries += 1;
                 if tries > 3 {
-                    return Err(format!(
+                    return Err(QmpError::generic(format!(
                         "cannot copy offset {off} of '{}' (errors ignored)",
                         self.source.name()
-                    ));
+                    )));
                 }
             }
         }
-        copy::run(self.dst_edge.node().flush()).map_err(|e| copy::error_text(&e))
+        copy::run(self.dst_edge.node().flush()).map_err(|e| copy::job_error(&e))
     }
 
     /// The job's work: first pass, ready, then track writes until the
@@ -359,7 +367,7 @@ impl Mirror {
         job: &Job,
         initial: Initial,
         pivot: Pivot,
-    ) -> Result<(), String> {
+    ) -> Result<(), QmpError> {
         let r = self.run_inner(state, job, initial, pivot);
         if r.is_err() || job.is_cancelled() {
             // Graph changes of a job thread run under the command lock,
@@ -375,7 +383,7 @@ impl Mirror {
         job: &Job,
         initial: Initial,
         pivot: Pivot,
-    ) -> Result<(), String> {
+    ) -> Result<(), QmpError> {
         self.mark_initial(job, &initial)?;
         let buf = copy::Buffer::new(self.chunk);
         let mut done = 0u64;
@@ -421,7 +429,13 @@ impl Mirror {
 
     /// The final pass in a drained section of the source, then the pivot
     /// (`complete`) or nothing (a soft cancel: the target stays a copy).
-    fn finish(&self, state: &State, job: &Job, complete: bool, pivot: Pivot) -> Result<(), String> {
+    fn finish(
+        &self,
+        state: &State,
+        job: &Job,
+        complete: bool,
+        pivot: Pivot,
+    ) -> Result<(), QmpError> {
         let buf = copy::Buffer::new(self.chunk);
         let h: Arc<dyn WriteHook> = self.hook.clone();
         let r = state.drained_many(&[&self.source, &self.target], || {
@@ -460,24 +474,23 @@ impl Mirror {
 /// The default granularity: the target's cluster size within
 /// [4 KiB, 64 KiB], as QEMU's bdrv_get_default_bitmap_granularity.
 fn default_granularity(target: &Node) -> u64 {
-    match target.driver() {
-        Driver::Qcow2(q) => q.cluster_size().clamp(4096, 65536),
-        _ => 65536,
-    }
+    target
+        .cluster_size()
+        .map_or(65536, |c| c.clamp(4096, 65536))
 }
 
-fn check_granularity(g: u64) -> Result<(), String> {
+fn check_granularity(g: u64) -> Result<(), QmpError> {
     if !(512..=64 << 20).contains(&g) {
-        return Err("Parameter 'granularity' expects a value in range [512B, 64MB]".into());
+        return Err(QmpError::generic(
+            "Parameter 'granularity' expects a value in range [512B, 64MB]",
+        ));
     }
     if !g.is_power_of_two() {
-        return Err("Parameter 'granularity' expects a power of 2".into());
+        return Err(QmpError::generic(
+            "Parameter 'granularity' expects a power of 2",
+        ));
     }
     Ok(())
-}
-
-pub(super) fn check_speed(speed: i64) -> Result<u64, String> {
-    u64::try_from(speed).map_err(|_| "Parameter 'speed' expects a non-negative value".to_string())
 }
 
 /// Checks shared by blockdev-mirror and drive-mirror; starts the job.
@@ -494,34 +507,9 @@ fn start_mirror(
     errors: (OnError, OnError),
     copy_mode: CopyMode,
     backing_for_target: Option<Arc<Node>>,
-) -> Result<(), String> {
-    if Arc::ptr_eq(&source, &target) || source.reaches(&target) || target.reaches(&source) {
-        return Err("Can't mirror node into itself".into());
-    }
-    // `replaces` may name the source or a filter above it: moving the
-    // users of anything else would change what they see at once.
-    if let Some(r) = &replaces {
-        if !Arc::ptr_eq(&copy::skip_filters(r), &source) {
-            return Err(format!(
-                "Cannot replace '{}' by a node mirrored from '{}', because it cannot be guaranteed that doing so would not lead to an abrupt change of visible data",
-                r.name(),
-                source.name()
-            ));
-        }
-    }
-    if target.is_read_only() {
-        return Err(format!("Node '{}' is read-only", target.name()));
-    }
-    if source.size() != target.size() {
-        return Err("Source and target image have different sizes".into());
-    }
-    let initial = match sync {
-        SyncMode::Full => Initial::All,
-        SyncMode::Top => Initial::Top,
-        SyncMode::None => Initial::Nothing,
-        SyncMode::Incremental => return Err("Sync mode 'incremental' not supported".into()),
-        SyncMode::Bitmap => return Err("Sync mode 'bitmap' not supported".into()),
-    };
+) -> Result<(), QmpError> {
+    check_nodes(&source, &target, replaces.as_ref())?;
+    let initial = initial_of(sync)?;
     let g = granularity.unwrap_or_else(|| default_granularity(&target));
     check_granularity(g)?;
     super::check_id(&o.id)?;
@@ -545,15 +533,80 @@ fn start_mirror(
     m.on_target_error = errors.1;
     m.late_backing = backing_for_target.is_some();
     let to_replace = replaces.unwrap_or_else(|| m.source.clone());
-    let pivot: Pivot = Box::new(move |state: &State, m: &Mirror| {
-        let users = copy::Users::of(state, &to_replace, &[]);
-        users.replace(&to_replace, &m.target)?;
+    let pivot = pivot_to(to_replace, backing_for_target);
+
+    if matches!(initial, Initial::All) {
+        // Known at once for a full copy (the other modes count what
+        // their first pass finds).
+        job.progress(0, m.source.size());
+    }
+    let st = state.clone();
+    super::spawn(job, move |job| m.run(&st, job, initial, pivot));
+    Ok(())
+}
+
+/// Refuses a mirror into itself, a `replaces` that is not the source
+/// (or a filter above it), and a target that cannot take the copy.
+fn check_nodes(
+    source: &Arc<Node>,
+    target: &Arc<Node>,
+    replaces: Option<&Arc<Node>>,
+) -> Result<(), QmpError> {
+    if Arc::ptr_eq(source, target) || source.reaches(target) || target.reaches(source) {
+        return Err(QmpError::generic("Can't mirror node into itself"));
+    }
+    // `replaces` may name the source or a filter above it: moving the
+    // users of anything else would change what they see at once.
+    if let Some(r) = replaces {
+        if !Arc::ptr_eq(&copy::skip_filters(r), source) {
+            return Err(QmpError::generic(format!(
+                "Cannot replace '{}' by a node mirrored from '{}', because it cannot be guaranteed that doing so would not lead to an abrupt change of visible data",
+                r.name(),
+                source.name()
+            )));
+        }
+    }
+    if target.is_read_only() {
+        return Err(QmpError::generic(format!(
+            "Node '{}' is read-only",
+            target.name()
+        )));
+    }
+    if source.size() != target.size() {
+        return Err(QmpError::generic(
+            "Source and target image have different sizes",
+        ));
+    }
+    Ok(())
+}
+
+/// Where the first pass starts for a sync mode.
+fn initial_of(sync: SyncMode) -> Result<Initial, QmpError> {
+    Ok(match sync {
+        SyncMode::Full => Initial::All,
+        SyncMode::Top => Initial::Top,
+        SyncMode::None => Initial::Nothing,
+        SyncMode::Incremental => {
+            return Err(QmpError::generic("Sync mode 'incremental' not supported"))
+        }
+        SyncMode::Bitmap => return Err(QmpError::generic("Sync mode 'bitmap' not supported")),
+    })
+}
+
+/// The pivot of `complete`: the users of `to_replace` move to the target,
+/// which then takes its backing image when it has one to take.
+fn pivot_to(to_replace: Arc<Node>, backing_for_target: Option<Arc<Node>>) -> Pivot {
+    Box::new(move |state: &State, m: &Mirror| {
+        let users = copy::users(state, &to_replace, &[]);
+        users
+            .replace(&to_replace, &m.target)
+            .map_err(|e| QmpError::generic(e.to_string()))?;
         // Then the target takes its backing image (drive-mirror, sync
         // top/none): the source's users write the target now, so the
         // backing edge conflicts with no one.
         if let Some(b) = &backing_for_target {
-            if let Driver::Qcow2(q) = m.target.driver() {
-                if q.backing().is_none() {
+            if let Some(q) = m.target.backing_file() {
+                if m.target.backing().is_none() {
                     let attached = Child::attach(
                         m.target.name(),
                         crate::block::ChildRole::Backing,
@@ -561,8 +614,8 @@ fn start_mirror(
                         crate::block::Perm::CONSISTENT_READ,
                         crate::block::Perm::CONSISTENT_READ | crate::block::Perm::WRITE_UNCHANGED,
                     )
-                    .map_err(|e| e.to_string())
-                    .and_then(|c| q.set_backing(c));
+                    .map_err(|e| QmpError::generic(e.to_string()))
+                    .and_then(|c| q.set_backing(c).map_err(QmpError::generic));
                     if let Err(e) = attached {
                         // All or nothing: the users go back to the source.
                         if let Err(e2) = users.replace(&m.target, &to_replace) {
@@ -577,22 +630,13 @@ fn start_mirror(
             e.notify_config_change();
         }
         Ok(())
-    });
-
-    if matches!(initial, Initial::All) {
-        // Known at once for a full copy (the other modes count what
-        // their first pass finds).
-        job.progress(0, m.source.size());
-    }
-    let st = state.clone();
-    super::spawn(job, move |job| m.run(&st, job, initial, pivot));
-    Ok(())
+    })
 }
 
 /// blockdev-mirror.
-pub fn mirror(state: &Arc<State>, a: MirrorArgs) -> Result<(), String> {
+pub fn mirror(state: &Arc<State>, a: MirrorArgs) -> Result<(), QmpError> {
     if a.filter_node_name.is_some() {
-        return Err("'filter-node-name' is not supported: this daemon tracks a mirror's writes on the source node itself and inserts no filter node".into());
+        return Err(QmpError::generic("'filter-node-name' is not supported: this daemon tracks a mirror's writes on the source node itself and inserts no filter node"));
     }
     let source = copy::skip_filters(&copy::resolve(state, &a.device)?);
     let id = super::job_id(a.job_id.as_deref(), &a.device);
@@ -606,7 +650,7 @@ pub fn mirror(state: &Arc<State>, a: MirrorArgs) -> Result<(), String> {
         .transpose()?;
     let o = BlockJobOptions {
         id,
-        speed: check_speed(a.speed)?,
+        speed: copy::check_speed(a.speed)?,
         auto_finalize: a.auto_finalize,
         auto_dismiss: a.auto_dismiss,
     };
@@ -627,18 +671,18 @@ pub fn mirror(state: &Arc<State>, a: MirrorArgs) -> Result<(), String> {
 
 /// drive-mirror: creates (mode absolute-paths) or opens (existing) the
 /// target image, adds it as a node, and mirrors to it.
-pub fn drive_mirror(state: &Arc<State>, a: DriveMirrorArgs) -> Result<(), String> {
+pub fn drive_mirror(state: &Arc<State>, a: DriveMirrorArgs) -> Result<(), QmpError> {
     let source = copy::skip_filters(&copy::resolve(state, &a.device)?);
     super::check_id(&super::job_id(a.job_id.as_deref(), &a.device))?;
     super::check_not_busy(&source)?;
-    let format = a.format.clone().unwrap_or_else(|| match source.driver() {
-        Driver::Qcow2(_) => "qcow2".into(),
-        _ => "raw".into(),
-    });
+    let format = a
+        .format
+        .clone()
+        .unwrap_or_else(|| copy::format_of(&source).into());
     if format != "qcow2" && format != "raw" {
-        return Err(format!(
+        return Err(QmpError::generic(format!(
             "format '{format}' is not supported; use qcow2 or raw"
-        ));
+        )));
     }
     // What the target's backing image becomes (QEMU's
     // MIRROR_SOURCE_BACKING_CHAIN): the source itself for sync=none, the
@@ -648,56 +692,19 @@ pub fn drive_mirror(state: &Arc<State>, a: DriveMirrorArgs) -> Result<(), String
         SyncMode::Top => copy::backing_of(&source),
         _ => None,
     };
-    let node_name = a
-        .node_name
-        .clone()
-        .unwrap_or_else(|| format!("{}-mirror-{}", source.name(), std::process::id()));
-    if state.graph().get(&node_name).is_ok() {
-        return Err(format!("node name '{node_name}' is already in use"));
-    }
-    // A new image replaces whatever file is at the path, so that must be
-    // no image this daemon has open.
-    for n in state.graph().nodes() {
-        if matches!(n.driver(), Driver::File(_)) && copy::names_file(n, &a.target) {
-            return Err(format!(
-                "'{}' is in use by node '{}'; choose another target file",
-                a.target,
-                n.name()
-            ));
-        }
-    }
-    // The file is created, or truncated once this call holds its write
-    // lock: never unlinked, so that a file another process has open (and
-    // locked) is not replaced under it.
+    let node_name = target_node_name(state, &a, &source)?;
     let in_use = |dev, ino| file::node_using(&state.graph(), dev, ino, None);
-    let mut created: Option<Created> = None;
-    if a.mode == NewImageMode::AbsolutePaths {
-        if format == "qcow2" {
-            let mut opts = crate::drivers::qcow2::CreateOptions {
-                size: source.size(),
-                ..Default::default()
-            };
-            {
-                if let Some(b) = &backing {
-                    let f = crate::drivers::file_name_of(b)
-                        .ok_or_else(|| format!("node '{}' has no file name", b.name()))?;
-                    opts.backing_file = Some(f);
-                    opts.backing_fmt = Some(match b.driver() {
-                        Driver::Qcow2(_) => "qcow2".into(),
-                        _ => "raw".into(),
-                    });
-                }
-            }
-            created = Some(crate::drivers::qcow2::create_in(&a.target, &opts, &in_use)?);
-        } else {
-            let new = NewFile::open(&a.target, &in_use)?;
-            let f = new.file();
-            f.set_len(0)
-                .and_then(|()| f.set_len(source.size()))
-                .map_err(|e| format!("{}: {e}", a.target))?;
-            created = Some(new.close());
-        }
-    }
+    let created = if a.mode == NewImageMode::AbsolutePaths {
+        Some(create_target(
+            state,
+            &a,
+            &source,
+            &format,
+            backing.as_ref(),
+        )?)
+    } else {
+        None
+    };
     // The target is opened without a backing image; it takes one at the
     // pivot (the header of a new image names it already).
     let take_backing = backing.is_some() && format == "qcow2";
@@ -709,14 +716,14 @@ pub fn drive_mirror(state: &Arc<State>, a: DriveMirrorArgs) -> Result<(), String
     if take_backing {
         opts["backing"] = serde_json::Value::Null;
     }
-    let opts = crate::drivers::BlockdevOptions::from_json(opts)?;
+    let opts = crate::drivers::BlockdevOptions::from_json(opts).map_err(QmpError::generic)?;
     let target = match state.add_blockdev(&opts) {
         Ok(n) => n,
         Err(e) => {
             if let Some(c) = &created {
                 c.remove(&in_use);
             }
-            return Err(e.to_string());
+            return Err(QmpError::generic(e.to_string()));
         }
     };
     let replaces = a
@@ -726,7 +733,7 @@ pub fn drive_mirror(state: &Arc<State>, a: DriveMirrorArgs) -> Result<(), String
         .transpose()?;
     let o = BlockJobOptions {
         id: super::job_id(a.job_id.as_deref(), &a.device),
-        speed: check_speed(a.speed)?,
+        speed: copy::check_speed(a.speed)?,
         auto_finalize: a.auto_finalize,
         auto_dismiss: a.auto_dismiss,
     };
@@ -750,4 +757,63 @@ pub fn drive_mirror(state: &Arc<State>, a: DriveMirrorArgs) -> Result<(), String
         }
     }
     r
+}
+
+/// The target's node name (given, or made up), refused when taken or when
+/// a file node has the target file open already: a new image replaces
+/// whatever file is at the path.
+fn target_node_name(state: &State, a: &DriveMirrorArgs, source: &Node) -> Result<String, QmpError> {
+    let node_name = a
+        .node_name
+        .clone()
+        .unwrap_or_else(|| format!("{}-mirror-{}", source.name(), std::process::id()));
+    if state.graph().get(&node_name).is_ok() {
+        return Err(QmpError::generic(format!(
+            "node name '{node_name}' is already in use"
+        )));
+    }
+    for n in state.graph().nodes() {
+        if n.protocol_file().is_some() && copy::names_file(n, &a.target) {
+            return Err(QmpError::generic(format!(
+                "'{}' is in use by node '{}'; choose another target file",
+                a.target,
+                n.name()
+            )));
+        }
+    }
+    Ok(node_name)
+}
+
+/// Creates drive-mirror's target file (mode absolute-paths), in `format`,
+/// over `backing` when given.
+fn create_target(
+    state: &State,
+    a: &DriveMirrorArgs,
+    source: &Node,
+    format: &str,
+    backing: Option<&Arc<Node>>,
+) -> Result<Created, QmpError> {
+    let in_use = |dev, ino| file::node_using(&state.graph(), dev, ino, None);
+    // The file is created, or truncated once this call holds its write
+    // lock: never unlinked, so that a file another process has open (and
+    // locked) is not replaced under it.
+    if format != "qcow2" {
+        let new = NewFile::open(&a.target, &in_use).map_err(QmpError::generic)?;
+        let f = new.file();
+        f.set_len(0)
+            .and_then(|()| f.set_len(source.size()))
+            .map_err(|e| QmpError::generic(format!("{}: {e}", a.target)))?;
+        return Ok(new.close());
+    }
+    let mut opts = crate::drivers::qcow2::CreateOptions {
+        size: source.size(),
+        ..Default::default()
+    };
+    if let Some(b) = backing {
+        let f = crate::drivers::file_name_of(b)
+            .ok_or_else(|| QmpError::generic(format!("node '{}' has no file name", b.name())))?;
+        opts.backing_file = Some(f);
+        opts.backing_fmt = Some(copy::format_of(b).into());
+    }
+    crate::drivers::qcow2::create_in(&a.target, &opts, &in_use).map_err(QmpError::generic)
 }

@@ -143,6 +143,13 @@ impl fmt::Display for JobError {
 
 impl std::error::Error for JobError {}
 
+/// A verb the job's status refuses: a GenericError with QEMU's words.
+impl From<JobError> for crate::qapi::QmpError {
+    fn from(e: JobError) -> Self {
+        crate::qapi::QmpError::generic(e.0)
+    }
+}
+
 /// Hears a job's state changes (the daemon sends JOB_STATUS_CHANGE).
 pub type OnChange = Box<dyn FnMut(&str, JobStatus) + Send>;
 
@@ -438,9 +445,9 @@ impl JobState {
 
     /// The work ended, with `result`. Moves to waiting, then pending (and,
     /// with auto-finalize, through finalization).
-    pub fn work_done(&mut self, result: Result<(), String>) {
+    pub fn work_done(&mut self, result: Result<(), crate::qapi::QmpError>) {
         if let Err(e) = result {
-            self.error = Some(e);
+            self.error = Some(e.desc);
         } else if self.cancelled {
             self.error = Some("Operation canceled".into());
         }
@@ -602,7 +609,9 @@ mod tests {
 
         let (mut j, _) = job(true, false);
         j.start();
-        j.work_done(Err("No space left on device".into()));
+        j.work_done(Err(crate::qapi::QmpError::generic(
+            "No space left on device",
+        )));
         assert_eq!(j.status(), JobStatus::Concluded);
         assert_eq!(j.error(), Some("No space left on device"));
         assert!(j.cancel(true).is_err());

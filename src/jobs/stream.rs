@@ -16,11 +16,13 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use super::copy::{self, OnError};
+use super::copy;
+use super::OnError;
 use super::{BlockJobOptions, Job};
 use crate::block::{Child, ChildRole, Node, Perm};
-use crate::daemon::State;
-use crate::drivers::{BlockdevOptions, Driver};
+use crate::drivers::BlockdevOptions;
+use crate::qapi::QmpError;
+use crate::state::State;
 
 const CHUNK: u64 = 1 << 20;
 
@@ -60,11 +62,13 @@ pub(super) fn split_chain(
     top: &Node,
     base_node: Option<&str>,
     base_file: Option<&str>,
-) -> Result<Split, String> {
+) -> Result<Split, QmpError> {
     let chain = copy::chain_below(top);
     let pos = match (base_node, base_file) {
         (Some(_), Some(_)) => {
-            return Err("'base' and 'base-node' cannot be specified at the same time".into())
+            return Err(QmpError::generic(
+                "'base' and 'base-node' cannot be specified at the same time",
+            ))
         }
         (Some(n), None) => {
             let b = copy::node(state, n)?;
@@ -72,16 +76,17 @@ pub(super) fn split_chain(
                 chain
                     .iter()
                     .position(|c| Arc::ptr_eq(c, &b))
-                    .ok_or_else(|| {
-                        format!("Node '{n}' is not a backing image of '{}'", top.name())
-                    })?,
+                    .ok_or_else(|| format!("Node '{n}' is not a backing image of '{}'", top.name()))
+                    .map_err(QmpError::generic)?,
             )
         }
         (None, Some(f)) => Some(
             chain
                 .iter()
                 .position(|c| copy::names_file(c, f))
-                .ok_or_else(|| format!("Can't find '{f}' in the backing chain"))?,
+                .ok_or_else(|| {
+                    QmpError::generic(format!("Can't find '{f}' in the backing chain"))
+                })?,
         ),
         (None, None) => None,
     };
@@ -91,14 +96,6 @@ pub(super) fn split_chain(
     })
 }
 
-/// The format name a header records for a backing image.
-pub(super) fn format_of(node: &Node) -> &'static str {
-    match node.driver() {
-        Driver::Qcow2(_) => "qcow2",
-        _ => "raw",
-    }
-}
-
 /// Makes `base` the backing image of `top` (None: no backing image), in
 /// the graph and in top's header; the old backing edge is released.
 /// The caller holds top's users drained.
@@ -106,9 +103,12 @@ pub(super) fn set_backing(
     top: &Node,
     base: Option<&Arc<Node>>,
     backing_file: Option<&str>,
-) -> Result<(), String> {
-    let Driver::Qcow2(q) = top.driver() else {
-        return Err(format!("node '{}' has no backing image", top.name()));
+) -> Result<(), QmpError> {
+    let Some(q) = top.backing_file() else {
+        return Err(QmpError::generic(format!(
+            "node '{}' has no backing image",
+            top.name()
+        )));
     };
     let name = match (base, backing_file) {
         (_, Some(f)) => f.to_string(),
@@ -124,10 +124,11 @@ pub(super) fn set_backing(
                 Perm::CONSISTENT_READ,
                 Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
             )
-            .map_err(|e| e.to_string())
+            .map_err(|e| QmpError::generic(e.to_string()))
         })
         .transpose()?;
-    q.change_backing_file_and_format(&name, base.map(|b| format_of(b)))?;
+    q.change_backing_file_and_format(&name, base.map(|b| copy::format_of(b)))
+        .map_err(QmpError::generic)?;
     q.replace_backing(child);
     Ok(())
 }
@@ -159,7 +160,7 @@ struct Stream {
 }
 
 impl Stream {
-    fn run(&self, state: &State, job: &Job) -> Result<(), String> {
+    fn run(&self, state: &State, job: &Job) -> Result<(), QmpError> {
         let r = self.copy(job);
         let finalize = r.is_ok() && job.wait_finalize();
         job.with_command_lock(state, || {
@@ -169,7 +170,7 @@ impl Stream {
                 }
                 // What was copied is durable before the header stops
                 // naming the images it came from.
-                copy::run(self.top.flush()).map_err(|e| copy::error_text(&e))?;
+                copy::run(self.top.flush()).map_err(|e| copy::job_error(&e))?;
                 state.drained(&self.top, || {
                     set_backing(&self.top, self.base.as_ref(), self.backing_file.as_deref())
                 })
@@ -184,10 +185,11 @@ impl Stream {
         })
     }
 
-    fn copy(&self, job: &Job) -> Result<(), String> {
-        let Driver::CopyOnRead(cor) = self.filter.driver() else {
-            return Err("the stream filter is gone".into());
-        };
+    fn copy(&self, job: &Job) -> Result<(), QmpError> {
+        if self.filter.driver_name() != "copy-on-read" {
+            return Err(QmpError::generic("the stream filter is gone"));
+        }
+        let cor: &Node = &self.filter;
         let size = self.top.size();
         let base_depth = self.base.as_ref().map(|_| self.between.len() as u32 + 1);
         let buf = copy::Buffer::new(CHUNK);
@@ -232,7 +234,7 @@ impl Stream {
 
     /// Moves the filter's users back to the top image and drops it.
     fn remove_filter(&self, state: &State) {
-        let users = copy::Users::of(state, &self.filter, &[]);
+        let users = copy::users(state, &self.filter, &[]);
         let r = state.drained_many(&[&self.filter, &self.top], || {
             users.replace(&self.filter, &self.top)
         });
@@ -247,48 +249,24 @@ impl Stream {
 }
 
 /// block-stream.
-pub fn stream(state: &Arc<State>, a: StreamArgs) -> Result<(), String> {
+pub fn stream(state: &Arc<State>, a: StreamArgs) -> Result<(), QmpError> {
     let top = copy::skip_filters(&copy::resolve(state, &a.device)?);
     let id = super::job_id(a.job_id.as_deref(), &a.device);
     super::check_id(&id)?;
     super::check_not_busy(&top)?;
-    let Driver::Qcow2(_) = top.driver() else {
-        return Err(format!(
+    if top.backing_file().is_none() {
+        return Err(QmpError::generic(format!(
             "node '{}' has no backing image to stream from",
             top.name()
-        ));
-    };
-    // Streaming into an intermediate image (a read-only backing image of
-    // the image above it) writes into it: it is made writable for the job.
-    let overlay = top.is_read_only().then(|| {
-        state
-            .graph()
-            .nodes()
-            .find(|n| copy::edge_into(n, &top).is_some())
-            .cloned()
-    });
-    if let Some(None) = overlay {
-        return Err(format!("Node '{}' is read-only", top.name()));
+        )));
     }
-    let overlay = overlay.flatten();
-    if a.bottom.is_some() && (a.base.is_some() || a.base_node.is_some()) {
-        return Err("'bottom' and 'base'/'base-node' cannot be specified at the same time".into());
-    }
-    let (base, between) = match &a.bottom {
-        Some(b) => {
-            let bottom = copy::node(state, b)?;
-            let chain = copy::chain_below(&top);
-            let p = chain
-                .iter()
-                .position(|c| Arc::ptr_eq(c, &bottom))
-                .ok_or_else(|| format!("Node '{b}' is not a backing image of '{}'", top.name()))?;
-            (chain.get(p + 1).cloned(), chain[..=p].to_vec())
-        }
-        None => split_chain(state, &top, a.base_node.as_deref(), a.base.as_deref())?,
-    };
-    let speed = super::mirror::check_speed(a.speed)?;
+    let overlay = find_overlay(state, &top)?;
+    let (base, between) = find_base(state, &a, &top)?;
+    let speed = copy::check_speed(a.speed)?;
     if a.backing_file.as_ref().is_some_and(|f| f.len() > 1023) {
-        return Err("Parameter 'backing-file' is longer than 1023 bytes".into());
+        return Err(QmpError::generic(
+            "Parameter 'backing-file' is longer than 1023 bytes",
+        ));
     }
     let filter_name = a
         .filter_node_name
@@ -300,40 +278,9 @@ pub fn stream(state: &Arc<State>, a: StreamArgs) -> Result<(), String> {
         "node-name": filter_name,
         "file": top.name(),
         "bottom": bottom,
-    }))?;
-    if let Some(o) = &overlay {
-        let e = copy::edge_into(o, &top).ok_or("the chain changed")?;
-        copy::make_base_writable(state, &top, e)?;
-    }
-    let back_to_read_only = |state: &State| {
-        if let Some(o) = &overlay {
-            state.drained(&top, || {
-                copy::make_base_read_only(&top, copy::edge_into(o, &top))
-            });
-        }
-    };
-    let edge = match copy::job_edge(&id, top.clone(), true) {
-        Ok(e) => e,
-        Err(e) => {
-            back_to_read_only(state);
-            return Err(e);
-        }
-    };
-    let filter = match state.graph().add_implicit(&opts) {
-        Ok(f) => f,
-        Err(e) => {
-            drop(edge);
-            back_to_read_only(state);
-            return Err(e.to_string());
-        }
-    };
-    let users = copy::Users::of(state, &top, &[filter.name()]);
-    if let Err(e) = state.drained(&top, || users.replace(&top, &filter)) {
-        let _ = state.del_blockdev(filter.name());
-        drop(edge);
-        back_to_read_only(state);
-        return Err(e);
-    }
+    }))
+    .map_err(QmpError::generic)?;
+    let (edge, filter) = insert_filter(state, &id, &top, overlay.as_ref(), &opts)?;
     let mut nodes = vec![top.clone(), filter.clone()];
     nodes.extend(between.iter().cloned());
     nodes.extend(base.iter().cloned());
@@ -367,4 +314,97 @@ pub fn stream(state: &Arc<State>, a: StreamArgs) -> Result<(), String> {
     let st = state.clone();
     super::spawn(job, move |job| s.run(&st, job));
     Ok(())
+}
+
+/// Streaming into an intermediate image (a read-only backing image of
+/// the image above it) writes into it: the image above, whose backing
+/// edge must share writes meanwhile. None for a writable (active) top.
+fn find_overlay(state: &State, top: &Arc<Node>) -> Result<Option<Arc<Node>>, QmpError> {
+    let overlay = top.is_read_only().then(|| {
+        state
+            .graph()
+            .nodes()
+            .find(|n| copy::edge_into(n, top).is_some())
+            .cloned()
+    });
+    match overlay {
+        Some(None) => Err(QmpError::generic(format!(
+            "Node '{}' is read-only",
+            top.name()
+        ))),
+        o => Ok(o.flatten()),
+    }
+}
+
+/// The base (`bottom`, `base` or `base-node`) and the images between top
+/// and it, top's backing first.
+fn find_base(state: &State, a: &StreamArgs, top: &Arc<Node>) -> Result<Split, QmpError> {
+    if a.bottom.is_some() && (a.base.is_some() || a.base_node.is_some()) {
+        return Err(QmpError::generic(
+            "'bottom' and 'base'/'base-node' cannot be specified at the same time",
+        ));
+    }
+    match &a.bottom {
+        Some(b) => {
+            let bottom = copy::node(state, b)?;
+            let chain = copy::chain_below(top);
+            let p = chain
+                .iter()
+                .position(|c| Arc::ptr_eq(c, &bottom))
+                .ok_or_else(|| {
+                    QmpError::generic(format!(
+                        "Node '{b}' is not a backing image of '{}'",
+                        top.name()
+                    ))
+                })?;
+            Ok((chain.get(p + 1).cloned(), chain[..=p].to_vec()))
+        }
+        None => split_chain(state, top, a.base_node.as_deref(), a.base.as_deref()),
+    }
+}
+
+/// Makes an intermediate top writable, takes the job's edge on it and
+/// puts the copy-on-read filter above it (its users move to the filter);
+/// on a failure, undoes what it did.
+fn insert_filter(
+    state: &State,
+    id: &str,
+    top: &Arc<Node>,
+    overlay: Option<&Arc<Node>>,
+    opts: &BlockdevOptions,
+) -> Result<(Child, Arc<Node>), QmpError> {
+    if let Some(o) = overlay {
+        let e = copy::edge_into(o, top).ok_or_else(|| QmpError::generic("the chain changed"))?;
+        copy::make_base_writable(state, top, e)?;
+    }
+    let back_to_read_only = |state: &State| {
+        if let Some(o) = overlay {
+            state.drained(top, || {
+                copy::make_base_read_only(top, copy::edge_into(o, top))
+            });
+        }
+    };
+    let edge = match copy::job_edge(id, top.clone(), true) {
+        Ok(e) => e,
+        Err(e) => {
+            back_to_read_only(state);
+            return Err(e);
+        }
+    };
+    let filter = match state.graph().add_implicit(opts) {
+        Ok(f) => f,
+        Err(e) => {
+            drop(edge);
+            back_to_read_only(state);
+            return Err(QmpError::generic(e.to_string()));
+        }
+    };
+    let users = copy::users(state, top, &[filter.name()]);
+    if let Err(e) = state.drained(top, || users.replace(top, &filter)) {
+        let _ = state.del_blockdev(filter.name());
+        drop(edge);
+        back_to_read_only(state);
+        return Err(QmpError::generic(e.to_string()));
+    }
+    Ok((edge, filter))
 }

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //!   accept thread --> one thread per client (at most MAX_CLIENTS)
-//!     greeting -> qmp_capabilities -> commands (commands.rs) on daemon::State
+//!     greeting -> qmp_capabilities -> commands (table.rs: the subsystems'
+//!       tables of typed handlers) on state::State
 //!     events (EventBus) -> every negotiated client, written without blocking
 //! ```
 //!
@@ -10,9 +11,13 @@
 //! deep) closes that connection. Commands run on the client's thread and
 //! take the daemon's management locks, never a lock of the I/O path.
 
-mod commands;
+mod exports;
+mod nodes;
+mod objects;
 pub mod protocol;
 mod reader;
+mod snapshot;
+pub mod table;
 
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
@@ -25,8 +30,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::config::MonitorConfig;
-use crate::daemon::State;
-use protocol::QmpError;
+use crate::qapi::QmpError;
+use crate::state::State;
 use reader::{JsonReader, ReadError};
 
 /// Clients served at once; when full, a new client takes the slot of the
@@ -320,8 +325,8 @@ fn session(
         writing: Arc::default(),
         pretty,
     };
-    let (major, minor, micro) = commands::version();
-    sender.send(&protocol::greeting(major, minor, micro, commands::PACKAGE))?;
+    let (major, minor, micro) = table::version();
+    sender.send(&protocol::greeting(major, minor, micro, table::PACKAGE))?;
     let mut negotiated = false;
     let mut reader = JsonReader::new(&**stream);
     loop {
@@ -354,7 +359,7 @@ fn session(
         // client's slot) with it. The management locks it may have held
         // are taken with into_inner() everywhere, so they stay usable.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            commands::dispatch(state, &cmd, &mut negotiated)
+            table::dispatch(state, &cmd, &mut negotiated)
         }))
         .unwrap_or_else(|p| {
             let msg = panic_message(&*p);

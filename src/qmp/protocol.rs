@@ -1,4 +1,5 @@
-//! The QMP wire protocol: messages, replies, errors and events.
+//! The QMP wire protocol: messages, replies and errors (events are
+//! stamped in `events.rs`, error classes are in `qapi.rs`).
 //!
 //! ```text
 //!   server: {"QMP": {"version": ..., "capabilities": []}}
@@ -10,55 +11,7 @@
 
 use serde_json::{json, Map, Value};
 
-/// QEMU's error classes (qapi/error.json).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ErrorClass {
-    GenericError,
-    CommandNotFound,
-    DeviceNotFound,
-    DeviceNotActive,
-}
-
-impl ErrorClass {
-    pub fn name(self) -> &'static str {
-        match self {
-            ErrorClass::GenericError => "GenericError",
-            ErrorClass::CommandNotFound => "CommandNotFound",
-            ErrorClass::DeviceNotFound => "DeviceNotFound",
-            ErrorClass::DeviceNotActive => "DeviceNotActive",
-        }
-    }
-}
-
-/// A command's failure, as the client sees it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct QmpError {
-    pub class: ErrorClass,
-    pub desc: String,
-}
-
-impl QmpError {
-    pub fn generic(desc: impl Into<String>) -> Self {
-        QmpError {
-            class: ErrorClass::GenericError,
-            desc: desc.into(),
-        }
-    }
-
-    pub fn not_found(desc: impl Into<String>) -> Self {
-        QmpError {
-            class: ErrorClass::DeviceNotFound,
-            desc: desc.into(),
-        }
-    }
-
-    pub fn command_not_found(name: &str) -> Self {
-        QmpError {
-            class: ErrorClass::CommandNotFound,
-            desc: format!("The command {name} has not been found"),
-        }
-    }
-}
+use crate::qapi::QmpError;
 
 /// A parsed command.
 #[derive(Debug, PartialEq)]
@@ -129,21 +82,10 @@ pub fn error_reply(e: &QmpError, id: Option<Value>) -> Value {
     Value::Object(m)
 }
 
-/// An event with the current wall-clock time, as QEMU stamps them.
-pub fn event(name: &str, data: Value) -> Value {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    json!({
-        "event": name,
-        "data": data,
-        "timestamp": {"seconds": now.as_secs(), "microseconds": now.subsec_micros()}
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::qapi::ErrorClass;
 
     #[test]
     fn execute_with_arguments_and_id_parses() {
@@ -166,12 +108,5 @@ mod tests {
         assert!(e.desc.contains("'bogus' is unexpected"));
         let (e, _) = parse_command(json!([1, 2])).unwrap_err();
         assert_eq!(e.class, ErrorClass::GenericError);
-    }
-
-    #[test]
-    fn events_carry_a_timestamp() {
-        let e = event("X", json!({"id": "e0"}));
-        assert!(e["timestamp"]["seconds"].as_u64().unwrap() > 1_600_000_000);
-        assert!(e["timestamp"]["microseconds"].as_u64().unwrap() < 1_000_000);
     }
 }

@@ -5,6 +5,9 @@
 //!   server.rs   accept loop: one VhostUserDaemon per connection
 //!   backend.rs  VhostUserBackend: features, config space, drain on
 //!               GET_VRING_BASE / RESET_DEVICE, memory updates
+//!   connection.rs  one connection's state: memory, rings, wake-ups
+//!   export.rs   the export across connections: drained sections, the
+//!               stop policy's parking, counters, device parameters
 //!   worker.rs   the iothread: pop chains, run request tasks on its
 //!               io_uring, fill the used ring, notify once per batch
 //!   sigbus.rs   guest memory checked against its file at map time, and
@@ -12,10 +15,13 @@
 //! ```
 
 mod backend;
+mod connection;
+mod export;
 mod notify;
 mod server;
 pub mod sigbus;
 mod worker;
 
-pub use backend::{ExportState, VhostUserBlk};
+pub use connection::VhostUserBlk;
+pub use export::{Dropped, ExportState};
 pub use server::{Listener, Server, ServerControl, ServerError};

@@ -11,7 +11,8 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
-use super::backend::{ExportState, VhostUserBlk};
+use super::connection::VhostUserBlk;
+use super::export::ExportState;
 use crate::config::SocketAddress;
 
 pub use vhost::vhost_user::Listener;

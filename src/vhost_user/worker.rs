@@ -29,8 +29,9 @@ use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::backend::{ExportState, VhostUserBlk, Vring};
-use crate::config::ErrorAction;
+use super::connection::{VhostUserBlk, Vring};
+use super::export::ExportState;
+use crate::block::policy::ErrorAction;
 use crate::io::{self as aio, Executor, IoCtx};
 use crate::virtio_blk::{self, guest, GuestMem, Parsed};
 
@@ -698,11 +699,7 @@ async fn run_request(req: &virtio_blk::Request, export: &Arc<ExportState>) -> vi
             IoDirection::Read => export.config.on_read_error,
             IoDirection::Write => export.config.on_write_error,
         };
-        let action = match policy {
-            ErrorAction::Enospc if errno == libc::ENOSPC => ErrorAction::Stop,
-            ErrorAction::Enospc => ErrorAction::Report,
-            other => other,
-        };
+        let action = policy.action(errno == libc::ENOSPC);
         let reason = std::io::Error::from_raw_os_error(errno).to_string();
         crate::events::global().emit(
             "BLOCK_IO_ERROR",

@@ -3,7 +3,8 @@
 //! Only `writeback` is writable by the driver (with CONFIG_WCE); it returns
 //! to the export's default on device reset.
 
-use super::SECTOR;
+/// Bytes in a virtio-blk sector.
+pub const SECTOR: u64 = 512;
 
 /// Bytes of struct virtio_blk_config up to and including the secure-erase
 /// fields (virtio 1.2); later fields read as zero.

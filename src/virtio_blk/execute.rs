@@ -1,7 +1,6 @@
 //! Executing a parsed request on the export's BlockBackend.
 
-use super::request::write_id;
-use super::{Request, RequestKind, Status};
+use super::request::{write_id, Request, RequestKind, Status};
 use crate::block::{BlockBackend, BlockError};
 
 /// Which error policy a failure falls under (QEMU's rerror / werror).

@@ -18,9 +18,22 @@
 
 use std::sync::atomic::{fence, AtomicU16, Ordering};
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryLoadGuard, GuestMemoryMmap,
+    GuestMemoryRegion, MemoryRegionAddress,
+};
 
-use super::request::{GuestMem, Segment};
+/// Guest memory as the vhost-user adapter maps it.
+pub type GuestMem = GuestMemoryMmap<()>;
+/// A snapshot of guest memory that stays mapped while it is held.
+pub type MemGuard = GuestMemoryLoadGuard<GuestMem>;
+
+/// A run of guest memory named by one descriptor (or part of one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub addr: GuestAddress,
+    pub len: u64,
+}
 
 const DESC_SIZE: u64 = 16;
 const F_NEXT: u16 = 1;

@@ -14,23 +14,16 @@ mod execute;
 pub mod guest;
 mod request;
 
-pub use config::{DeviceConfig, DeviceParams, CONFIG_SIZE, WRITEBACK_OFFSET};
+pub use config::{DeviceConfig, DeviceParams, CONFIG_SIZE, SECTOR, WRITEBACK_OFFSET};
 pub use execute::{execute, IoDirection, Outcome};
+pub use guest::{GuestMem, MemGuard, Segment};
 pub use request::{
-    parse, GuestMem, Limits, MemGuard, ParseError, Parsed, Range, Request, RequestKind, Segment,
-    Status,
+    parse, Limits, ParseError, Parsed, Range, Request, RequestKind, Status, HEADER_SIZE, RANGE_SIZE,
 };
 
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-
-/// Bytes in a virtio-blk sector.
-pub const SECTOR: u64 = 512;
-/// Length of the request header (type, reserved, sector).
-pub const HEADER_SIZE: u64 = 16;
-/// Length of one discard / write-zeroes range.
-pub const RANGE_SIZE: u64 = 16;
 
 /// The virtio feature bits this device offers.
 pub fn device_features(read_only: bool) -> u64 {

@@ -15,17 +15,18 @@
 //! writable byte to hold it.
 
 use virtio_bindings::virtio_blk::*;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryLoadGuard, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::{guest, HEADER_SIZE, RANGE_SIZE, SECTOR};
+use super::config::{DeviceParams, SECTOR};
+use super::guest::{self, GuestMem, MemGuard, Segment};
 use smallvec::SmallVec;
 
 use crate::io::{IoVecList, IoVecs, Owner};
 
-/// Guest memory as the vhost-user adapter maps it.
-pub type GuestMem = GuestMemoryMmap<()>;
-/// A snapshot of guest memory that stays mapped while it is held.
-pub type MemGuard = GuestMemoryLoadGuard<GuestMem>;
+/// Length of the request header (type, reserved, sector).
+pub const HEADER_SIZE: u64 = 16;
+/// Length of one discard / write-zeroes range.
+pub const RANGE_SIZE: u64 = 16;
 
 /// A request's status byte.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,13 +40,6 @@ pub enum Status {
 /// The segments of a chain's readable or writable stream. A typical chain
 /// has a header, one or two data buffers and a status byte: no allocation.
 type Segs = SmallVec<[Segment; 4]>;
-
-/// A run of guest memory named by one descriptor (or part of one).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Segment {
-    pub addr: GuestAddress,
-    pub len: u64,
-}
 
 /// One range of a discard or write-zeroes request, in bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,7 +133,7 @@ pub enum Parsed {
 }
 
 /// What the device advertises, against which requests are checked.
-pub type Limits = super::DeviceParams;
+pub type Limits = DeviceParams;
 
 /// Largest data transfer of one request: the kernel's limit on one readv.
 const MAX_TRANSFER: u64 = i32::MAX as u64 & !4095;

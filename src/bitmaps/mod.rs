@@ -1,5 +1,6 @@
 //! Dirty bitmap commands (block-dirty-bitmap-add/remove/clear/enable/
-//! disable/merge), as transaction actions too.
+//! disable/merge), as transaction actions too; their QMP handlers are in
+//! `qmp.rs`.
 //!
 //! Each operation is split the way a transaction needs it: `prepare`
 //! checks without changing anything; `perform` runs inside the drained
@@ -12,8 +13,10 @@ use serde::Deserialize;
 
 use crate::block::bitmap::DirtyBitmap;
 use crate::block::Node;
-use crate::daemon::State;
-use crate::drivers::Driver;
+use crate::qapi::QmpError;
+use crate::state::State;
+
+pub mod qmp;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -72,65 +75,68 @@ enum Saved {
     Enabled(bool),
 }
 
-fn node(state: &State, name: &str) -> Result<Arc<Node>, String> {
+fn node(state: &State, name: &str) -> Result<Arc<Node>, QmpError> {
     state
         .graph()
         .get(name)
-        .map_err(|_| format!("Node '{name}' not found"))
+        .map_err(|_| QmpError::generic(format!("Node '{name}' not found")))
 }
 
-pub fn find(node: &Node, name: &str) -> Result<Arc<DirtyBitmap>, String> {
+pub fn find(node: &Node, name: &str) -> Result<Arc<DirtyBitmap>, QmpError> {
     node.bitmaps()
         .iter()
         .find(|b| b.name() == name)
         .cloned()
-        .ok_or_else(|| format!("Dirty bitmap '{name}' not found on node '{}'", node.name()))
+        .ok_or_else(|| {
+            QmpError::generic(format!(
+                "Dirty bitmap '{name}' not found on node '{}'",
+                node.name()
+            ))
+        })
 }
 
 /// A bitmap a job uses (a backup's) cannot be changed meanwhile.
-fn refuse_busy(b: &DirtyBitmap) -> Result<(), String> {
+fn refuse_busy(b: &DirtyBitmap) -> Result<(), QmpError> {
     if b.is_busy() {
-        return Err(format!(
+        return Err(QmpError::generic(format!(
             "Bitmap '{}' is currently in use by another operation and cannot be used",
             b.name()
-        ));
+        )));
     }
     Ok(())
 }
 
 fn default_granularity(node: &Node) -> u64 {
-    match node.driver() {
-        Driver::Qcow2(q) => q.cluster_size().clamp(4096, 1 << 31),
-        _ => 65536,
-    }
+    node.cluster_size()
+        .map_or(65536, |c| c.clamp(4096, 1 << 31))
 }
 
-pub fn prepare_add(state: &State, a: &AddArgs) -> Result<Prepared, String> {
+pub fn prepare_add(state: &State, a: &AddArgs) -> Result<Prepared, QmpError> {
     let n = node(state, &a.node)?;
+    let refuse = |desc: String| Err(QmpError::generic(desc));
     if a.name.is_empty() {
-        return Err("the bitmap name must not be empty".into());
+        return refuse("the bitmap name must not be empty".into());
     }
     if a.name.len() > 1023 {
-        return Err("the bitmap name is longer than 1023 bytes".into());
+        return refuse("the bitmap name is longer than 1023 bytes".into());
     }
     if n.bitmaps().iter().any(|b| b.name() == a.name) {
-        return Err(format!("Bitmap already exists: {}", a.name));
+        return refuse(format!("Bitmap already exists: {}", a.name));
     }
-    if a.persistent {
-        let ok = matches!(n.driver(), Driver::Qcow2(q) if q.can_store_bitmaps());
-        if !ok {
-            return Err(format!(
-                "node '{}' cannot store persistent bitmaps (a writable qcow2 v3 image can)",
-                a.node
-            ));
-        }
+    if a.persistent && !n.can_store_bitmaps() {
+        return refuse(format!(
+            "node '{}' cannot store persistent bitmaps (a writable qcow2 v3 image can)",
+            a.node
+        ));
     }
     let g = a.granularity.unwrap_or_else(|| default_granularity(&n));
-    let b = DirtyBitmap::new(&a.name, n.size(), g, !a.disabled, a.persistent)?;
+    let b = DirtyBitmap::new(&a.name, n.size(), g, !a.disabled, a.persistent)
+        .map_err(QmpError::generic)?;
     Ok(Prepared::new(n, Op::Add(Arc::new(b))))
 }
 
-pub fn prepare_named(state: &State, a: &NameArgs, kind: &str) -> Result<Prepared, String> {
+/// `kind` is "remove", "clear", "enable" or "disable".
+pub fn prepare_named(state: &State, a: &NameArgs, kind: &str) -> Result<Prepared, QmpError> {
     let n = node(state, &a.node)?;
     let b = find(&n, &a.name)?;
     refuse_busy(&b)?;
@@ -139,12 +145,16 @@ pub fn prepare_named(state: &State, a: &NameArgs, kind: &str) -> Result<Prepared
         "clear" => Op::Clear(b),
         "enable" => Op::Enable(b, true),
         "disable" => Op::Enable(b, false),
-        _ => return Err(format!("unknown bitmap operation {kind}")),
+        _ => {
+            return Err(QmpError::generic(format!(
+                "unknown bitmap operation {kind}"
+            )))
+        }
     };
     Ok(Prepared::new(n, op))
 }
 
-pub fn prepare_merge(state: &State, a: &MergeArgs) -> Result<Prepared, String> {
+pub fn prepare_merge(state: &State, a: &MergeArgs) -> Result<Prepared, QmpError> {
     let n = node(state, &a.node)?;
     let target = find(&n, &a.target)?;
     refuse_busy(&target)?;
@@ -229,22 +239,6 @@ impl Prepared {
             _ => {}
         }
     }
-}
-
-/// BlockDirtyInfo list of a node (query-named-block-nodes).
-pub fn info(node: &Node) -> serde_json::Value {
-    serde_json::Value::Array(
-        node.bitmaps()
-            .iter()
-            .map(|b| {
-                serde_json::json!({
-                    "name": b.name(), "recording": b.is_enabled(), "busy": false,
-                    "persistent": b.is_persistent(), "granularity": b.granularity(),
-                    "count": b.count(),
-                })
-            })
-            .collect(),
-    )
 }
 
 /// block_resize: the node's bitmaps follow its new size.

@@ -1,0 +1,98 @@
+//! blockdev-reopen by driver: prepare (check what may not change, open
+//! new descriptors), then commit inside a drained section, or drop the
+//! prepared state to abort.
+
+use super::file::FileReopen;
+use super::ThrottleDriver;
+use super::{driver_as, BlockdevOptions, FileDriver, NullDriver, Qcow2Driver, RawDriver};
+use crate::block::Node;
+
+/// A reopen that passed its checks; dropping it aborts (new descriptors
+/// are closed).
+pub struct PreparedReopen {
+    opts: BlockdevOptions,
+    file: Option<FileReopen>,
+}
+
+impl PreparedReopen {
+    /// The request alignment the node needs after the commit, when its
+    /// descriptor changes (file nodes).
+    pub fn request_alignment(&self) -> Option<u32> {
+        self.file.as_ref().map(FileReopen::request_alignment)
+    }
+
+    /// The options the node is reopened with.
+    pub fn options(&self) -> &BlockdevOptions {
+        &self.opts
+    }
+
+    /// Applies the reopen to `node` (the node it was prepared on): its
+    /// read-only state, then the driver's options. Called with no request
+    /// in flight (a drained section).
+    pub fn commit(self, node: &Node) {
+        node.set_read_only(self.opts.read_only());
+        if let Some(fr) = self.file {
+            if let Some(f) = driver_as::<FileDriver>(node) {
+                f.commit_reopen(fr);
+            }
+            return;
+        }
+        match &self.opts {
+            BlockdevOptions::Raw(ro) => {
+                if let Some(r) = driver_as::<RawDriver>(node) {
+                    r.commit_reopen(ro);
+                }
+            }
+            BlockdevOptions::NullCo(no) => {
+                if let Some(n) = driver_as::<NullDriver>(node) {
+                    n.commit_reopen(no);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Node {
+    /// blockdev-reopen, first step: checks `opts` against the node's
+    /// driver and opens what the new options need. Nothing changes until
+    /// [`PreparedReopen::commit`].
+    pub fn prepare_reopen(&self, opts: &BlockdevOptions) -> Result<PreparedReopen, String> {
+        let mismatch = || format!("node '{}': driver mismatch", self.name());
+        let file = match opts {
+            BlockdevOptions::File(fo) => {
+                let f = driver_as::<FileDriver>(self).ok_or_else(mismatch)?;
+                Some(f.prepare_reopen(fo)?)
+            }
+            BlockdevOptions::Raw(ro) => {
+                let r = driver_as::<RawDriver>(self).ok_or_else(mismatch)?;
+                r.check_reopen(ro)?;
+                None
+            }
+            BlockdevOptions::NullCo(no) => {
+                let n = driver_as::<NullDriver>(self).ok_or_else(mismatch)?;
+                n.check_reopen(no)?;
+                None
+            }
+            BlockdevOptions::Qcow2(_) => {
+                driver_as::<Qcow2Driver>(self).ok_or_else(mismatch)?;
+                return Err(format!(
+                    "node '{}': qcow2 nodes cannot be reopened yet",
+                    self.name()
+                ));
+            }
+            BlockdevOptions::Throttle(_) => {
+                driver_as::<ThrottleDriver>(self).ok_or_else(mismatch)?;
+                return Err(format!(
+                    "node '{}': throttle nodes cannot be reopened yet; change the group's limits with qom-set",
+                    self.name()
+                ));
+            }
+            BlockdevOptions::CopyOnRead(_) => return Err(mismatch()),
+        };
+        Ok(PreparedReopen {
+            opts: opts.clone(),
+            file,
+        })
+    }
+}

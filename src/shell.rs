@@ -1,0 +1,330 @@
+//! The process shell around [`State`]: start-up (daemonize, pidfile,
+//! signals, the configured nodes, exports and monitors), the wait for
+//! SIGTERM/SIGINT/quit, and shutdown. `main` calls [`run`].
+//!
+//! ```text
+//!   block SIGTERM/SIGINT -> [daemonize] -> lock pidfile -> State::add_blockdev
+//!          (Graph) -> State::bind_export (socket) -> write pidfile
+//!          -> start exports and monitors
+//!   SIGTERM/SIGINT/quit -> quiesce exports, fail parked requests -> drain
+//!          -> flush every node -> remove sockets and pidfile
+//!          -> exit 0 (1 if a parked write was dropped or a flush failed)
+//! ```
+//!
+//! The shell also registers the subsystems that take part in State's
+//! drained sections (block jobs), so that `state/` names none of them.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::io::EngineKind;
+use crate::qmp::{Monitor, MonitorError};
+use crate::signals::TerminationSignals;
+use crate::state::{DataLost, State, StateError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShellError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Monitor(#[from] MonitorError),
+    /// Not a source: the message already holds it.
+    #[error("--object: {0}")]
+    Object(StateError),
+    #[error("cannot write pidfile {path}")]
+    Pidfile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// qemu-storage-daemon's words.
+    #[error("cannot create pid file {path}: Cannot lock pid file (another instance runs?)")]
+    PidfileLocked {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Exit status 1: data did not reach the disk.
+    #[error("shutdown lost data: {0}")]
+    Shutdown(DataLost),
+    #[error("cannot daemonize")]
+    Daemonize(#[source] std::io::Error),
+    #[error("cannot start the monitor")]
+    MonitorStart(#[source] std::io::Error),
+    #[error("cannot set up signal handling")]
+    Signals(#[source] std::io::Error),
+}
+
+/// A State with the subsystems that take part in its drained sections.
+pub fn new_state(engine: EngineKind) -> Arc<State> {
+    let state = State::new(engine);
+    state.register(Arc::new(crate::jobs::Participant));
+    state
+}
+
+/// Forks; the parent exits once the child reports it is ready (or failed).
+/// Returns in the child, with a pipe end to report readiness on.
+fn daemonize() -> Result<std::fs::File, ShellError> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is a live array of two ints for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(ShellError::Daemonize(std::io::Error::last_os_error()));
+    }
+    // SAFETY: no other thread runs yet (run() forks before it creates any),
+    // so the child may continue to run Rust code after fork.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(ShellError::Daemonize(std::io::Error::last_os_error()));
+    }
+    if pid > 0 {
+        // SAFETY: fds[1] is the child's end; the parent closes its copy so
+        // that EOF arrives if the child dies.
+        unsafe { libc::close(fds[1]) };
+        // SAFETY: fds[0] is an open pipe end that nothing else owns.
+        let mut r = unsafe { std::fs::File::from_raw_fd(fds[0]) };
+        let mut b = [0u8; 1];
+        let ok = std::io::Read::read(&mut r, &mut b).map(|n| n == 1 && b[0] == b'1');
+        std::process::exit(if matches!(ok, Ok(true)) { 0 } else { 1 });
+    }
+    // SAFETY: fds[0] is the parent's end, closed here; setsid has no inputs.
+    unsafe {
+        libc::close(fds[0]);
+        libc::setsid();
+    }
+    // SAFETY: fds[1] is the child's end of the pipe, now owned by the File.
+    Ok(unsafe { std::fs::File::from_raw_fd(fds[1]) })
+}
+
+fn redirect_stdio_to_null() {
+    use std::os::fd::AsRawFd;
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        for fd in 0..=2 {
+            // SAFETY: dup2 onto the standard descriptors, which we own.
+            unsafe { libc::dup2(null.as_raw_fd(), fd) };
+        }
+    }
+}
+
+/// Opens `path` with `flags` added to O_CLOEXEC|O_NOFOLLOW: a symlink
+/// there is an error (ELOOP), never followed.
+fn open_nofollow(path: &Path, flags: libc::c_int) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true)
+        .mode(0o644)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | flags);
+    if flags & libc::O_EXCL != 0 {
+        o.create_new(true);
+    } else {
+        o.create(true);
+    }
+    o.open(path)
+}
+
+/// Takes a write lock on all of `f` without waiting. An open file
+/// description lock, which conflicts with the POSIX lock QEMU's
+/// qemu_write_pidfile takes (and is not lost when another descriptor of
+/// the file is closed).
+fn lock_whole_file(f: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: an all-zero flock is a valid value of this plain C struct.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: F_OFD_SETLK on an fd we own, with a live flock to read.
+    if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &fl) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Raises the soft limit on open files to the hard limit, as QEMU does
+/// ("qemu_init: increase NOFILE soft limit on POSIX"): an export holds about
+/// ten descriptors per iothread, so the usual soft limit of 1024 would refuse
+/// the sixth connected 16-queue export. Nothing here uses select(). A
+/// failure only costs headroom, so it is logged and ignored.
+fn raise_open_files_limit() {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the rlimit we pass, a live local.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } != 0 || l.rlim_cur >= l.rlim_max {
+        return;
+    }
+    let soft = l.rlim_cur;
+    l.rlim_cur = l.rlim_max;
+    // SAFETY: setrlimit only reads the rlimit we pass.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &l) } != 0 {
+        log::warn!(
+            "cannot raise the open-files limit from {soft} to {}: {}",
+            l.rlim_max,
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// The pidfile, locked from start-up to exit: a second instance with the
+/// same pidfile fails to lock it and refuses to start.
+struct Pidfile {
+    path: PathBuf,
+    /// The locked file(s): the one found at the path, then the one written.
+    held: Vec<std::fs::File>,
+    /// Whether we created the file at the path (removed if start-up fails).
+    created: bool,
+    written: bool,
+}
+
+impl Drop for Pidfile {
+    /// A start-up that failed leaves no empty pidfile of its own behind
+    /// (removed while still locked).
+    fn drop(&mut self) {
+        if self.created && !self.written {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+impl Pidfile {
+    /// Opens (or creates) the pidfile, never through a symlink, and locks
+    /// it; nothing is written yet.
+    fn lock(path: &Path) -> Result<Pidfile, ShellError> {
+        let err = |source| ShellError::Pidfile {
+            path: path.to_path_buf(),
+            source,
+        };
+        let (f, created) = match open_nofollow(path, libc::O_EXCL) {
+            Ok(f) => (f, true),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                (open_nofollow(path, 0).map_err(err)?, false)
+            }
+            Err(e) => return Err(err(e)),
+        };
+        let locked = lock_whole_file(&f);
+        let pidfile = Pidfile {
+            path: path.to_path_buf(),
+            held: vec![f],
+            created: created && locked.is_ok(),
+            written: false,
+        };
+        locked.map_err(|source| ShellError::PidfileLocked {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(pidfile)
+    }
+
+    /// Writes our pid through a temporary sibling renamed over the pidfile
+    /// (a reader sees the old file or the whole new one). The sibling is
+    /// created exclusively and not through a symlink, and locked before it
+    /// takes the pidfile's name, so the lock never lapses.
+    fn write_pid(&mut self) -> Result<(), ShellError> {
+        let err = |source| ShellError::Pidfile {
+            path: self.path.clone(),
+            source,
+        };
+        let tmp = self.path.with_extension("tmp");
+        let excl = libc::O_EXCL;
+        let mut f = match open_nofollow(&tmp, excl) {
+            // Left by an instance that died, or planted (a symlink): we hold
+            // the pidfile's lock, so the name is ours. remove_file removes a
+            // symlink itself, not what it points to.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                std::fs::remove_file(&tmp).map_err(err)?;
+                open_nofollow(&tmp, excl).map_err(err)?
+            }
+            r => r.map_err(err)?,
+        };
+        let r = (|| {
+            lock_whole_file(&f)?;
+            writeln!(f, "{}", std::process::id())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &self.path)
+        })();
+        if let Err(e) = r {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(err(e));
+        }
+        self.held.push(f);
+        self.written = true;
+        Ok(())
+    }
+}
+
+/// Runs the daemon until SIGTERM, SIGINT or QMP `quit`, then shuts down
+/// cleanly.
+pub fn run(config: Config) -> Result<(), ShellError> {
+    // Order matters: SIGTERM/SIGINT are blocked before any thread exists
+    // (threads inherit the mask; a thread that had them unblocked could be
+    // handed a SIGTERM and the process would die without draining), and the
+    // daemon forks before any thread exists (the event thread and throttle
+    // timers would not survive a fork). Start-up errors after the fork are
+    // printed by the child, whose exit tells the waiting parent.
+    let signals = TerminationSignals::block().map_err(ShellError::Signals)?;
+    raise_open_files_limit();
+    let mut ready_pipe = if config.daemonize {
+        Some(daemonize()?)
+    } else {
+        None
+    };
+    // Locked before anything is bound: a second instance stops here.
+    let mut pidfile = config.pidfile.as_deref().map(Pidfile::lock).transpose()?;
+    let engine = EngineKind::probe();
+    log::info!("I/O engine: {}", engine.name());
+    let state = new_state(engine);
+    // Everything that can fail on a bad configuration, before anything is
+    // announced.
+    for o in &config.objects {
+        state.add_object(o).map_err(ShellError::Object)?;
+    }
+    for opts in &config.blockdevs {
+        state.add_blockdev(opts).map_err(StateError::from)?;
+    }
+    let mut servers = Vec::new();
+    for e in &config.exports {
+        servers.push(state.bind_export(e)?);
+    }
+    let mut monitors = Vec::new();
+    for m in &config.monitors {
+        monitors.push(Monitor::bind(m, state.clone())?);
+    }
+    if let Some(p) = pidfile.as_mut() {
+        p.write_pid()?;
+    }
+    for server in servers {
+        state.start_export(server)?;
+    }
+    let monitor_sockets: Vec<PathBuf> = monitors.iter().map(|m| m.path().to_path_buf()).collect();
+    for m in monitors {
+        m.start().map_err(ShellError::MonitorStart)?;
+    }
+    if let Some(p) = ready_pipe.as_mut() {
+        let _ = p.write_all(b"1");
+        redirect_stdio_to_null();
+    }
+    drop(ready_pipe);
+    log::info!("ready");
+
+    let sig = signals.wait();
+    log::info!("signal {sig}: draining and flushing");
+    let outcome = state.shutdown();
+    for s in state.socket_paths().iter().chain(&monitor_sockets) {
+        let _ = std::fs::remove_file(s);
+    }
+    if let Some(p) = pidfile {
+        // Removed while still locked: a new instance cannot lock a file
+        // that is about to go.
+        let _ = std::fs::remove_file(&p.path);
+        drop(p);
+    }
+    outcome.map_err(ShellError::Shutdown)?;
+    log::info!("exiting");
+    Ok(())
+}

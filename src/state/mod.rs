@@ -1,0 +1,272 @@
+//! The daemon's runtime state: the block graph, the exports, and the
+//! subsystems registered to take part in drained sections (block jobs:
+//! see [`DrainParticipant`]). Changed at start-up and at run
+//! time (by the monitor's commands), and shut down. It knows nothing of
+//! QMP nor of the process: the shell (`shell.rs`) builds it, registers the
+//! participants and runs the monitors.
+//!
+//! ```text
+//!   mod.rs          State: graph, nodes, objects, drained sections,
+//!                   block_resize, shutdown
+//!   exports.rs      exports: bind, start, delete, list
+//!   reopen.rs       blockdev-reopen: prepare, check, commit
+//!   participant.rs  DrainParticipant, what jobs and bitmaps implement
+//!   error.rs        StateError and the refusals it carries
+//! ```
+//!
+//! Locking: `graph` and `exports` are taken by management only (start-up,
+//! monitor threads), always in that order; the I/O path never takes them.
+
+mod error;
+mod exports;
+mod participant;
+mod reopen;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use crate::block::{Graph, GraphError, Node};
+use crate::drivers::BlockdevOptions;
+use crate::events::EventBus;
+use crate::io::EngineKind;
+use crate::vhost_user::{ExportState, ServerControl};
+
+pub use error::{DataLost, ExportRefusal, ReopenError, StateError};
+pub use participant::{Busy, DrainParticipant, Resume};
+
+/// How long shutdown waits for requests in flight.
+const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An export whose server thread runs.
+struct RunningExport {
+    state: Arc<ExportState>,
+    control: Arc<ServerControl>,
+    socket: Option<PathBuf>,
+    shutting_down: bool,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What query-block-exports tells of one export.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportInfo {
+    pub id: String,
+    pub node_name: String,
+    pub shutting_down: bool,
+}
+
+/// The graph and the exports, shared by start-up, the monitors and shutdown.
+pub struct State {
+    engine: EngineKind,
+    graph: Mutex<Graph>,
+    exports: Mutex<BTreeMap<String, RunningExport>>,
+    /// Called by drained sections, block_resize and shutdown, in this order.
+    participants: RwLock<Vec<Arc<dyn DrainParticipant>>>,
+    pub events: EventBus,
+    /// Held by every monitor command from start to end, as QEMU's big lock
+    /// serialises QMP: graph changes (snapshots, transactions) never
+    /// interleave.
+    commands: Mutex<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl State {
+    /// The lock one monitor command holds while it runs.
+    pub fn command_lock(&self) -> MutexGuard<'_, ()> {
+        lock(&self.commands)
+    }
+
+    /// An empty State. The subsystems that work on nodes register with
+    /// [`State::register`] before anything else runs.
+    pub fn new(engine: EngineKind) -> Arc<State> {
+        Arc::new(State {
+            engine,
+            graph: Mutex::new(Graph::new()),
+            exports: Mutex::new(BTreeMap::new()),
+            participants: RwLock::new(Vec::new()),
+            commands: Mutex::new(()),
+            events: crate::events::global().clone(),
+        })
+    }
+
+    /// Adds a participant to every drained section, resize and shutdown
+    /// from now on, after those registered before it.
+    pub fn register(&self, p: Arc<dyn DrainParticipant>) {
+        self.participants
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(p);
+    }
+
+    fn participants(&self) -> Vec<Arc<dyn DrainParticipant>> {
+        self.participants
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// x-debug-panic (debug builds, for tests): panics holding the graph
+    /// and the export table, as a bug in a command would.
+    #[cfg(debug_assertions)]
+    pub fn debug_panic(&self) -> ! {
+        let _graph = self.graph();
+        let _exports = lock(&self.exports);
+        panic!("x-debug-panic: a panic on purpose");
+    }
+
+    pub fn graph(&self) -> MutexGuard<'_, Graph> {
+        lock(&self.graph)
+    }
+
+    pub fn add_blockdev(&self, opts: &BlockdevOptions) -> Result<Arc<Node>, GraphError> {
+        let node = self.graph().add(opts)?;
+        log::info!(
+            "node {} ({}): {} bytes{}",
+            node.name(),
+            node.driver_name(),
+            node.size(),
+            if node.is_read_only() {
+                ", read-only"
+            } else {
+                ""
+            }
+        );
+        Ok(node)
+    }
+
+    /// object-add.
+    pub fn add_object(&self, o: &crate::config::ObjectOptions) -> Result<(), StateError> {
+        let crate::config::ObjectOptions::ThrottleGroup(t) = o;
+        self.graph()
+            .add_throttle_group(&t.id, t.limits.clone())
+            .map_err(StateError::Object)?;
+        log::info!("throttle group {}: created", t.id);
+        Ok(())
+    }
+
+    /// Removes a node no one uses (no export, no parent node).
+    pub fn del_blockdev(&self, name: &str) -> Result<(), GraphError> {
+        self.graph().remove(name)?;
+        log::info!("node {name}: deleted");
+        Ok(())
+    }
+
+    /// Runs `f` in a drained section of every export whose graph reaches
+    /// `node`: they stop popping requests, the ones in flight complete, `f`
+    /// runs, then the queues run again.
+    pub fn drained<R>(&self, node: &Node, f: impl FnOnce() -> R) -> R {
+        self.drained_many(&[node], f)
+    }
+
+    /// Like [`State::drained`], for every export that reaches any of `nodes`.
+    /// The registered participants quiesce first (block jobs working on a
+    /// node below or above one of them pause at their next pause point,
+    /// except the calling job itself), and resume last.
+    pub fn drained_many<R>(&self, nodes: &[&Node], f: impl FnOnce() -> R) -> R {
+        let resumes: Vec<Resume> = self
+            .participants()
+            .iter()
+            .map(|p| p.drain_begin(nodes))
+            .collect();
+        let affected: Vec<Arc<ExportState>> = self
+            .export_states()
+            .into_iter()
+            .filter(|e| nodes.iter().any(|n| e.blk.node().reaches(n)))
+            .collect();
+        for e in &affected {
+            if !e.drained_begin(SHUTDOWN_DRAIN_TIMEOUT) {
+                log::error!(
+                    "export {}: {} requests still in flight after {:?}; going on",
+                    e.config.id,
+                    e.in_flight().get(),
+                    SHUTDOWN_DRAIN_TIMEOUT
+                );
+            }
+        }
+        let r = f();
+        for e in &affected {
+            e.drained_end();
+        }
+        for resume in resumes.into_iter().rev() {
+            resume.run();
+        }
+        r
+    }
+
+    /// block_resize: the node's new size, set in a drained section.
+    pub fn resize(&self, name: &str, size: u64) -> Result<(), StateError> {
+        let node = self.graph().get(name)?;
+        if size % 512 != 0 {
+            return Err(StateError::ResizeUnaligned(size));
+        }
+        let participants = self.participants();
+        for n in
+            std::iter::once(node.clone()).chain(node.children().iter().map(|c| c.node().clone()))
+        {
+            for p in &participants {
+                p.check_resize(&n)?;
+            }
+        }
+        self.drained(&node, || -> Result<(), StateError> {
+            node.truncate(size).map_err(StateError::Truncate)?;
+            node.resize_bitmaps();
+            for p in &participants {
+                p.resized(&node);
+            }
+            Ok(())
+        })?;
+        log::info!("node {name}: resized to {size} bytes");
+        for e in self.export_states() {
+            if e.blk.node().reaches(&node) {
+                e.notify_config_change();
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops taking requests, waits for those in flight, flushes every node.
+    /// Requests parked by the `stop` policy fail at once (nobody will
+    /// `cont`). Err lists what did not reach the disk: dropped writes,
+    /// failed flushes.
+    pub fn shutdown(&self) -> Result<(), DataLost> {
+        // Participants first (block jobs are cancelled): none may write
+        // once nodes are flushed and closed.
+        for p in self.participants() {
+            p.shutdown(SHUTDOWN_DRAIN_TIMEOUT);
+        }
+        let mut lost = self.drain_exports_for_shutdown();
+        let nodes: Vec<Arc<Node>> = self.graph().nodes().cloned().collect();
+        for node in &nodes {
+            if let Err(e) = futures::executor::block_on(node.flush()) {
+                let msg = format!("flush of node {} failed: {e}", node.name());
+                log::error!("{msg}");
+                lost.push(msg);
+            }
+        }
+        // Parents before children: a format writes its metadata into its
+        // file child as it closes.
+        let mut order: Vec<&Arc<Node>> = nodes.iter().collect();
+        order.sort_by_key(|n| std::cmp::Reverse(depth_below(n)));
+        for node in order {
+            node.close();
+        }
+        if lost.is_empty() {
+            Ok(())
+        } else {
+            Err(DataLost(lost))
+        }
+    }
+}
+
+/// The longest path from `node` down to a leaf.
+fn depth_below(node: &Node) -> usize {
+    node.children()
+        .iter()
+        .map(|c| 1 + depth_below(c.node()))
+        .max()
+        .unwrap_or(0)
+}
