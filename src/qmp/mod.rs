@@ -11,12 +11,9 @@
 //! deep) closes that connection. Commands run on the client's thread and
 //! take the daemon's management locks, never a lock of the I/O path.
 
-mod exports;
 mod nodes;
-mod objects;
 pub mod protocol;
 mod reader;
-mod snapshot;
 pub mod table;
 
 use std::io::{self, Write};

@@ -3,8 +3,9 @@
 //! x-debug-query-block-graph (BlockDeviceInfo, XDbgBlockGraph in
 //! qapi/block-core.json).
 //!
-//! Belongs in `state/qmp.rs`, beside the State it works on; here while
-//! state/ is being restructured. Location-independent: it names no qmp item.
+//! These stay with the monitor rather than beside State: a node's
+//! description gathers what several subsystems know of it (bitmaps,
+//! internal snapshots), which sit above State.
 
 use std::sync::Arc;
 

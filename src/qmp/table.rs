@@ -47,15 +47,16 @@ static DEBUG: &[Def] = &[Def {
 static DEBUG: &[Def] = &[];
 
 /// Every table, in the order query-commands lists them.
-fn tables() -> [&'static [Def]; 8] {
+fn tables() -> [&'static [Def]; 9] {
     [
         CORE,
         super::nodes::COMMANDS,
-        super::exports::COMMANDS,
-        super::snapshot::COMMANDS,
+        crate::state::qmp::exports::COMMANDS,
+        crate::snapshot::qmp::COMMANDS,
+        crate::transaction::qmp::COMMANDS,
         crate::bitmaps::qmp::COMMANDS,
         crate::jobs::qmp::COMMANDS,
-        super::objects::COMMANDS,
+        crate::state::qmp::objects::COMMANDS,
         DEBUG,
     ]
 }

@@ -18,6 +18,7 @@
 
 pub mod backing;
 pub mod internal;
+pub mod qmp;
 
 pub use backing::change_backing_file;
 pub use internal::{internal_create, internal_delete, internal_goto, snapshot_info, InternalArgs};

@@ -20,6 +20,7 @@
 mod error;
 mod exports;
 mod participant;
+pub mod qmp;
 mod reopen;
 
 use std::collections::BTreeMap;

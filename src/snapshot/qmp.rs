@@ -1,9 +1,8 @@
-//! QMP commands on snapshots and backing files: blockdev-snapshot(-sync),
-//! transaction, change-backing-file and the internal snapshot commands.
-//!
-//! Belong beside their engines: `snapshot/qmp.rs` (the snapshot commands,
-//! change-backing-file) and transaction.rs (`transaction`); here while
-//! snapshot/ is being restructured. They name no qmp item.
+//! QMP commands on snapshots and backing files: blockdev-snapshot,
+//! change-backing-file and the internal snapshot commands, as typed
+//! handlers (`crate::qapi`). blockdev-snapshot-sync is a transaction of one
+//! action and `transaction` is the engine's own: both are in
+//! `crate::transaction`.
 
 use std::sync::Arc;
 
@@ -11,14 +10,11 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::qapi::{CommandDef, QmpError};
-use crate::snapshot::{self, SnapshotSyncArgs};
+use crate::snapshot;
 use crate::state::State;
-use crate::transaction::Action;
 
 pub static COMMANDS: &[CommandDef<Arc<State>>] = &[
     crate::command!("blockdev-snapshot", blockdev_snapshot),
-    crate::command!("blockdev-snapshot-sync", blockdev_snapshot_sync),
-    crate::command!("transaction", transaction),
     crate::command!("change-backing-file", change_backing_file),
     crate::command!("blockdev-snapshot-internal-sync", internal_sync),
     crate::command!("blockdev-snapshot-delete-internal-sync", delete_internal),
@@ -34,32 +30,6 @@ struct BlockdevSnapshot {
 
 fn blockdev_snapshot(state: &Arc<State>, a: BlockdevSnapshot) -> Result<(), QmpError> {
     snapshot::external(state, &a.node, &a.overlay)
-}
-
-fn blockdev_snapshot_sync(state: &Arc<State>, a: SnapshotSyncArgs) -> Result<(), QmpError> {
-    crate::transaction::snapshot_sync(state, &a)
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Transaction {
-    actions: Vec<Action>,
-    #[serde(default)]
-    properties: Option<Value>,
-}
-
-fn transaction(state: &Arc<State>, a: Transaction) -> Result<(), QmpError> {
-    let grouped = match a.properties.as_ref().and_then(|p| p.get("completion-mode")) {
-        None => false,
-        Some(m) if m == "individual" => false,
-        Some(m) if m == "grouped" => true,
-        Some(m) => {
-            return Err(QmpError::generic(format!(
-                "Parameter 'completion-mode' does not accept value {m}"
-            )))
-        }
-    };
-    crate::transaction::transaction_with(state, a.actions, grouped)
 }
 
 #[derive(Deserialize)]

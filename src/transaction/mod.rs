@@ -5,6 +5,8 @@
 //! involved, so the guest sees all of them or none. A failure undoes what
 //! was done.
 
+pub mod qmp;
+
 use std::sync::Arc;
 
 use crate::block::Node;

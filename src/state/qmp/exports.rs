@@ -1,9 +1,6 @@
 //! QMP commands on exports (the BlockBackends the guests see):
 //! block-export-add/del, query-block-exports, cont, and their statistics:
 //! query-blockstats and block-latency-histogram-set.
-//!
-//! Belongs in `state/qmp.rs`, beside the State it works on; here while
-//! state/ is being restructured. Location-independent: it names no qmp item.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

@@ -1,8 +1,5 @@
 //! QMP commands on user-creatable objects (throttle groups): object-add,
 //! object-del, qom-get and qom-set of a group's `limits`.
-//!
-//! Belongs in `state/qmp.rs` (the groups live in State's graph; throttle/
-//! is below State, so not there); here while state/ is being restructured.
 
 use std::sync::Arc;
 
