@@ -1,4 +1,6 @@
-//! The set of named nodes, and opening nodes from their options.
+//! The set of named nodes. Drivers are opened by the driver layer
+//! (`crate::drivers`, whose `Graph::add` passes its opener to
+//! [`Graph::insert_opened`]); the graph names none.
 //!
 //! Graph changes take the graph's lock; the I/O path never does (requests hold
 //! `Arc<Node>`s directly).
@@ -6,8 +8,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::{GraphError, Node};
-use crate::drivers::{BlockdevOptions, Driver};
+use super::{BlockDriver, GraphError, Node};
 use crate::throttle::{ThrottleGroup, ThrottleLimits};
 
 #[derive(Default)]
@@ -36,9 +37,18 @@ impl Graph {
         self.nodes.values()
     }
 
-    /// Opens a node from `opts` (children are looked up by name) and adds it.
-    pub fn add(&mut self, opts: &BlockdevOptions) -> Result<Arc<Node>, GraphError> {
-        let name = opts.node_name().to_string();
+    /// Adds a node named `name` whose driver `open` opens (the driver
+    /// layer's `Graph::add` passes its opener). `open` may add the
+    /// node's children to the graph; they are removed again when it
+    /// fails, or panics (a bug, such as a parser that trusts image
+    /// content: an error like any other, not children left open).
+    pub fn insert_opened(
+        &mut self,
+        name: &str,
+        read_only: bool,
+        open: impl FnOnce(&mut Graph) -> Result<Box<dyn BlockDriver>, GraphError>,
+    ) -> Result<Arc<Node>, GraphError> {
+        let name = name.to_string();
         if name.is_empty() {
             return Err(GraphError::Open {
                 node: name,
@@ -48,25 +58,20 @@ impl Graph {
         if self.nodes.contains_key(&name) {
             return Err(GraphError::DuplicateNode(name));
         }
-        let read_only = opts.read_only();
         let before: Vec<String> = self.nodes.keys().cloned().collect();
-        // A panic while opening (a bug, such as a parser that trusts image
-        // content) is an error like any other: the children opened for
-        // the node are dropped below, not left open in the graph.
-        let opened =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Driver::open(opts, self)))
-                .unwrap_or_else(|p| {
-                    let msg = p
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| p.downcast_ref::<String>().cloned())
-                        .unwrap_or_default();
-                    log::error!("node {name}: opening panicked: {msg}");
-                    Err(GraphError::Open {
-                        node: name.clone(),
-                        reason: format!("internal error while opening: {msg}"),
-                    })
-                });
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| open(self)))
+            .unwrap_or_else(|p| {
+                let msg = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                log::error!("node {name}: opening panicked: {msg}");
+                Err(GraphError::Open {
+                    node: name.clone(),
+                    reason: format!("internal error while opening: {msg}"),
+                })
+            });
         let driver = match opened {
             Ok(d) => d,
             Err(e) => {
@@ -77,22 +82,14 @@ impl Graph {
             }
         };
         let node = Node::new(name.clone(), driver, read_only);
-        if let crate::drivers::Driver::Qcow2(q) = node.driver() {
-            let loaded = q.attach_node(&node);
-            if !loaded.is_empty() {
-                node.set_bitmaps(loaded);
-            }
-        }
         self.nodes.insert(name, node.clone());
         Ok(node)
     }
 
-    /// Opens a node for a parent (an inline child or a backing file named
-    /// by an image header); it goes away with its last parent.
-    pub fn add_implicit(&mut self, opts: &BlockdevOptions) -> Result<Arc<Node>, GraphError> {
-        let node = self.add(opts)?;
-        self.implicit.insert(node.name().to_string());
-        Ok(node)
+    /// Marks a node as opened for a parent: it goes away with its last
+    /// parent.
+    pub fn mark_implicit(&mut self, name: &str) {
+        self.implicit.insert(name.to_string());
     }
 
     /// Whether the node was opened for a parent (and goes with it).

@@ -10,6 +10,7 @@
 
 mod backend;
 pub mod bitmap;
+mod driver;
 mod error;
 mod future;
 mod graph;
@@ -18,15 +19,18 @@ mod node;
 mod perm;
 pub mod ranges;
 mod stats;
+mod status;
 pub mod swap;
 
 pub use backend::BlockBackend;
+pub use driver::BlockDriver;
 pub use error::{BlockError, GraphError};
 pub use future::BlockFuture;
 pub use graph::Graph;
 pub use node::{Child, ChildRole, DrainCounter, Node};
 pub use perm::Perm;
 pub use stats::{BlockStats, HistogramKind, IoKind, KindStats, LatencyHistogram};
+pub use status::{Allocation, BlockStatus};
 
 /// Bytes in a sector, the unit of virtio-blk and QEMU offsets.
 pub const SECTOR_SIZE: u64 = 512;

@@ -13,8 +13,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::LocalBoxFuture;
 
-use super::{BlockError, BlockFuture, GraphError, Perm};
-use crate::drivers::Driver;
+use super::{BlockDriver, BlockError, BlockFuture, BlockStatus, GraphError, Perm};
 use crate::io::IoVecs;
 
 /// What a child is to its parent.
@@ -107,7 +106,7 @@ impl DrainCounter {
 /// A node of the graph.
 pub struct Node {
     name: String,
-    driver: Driver,
+    driver: Box<dyn BlockDriver>,
     read_only: AtomicBool,
     parents: Mutex<Vec<ParentLink>>,
     /// block-set-write-threshold: a write ending past this offset emits
@@ -130,7 +129,7 @@ impl fmt::Debug for Node {
 }
 
 impl Node {
-    pub fn new(name: String, driver: Driver, read_only: bool) -> Arc<Node> {
+    pub fn new(name: String, driver: Box<dyn BlockDriver>, read_only: bool) -> Arc<Node> {
         Arc::new(Node {
             name,
             driver,
@@ -146,8 +145,10 @@ impl Node {
         &self.name
     }
 
-    pub fn driver(&self) -> &Driver {
-        &self.driver
+    /// The node's driver, for the driver layer (which downcasts it to
+    /// its own types through [`BlockDriver::as_any`]).
+    pub fn block_driver(&self) -> &dyn BlockDriver {
+        &*self.driver
     }
 
     pub fn driver_name(&self) -> &'static str {
@@ -200,6 +201,107 @@ impl Node {
         self.driver.children()
     }
 
+    /// The child data is stored in (a format's `file`) or passed to (a
+    /// filter's filtered child); None for a protocol node.
+    pub fn file_child(&self) -> Option<&Child> {
+        self.driver.file()
+    }
+
+    /// The backing child, where unallocated data falls through to.
+    pub fn backing(&self) -> Option<&Child> {
+        self.driver.backing()
+    }
+
+    /// Whether the node is a filter (throttle, copy-on-read).
+    pub fn is_filter(&self) -> bool {
+        self.driver.is_filter()
+    }
+
+    /// Below any filters (throttle, copy-on-read): the node that holds
+    /// data (`node` itself when it is no filter).
+    pub fn skip_filters(node: &Arc<Node>) -> Arc<Node> {
+        let mut n = node.clone();
+        loop {
+            let next = match n.driver.is_filter().then(|| n.driver.file()).flatten() {
+                Some(c) => c.node().clone(),
+                None => return n,
+            };
+            n = next;
+        }
+    }
+
+    /// How many backing nodes are below this node (following backing
+    /// children; filters have none).
+    pub fn backing_depth(&self) -> u32 {
+        let mut depth = 0;
+        let mut cur = self.backing().map(|b| b.node().clone());
+        while let Some(n) = cur {
+            depth += 1;
+            cur = n.backing().map(|b| b.node().clone());
+        }
+        depth
+    }
+
+    /// The protocol node at the bottom of the `file` children.
+    fn protocol_leaf(&self) -> &Node {
+        let mut n = self;
+        while let Some(c) = n.driver.file() {
+            n = c.node();
+        }
+        n
+    }
+
+    /// The file under the node, following `file` children down to a
+    /// protocol node (None over null-co).
+    pub fn file_name(&self) -> Option<String> {
+        self.protocol_leaf().driver.filename().map(str::to_string)
+    }
+
+    /// The file name as QEMU reports it: a protocol without a file is
+    /// `<driver>://` (`null-co://`).
+    pub fn display_filename(&self) -> String {
+        let leaf = self.protocol_leaf();
+        match leaf.driver.filename() {
+            Some(f) => f.to_string(),
+            None => format!("{}://", leaf.driver.name()),
+        }
+    }
+
+    /// Whether the protocol node under this one bypasses the page cache.
+    pub fn is_direct(&self) -> bool {
+        self.protocol_leaf().driver.is_direct()
+    }
+
+    /// Whether the protocol node under this one ignores flushes.
+    pub fn is_no_flush(&self) -> bool {
+        self.protocol_leaf().driver.is_no_flush()
+    }
+
+    /// The format's allocation unit (qcow2's cluster size), if it has one.
+    pub fn cluster_size(&self) -> Option<u64> {
+        self.driver.cluster_size()
+    }
+
+    /// Makes the image writable for a job that writes into it (commit's
+    /// base, stream into an intermediate image). The caller holds the
+    /// node's users drained; on an error nothing has changed.
+    pub fn reopen_writable(&self) -> Result<(), String> {
+        self.driver.reopen_writable(self)
+    }
+
+    /// The image becomes a backing image: the driver gives up write
+    /// permission on its file, and the node is read-only.
+    pub fn make_read_only(&self) {
+        self.driver.make_read_only();
+        self.set_read_only(true);
+    }
+
+    /// Undoes [`Node::make_read_only`] (a transaction aborted).
+    pub fn make_writable(&self) {
+        self.driver.make_writable();
+        self.set_read_only(false);
+    }
+
     /// The throttle group memberships of this node and every node below it.
     pub fn throttle_members(
         &self,
@@ -208,8 +310,8 @@ impl Node {
         Arc<crate::throttle::Member>,
     )> {
         let mut out = Vec::new();
-        if let Driver::Throttle(t) = &self.driver {
-            out.push((t.group().clone(), t.member().clone()));
+        if let Some((g, m)) = self.driver.throttle_member() {
+            out.push((g.clone(), m.clone()));
         }
         for c in self.children() {
             out.extend(c.node().throttle_members());
@@ -228,21 +330,7 @@ impl Node {
         if self.is_read_only() {
             return Err(format!("node '{}' is read-only", self.name));
         }
-        match &self.driver {
-            Driver::File(f) => f.truncate(self, size).map_err(|e| {
-                let mut s = e.to_string();
-                if let Some(src) = std::error::Error::source(&e) {
-                    s.push_str(&format!(": {src}"));
-                }
-                s
-            }),
-            Driver::Raw(r) => r.truncate(size),
-            Driver::Qcow2(q) => q.truncate(self, size),
-            // A filter resizes what it filters.
-            Driver::Throttle(t) => t.file().node().truncate(size),
-            Driver::CopyOnRead(c) => c.file().node().truncate(size),
-            Driver::Null(_) => Err(format!("node '{}' (null-co) cannot be resized", self.name)),
-        }
+        self.driver.truncate(self, size)
     }
 
     /// Names of the parents that hold an edge to this node.
@@ -256,6 +344,21 @@ impl Node {
     /// The node's dirty bitmaps.
     pub fn bitmaps(&self) -> &super::bitmap::BitmapList {
         self.bitmaps.get()
+    }
+
+    /// Gives the node's dirty bitmaps its size again, after block_resize
+    /// (bits past a smaller size go). The caller holds the node's users
+    /// drained.
+    pub fn resize_bitmaps(&self) {
+        let size = self.size();
+        let list: Vec<Arc<super::bitmap::DirtyBitmap>> = self
+            .bitmaps()
+            .iter()
+            .map(|b| Arc::new(b.resized(size)))
+            .collect();
+        if !list.is_empty() {
+            self.set_bitmaps(list);
+        }
     }
 
     /// Replaces the list of bitmaps (management; the caller serialises).
@@ -400,12 +503,9 @@ impl Node {
 
     /// Image locks for what all parents take and do not share (file nodes).
     fn update_locks(&self, parents: &[ParentLink]) -> Result<(), String> {
-        let Driver::File(f) = &self.driver else {
-            return Ok(());
-        };
         let perm = parents.iter().fold(Perm::NONE, |a, p| a | p.perm);
         let shared = parents.iter().fold(Perm::ALL, |a, p| a & p.shared);
-        f.update_locks(perm, shared)
+        self.driver.update_locks(perm, shared)
     }
 
     fn detach_parent(&self, parent: &str, role: ChildRole) {
@@ -462,7 +562,7 @@ impl Node {
         &self,
         offset: u64,
         len: u64,
-    ) -> LocalBoxFuture<'_, Result<crate::drivers::BlockStatus, BlockError>> {
+    ) -> LocalBoxFuture<'_, Result<BlockStatus, BlockError>> {
         self.driver.block_status(self, offset, len)
     }
 

@@ -9,7 +9,7 @@
 
 use std::sync::Mutex;
 
-use crate::drivers::qcow2::lock::{self, Notifier};
+use crate::io::lock::{self, Notifier};
 
 struct Range {
     id: u64,

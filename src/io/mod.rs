@@ -19,6 +19,7 @@
 
 mod buf;
 mod executor;
+pub mod lock;
 mod sync;
 mod uring;
 

@@ -18,7 +18,7 @@ use futures::executor::block_on;
 
 use super::*;
 use crate::drivers::qcow2::build::{self, CreateOptions};
-use crate::drivers::{CacheOptions, DiscardMode, Driver, FileDriver, FileOptions, Locking};
+use crate::drivers::{CacheOptions, DiscardMode, FileDriver, FileOptions, Locking};
 
 const CS: u64 = 512;
 
@@ -57,7 +57,7 @@ fn file_node(path: &str) -> Arc<Node> {
         locking: Locking::Off,
     })
     .expect("open file node");
-    Node::new("file".into(), Driver::File(d), false)
+    Node::new("file".into(), Box::new(d), false)
 }
 
 /// Metadata of the image under `f`, as the driver opens it, with caches of

@@ -23,7 +23,7 @@ mod build;
 mod cache;
 mod chain;
 mod header;
-pub mod lock;
+use crate::io::lock;
 mod meta;
 mod snap;
 
@@ -109,22 +109,7 @@ pub struct Qcow2Options {
     pub overlap_check: Option<OverlapCheck>,
 }
 
-/// What a range of a node reads as, and where in the chain that was found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Allocation {
-    Data,
-    Zero,
-    /// Not allocated anywhere in the chain (reads as zeroes).
-    Unallocated,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BlockStatus {
-    pub kind: Allocation,
-    pub len: u64,
-    /// 0: this node; 1: its backing node; ...
-    pub depth: u32,
-}
+pub use crate::block::{Allocation, BlockStatus};
 
 pub struct Qcow2Driver {
     name: String,

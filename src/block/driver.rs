@@ -1,0 +1,157 @@
+//! The driver interface a node calls (QEMU's BlockDriver): the I/O
+//! callbacks, and what the block layer and its callers may ask of any
+//! driver. The drivers themselves live in `crate::drivers`, which opens
+//! them; this module names none of them.
+//!
+//! Every question has a default answer (no child, no file name, nothing
+//! to do), so a driver implements only what it has. What only some
+//! formats can do (internal snapshots, a backing file name in a header,
+//! persistent bitmaps, reopening with new options) is asked of the driver
+//! layer, not here.
+
+use std::any::Any;
+use std::sync::Arc;
+
+use futures::future::LocalBoxFuture;
+
+use super::{BlockError, BlockFuture, BlockStatus, Child, Node, Perm};
+use crate::io::IoVecs;
+use crate::throttle::{Member, ThrottleGroup};
+
+/// An open driver instance, held by its [`Node`].
+pub trait BlockDriver: Send + Sync + 'static {
+    /// The driver's name, as blockdev-add spells it (`file`, `qcow2`, ...).
+    fn name(&self) -> &'static str;
+
+    /// Size in bytes.
+    fn size(&self) -> u64;
+
+    /// Offsets and lengths of requests must be multiples of this.
+    fn request_alignment(&self) -> u32;
+
+    /// The child data is stored in or passed to: a format's `file`, a
+    /// filter's filtered child.
+    fn file(&self) -> Option<&Child> {
+        None
+    }
+
+    /// The child unallocated data falls through to.
+    fn backing(&self) -> Option<&Child> {
+        None
+    }
+
+    /// Every child: `file`, then `backing`.
+    fn children(&self) -> Vec<&Child> {
+        self.file().into_iter().chain(self.backing()).collect()
+    }
+
+    /// Whether the driver passes requests to its `file` child unchanged
+    /// in content (throttle, copy-on-read): jobs and snapshots look
+    /// through it.
+    fn is_filter(&self) -> bool {
+        false
+    }
+
+    // The I/O callbacks. Offsets and lengths are in bytes and already
+    // checked against the node's size by the caller.
+
+    fn preadv<'a>(&'a self, node: &'a Node, offset: u64, iov: &'a IoVecs) -> BlockFuture<'a>;
+
+    fn pwritev<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        iov: &'a IoVecs,
+        fua: bool,
+    ) -> BlockFuture<'a>;
+
+    fn flush<'a>(&'a self, node: &'a Node) -> BlockFuture<'a>;
+
+    fn pdiscard<'a>(&'a self, node: &'a Node, offset: u64, len: u64) -> BlockFuture<'a>;
+
+    fn pwrite_zeroes<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        fua: bool,
+    ) -> BlockFuture<'a>;
+
+    /// What `[offset, offset + len)` reads as from its start, and how far.
+    /// By default: data, as a protocol without holes.
+    fn block_status<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        len: u64,
+    ) -> LocalBoxFuture<'a, Result<BlockStatus, BlockError>> {
+        let _ = (node, offset);
+        Box::pin(std::future::ready(Ok(BlockStatus {
+            kind: super::Allocation::Data,
+            len,
+            depth: 0,
+        })))
+    }
+
+    /// Changes the size (block_resize); the node checked it is writable,
+    /// and its users are drained.
+    fn truncate(&self, node: &Node, size: u64) -> Result<(), String>;
+
+    /// Writes out what the driver keeps in memory before the node goes
+    /// away (management threads only).
+    fn close(&self) {}
+
+    /// Takes the image locks for what the node's parents take and do not
+    /// share (protocol drivers over a file).
+    fn update_locks(&self, perm: Perm, shared: Perm) -> Result<(), String> {
+        let _ = (perm, shared);
+        Ok(())
+    }
+
+    /// The throttle group membership of a throttle filter.
+    fn throttle_member(&self) -> Option<(&Arc<ThrottleGroup>, &Arc<Member>)> {
+        None
+    }
+
+    /// The file a protocol driver opened.
+    fn filename(&self) -> Option<&str> {
+        None
+    }
+
+    /// Whether a protocol driver bypasses the page cache (cache.direct).
+    fn is_direct(&self) -> bool {
+        false
+    }
+
+    /// Whether a protocol driver ignores flushes (cache.no-flush).
+    fn is_no_flush(&self) -> bool {
+        false
+    }
+
+    /// The format's allocation unit (qcow2's cluster size).
+    fn cluster_size(&self) -> Option<u64> {
+        None
+    }
+
+    /// Makes the image writable for a job that writes into it (a backing
+    /// image that block-commit or block-stream writes). The caller holds
+    /// the node's users drained; on success the node is writable.
+    fn reopen_writable(&self, node: &Node) -> Result<(), String> {
+        Err(format!(
+            "node '{}' ({}) cannot be committed into",
+            node.name(),
+            self.name()
+        ))
+    }
+
+    /// The image became a backing image: it takes no write permission on
+    /// its file any more (no-op where there is nothing to give up).
+    fn make_read_only(&self) {}
+
+    /// Undoes [`BlockDriver::make_read_only`] (a transaction aborted).
+    fn make_writable(&self) {}
+
+    /// For the driver layer's own questions (downcasts to its types).
+    fn as_any(&self) -> &dyn Any;
+}
