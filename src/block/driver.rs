@@ -1,6 +1,6 @@
 //! The driver interface a node calls (QEMU's BlockDriver): the I/O
 //! callbacks, and what the block layer and its callers may ask of any
-//! driver. The drivers themselves live in `crate::drivers`, which opens
+//! driver. The drivers themselves live in the driver layer, which opens
 //! them; this module names none of them.
 //!
 //! Every question has a default answer (no child, no file name, nothing

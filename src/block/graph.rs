@@ -1,5 +1,5 @@
 //! The set of named nodes. Drivers are opened by the driver layer
-//! (`crate::drivers`, whose `Graph::add` passes its opener to
+//! (drivers/, whose `Graph::add` passes its opener to
 //! [`Graph::insert_opened`]); the graph names none.
 //!
 //! Graph changes take the graph's lock; the I/O path never does (requests hold

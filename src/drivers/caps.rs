@@ -198,7 +198,7 @@ impl ProtocolFile for FileDriver {
 /// Capabilities by node.
 impl Node {
     fn downcast<T: 'static>(&self) -> Option<&T> {
-        self.block_driver().as_any().downcast_ref::<T>()
+        super::driver_as(self)
     }
 
     /// The format an image header names this node by as a backing image:

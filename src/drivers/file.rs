@@ -180,7 +180,7 @@ pub fn node_using(
     graph
         .nodes()
         .filter(|n| !except.is_some_and(|e| std::ptr::eq(&***n, e)))
-        .find(|n| matches!(n.driver(), super::Driver::File(f) if f.is_file(dev, ino)))
+        .find(|n| super::driver_as::<FileDriver>(n).is_some_and(|f| f.is_file(dev, ino)))
         .map(|n| n.name().to_string())
 }
 

@@ -207,7 +207,7 @@ impl Graph {
     /// Opens a node from `opts` (children are looked up by name) and adds it.
     pub fn add(&mut self, opts: &BlockdevOptions) -> Result<Arc<Node>, GraphError> {
         let node = self.insert_opened(opts.node_name(), opts.read_only(), |g| open(opts, g))?;
-        if let Some(q) = node.block_driver().as_any().downcast_ref::<Qcow2Driver>() {
+        if let Some(q) = driver_as::<Qcow2Driver>(&node) {
             let loaded = q.attach_node(&node);
             if !loaded.is_empty() {
                 node.set_bitmaps(loaded);
@@ -251,9 +251,14 @@ impl Node {
     }
 }
 
+/// The node's driver, if it is a `T` (this layer's own questions).
+pub(super) fn driver_as<T: 'static>(node: &Node) -> Option<&T> {
+    node.block_driver().as_any().downcast_ref::<T>()
+}
+
 /// Preallocates space in a file node (no-op for other drivers).
 pub(crate) async fn preallocate(node: &Node, offset: u64, len: u64) -> Result<(), BlockError> {
-    match node.block_driver().as_any().downcast_ref::<FileDriver>() {
+    match driver_as::<FileDriver>(node) {
         Some(f) => f.preallocate(node, offset, len).await,
         None => Ok(()),
     }

@@ -3,7 +3,8 @@
 //! prepared state to abort.
 
 use super::file::FileReopen;
-use super::{BlockdevOptions, Driver};
+use super::ThrottleDriver;
+use super::{driver_as, BlockdevOptions, FileDriver, NullDriver, Qcow2Driver, RawDriver};
 use crate::block::Node;
 
 /// A reopen that passed its checks; dropping it aborts (new descriptors
@@ -30,10 +31,23 @@ impl PreparedReopen {
     /// in flight (a drained section).
     pub fn commit(self, node: &Node) {
         node.set_read_only(self.opts.read_only());
-        match (node.driver(), &self.opts, self.file) {
-            (Driver::File(f), _, Some(fr)) => f.commit_reopen(fr),
-            (Driver::Raw(r), BlockdevOptions::Raw(ro), _) => r.commit_reopen(ro),
-            (Driver::Null(n), BlockdevOptions::NullCo(no), _) => n.commit_reopen(no),
+        if let Some(fr) = self.file {
+            if let Some(f) = driver_as::<FileDriver>(node) {
+                f.commit_reopen(fr);
+            }
+            return;
+        }
+        match &self.opts {
+            BlockdevOptions::Raw(ro) => {
+                if let Some(r) = driver_as::<RawDriver>(node) {
+                    r.commit_reopen(ro);
+                }
+            }
+            BlockdevOptions::NullCo(no) => {
+                if let Some(n) = driver_as::<NullDriver>(node) {
+                    n.commit_reopen(no);
+                }
+            }
             _ => {}
         }
     }
@@ -44,29 +58,37 @@ impl Node {
     /// driver and opens what the new options need. Nothing changes until
     /// [`PreparedReopen::commit`].
     pub fn prepare_reopen(&self, opts: &BlockdevOptions) -> Result<PreparedReopen, String> {
-        let file = match (self.driver(), opts) {
-            (Driver::File(f), BlockdevOptions::File(fo)) => Some(f.prepare_reopen(fo)?),
-            (Driver::Raw(r), BlockdevOptions::Raw(ro)) => {
+        let mismatch = || format!("node '{}': driver mismatch", self.name());
+        let file = match opts {
+            BlockdevOptions::File(fo) => {
+                let f = driver_as::<FileDriver>(self).ok_or_else(mismatch)?;
+                Some(f.prepare_reopen(fo)?)
+            }
+            BlockdevOptions::Raw(ro) => {
+                let r = driver_as::<RawDriver>(self).ok_or_else(mismatch)?;
                 r.check_reopen(ro)?;
                 None
             }
-            (Driver::Null(n), BlockdevOptions::NullCo(no)) => {
+            BlockdevOptions::NullCo(no) => {
+                let n = driver_as::<NullDriver>(self).ok_or_else(mismatch)?;
                 n.check_reopen(no)?;
                 None
             }
-            (Driver::Qcow2(_), BlockdevOptions::Qcow2(_)) => {
+            BlockdevOptions::Qcow2(_) => {
+                driver_as::<Qcow2Driver>(self).ok_or_else(mismatch)?;
                 return Err(format!(
                     "node '{}': qcow2 nodes cannot be reopened yet",
                     self.name()
-                ))
+                ));
             }
-            (Driver::Throttle(_), BlockdevOptions::Throttle(_)) => {
+            BlockdevOptions::Throttle(_) => {
+                driver_as::<ThrottleDriver>(self).ok_or_else(mismatch)?;
                 return Err(format!(
                     "node '{}': throttle nodes cannot be reopened yet; change the group's limits with qom-set",
                     self.name()
-                ))
+                ));
             }
-            _ => return Err(format!("node '{}': driver mismatch", self.name())),
+            BlockdevOptions::CopyOnRead(_) => return Err(mismatch()),
         };
         Ok(PreparedReopen {
             opts: opts.clone(),
