@@ -155,3 +155,128 @@ pub trait BlockDriver: Send + Sync + 'static {
     /// For the driver layer's own questions (downcasts to its types).
     fn as_any(&self) -> &dyn Any;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::ChildRole;
+
+    /// A driver of the test's own: the block layer needs no real one.
+    struct Fake {
+        name: &'static str,
+        file: Option<Child>,
+        backing: Option<Child>,
+        filter: bool,
+        filename: Option<&'static str>,
+    }
+
+    impl BlockDriver for Fake {
+        fn name(&self) -> &'static str {
+            self.name
+        }
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn request_alignment(&self) -> u32 {
+            1
+        }
+        fn file(&self) -> Option<&Child> {
+            self.file.as_ref()
+        }
+        fn backing(&self) -> Option<&Child> {
+            self.backing.as_ref()
+        }
+        fn is_filter(&self) -> bool {
+            self.filter
+        }
+        fn preadv<'a>(&'a self, _: &'a Node, _: u64, _: &'a IoVecs) -> BlockFuture<'a> {
+            BlockFuture::ready(Ok(()))
+        }
+        fn pwritev<'a>(&'a self, _: &'a Node, _: u64, _: &'a IoVecs, _: bool) -> BlockFuture<'a> {
+            BlockFuture::ready(Ok(()))
+        }
+        fn flush<'a>(&'a self, _: &'a Node) -> BlockFuture<'a> {
+            BlockFuture::ready(Ok(()))
+        }
+        fn pdiscard<'a>(&'a self, _: &'a Node, _: u64, _: u64) -> BlockFuture<'a> {
+            BlockFuture::ready(Ok(()))
+        }
+        fn pwrite_zeroes<'a>(
+            &'a self,
+            _: &'a Node,
+            _: u64,
+            _: u64,
+            _: bool,
+            _: bool,
+        ) -> BlockFuture<'a> {
+            BlockFuture::ready(Ok(()))
+        }
+        fn truncate(&self, node: &Node, _: u64) -> Result<(), String> {
+            Err(format!("{} cannot be resized", node.name()))
+        }
+        fn filename(&self) -> Option<&str> {
+            self.filename
+        }
+        fn as_any(&self) -> &dyn Any {
+            self
+        }
+    }
+
+    fn node(name: &str, d: Fake) -> Arc<Node> {
+        Node::new(name.into(), Box::new(d), false)
+    }
+
+    fn leaf(name: &'static str, filename: Option<&'static str>) -> Fake {
+        Fake {
+            name,
+            file: None,
+            backing: None,
+            filter: false,
+            filename,
+        }
+    }
+
+    fn edge(parent: &str, role: ChildRole, n: &Arc<Node>) -> Option<Child> {
+        Some(Child::attach(parent, role, n.clone(), Perm::CONSISTENT_READ, Perm::ALL).unwrap())
+    }
+
+    #[test]
+    fn node_questions_follow_file_and_backing_children() {
+        // filter "t" -> format "q" -(file)-> "f" (/img); q -(backing)-> "b"
+        // (a protocol without a file, like null-co).
+        let f = node("f", leaf("file", Some("/img")));
+        let b = node("b", leaf("null-co", None));
+        let q = node(
+            "q",
+            Fake {
+                file: edge("q", ChildRole::File, &f),
+                backing: edge("q", ChildRole::Backing, &b),
+                ..leaf("fmt", None)
+            },
+        );
+        let t = node(
+            "t",
+            Fake {
+                file: edge("t", ChildRole::Filtered, &q),
+                filter: true,
+                ..leaf("flt", None)
+            },
+        );
+        assert_eq!(t.file_name().as_deref(), Some("/img"));
+        assert_eq!(t.display_filename(), "/img");
+        assert_eq!(b.file_name(), None);
+        assert_eq!(b.display_filename(), "null-co://");
+        assert!(Arc::ptr_eq(&Node::skip_filters(&t), &q));
+        assert!(Arc::ptr_eq(&Node::skip_filters(&q), &q));
+        assert_eq!(q.backing_depth(), 1);
+        assert_eq!(t.backing_depth(), 0);
+        let names: Vec<&str> = q.children().iter().map(|c| c.node().name()).collect();
+        assert_eq!(names, ["f", "b"]);
+        assert_eq!(q.cluster_size(), None);
+        assert_eq!(
+            q.reopen_writable().unwrap_err(),
+            "node 'q' (fmt) cannot be committed into"
+        );
+        assert_eq!(t.truncate(1).unwrap_err(), "t cannot be resized");
+    }
+}
