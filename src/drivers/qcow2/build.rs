@@ -369,23 +369,7 @@ pub fn create_in(path: &str, o: &CreateOptions, in_use: file::InUse) -> Result<C
     let cluster_bits = o.check()?;
     let cs = o.cluster_size;
     let refcount_order = o.refcount_bits.trailing_zeros();
-    let mut hdr_bytes = vec![0u8; cs as usize];
-    let put32 = |b: &mut [u8], at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_be_bytes());
-    let put64 = |b: &mut [u8], at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_be_bytes());
-    let g = Geo {
-        cluster_bits,
-        cs,
-        extended: o.extended_l2,
-        sc_bits: if o.extended_l2 {
-            cluster_bits - 5
-        } else {
-            cluster_bits
-        },
-        l2_bits: cluster_bits - if o.extended_l2 { 4 } else { 3 },
-        refcount_order,
-        rb_bits: cluster_bits + 3 - refcount_order,
-        version: o.version,
-    };
+    let g = create_geo(o, cluster_bits, refcount_order);
     let data_clusters = o.size.div_ceil(cs);
     let l1_size = data_clusters.div_ceil(g.l2_entries());
     if l1_size * 8 > header::MAX_L1_BYTES {
@@ -401,25 +385,8 @@ pub fn create_in(path: &str, o: &CreateOptions, in_use: file::InUse) -> Result<C
     file.set_len(0).map_err(werr)?;
     let mut data_ranges = Vec::new();
     if o.preallocation != Preallocation::Off {
-        let w = g.words_per_entry();
-        for (i, l1e) in l1.iter_mut().enumerate().take(l1_size as usize) {
-            let l2 = next;
-            next += 1;
-            let first = i as u64 * g.l2_entries();
-            let n = (data_clusters - first).min(g.l2_entries());
-            let mut words = vec![0u64; (cs / 8) as usize];
-            for j in 0..n {
-                words[j as usize * w] = ((next + j) << cluster_bits) | COPIED;
-                if w == 2 {
-                    words[j as usize * w + 1] = u64::from(u32::MAX);
-                }
-            }
-            file.write_all_at(&meta::encode_be64(&words), l2 << cluster_bits)
-                .map_err(werr)?;
-            *l1e = (l2 << cluster_bits) | COPIED;
-            data_ranges.push((next, n));
-            next += n;
-        }
+        data_ranges =
+            write_prealloc_l2(path, file, &g, &mut l1, l1_size, data_clusters, &mut next)?;
         counts.resize(next as usize, 1);
     }
     file.write_all_at(&meta::encode_be64(&l1), cs)
@@ -435,7 +402,82 @@ pub fn create_in(path: &str, o: &CreateOptions, in_use: file::InUse) -> Result<C
     .map_err(werr)?;
     let end = (layout.table_cluster + layout.table_clusters) << cluster_bits;
     file.set_len(end).map_err(werr)?;
-    match o.preallocation {
+    preallocate_data(path, file, o.preallocation, cluster_bits, end, &data_ranges)?;
+
+    // The header, last.
+    let hdr_bytes = new_header(o, cluster_bits, refcount_order, l1_size, &layout)?;
+    file.write_all_at(&hdr_bytes, 0).map_err(werr)?;
+    file.sync_all().map_err(werr)?;
+    Ok(new.close())
+}
+
+/// The geometry of an image to create.
+fn create_geo(o: &CreateOptions, cluster_bits: u32, refcount_order: u32) -> Geo {
+    Geo {
+        cluster_bits,
+        cs: o.cluster_size,
+        extended: o.extended_l2,
+        sc_bits: if o.extended_l2 {
+            cluster_bits - 5
+        } else {
+            cluster_bits
+        },
+        l2_bits: cluster_bits - if o.extended_l2 { 4 } else { 3 },
+        refcount_order,
+        rb_bits: cluster_bits + 3 - refcount_order,
+        version: o.version,
+    }
+}
+
+/// Preallocation: an L2 table for each L1 entry, each mapping its data
+/// clusters, which follow it. Returns the data clusters as (first, count)
+/// runs; `next` is the first cluster after them.
+fn write_prealloc_l2(
+    path: &str,
+    file: &std::fs::File,
+    g: &Geo,
+    l1: &mut [u64],
+    l1_size: u64,
+    data_clusters: u64,
+    next: &mut u64,
+) -> Result<Vec<(u64, u64)>, String> {
+    let werr = |e: std::io::Error| format!("writing '{path}': {e}");
+    let (cs, cluster_bits) = (g.cs, g.cluster_bits);
+    let mut data_ranges = Vec::new();
+    let w = g.words_per_entry();
+    for (i, l1e) in l1.iter_mut().enumerate().take(l1_size as usize) {
+        let l2 = *next;
+        *next += 1;
+        let first = i as u64 * g.l2_entries();
+        let n = (data_clusters - first).min(g.l2_entries());
+        let mut words = vec![0u64; (cs / 8) as usize];
+        for j in 0..n {
+            words[j as usize * w] = ((*next + j) << cluster_bits) | COPIED;
+            if w == 2 {
+                words[j as usize * w + 1] = u64::from(u32::MAX);
+            }
+        }
+        file.write_all_at(&meta::encode_be64(&words), l2 << cluster_bits)
+            .map_err(werr)?;
+        *l1e = (l2 << cluster_bits) | COPIED;
+        data_ranges.push((*next, n));
+        *next += n;
+    }
+    Ok(data_ranges)
+}
+
+/// Space for the data: allocated (`falloc`, the whole file) or written
+/// with zeroes (`full`, the data clusters).
+fn preallocate_data(
+    path: &str,
+    file: &std::fs::File,
+    mode: Preallocation,
+    cluster_bits: u32,
+    end: u64,
+    data_ranges: &[(u64, u64)],
+) -> Result<(), String> {
+    let werr = |e: std::io::Error| format!("writing '{path}': {e}");
+    match mode {
         Preallocation::Off | Preallocation::Metadata => {}
         Preallocation::Falloc => {
             // SAFETY: fallocate on a descriptor we own, no pointers.
@@ -447,7 +489,7 @@ pub fn create_in(path: &str, o: &CreateOptions, in_use: file::InUse) -> Result<C
         }
         Preallocation::Full => {
             let zero = vec![0u8; 1 << 20];
-            for &(first, n) in &data_ranges {
+            for &(first, n) in data_ranges {
                 let mut off = first << cluster_bits;
                 let stop = (first + n) << cluster_bits;
                 while off < stop {
@@ -458,8 +500,22 @@ pub fn create_in(path: &str, o: &CreateOptions, in_use: file::InUse) -> Result<C
             }
         }
     }
+    Ok(())
+}
 
-    // The header, last.
+/// The header cluster of a new image: the header, its extensions (backing
+/// format, feature names) and the backing file name.
+fn new_header(
+    o: &CreateOptions,
+    cluster_bits: u32,
+    refcount_order: u32,
+    l1_size: u64,
+    layout: &Layout,
+) -> Result<Vec<u8>, String> {
+    let cs = o.cluster_size;
+    let mut hdr_bytes = vec![0u8; cs as usize];
+    let put32 = |b: &mut [u8], at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+    let put64 = |b: &mut [u8], at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_be_bytes());
     put32(&mut hdr_bytes, 0, header::MAGIC);
     put32(&mut hdr_bytes, 4, o.version);
     put32(&mut hdr_bytes, 20, cluster_bits);
@@ -526,9 +582,7 @@ pub fn create_in(path: &str, o: &CreateOptions, in_use: file::InUse) -> Result<C
         put64(&mut hdr_bytes, 8, at as u64);
         put32(&mut hdr_bytes, 16, b.len() as u32);
     }
-    file.write_all_at(&hdr_bytes, 0).map_err(werr)?;
-    file.sync_all().map_err(werr)?;
-    Ok(new.close())
+    Ok(hdr_bytes)
 }
 
 /// The virtual size of an image file of format `fmt` (for a backing file

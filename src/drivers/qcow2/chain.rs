@@ -1,5 +1,6 @@
-//! Changing an image's place in a chain (block jobs): its backing edge
-//! and the backing file name and format its header records.
+//! Changing an image's place in a chain (external snapshots, block jobs,
+//! change-backing-file): its backing edge and the backing file name and
+//! format its header records.
 
 use std::os::unix::fs::FileExt;
 
@@ -7,6 +8,61 @@ use super::{header, Qcow2Driver};
 use crate::block::Child;
 
 impl Qcow2Driver {
+    /// Gives an image without a backing node one (blockdev-snapshot). The
+    /// caller holds the node's users in a drained section.
+    pub fn set_backing(&self, child: Child) -> Result<(), String> {
+        if self.backing().is_some() {
+            return Err(format!("node '{}' already has a backing node", self.name));
+        }
+        self.backing.replace(Some(child));
+        Ok(())
+    }
+
+    /// The backing file name the header records.
+    pub fn backing_file_name(&self) -> Option<String> {
+        self.backing_name
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// change-backing-file: rewrites the backing file name in the header
+    /// (in place, after the header extensions, which stay as they are).
+    /// The image may be a read-only backing image: the header is written
+    /// through a descriptor of its own; nothing else of it changes.
+    pub fn change_backing_file(&self, name: &str) -> Result<(), String> {
+        use std::os::unix::fs::FileExt;
+        if name.len() > header::MAX_BACKING_NAME as usize {
+            return Err("the backing file name is too long".into());
+        }
+        // No header field update of ours may interleave.
+        let mut meta_guard = futures::executor::block_on(self.meta.lock());
+        meta_guard.backing_name_bytes = (!name.is_empty()).then(|| name.as_bytes().to_vec());
+        let (file, hdr) = self.header_cluster()?;
+        // Where the extensions end: the name goes right after them.
+        let off = self.extension_end(&hdr);
+        if name.is_empty() {
+            let mut f = [0u8; 12];
+            f[..8].copy_from_slice(&0u64.to_be_bytes());
+            file.write_all_at(&f, 8).map_err(|e| e.to_string())?;
+        } else {
+            if off + name.len() > hdr.len() {
+                return Err("the backing file name does not fit in the header cluster".into());
+            }
+            file.write_all_at(name.as_bytes(), off as u64)
+                .map_err(|e| e.to_string())?;
+            file.sync_data().map_err(|e| e.to_string())?;
+            let mut f = Vec::with_capacity(12);
+            f.extend_from_slice(&(off as u64).to_be_bytes());
+            f.extend_from_slice(&(name.len() as u32).to_be_bytes());
+            file.write_all_at(&f, 8).map_err(|e| e.to_string())?;
+        }
+        file.sync_data().map_err(|e| e.to_string())?;
+        *self.backing_name.lock().unwrap_or_else(|e| e.into_inner()) =
+            (!name.is_empty()).then(|| name.to_string());
+        Ok(())
+    }
+
     /// Points the backing edge at another node (or none). The old edge
     /// gives up its permissions at once. The caller holds the node's
     /// users in a drained section.
