@@ -297,6 +297,32 @@ fn serve_client(
     r
 }
 
+/// Ends a flooded connection so that the client reads the error reply:
+/// our side stops writing (the client sees the end after the reply), and
+/// what the client still sends is read and dropped until it closes, at
+/// most 16 MiB or 2 s. Closing with unread input would reset the
+/// connection instead, and the client could lose the reply still queued
+/// for it (seen in half the runs of test_a_flood_closes_only_that_connection
+/// once sessions stopped leaking their socket).
+fn linger(stream: &UnixStream) {
+    use std::io::Read;
+    const MAX_BYTES: usize = 16 << 20;
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let mut buf = vec![0u8; 64 << 10];
+    let mut dropped = 0;
+    while dropped < MAX_BYTES {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        match (&*stream).read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => dropped += n,
+        }
+    }
+}
+
 /// The message of a panic's payload.
 fn panic_message(p: &(dyn std::any::Any + Send)) -> &str {
     if let Some(s) = p.downcast_ref::<&str>() {
@@ -341,6 +367,7 @@ fn session(
                     None,
                 ));
                 log::warn!("QMP client closed: {desc}");
+                linger(stream);
                 return Ok(());
             }
         };
