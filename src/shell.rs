@@ -3,7 +3,7 @@
 //! SIGTERM/SIGINT/quit, and shutdown. `main` calls [`run`].
 //!
 //! ```text
-//!   block SIGTERM/SIGINT -> [daemonize] -> lock pidfile -> State::add_blockdev
+//!   block SIGTERM/SIGINT -> [daemonize] -> check pidfile -> State::add_blockdev
 //!          (Graph) -> State::bind_export (socket) -> write pidfile
 //!          -> start exports and monitors
 //!   SIGTERM/SIGINT/quit -> quiesce exports, fail parked requests -> drain
@@ -171,60 +171,62 @@ fn raise_open_files_limit() {
     }
 }
 
-/// The pidfile, locked from start-up to exit: a second instance with the
-/// same pidfile fails to lock it and refuses to start.
+/// The pidfile. It appears only once the daemon is ready, with the pid in
+/// it (an orchestrator that waits for the file never reads it empty), and
+/// stays locked until exit, so a second instance with the same pidfile
+/// refuses to start: at start-up when it finds the file locked, or, if both
+/// started together, when it would write it.
 struct Pidfile {
     path: PathBuf,
-    /// The locked file(s): the one found at the path, then the one written.
+    /// The locked files: a stale pidfile found at start-up (locked, so that
+    /// no other instance takes it meanwhile), then the one written.
     held: Vec<std::fs::File>,
-    /// Whether we created the file at the path (removed if start-up fails).
-    created: bool,
-    written: bool,
 }
 
-impl Drop for Pidfile {
-    /// A start-up that failed leaves no empty pidfile of its own behind
-    /// (removed while still locked).
-    fn drop(&mut self) {
-        if self.created && !self.written {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
+/// Opens an existing file for writing, never through a symlink.
+fn open_existing_nofollow(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(path)
 }
 
 impl Pidfile {
-    /// Opens (or creates) the pidfile, never through a symlink, and locks
-    /// it; nothing is written yet.
+    /// Refuses to go on if another instance holds the pidfile; a stale one
+    /// (its daemon is gone) is locked and replaced when the pid is written.
+    /// Nothing is created yet.
     fn lock(path: &Path) -> Result<Pidfile, ShellError> {
-        let err = |source| ShellError::Pidfile {
+        let mut pidfile = Pidfile {
             path: path.to_path_buf(),
-            source,
+            held: Vec::new(),
         };
-        let (f, created) = match open_nofollow(path, libc::O_EXCL) {
-            Ok(f) => (f, true),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                (open_nofollow(path, 0).map_err(err)?, false)
-            }
-            Err(e) => return Err(err(e)),
-        };
-        let locked = lock_whole_file(&f);
-        let pidfile = Pidfile {
-            path: path.to_path_buf(),
-            held: vec![f],
-            created: created && locked.is_ok(),
-            written: false,
-        };
-        locked.map_err(|source| ShellError::PidfileLocked {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        if std::fs::symlink_metadata(path).is_ok() {
+            let f = pidfile.lock_existing()?;
+            pidfile.held.push(f);
+        }
         Ok(pidfile)
     }
 
-    /// Writes our pid through a temporary sibling renamed over the pidfile
-    /// (a reader sees the old file or the whole new one). The sibling is
-    /// created exclusively and not through a symlink, and locked before it
-    /// takes the pidfile's name, so the lock never lapses.
+    /// Opens the file at the pidfile's path and locks it.
+    fn lock_existing(&self) -> Result<std::fs::File, ShellError> {
+        let f = open_existing_nofollow(&self.path).map_err(|source| ShellError::Pidfile {
+            path: self.path.clone(),
+            source,
+        })?;
+        lock_whole_file(&f).map_err(|source| ShellError::PidfileLocked {
+            path: self.path.clone(),
+            source,
+        })?;
+        Ok(f)
+    }
+
+    /// Writes our pid into a temporary sibling, locks it, and gives it the
+    /// pidfile's name (a reader sees no file, the old one, or the whole new
+    /// one, never an empty one). The sibling is created exclusively and not
+    /// through a symlink. With no stale pidfile held, the name is taken
+    /// with link(), which fails if another instance wrote it meanwhile;
+    /// that one's lock then decides.
     fn write_pid(&mut self) -> Result<(), ShellError> {
         let err = |source| ShellError::Pidfile {
             path: self.path.clone(),
@@ -233,9 +235,8 @@ impl Pidfile {
         let tmp = self.path.with_extension("tmp");
         let excl = libc::O_EXCL;
         let mut f = match open_nofollow(&tmp, excl) {
-            // Left by an instance that died, or planted (a symlink): we hold
-            // the pidfile's lock, so the name is ours. remove_file removes a
-            // symlink itself, not what it points to.
+            // Left by an instance that died, or planted (a symlink):
+            // remove_file removes a symlink itself, not what it points to.
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 std::fs::remove_file(&tmp).map_err(err)?;
                 open_nofollow(&tmp, excl).map_err(err)?
@@ -245,16 +246,37 @@ impl Pidfile {
         let r = (|| {
             lock_whole_file(&f)?;
             writeln!(f, "{}", std::process::id())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &self.path)
-        })();
+            f.sync_all()
+        })()
+        .map_err(err)
+        .and_then(|()| self.take_name(&tmp));
         if let Err(e) = r {
             let _ = std::fs::remove_file(&tmp);
-            return Err(err(e));
+            return Err(e);
         }
         self.held.push(f);
-        self.written = true;
         Ok(())
+    }
+
+    /// Gives the written sibling `tmp` the pidfile's name.
+    fn take_name(&mut self, tmp: &Path) -> Result<(), ShellError> {
+        let err = |source| ShellError::Pidfile {
+            path: self.path.clone(),
+            source,
+        };
+        if self.held.is_empty() {
+            match std::fs::hard_link(tmp, &self.path) {
+                Ok(()) => return std::fs::remove_file(tmp).map_err(err),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    // Written by another instance since start-up: refused if
+                    // it still runs, replaced if it is gone.
+                    let f = self.lock_existing()?;
+                    self.held.push(f);
+                }
+                Err(e) => return Err(err(e)),
+            }
+        }
+        std::fs::rename(tmp, &self.path).map_err(err)
     }
 }
 
@@ -274,7 +296,7 @@ pub fn run(config: Config) -> Result<(), ShellError> {
     } else {
         None
     };
-    // Locked before anything is bound: a second instance stops here.
+    // Before anything is bound: a second instance stops here.
     let mut pidfile = config.pidfile.as_deref().map(Pidfile::lock).transpose()?;
     let engine = EngineKind::probe();
     log::info!("I/O engine: {}", engine.name());

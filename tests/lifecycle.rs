@@ -255,20 +255,21 @@ fn pidfile_is_written_once_listening_and_removed_at_exit() {
             "{dir}/d.pid",
         ],
     );
-    // The pidfile exists (empty, locked) from start-up on; the pid is
-    // written once the exports and monitors listen.
+    // The pidfile appears once the exports and monitors listen, with the
+    // pid already in it: a reader never finds it empty.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let pid: i32 = loop {
-        let text = std::fs::read_to_string(&pidfile).unwrap_or_default();
-        if let Ok(pid) = text.trim().parse() {
-            break pid;
-        }
+    while !pidfile.exists() {
         assert!(
             std::time::Instant::now() < deadline,
-            "no pid in the pidfile: {text:?}"
+            "pidfile never appeared"
         );
-        std::thread::sleep(Duration::from_millis(10));
-    };
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     assert_eq!(pid, d.pid());
     assert!(d.terminate().success());
     assert!(!pidfile.exists());
