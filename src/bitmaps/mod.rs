@@ -240,15 +240,3 @@ impl Prepared {
         }
     }
 }
-
-/// block_resize: the node's bitmaps follow its new size.
-pub fn resize_all(node: &Node) {
-    let list: Vec<Arc<DirtyBitmap>> = node
-        .bitmaps()
-        .iter()
-        .map(|b| Arc::new(b.resized(node.size())))
-        .collect();
-    if !list.is_empty() {
-        node.set_bitmaps(list);
-    }
-}

@@ -10,7 +10,7 @@
 //!                   block_resize, shutdown
 //!   exports.rs      exports: bind, start, delete, list
 //!   reopen.rs       blockdev-reopen: prepare, check, commit
-//!   participant.rs  DrainParticipant, what jobs and bitmaps implement
+//!   participant.rs  DrainParticipant, what block jobs implement (jobs/drain.rs)
 //!   error.rs        StateError and the refusals it carries
 //! ```
 //!
