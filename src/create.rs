@@ -16,8 +16,50 @@ use crate::opts;
 
 const USAGE: &str = "usage: vhost-user-blkd create [-f qcow2|raw] [-o opt=val,...] [-b backing_file [-F backing_fmt]] FILE [SIZE]";
 
+/// Why `create` failed (main prints it after `vhost-user-blkd create: `).
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    #[error("option {0} needs a value\n{usage}", usage = USAGE)]
+    MissingValue(String),
+    #[error("unknown option '{0}'\n{usage}", usage = USAGE)]
+    UnknownFlag(String),
+    #[error("invalid size '{0}'")]
+    InvalidSize(String),
+    /// No file, or more than a file and a size.
+    #[error("{usage}", usage = USAGE)]
+    Usage,
+    #[error("invalid {what} '{value}' for option '{key}'")]
+    InvalidValue {
+        what: &'static str,
+        value: String,
+        key: String,
+    },
+    #[error("unknown option '{key}' for format '{fmt}'")]
+    UnknownOption { key: String, fmt: String },
+    #[error("{path}: Backing file specified without backing format; give it with -F (or -o backing_fmt=)")]
+    BackingWithoutFormat { path: String },
+    #[error("a size is needed\n{usage}", usage = USAGE)]
+    NoSize,
+    #[error("raw images take no -o options and no backing file")]
+    RawOptions,
+    #[error("cannot size '{path}': {source}")]
+    Resize {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot create images of format '{0}'")]
+    UnknownFormat(String),
+    /// An `-o` list or value the option parser refused, in its words.
+    #[error("{0}")]
+    Options(String),
+    /// The image layer's failure (probing the backing file, creating the
+    /// image), in its words.
+    #[error("{0}")]
+    Image(String),
+}
+
 /// Runs `create` with the arguments after the word `create`.
-pub fn run(args: &[String]) -> Result<(), String> {
+pub fn run(args: &[String]) -> Result<(), CreateError> {
     let mut fmt = "qcow2".to_string();
     let mut o_opts: Vec<String> = Vec::new();
     let mut backing: Option<String> = None;
@@ -28,7 +70,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         let mut val = |name: &str| {
             it.next()
                 .cloned()
-                .ok_or_else(|| format!("option {name} needs a value\n{USAGE}"))
+                .ok_or_else(|| CreateError::MissingValue(name.to_string()))
         };
         match a.as_str() {
             "-f" => fmt = val("-f")?,
@@ -40,7 +82,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
                 return Ok(());
             }
             s if s.starts_with('-') && s.len() > 1 => {
-                return Err(format!("unknown option '{s}'\n{USAGE}"))
+                return Err(CreateError::UnknownFlag(s.to_string()))
             }
             s => pos.push(s.to_string()),
         }
@@ -49,9 +91,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
         [p] => (p.clone(), None),
         [p, s] => (
             p.clone(),
-            Some(opts::parse_size(s).ok_or_else(|| format!("invalid size '{s}'"))?),
+            Some(opts::parse_size(s).ok_or_else(|| CreateError::InvalidSize(s.clone()))?),
         ),
-        _ => return Err(USAGE.to_string()),
+        _ => return Err(CreateError::Usage),
     };
     let mut c = CreateOptions {
         backing_file: backing,
@@ -60,8 +102,12 @@ pub fn run(args: &[String]) -> Result<(), String> {
     };
     let mut size = size;
     for o in &o_opts {
-        for (k, v) in keyval::split_pairs(o)? {
-            let bad = |what: &str| format!("invalid {what} '{v}' for option '{k}'");
+        for (k, v) in keyval::split_pairs(o).map_err(CreateError::Options)? {
+            let bad = |what: &'static str| CreateError::InvalidValue {
+                what,
+                value: v.clone(),
+                key: k.clone(),
+            };
             match k.as_str() {
                 "size" => size = Some(opts::parse_size(&v).ok_or_else(|| bad("size"))?),
                 "cluster_size" => {
@@ -80,22 +126,25 @@ pub fn run(args: &[String]) -> Result<(), String> {
                 "lazy_refcounts" => {
                     c.lazy_refcounts = opts::parse_bool(&v).ok_or_else(|| bad("bool"))?
                 }
-                "preallocation" => c.preallocation = v.parse()?,
+                "preallocation" => c.preallocation = v.parse().map_err(CreateError::Options)?,
                 "refcount_bits" => {
                     c.refcount_bits = opts::parse_uint(&v)
                         .and_then(|n| u32::try_from(n).ok())
                         .ok_or_else(|| bad("number"))?
                 }
-                _ => return Err(format!("unknown option '{k}' for format '{fmt}'")),
+                _ => {
+                    return Err(CreateError::UnknownOption {
+                        key: k.clone(),
+                        fmt: fmt.clone(),
+                    })
+                }
             }
         }
     }
     // As qemu-img (since 6.1): the backing format is given, never probed
     // from the backing file's content, which its guest controls.
     if c.backing_file.is_some() && c.backing_fmt.is_none() {
-        return Err(format!(
-            "{path}: Backing file specified without backing format; give it with -F (or -o backing_fmt=)"
-        ));
+        return Err(CreateError::BackingWithoutFormat { path });
     }
     if let (Some(b), Some(fmt), None) = (&c.backing_file, &c.backing_fmt, size) {
         let full = if b.starts_with('/') {
@@ -107,26 +156,29 @@ pub fn run(args: &[String]) -> Result<(), String> {
                 .unwrap_or_default();
             dir.join(b).to_string_lossy().into_owned()
         };
-        size = Some(qcow2::probe_size(&full, fmt)?);
+        size = Some(qcow2::probe_size(&full, fmt).map_err(CreateError::Image)?);
     }
-    let size = size.ok_or_else(|| format!("a size is needed\n{USAGE}"))?;
+    let size = size.ok_or(CreateError::NoSize)?;
     match fmt.as_str() {
         "qcow2" => {
             c.size = size;
-            qcow2::create(&path, &c)?;
+            qcow2::create(&path, &c).map_err(CreateError::Image)?;
         }
         "raw" => {
             if !o_opts.is_empty() || c.backing_file.is_some() {
-                return Err("raw images take no -o options and no backing file".into());
+                return Err(CreateError::RawOptions);
             }
             // Truncated only once it holds the image's write lock.
-            let new = NewFile::open(&path, &file::no_node)?;
+            let new = NewFile::open(&path, &file::no_node).map_err(CreateError::Image)?;
             let f = new.file();
             f.set_len(0)
                 .and_then(|()| f.set_len(size))
-                .map_err(|e| format!("cannot size '{path}': {e}"))?;
+                .map_err(|source| CreateError::Resize {
+                    path: path.clone(),
+                    source,
+                })?;
         }
-        other => return Err(format!("cannot create images of format '{other}'")),
+        other => return Err(CreateError::UnknownFormat(other.to_string())),
     }
     println!("Formatting '{path}', fmt={fmt} size={size}");
     Ok(())

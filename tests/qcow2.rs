@@ -886,13 +886,10 @@ fn overlapping_tables_are_refused() {
 // ---------------------------------------------------------------------------
 
 use vhost_user_blkd::drivers::qcow2::SnapshotRef;
-use vhost_user_blkd::drivers::Driver;
+use vhost_user_blkd::drivers::InternalSnapshots;
 
-fn q2(img: &Img) -> &vhost_user_blkd::drivers::Qcow2Driver {
-    match img.node.driver() {
-        Driver::Qcow2(q) => q,
-        _ => unreachable!(),
-    }
+fn q2(img: &Img) -> &dyn InternalSnapshots {
+    img.node.internal_snapshots().expect("a qcow2 node")
 }
 
 fn by_name(name: &str) -> SnapshotRef<'_> {
@@ -1485,10 +1482,10 @@ fn commit_chain(d: &Path) -> PathBuf {
 }
 
 fn qcow2_of(node: &Node) -> &vhost_user_blkd::drivers::Qcow2Driver {
-    match node.driver() {
-        Driver::Qcow2(q) => q,
-        _ => unreachable!("a qcow2 node"),
-    }
+    node.block_driver()
+        .as_any()
+        .downcast_ref()
+        .expect("a qcow2 node")
 }
 
 fn write_node(node: &Node, off: u64, data: &[u8]) -> Result<(), String> {
@@ -1504,10 +1501,11 @@ fn assert_still_read_only(img: &Img) {
     let file = img.graph.get("q-backing-file").unwrap();
     assert!(base.is_read_only() && qcow2_of(&base).is_read_only());
     assert!(file.is_read_only());
-    let Driver::File(fd) = file.driver() else {
-        unreachable!("a file node")
-    };
-    let (taken, _) = fd.held_locks().unwrap();
+    let (taken, _) = file
+        .protocol_file()
+        .expect("a file node")
+        .held_locks()
+        .unwrap();
     assert!(!taken.contains(vhost_user_blkd::block::Perm::WRITE));
     assert!(write_node(&base, 0, &[0x99; 4096]).is_err());
 }

@@ -33,7 +33,7 @@ use futures::executor::block_on;
 use serde_json::json;
 use vhost_user_blkd::block::{Graph, Node};
 use vhost_user_blkd::drivers::qcow2::SnapshotRef;
-use vhost_user_blkd::drivers::{BlockdevOptions, Driver};
+use vhost_user_blkd::drivers::BlockdevOptions;
 use vhost_user_blkd::io::IoVecs;
 
 const KIB: u64 = 1024;
@@ -687,7 +687,7 @@ fn write_some(img: &Img, rng: &mut Rng) {
     let _ = block_on(img.node.flush());
     // Internal snapshots (what QMP's snapshot commands call) and a resize,
     // on some of the cases.
-    if let Driver::Qcow2(q) = img.node.driver() {
+    if let Some(q) = img.node.internal_snapshots() {
         match rng.below(6) {
             0 => {
                 let _ = block_on(q.snapshot_create("m", (1, 2)));
@@ -1222,9 +1222,7 @@ fn snapshot_of_an_image_referencing_clusters_past_its_end_is_refused() {
     let p = img.clone();
     std::thread::spawn(move || {
         let q = open(&p, false).unwrap();
-        let Driver::Qcow2(d) = q.node.driver() else {
-            unreachable!()
-        };
+        let d = q.node.internal_snapshots().expect("a qcow2 node");
         let r = block_on(d.snapshot_create("s", (1, 2))).map_err(|e| e.to_string());
         q.close();
         let _ = tx.send(r);

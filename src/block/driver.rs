@@ -279,4 +279,32 @@ mod tests {
         );
         assert_eq!(t.truncate(1).unwrap_err(), "t cannot be resized");
     }
+
+    #[test]
+    fn backing_chain_runs_from_the_backing_node_to_the_bottom() {
+        // top -(backing)-> mid -(backing)-> base; top's file is not in it.
+        let base = node("base", leaf("null-co", None));
+        let mid = node(
+            "mid",
+            Fake {
+                backing: edge("mid", ChildRole::Backing, &base),
+                ..leaf("fmt", None)
+            },
+        );
+        let f = node("f", leaf("file", Some("/img")));
+        let top = node(
+            "top",
+            Fake {
+                file: edge("top", ChildRole::File, &f),
+                backing: edge("top", ChildRole::Backing, &mid),
+                ..leaf("fmt", None)
+            },
+        );
+        let names: Vec<String> = top.backing_chain().map(|n| n.name().to_string()).collect();
+        assert_eq!(names, ["mid", "base"]);
+        assert!(Arc::ptr_eq(&top.backing_node().unwrap(), &mid));
+        assert_eq!(top.backing_depth(), 2);
+        assert_eq!(base.backing_chain().count(), 0);
+        assert!(base.backing_node().is_none());
+    }
 }

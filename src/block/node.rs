@@ -230,16 +230,22 @@ impl Node {
         }
     }
 
+    /// The node the backing child points at, if any.
+    pub fn backing_node(&self) -> Option<Arc<Node>> {
+        self.backing().map(|b| b.node().clone())
+    }
+
+    /// The backing nodes below this node, in order (its backing node
+    /// first, the bottom of the chain last; filters have none): the one
+    /// walker of the backing chain.
+    pub fn backing_chain(&self) -> impl Iterator<Item = Arc<Node>> {
+        std::iter::successors(self.backing_node(), |n| n.backing_node())
+    }
+
     /// How many backing nodes are below this node (following backing
     /// children; filters have none).
     pub fn backing_depth(&self) -> u32 {
-        let mut depth = 0;
-        let mut cur = self.backing().map(|b| b.node().clone());
-        while let Some(n) = cur {
-            depth += 1;
-            cur = n.backing().map(|b| b.node().clone());
-        }
-        depth
+        self.backing_chain().fold(0, |depth, _| depth + 1)
     }
 
     /// The protocol node at the bottom of the `file` children.

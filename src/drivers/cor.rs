@@ -49,21 +49,11 @@ impl CorDriver {
             None => None,
             Some(b) => {
                 let bn = graph.get(b)?;
-                let mut depth = 0u32;
-                let mut cur = Some(child.clone());
-                let mut found = None;
-                while let Some(n) = cur {
-                    if std::sync::Arc::ptr_eq(&n, &bn) {
-                        found = Some(depth);
-                        break;
-                    }
-                    depth += 1;
-                    cur = n
-                        .children()
-                        .iter()
-                        .find(|c| c.role() == ChildRole::Backing)
-                        .map(|c| c.node().clone());
-                }
+                // Its depth: 0 for the filtered node itself.
+                let found = (0u32..)
+                    .zip(std::iter::once(child.clone()).chain(child.backing_chain()))
+                    .find(|(_, n)| std::sync::Arc::ptr_eq(n, &bn))
+                    .map(|(depth, _)| depth);
                 Some(found.ok_or_else(|| GraphError::Open {
                     node: o.node_name.clone(),
                     reason: format!("'{b}' is not in the backing chain of '{}'", child.name()),

@@ -1,5 +1,5 @@
-//! Each driver behind the block layer's [`BlockDriver`] interface: the
-//! dispatch the `Driver` enum's matches did, one impl per driver.
+//! Each driver behind the block layer's [`BlockDriver`] interface, one
+//! impl per driver.
 
 use std::any::Any;
 use std::sync::Arc;

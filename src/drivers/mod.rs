@@ -174,20 +174,6 @@ impl BlockdevOptions {
     }
 }
 
-/// A node's driver as one of this layer's types: for the driver layer's
-/// own use, and for callers not yet moved to the capability methods
-/// ([`Node::internal_snapshots`], [`Node::backing_file`], ...), which
-/// are what callers should ask.
-#[derive(Clone, Copy)]
-pub enum Driver<'a> {
-    CopyOnRead(&'a CorDriver),
-    File(&'a FileDriver),
-    Null(&'a NullDriver),
-    Qcow2(&'a Qcow2Driver),
-    Raw(&'a RawDriver),
-    Throttle(&'a ThrottleDriver),
-}
-
 /// Opens the driver `opts` names; child references are resolved in (or
 /// added to) `graph`.
 pub fn open(opts: &BlockdevOptions, graph: &mut Graph) -> Result<Box<dyn BlockDriver>, GraphError> {
@@ -222,32 +208,6 @@ impl Graph {
         let node = self.add(opts)?;
         self.mark_implicit(node.name());
         Ok(node)
-    }
-}
-
-impl Node {
-    /// The node's driver as one of this layer's types (see [`Driver`]).
-    pub fn driver(&self) -> Driver<'_> {
-        let d = self.block_driver().as_any();
-        if let Some(d) = d.downcast_ref::<FileDriver>() {
-            Driver::File(d)
-        } else if let Some(d) = d.downcast_ref::<Qcow2Driver>() {
-            Driver::Qcow2(d)
-        } else if let Some(d) = d.downcast_ref::<RawDriver>() {
-            Driver::Raw(d)
-        } else if let Some(d) = d.downcast_ref::<NullDriver>() {
-            Driver::Null(d)
-        } else if let Some(d) = d.downcast_ref::<ThrottleDriver>() {
-            Driver::Throttle(d)
-        } else if let Some(d) = d.downcast_ref::<CorDriver>() {
-            Driver::CopyOnRead(d)
-        } else {
-            // Nodes are opened by `open` above, with one of the types
-            // tried here; only a test's fake driver is another type, and
-            // it must not be asked this (transitional: callers move to
-            // the capability methods).
-            unreachable!("node {}: a driver from outside crate::drivers", self.name())
-        }
     }
 }
 

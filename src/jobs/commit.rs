@@ -194,7 +194,7 @@ fn find_top(state: &State, a: &CommitArgs, active: &Arc<Node>) -> Result<Arc<Nod
         }
         (Some(n), None) => copy::node(state, n).map_err(|_| not_in_chain(n))?,
         (None, Some(f)) => std::iter::once(active.clone())
-            .chain(copy::chain_below(active))
+            .chain(active.backing_chain())
             .find(|c| copy::names_file(c, f))
             .ok_or_else(|| QmpError::generic(format!("Top image file {f} not found")))?,
         (None, None) => active.clone(),
@@ -206,11 +206,7 @@ fn find_top(state: &State, a: &CommitArgs, active: &Arc<Node>) -> Result<Arc<Nod
             top.name()
         )));
     }
-    if !is_active
-        && !copy::chain_below(active)
-            .iter()
-            .any(|c| Arc::ptr_eq(c, &top))
-    {
+    if !is_active && !active.backing_chain().any(|c| Arc::ptr_eq(&c, &top)) {
         return Err(not_in_chain(top.name()));
     }
     Ok(top)
@@ -225,7 +221,7 @@ fn find_base(
 ) -> Result<(Arc<Node>, Vec<Arc<Node>>), QmpError> {
     match (a.base_node.as_deref(), a.base.as_deref()) {
         (None, None) => {
-            let chain = copy::chain_below(top);
+            let chain: Vec<_> = top.backing_chain().collect();
             match chain.split_last() {
                 Some((b, rest)) => Ok((b.clone(), rest.to_vec())),
                 None => Err(QmpError::generic("cannot commit an image into itself")),

@@ -138,25 +138,6 @@ pub fn skip_filters(node: &Arc<Node>) -> Arc<Node> {
     Node::skip_filters(node)
 }
 
-/// The backing node of an image, if any.
-pub fn backing_of(node: &Node) -> Option<Arc<Node>> {
-    node.children()
-        .into_iter()
-        .find(|c| c.role() == ChildRole::Backing)
-        .map(|c| c.node().clone())
-}
-
-/// The images below `top`, in order (top's backing first).
-pub fn chain_below(top: &Node) -> Vec<Arc<Node>> {
-    let mut out = Vec::new();
-    let mut cur = backing_of(top);
-    while let Some(n) = cur {
-        cur = backing_of(&n);
-        out.push(n);
-    }
-    out
-}
-
 /// Whether `[offset, ..)` of `top` reads as data from an image above
 /// `base_depth` (the depth of the base below top; None: no base), and for
 /// how many bytes (at most `len`) the answer holds. Zero clusters count as

@@ -689,7 +689,7 @@ pub fn drive_mirror(state: &Arc<State>, a: DriveMirrorArgs) -> Result<(), QmpErr
     // source's backing image for sync=top, none for a full copy.
     let backing = match a.sync {
         SyncMode::None => Some(source.clone()),
-        SyncMode::Top => copy::backing_of(&source),
+        SyncMode::Top => source.backing_node(),
         _ => None,
     };
     let node_name = target_node_name(state, &a, &source)?;

@@ -63,7 +63,7 @@ pub(super) fn split_chain(
     base_node: Option<&str>,
     base_file: Option<&str>,
 ) -> Result<Split, QmpError> {
-    let chain = copy::chain_below(top);
+    let chain: Vec<_> = top.backing_chain().collect();
     let pos = match (base_node, base_file) {
         (Some(_), Some(_)) => {
             return Err(QmpError::generic(
@@ -347,7 +347,7 @@ fn find_base(state: &State, a: &StreamArgs, top: &Arc<Node>) -> Result<Split, Qm
     match &a.bottom {
         Some(b) => {
             let bottom = copy::node(state, b)?;
-            let chain = copy::chain_below(top);
+            let chain: Vec<_> = top.backing_chain().collect();
             let p = chain
                 .iter()
                 .position(|c| Arc::ptr_eq(c, &bottom))

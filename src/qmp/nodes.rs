@@ -98,9 +98,7 @@ fn block_resize(state: &Arc<State>, a: Resize) -> Result<(), QmpError> {
             ))
         }
     };
-    state
-        .resize(&node, a.size)
-        .map_err(|e| QmpError::generic(e.to_string()))
+    Ok(state.resize(&node, a.size)?)
 }
 
 #[derive(Deserialize)]
@@ -110,9 +108,7 @@ struct Reopen {
 }
 
 fn blockdev_reopen(state: &Arc<State>, a: Reopen) -> Result<(), QmpError> {
-    state
-        .reopen(&a.options)
-        .map_err(|e| QmpError::generic(e.to_string()))
+    Ok(state.reopen(&a.options)?)
 }
 
 #[derive(Deserialize)]

@@ -2,6 +2,7 @@
 //! replies with (QEMU's where QEMU has one); the monitor picks the class.
 
 use crate::block::GraphError;
+use crate::qapi::QmpError;
 use crate::vhost_user::ServerError;
 
 use super::participant::Busy;
@@ -39,6 +40,15 @@ pub enum StateError {
     Object(String),
     #[error(transparent)]
     Reopen(#[from] ReopenError),
+}
+
+/// A State refusal as a command's failure: a GenericError with the
+/// refusal's text (its sources are not appended: block-export-add, which
+/// wants them, uses [`QmpError::chain`]).
+impl From<StateError> for QmpError {
+    fn from(e: StateError) -> Self {
+        QmpError::generic(e.to_string())
+    }
 }
 
 /// Why an export cannot be bound to its node.

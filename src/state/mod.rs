@@ -263,7 +263,8 @@ impl State {
     }
 }
 
-/// The longest path from `node` down to a leaf.
+/// The longest path from `node` down to a leaf, over all children (for
+/// close order; not a backing-chain walk: that is `Node::backing_chain`).
 fn depth_below(node: &Node) -> usize {
     node.children()
         .iter()

@@ -46,9 +46,7 @@ struct ExportDel {
 }
 
 fn block_export_del(state: &Arc<State>, a: ExportDel) -> Result<(), QmpError> {
-    state
-        .del_export(&a.id, a.mode == RemoveMode::Hard)
-        .map_err(|e| QmpError::generic(e.to_string()))
+    Ok(state.del_export(&a.id, a.mode == RemoveMode::Hard)?)
 }
 
 fn query_block_exports(state: &Arc<State>) -> Result<Value, QmpError> {

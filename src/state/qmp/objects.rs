@@ -17,9 +17,7 @@ pub static COMMANDS: &[CommandDef<Arc<State>>] = &[
 ];
 
 fn object_add(state: &Arc<State>, o: crate::config::ObjectOptions) -> Result<(), QmpError> {
-    state
-        .add_object(&o)
-        .map_err(|e| QmpError::generic(e.to_string()))
+    Ok(state.add_object(&o)?)
 }
 
 #[derive(Deserialize)]
