@@ -1,4 +1,5 @@
-//! Block drivers, by layer: protocol (`file`, `null-co`) and format (`raw`).
+//! Block drivers, by layer: protocol (`file`, `null-co`), format (`raw`,
+//! `qcow2`) and filters (`throttle`, `copy-on-read`).
 //!
 //! Each driver implements the block layer's [`BlockDriver`] interface
 //! (dispatch.rs; QEMU's bdrv_co_* callbacks); this layer opens them
