@@ -21,7 +21,9 @@
 //!   queue SET_VRING_ADDR (flags 0, no log), SET_VRING_BASE (the avail idx
 //!   read from guest memory), SET_VRING_CALL, SET_VRING_KICK, and only then
 //!   SET_VRING_ENABLE 1 for each queue. No SET_BACKEND_REQ_FD for block
-//!   devices; no inflight fd (we do not offer INFLIGHT_SHMFD).
+//!   devices. GET_INFLIGHT_FD + SET_INFLIGHT_FD after the SET_VRING_NUMs
+//!   only when the backend offers INFLIGHT_SHMFD (neither we nor
+//!   qemu-storage-daemon 7.2 do, so that branch is replayed but not run).
 //! - memory hotplug: ADD_MEM_REG (CONFIGURE_MEM_SLOTS acked).
 //! - reset (guest reboot): SET_VRING_ENABLE 0 and GET_VRING_BASE per queue;
 //!   the next activation repeats `setup_vhost_user` on the same connection.
@@ -45,7 +47,7 @@ use std::time::{Duration, Instant};
 use common::client::MIB;
 use common::*;
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -317,6 +319,22 @@ fn chv_setup_vhost_user(
         .expect("SET_MEM_TABLE");
     for (i, q) in queues.iter().enumerate() {
         vu.set_vring_num(i, q.size).expect("SET_VRING_NUM");
+    }
+    // Inflight tracking when the backend offers it (we do not, nor does
+    // qemu-storage-daemon 7.2): GET_INFLIGHT_FD once, then SET_INFLIGHT_FD.
+    if dev
+        .acked_protocol_features
+        .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+    {
+        let req = VhostUserInflight {
+            mmap_size: 0,
+            mmap_offset: 0,
+            num_queues: queues.len() as u16,
+            queue_size: queues[0].size,
+        };
+        let (info, fd) = vu.get_inflight_fd(&req).expect("GET_INFLIGHT_FD");
+        vu.set_inflight_fd(&info, fd.as_raw_fd())
+            .expect("SET_INFLIGHT_FD");
     }
     for (i, q) in queues.iter().enumerate() {
         let cfg = VringConfigData {
@@ -619,4 +637,62 @@ fn chv_reconnects_to_a_restarted_daemon() {
     check_image(&d.image(), 2000 * 512, &b);
     // The rings went on from their old indexes, not from 0.
     assert!(vm.queues[0].avail_idx > 2 && vm.queues[1].avail_idx > 1);
+}
+
+/// The same replay against qemu-storage-daemon (QEMU's own vhost-user-blk
+/// backend): checks the replay itself, not the daemon.
+#[test]
+fn chv_replay_also_drives_qemu_storage_daemon() {
+    const QSD: &str = "/usr/bin/qemu-storage-daemon";
+    if !Path::new(QSD).exists() {
+        eprintln!("skipped: no {QSD}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::File::create(dir.path().join("disk.img"))
+        .unwrap()
+        .set_len(64 * MIB)
+        .unwrap();
+    let d = Daemon::start_bin(
+        QSD,
+        dir,
+        &[
+            "--blockdev",
+            "driver=file,node-name=file0,filename={dir}/disk.img",
+            "--blockdev",
+            "driver=raw,node-name=disk0,file=file0",
+            "--export",
+            "type=vhost-user-blk,id=exp0,node-name=disk0,writable=on,num-queues=2,addr.type=unix,addr.path={sock}",
+        ],
+        &[],
+    );
+    let (mut vm, dev) = chv_boot(&d.socket, 2);
+    // qemu-storage-daemon 7.2 ends with MQ | LOG_SHMFD | REPLY_ACK |
+    // CONFIG | CONFIGURE_MEM_SLOTS.
+    let pf = VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK;
+    assert!(
+        dev.acked_protocol_features.contains(pf),
+        "{:?}",
+        dev.acked_protocol_features
+    );
+    let a = pattern(11, 16 * 1024);
+    assert_eq!(vm.write(0, 8, &a), S_OK);
+    assert_eq!(vm.write(1, 100, &a), S_OK);
+    assert_eq!(vm.flush(0), S_OK);
+    check_image(&d.image(), 8 * 512, &a);
+    check_read(&mut vm, 1, 8, &a);
+    check_read(&mut vm, 0, 100, &a);
+    // Guest reboot, as above.
+    for (i, q) in vm.queues.iter().enumerate() {
+        vm.frontend.set_vring_enable(i, false).unwrap();
+        let base = vm.frontend.get_vring_base(i).expect("GET_VRING_BASE");
+        assert_eq!(base, u32::from(q.avail_idx));
+    }
+    let acked = guest_acked(&dev);
+    let fresh = guest_rings(&vm.mem, 2, acked & F_EVENT_IDX != 0);
+    chv_setup_vhost_user(&mut vm.frontend, &dev, &vm.mem, &fresh, acked);
+    vm.queues = fresh;
+    check_read(&mut vm, 1, 100, &a);
 }
