@@ -696,3 +696,18 @@ fn chv_replay_also_drives_qemu_storage_daemon() {
     vm.queues = fresh;
     check_read(&mut vm, 1, 100, &a);
 }
+
+/// cloud-hypervisor's defaults (`--disk vhost_user=true,socket=...`: one
+/// queue of 128, so no MQ offered) against the short form's defaults.
+#[test]
+fn chv_defaults_against_short_form_defaults() {
+    let d = Daemon::raw(64 * MIB, &[]);
+    let (mut vm, dev) = chv_boot(&d.socket, 1);
+    assert_eq!(dev.avail_features & BLK_F_MQ, 0, "MQ not offered by chv");
+    assert_eq!(u16::from_le_bytes([dev.config[34], dev.config[35]]), 1);
+    let a = pattern(21, 128 * 1024);
+    assert_eq!(vm.write(0, 0, &a), S_OK);
+    assert_eq!(vm.flush(0), S_OK);
+    check_image(&d.image(), 0, &a);
+    check_read(&mut vm, 0, 0, &a);
+}
