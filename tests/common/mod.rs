@@ -216,7 +216,7 @@ pub fn run_daemon(args: &[&str]) -> (i32, String) {
     )
 }
 
-fn memfd(size: u64) -> File {
+pub fn memfd(size: u64) -> File {
     let name = std::ffi::CString::new("vub-test-guest").unwrap();
     // SAFETY: memfd_create takes a valid C string and flags.
     let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
@@ -556,6 +556,31 @@ pub fn write_file_at(path: &Path, offset: u64, data: &[u8]) {
 /// A fresh eventfd (for tests that replace call/kick fds).
 pub fn eventfd() -> EventFd {
     EventFd::new(EFD_NONBLOCK).unwrap()
+}
+
+impl Vm {
+    /// A Vm over a connection and rings set up by the caller (a test that
+    /// replays another frontend's message sequence), so that the request
+    /// helpers (read, write, flush, ...) can drive its queues.
+    pub fn from_parts(
+        mem: GuestMemoryMmap<()>,
+        frontend: Frontend,
+        queues: Vec<VirtQueue>,
+        features: u64,
+        opts: VmOptions,
+        memfd: File,
+    ) -> Vm {
+        Vm {
+            mem,
+            frontend,
+            queues,
+            features,
+            opts,
+            backend_channel: None,
+            memfd,
+            next_buf: DATA_BASE,
+        }
+    }
 }
 
 impl Vm {
