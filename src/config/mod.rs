@@ -375,6 +375,10 @@ impl Args {
                 no_flush: false,
             },
             discard: DiscardMode::Unmap,
+            auto_read_only: false,
+            detect_zeroes: Default::default(),
+            force_share: false,
+            aio: Default::default(),
             locking: crate::drivers::Locking::Auto,
         });
         let raw = BlockdevOptions::Raw(RawOptions {
@@ -384,6 +388,10 @@ impl Args {
             size: None,
             read_only: self.readonly,
             discard: DiscardMode::Unmap,
+            auto_read_only: false,
+            detect_zeroes: Default::default(),
+            force_share: false,
+            cache: CacheOptions::default(),
         });
         let export = VhostUserBlkOptions {
             id: "export0".into(),

@@ -22,6 +22,17 @@ pub struct NullOptions {
     pub read_zeroes: bool,
     #[serde(default, deserialize_with = "opts::bool")]
     pub read_only: bool,
+    /// Common options (QEMU's BlockdevOptions base): see [`super::CommonOptions`].
+    #[serde(default, deserialize_with = "opts::bool")]
+    pub auto_read_only: bool,
+    #[serde(default)]
+    pub detect_zeroes: super::DetectZeroes,
+    #[serde(default, deserialize_with = "opts::bool")]
+    pub force_share: bool,
+    /// Accepted on every node as QEMU does; it acts on the protocol node
+    /// (and is passed to a `file` child opened in place).
+    #[serde(default)]
+    pub cache: super::CacheOptions,
 }
 
 fn default_size() -> u64 {

@@ -24,6 +24,17 @@ pub struct RawOptions {
     pub read_only: bool,
     #[serde(default)]
     pub discard: DiscardMode,
+    /// Common options (QEMU's BlockdevOptions base): see [`super::CommonOptions`].
+    #[serde(default, deserialize_with = "opts::bool")]
+    pub auto_read_only: bool,
+    #[serde(default)]
+    pub detect_zeroes: super::DetectZeroes,
+    #[serde(default, deserialize_with = "opts::bool")]
+    pub force_share: bool,
+    /// Accepted on every node as QEMU does; it acts on the protocol node
+    /// (and is passed to a `file` child opened in place).
+    #[serde(default)]
+    pub cache: super::CacheOptions,
 }
 
 /// What raw takes on its file, and shares: like QEMU's format drivers, a
