@@ -339,3 +339,64 @@ fn libvirt_style_blockdev_json_is_served_unchanged() {
         assert!(!out.contains("Pattern verification failed"), "{out}");
     }
 }
+
+/// A qemu-storage-daemon command line with iothread objects, an export
+/// on an iothread (`fixed-iothread`), a throttle group with legacy `x-`
+/// properties and `-T` runs unchanged, here and in qemu-storage-daemon 7.2;
+/// the export runs on one thread and polls as the iothread says. An export
+/// naming a missing iothread is refused with QEMU's words.
+#[test]
+fn qsd_command_line_with_iothreads_x_limits_and_trace_runs_unchanged() {
+    for bin in [common::daemon_bin(), "/usr/bin/qemu-storage-daemon"] {
+        if !Path::new(bin).exists() {
+            eprintln!("skipped {bin}: not installed");
+            continue;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let args = [
+            "-T",
+            "vhost_user_blk*",
+            "--object",
+            "iothread,id=io0,poll-max-ns=50000,poll-grow=2,poll-shrink=2,aio-max-batch=32",
+            "--object",
+            "throttle-group,id=tg0,x-iops-total=100000,x-bps-total=1000000000",
+            "--blockdev",
+            "driver=null-co,node-name=n0,size=1048576,read-zeroes=on",
+            "--blockdev",
+            "driver=throttle,node-name=t0,throttle-group=tg0,file=n0",
+            "--export",
+            "vhost-user-blk,id=e0,node-name=t0,addr.type=unix,addr.path={sock},iothread=io0,fixed-iothread=on,writable=on",
+        ];
+        let mut d = Daemon::start_bin(bin, dir, &args, &[]);
+        {
+            let mut vm = Vm::connect(&d.socket, VmOptions::default());
+            assert_eq!(vm.write(0, 8, &[0u8; 4096]), 0, "{bin}");
+            let (st, data) = vm.read(0, 8, 4096);
+            assert_eq!(st, 0, "{bin}");
+            assert!(data.iter().all(|&b| b == 0));
+        }
+        if bin == common::daemon_bin() {
+            let log = d.log();
+            assert!(
+                log.contains("1 iothreads (iothread io0, poll-max-ns 50000)"),
+                "{log}"
+            );
+            assert!(log.contains("-T vhost_user_blk*"), "{log}");
+        }
+        assert!(d.terminate().success(), "{bin}: {}", d.log());
+
+        // A missing iothread.
+        let out = Command::new(bin)
+            .args([
+                "--blockdev",
+                "driver=null-co,node-name=n0",
+                "--export",
+                "vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=/nonexistent/s,iothread=nope",
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{bin}: {err}");
+        assert!(err.contains("iothread \"nope\" not found"), "{bin}: {err}");
+    }
+}

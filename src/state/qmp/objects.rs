@@ -27,6 +27,9 @@ struct ObjectId {
 }
 
 fn object_del(state: &Arc<State>, a: ObjectId) -> Result<(), QmpError> {
+    if state.del_iothread(&a.id) {
+        return Ok(());
+    }
     state
         .graph()
         .remove_throttle_group(&a.id)
