@@ -400,3 +400,108 @@ fn qsd_command_line_with_iothreads_x_limits_and_trace_runs_unchanged() {
         assert!(err.contains("iothread \"nope\" not found"), "{bin}: {err}");
     }
 }
+
+/// force-share: a read-only node on an image another process writes
+/// (qemu-storage-daemon with a writable export) opens with force-share,
+/// as qemu-img's -U does. Without it, whether a read-only node may open
+/// depends on what the writer shares; both answers are checked against
+/// qemu-img's (`info` without and with -U).
+#[test]
+fn force_share_opens_an_image_another_process_writes() {
+    let qsd = "/usr/bin/qemu-storage-daemon";
+    if !Path::new(qsd).exists() {
+        eprintln!("skipped: {qsd} not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("busy.qcow2");
+    let f = img.to_str().unwrap().to_string();
+    run("qemu-img", &["create", "-q", "-f", "qcow2", &f, "4M"]);
+    let mut writer = Daemon::start_bin(
+        qsd,
+        dir,
+        &[
+            "--blockdev",
+            &format!("driver=file,node-name=f0,filename={f}"),
+            "--blockdev",
+            "driver=qcow2,node-name=q0,file=f0",
+            "--export",
+            "vhost-user-blk,id=e0,node-name=q0,addr.type=unix,addr.path={sock},writable=on",
+        ],
+        &[],
+    );
+    let open = |force: bool| {
+        let mut g = Graph::new();
+        add(
+            &mut g,
+            json!({"driver": "qcow2", "node-name": "q", "read-only": true, "force-share": force,
+                   "file": {"driver": "file", "filename": f, "node-name": "f",
+                            "read-only": true, "force-share": force}}),
+        )
+        .map(|_| ())
+    };
+    let qemu_img = |u: bool| {
+        let mut a = vec!["info"];
+        if u {
+            a.push("-U");
+        }
+        a.push(&f);
+        Command::new("qemu-img")
+            .args(&a)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    let plain = open(false);
+    assert_eq!(
+        plain.is_ok(),
+        qemu_img(false),
+        "without force-share, as qemu-img info: {plain:?}"
+    );
+    assert!(qemu_img(true), "qemu-img info -U opens it");
+    open(true).expect("force-share opens it");
+    assert!(writer.terminate().success());
+}
+
+/// host_device serves a block device (a loop device over a temp file,
+/// where this machine lets the test make one); `file` on the same device
+/// works too, as in QEMU (which only warns).
+#[test]
+fn host_device_serves_a_block_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("loop.img");
+    std::fs::write(&backing, vec![0x42u8; MIB as usize]).unwrap();
+    let out = Command::new("losetup")
+        .args(["-f", "--show", backing.to_str().unwrap()])
+        .output();
+    let dev = match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        _ => {
+            eprintln!("skipped: cannot set up a loop device here");
+            return;
+        }
+    };
+    let result = std::panic::catch_unwind(|| {
+        let mut g = Graph::new();
+        let n = add(
+            &mut g,
+            json!({"driver": "raw", "node-name": "fmt",
+                   "file": {"driver": "host_device", "filename": dev, "node-name": "sto",
+                            "aio": "native", "cache": {"direct": true, "no-flush": false}}}),
+        )
+        .unwrap();
+        assert_eq!(n.size(), MIB);
+        assert_eq!(g.get("sto").unwrap().driver_name(), "host_device");
+        write(&n, 4096, &[0x17u8; 4096]);
+        let (iov, view) = IoVecs::bounce(8192, 4096);
+        block_on(n.preadv(0, &iov)).unwrap();
+        let got = view.with_bytes(&iov, |b| b.to_vec());
+        assert!(got[..4096].iter().all(|&b| b == 0x42));
+        assert!(got[4096..].iter().all(|&b| b == 0x17));
+    });
+    let _ = Command::new("losetup").args(["-d", &dev]).status();
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+}
