@@ -172,6 +172,15 @@ impl Node {
         self.detect_zeroes.store(v, Ordering::Relaxed);
     }
 
+    /// The detect-zeroes setting, as QMP names it.
+    pub fn detect_zeroes(&self) -> &'static str {
+        match self.detect_zeroes.load(Ordering::Relaxed) {
+            0 => "off",
+            1 => "on",
+            _ => "unmap",
+        }
+    }
+
     pub fn is_read_only(&self) -> bool {
         self.read_only.load(Ordering::Relaxed)
     }

@@ -31,8 +31,8 @@ pub struct RawOptions {
     pub detect_zeroes: super::DetectZeroes,
     #[serde(default, deserialize_with = "opts::bool")]
     pub force_share: bool,
-    /// Accepted on every node as QEMU does; it acts on the protocol node
-    /// (and is passed to a `file` child opened in place).
+    /// Accepted on every node as QEMU does; only `file`/`host_device`
+    /// nodes act on it (a child opened in place does not inherit it).
     #[serde(default)]
     pub cache: super::CacheOptions,
 }

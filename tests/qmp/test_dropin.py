@@ -36,6 +36,9 @@ async def iothread_export(c, workdir):
     assert "duplicate" in str(e.value)
     exports = await c.execute("query-block-exports")
     assert [x["id"] for x in exports] == ["e0"]
+    nodes = {n["node-name"]: n for n in await c.execute("query-named-block-nodes")}
+    assert nodes["n0"]["detect_zeroes"] == "on"
+    assert nodes["t0"]["detect_zeroes"] == "off"
 
 
 def test_iothread_objects_and_exports(daemon, workdir):
