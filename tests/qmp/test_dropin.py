@@ -36,6 +36,10 @@ async def iothread_export(c, workdir):
     assert "duplicate" in str(e.value)
     exports = await c.execute("query-block-exports")
     assert [x["id"] for x in exports] == ["e0"]
+    assert await c.execute("qom-get", {"path": "/objects/io0",
+                                       "property": "poll-max-ns"}) == 0
+    limits = await c.execute("qom-get", {"path": "/objects/tg0", "property": "limits"})
+    assert limits["iops-total"] == 1000
     nodes = {n["node-name"]: n for n in await c.execute("query-named-block-nodes")}
     assert nodes["n0"]["detect_zeroes"] == "on"
     assert nodes["t0"]["detect_zeroes"] == "off"
