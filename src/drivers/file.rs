@@ -450,7 +450,10 @@ impl FileDriver {
         if host_device && !block_device && !meta.file_type().is_char_device() {
             return Err(GraphError::Open {
                 node: o.node_name.clone(),
-                reason: "'host_device' driver expects either a character or block device".into(),
+                reason: format!(
+                    "'host_device' driver requires '{}' to be either a character or block device",
+                    o.filename
+                ),
             });
         }
         if !block_device && !meta.is_file() {
