@@ -300,6 +300,11 @@ pub fn run(config: Config) -> Result<(), ShellError> {
     let mut pidfile = config.pidfile.as_deref().map(Pidfile::lock).transpose()?;
     let engine = EngineKind::probe();
     log::info!("I/O engine: {}", engine.name());
+    for t in &config.trace {
+        log::warn!(
+            "-T {t}: QEMU trace events are not available; ignored (set RUST_LOG, e.g. RUST_LOG=debug, for this daemon's logs)"
+        );
+    }
     let state = new_state(engine);
     // Everything that can fail on a bad configuration, before anything is
     // announced.

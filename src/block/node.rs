@@ -116,6 +116,8 @@ pub struct Node {
     bitmaps: super::swap::Swap<super::bitmap::BitmapList>,
     /// Block jobs' write hooks (copy-before-write, mirroring).
     hooks: super::swap::Swap<super::hooks::HookList>,
+    /// detect-zeroes: 0 off, 1 on, 2 unmap (see [`Node::set_detect_zeroes`]).
+    detect_zeroes: std::sync::atomic::AtomicU8,
 }
 
 impl fmt::Debug for Node {
@@ -138,6 +140,7 @@ impl Node {
             write_threshold: AtomicU64::new(0),
             bitmaps: super::swap::Swap::new(Arc::new(Vec::new())),
             hooks: super::swap::Swap::new(Arc::new(Vec::new())),
+            detect_zeroes: std::sync::atomic::AtomicU8::new(0),
         })
     }
 
@@ -153,6 +156,29 @@ impl Node {
 
     pub fn driver_name(&self) -> &'static str {
         self.driver.name()
+    }
+
+    /// detect-zeroes: writes whose data is all zeroes become write-zeroes
+    /// requests (`Unmap`: that may deallocate), as QEMU's
+    /// bdrv_aligned_pwritev does. The driver layer checks at open that
+    /// `Unmap` comes with discard=unmap.
+    pub fn set_detect_zeroes(&self, d: crate::drivers::DetectZeroes) {
+        use crate::drivers::DetectZeroes;
+        let v = match d {
+            DetectZeroes::Off => 0,
+            DetectZeroes::On => 1,
+            DetectZeroes::Unmap => 2,
+        };
+        self.detect_zeroes.store(v, Ordering::Relaxed);
+    }
+
+    /// The detect-zeroes setting, as QMP names it.
+    pub fn detect_zeroes(&self) -> &'static str {
+        match self.detect_zeroes.load(Ordering::Relaxed) {
+            0 => "off",
+            1 => "on",
+            _ => "unmap",
+        }
     }
 
     pub fn is_read_only(&self) -> bool {
@@ -547,6 +573,10 @@ impl Node {
     pub fn pwritev<'a>(&'a self, offset: u64, iov: &'a IoVecs, fua: bool) -> BlockFuture<'a> {
         if let Some(refused) = self.refuse_if_read_only() {
             return refused;
+        }
+        let detect = self.detect_zeroes.load(Ordering::Relaxed);
+        if detect != 0 && !iov.is_empty() && iov.is_zero() {
+            return self.pwrite_zeroes(offset, iov.len(), detect == 2, fua);
         }
         self.check_write_threshold(offset, iov.len());
         self.mark_dirty(offset, iov.len());

@@ -73,4 +73,52 @@ pub struct VhostUserBlkOptions {
     /// q % num-iothreads. Default: one per queue.
     #[serde(default, deserialize_with = "opts::opt_uint")]
     pub num_iothreads: Option<u64>,
+    /// qemu-storage-daemon's `iothread`: an iothread object's id, or a list
+    /// of them (QEMU 9's multiqueue export); see ExportConfig::iothreads.
+    #[serde(default)]
+    pub iothread: Option<IothreadRef>,
+    /// qemu-storage-daemon's `fixed-iothread`; accepted (an export's
+    /// threads are its own and never change).
+    #[serde(default, deserialize_with = "opts::bool")]
+    pub fixed_iothread: bool,
+}
+
+/// `iothread`: one name or a list (`iothread.0=a,iothread.1=b` in keyval).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum IothreadRef {
+    One(String),
+    Many(Vec<String>),
+    /// keyval's `iothread.0=a,iothread.1=b` (a list, as QEMU's keyval).
+    Indexed(std::collections::BTreeMap<String, String>),
+}
+
+impl IothreadRef {
+    /// The names, in order; keyval's indices must be 0, 1, ... n-1.
+    pub fn names(&self) -> Result<Vec<String>, String> {
+        match self {
+            IothreadRef::One(n) => Ok(vec![n.clone()]),
+            IothreadRef::Many(v) => Ok(v.clone()),
+            IothreadRef::Indexed(m) => {
+                let mut v = vec![None; m.len()];
+                for (k, name) in m {
+                    match k.parse::<usize>().ok().and_then(|i| v.get_mut(i)) {
+                        Some(slot) => *slot = Some(name.clone()),
+                        None => {
+                            return Err(format!(
+                                "'iothread.{k}': expected a list index below {}",
+                                m.len()
+                            ))
+                        }
+                    }
+                }
+                Ok(v.into_iter().flatten().collect())
+            }
+        }
+    }
+
+    /// A list (even of one), as opposed to one name.
+    pub fn is_list(&self) -> bool {
+        !matches!(self, IothreadRef::One(_))
+    }
 }

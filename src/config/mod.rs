@@ -53,6 +53,15 @@ pub struct Args {
     /// throttle-group,id=tg0,limits.iops-total=1000
     #[arg(long = "object", value_name = "OPTIONS")]
     pub object: Vec<String>,
+    /// qemu-storage-daemon's trace option, accepted so that its command
+    /// lines run unchanged: QEMU's trace events do not exist here; the
+    /// daemon says so at start and logs as RUST_LOG says.
+    #[arg(
+        short = 'T',
+        long = "trace",
+        value_name = "[[enable=]PATTERN][,events=FILE][,file=FILE]"
+    )]
+    pub trace: Vec<String>,
     /// A character device for --monitor, as qemu-storage-daemon's --chardev:
     /// socket,id=ID,path=PATH,server=on,wait=off
     #[arg(long = "chardev", value_name = "OPTIONS")]
@@ -115,21 +124,97 @@ pub struct ExportConfig {
     pub on_read_error: OnError,
     pub on_write_error: OnError,
     pub poll_max_ns: u64,
+    /// `iothread`: the iothread objects named (one, or a list as QEMU 9's
+    /// multiqueue export). The export runs one worker thread per name
+    /// (queue q on thread q % n) and, unless `poll-max-ns` is given, polls
+    /// as the (first) named object's `poll-max-ns` says. Resolved against
+    /// the objects when the export is bound.
+    pub iothreads: Vec<String>,
+    /// `poll-max-ns` was given on the export (it wins over the iothread's).
+    pub poll_max_ns_given: bool,
+    /// `fixed-iothread`: accepted; our exports never move between threads.
+    pub fixed_iothread: bool,
 }
 
 /// `--object` / object-add, tagged by `qom-type`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "qom-type", rename_all = "kebab-case")]
+// A handful of objects per daemon, parsed once: their size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum ObjectOptions {
     ThrottleGroup(ThrottleGroupOptions),
+    Iothread(IothreadOptions),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// `--object iothread,id=...`: QEMU's iothread properties. Our exports
+/// run their own worker threads (an export's queues are never served by
+/// another export's threads); an export naming an iothread takes its
+/// `poll-max-ns` (see [`ExportConfig::iothreads`]). The other properties
+/// are accepted and kept for qom-get.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct IothreadOptions {
+    pub id: String,
+    /// QEMU's default is 32768 ns.
+    #[serde(default, deserialize_with = "crate::opts::opt_uint")]
+    pub poll_max_ns: Option<u64>,
+    #[serde(default, deserialize_with = "crate::opts::opt_uint")]
+    pub poll_grow: Option<u64>,
+    #[serde(default, deserialize_with = "crate::opts::opt_uint")]
+    pub poll_shrink: Option<u64>,
+    #[serde(default, deserialize_with = "crate::opts::opt_uint")]
+    pub aio_max_batch: Option<u64>,
+    #[serde(default, deserialize_with = "crate::opts::opt_uint")]
+    pub thread_pool_min: Option<u64>,
+    #[serde(default, deserialize_with = "crate::opts::opt_uint")]
+    pub thread_pool_max: Option<u64>,
+}
+
+/// QEMU's iothread poll-max-ns default.
+pub const IOTHREAD_DEFAULT_POLL_MAX_NS: u64 = 32768;
+
+/// A throttle group: `limits` (QAPI's ThrottleLimits) and, as QEMU's
+/// throttle-group.c still takes them, the same limits as legacy top-level
+/// `x-` properties (`x-iops-total=1000`); an `x-` property overrides the
+/// same field of `limits`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "serde_json::Map<String, serde_json::Value>")]
 pub struct ThrottleGroupOptions {
     pub id: String,
-    #[serde(default)]
     pub limits: crate::throttle::ThrottleLimits,
+}
+
+impl TryFrom<serde_json::Map<String, serde_json::Value>> for ThrottleGroupOptions {
+    type Error = String;
+
+    fn try_from(mut m: serde_json::Map<String, serde_json::Value>) -> Result<Self, String> {
+        use serde_json::Value;
+        let id = match m.remove("id") {
+            Some(Value::String(s)) => s,
+            Some(_) => return Err("parameter 'id': expected a string".into()),
+            None => return Err("missing field `id`".into()),
+        };
+        let mut limits = match m.remove("limits") {
+            Some(Value::Object(l)) => l,
+            Some(_) => return Err("parameter 'limits': expected an object".into()),
+            None => serde_json::Map::new(),
+        };
+        for (k, v) in m {
+            let Some(field) = k.strip_prefix("x-") else {
+                return Err(format!(
+                    "unknown field `{k}`, expected `id`, `limits` or `x-*`"
+                ));
+            };
+            limits.insert(field.to_string(), v);
+        }
+        let limits = serde_path_to_error::deserialize(Value::Object(limits)).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            // Name the field as the user spelled it when it came as x-.
+            format!("parameter 'limits.{path}' (or 'x-{path}'): {inner}")
+        })?;
+        Ok(ThrottleGroupOptions { id, limits })
+    }
 }
 
 /// A QMP monitor socket.
@@ -183,6 +268,8 @@ pub struct Config {
     pub monitors: Vec<MonitorConfig>,
     pub pidfile: Option<PathBuf>,
     pub daemonize: bool,
+    /// `-T` options given (noted at start, otherwise ignored).
+    pub trace: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -297,7 +384,34 @@ impl TryFrom<VhostUserBlkOptions> for ExportConfig {
                 ),
             ));
         }
-        let num_iothreads = o.num_iothreads.unwrap_or(num_queues);
+        let iothreads: Vec<String> = match &o.iothread {
+            None => Vec::new(),
+            Some(r) => {
+                let v = r.names().map_err(|e| err("iothread", e))?;
+                if v.is_empty() {
+                    return Err(err("iothread", "the list of iothreads is empty".into()));
+                }
+                if r.is_list() && o.fixed_iothread {
+                    return Err(err(
+                        "fixed-iothread",
+                        "cannot be used with a list of iothreads (multiqueue export)".into(),
+                    ));
+                }
+                v
+            }
+        };
+        let num_iothreads = match (o.num_iothreads, iothreads.len() as u64) {
+            (Some(n), k) if k > 0 && n != k => {
+                return Err(err(
+                    "num-iothreads",
+                    format!("{n} disagrees with the {k} iothread(s) named by 'iothread'"),
+                ))
+            }
+            (Some(n), _) => n,
+            // One named iothread: every queue on one thread, as in QEMU.
+            (None, k) if k > 0 => k.min(num_queues),
+            (None, _) => num_queues,
+        };
         if o.poll_max_ns.is_some_and(|n| n > 1_000_000_000) {
             return Err(err(
                 "poll-max-ns",
@@ -332,6 +446,9 @@ impl TryFrom<VhostUserBlkOptions> for ExportConfig {
             on_read_error: o.on_read_error.unwrap_or(OnError::Report),
             on_write_error: o.on_write_error.unwrap_or(OnError::Enospc),
             poll_max_ns: o.poll_max_ns.unwrap_or(export::DEFAULT_POLL_MAX_NS),
+            poll_max_ns_given: o.poll_max_ns.is_some(),
+            iothreads,
+            fixed_iothread: o.fixed_iothread,
         })
     }
 }
@@ -375,6 +492,10 @@ impl Args {
                 no_flush: false,
             },
             discard: DiscardMode::Unmap,
+            auto_read_only: false,
+            detect_zeroes: Default::default(),
+            force_share: false,
+            aio: Default::default(),
             locking: crate::drivers::Locking::Auto,
         });
         let raw = BlockdevOptions::Raw(RawOptions {
@@ -384,6 +505,10 @@ impl Args {
             size: None,
             read_only: self.readonly,
             discard: DiscardMode::Unmap,
+            auto_read_only: false,
+            detect_zeroes: Default::default(),
+            force_share: false,
+            cache: CacheOptions::default(),
         });
         let export = VhostUserBlkOptions {
             id: "export0".into(),
@@ -396,6 +521,8 @@ impl Args {
             logical_block_size: self.logical_block_size.map(u64::from),
             serial: self.serial.clone(),
             num_iothreads: None,
+            iothread: None,
+            fixed_iothread: false,
             on_read_error: None,
             on_write_error: None,
             poll_max_ns: None,
@@ -513,6 +640,7 @@ impl TryFrom<Args> for Config {
             monitors,
             pidfile,
             daemonize,
+            trace: args.trace.clone(),
         })
     }
 }
@@ -667,7 +795,9 @@ writable = true
             "vhost-user-blk,id=e0,node-name=t0,addr.type=unix,addr.path=s",
         ]))
         .unwrap();
-        let ObjectOptions::ThrottleGroup(t) = &c.objects[0];
+        let ObjectOptions::ThrottleGroup(t) = &c.objects[0] else {
+            panic!("not a throttle group")
+        };
         assert_eq!(t.id, "tg0");
         assert_eq!(t.limits.iops_total, Some(1000));
         assert_eq!(t.limits.bps_total, Some(50 << 20));
@@ -679,7 +809,9 @@ writable = true
         )
         .unwrap();
         let c = Config::try_from(args(&["--config", path.to_str().unwrap()])).unwrap();
-        let ObjectOptions::ThrottleGroup(t) = &c.objects[0];
+        let ObjectOptions::ThrottleGroup(t) = &c.objects[0] else {
+            panic!("not a throttle group")
+        };
         assert_eq!(t.limits.iops_read_max_length, Some(3));
         let e = Config::try_from(args(&[
             "--object",
@@ -691,6 +823,104 @@ writable = true
         ]))
         .unwrap_err();
         assert!(e.to_string().contains("iops-totl"), "{e}");
+    }
+
+    #[test]
+    fn throttle_group_takes_qemus_legacy_x_properties() {
+        let c = Config::try_from(args(&[
+            "--object",
+            "throttle-group,id=tg0,x-iops-total=1000,x-bps-write=1M,limits.iops-read=5,x-iops-read=7,x-iops-size=8k",
+            "--blockdev",
+            "driver=null-co,node-name=n0",
+            "--export",
+            "vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=s",
+        ]))
+        .unwrap();
+        let ObjectOptions::ThrottleGroup(t) = &c.objects[0] else {
+            panic!("not a throttle group")
+        };
+        assert_eq!(t.limits.iops_total, Some(1000));
+        assert_eq!(t.limits.bps_write, Some(1 << 20));
+        assert_eq!(t.limits.iops_read, Some(7), "x- overrides limits.");
+        assert_eq!(t.limits.iops_size, Some(8192));
+        // As JSON (object-add), with a number.
+        let o: ObjectOptions = serde_json::from_value(serde_json::json!({
+            "qom-type": "throttle-group", "id": "tg1", "x-iops-total-max": 50,
+            "x-iops-total": 10, "x-iops-total-max-length": 2}))
+        .unwrap();
+        let ObjectOptions::ThrottleGroup(t) = &o else {
+            panic!("not a throttle group")
+        };
+        assert_eq!(t.limits.iops_total_max_length, Some(2));
+        for (bad, want) in [
+            ("throttle-group,id=t,x-iops-totl=1", "iops-totl"),
+            ("throttle-group,id=t,y=1", "`y`"),
+            ("throttle-group,id=t,x-iops-total=abc", "x-iops-total"),
+        ] {
+            let e = Config::try_from(args(&["--object", bad, "--image", "x", "--socket", "y"]))
+                .unwrap_err();
+            assert!(e.to_string().contains(want), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn iothread_objects_and_export_iothreads_parse_as_qsd_spells_them() {
+        let c = Config::try_from(args(&[
+            "--object",
+            "iothread,id=io0,poll-max-ns=1000,poll-grow=2,poll-shrink=4,aio-max-batch=16",
+            "--object",
+            "iothread,id=io1",
+            "--blockdev",
+            "driver=null-co,node-name=n0",
+            "--export",
+            "vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=s,iothread=io0,fixed-iothread=on",
+            "--export",
+            "vhost-user-blk,id=e1,node-name=n0,addr.type=unix,addr.path=t,num-queues=4,iothread.0=io0,iothread.1=io1",
+            "--export",
+            r#"{"type":"vhost-user-blk","id":"e2","node-name":"n0","addr":{"type":"unix","path":"u"},"iothread":["io1"]}"#,
+            "-T",
+            "vhost_user_blk*",
+        ]))
+        .unwrap();
+        let ObjectOptions::Iothread(t) = &c.objects[0] else {
+            panic!("not an iothread")
+        };
+        assert_eq!(t.poll_max_ns, Some(1000));
+        assert_eq!(t.aio_max_batch, Some(16));
+        assert_eq!(c.exports[0].iothreads, ["io0"]);
+        assert_eq!(c.exports[0].num_iothreads, 1);
+        assert!(c.exports[0].fixed_iothread);
+        assert_eq!(c.exports[1].iothreads, ["io0", "io1"]);
+        assert_eq!(c.exports[1].num_iothreads, 2);
+        assert_eq!(c.exports[2].iothreads, ["io1"]);
+        assert_eq!(c.trace, ["vhost_user_blk*"]);
+        for (bad, want) in [
+            (
+                "iothread.0=a,iothread.1=b,fixed-iothread=on",
+                "fixed-iothread",
+            ),
+            ("iothread.0=a,iothread.2=b", "iothread.2"),
+            ("iothread=a,num-iothreads=2", "num-iothreads"),
+        ] {
+            let e = Config::try_from(args(&[
+                "--blockdev",
+                "driver=null-co,node-name=n0",
+                "--export",
+                &format!("vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=s,num-queues=4,{bad}"),
+            ]))
+            .unwrap_err();
+            assert!(e.to_string().contains(want), "{bad}: {e}");
+        }
+        let e = Config::try_from(args(&[
+            "--object",
+            "iothread,id=io0,poll-max-ns=-1",
+            "--image",
+            "x",
+            "--socket",
+            "y",
+        ]))
+        .unwrap_err();
+        assert!(e.to_string().contains("poll-max-ns"), "{e}");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::throttle::{Member, ThrottleGroup};
 
 impl BlockDriver for FileDriver {
     fn name(&self) -> &'static str {
-        "file"
+        self.driver_name()
     }
     fn size(&self) -> u64 {
         FileDriver::size(self)

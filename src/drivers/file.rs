@@ -49,6 +49,17 @@ pub enum Locking {
     Off,
 }
 
+/// `aio`: `threads`, `native` (Linux AIO) or `io_uring` in QEMU. We have
+/// one engine, io_uring, and accept the three.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Aio {
+    #[default]
+    Threads,
+    Native,
+    IoUring,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct FileOptions {
@@ -63,6 +74,17 @@ pub struct FileOptions {
     pub discard: DiscardMode,
     #[serde(default)]
     pub locking: Locking,
+    /// QEMU's I/O engine choice; every request goes through our io_uring
+    /// engine whatever is given (accepted for drop-in compatibility).
+    #[serde(default)]
+    pub aio: Aio,
+    /// Common options (QEMU's BlockdevOptions base): see [`super::CommonOptions`].
+    #[serde(default, deserialize_with = "opts::bool")]
+    pub auto_read_only: bool,
+    #[serde(default)]
+    pub detect_zeroes: super::DetectZeroes,
+    #[serde(default, deserialize_with = "opts::bool")]
+    pub force_share: bool,
 }
 
 /// The driver's state. What blockdev-reopen may change is atomic: it is
@@ -81,6 +103,10 @@ pub struct FileDriver {
     mem_alignment: AtomicUsize,
     /// The descriptor was opened read-write.
     writable: AtomicBool,
+    /// Opened as `host_device`.
+    host_device: bool,
+    /// force-share: takes no lock that keeps others from writing.
+    force_share: bool,
     locking: bool,
     /// The permissions locked now: (taken, not shared).
     locks: Mutex<(Perm, Perm)>,
@@ -350,6 +376,11 @@ pub struct FileReopen {
 }
 
 impl FileReopen {
+    /// Whether the new descriptor is open for writing.
+    pub fn writable(&self) -> bool {
+        self.writable
+    }
+
     pub fn request_alignment(&self) -> u32 {
         self.request_alignment
     }
@@ -365,24 +396,66 @@ const MAX_BOUNCE_CHUNK: u64 = 1 << 20;
 impl FileDriver {
     /// Opens the file as `o` says: the descriptor, its size and the
     /// alignment O_DIRECT needs.
-    fn open_file(o: &FileOptions) -> Result<(File, bool, u64, u32, usize), GraphError> {
+    fn open_file(
+        o: &FileOptions,
+        host_device: bool,
+    ) -> Result<(File, bool, u64, u32, usize, bool), GraphError> {
         let open_err = |source: io::Error| GraphError::OpenFile {
             node: o.node_name.clone(),
             filename: o.filename.clone(),
             source,
         };
+        if o.aio == Aio::Native && !o.cache.direct {
+            return Err(GraphError::Open {
+                node: o.node_name.clone(),
+                reason: "aio=native was specified, but it requires cache.direct=on, which was not specified.".into(),
+            });
+        }
         let mut flags = libc::O_CLOEXEC;
         if o.cache.direct {
             flags |= libc::O_DIRECT;
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!o.read_only)
-            .custom_flags(flags)
-            .open(&o.filename)
-            .map_err(open_err)?;
+        let open = |write: bool| {
+            OpenOptions::new()
+                .read(true)
+                .write(write)
+                .custom_flags(flags)
+                .open(&o.filename)
+        };
+        let mut writable = !o.read_only;
+        let file = match open(writable) {
+            // auto-read-only: an image we may not write is opened read-only
+            // (QEMU's file-posix falls back the same way).
+            Err(e)
+                if writable
+                    && o.auto_read_only
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::EACCES | libc::EROFS | libc::EPERM)
+                    ) =>
+            {
+                log::info!(
+                    "node {}: '{}' cannot be written ({e}); auto-read-only opens it read-only",
+                    o.node_name,
+                    o.filename
+                );
+                writable = false;
+                open(false)
+            }
+            r => r,
+        }
+        .map_err(open_err)?;
         let meta = file.metadata().map_err(open_err)?;
         let block_device = meta.file_type().is_block_device();
+        if host_device && !block_device && !meta.file_type().is_char_device() {
+            return Err(GraphError::Open {
+                node: o.node_name.clone(),
+                reason: format!(
+                    "'host_device' driver requires '{}' to be either a character or block device",
+                    o.filename
+                ),
+            });
+        }
         if !block_device && !meta.is_file() {
             return Err(GraphError::Open {
                 node: o.node_name.clone(),
@@ -414,12 +487,46 @@ impl FileDriver {
             o.filename,
             o.cache.direct
         );
-        Ok((file, block_device, size, request_alignment, mem_alignment))
+        Ok((
+            file,
+            block_device,
+            size,
+            request_alignment,
+            mem_alignment,
+            writable,
+        ))
     }
 
     pub fn open(o: &FileOptions) -> Result<Self, GraphError> {
-        let (file, block_device, size, request_alignment, mem_alignment) = Self::open_file(o)?;
+        Self::open_as(o, false)
+    }
+
+    /// Whether the descriptor is open for writing (auto-read-only may have
+    /// fallen back).
+    pub fn is_writable(&self) -> bool {
+        self.writable.load(Ordering::Relaxed)
+    }
+
+    /// The driver name the node was opened with.
+    pub fn driver_name(&self) -> &'static str {
+        if self.host_device {
+            "host_device"
+        } else {
+            "file"
+        }
+    }
+
+    /// Opens a `host_device` node: the `file` driver on a device.
+    pub fn open_host_device(o: &FileOptions) -> Result<Self, GraphError> {
+        Self::open_as(o, true)
+    }
+
+    fn open_as(o: &FileOptions, host_device: bool) -> Result<Self, GraphError> {
+        let (file, block_device, size, request_alignment, mem_alignment, writable) =
+            Self::open_file(o, host_device)?;
         Ok(FileDriver {
+            host_device,
+            force_share: o.force_share,
             fd: AtomicI32::new(file.as_raw_fd()),
             file: Mutex::new(file),
             filename: o.filename.clone(),
@@ -430,7 +537,7 @@ impl FileDriver {
             size: AtomicU64::new(size),
             request_alignment: AtomicU32::new(request_alignment),
             mem_alignment: AtomicUsize::new(mem_alignment),
-            writable: AtomicBool::new(!o.read_only),
+            writable: AtomicBool::new(writable),
             locking: o.locking != Locking::Off,
             locks: Mutex::new((Perm::NONE, Perm::NONE)),
         })
@@ -443,7 +550,19 @@ impl FileDriver {
             return Ok(());
         }
         let fd = self.fd();
-        let unshared = !shared;
+        // force-share (read-only nodes only): share everything, whatever
+        // the parents ask, and ignore what others do not share.
+        let unshared = if self.force_share {
+            Perm::NONE
+        } else {
+            !shared
+        };
+        if self.force_share {
+            self.apply_locks(fd, perm, unshared)
+                .map_err(|e| format!("cannot lock '{}': {e}", self.filename))?;
+            *self.locks.lock().unwrap_or_else(|e| e.into_inner()) = (perm, unshared);
+            return Ok(());
+        }
         let err = |e: io::Error| format!("cannot lock '{}': {e}", self.filename);
         check_locks(fd, perm, unshared, &self.filename)?;
         self.apply_locks(fd, perm, unshared).map_err(err)?;
@@ -472,16 +591,18 @@ impl FileDriver {
                 o.node_name, self.filename, o.filename
             ));
         }
-        let (file, _, _, request_alignment, mem_alignment) = Self::open_file(o).map_err(|e| {
-            let mut s = e.to_string();
-            if let Some(src) = std::error::Error::source(&e) {
-                s.push_str(&format!(": {src}"));
-            }
-            s
-        })?;
+        let host_device = self.host_device;
+        let (file, _, _, request_alignment, mem_alignment, writable) =
+            Self::open_file(o, host_device).map_err(|e| {
+                let mut s = e.to_string();
+                if let Some(src) = std::error::Error::source(&e) {
+                    s.push_str(&format!(": {src}"));
+                }
+                s
+            })?;
         Ok(FileReopen {
             file,
-            writable: !o.read_only,
+            writable,
             direct: o.cache.direct,
             no_flush: o.cache.no_flush,
             discard_unmap: o.discard == DiscardMode::Unmap,

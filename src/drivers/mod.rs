@@ -21,7 +21,7 @@ mod throttle;
 
 pub use caps::{BackingFile, FormatSpecific, ImageFormat, InternalSnapshots, ProtocolFile};
 pub use cor::{CorDriver, CorOptions};
-pub use file::{CacheOptions, FileDriver, FileOptions, Locking};
+pub use file::{Aio, CacheOptions, FileDriver, FileOptions, Locking};
 pub use null::{NullDriver, NullOptions};
 pub use qcow2::{Qcow2Driver, Qcow2Options};
 pub use reopen::PreparedReopen;
@@ -42,6 +42,10 @@ use crate::block::{BlockDriver, BlockError, Graph, GraphError, Node};
 pub enum BlockdevOptions {
     CopyOnRead(CorOptions),
     File(FileOptions),
+    /// The `file` driver on a block (or character) device, as QEMU's
+    /// host_device: the same options, and the file must be a device.
+    #[serde(rename = "host_device")]
+    HostDevice(FileOptions),
     NullCo(NullOptions),
     Qcow2(Qcow2Options),
     Raw(RawOptions),
@@ -92,7 +96,81 @@ pub enum DiscardMode {
     Unmap,
 }
 
+/// `detect-zeroes`: whether a write whose data is all zeroes is turned
+/// into a write-zeroes request (QEMU's bdrv_aligned_pwritev).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DetectZeroes {
+    #[default]
+    Off,
+    /// All-zero writes become write-zeroes (the space stays allocated).
+    On,
+    /// All-zero writes become write-zeroes that may deallocate, when the
+    /// node has `discard=unmap` (QEMU refuses `unmap` without it).
+    Unmap,
+}
+
+/// The options QEMU's BlockdevOptions has for every driver, beside
+/// `node-name`, `read-only`, `discard` and `cache`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CommonOptions {
+    /// With `read-only=off`, open read-only when the image cannot be
+    /// opened for writing instead of failing (QEMU's auto-read-only; libvirt
+    /// sets it on every protocol node). Only the `file`/`host_device`
+    /// drivers can fall back; a writer then fails to attach.
+    pub auto_read_only: bool,
+    pub detect_zeroes: DetectZeroes,
+    /// Open the image without taking its locks' shared-permission bytes
+    /// (QEMU's force-share; needs `read-only=on`, as in QEMU).
+    pub force_share: bool,
+}
+
 impl BlockdevOptions {
+    /// The options every driver has.
+    pub fn common(&self) -> CommonOptions {
+        macro_rules! c {
+            ($o:expr) => {
+                CommonOptions {
+                    auto_read_only: $o.auto_read_only,
+                    detect_zeroes: $o.detect_zeroes,
+                    force_share: $o.force_share,
+                }
+            };
+        }
+        match self {
+            BlockdevOptions::CopyOnRead(o) => c!(o),
+            BlockdevOptions::File(o) | BlockdevOptions::HostDevice(o) => c!(o),
+            BlockdevOptions::NullCo(o) => c!(o),
+            BlockdevOptions::Qcow2(o) => c!(o),
+            BlockdevOptions::Raw(o) => c!(o),
+            BlockdevOptions::Throttle(o) => c!(o),
+        }
+    }
+
+    /// The `discard` option of drivers that have one.
+    pub fn discard(&self) -> DiscardMode {
+        match self {
+            BlockdevOptions::File(o) | BlockdevOptions::HostDevice(o) => o.discard,
+            BlockdevOptions::Raw(o) => o.discard,
+            BlockdevOptions::Qcow2(o) => o.discard,
+            BlockdevOptions::NullCo(_)
+            | BlockdevOptions::Throttle(_)
+            | BlockdevOptions::CopyOnRead(_) => DiscardMode::Ignore,
+        }
+    }
+
+    /// Checks the common options as QEMU's bdrv_open_common does.
+    pub(crate) fn check_common(&self) -> Result<(), String> {
+        let c = self.common();
+        if c.detect_zeroes == DetectZeroes::Unmap && self.discard() != DiscardMode::Unmap {
+            return Err("setting detect-zeroes to unmap is not allowed without setting discard operation to unmap".into());
+        }
+        if c.force_share && !self.read_only() {
+            return Err("force-share=on can only be used with read-only images".into());
+        }
+        Ok(())
+    }
+
     /// Parses options, naming the parameter an error is about (serde's
     /// tagged enums lose that).
     pub fn from_json(v: serde_json::Value) -> Result<Self, String> {
@@ -110,6 +188,7 @@ impl BlockdevOptions {
         match driver.as_str() {
             "copy-on-read" => de(inner).map(BlockdevOptions::CopyOnRead),
             "file" => de(inner).map(BlockdevOptions::File),
+            "host_device" => de(inner).map(BlockdevOptions::HostDevice),
             "null-co" => de(inner).map(BlockdevOptions::NullCo),
             "qcow2" => de(inner).map(BlockdevOptions::Qcow2),
             "raw" => de(inner).map(BlockdevOptions::Raw),
@@ -121,7 +200,9 @@ impl BlockdevOptions {
     /// Takes `discard=unmap` from a parent (inline children).
     pub fn inherit_discard_unmap(&mut self) {
         match self {
-            BlockdevOptions::File(o) => o.discard = DiscardMode::Unmap,
+            BlockdevOptions::File(o) | BlockdevOptions::HostDevice(o) => {
+                o.discard = DiscardMode::Unmap
+            }
             BlockdevOptions::Raw(o) => o.discard = DiscardMode::Unmap,
             BlockdevOptions::Qcow2(o) => o.discard = DiscardMode::Unmap,
             BlockdevOptions::NullCo(_)
@@ -133,7 +214,7 @@ impl BlockdevOptions {
     pub fn node_name(&self) -> &str {
         match self {
             BlockdevOptions::CopyOnRead(o) => &o.node_name,
-            BlockdevOptions::File(o) => &o.node_name,
+            BlockdevOptions::File(o) | BlockdevOptions::HostDevice(o) => &o.node_name,
             BlockdevOptions::NullCo(o) => &o.node_name,
             BlockdevOptions::Qcow2(o) => &o.node_name,
             BlockdevOptions::Raw(o) => &o.node_name,
@@ -144,7 +225,7 @@ impl BlockdevOptions {
     pub fn set_node_name(&mut self, name: String) {
         match self {
             BlockdevOptions::CopyOnRead(o) => o.node_name = name,
-            BlockdevOptions::File(o) => o.node_name = name,
+            BlockdevOptions::File(o) | BlockdevOptions::HostDevice(o) => o.node_name = name,
             BlockdevOptions::NullCo(o) => o.node_name = name,
             BlockdevOptions::Qcow2(o) => o.node_name = name,
             BlockdevOptions::Raw(o) => o.node_name = name,
@@ -155,7 +236,7 @@ impl BlockdevOptions {
     pub fn read_only(&self) -> bool {
         match self {
             BlockdevOptions::CopyOnRead(o) => o.read_only,
-            BlockdevOptions::File(o) => o.read_only,
+            BlockdevOptions::File(o) | BlockdevOptions::HostDevice(o) => o.read_only,
             BlockdevOptions::NullCo(o) => o.read_only,
             BlockdevOptions::Qcow2(o) => o.read_only,
             BlockdevOptions::Raw(o) => o.read_only,
@@ -167,6 +248,7 @@ impl BlockdevOptions {
         match self {
             BlockdevOptions::CopyOnRead(_) => "copy-on-read",
             BlockdevOptions::File(_) => "file",
+            BlockdevOptions::HostDevice(_) => "host_device",
             BlockdevOptions::NullCo(_) => "null-co",
             BlockdevOptions::Qcow2(_) => "qcow2",
             BlockdevOptions::Raw(_) => "raw",
@@ -181,6 +263,7 @@ pub fn open(opts: &BlockdevOptions, graph: &mut Graph) -> Result<Box<dyn BlockDr
     Ok(match opts {
         BlockdevOptions::CopyOnRead(o) => Box::new(CorDriver::open(o, graph)?),
         BlockdevOptions::File(o) => Box::new(FileDriver::open(o)?),
+        BlockdevOptions::HostDevice(o) => Box::new(FileDriver::open_host_device(o)?),
         BlockdevOptions::NullCo(o) => Box::new(NullDriver::open(o)?),
         BlockdevOptions::Qcow2(o) => Box::new(Qcow2Driver::open(o, graph)?),
         BlockdevOptions::Raw(o) => Box::new(RawDriver::open(o, graph)?),
@@ -193,7 +276,18 @@ pub fn open(opts: &BlockdevOptions, graph: &mut Graph) -> Result<Box<dyn BlockDr
 impl Graph {
     /// Opens a node from `opts` (children are looked up by name) and adds it.
     pub fn add(&mut self, opts: &BlockdevOptions) -> Result<Arc<Node>, GraphError> {
+        opts.check_common().map_err(|reason| GraphError::Open {
+            node: opts.node_name().to_string(),
+            reason,
+        })?;
         let node = self.insert_opened(opts.node_name(), opts.read_only(), |g| open(opts, g))?;
+        node.set_detect_zeroes(opts.common().detect_zeroes);
+        if let Some(f) = driver_as::<FileDriver>(&node) {
+            // auto-read-only fell back to a read-only descriptor.
+            if !opts.read_only() && !f.is_writable() {
+                node.set_read_only(true);
+            }
+        }
         if let Some(q) = driver_as::<Qcow2Driver>(&node) {
             let loaded = q.attach_node(&node);
             if !loaded.is_empty() {

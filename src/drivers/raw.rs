@@ -24,6 +24,17 @@ pub struct RawOptions {
     pub read_only: bool,
     #[serde(default)]
     pub discard: DiscardMode,
+    /// Common options (QEMU's BlockdevOptions base): see [`super::CommonOptions`].
+    #[serde(default, deserialize_with = "opts::bool")]
+    pub auto_read_only: bool,
+    #[serde(default)]
+    pub detect_zeroes: super::DetectZeroes,
+    #[serde(default, deserialize_with = "opts::bool")]
+    pub force_share: bool,
+    /// Accepted on every node as QEMU does; only `file`/`host_device`
+    /// nodes act on it (a child opened in place does not inherit it).
+    #[serde(default)]
+    pub cache: super::CacheOptions,
 }
 
 /// What raw takes on its file, and shares: like QEMU's format drivers, a

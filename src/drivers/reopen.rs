@@ -30,7 +30,10 @@ impl PreparedReopen {
     /// read-only state, then the driver's options. Called with no request
     /// in flight (a drained section).
     pub fn commit(self, node: &Node) {
-        node.set_read_only(self.opts.read_only());
+        // auto-read-only may have opened the new descriptor read-only.
+        let fell_back = self.file.as_ref().is_some_and(|f| !f.writable());
+        node.set_read_only(self.opts.read_only() || fell_back);
+        node.set_detect_zeroes(self.opts.common().detect_zeroes);
         if let Some(fr) = self.file {
             if let Some(f) = driver_as::<FileDriver>(node) {
                 f.commit_reopen(fr);
@@ -59,8 +62,9 @@ impl Node {
     /// [`PreparedReopen::commit`].
     pub fn prepare_reopen(&self, opts: &BlockdevOptions) -> Result<PreparedReopen, String> {
         let mismatch = || format!("node '{}': driver mismatch", self.name());
+        opts.check_common()?;
         let file = match opts {
-            BlockdevOptions::File(fo) => {
+            BlockdevOptions::File(fo) | BlockdevOptions::HostDevice(fo) => {
                 let f = driver_as::<FileDriver>(self).ok_or_else(mismatch)?;
                 Some(f.prepare_reopen(fo)?)
             }

@@ -21,6 +21,17 @@ pub struct ThrottleOptions {
     pub file: BlockdevRef,
     #[serde(default, deserialize_with = "opts::bool")]
     pub read_only: bool,
+    /// Common options (QEMU's BlockdevOptions base): see [`super::CommonOptions`].
+    #[serde(default, deserialize_with = "opts::bool")]
+    pub auto_read_only: bool,
+    #[serde(default)]
+    pub detect_zeroes: super::DetectZeroes,
+    #[serde(default, deserialize_with = "opts::bool")]
+    pub force_share: bool,
+    /// Accepted on every node as QEMU does; only `file`/`host_device`
+    /// nodes act on it (a child opened in place does not inherit it).
+    #[serde(default)]
+    pub cache: super::CacheOptions,
 }
 
 pub struct ThrottleDriver {

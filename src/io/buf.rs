@@ -211,6 +211,28 @@ impl IoVecs {
         unsafe { IoVecs::from_raw(iov, Owner::Parents(parts)) }
     }
 
+    /// Whether every byte of the list is zero (detect-zeroes). Guest
+    /// memory may change while it is read: the answer is then either; a
+    /// guest racing its own write gets either data, as in QEMU.
+    pub fn is_zero(&self) -> bool {
+        self.inner.iov.iter().all(|v| {
+            if v.iov_len == 0 {
+                return true;
+            }
+            // SAFETY: by the contract of `from_raw`, each iovec is valid for
+            // reads of `iov_len` bytes while `self` (and so its owner) is
+            // alive; the bytes are only compared.
+            let s = unsafe { std::slice::from_raw_parts(v.iov_base.cast::<u8>(), v.iov_len) };
+            let (head, words, tail) = {
+                // SAFETY: any bit pattern is a valid u64.
+                unsafe { s.align_to::<u64>() }
+            };
+            head.iter().all(|&b| b == 0)
+                && words.iter().all(|&w| w == 0)
+                && tail.iter().all(|&b| b == 0)
+        })
+    }
+
     /// Fills the whole list with zeroes.
     pub fn fill_zero(&self) {
         for v in &self.inner.iov {

@@ -204,7 +204,7 @@ fn block_device_info(node: &Node, flat: bool) -> Value {
         "ro": node.is_read_only(),
         "encrypted": false,
         "backing_file_depth": node.backing_depth(),
-        "detect_zeroes": "off",
+        "detect_zeroes": node.detect_zeroes(),
         "bps": 0, "bps_rd": 0, "bps_wr": 0,
         "iops": 0, "iops_rd": 0, "iops_wr": 0,
         "write_threshold": node.write_threshold(),

@@ -56,6 +56,9 @@ impl From<StateError> for QmpError {
 pub enum ExportRefusal {
     #[error("an export with this id already exists")]
     Exists,
+    /// QEMU's wording (block/export/export.c).
+    #[error("iothread \"{0}\" not found")]
+    NoIothread(String),
     #[error(
         "logical-block-size {lbs} is smaller than the {align}-byte alignment node '{node}' needs \
          (cache.direct=on on a device with larger sectors); set logical-block-size={align}"

@@ -25,6 +25,21 @@ impl State {
         if lock(&self.exports).contains_key(&e.id) {
             return Err(err(ExportRefusal::Exists));
         }
+        // `iothread`: the named objects must exist; the export polls as
+        // the first one does unless it says otherwise.
+        let mut resolved = e.clone();
+        for (i, name) in e.iothreads.iter().enumerate() {
+            let t = self
+                .iothread(name)
+                .ok_or_else(|| err(ExportRefusal::NoIothread(name.clone())))?;
+            if i == 0 && !e.poll_max_ns_given {
+                resolved.poll_max_ns = t
+                    .poll_max_ns
+                    .unwrap_or(crate::config::IOTHREAD_DEFAULT_POLL_MAX_NS)
+                    .min(1_000_000_000);
+            }
+        }
+        let e = &resolved;
         let node = self.graph().get(&e.node_name)?;
         let align = node.request_alignment();
         if e.logical_block_size % align != 0 {
@@ -45,7 +60,7 @@ impl State {
         let state = Arc::new(ExportState::new(e.clone(), Arc::new(blk), self.engine));
         let server = Server::bind(state)?;
         log::info!(
-            "export {}: vhost-user-blk on {}, {} queues, {} iothreads, {}",
+            "export {}: vhost-user-blk on {}, {} queues, {} iothreads{}, {}",
             e.id,
             match server.socket_path() {
                 Some(p) => p.display().to_string(),
@@ -53,6 +68,15 @@ impl State {
             },
             e.num_queues,
             e.num_iothreads,
+            if e.iothreads.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " (iothread {}, poll-max-ns {})",
+                    e.iothreads.join(","),
+                    e.poll_max_ns
+                )
+            },
             if e.writable { "writable" } else { "read-only" }
         );
         Ok(server)

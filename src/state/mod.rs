@@ -69,6 +69,9 @@ pub struct State {
     /// serialises QMP: graph changes (snapshots, transactions) never
     /// interleave.
     commands: Mutex<()>,
+    /// `--object iothread` / object-add: their properties, which exports
+    /// naming them take (config::ExportConfig::iothreads).
+    iothreads: Mutex<BTreeMap<String, crate::config::IothreadOptions>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -90,6 +93,7 @@ impl State {
             exports: Mutex::new(BTreeMap::new()),
             participants: RwLock::new(Vec::new()),
             commands: Mutex::new(()),
+            iothreads: Mutex::new(BTreeMap::new()),
             events: crate::events::global().clone(),
         })
     }
@@ -141,12 +145,45 @@ impl State {
 
     /// object-add.
     pub fn add_object(&self, o: &crate::config::ObjectOptions) -> Result<(), StateError> {
-        let crate::config::ObjectOptions::ThrottleGroup(t) = o;
-        self.graph()
-            .add_throttle_group(&t.id, t.limits.clone())
-            .map_err(StateError::Object)?;
-        log::info!("throttle group {}: created", t.id);
+        let dup = |id: &str| {
+            StateError::Object(format!(
+                "attempt to add duplicate property '{id}' to object (type 'container')"
+            ))
+        };
+        match o {
+            crate::config::ObjectOptions::ThrottleGroup(t) => {
+                if lock(&self.iothreads).contains_key(&t.id) {
+                    return Err(dup(&t.id));
+                }
+                self.graph()
+                    .add_throttle_group(&t.id, t.limits.clone())
+                    .map_err(StateError::Object)?;
+                log::info!("throttle group {}: created", t.id);
+            }
+            crate::config::ObjectOptions::Iothread(t) => {
+                if t.id.is_empty() {
+                    return Err(StateError::Object("'id' must not be empty".into()));
+                }
+                let mut threads = lock(&self.iothreads);
+                if threads.contains_key(&t.id) || self.graph().throttle_group(&t.id).is_some() {
+                    return Err(dup(&t.id));
+                }
+                threads.insert(t.id.clone(), t.clone());
+                log::info!("iothread {}: created", t.id);
+            }
+        }
         Ok(())
+    }
+
+    /// object-del of an iothread: false when there is none of that id.
+    /// Exports that named it keep their own threads and settings.
+    pub fn del_iothread(&self, id: &str) -> bool {
+        lock(&self.iothreads).remove(id).is_some()
+    }
+
+    /// The iothread object `id`.
+    pub fn iothread(&self, id: &str) -> Option<crate::config::IothreadOptions> {
+        lock(&self.iothreads).get(id).cloned()
     }
 
     /// Removes a node no one uses (no export, no parent node).

@@ -55,6 +55,10 @@ fn file_node(path: &str) -> Arc<Node> {
         },
         discard: DiscardMode::Unmap,
         locking: Locking::Off,
+        auto_read_only: false,
+        detect_zeroes: Default::default(),
+        force_share: false,
+        aio: Default::default(),
     })
     .expect("open file node");
     Node::new("file".into(), Box::new(d), false)

@@ -116,6 +116,17 @@ pub struct Qcow2Options {
     pub pass_discard_other: Option<bool>,
     #[serde(default)]
     pub overlap_check: Option<OverlapCheck>,
+    /// Common options (QEMU's BlockdevOptions base): see [`crate::drivers::CommonOptions`].
+    #[serde(default, deserialize_with = "opts::bool")]
+    pub auto_read_only: bool,
+    #[serde(default)]
+    pub detect_zeroes: crate::drivers::DetectZeroes,
+    #[serde(default, deserialize_with = "opts::bool")]
+    pub force_share: bool,
+    /// Accepted on every node as QEMU does; only `file`/`host_device`
+    /// nodes act on it (a child opened in place does not inherit it).
+    #[serde(default)]
+    pub cache: crate::drivers::CacheOptions,
 }
 
 pub use crate::block::{Allocation, BlockStatus};
