@@ -3,10 +3,11 @@
 //! SIGTERM/SIGINT/quit, and shutdown. `main` calls [`run`].
 //!
 //! ```text
-//!   block SIGTERM/SIGINT -> [daemonize] -> check pidfile -> State::add_blockdev
+//!   block SIGTERM/SIGINT -> systemd's sockets to their exports/monitors
+//!          -> [daemonize] -> check pidfile -> State::add_blockdev
 //!          (Graph) -> State::bind_export (socket) -> write pidfile
-//!          -> start exports and monitors
-//!   SIGTERM/SIGINT/quit -> quiesce exports, fail parked requests -> drain
+//!          -> start exports and monitors -> READY=1 [watchdog thread]
+//!   SIGTERM/SIGINT/quit -> STOPPING=1 -> quiesce exports, fail parked requests -> drain
 //!          -> flush every node -> remove sockets and pidfile
 //!          -> exit 0 (1 if a parked write was dropped or a flush failed)
 //! ```

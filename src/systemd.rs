@@ -10,7 +10,7 @@
 //!   name == an export's id                 -> that export listens on it
 //!   an export with addr.type=fd,addr.str=NAME -> the socket named NAME
 //!   name == a --chardev id (or a [[monitor]]'s id) -> that QMP monitor
-//!   one socket, unnamed or "unknown", one export -> that export
+//!   one socket, one export, the name no monitor's -> that export
 //!   any other socket                        -> start-up is refused
 //! ```
 //!
@@ -57,8 +57,6 @@ pub enum SystemdError {
 pub struct Activation {
     /// (name, fd, claimed)
     fds: Vec<(String, RawFd, bool)>,
-    /// LISTEN_FDNAMES was absent.
-    unnamed: bool,
 }
 
 fn env_err(var: &'static str, value: &str, reason: &'static str) -> SystemdError {
@@ -99,7 +97,6 @@ impl Activation {
             .ok()
             .filter(|c| c.checked_add(LISTEN_FDS_START).is_some())
             .ok_or_else(|| env_err("LISTEN_FDS", &n, "too many descriptors"))?;
-        let unnamed = names.is_none();
         let names: Vec<String> = match &names {
             None => vec!["unknown".to_string(); count],
             Some(s) => s.split(':').map(str::to_string).collect(),
@@ -125,7 +122,7 @@ impl Activation {
             })?;
             fds.push((name, fd, false));
         }
-        Ok(Activation { fds, unnamed })
+        Ok(Activation { fds })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -141,15 +138,18 @@ impl Activation {
     /// Gives the sockets to the exports and monitors of `config` by name
     /// (see the module's table). Every socket must find its user.
     pub fn apply(mut self, config: &mut Config) -> Result<(), SystemdError> {
-        // One socket with no name and one export: systemd-socket-activate
-        // without --fdname, a .socket unit without FileDescriptorName=.
+        // One socket and one export, the socket named after no monitor and
+        // no export's addr.str: systemd-socket-activate without --fdname
+        // ("unknown"), a .socket unit without FileDescriptorName= (the
+        // unit's name).
+        let only = self.fds.first().map(|f| f.0.clone()).unwrap_or_default();
         if self.fds.len() == 1
-            && (self.unnamed || self.fds[0].0 == "unknown")
             && config.exports.len() == 1
             && !config
                 .monitors
                 .iter()
-                .any(|m| m.id.as_deref() == Some("unknown"))
+                .any(|m| m.id.as_deref() == Some(&only))
+            && !matches!(&config.exports[0].addr, SocketAddress::Fd { str } if str.parse::<RawFd>().is_err())
         {
             let name = config.exports[0].id.clone();
             self.fds[0].0 = name;
@@ -273,13 +273,12 @@ mod tests {
         (d, l.into_raw_fd())
     }
 
-    fn act(fds: &[(&str, RawFd)], unnamed: bool) -> Activation {
+    fn act(fds: &[(&str, RawFd)]) -> Activation {
         Activation {
             fds: fds
                 .iter()
                 .map(|(n, f)| (n.to_string(), *f, false))
                 .collect(),
-            unnamed,
         }
     }
 
@@ -302,7 +301,7 @@ mod tests {
             "--monitor",
             "chardev=mon0",
         ]);
-        act(&[("e0", a), ("mon0", c), ("disk1", b)], false)
+        act(&[("e0", a), ("mon0", c), ("disk1", b)])
             .apply(&mut cfg)
             .unwrap();
         assert_eq!(
@@ -324,10 +323,10 @@ mod tests {
             BLOCKDEV,
             "--export",
             "type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=/nonexistent/e0",
+            "--export",
+            "type=vhost-user-blk,id=e1,node-name=n0,addr.type=unix,addr.path=/nonexistent/e1",
         ];
-        let e = act(&[("other", a)], false)
-            .apply(&mut config(&args))
-            .unwrap_err();
+        let e = act(&[("other", a)]).apply(&mut config(&args)).unwrap_err();
         assert!(
             matches!(e, SystemdError::Unclaimed(ref n) if n == "other"),
             "{e}"
@@ -338,15 +337,17 @@ mod tests {
             "--export",
             "type=vhost-user-blk,id=e0,node-name=n0,addr.type=fd,addr.str=nope",
         ]);
-        let e = act(&[("e0", a)], false).apply(&mut cfg).unwrap_err();
+        let e = act(&[("e0", a)]).apply(&mut cfg).unwrap_err();
         assert!(matches!(e, SystemdError::NoSuchName { .. }), "{e}");
     }
 
     #[test]
-    fn one_unnamed_socket_goes_to_the_only_export() {
+    fn one_socket_goes_to_the_only_export_whatever_its_name() {
         let (_d, a) = listener();
         let mut cfg = config(&["--image", "/nonexistent.img", "--socket", "/nonexistent/s"]);
-        act(&[("unknown", a)], true).apply(&mut cfg).unwrap();
+        act(&[("vhost-user-blkd@vm1.socket", a)])
+            .apply(&mut cfg)
+            .unwrap();
         assert_eq!(
             cfg.exports[0].addr,
             SocketAddress::Fd { str: a.to_string() }

@@ -6,6 +6,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -234,7 +235,7 @@ fn one_unnamed_socket_serves_the_short_form_export_and_the_watchdog_pings() {
 fn a_socket_nobody_claims_is_refused_at_start() {
     let (mut a, _conn) = Activated::start(
         dir_with_image(1 << 20),
-        &[("vub.sock", "nosuchexport")],
+        &[("vub.sock", "export0"), ("other.sock", "nosuchexport")],
         &["--image", "{dir}/disk.img", "--socket", "{dir}/unused.sock"],
         &[],
     );
@@ -252,4 +253,33 @@ impl Activated {
         self.notify.set_nonblocking(true).unwrap();
         self.next_message()
     }
+}
+
+/// The unit templates in systemd/ pass `systemd-analyze verify` (with
+/// ExecStart= pointed at the built daemon, which the check requires to
+/// exist).
+#[test]
+fn unit_templates_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd");
+    for f in ["vhost-user-blkd@.service", "vhost-user-blkd@.socket"] {
+        let text = std::fs::read_to_string(units.join(f)).unwrap();
+        std::fs::write(
+            dir.path().join(f),
+            text.replace("/usr/bin/vhost-user-blkd", daemon_bin()),
+        )
+        .unwrap();
+    }
+    let out = Command::new("systemd-analyze")
+        .args([
+            "verify",
+            "--man=no",
+            "vhost-user-blkd@vm1.service",
+            "vhost-user-blkd@vm1.socket",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .expect("systemd-analyze");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.trim().is_empty(), "{err}");
 }
