@@ -30,6 +30,7 @@ pub mod signals;
 pub mod snapshot;
 pub mod sockpath;
 pub mod state;
+pub mod systemd;
 pub mod throttle;
 pub mod transaction;
 pub mod vhost_user;

@@ -3,10 +3,11 @@
 //! SIGTERM/SIGINT/quit, and shutdown. `main` calls [`run`].
 //!
 //! ```text
-//!   block SIGTERM/SIGINT -> [daemonize] -> check pidfile -> State::add_blockdev
+//!   block SIGTERM/SIGINT -> systemd's sockets to their exports/monitors
+//!          -> [daemonize] -> check pidfile -> State::add_blockdev
 //!          (Graph) -> State::bind_export (socket) -> write pidfile
-//!          -> start exports and monitors
-//!   SIGTERM/SIGINT/quit -> quiesce exports, fail parked requests -> drain
+//!          -> start exports and monitors -> READY=1 [watchdog thread]
+//!   SIGTERM/SIGINT/quit -> STOPPING=1 -> quiesce exports, fail parked requests -> drain
 //!          -> flush every node -> remove sockets and pidfile
 //!          -> exit 0 (1 if a parked write was dropped or a flush failed)
 //! ```
@@ -55,6 +56,10 @@ pub enum ShellError {
     MonitorStart(#[source] std::io::Error),
     #[error("cannot set up signal handling")]
     Signals(#[source] std::io::Error),
+    #[error(transparent)]
+    Systemd(#[from] crate::systemd::SystemdError),
+    #[error("cannot start the watchdog thread")]
+    Watchdog(#[source] std::io::Error),
 }
 
 /// A State with the subsystems that take part in its drained sections.
@@ -282,7 +287,7 @@ impl Pidfile {
 
 /// Runs the daemon until SIGTERM, SIGINT or QMP `quit`, then shuts down
 /// cleanly.
-pub fn run(config: Config) -> Result<(), ShellError> {
+pub fn run(mut config: Config) -> Result<(), ShellError> {
     // Order matters: SIGTERM/SIGINT are blocked before any thread exists
     // (threads inherit the mask; a thread that had them unblocked could be
     // handed a SIGTERM and the process would die without draining), and the
@@ -290,6 +295,9 @@ pub fn run(config: Config) -> Result<(), ShellError> {
     // timers would not survive a fork). Start-up errors after the fork are
     // printed by the child, whose exit tells the waiting parent.
     let signals = TerminationSignals::block().map_err(ShellError::Signals)?;
+    // Sockets systemd passed, given to the exports and monitors they name;
+    // before any thread exists (it edits the environment).
+    crate::systemd::Activation::from_env()?.apply(&mut config)?;
     raise_open_files_limit();
     let mut ready_pipe = if config.daemonize {
         Some(daemonize()?)
@@ -328,7 +336,13 @@ pub fn run(config: Config) -> Result<(), ShellError> {
     for server in servers {
         state.start_export(server)?;
     }
-    let monitor_sockets: Vec<PathBuf> = monitors.iter().map(|m| m.path().to_path_buf()).collect();
+    // A monitor on a socket systemd passed leaves it in place.
+    let monitor_sockets: Vec<PathBuf> = config
+        .monitors
+        .iter()
+        .filter(|m| m.fd.is_none())
+        .map(|m| m.path.clone())
+        .collect();
     for m in monitors {
         m.start().map_err(ShellError::MonitorStart)?;
     }
@@ -336,11 +350,32 @@ pub fn run(config: Config) -> Result<(), ShellError> {
         let _ = p.write_all(b"1");
         redirect_stdio_to_null();
     }
+    let daemonized = ready_pipe.is_some();
     drop(ready_pipe);
     log::info!("ready");
+    // Every export listens and every monitor accepts: READY=1 (with our pid
+    // when daemonized, for a unit with NotifyAccess=all).
+    let status = format!(
+        "STATUS=serving {} export(s), {} monitor(s)",
+        config.exports.len(),
+        config.monitors.len()
+    );
+    crate::systemd::notify(&if daemonized {
+        format!("READY=1\n{status}\nMAINPID={}", std::process::id())
+    } else {
+        format!("READY=1\n{status}")
+    });
+    if let Some(interval) = crate::systemd::watchdog_interval() {
+        // Each ping first takes the exports' lock, as every export and
+        // monitor command does: a daemon wedged there stops pinging.
+        let s = state.clone();
+        crate::systemd::start_watchdog(interval, move || drop(s.socket_paths()))
+            .map_err(ShellError::Watchdog)?;
+    }
 
     let sig = signals.wait();
     log::info!("signal {sig}: draining and flushing");
+    crate::systemd::notify("STOPPING=1\nSTATUS=draining and flushing");
     let outcome = state.shutdown();
     for s in state.socket_paths().iter().chain(&monitor_sockets) {
         let _ = std::fs::remove_file(s);

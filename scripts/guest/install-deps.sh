@@ -35,8 +35,12 @@ if [ "$step2" = 1 ]; then
     apt_install qemu-utils qemu-block-extra
 fi
 
+# tests/systemd.rs: systemd-socket-activate and systemd-analyze.
+have systemd-socket-activate || apt_install systemd
+
 # Final verification, with a clear message instead of a confusing failure later.
-for c in qemu-system-x86_64 qemu-storage-daemon qemu-img fio cpio gzip dpkg-deb ldd; do
+for c in qemu-system-x86_64 qemu-storage-daemon qemu-img fio cpio gzip dpkg-deb ldd \
+    systemd-socket-activate systemd-analyze; do
     have "$c" || die "required command '$c' still missing after installation"
 done
 [ -x /bin/busybox ] || die "/bin/busybox missing after installing busybox-static"

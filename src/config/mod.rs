@@ -224,6 +224,13 @@ pub struct MonitorConfig {
     pub path: PathBuf,
     #[serde(default, deserialize_with = "crate::opts::bool")]
     pub pretty: bool,
+    /// The --chardev id: a socket systemd passes under this name
+    /// (LISTEN_FDNAMES) is the monitor's, and `path` is not bound.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// That socket (set by crate::systemd).
+    #[serde(skip)]
+    pub fd: Option<std::os::fd::RawFd>,
 }
 
 /// `--chardev`: only listening UNIX sockets, the kind a monitor uses.
@@ -425,7 +432,8 @@ impl TryFrom<VhostUserBlkOptions> for ExportConfig {
             ));
         }
         if let SocketAddress::Fd { str } = &o.addr {
-            if str.parse::<i32>().map_or(true, |fd| fd < 0) {
+            // A number, or the name of a socket systemd passes (crate::systemd).
+            if str.parse::<i32>().is_ok_and(|fd| fd < 0) || str.is_empty() {
                 return Err(err(
                     "addr.str",
                     format!("'{str}' is not a file descriptor number"),
@@ -614,6 +622,8 @@ impl TryFrom<Args> for Config {
             monitors.push(MonitorConfig {
                 path: path.clone(),
                 pretty: m.pretty,
+                id: Some(m.chardev.clone()),
+                fd: None,
             });
         }
         if exports.is_empty() && monitors.is_empty() {

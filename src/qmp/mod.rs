@@ -100,9 +100,24 @@ impl Monitor {
             path: cfg.path.clone(),
             source,
         };
-        crate::sockpath::remove_stale(&cfg.path, false).map_err(err)?;
-        let listener = UnixListener::bind(&cfg.path).map_err(err)?;
-        log::info!("QMP monitor on {}", cfg.path.display());
+        let listener = match cfg.fd {
+            // Passed by systemd (crate::systemd); its path is the .socket
+            // unit's, not bound here.
+            Some(fd) => {
+                crate::vhost_user::check_listening_unix_socket(fd).map_err(err)?;
+                log::info!("QMP monitor on the socket systemd passed (fd {fd})");
+                // SAFETY: systemd passed this listening socket for this
+                // monitor alone (crate::systemd hands each out once); the
+                // listener owns it from here.
+                unsafe { <UnixListener as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+            }
+            None => {
+                crate::sockpath::remove_stale(&cfg.path, false).map_err(err)?;
+                let l = UnixListener::bind(&cfg.path).map_err(err)?;
+                log::info!("QMP monitor on {}", cfg.path.display());
+                l
+            }
+        };
         Ok(Monitor {
             listener,
             path: cfg.path.clone(),

@@ -24,4 +24,4 @@ mod worker;
 
 pub use connection::VhostUserBlk;
 pub use export::{Dropped, ExportState};
-pub use server::{Listener, Server, ServerControl, ServerError};
+pub use server::{check_listening_unix_socket, Listener, Server, ServerControl, ServerError};

@@ -94,7 +94,7 @@ impl ServerControl {
 }
 
 /// Checks that `fd` is a listening UNIX stream socket.
-fn check_listening_unix_socket(fd: RawFd) -> io::Result<()> {
+pub fn check_listening_unix_socket(fd: RawFd) -> io::Result<()> {
     use super::notify::getsockopt_int;
     match getsockopt_int(fd, libc::SO_DOMAIN) {
         None => return Err(io::Error::last_os_error()),
@@ -130,7 +130,9 @@ impl Server {
                 let fd: RawFd = str.parse().map_err(|_| ServerError::BadFd {
                     export: id.clone(),
                     fd: -1,
-                    source: io::Error::other("not a number"),
+                    source: io::Error::other(format!(
+                        "'{str}' is not a number, nor the name of a socket systemd passed"
+                    )),
                 })?;
                 check_listening_unix_socket(fd).map_err(|source| ServerError::BadFd {
                     export: id.clone(),
