@@ -14,6 +14,7 @@ mod cor;
 mod dispatch;
 pub mod file;
 mod null;
+pub mod probe;
 pub mod qcow2;
 mod raw;
 mod reopen;

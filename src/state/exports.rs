@@ -55,6 +55,13 @@ impl State {
             e.num_iothreads,
             if e.writable { "writable" } else { "read-only" }
         );
+        if let Some(p) = server.socket_path() {
+            log::info!(
+                "export {}: {}",
+                e.id,
+                crate::config::attach_hint(&e.id, p, e.num_queues)
+            );
+        }
         Ok(server)
     }
 
