@@ -195,13 +195,21 @@ fn short_form_refuses_an_unsupported_format_header_unless_format_raw() {
     let img = dir.path().join("d.qed");
     qemu_img(&["create", "-q", "-f", "qed", img.to_str().unwrap(), "16M"]);
     let sock = dir.path().join("s.sock");
-    let (code, _, err) = run(&[
-        "--image",
-        img.to_str().unwrap(),
-        "--socket",
-        sock.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 1, "{err}");
+    // Bounded: a daemon that served the image would run until killed.
+    let errf = dir.path().join("err.log");
+    let mut child = Command::new(daemon_bin())
+        .args(["--image", img.to_str().unwrap(), "--socket"])
+        .arg(&sock)
+        .stderr(std::fs::File::create(&errf).unwrap())
+        .spawn()
+        .unwrap();
+    let status = wait_timeout(&mut child, std::time::Duration::from_secs(20));
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let err = std::fs::read_to_string(&errf).unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{err}");
     assert!(
         err.contains("qed header") && err.contains("--format raw"),
         "{err}"
