@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use vhost_user_blkd::config::{Args, Config};
 use vhost_user_blkd::shell;
 
@@ -18,6 +18,9 @@ fn main() -> ExitCode {
             }
         };
     }
+    if argv.get(1).map(String::as_str) == Some("help") {
+        return help(argv.get(2).map(String::as_str));
+    }
     let args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) => {
@@ -27,6 +30,12 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    if args.print_capabilities {
+        // QEMU's backend program conventions (docs/interop/vhost-user.rst):
+        // a VHostUserBackendCapabilities object of docs/interop/vhost-user.json.
+        print!("{}", vhost_user_blkd::config::CAPABILITIES);
+        return ExitCode::SUCCESS;
+    }
     let config = match Config::try_from(args) {
         Ok(c) => c,
         Err(e) => {
@@ -44,6 +53,28 @@ fn main() -> ExitCode {
                 src = s.source();
             }
             eprintln!("vhost-user-blkd: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `vhost-user-blkd help [create]`: the long help of the daemon or of
+/// `create`.
+fn help(topic: Option<&str>) -> ExitCode {
+    match topic {
+        None => {
+            let _ = Args::command().print_long_help();
+            ExitCode::SUCCESS
+        }
+        Some("create") => match vhost_user_blkd::create::run(&["--help".to_string()]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vhost-user-blkd create: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Some(t) => {
+            eprintln!("vhost-user-blkd help: no help on '{t}' (topics: create)");
             ExitCode::from(1)
         }
     }

@@ -265,7 +265,7 @@ fn reconnecting_vms_leak_no_descriptors_threads_or_memory() {
         .unwrap();
     let export = format!(
         "vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={{sock}},writable=on,\
-         num-queues={QUEUES}"
+         num-queues={QUEUES},num-iothreads={QUEUES}"
     );
     let d = start_limited(
         dir,
@@ -350,7 +350,7 @@ fn export_add_and_del_leak_no_descriptors_threads_or_memory() {
             serde_json::json!({
                 "type": "vhost-user-blk", "id": id, "node-name": "n1",
                 "addr": {"type": "unix", "path": path}, "writable": true,
-                "num-queues": QUEUES,
+                "num-queues": QUEUES, "num-iothreads": QUEUES,
             }),
         )
     };
@@ -452,7 +452,7 @@ fn connection_set_up_failures_are_logged_once_with_their_cause() {
             "--blockdev",
             "driver=null-co,node-name=n0,size=64M",
             "--export",
-            "vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path={sock},num-queues=16",
+            "vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path={sock},num-queues=16,num-iothreads=16",
         ],
         &[],
     );

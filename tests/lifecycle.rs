@@ -49,7 +49,7 @@ fn wait_first_completion(vm: &Vm, q: usize) {
 
 #[test]
 fn four_queues_on_four_iothreads_serve_requests_in_parallel() {
-    let d = Daemon::raw(64 * MIB, &["--num-queues", "4"]);
+    let d = Daemon::raw(64 * MIB, &["--num-queues", "4", "--num-iothreads", "4"]);
     let mut vm = Vm::connect(
         &d.socket,
         VmOptions {

@@ -70,7 +70,8 @@ pub struct VhostUserBlkOptions {
     #[serde(default, deserialize_with = "opts::opt_uint")]
     pub poll_max_ns: Option<u64>,
     /// Worker threads (iothreads) serving the queues: queue q goes to thread
-    /// q % num-iothreads. Default: one per queue.
+    /// q % num-iothreads. Default: one per queue, but no more than the CPUs
+    /// the daemon may run on ([`online_cpus`]).
     #[serde(default, deserialize_with = "opts::opt_uint")]
     pub num_iothreads: Option<u64>,
     /// qemu-storage-daemon's `iothread`: an iothread object's id, or a list
@@ -121,4 +122,26 @@ impl IothreadRef {
     pub fn is_list(&self) -> bool {
         !matches!(self, IothreadRef::One(_))
     }
+}
+
+/// The CPUs this process may run on (its affinity mask and cgroup quota, as
+/// `std::thread::available_parallelism` counts them; 1 if unknown): the
+/// default cap on an export's iothreads, since more threads than CPUs only
+/// add context switches.
+pub fn online_cpus() -> u64 {
+    std::thread::available_parallelism().map_or(1, |n| n.get() as u64)
+}
+
+/// The frontend options that attach an export listening on `socket`: QEMU's
+/// and cloud-hypervisor's, for the start line. Both need the guest's memory
+/// shared (a memfd backend), or the backend cannot map the rings.
+pub fn attach_hint(id: &str, socket: &std::path::Path, num_queues: u16) -> String {
+    let path = socket.display();
+    format!(
+        "attach with QEMU: -object memory-backend-memfd,id=mem,size=RAM,share=on \
+         -machine memory-backend=mem -chardev socket,id=vub-{id},path={path},reconnect=1 \
+         -device vhost-user-blk-pci,chardev=vub-{id},num-queues={num_queues}; \
+         with cloud-hypervisor: --memory size=RAM,shared=on \
+         --disk vhost_user=true,socket={path},num_queues={num_queues}"
+    )
 }

@@ -12,7 +12,8 @@ mod export;
 pub mod keyval;
 
 pub use export::{
-    ExportOptions, SocketAddress, VhostUserBlkOptions, DEFAULT_NUM_QUEUES, DEFAULT_QUEUE_SIZE,
+    attach_hint, online_cpus, ExportOptions, SocketAddress, VhostUserBlkOptions,
+    DEFAULT_NUM_QUEUES, DEFAULT_QUEUE_SIZE,
 };
 
 use std::path::PathBuf;
@@ -21,9 +22,16 @@ use clap::Parser;
 use serde::Deserialize;
 
 use crate::block::policy::OnError;
+use crate::drivers::probe::{self, Probed};
 use crate::drivers::{
     BlockdevOptions, BlockdevRef, CacheOptions, DiscardMode, FileOptions, RawOptions,
 };
+
+/// What `--print-capabilities` prints: QEMU's VHostUserBackendCapabilities
+/// (docs/interop/vhost-user.json) for a backend of type `block`, with the
+/// block options of the backend program conventions this daemon takes.
+pub const CAPABILITIES: &str =
+    "{\n  \"type\": \"block\",\n  \"features\": [\n    \"read-only\",\n    \"blk-file\"\n  ]\n}\n";
 
 /// The largest number of queues: vhost-user-backend maps queues to threads
 /// with 64-bit masks.
@@ -35,6 +43,9 @@ pub const MAX_QUEUES: u16 = 64;
     version,
     about = "vhost-user-blk storage daemon with a QEMU-style block graph",
     after_help = "Short form:  vhost-user-blkd --image disk.img --socket /tmp/vub.sock\n\
+                  Backend program conventions (QEMU docs/interop/vhost-user.rst):\n\
+                  \x20            vhost-user-blkd --blk-file disk.img --socket-path /tmp/vub.sock [--read-only]\n\
+                  Create an image:  vhost-user-blkd create -f qcow2 disk.qcow2 10G  (see: vhost-user-blkd help create)\n\
                   Full form:   vhost-user-blkd --blockdev driver=file,node-name=f0,filename=disk.img \\\n\
                   \x20             --blockdev driver=raw,node-name=d0,file=f0 \\\n\
                   \x20             --export type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path=/tmp/vub.sock,writable=on"
@@ -76,20 +87,27 @@ pub struct Args {
     #[arg(long)]
     pub daemonize: bool,
 
-    /// Short form: the image to serve (a raw file or block device).
-    #[arg(long, value_name = "PATH")]
+    /// Print the vhost-user backend capabilities as JSON and exit (QEMU's
+    /// backend program conventions).
+    #[arg(long)]
+    pub print_capabilities: bool,
+
+    /// Short form: the image to serve (a file or block device; raw or qcow2).
+    #[arg(long, visible_alias = "blk-file", value_name = "PATH")]
     pub image: Option<PathBuf>,
     /// Short form: the UNIX socket to listen on.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, visible_alias = "socket-path", value_name = "PATH")]
     pub socket: Option<PathBuf>,
     /// Short form: an already listening socket passed by the orchestrator.
     #[arg(long, value_name = "N")]
     pub fd: Option<i32>,
-    /// Short form: image format (raw).
-    #[arg(long, value_name = "FORMAT", default_value = "raw")]
-    pub format: String,
+    /// Short form: image format, raw or qcow2 (default: probed, and logged;
+    /// an image with another format's header is served as raw only with
+    /// --format raw).
+    #[arg(long, value_name = "FORMAT")]
+    pub format: Option<String>,
     /// Short form: export read-only.
-    #[arg(long)]
+    #[arg(long, visible_alias = "read-only")]
     pub readonly: bool,
     /// Short form: open the image with O_DIRECT.
     #[arg(long)]
@@ -100,6 +118,10 @@ pub struct Args {
     /// Short form: number of queues.
     #[arg(long, value_name = "N")]
     pub num_queues: Option<u16>,
+    /// Short form: iothreads serving the queues (default: one per queue, at
+    /// most one per CPU the daemon may run on).
+    #[arg(long, value_name = "N")]
+    pub num_iothreads: Option<u16>,
     /// Short form: logical block size (512 or 4096).
     #[arg(long, value_name = "BYTES")]
     pub logical_block_size: Option<u32>,
@@ -417,7 +439,7 @@ impl TryFrom<VhostUserBlkOptions> for ExportConfig {
             (Some(n), _) => n,
             // One named iothread: every queue on one thread, as in QEMU.
             (None, k) if k > 0 => k.min(num_queues),
-            (None, _) => num_queues,
+            (None, _) => num_queues.min(export::online_cpus()),
         };
         if o.poll_max_ns.is_some_and(|n| n > 1_000_000_000) {
             return Err(err(
@@ -461,7 +483,68 @@ impl TryFrom<VhostUserBlkOptions> for ExportConfig {
     }
 }
 
+/// The formats the short form serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ShortFormat {
+    Raw,
+    Qcow2,
+}
+
 impl Args {
+    /// `--format`, or the probed format (and whether it was probed): QEMU's rule for probed images, a
+    /// header of another format is never served as raw unless `--format raw`
+    /// says so (and then with a warning).
+    fn short_form_format(
+        &self,
+        image: &std::path::Path,
+    ) -> Result<(ShortFormat, bool), ConfigError> {
+        let given = match self.format.as_deref() {
+            None => None,
+            Some("raw") => Some(ShortFormat::Raw),
+            Some("qcow2") => Some(ShortFormat::Qcow2),
+            Some(f) => {
+                return Err(ConfigError::Usage(format!(
+                    "--format {f}: only raw and qcow2 are supported"
+                )))
+            }
+        };
+        // A file that cannot be read is left to the file driver, whose
+        // error names the cause.
+        let probed = match probe::probe_file(image) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                log::debug!("{}: cannot probe the format: {e}", image.display());
+                None
+            }
+        };
+        let shown = image.display();
+        match (given, probed) {
+            (Some(ShortFormat::Raw), Some(Probed::Qcow2)) => log::warn!(
+                "{shown}: serving an image with a qcow2 header as raw, as --format raw says: \
+                 the guest sees the qcow2 metadata, not the disk it describes"
+            ),
+            (Some(ShortFormat::Raw), Some(Probed::Other(f))) => log::warn!(
+                "{shown}: serving an image with a {f} header as raw, as --format raw says"
+            ),
+            (Some(f), _) => return Ok((f, false)),
+            (None, Some(Probed::Qcow2)) => {
+                log::info!("{shown}: format probed: qcow2 (give --format to skip probing)");
+                return Ok((ShortFormat::Qcow2, true));
+            }
+            (None, Some(Probed::Other(f))) => {
+                return Err(ConfigError::Usage(format!(
+                    "{shown}: the image has a {f} header, a format this daemon cannot open; \
+                     give --format raw to serve the file as a raw disk anyway"
+                )))
+            }
+            (None, Some(Probed::Raw)) => log::info!(
+                "{shown}: format probed: raw (no known header; give --format raw to skip probing)"
+            ),
+            (None, None) => {}
+        }
+        Ok((ShortFormat::Raw, given.is_none()))
+    }
+
     fn uses_short_form(&self) -> bool {
         self.image.is_some() || self.socket.is_some() || self.fd.is_some()
     }
@@ -485,12 +568,7 @@ impl Args {
                 ))
             }
         };
-        if self.format != "raw" {
-            return Err(ConfigError::Usage(format!(
-                "--format {}: only raw is supported",
-                self.format
-            )));
-        }
+        let (format, probed) = self.short_form_format(image)?;
         let file = BlockdevOptions::File(FileOptions {
             node_name: "file0".into(),
             filename: image.to_string_lossy().into_owned(),
@@ -506,18 +584,29 @@ impl Args {
             aio: Default::default(),
             locking: crate::drivers::Locking::Auto,
         });
-        let raw = BlockdevOptions::Raw(RawOptions {
-            node_name: "disk0".into(),
-            file: BlockdevRef::Name("file0".into()),
-            offset: 0,
-            size: None,
-            read_only: self.readonly,
-            discard: DiscardMode::Unmap,
-            auto_read_only: false,
-            detect_zeroes: Default::default(),
-            force_share: false,
-            cache: CacheOptions::default(),
-        });
+        let disk = match format {
+            ShortFormat::Raw => BlockdevOptions::Raw(RawOptions {
+                node_name: "disk0".into(),
+                file: BlockdevRef::Name("file0".into()),
+                offset: 0,
+                size: None,
+                read_only: self.readonly,
+                discard: DiscardMode::Unmap,
+                auto_read_only: false,
+                detect_zeroes: Default::default(),
+                force_share: false,
+                cache: CacheOptions::default(),
+                probed,
+            }),
+            ShortFormat::Qcow2 => serde_json::from_value(serde_json::json!({
+                "driver": "qcow2",
+                "node-name": "disk0",
+                "file": "file0",
+                "read-only": self.readonly,
+                "discard": "unmap",
+            }))
+            .map_err(|e| ConfigError::Usage(format!("qcow2 short form: {e}")))?,
+        };
         let export = VhostUserBlkOptions {
             id: "export0".into(),
             node_name: "disk0".into(),
@@ -528,14 +617,14 @@ impl Args {
             queue_size: None,
             logical_block_size: self.logical_block_size.map(u64::from),
             serial: self.serial.clone(),
-            num_iothreads: None,
+            num_iothreads: self.num_iothreads.map(u64::from),
             iothread: None,
             fixed_iothread: false,
             on_read_error: None,
             on_write_error: None,
             poll_max_ns: None,
         };
-        Ok((vec![file, raw], export))
+        Ok((vec![file, disk], export))
     }
 }
 
@@ -679,7 +768,7 @@ mod tests {
         assert_eq!(c.blockdevs.len(), 2);
         let e = &c.exports[0];
         assert_eq!(e.num_queues, 4);
-        assert_eq!(e.num_iothreads, 4);
+        assert_eq!(e.num_iothreads, 4.min(export::online_cpus() as usize));
         assert_eq!(e.logical_block_size, 4096);
         assert!(e.writable);
         assert_eq!(

@@ -6,7 +6,8 @@
 //! ([`open`], `Graph::add`) and answers what only some drivers can do:
 //! capabilities (caps.rs: internal snapshots, a backing file recorded in a
 //! header, persistent bitmaps, the protocol file) and reopening with new
-//! options (reopen.rs). Nothing outside this layer needs to know which
+//! options (reopen.rs). probe.rs tells formats apart by their magic, for
+//! the short form without --format. Nothing outside this layer needs to know which
 //! driver a node has.
 
 mod caps;
@@ -14,6 +15,7 @@ mod cor;
 mod dispatch;
 pub mod file;
 mod null;
+pub mod probe;
 pub mod qcow2;
 mod raw;
 mod reopen;

@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use serde::Deserialize;
 
-use super::{BlockdevRef, DiscardMode};
-use crate::block::{BlockFuture, Child, ChildRole, Graph, GraphError, Perm};
+use super::{probe, BlockdevRef, DiscardMode};
+use crate::block::{BlockError, BlockFuture, Child, ChildRole, Graph, GraphError, Perm};
 use crate::io::IoVecs;
 use crate::opts;
 
@@ -35,6 +35,13 @@ pub struct RawOptions {
     /// nodes act on it (a child opened in place does not inherit it).
     #[serde(default)]
     pub cache: super::CacheOptions,
+    /// The format was probed, not given (the short form without --format):
+    /// as QEMU's raw driver, a write that would give the first sector
+    /// another format's header is refused (EPERM), or the next probe would
+    /// open what the guest wrote as, say, a qcow2 image with a backing file
+    /// of the guest's choosing on the host.
+    #[serde(skip)]
+    pub probed: bool,
 }
 
 /// What raw takes on its file, and shares: like QEMU's format drivers, a
@@ -57,6 +64,8 @@ pub struct RawDriver {
     /// `size` was given: the window is fixed and cannot be resized.
     fixed_size: bool,
     discard_unmap: AtomicBool,
+    /// The node's name when its format was probed (see RawOptions::probed).
+    probed: Option<String>,
 }
 
 impl RawDriver {
@@ -101,6 +110,7 @@ impl RawDriver {
             size: AtomicU64::new(size),
             fixed_size: o.size.is_some(),
             discard_unmap: AtomicBool::new(o.discard == DiscardMode::Unmap),
+            probed: o.probed.then(|| o.node_name.clone()),
         })
     }
 
@@ -174,6 +184,11 @@ impl RawDriver {
     }
 
     pub fn pwritev<'a>(&'a self, offset: u64, iov: &'a IoVecs, fua: bool) -> BlockFuture<'a> {
+        if let Some(node) = &self.probed {
+            if let Err(e) = check_probed_write(node, offset, iov) {
+                return BlockFuture::ready(Err(e));
+            }
+        }
         self.file.node().pwritev(self.offset + offset, iov, fua)
     }
 
@@ -199,5 +214,36 @@ impl RawDriver {
         self.file
             .node()
             .pwrite_zeroes(self.offset + offset, len, may_unmap, fua)
+    }
+}
+
+/// QEMU's raw_co_pwritev rule for probed images: a write touching the first
+/// sector must cover it (whole-sector writes, as every guest's are) and must
+/// not make it probe as another format.
+fn check_probed_write(node: &str, offset: u64, iov: &IoVecs) -> Result<(), BlockError> {
+    if offset >= probe::GUARDED_LEN || iov.is_empty() {
+        return Ok(());
+    }
+    let refuse = || BlockError::Io {
+        node: node.to_string(),
+        op: "write",
+        offset,
+        len: iov.len(),
+        source: std::io::Error::from_raw_os_error(libc::EPERM),
+    };
+    if offset != 0 || iov.len() < probe::GUARDED_LEN {
+        return Err(refuse());
+    }
+    let mut head = [0u8; probe::GUARDED_LEN as usize];
+    iov.copy_to(&mut head);
+    match probe::probe_bytes(&head) {
+        probe::Probed::Raw => Ok(()),
+        _ => {
+            log::warn!(
+                "node {node}: refused a write that would give the probed raw image a format header \
+                 (give --format raw to allow it)"
+            );
+            Err(refuse())
+        }
     }
 }

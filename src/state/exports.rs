@@ -79,6 +79,13 @@ impl State {
             },
             if e.writable { "writable" } else { "read-only" }
         );
+        if let Some(p) = server.socket_path() {
+            log::info!(
+                "export {}: {}",
+                e.id,
+                crate::config::attach_hint(&e.id, p, e.num_queues)
+            );
+        }
         Ok(server)
     }
 
