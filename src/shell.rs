@@ -1,12 +1,12 @@
 //! The process shell around [`State`]: start-up (daemonize, pidfile,
 //! signals, the configured nodes, exports and monitors), the wait for
-//! SIGTERM/SIGINT/quit, and shutdown. `main` calls [`run`].
+//! SIGTERM/SIGINT/SIGHUP/quit, and shutdown. `main` calls [`run`].
 //!
 //! ```text
-//!   block SIGTERM/SIGINT -> [daemonize] -> check pidfile -> State::add_blockdev
+//!   block SIGTERM/SIGINT/SIGHUP -> [daemonize] -> check pidfile -> State::add_blockdev
 //!          (Graph) -> State::bind_export (socket) -> write pidfile
 //!          -> start exports and monitors
-//!   SIGTERM/SIGINT/quit -> quiesce exports, fail parked requests -> drain
+//!   SIGTERM/SIGINT/SIGHUP/quit -> quiesce exports, fail parked requests -> drain
 //!          -> flush every node -> remove sockets and pidfile
 //!          -> exit 0 (1 if a parked write was dropped or a flush failed)
 //! ```
@@ -283,7 +283,7 @@ impl Pidfile {
 /// Runs the daemon until SIGTERM, SIGINT or QMP `quit`, then shuts down
 /// cleanly.
 pub fn run(config: Config) -> Result<(), ShellError> {
-    // Order matters: SIGTERM/SIGINT are blocked before any thread exists
+    // Order matters: SIGTERM/SIGINT/SIGHUP are blocked before any thread exists
     // (threads inherit the mask; a thread that had them unblocked could be
     // handed a SIGTERM and the process would die without draining), and the
     // daemon forks before any thread exists (the event thread and throttle
