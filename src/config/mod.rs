@@ -66,6 +66,11 @@ pub struct Args {
     /// Detach from the terminal once every export listens.
     #[arg(long)]
     pub daemonize: bool,
+    /// Append the log here once the daemon is ready (start-up messages and
+    /// errors still go to stderr). Without it, --daemonize logs to syslog
+    /// (/dev/log) and refuses to start if there is none.
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
 
     /// Short form: the image to serve (a raw file or block device).
     #[arg(long, value_name = "PATH")]
@@ -183,6 +188,7 @@ pub struct Config {
     pub monitors: Vec<MonitorConfig>,
     pub pidfile: Option<PathBuf>,
     pub daemonize: bool,
+    pub log_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -234,6 +240,8 @@ struct ConfigFile {
     pidfile: Option<PathBuf>,
     #[serde(default)]
     daemonize: bool,
+    #[serde(default)]
+    log_file: Option<PathBuf>,
 }
 
 fn from_keyval<T: serde::de::DeserializeOwned>(
@@ -414,6 +422,7 @@ impl TryFrom<Args> for Config {
         let mut monitors = Vec::new();
         let mut pidfile = args.pidfile.clone();
         let mut daemonize = args.daemonize;
+        let mut log_file = args.log_file.clone();
 
         if let Some(path) = &args.config {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
@@ -434,6 +443,7 @@ impl TryFrom<Args> for Config {
             monitors.extend(file.monitor);
             pidfile = pidfile.or(file.pidfile);
             daemonize |= file.daemonize;
+            log_file = log_file.or(file.log_file);
         }
         if args.uses_short_form() {
             let (nodes, export) = args.short_form()?;
@@ -513,6 +523,7 @@ impl TryFrom<Args> for Config {
             monitors,
             pidfile,
             daemonize,
+            log_file,
         })
     }
 }
