@@ -407,6 +407,7 @@ pub fn run(config: Config) -> Result<(), ShellError> {
     let signals = TerminationSignals::block().map_err(ShellError::Signals)?;
     raise_open_files_limit();
     let log_target = LogTarget::open(&config)?;
+    crate::sockpath::set_perms(config.socket_perms);
     let mut ready_pipe = if config.daemonize {
         Some(daemonize()?)
     } else {

@@ -71,6 +71,17 @@ pub struct Args {
     /// (/dev/log) and refuses to start if there is none.
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
+    /// Mode of every UNIX socket the daemon creates (exports, monitors),
+    /// octal, e.g. 0660. Default: 0777 minus the umask, as QEMU.
+    #[arg(long, value_name = "MODE")]
+    pub socket_mode: Option<String>,
+    /// Group (name or number) of every UNIX socket the daemon creates.
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
+    /// Owner (name or number) of every UNIX socket the daemon creates
+    /// (root only).
+    #[arg(long, value_name = "USER")]
+    pub socket_owner: Option<String>,
 
     /// Short form: the image to serve (a raw file or block device).
     #[arg(long, value_name = "PATH")]
@@ -189,6 +200,7 @@ pub struct Config {
     pub pidfile: Option<PathBuf>,
     pub daemonize: bool,
     pub log_file: Option<PathBuf>,
+    pub socket_perms: crate::sockpath::SocketPerms,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -412,6 +424,44 @@ impl Args {
     }
 }
 
+impl Args {
+    /// `--socket-mode`, `--socket-group`, `--socket-owner`.
+    fn socket_perms(&self) -> Result<crate::sockpath::SocketPerms, ConfigError> {
+        fn parse(
+            option: &'static str,
+            arg: &Option<String>,
+            f: fn(&str) -> Result<u32, String>,
+        ) -> Result<Option<u32>, ConfigError> {
+            arg.as_deref()
+                .map(|a| {
+                    f(a).map_err(|reason| ConfigError::Invalid {
+                        option,
+                        arg: a.to_string(),
+                        reason,
+                    })
+                })
+                .transpose()
+        }
+        Ok(crate::sockpath::SocketPerms {
+            mode: parse(
+                "--socket-mode",
+                &self.socket_mode,
+                crate::sockpath::parse_mode,
+            )?,
+            gid: parse(
+                "--socket-group",
+                &self.socket_group,
+                crate::sockpath::parse_group,
+            )?,
+            uid: parse(
+                "--socket-owner",
+                &self.socket_owner,
+                crate::sockpath::parse_owner,
+            )?,
+        })
+    }
+}
+
 impl TryFrom<Args> for Config {
     type Error = ConfigError;
 
@@ -423,6 +473,7 @@ impl TryFrom<Args> for Config {
         let mut pidfile = args.pidfile.clone();
         let mut daemonize = args.daemonize;
         let mut log_file = args.log_file.clone();
+        let socket_perms = args.socket_perms()?;
 
         if let Some(path) = &args.config {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
@@ -524,6 +575,7 @@ impl TryFrom<Args> for Config {
             pidfile,
             daemonize,
             log_file,
+            socket_perms,
         })
     }
 }

@@ -100,8 +100,7 @@ impl Monitor {
             path: cfg.path.clone(),
             source,
         };
-        crate::sockpath::remove_stale(&cfg.path, false).map_err(err)?;
-        let listener = UnixListener::bind(&cfg.path).map_err(err)?;
+        let listener = crate::sockpath::bind(&cfg.path, false).map_err(err)?;
         log::info!("QMP monitor on {}", cfg.path.display());
         Ok(Monitor {
             listener,
