@@ -127,7 +127,7 @@ fn start_watching(
     extra: &[&str],
 ) -> (
     tempfile::TempDir,
-    std::process::Child,
+    Guard,
     Vec<u32>,
     std::path::PathBuf,
     std::path::PathBuf,
@@ -156,7 +156,7 @@ fn start_watching(
             Ok(())
         });
     }
-    let mut child = cmd.spawn().unwrap();
+    let mut child = Guard(cmd.spawn().unwrap());
     let mut seen = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
@@ -171,7 +171,7 @@ fn start_watching(
         if listening(&sock) && listening(&qmp) {
             break;
         }
-        if let Some(s) = child.try_wait().unwrap() {
+        if let Some(s) = child.0.try_wait().unwrap() {
             panic!(
                 "daemon exited: {s}: {}",
                 std::fs::read_to_string(dir.path().join("daemon.log")).unwrap()
@@ -181,6 +181,16 @@ fn start_watching(
         std::thread::yield_now();
     }
     (dir, child, seen, sock, qmp)
+}
+
+/// Kills the daemon if a test panics before stopping it.
+struct Guard(std::process::Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn stop(child: &mut std::process::Child) {
@@ -216,7 +226,7 @@ fn socket_mode_and_group_apply_to_every_socket_from_the_start() {
     assert_eq!(mode_of(&sock2), 0o660);
     assert_eq!(std::fs::metadata(&sock2).unwrap().gid(), 6);
     drop(q);
-    stop(&mut child);
+    stop(&mut child.0);
     assert!(!sock.exists() && !sock2.exists() && !qmp.exists());
 }
 
@@ -243,7 +253,7 @@ fn socket_owner_is_applied_when_root() {
         let m = std::fs::metadata(p).unwrap();
         assert_eq!((m.uid(), m.gid()), (1, 1), "{}", p.display());
     }
-    stop(&mut child);
+    stop(&mut child.0);
 }
 
 #[test]
