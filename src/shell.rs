@@ -1,13 +1,13 @@
 //! The process shell around [`State`]: start-up (daemonize, pidfile,
 //! signals, the configured nodes, exports and monitors), the wait for
-//! SIGTERM/SIGINT/quit, and shutdown. `main` calls [`run`].
+//! SIGTERM/SIGINT/SIGHUP/quit, and shutdown. `main` calls [`run`].
 //!
 //! ```text
-//!   block SIGTERM/SIGINT -> systemd's sockets to their exports/monitors
+//!   block SIGTERM/SIGINT/SIGHUP -> systemd's sockets to their exports/monitors
 //!          -> [daemonize] -> check pidfile -> State::add_blockdev
 //!          (Graph) -> State::bind_export (socket) -> write pidfile
 //!          -> start exports and monitors -> READY=1 [watchdog thread]
-//!   SIGTERM/SIGINT/quit -> STOPPING=1 -> quiesce exports, fail parked requests -> drain
+//!   SIGTERM/SIGINT/SIGHUP/quit -> STOPPING=1 -> quiesce exports, fail parked requests -> drain
 //!          -> flush every node -> remove sockets and pidfile
 //!          -> exit 0 (1 if a parked write was dropped or a flush failed)
 //! ```
@@ -52,6 +52,18 @@ pub enum ShellError {
     Shutdown(DataLost),
     #[error("cannot daemonize")]
     Daemonize(#[source] std::io::Error),
+    #[error("cannot open log file {path}")]
+    LogFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "--daemonize: no --log-file given and no syslog socket at /dev/log: \
+         the log would be lost (give --log-file FILE, or --log-file /dev/null \
+         to discard it)"
+    )]
+    NowhereToLog,
     #[error("cannot start the monitor")]
     MonitorStart(#[source] std::io::Error),
     #[error("cannot set up signal handling")]
@@ -103,18 +115,121 @@ fn daemonize() -> Result<std::fs::File, ShellError> {
     Ok(unsafe { std::fs::File::from_raw_fd(fds[1]) })
 }
 
-fn redirect_stdio_to_null() {
-    use std::os::fd::AsRawFd;
-    if let Ok(null) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/null")
-    {
-        for fd in 0..=2 {
-            // SAFETY: dup2 onto the standard descriptors, which we own.
-            unsafe { libc::dup2(null.as_raw_fd(), fd) };
+/// Where the log goes once the daemon is ready: stderr (as started), a
+/// file (`--log-file`), or syslog (`--daemonize` without `--log-file`).
+/// Under `--daemonize` the log never silently goes to /dev/null.
+enum LogTarget {
+    Stderr,
+    File(std::fs::File),
+    Syslog,
+}
+
+/// The syslog socket, where journald listens too.
+const SYSLOG_SOCKET: &str = "/dev/log";
+
+impl LogTarget {
+    /// Decided and opened before anything else, so that a log file that
+    /// cannot be opened, or a daemon with nowhere to log, fails at once on
+    /// the terminal.
+    fn open(config: &Config) -> Result<LogTarget, ShellError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        if let Some(path) = &config.log_file {
+            let f = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .mode(0o640)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(path)
+                .map_err(|source| ShellError::LogFile {
+                    path: path.clone(),
+                    source,
+                })?;
+            return Ok(LogTarget::File(f));
+        }
+        if !config.daemonize {
+            return Ok(LogTarget::Stderr);
+        }
+        if Path::new(SYSLOG_SOCKET).exists() {
+            Ok(LogTarget::Syslog)
+        } else {
+            Err(ShellError::NowhereToLog)
         }
     }
+
+    /// Points stdout and stderr (where the log is written) at the target;
+    /// stdin at /dev/null when detached.
+    fn install(self, detached: bool) {
+        use std::os::fd::AsRawFd;
+        if detached {
+            if let Ok(null) = std::fs::File::open("/dev/null") {
+                // SAFETY: dup2 onto stdin, which we own.
+                unsafe { libc::dup2(null.as_raw_fd(), 0) };
+            }
+        }
+        let fd = match self {
+            LogTarget::Stderr => return,
+            LogTarget::File(f) => f,
+            LogTarget::Syslog => match syslog_pipe(Path::new(SYSLOG_SOCKET)) {
+                Ok(f) => f,
+                Err(e) => {
+                    // Still attached to the parent's stderr until here.
+                    log::error!("cannot log to {SYSLOG_SOCKET}: {e}; logging to stderr");
+                    return;
+                }
+            },
+        };
+        for target in [1, 2] {
+            // SAFETY: dup2 onto the standard descriptors, which we own.
+            unsafe { libc::dup2(fd.as_raw_fd(), target) };
+        }
+    }
+}
+
+/// A pipe whose lines a thread sends to the syslog socket at `socket`, one
+/// datagram each (RFC 3164 without a timestamp, which syslogd adds),
+/// facility daemon, severity from the log level. Returns the write end.
+fn syslog_pipe(socket: &Path) -> std::io::Result<std::fs::File> {
+    use std::io::BufRead;
+    use std::os::fd::FromRawFd;
+    let sock = std::os::unix::net::UnixDatagram::unbound()?;
+    sock.connect(socket)?;
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is a live array of two ints for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both ends are fresh descriptors that nothing else owns.
+    let (r, w) = unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    };
+    let pid = std::process::id();
+    std::thread::Builder::new()
+        .name("syslog".into())
+        .spawn(move || {
+            for line in std::io::BufReader::new(r).lines() {
+                let Ok(line) = line else { break };
+                let _ = sock.send(syslog_datagram(pid, &line).as_bytes());
+            }
+        })?;
+    Ok(w)
+}
+
+/// One syslog datagram for a log line: facility daemon (3), severity by
+/// the level env_logger wrote into the line.
+fn syslog_datagram(pid: u32, line: &str) -> String {
+    let severity = if line.contains(" ERROR ") {
+        3
+    } else if line.contains(" WARN ") {
+        4
+    } else if line.contains(" DEBUG ") || line.contains(" TRACE ") {
+        7
+    } else {
+        6
+    };
+    format!("<{}>vhost-user-blkd[{pid}]: {line}", 3 * 8 + severity)
 }
 
 /// Opens `path` with `flags` added to O_CLOEXEC|O_NOFOLLOW: a symlink
@@ -288,7 +403,7 @@ impl Pidfile {
 /// Runs the daemon until SIGTERM, SIGINT or QMP `quit`, then shuts down
 /// cleanly.
 pub fn run(mut config: Config) -> Result<(), ShellError> {
-    // Order matters: SIGTERM/SIGINT are blocked before any thread exists
+    // Order matters: SIGTERM/SIGINT/SIGHUP are blocked before any thread exists
     // (threads inherit the mask; a thread that had them unblocked could be
     // handed a SIGTERM and the process would die without draining), and the
     // daemon forks before any thread exists (the event thread and throttle
@@ -299,6 +414,8 @@ pub fn run(mut config: Config) -> Result<(), ShellError> {
     // before any thread exists (it edits the environment).
     crate::systemd::Activation::from_env()?.apply(&mut config)?;
     raise_open_files_limit();
+    let log_target = LogTarget::open(&config)?;
+    crate::sockpath::set_perms(config.socket_perms);
     let mut ready_pipe = if config.daemonize {
         Some(daemonize()?)
     } else {
@@ -348,9 +465,9 @@ pub fn run(mut config: Config) -> Result<(), ShellError> {
     }
     if let Some(p) = ready_pipe.as_mut() {
         let _ = p.write_all(b"1");
-        redirect_stdio_to_null();
     }
     let daemonized = ready_pipe.is_some();
+    log_target.install(daemonized);
     drop(ready_pipe);
     log::info!("ready");
     // Every export listens and every monitor accepts: READY=1 (with our pid
@@ -389,4 +506,32 @@ pub fn run(mut config: Config) -> Result<(), ShellError> {
     outcome.map_err(ShellError::Shutdown)?;
     log::info!("exiting");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn syslog_lines_arrive_one_datagram_each_with_their_severity() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let server = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        let mut w = syslog_pipe(&path).unwrap();
+        w.write_all(b"[t INFO  x] ready\n[t ERROR x] bad\n")
+            .unwrap();
+        drop(w);
+        let mut buf = [0u8; 256];
+        let pid = std::process::id();
+        let n = server.recv(&mut buf).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&buf[..n]).unwrap(),
+            format!("<30>vhost-user-blkd[{pid}]: [t INFO  x] ready")
+        );
+        let n = server.recv(&mut buf).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&buf[..n]).unwrap(),
+            format!("<27>vhost-user-blkd[{pid}]: [t ERROR x] bad")
+        );
+    }
 }

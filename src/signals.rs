@@ -1,6 +1,10 @@
-//! Termination signals, handled synchronously: SIGTERM and SIGINT are blocked
-//! in every thread (the mask is inherited by threads spawned later) and the
-//! main thread takes them with sigwait.
+//! Termination signals, handled synchronously: SIGTERM, SIGINT and SIGHUP
+//! are blocked in every thread (the mask is inherited by threads spawned
+//! later) and the main thread takes them with sigwait. SIGHUP stops the
+//! daemon like SIGTERM, as in qemu-storage-daemon (its
+//! os_setup_signal_handling sends SIGHUP to the same termsig handler):
+//! drained, flushed, sockets removed, exit 0 -- not killed with status 129
+//! and its socket files left behind.
 
 use std::io;
 
@@ -10,7 +14,7 @@ pub struct TerminationSignals {
 }
 
 impl TerminationSignals {
-    /// Blocks SIGTERM and SIGINT in the calling thread. Call before spawning
+    /// Blocks SIGTERM, SIGINT and SIGHUP in the calling thread. Call before spawning
     /// threads so that they inherit the mask.
     pub fn block() -> io::Result<Self> {
         // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
@@ -21,6 +25,7 @@ impl TerminationSignals {
             libc::sigemptyset(&mut set);
             libc::sigaddset(&mut set, libc::SIGTERM);
             libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGHUP);
             libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
         };
         if r != 0 {
@@ -29,7 +34,7 @@ impl TerminationSignals {
         Ok(TerminationSignals { set })
     }
 
-    /// Waits for SIGTERM or SIGINT and returns its number.
+    /// Waits for SIGTERM, SIGINT or SIGHUP and returns its number.
     pub fn wait(&self) -> i32 {
         loop {
             let mut sig: libc::c_int = 0;

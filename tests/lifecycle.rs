@@ -292,6 +292,8 @@ fn daemonize_returns_once_the_socket_listens() {
         "--daemonize",
         "--pidfile",
         pidfile.to_str().unwrap(),
+        "--log-file",
+        dir.path().join("d.log").to_str().unwrap(),
     ]);
     assert_eq!(code, 0, "{err}");
     assert!(sock.exists(), "socket listens when the parent returns");
@@ -996,6 +998,8 @@ fn daemonize_with_a_bad_configuration_exits_one_with_the_message() {
         "--socket",
         "/tmp/vub-never.sock",
         "--daemonize",
+        "--log-file",
+        "/dev/null",
     ]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("/nonexistent/disk.img"), "{err}");

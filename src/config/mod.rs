@@ -86,6 +86,22 @@ pub struct Args {
     /// Detach from the terminal once every export listens.
     #[arg(long)]
     pub daemonize: bool,
+    /// Append the log here once the daemon is ready (start-up messages and
+    /// errors still go to stderr). Without it, --daemonize logs to syslog
+    /// (/dev/log) and refuses to start if there is none.
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+    /// Mode of every UNIX socket the daemon creates (exports, monitors),
+    /// octal, e.g. 0660. Default: 0777 minus the umask, as QEMU.
+    #[arg(long, value_name = "MODE")]
+    pub socket_mode: Option<String>,
+    /// Group (name or number) of every UNIX socket the daemon creates.
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
+    /// Owner (name or number) of every UNIX socket the daemon creates
+    /// (root only).
+    #[arg(long, value_name = "USER")]
+    pub socket_owner: Option<String>,
 
     /// Print the vhost-user backend capabilities as JSON and exit (QEMU's
     /// backend program conventions).
@@ -299,6 +315,8 @@ pub struct Config {
     pub daemonize: bool,
     /// `-T` options given (noted at start, otherwise ignored).
     pub trace: Vec<String>,
+    pub log_file: Option<PathBuf>,
+    pub socket_perms: crate::sockpath::SocketPerms,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -350,6 +368,8 @@ struct ConfigFile {
     pidfile: Option<PathBuf>,
     #[serde(default)]
     daemonize: bool,
+    #[serde(default)]
+    log_file: Option<PathBuf>,
 }
 
 fn from_keyval<T: serde::de::DeserializeOwned>(
@@ -628,6 +648,44 @@ impl Args {
     }
 }
 
+impl Args {
+    /// `--socket-mode`, `--socket-group`, `--socket-owner`.
+    fn socket_perms(&self) -> Result<crate::sockpath::SocketPerms, ConfigError> {
+        fn parse(
+            option: &'static str,
+            arg: &Option<String>,
+            f: fn(&str) -> Result<u32, String>,
+        ) -> Result<Option<u32>, ConfigError> {
+            arg.as_deref()
+                .map(|a| {
+                    f(a).map_err(|reason| ConfigError::Invalid {
+                        option,
+                        arg: a.to_string(),
+                        reason,
+                    })
+                })
+                .transpose()
+        }
+        Ok(crate::sockpath::SocketPerms {
+            mode: parse(
+                "--socket-mode",
+                &self.socket_mode,
+                crate::sockpath::parse_mode,
+            )?,
+            gid: parse(
+                "--socket-group",
+                &self.socket_group,
+                crate::sockpath::parse_group,
+            )?,
+            uid: parse(
+                "--socket-owner",
+                &self.socket_owner,
+                crate::sockpath::parse_owner,
+            )?,
+        })
+    }
+}
+
 impl TryFrom<Args> for Config {
     type Error = ConfigError;
 
@@ -638,6 +696,8 @@ impl TryFrom<Args> for Config {
         let mut monitors = Vec::new();
         let mut pidfile = args.pidfile.clone();
         let mut daemonize = args.daemonize;
+        let mut log_file = args.log_file.clone();
+        let socket_perms = args.socket_perms()?;
 
         if let Some(path) = &args.config {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
@@ -658,6 +718,7 @@ impl TryFrom<Args> for Config {
             monitors.extend(file.monitor);
             pidfile = pidfile.or(file.pidfile);
             daemonize |= file.daemonize;
+            log_file = log_file.or(file.log_file);
         }
         if args.uses_short_form() {
             let (nodes, export) = args.short_form()?;
@@ -740,6 +801,8 @@ impl TryFrom<Args> for Config {
             pidfile,
             daemonize,
             trace: args.trace.clone(),
+            log_file,
+            socket_perms,
         })
     }
 }

@@ -112,8 +112,7 @@ impl Monitor {
                 unsafe { <UnixListener as std::os::fd::FromRawFd>::from_raw_fd(fd) }
             }
             None => {
-                crate::sockpath::remove_stale(&cfg.path, false).map_err(err)?;
-                let l = UnixListener::bind(&cfg.path).map_err(err)?;
+                let l = crate::sockpath::bind(&cfg.path, false).map_err(err)?;
                 log::info!("QMP monitor on {}", cfg.path.display());
                 l
             }

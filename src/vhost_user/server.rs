@@ -107,6 +107,14 @@ pub fn check_listening_unix_socket(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(p) = &self.path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 impl Server {
     /// Opens the export's listening socket (removing a stale socket file,
     /// refusing a path a live server listens on).
@@ -120,11 +128,11 @@ impl Server {
                     source,
                 };
                 // A stale file is replaced; the path of a live server
-                // (another export, another process) is not taken over.
-                crate::sockpath::remove_stale(std::path::Path::new(path), true)
+                // (another export, another process) is not taken over. The
+                // socket file is removed when the Server is dropped.
+                let l = crate::sockpath::bind(std::path::Path::new(path), true)
                     .map_err(|e| err(vhost::vhost_user::Error::SocketError(e)))?;
-                let l = Listener::new(path, false).map_err(err)?;
-                (l, Some(PathBuf::from(path)))
+                (Listener::from(l), Some(PathBuf::from(path)))
             }
             SocketAddress::Fd { str } => {
                 let fd: RawFd = str.parse().map_err(|_| ServerError::BadFd {
@@ -197,7 +205,7 @@ impl Server {
             }
         }
         log::info!("export {}: stopped", self.export.config.id);
-        // Dropping the listener removes the socket file.
+        // Dropping the server removes the socket file.
     }
 
     /// Accepts one frontend and serves it until it disconnects.
