@@ -158,8 +158,16 @@ impl Daemon {
         let mut child = self.child.take().expect("daemon running");
         // SAFETY: kill only takes a pid and a signal number.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        wait_timeout(&mut child, Duration::from_secs(60))
-            .expect("daemon did not exit after SIGTERM")
+        match wait_timeout(&mut child, Duration::from_secs(60)) {
+            Some(status) => status,
+            None => {
+                // Never leave it behind: an orphan would hold the test
+                // runner's output pipe open (and the CI run with it).
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("daemon did not exit after SIGTERM (killed)");
+            }
+        }
     }
 
     /// True while the daemon process is running.
