@@ -370,6 +370,14 @@ struct ConfigFile {
     daemonize: bool,
     #[serde(default)]
     log_file: Option<PathBuf>,
+    /// As `--socket-mode`, `--socket-group`, `--socket-owner` (the
+    /// command line wins).
+    #[serde(default)]
+    socket_mode: Option<String>,
+    #[serde(default)]
+    socket_group: Option<String>,
+    #[serde(default)]
+    socket_owner: Option<String>,
 }
 
 fn from_keyval<T: serde::de::DeserializeOwned>(
@@ -648,8 +656,15 @@ impl Args {
     }
 }
 
-impl Args {
-    /// `--socket-mode`, `--socket-group`, `--socket-owner`.
+/// The socket options given as `--socket-mode`, `--socket-group`,
+/// `--socket-owner` (or the config file's `socket-mode`, ...).
+struct SocketOptions {
+    socket_mode: Option<String>,
+    socket_group: Option<String>,
+    socket_owner: Option<String>,
+}
+
+impl SocketOptions {
     fn socket_perms(&self) -> Result<crate::sockpath::SocketPerms, ConfigError> {
         fn parse(
             option: &'static str,
@@ -697,7 +712,11 @@ impl TryFrom<Args> for Config {
         let mut pidfile = args.pidfile.clone();
         let mut daemonize = args.daemonize;
         let mut log_file = args.log_file.clone();
-        let socket_perms = args.socket_perms()?;
+        let mut sockets = SocketOptions {
+            socket_mode: args.socket_mode.clone(),
+            socket_group: args.socket_group.clone(),
+            socket_owner: args.socket_owner.clone(),
+        };
 
         if let Some(path) = &args.config {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
@@ -719,7 +738,11 @@ impl TryFrom<Args> for Config {
             pidfile = pidfile.or(file.pidfile);
             daemonize |= file.daemonize;
             log_file = log_file.or(file.log_file);
+            sockets.socket_mode = sockets.socket_mode.or(file.socket_mode);
+            sockets.socket_group = sockets.socket_group.or(file.socket_group);
+            sockets.socket_owner = sockets.socket_owner.or(file.socket_owner);
         }
+        let socket_perms = sockets.socket_perms()?;
         if args.uses_short_form() {
             let (nodes, export) = args.short_form()?;
             blockdevs.extend(nodes);
@@ -916,6 +939,36 @@ writable = true
             BlockdevOptions::NullCo(n) => assert_eq!(n.size, 64 << 20),
             _ => panic!("expected null-co"),
         }
+    }
+
+    #[test]
+    fn socket_options_come_from_the_config_file_and_the_command_line_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            r#"
+socket-mode = "0660"
+socket-group = "6"
+[[blockdev]]
+driver = "null-co"
+node-name = "n0"
+[[export]]
+type = "vhost-user-blk"
+id = "e0"
+node-name = "n0"
+addr = { type = "unix", path = "/tmp/n.sock" }
+"#,
+        )
+        .unwrap();
+        let file = path.to_str().unwrap();
+        let c = Config::try_from(args(&["--config", file])).unwrap();
+        assert_eq!(c.socket_perms.mode, Some(0o660));
+        assert_eq!(c.socket_perms.gid, Some(6));
+        assert_eq!(c.socket_perms.uid, None);
+        let c = Config::try_from(args(&["--config", file, "--socket-mode", "0600"])).unwrap();
+        assert_eq!(c.socket_perms.mode, Some(0o600));
+        assert_eq!(c.socket_perms.gid, Some(6));
     }
 
     #[test]
