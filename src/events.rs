@@ -29,16 +29,18 @@ impl Default for EventBus {
         let sinks: Arc<Mutex<Vec<Sink>>> = Arc::default();
         let (queue, rx) = channel::<Value>();
         let deliver = sinks.clone();
-        let spawned = std::thread::Builder::new()
-            .name("vub-events".into())
-            .spawn(move || {
+        let spawned = crate::sandbox::spawn(
+            crate::sandbox::Class::Helper,
+            "vub-events".into(),
+            move || {
                 for ev in rx {
                     deliver
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .retain(|(_, s)| s(&ev));
                 }
-            });
+            },
+        );
         if let Err(e) = spawned {
             log::error!("cannot start the event thread: {e}");
         }

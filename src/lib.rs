@@ -25,6 +25,7 @@ pub mod jobs;
 pub mod opts;
 pub mod qapi;
 pub mod qmp;
+pub mod sandbox;
 pub mod shell;
 pub mod signals;
 pub mod snapshot;

@@ -50,6 +50,8 @@ pub enum ShellError {
     /// Exit status 1: data did not reach the disk.
     #[error("shutdown lost data: {0}")]
     Shutdown(DataLost),
+    #[error("sandbox: {0}")]
+    Sandbox(String),
     #[error("cannot daemonize")]
     Daemonize(#[source] std::io::Error),
     #[error("cannot open log file {path}")]
@@ -206,14 +208,12 @@ fn syslog_pipe(socket: &Path) -> std::io::Result<std::fs::File> {
         )
     };
     let pid = std::process::id();
-    std::thread::Builder::new()
-        .name("syslog".into())
-        .spawn(move || {
-            for line in std::io::BufReader::new(r).lines() {
-                let Ok(line) = line else { break };
-                let _ = sock.send(syslog_datagram(pid, &line).as_bytes());
-            }
-        })?;
+    crate::sandbox::spawn(crate::sandbox::Class::Helper, "syslog".into(), move || {
+        for line in std::io::BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            let _ = sock.send(syslog_datagram(pid, &line).as_bytes());
+        }
+    })?;
     Ok(w)
 }
 
@@ -400,6 +400,43 @@ impl Pidfile {
     }
 }
 
+/// What the sandbox lets the serving daemon reach: the images open now,
+/// the sockets' directories, the pidfile's.
+fn reach(config: &Config, state: &State) -> crate::sandbox::Reach {
+    let images = state
+        .graph()
+        .nodes()
+        .filter_map(|n| n.block_driver().filename().map(PathBuf::from))
+        .filter(|p| p.is_absolute() || p.exists())
+        .collect();
+    let dir = |p: &Path| match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut socket_dirs: Vec<PathBuf> = config
+        .exports
+        .iter()
+        .filter_map(|e| match &e.addr {
+            crate::config::export::SocketAddress::Unix { path } => Some(dir(Path::new(path))),
+            crate::config::export::SocketAddress::Fd { .. } => None,
+        })
+        .chain(
+            config
+                .monitors
+                .iter()
+                .filter(|m| m.fd.is_none())
+                .map(|m| dir(&m.path)),
+        )
+        .collect();
+    socket_dirs.sort();
+    socket_dirs.dedup();
+    crate::sandbox::Reach {
+        images,
+        socket_dirs,
+        files: config.pidfile.iter().cloned().collect(),
+    }
+}
+
 /// Runs the daemon until SIGTERM, SIGINT or QMP `quit`, then shuts down
 /// cleanly.
 pub fn run(mut config: Config) -> Result<(), ShellError> {
@@ -410,6 +447,8 @@ pub fn run(mut config: Config) -> Result<(), ShellError> {
     // timers would not survive a fork). Start-up errors after the fork are
     // printed by the child, whose exit tells the waiting parent.
     let signals = TerminationSignals::block().map_err(ShellError::Signals)?;
+    // Before any thread: threads started before arm() wait there for it.
+    crate::sandbox::configure(config.sandbox.clone()).map_err(ShellError::Sandbox)?;
     // Sockets systemd passed, given to the exports and monitors they name;
     // before any thread exists (it edits the environment).
     crate::systemd::Activation::from_env()?.apply(&mut config)?;
@@ -450,6 +489,10 @@ pub fn run(mut config: Config) -> Result<(), ShellError> {
     if let Some(p) = pidfile.as_mut() {
         p.write_pid()?;
     }
+    // Everything the configuration names is open or bound: from here on
+    // the daemon reaches only that (and --allow-path), as --user if given.
+    crate::config::export::warm_up();
+    crate::sandbox::arm(&reach(&config, &state)).map_err(ShellError::Sandbox)?;
     for server in servers {
         state.start_export(server)?;
     }
@@ -490,6 +533,8 @@ pub fn run(mut config: Config) -> Result<(), ShellError> {
             .map_err(ShellError::Watchdog)?;
     }
 
+    // Every thread of ours is started: the main thread's filter last.
+    crate::sandbox::enter_main();
     let sig = signals.wait();
     log::info!("signal {sig}: draining and flushing");
     crate::systemd::notify("STOPPING=1\nSTATUS=draining and flushing");

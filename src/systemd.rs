@@ -245,14 +245,16 @@ pub fn watchdog_interval() -> Option<Duration> {
 /// stuck there misses its pings and systemd restarts it).
 pub fn start_watchdog(interval: Duration, alive: impl Fn() + Send + 'static) -> io::Result<()> {
     let period = interval / 2;
-    std::thread::Builder::new()
-        .name("vub-watchdog".into())
-        .spawn(move || loop {
+    crate::sandbox::spawn(
+        crate::sandbox::Class::Helper,
+        "vub-watchdog".into(),
+        move || loop {
             alive();
             notify("WATCHDOG=1");
             std::thread::sleep(period);
-        })
-        .map(|_| ())
+        },
+    )
+    .map(|_| ())
 }
 
 #[cfg(test)]

@@ -69,11 +69,25 @@ pub enum GraphError {
     InUse { node: String, users: String },
     #[error("cannot open node '{node}': {reason}")]
     Open { node: String, reason: String },
-    #[error("cannot open '{filename}' for node '{node}'")]
+    /// QEMU's words: "Could not open 'x.img': Permission denied" (the
+    /// node's name is in what QMP answers to, so it is not repeated).
+    #[error("Could not open '{filename}': {}", os_text(source))]
     OpenFile {
         node: String,
         filename: String,
-        #[source]
         source: io::Error,
     },
+}
+
+/// An I/O error in the system's words, without Rust's " (os error N)".
+pub fn os_text(e: &io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error") {
+        Some(i) => format!(
+            "{}{}",
+            &s[..i],
+            &s[i..].split_once(')').map_or("", |(_, r)| r)
+        ),
+        None => s,
+    }
 }

@@ -26,7 +26,7 @@ pub mod users;
 
 pub use backend::BlockBackend;
 pub use driver::BlockDriver;
-pub use error::{BlockError, GraphError};
+pub use error::{os_text, BlockError, GraphError};
 pub use future::BlockFuture;
 pub use graph::Graph;
 pub use node::{Child, ChildRole, DrainCounter, Node};

@@ -128,8 +128,16 @@ impl IothreadRef {
 /// `std::thread::available_parallelism` counts them; 1 if unknown): the
 /// default cap on an export's iothreads, since more threads than CPUs only
 /// add context switches.
+/// Counted once: the cgroup files it reads are out of the sandbox's reach
+/// later (exports added at run time use the same count).
 pub fn online_cpus() -> u64 {
-    std::thread::available_parallelism().map_or(1, |n| n.get() as u64)
+    static CPUS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u64))
+}
+
+/// Reads now what is read once and later lies outside the sandbox.
+pub fn warm_up() {
+    online_cpus();
 }
 
 /// The frontend options that attach an export listening on `socket`: QEMU's

@@ -8,7 +8,7 @@
 //!                                      \--validate--> Config
 //! ```
 
-mod export;
+pub mod export;
 pub mod keyval;
 
 pub use export::{
@@ -102,6 +102,24 @@ pub struct Args {
     /// (root only).
     #[arg(long, value_name = "USER")]
     pub socket_owner: Option<String>,
+    /// The sandbox: on (seccomp filters, Landlock, capabilities dropped,
+    /// no_new_privs), log (calls outside the filters allowed and logged
+    /// by the kernel, for building the lists; no Landlock), or off.
+    #[arg(long, value_name = "on|off|log", env = "VHOST_USER_BLKD_SANDBOX")]
+    pub sandbox: Option<String>,
+    /// A directory QMP may open, create and remove images and sockets in
+    /// at run time (blockdev-add, blockdev-create, snapshots, mirror
+    /// targets, block-export-add). Repeatable. Without any, only what the
+    /// start-up configuration names is reachable.
+    #[arg(long = "allow-path", value_name = "DIR")]
+    pub allow_path: Vec<PathBuf>,
+    /// When started as root: the user (and group) to run as once the
+    /// sockets are bound and the images open.
+    #[arg(long, value_name = "USER[:GROUP]")]
+    pub user: Option<String>,
+    /// QEMU's form of --user: user=USER[:GROUP].
+    #[arg(long = "run-with", value_name = "user=USER[:GROUP]")]
+    pub run_with: Vec<String>,
 
     /// Print the vhost-user backend capabilities as JSON and exit (QEMU's
     /// backend program conventions).
@@ -317,6 +335,7 @@ pub struct Config {
     pub trace: Vec<String>,
     pub log_file: Option<PathBuf>,
     pub socket_perms: crate::sockpath::SocketPerms,
+    pub sandbox: crate::sandbox::Settings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -378,6 +397,14 @@ struct ConfigFile {
     socket_group: Option<String>,
     #[serde(default)]
     socket_owner: Option<String>,
+    /// As `--sandbox`, `--allow-path`, `--user` (the command line wins;
+    /// allow-path lists add up).
+    #[serde(default)]
+    sandbox: Option<String>,
+    #[serde(default)]
+    allow_path: Vec<PathBuf>,
+    #[serde(default)]
+    user: Option<String>,
 }
 
 fn from_keyval<T: serde::de::DeserializeOwned>(
@@ -718,6 +745,26 @@ impl TryFrom<Args> for Config {
             socket_owner: args.socket_owner.clone(),
         };
 
+        let mut sandbox_mode = args.sandbox.clone();
+        let mut allow_paths = args.allow_path.clone();
+        let mut user = args.user.clone();
+        for r in &args.run_with {
+            match r.strip_prefix("user=") {
+                Some(u) if user.is_none() => user = Some(u.to_string()),
+                Some(_) => {
+                    return Err(ConfigError::Usage(
+                        "--user and --run-with user= both given".into(),
+                    ))
+                }
+                None => {
+                    return Err(ConfigError::Invalid {
+                        option: "--run-with",
+                        arg: r.clone(),
+                        reason: "only user=USER[:GROUP] is supported".into(),
+                    })
+                }
+            }
+        }
         if let Some(path) = &args.config {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
                 path: path.clone(),
@@ -741,8 +788,13 @@ impl TryFrom<Args> for Config {
             sockets.socket_mode = sockets.socket_mode.or(file.socket_mode);
             sockets.socket_group = sockets.socket_group.or(file.socket_group);
             sockets.socket_owner = sockets.socket_owner.or(file.socket_owner);
+            sandbox_mode = sandbox_mode.or(file.sandbox);
+            allow_paths.extend(file.allow_path);
+            user = user.or(file.user);
         }
+        let mut sandbox = sandbox_settings(sandbox_mode, allow_paths, user)?;
         let socket_perms = sockets.socket_perms()?;
+        sandbox.keep_chown = socket_perms.uid.is_some() || socket_perms.gid.is_some();
         if args.uses_short_form() {
             let (nodes, export) = args.short_form()?;
             blockdevs.extend(nodes);
@@ -826,8 +878,50 @@ impl TryFrom<Args> for Config {
             trace: args.trace.clone(),
             log_file,
             socket_perms,
+            sandbox,
         })
     }
+}
+
+/// The sandbox settings from `--sandbox`, `--allow-path`, `--user` (or the
+/// config file).
+fn sandbox_settings(
+    mode: Option<String>,
+    allow_paths: Vec<PathBuf>,
+    user: Option<String>,
+) -> Result<crate::sandbox::Settings, ConfigError> {
+    let mode = match mode {
+        Some(m) => m.parse().map_err(|reason| ConfigError::Invalid {
+            option: "--sandbox",
+            arg: m.clone(),
+            reason,
+        })?,
+        None => crate::sandbox::Mode::default(),
+    };
+    for p in &allow_paths {
+        if !p.is_dir() {
+            return Err(ConfigError::Invalid {
+                option: "--allow-path",
+                arg: p.display().to_string(),
+                reason: "not a directory".into(),
+            });
+        }
+    }
+    let run_as = user
+        .map(|u| {
+            u.parse().map_err(|reason| ConfigError::Invalid {
+                option: "--user",
+                arg: u.clone(),
+                reason,
+            })
+        })
+        .transpose()?;
+    Ok(crate::sandbox::Settings {
+        mode,
+        allow_paths,
+        run_as,
+        keep_chown: false,
+    })
 }
 
 #[cfg(test)]

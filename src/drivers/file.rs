@@ -223,13 +223,24 @@ pub struct NewFile {
     ino: u64,
 }
 
+/// A permission error on `path` that the sandbox caused says so.
+pub fn sandbox_hint(e: io::Error, path: &str) -> io::Error {
+    if e.raw_os_error() != Some(libc::EACCES) {
+        return e;
+    }
+    match crate::sandbox::denial_hint(std::path::Path::new(path)) {
+        Some(hint) => io::Error::new(e.kind(), format!("{}: {hint}", crate::block::os_text(&e))),
+        None => e,
+    }
+}
+
 impl NewFile {
     /// Opens (creating it if missing, never truncating) `path`, takes the
     /// lock bytes of write and resize and checks that no other process
     /// holds a conflicting one, and that no node of this daemon (as
     /// `in_use` tells) has the file open.
     pub fn open(path: &str, in_use: InUse) -> Result<NewFile, String> {
-        let cerr = |e: io::Error| format!("Could not create '{path}': {e}");
+        let cerr = |e: io::Error| format!("Could not create '{path}': {}", sandbox_hint(e, path));
         let open = |create: bool| {
             OpenOptions::new()
                 .read(true)
@@ -387,8 +398,8 @@ impl FileReopen {
 }
 
 // Linux ioctls for block devices.
-const BLKSSZGET: libc::c_ulong = 0x1268;
-const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+pub(crate) const BLKSSZGET: libc::c_ulong = 0x1268;
+pub(crate) const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 
 /// Largest bounce or zero buffer we allocate at once.
 const MAX_BOUNCE_CHUNK: u64 = 1 << 20;
@@ -403,7 +414,7 @@ impl FileDriver {
         let open_err = |source: io::Error| GraphError::OpenFile {
             node: o.node_name.clone(),
             filename: o.filename.clone(),
-            source,
+            source: sandbox_hint(source, &o.filename),
         };
         if o.aio == Aio::Native && !o.cache.direct {
             return Err(GraphError::Open {

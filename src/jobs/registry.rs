@@ -254,9 +254,10 @@ pub fn job_id(given: Option<&str>, device: &str) -> String {
 pub fn spawn(job: Arc<Job>, work: impl FnOnce(&Job) -> Result<(), QmpError> + Send + 'static) {
     job.state().start();
     let thread_job = job.clone();
-    let spawned = std::thread::Builder::new()
-        .name(format!("job-{}", job.id))
-        .spawn(move || {
+    let spawned = crate::sandbox::spawn(
+        crate::sandbox::Class::Job,
+        format!("job-{}", job.id),
+        move || {
             let job = thread_job;
             CURRENT_JOB.with(|c| *c.borrow_mut() = Some(job.id.clone()));
             job.state().busy = true;
@@ -278,7 +279,8 @@ pub fn spawn(job: Arc<Job>, work: impl FnOnce(&Job) -> Result<(), QmpError> + Se
             job.nodes.lock().unwrap_or_else(|e| e.into_inner()).clear();
             job.wake.notify_all();
             reap();
-        });
+        },
+    );
     if let Err(e) = spawned {
         job.state().work_done(Err(QmpError::generic(format!(
             "cannot start a thread for the job: {e}"

@@ -132,10 +132,12 @@ impl Monitor {
 
     /// Serves clients on a thread of its own.
     pub fn start(self) -> io::Result<()> {
-        std::thread::Builder::new()
-            .name("vub-qmp".into())
-            .spawn(move || self.run())
-            .map(|_| ())
+        crate::sandbox::spawn(
+            crate::sandbox::Class::Monitor,
+            "vub-qmp".into(),
+            move || self.run(),
+        )
+        .map(|_| ())
     }
 
     /// Closes the clients that did not negotiate in time; returns how long
@@ -254,14 +256,16 @@ impl Monitor {
             };
             let state = self.state.clone();
             let pretty = self.pretty;
-            let spawned = std::thread::Builder::new()
-                .name("vub-qmp-client".into())
-                .spawn(move || {
+            let spawned = crate::sandbox::spawn(
+                crate::sandbox::Class::Monitor,
+                "vub-qmp-client".into(),
+                move || {
                     let _slot = slot;
                     if let Err(e) = serve_client(stream, state, pretty, negotiated) {
                         log::debug!("QMP client ended: {e}");
                     }
-                });
+                },
+            );
             if spawned.is_err() {
                 // The closure (and with it the slot) was dropped.
                 log::warn!("QMP: cannot start a client thread");

@@ -100,10 +100,12 @@ impl State {
             thread: None,
         };
         running.thread = Some(
-            std::thread::Builder::new()
-                .name(format!("vub-accept-{id}"))
-                .spawn(move || server.run())
-                .map_err(StateError::Thread)?,
+            crate::sandbox::spawn(
+                crate::sandbox::Class::Control,
+                format!("vub-accept-{id}"),
+                move || server.run(),
+            )
+            .map_err(StateError::Thread)?,
         );
         lock(&self.exports).insert(id, running);
         Ok(())
@@ -136,18 +138,22 @@ impl State {
         control.stop(true);
         let state = self.clone();
         let id = id.to_string();
-        std::thread::spawn(move || {
-            // The server thread ends once the connection (if any) has
-            // drained; with it go the socket file and its hold on the node.
-            if let Some(t) = thread {
-                let _ = t.join();
-            }
-            lock(&state.exports).remove(&id);
-            log::info!("export {id}: deleted");
-            state
-                .events
-                .emit("BLOCK_EXPORT_DELETED", json!({ "id": id }));
-        });
+        let _ = crate::sandbox::spawn(
+            crate::sandbox::Class::Helper,
+            "vub-export-del".into(),
+            move || {
+                // The server thread ends once the connection (if any) has
+                // drained; with it go the socket file and its hold on the node.
+                if let Some(t) = thread {
+                    let _ = t.join();
+                }
+                lock(&state.exports).remove(&id);
+                log::info!("export {id}: deleted");
+                state
+                    .events
+                    .emit("BLOCK_EXPORT_DELETED", json!({ "id": id }));
+            },
+        );
         Ok(())
     }
     /// query-block-exports: every export, by id.

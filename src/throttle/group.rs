@@ -114,10 +114,12 @@ impl ThrottleGroup {
             next_member_id: AtomicUsize::new(0),
         });
         let weak = Arc::downgrade(&g);
-        std::thread::Builder::new()
-            .name(format!("vub-throttle-{name}"))
-            .spawn(move || timer_thread(weak))
-            .map_err(|e| format!("cannot start the throttle timer: {e}"))?;
+        crate::sandbox::spawn(
+            crate::sandbox::Class::Helper,
+            format!("vub-throttle-{name}"),
+            move || timer_thread(weak),
+        )
+        .map_err(|e| format!("cannot start the throttle timer: {e}"))?;
         Ok(g)
     }
 

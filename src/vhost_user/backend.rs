@@ -157,6 +157,9 @@ impl VhostUserBackend for VhostUserBlk {
         vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
+        // The library started this thread: it takes the iothread filter
+        // at its first event (until then it has its creator's).
+        crate::sandbox::enter_foreign(crate::sandbox::Class::Iothread);
         // Never return an error: the library would end the worker thread.
         worker::handle_event(self, device_event, vrings, thread_id);
         Ok(())

@@ -98,6 +98,14 @@ impl Daemon {
                     .replace("{dir}", dir.path().to_str().unwrap())
             })
             .collect();
+        let mut args = args;
+        if bin == daemon_bin() && !args.iter().any(|a| a == "--allow-path") {
+            // Tests add images and sockets in their temp dir over QMP: the
+            // sandbox lets the daemon reach it (tests/sandbox.rs checks
+            // what lies outside).
+            args.push("--allow-path".into());
+            args.push(dir.path().to_str().unwrap().to_string());
+        }
         let log = File::create(dir.path().join("daemon.log")).expect("daemon log");
         let child = Command::new(bin)
             .args(&args)

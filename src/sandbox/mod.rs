@@ -1,0 +1,392 @@
+//! Least privilege: what the daemon may still do once it serves.
+//!
+//! ```text
+//! run(): configure (mode, SIGSYS handler)          before any thread
+//!        ... objects, nodes, sockets, pidfile ...
+//!        arm: bounding set dropped -> --user (setgroups, setgid, setuid)
+//!             -> capabilities cleared -> no_new_privs -> Landlock
+//!             (the images, sockets, pidfile, --allow-path)
+//!             -> threads started before this point do the same
+//!        ... exports and monitors start (their threads inherit it) ...
+//!        enter(Main): the main thread's seccomp filter
+//! ```
+//!
+//! Seccomp filters, Landlock domains, capabilities and no_new_privs all
+//! belong to a thread, and a thread inherits its creator's. So every thread
+//! the daemon starts goes through [`spawn`], which installs the filter of
+//! its [`Class`] (syscalls.rs) on top of what it inherited; a thread
+//! started before [`arm`] waits there until the process is armed and then
+//! restricts itself as the main thread did. The library's vring worker
+//! threads install the iothread filter at their first event
+//! ([`enter_foreign`]).
+//!
+//! `--sandbox off` does none of this; `--sandbox log` installs the filters
+//! with the kernel's log action (what would have been refused is allowed
+//! and logged: `dmesg | grep 'type=1326'`) and skips Landlock, which has
+//! no such mode.
+
+mod landlock;
+mod privs;
+mod seccomp;
+pub mod syscalls;
+
+use std::cell::Cell;
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex, OnceLock};
+
+pub use privs::RunAs;
+
+/// `--sandbox`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// Seccomp filters (a call outside them kills the daemon), Landlock,
+    /// capabilities dropped. The default.
+    #[default]
+    On,
+    /// Nothing restricted.
+    Off,
+    /// Filters that log instead of kill; no Landlock.
+    Log,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "on" => Ok(Mode::On),
+            "off" => Ok(Mode::Off),
+            "log" => Ok(Mode::Log),
+            _ => Err(format!("'{s}' is not one of on, off, log")),
+        }
+    }
+}
+
+/// What kind of work a thread does, which decides its seccomp filter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    /// The main thread once serving: signals, shutdown.
+    Main,
+    /// QMP: the accept thread and one per client.
+    Monitor,
+    /// An export's accept loop and vhost-user protocol thread.
+    Control,
+    /// A vring worker: guest requests, image I/O. Faces the guest.
+    Iothread,
+    /// A block job.
+    Job,
+    /// Timers, event delivery, syslog, watchdog.
+    Helper,
+}
+
+impl Class {
+    pub const ALL: [Class; 6] = [
+        Class::Main,
+        Class::Monitor,
+        Class::Control,
+        Class::Iothread,
+        Class::Job,
+        Class::Helper,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Class::Main => "main",
+            Class::Monitor => "monitor",
+            Class::Control => "vhost-user",
+            Class::Iothread => "iothread",
+            Class::Job => "job",
+            Class::Helper => "helper",
+        }
+    }
+}
+
+/// The sandbox settings of this process (`--sandbox`, `--allow-path`,
+/// `--user`).
+#[derive(Clone, Debug, Default)]
+pub struct Settings {
+    pub mode: Mode,
+    /// Directories QMP may open, create and remove files in at run time.
+    pub allow_paths: Vec<PathBuf>,
+    /// Whom to run as once set up (root only).
+    pub run_as: Option<RunAs>,
+    /// Keep CAP_CHOWN (root staying root, with --socket-owner or
+    /// --socket-group: sockets bound at run time are given away too).
+    pub keep_chown: bool,
+}
+
+/// What the armed process may reach, gathered from the configuration and
+/// the graph once set up.
+#[derive(Clone, Debug, Default)]
+pub struct Reach {
+    /// Image files open now (read-write, as a reopen may need).
+    pub images: Vec<PathBuf>,
+    /// Directories the daemon creates and removes sockets in.
+    pub socket_dirs: Vec<PathBuf>,
+    /// Files the daemon removes at exit (pidfile), or reopens (log file).
+    pub files: Vec<PathBuf>,
+}
+
+struct Process {
+    settings: Settings,
+    /// Set by [`arm`]: the Landlock ruleset threads started earlier
+    /// restrict themselves with, if Landlock is in use.
+    armed: Mutex<Option<Armed>>,
+    armed_cv: Condvar,
+}
+
+#[derive(Default)]
+struct Armed {
+    landlock: Option<landlock::Rules>,
+    drop_caps: bool,
+    keep_chown: bool,
+}
+
+static PROCESS: OnceLock<Process> = OnceLock::new();
+
+thread_local! {
+    /// This thread's class, once its filter is in place (the SIGSYS
+    /// handler names it).
+    static CLASS: Cell<Option<Class>> = const { Cell::new(None) };
+    /// True once this thread is restricted (itself or by inheritance).
+    static RESTRICTED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The class of the calling thread, if it has a filter.
+pub(crate) fn current_class() -> Option<Class> {
+    CLASS.try_with(Cell::get).ok().flatten()
+}
+
+/// Settles the sandbox of this process; call once, before any thread
+/// exists. Without it (unit tests, tools) nothing is ever restricted.
+pub fn configure(settings: Settings) -> Result<(), String> {
+    if settings.mode != Mode::Off {
+        seccomp::install_sigsys_handler()?;
+        if settings.mode == Mode::Log {
+            log::warn!(
+                "--sandbox log: seccomp reports instead of refusing (see dmesg), Landlock is off"
+            );
+        }
+    }
+    PROCESS
+        .set(Process {
+            settings,
+            armed: Mutex::new(None),
+            armed_cv: Condvar::new(),
+        })
+        .map_err(|_| "the sandbox is configured twice".to_string())
+}
+
+fn process() -> Option<&'static Process> {
+    PROCESS.get().filter(|p| p.settings.mode != Mode::Off)
+}
+
+/// The configured mode (Off when unconfigured).
+pub fn mode() -> Mode {
+    PROCESS.get().map_or(Mode::Off, |p| p.settings.mode)
+}
+
+/// Drops privileges and confines the file system, for this thread and
+/// (as they reach [`spawn`]'s wait) every thread started before. Call
+/// once the images are open and the sockets bound, before anything is
+/// served.
+pub fn arm(reach: &Reach) -> Result<(), String> {
+    let Some(p) = process() else {
+        return Ok(());
+    };
+    let root = privs::is_root();
+    if root {
+        privs::drop_bounding_set()?;
+    }
+    if let Some(run_as) = &p.settings.run_as {
+        privs::switch_user(run_as)?;
+        log::info!("running as {run_as}");
+    }
+    let drop_caps = root;
+    let keep_chown = p.settings.keep_chown && p.settings.run_as.is_none();
+    if drop_caps {
+        privs::clear_capabilities(keep_chown)?;
+    }
+    privs::set_no_new_privs()?;
+    let rules = if p.settings.mode == Mode::On {
+        landlock::Rules::new(reach, &p.settings.allow_paths)?
+    } else {
+        None
+    };
+    let rules = match rules {
+        Some(r) if r.restrict_self()? => {
+            log::info!("Landlock: {}", r.describe());
+            Some(r)
+        }
+        Some(_) => {
+            log::warn!("this kernel has no Landlock: file access is not confined");
+            None
+        }
+        None => None,
+    };
+    RESTRICTED.with(|r| r.set(true));
+    *p.armed.lock().unwrap_or_else(|e| e.into_inner()) = Some(Armed {
+        landlock: rules,
+        drop_caps,
+        keep_chown,
+    });
+    p.armed_cv.notify_all();
+    Ok(())
+}
+
+/// Restricts a thread started before [`arm`]: waits until the process is
+/// armed, then does what the main thread did.
+fn restrict_like_main(p: &Process) -> Result<(), String> {
+    let mut armed = p.armed.lock().unwrap_or_else(|e| e.into_inner());
+    while armed.is_none() {
+        armed = p.armed_cv.wait(armed).unwrap_or_else(|e| e.into_inner());
+    }
+    let a = armed.as_ref().expect("checked above");
+    if a.drop_caps {
+        // This thread may have lost CAP_SETPCAP with --user already; the
+        // bounding set then stays, which no_new_privs makes harmless.
+        let _ = privs::drop_bounding_set();
+        privs::clear_capabilities(a.keep_chown)?;
+    }
+    privs::set_no_new_privs()?;
+    if let Some(r) = &a.landlock {
+        r.restrict_self()?;
+    }
+    RESTRICTED.with(|r| r.set(true));
+    Ok(())
+}
+
+/// Installs the filter of `class` on the calling thread (and, if the
+/// thread was started before [`arm`], first waits for it and restricts
+/// itself as the main thread did). A failure here leaves a thread
+/// unconfined, so it ends the process.
+fn enter(class: Class, inherited: bool) {
+    let Some(p) = process() else {
+        return;
+    };
+    if !inherited {
+        if let Err(e) = restrict_like_main(p) {
+            fatal(class, &e);
+        }
+    }
+    RESTRICTED.with(|r| r.set(true));
+    if let Err(e) = seccomp::apply(class, p.settings.mode) {
+        fatal(class, &e);
+    }
+    CLASS.with(|c| c.set(Some(class)));
+    probe(class);
+}
+
+/// The test hook that proves the filters bite:
+/// `VHOST_USER_BLKD_SANDBOX_PROBE=CLASS:CALL` makes the first thread of
+/// CLASS (a [`Class::name`]) make CALL (execve, ptrace, or socket, which
+/// asks for an AF_INET socket) once its filter is in place. The filter
+/// should kill the daemon there; if the call returns, that is logged.
+fn probe(class: Class) {
+    static PROBE: OnceLock<Option<(String, String)>> = OnceLock::new();
+    static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let probe = PROBE.get_or_init(|| {
+        let v = std::env::var("VHOST_USER_BLKD_SANDBOX_PROBE").ok()?;
+        let (c, call) = v.split_once(':')?;
+        Some((c.to_string(), call.to_string()))
+    });
+    let Some((c, call)) = probe else {
+        return;
+    };
+    if c != class.name() || FIRED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
+    // SAFETY: each call gets valid arguments (a NUL-terminated path and
+    // NULL-terminated argv/envp; integers); none touches our memory.
+    let r = unsafe {
+        match call.as_str() {
+            "execve" => {
+                let path = c"/bin/true";
+                let argv = [path.as_ptr(), std::ptr::null()];
+                let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+                libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) as i64
+            }
+            "ptrace" => libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) as i64,
+            "socket" => libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) as i64,
+            other => {
+                log::error!("sandbox probe: unknown call {other}");
+                return;
+            }
+        }
+    };
+    log::warn!(
+        "sandbox probe: {call} from a {} thread was not refused (returned {r})",
+        class.name()
+    );
+}
+
+fn fatal(class: Class, e: &str) -> ! {
+    log::error!(
+        "sandbox: a {} thread cannot restrict itself: {e}",
+        class.name()
+    );
+    std::process::abort();
+}
+
+/// The main thread's filter, once everything is started.
+pub fn enter_main() {
+    enter(Class::Main, true);
+}
+
+/// For threads started by a library (the vring workers): installs the
+/// filter of `class` the first time it is called on a thread.
+pub fn enter_foreign(class: Class) {
+    if process().is_none() || CLASS.with(Cell::get).is_some() {
+        return;
+    }
+    // A library thread may date from before arm(): restrict it fully if
+    // its creator was not restricted. Landlock and no_new_privs twice are
+    // harmless; the check keeps the Landlock layers few.
+    let inherited = RESTRICTED.with(Cell::get);
+    enter(class, inherited || armed_before_creator());
+}
+
+/// Library threads are created by restricted threads of ours once the
+/// process is armed; before that none runs our code.
+fn armed_before_creator() -> bool {
+    process().is_some_and(|p| p.armed.lock().unwrap_or_else(|e| e.into_inner()).is_some())
+}
+
+/// Starts a thread of `class` named `name`: it installs its class's filter
+/// before running `f`.
+pub fn spawn<F, T>(class: Class, name: String, f: F) -> std::io::Result<std::thread::JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    let inherited = RESTRICTED.with(Cell::get);
+    std::thread::Builder::new().name(name).spawn(move || {
+        enter(class, inherited);
+        f()
+    })
+}
+
+/// Whether Landlock confines this process's file system.
+pub fn confines_files() -> bool {
+    process().is_some_and(|p| {
+        p.armed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|a| a.landlock.is_some())
+    })
+}
+
+/// For an EACCES on `path`: the hint to add to the error when the sandbox
+/// is why (the path is outside what it allows), else None.
+pub fn denial_hint(path: &Path) -> Option<String> {
+    let p = process()?;
+    let armed = p.armed.lock().unwrap_or_else(|e| e.into_inner());
+    let rules = armed.as_ref()?.landlock.as_ref()?;
+    if rules.allows(path) {
+        return None;
+    }
+    Some(format!(
+        "'{}' is outside the paths the sandbox allows (start the daemon with --allow-path DIR for a directory it may use, or pass an open descriptor with add-fd)",
+        path.display()
+    ))
+}

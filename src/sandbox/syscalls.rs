@@ -1,0 +1,467 @@
+//! The system calls each thread class may make: the seccomp allow-lists.
+//!
+//! One readable table per group of calls, with why the group is needed;
+//! a thread class is a list of groups (see [`Class::groups`]). The lists
+//! were derived by running the whole test suite (Rust, QMP, guest) with
+//! `--sandbox log` and reading the kernel's log of what was not listed
+//! (`scripts/sandbox-derive.sh`), then trimmed by hand to what the code
+//! needs. A call that is not listed kills the daemon with a log line
+//! naming the thread and the call (`--sandbox on`), or is allowed and
+//! logged by the kernel (`--sandbox log`).
+//!
+//! Threads inherit their parent's filter and add their own, so a class
+//! that starts threads allows everything its children need (checked by a
+//! test: [`Class::spawns`]).
+
+// The constants are c_ulong or c_int depending on the architecture.
+#![allow(clippy::unnecessary_cast)]
+
+use super::Class;
+
+/// A condition on one argument of a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arg {
+    /// Argument `index` equals `value`.
+    Eq(u8, u64),
+    /// Argument `index` masked with `mask` equals `value`.
+    Masked(u8, u64, u64),
+    /// Argument `index` equals the daemon's pid (known when the filter is
+    /// built).
+    OwnPid(u8),
+}
+
+/// How a listed call is treated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Allow {
+    /// Always allowed.
+    Any,
+    /// Allowed when every condition holds (a list of alternatives is
+    /// written as several entries of the same call).
+    If(&'static [Arg]),
+    /// Never made; returns this errno instead of killing (where a caller
+    /// has a fallback: glibc falls back from clone3 to clone).
+    Errno(i32),
+}
+
+/// One entry: the call's number, its name (for the log), and the rule.
+#[derive(Clone, Copy, Debug)]
+pub struct Syscall {
+    pub nr: i64,
+    pub name: &'static str,
+    pub allow: Allow,
+}
+
+macro_rules! sys {
+    ($name:ident) => {
+        Syscall {
+            nr: libc::$name,
+            name: strip(stringify!($name)),
+            allow: Allow::Any,
+        }
+    };
+    ($name:ident, $allow:expr) => {
+        Syscall {
+            nr: libc::$name,
+            name: strip(stringify!($name)),
+            allow: $allow,
+        }
+    };
+}
+
+/// "SYS_read" -> "read", at compile time.
+const fn strip(s: &'static str) -> &'static str {
+    match s.as_bytes() {
+        [b'S', b'Y', b'S', b'_', rest @ ..] => match std::str::from_utf8(rest) {
+            Ok(r) => r,
+            Err(_) => s,
+        },
+        _ => s,
+    }
+}
+
+const PROT_EXEC: u64 = libc::PROT_EXEC as u64;
+const CLONE_THREAD: u64 = libc::CLONE_THREAD as u64;
+
+/// Every thread: memory, locks, signals, time, logging, exit.
+pub const BASE: &[Syscall] = &[
+    // The allocator and thread stacks. Never executable memory: no
+    // mapping or protection change with PROT_EXEC.
+    sys!(SYS_mmap, Allow::If(&[Arg::Masked(2, PROT_EXEC, 0)])),
+    sys!(SYS_mprotect, Allow::If(&[Arg::Masked(2, PROT_EXEC, 0)])),
+    sys!(SYS_munmap),
+    sys!(SYS_mremap),
+    sys!(SYS_madvise),
+    sys!(SYS_brk),
+    // Mutexes, condition variables, channels, thread joins.
+    sys!(SYS_futex),
+    sys!(SYS_sched_yield),
+    // Signal masks and handlers (the SIGSYS and SIGBUS handlers, Rust's
+    // stack-overflow handler), signal return.
+    sys!(SYS_rt_sigprocmask),
+    sys!(SYS_rt_sigaction),
+    sys!(SYS_rt_sigreturn),
+    // A sleep or wait interrupted by a signal (glibc's setuid broadcast,
+    // a stop and continue) resumes with it.
+    sys!(SYS_restart_syscall),
+    sys!(SYS_sigaltstack),
+    // Signals to this process only: abort(), the sandbox's own kill.
+    sys!(SYS_tgkill, Allow::If(&[Arg::OwnPid(0)])),
+    sys!(SYS_getpid),
+    sys!(SYS_gettid),
+    // Time: clocks outside the vDSO, sleeps, timed waits.
+    sys!(SYS_clock_gettime),
+    sys!(SYS_clock_nanosleep),
+    sys!(SYS_nanosleep),
+    sys!(SYS_gettimeofday),
+    // The log (stderr, a log file or the syslog pipe).
+    sys!(SYS_write),
+    sys!(SYS_writev),
+    sys!(SYS_close),
+    // Hash map keys.
+    sys!(SYS_getrandom),
+    // Thread names (the log shows them; the sandbox's kill line too).
+    sys!(
+        SYS_prctl,
+        Allow::If(&[Arg::Eq(0, libc::PR_SET_NAME as u64)])
+    ),
+    sys!(
+        SYS_prctl,
+        Allow::If(&[Arg::Eq(0, libc::PR_GET_NAME as u64)])
+    ),
+    sys!(SYS_sched_getaffinity),
+    // A thread adds its own filter to the one it inherited (it can only
+    // narrow what is allowed).
+    sys!(
+        SYS_prctl,
+        Allow::If(&[Arg::Eq(0, libc::PR_SET_NO_NEW_PRIVS as u64)])
+    ),
+    sys!(
+        SYS_seccomp,
+        Allow::If(&[Arg::Eq(0, libc::SECCOMP_SET_MODE_FILTER as u64)])
+    ),
+    sys!(SYS_exit),
+    sys!(SYS_exit_group),
+];
+
+/// Threads that start threads: clone for threads only (never a new
+/// process), and what a new thread does before its own code runs.
+pub const SPAWN: &[Syscall] = &[
+    sys!(
+        SYS_clone,
+        Allow::If(&[Arg::Masked(0, CLONE_THREAD, CLONE_THREAD)])
+    ),
+    // Its flags sit in memory that seccomp cannot read: ENOSYS makes
+    // glibc use clone, whose flags are checked above.
+    sys!(SYS_clone3, Allow::Errno(libc::ENOSYS)),
+    sys!(SYS_set_robust_list),
+    sys!(SYS_rseq),
+];
+
+/// Image I/O on open descriptors: the synchronous engine, io_uring,
+/// flushes, preallocation and discard, block device queries.
+pub const IO: &[Syscall] = &[
+    sys!(SYS_read),
+    sys!(SYS_pread64),
+    sys!(SYS_pwrite64),
+    sys!(SYS_preadv),
+    sys!(SYS_pwritev),
+    sys!(SYS_preadv2),
+    sys!(SYS_pwritev2),
+    sys!(SYS_lseek),
+    sys!(SYS_fsync),
+    sys!(SYS_fdatasync),
+    sys!(SYS_fallocate),
+    sys!(SYS_ftruncate),
+    sys!(SYS_fstat),
+    sys!(SYS_newfstatat),
+    sys!(SYS_statx),
+    sys!(SYS_fcntl),
+    // Only the operations the ring was set up for reach the kernel (its
+    // restrictions are registered before it is enabled).
+    sys!(SYS_io_uring_enter),
+    // Block devices: size and sector size.
+    sys!(
+        SYS_ioctl,
+        Allow::If(&[Arg::Eq(1, crate::drivers::file::BLKGETSIZE64 as u64)])
+    ),
+    sys!(
+        SYS_ioctl,
+        Allow::If(&[Arg::Eq(1, crate::drivers::file::BLKSSZGET as u64)])
+    ),
+];
+
+/// An iothread's loop: epoll, eventfds, its throttle timerfd.
+pub const EVENT_LOOP: &[Syscall] = &[
+    sys!(SYS_epoll_wait),
+    sys!(SYS_epoll_pwait),
+    sys!(SYS_epoll_ctl),
+    sys!(SYS_timerfd_settime),
+    sys!(SYS_timerfd_gettime),
+    sys!(SYS_ppoll),
+    sys!(SYS_poll),
+    // A worker ends the connection of a frontend that broke the protocol.
+    sys!(SYS_shutdown),
+];
+
+/// The guest-facing thread opens nothing. glibc's malloc may read
+/// /sys/devices/system/cpu/online when a thread first needs an arena, and
+/// does without it: that open fails instead of killing.
+pub const NO_FILES: &[Syscall] = &[sys!(SYS_openat, Allow::Errno(libc::EACCES))];
+
+/// Socket options std sets on descriptors (FIONBIO for non-blocking,
+/// FIOCLEX for close-on-exec).
+pub const SOCKET_FLAGS: &[Syscall] = &[
+    sys!(SYS_ioctl, Allow::If(&[Arg::Eq(1, libc::FIONBIO as u64)])),
+    sys!(SYS_ioctl, Allow::If(&[Arg::Eq(1, libc::FIOCLEX as u64)])),
+];
+
+/// The vhost-user protocol thread of an export: messages with descriptors
+/// on the UNIX socket, guest memory mapped from them, the iothreads'
+/// epolls, eventfds and rings set up.
+pub const VHOST_USER: &[Syscall] = &[
+    sys!(SYS_accept4),
+    sys!(SYS_accept),
+    // Whether guest memory is on hugetlbfs (vm-memory asks).
+    sys!(SYS_fstatfs),
+    sys!(SYS_recvmsg),
+    sys!(SYS_sendmsg),
+    sys!(SYS_recvfrom),
+    sys!(SYS_sendto),
+    sys!(SYS_shutdown),
+    sys!(SYS_getsockopt),
+    sys!(SYS_getsockname),
+    sys!(SYS_getpeername),
+    sys!(SYS_epoll_create1),
+    sys!(SYS_eventfd2),
+    sys!(SYS_timerfd_create),
+    sys!(SYS_io_uring_setup),
+    sys!(SYS_io_uring_register),
+    sys!(SYS_dup),
+    sys!(SYS_dup3),
+    // The backend channel is found among this process's descriptors.
+    sys!(SYS_openat),
+    sys!(SYS_getdents64),
+    sys!(SYS_readlinkat),
+];
+
+/// Block jobs: their own executor and ring.
+pub const JOB: &[Syscall] = &[
+    sys!(SYS_io_uring_setup),
+    sys!(SYS_io_uring_register),
+    sys!(SYS_eventfd2),
+    sys!(SYS_epoll_create1),
+];
+
+/// Helper threads: throttle timers, event delivery to QMP clients, the
+/// syslog pipe, the systemd watchdog, export removal.
+pub const HELPER: &[Syscall] = &[
+    // The throttle timer's precision (as QEMU).
+    sys!(
+        SYS_prctl,
+        Allow::If(&[Arg::Eq(0, libc::PR_SET_TIMERSLACK as u64)])
+    ),
+    sys!(SYS_read),
+    sys!(SYS_sendmsg),
+    sys!(SYS_sendto),
+    sys!(SYS_socket, Allow::If(&[Arg::Eq(0, libc::AF_UNIX as u64)])),
+    sys!(SYS_connect),
+];
+
+/// Files by name: opened, created, removed, locked, their ownership and
+/// mode (blockdev-add, blockdev-create, snapshots, mirror targets, socket
+/// files). Landlock decides where.
+pub const FILES: &[Syscall] = &[
+    sys!(SYS_openat),
+    sys!(SYS_unlinkat),
+    sys!(SYS_renameat),
+    sys!(SYS_renameat2),
+    sys!(SYS_linkat),
+    sys!(SYS_readlinkat),
+    sys!(SYS_getdents64),
+    sys!(SYS_getcwd),
+    sys!(SYS_flock),
+    sys!(SYS_fchmod),
+    sys!(SYS_fchmodat),
+    sys!(SYS_fchown),
+    sys!(SYS_fchownat),
+    sys!(SYS_umask),
+];
+
+/// The QMP monitor's own: UNIX sockets bound (block-export-add) and
+/// descriptors received (getfd, add-fd). Never another socket family.
+pub const SOCKETS: &[Syscall] = &[
+    sys!(SYS_socket, Allow::If(&[Arg::Eq(0, libc::AF_UNIX as u64)])),
+    sys!(
+        SYS_socketpair,
+        Allow::If(&[Arg::Eq(0, libc::AF_UNIX as u64)])
+    ),
+    sys!(SYS_bind),
+    sys!(SYS_listen),
+    sys!(SYS_connect),
+    sys!(SYS_setsockopt),
+    sys!(SYS_pipe2),
+    sys!(SYS_memfd_create),
+];
+
+/// The older path calls std and glibc still use on x86_64 (remove_file
+/// is unlink, canonicalize reads links, socket ownership is lchown).
+#[cfg(target_arch = "x86_64")]
+pub const PATHS_X86: &[Syscall] = &[
+    sys!(SYS_unlink),
+    sys!(SYS_readlink),
+    sys!(SYS_lchown),
+    sys!(SYS_chown),
+    sys!(SYS_chmod),
+    sys!(SYS_stat),
+    sys!(SYS_lstat),
+    sys!(SYS_access),
+    sys!(SYS_rename),
+    sys!(SYS_link),
+];
+#[cfg(not(target_arch = "x86_64"))]
+pub const PATHS_X86: &[Syscall] = &[];
+
+/// The main thread once serving: waits for SIGTERM/SIGINT/SIGHUP, then
+/// drains, flushes, removes its sockets and pidfile.
+pub const MAIN: &[Syscall] = &[
+    sys!(SYS_rt_sigtimedwait),
+    #[cfg(target_arch = "x86_64")]
+    sys!(SYS_unlink),
+    sys!(SYS_unlinkat),
+    sys!(SYS_sendmsg),
+    sys!(SYS_sendto),
+    sys!(SYS_socket, Allow::If(&[Arg::Eq(0, libc::AF_UNIX as u64)])),
+    sys!(SYS_connect),
+];
+
+/// Calls made by none of our threads, named in the kill line.
+pub const NAMED: &[(i64, &str)] = &[
+    (libc::SYS_execve, "execve"),
+    (libc::SYS_execveat, "execveat"),
+    (libc::SYS_ptrace, "ptrace"),
+    (libc::SYS_socket, "socket"),
+    (libc::SYS_fork, "fork"),
+    (libc::SYS_vfork, "vfork"),
+    (libc::SYS_kill, "kill"),
+    (libc::SYS_open, "open"),
+    (libc::SYS_mount, "mount"),
+    (libc::SYS_setuid, "setuid"),
+    (libc::SYS_process_vm_readv, "process_vm_readv"),
+    (libc::SYS_process_vm_writev, "process_vm_writev"),
+];
+
+impl Class {
+    /// The groups of calls this class may make.
+    pub fn groups(self) -> &'static [&'static [Syscall]] {
+        match self {
+            Class::Iothread => &[BASE, IO, EVENT_LOOP, NO_FILES],
+            Class::Control => &[BASE, SPAWN, IO, EVENT_LOOP, SOCKET_FLAGS, VHOST_USER],
+            Class::Job => &[BASE, IO, EVENT_LOOP, JOB, FILES, PATHS_X86],
+            Class::Helper => &[BASE, SPAWN, SOCKET_FLAGS, HELPER],
+            Class::Monitor => &[
+                BASE,
+                SPAWN,
+                IO,
+                EVENT_LOOP,
+                SOCKET_FLAGS,
+                VHOST_USER,
+                JOB,
+                HELPER,
+                FILES,
+                SOCKETS,
+                PATHS_X86,
+            ],
+            Class::Main => &[BASE, IO, EVENT_LOOP, MAIN],
+        }
+    }
+
+    /// The classes of the threads a thread of this class starts after its
+    /// filter is in place (they inherit it).
+    pub fn spawns(self) -> &'static [Class] {
+        match self {
+            Class::Iothread | Class::Helper | Class::Job | Class::Main => &[],
+            Class::Control => &[Class::Control, Class::Iothread],
+            Class::Monitor => &[Class::Monitor, Class::Control, Class::Job, Class::Helper],
+        }
+    }
+
+    /// Every entry of this class's groups.
+    pub fn syscalls(self) -> impl Iterator<Item = &'static Syscall> {
+        self.groups().iter().flat_map(|g| g.iter())
+    }
+}
+
+/// The name of call `nr`, if any table knows it.
+pub fn name(nr: i64) -> Option<&'static str> {
+    let all = [
+        BASE,
+        SPAWN,
+        IO,
+        EVENT_LOOP,
+        NO_FILES,
+        SOCKET_FLAGS,
+        VHOST_USER,
+        JOB,
+        HELPER,
+        FILES,
+        SOCKETS,
+        PATHS_X86,
+        MAIN,
+    ];
+    all.iter()
+        .flat_map(|g| g.iter())
+        .find(|s| s.nr == nr)
+        .map(|s| s.name)
+        .or_else(|| NAMED.iter().find(|(n, _)| *n == nr).map(|(_, s)| *s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allows(class: Class, s: &Syscall) -> bool {
+        class
+            .syscalls()
+            .any(|c| c.nr == s.nr && (c.allow == s.allow || c.allow == Allow::Any))
+    }
+
+    #[test]
+    fn a_parent_allows_everything_its_children_need() {
+        for parent in Class::ALL {
+            for child in parent.spawns() {
+                for s in child.syscalls() {
+                    assert!(
+                        allows(parent, s),
+                        "{parent:?} starts {child:?} threads but does not allow {} ({:?})",
+                        s.name,
+                        s.allow
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn names_come_without_the_prefix() {
+        assert_eq!(name(libc::SYS_pwritev2), Some("pwritev2"));
+        assert_eq!(name(libc::SYS_execve), Some("execve"));
+    }
+
+    #[test]
+    fn the_guest_facing_thread_cannot_open_files_or_start_anything() {
+        for forbidden in [
+            libc::SYS_openat,
+            libc::SYS_socket,
+            libc::SYS_clone,
+            libc::SYS_execve,
+            libc::SYS_io_uring_setup,
+            libc::SYS_connect,
+        ] {
+            assert!(
+                !Class::Iothread.syscalls().any(|s| s.nr == forbidden),
+                "{:?}",
+                name(forbidden)
+            );
+        }
+    }
+}
