@@ -32,11 +32,11 @@ import re, sys, collections
 
 # Thread names (comm, 15 characters at most) to classes: src/sandbox/mod.rs.
 CLASSES = [
-    (r"^vub-qmp", "monitor"),
+    (r"^(vub-qmp|vub-export-del)", "monitor"),
     (r"^vub-accept-", "vhost-user"),
     (r"^vring_worker", "iothread (or vhost-user before its first event)"),
     (r"^job-", "job"),
-    (r"^(vub-events|vub-throttle|syslog|vub-watchdog|vub-export-del)", "helper"),
+    (r"^(vub-events|vub-throttle|syslog|vub-watchdog)", "helper"),
     (r"^vhost-user-blk", "main"),
     (r"^vub-", "vhost-user (protocol thread)"),
 ]

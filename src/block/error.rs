@@ -69,13 +69,13 @@ pub enum GraphError {
     InUse { node: String, users: String },
     #[error("cannot open node '{node}': {reason}")]
     Open { node: String, reason: String },
-    /// QEMU's words: "Could not open 'x.img': Permission denied" (the
-    /// node's name is in what QMP answers to, so it is not repeated).
-    #[error("Could not open '{filename}': {}", os_text(source))]
+    /// QEMU's words ("Could not open 'x.img': Permission denied"), and
+    /// the node's name: a blockdev-add may open several files.
+    #[error("Could not open '{filename}' for node '{node}': {}", os_text(error))]
     OpenFile {
         node: String,
         filename: String,
-        source: io::Error,
+        error: io::Error,
     },
 }
 

@@ -414,7 +414,7 @@ impl FileDriver {
         let open_err = |source: io::Error| GraphError::OpenFile {
             node: o.node_name.clone(),
             filename: o.filename.clone(),
-            source: sandbox_hint(source, &o.filename),
+            error: sandbox_hint(source, &o.filename),
         };
         if o.aio == Aio::Native && !o.cache.direct {
             return Err(GraphError::Open {

@@ -139,7 +139,7 @@ impl State {
         let state = self.clone();
         let id = id.to_string();
         let _ = crate::sandbox::spawn(
-            crate::sandbox::Class::Helper,
+            crate::sandbox::Class::Monitor,
             "vub-export-del".into(),
             move || {
                 // The server thread ends once the connection (if any) has

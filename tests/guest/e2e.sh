@@ -47,7 +47,7 @@ base_sum=$(md5sum <"$work/base.qcow2")
     --blockdev "driver=qcow2,node-name=c,file.driver=file,file.filename=$work/c.qcow2" \
     --export "type=vhost-user-blk,id=ec,node-name=c,addr.type=unix,addr.path=$work/c.sock,writable=on,num-queues=2,poll-max-ns=32768" \
     --chardev "socket,id=mon0,path=$work/qmp.sock,server=on,wait=off" --monitor chardev=mon0 \
-    --pidfile "$work/pid" >"$work/daemon.log" 2>&1 &
+    --allow-path "$work" --pidfile "$work/pid" >"$work/daemon.log" 2>&1 &
 daemon_pid=$!
 for _ in $(seq 200); do [[ -e $work/pid ]] && break; sleep 0.05; done
 [[ -e $work/pid ]] || { cat "$work/daemon.log"; echo "ERROR: daemon did not start" >&2; exit 1; }

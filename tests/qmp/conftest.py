@@ -63,10 +63,14 @@ class Daemon:
         return self.proc.returncode
 
 
-def start_daemon(binary, workdir, extra=()):
+def start_daemon(binary, workdir, extra=(), allow=None):
     mon = Path(workdir) / "qmp.sock"
     argv = [binary, "--chardev", f"socket,id=mon0,path={mon},server=on,wait=off",
             "--monitor", "chardev=mon0", *extra]
+    if binary == VUB_BIN and "--allow-path" not in extra:
+        # The tests add images and sockets in their work directory (or
+        # `allow`) over QMP: the sandbox lets the daemon reach it.
+        argv += ["--allow-path", str(allow or workdir)]
     return Daemon(argv, workdir, mon)
 
 

@@ -55,7 +55,7 @@ def dm(request, workdir):
         binary = QSD_BIN
     ddir = workdir / request.param
     ddir.mkdir()
-    d = start_daemon(binary, ddir)
+    d = start_daemon(binary, ddir, allow=workdir)
     d.kind = request.param
     yield d
     d.stop()

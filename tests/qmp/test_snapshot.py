@@ -262,7 +262,7 @@ def test_persistent_bitmaps_survive_a_restart(daemon, workdir):
     check_clean(img)
     second = workdir / "second"
     second.mkdir()
-    d2 = start_daemon(VUB_BIN, second)
+    d2 = start_daemon(VUB_BIN, second, allow=workdir)
 
     async def again():
         c = await connect(d2.monitor)
