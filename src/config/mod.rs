@@ -102,6 +102,15 @@ pub struct Args {
     /// (root only).
     #[arg(long, value_name = "USER")]
     pub socket_owner: Option<String>,
+    /// Also let this user (name or number; repeatable, or a comma-separated
+    /// list) connect to the exports and monitors. Default: only root and
+    /// the daemon's own user may connect; others are closed and logged.
+    #[arg(long, value_name = "UID|USER")]
+    pub allow_peer_uid: Vec<String>,
+    /// Also let processes of this group (their primary group; name or
+    /// number; repeatable, or a comma-separated list) connect.
+    #[arg(long, value_name = "GID|GROUP")]
+    pub allow_peer_gid: Vec<String>,
 
     /// Print the vhost-user backend capabilities as JSON and exit (QEMU's
     /// backend program conventions).
@@ -317,6 +326,8 @@ pub struct Config {
     pub trace: Vec<String>,
     pub log_file: Option<PathBuf>,
     pub socket_perms: crate::sockpath::SocketPerms,
+    /// Who may connect besides root and the daemon's own user.
+    pub peer_policy: crate::peercred::PeerPolicy,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -378,6 +389,56 @@ struct ConfigFile {
     socket_group: Option<String>,
     #[serde(default)]
     socket_owner: Option<String>,
+    /// As `--allow-peer-uid`, `--allow-peer-gid`: lists of names or numbers
+    /// (the command line's list, if given, wins).
+    #[serde(default)]
+    allow_peer_uid: Option<Vec<IdOrName>>,
+    #[serde(default)]
+    allow_peer_gid: Option<Vec<IdOrName>>,
+}
+
+/// A user or group in the config file: `1000` or `"qemu"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum IdOrName {
+    Id(u32),
+    Name(String),
+}
+
+impl IdOrName {
+    fn into_string(self) -> String {
+        match self {
+            IdOrName::Id(n) => n.to_string(),
+            IdOrName::Name(s) => s,
+        }
+    }
+}
+
+/// The users or groups of `--allow-peer-uid` / `--allow-peer-gid`: each
+/// argument a comma-separated list of names or numbers, names resolved now.
+fn peer_ids(
+    option: &'static str,
+    args: &[String],
+    resolve: fn(&str) -> Result<u32, String>,
+) -> Result<Vec<u32>, ConfigError> {
+    let mut ids = Vec::new();
+    for arg in args {
+        for item in arg.split(',').map(str::trim) {
+            let invalid = |reason: String| ConfigError::Invalid {
+                option,
+                arg: arg.clone(),
+                reason,
+            };
+            if item.is_empty() {
+                return Err(invalid("an empty name in the list".into()));
+            }
+            let id = resolve(item).map_err(invalid)?;
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+    }
+    Ok(ids)
 }
 
 fn from_keyval<T: serde::de::DeserializeOwned>(
@@ -717,6 +778,8 @@ impl TryFrom<Args> for Config {
             socket_group: args.socket_group.clone(),
             socket_owner: args.socket_owner.clone(),
         };
+        let mut allow_peer_uid = ("--allow-peer-uid", args.allow_peer_uid.clone());
+        let mut allow_peer_gid = ("--allow-peer-gid", args.allow_peer_gid.clone());
 
         if let Some(path) = &args.config {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
@@ -741,7 +804,32 @@ impl TryFrom<Args> for Config {
             sockets.socket_mode = sockets.socket_mode.or(file.socket_mode);
             sockets.socket_group = sockets.socket_group.or(file.socket_group);
             sockets.socket_owner = sockets.socket_owner.or(file.socket_owner);
+            // A list on the command line replaces the file's.
+            if let (true, Some(list)) = (allow_peer_uid.1.is_empty(), file.allow_peer_uid) {
+                allow_peer_uid = (
+                    "config file allow-peer-uid",
+                    list.into_iter().map(IdOrName::into_string).collect(),
+                );
+            }
+            if let (true, Some(list)) = (allow_peer_gid.1.is_empty(), file.allow_peer_gid) {
+                allow_peer_gid = (
+                    "config file allow-peer-gid",
+                    list.into_iter().map(IdOrName::into_string).collect(),
+                );
+            }
         }
+        let peer_policy = crate::peercred::PeerPolicy {
+            uids: peer_ids(
+                allow_peer_uid.0,
+                &allow_peer_uid.1,
+                crate::sockpath::parse_owner,
+            )?,
+            gids: peer_ids(
+                allow_peer_gid.0,
+                &allow_peer_gid.1,
+                crate::sockpath::parse_group,
+            )?,
+        };
         let socket_perms = sockets.socket_perms()?;
         if args.uses_short_form() {
             let (nodes, export) = args.short_form()?;
@@ -826,6 +914,7 @@ impl TryFrom<Args> for Config {
             trace: args.trace.clone(),
             log_file,
             socket_perms,
+            peer_policy,
         })
     }
 }
@@ -969,6 +1058,90 @@ addr = { type = "unix", path = "/tmp/n.sock" }
         let c = Config::try_from(args(&["--config", file, "--socket-mode", "0600"])).unwrap();
         assert_eq!(c.socket_perms.mode, Some(0o600));
         assert_eq!(c.socket_perms.gid, Some(6));
+    }
+
+    #[test]
+    fn allowed_peers_from_the_command_line_names_numbers_and_lists() {
+        let null = [
+            "--blockdev",
+            "driver=null-co,node-name=n0",
+            "--export",
+            "vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=/tmp/n.sock",
+        ];
+        let c = Config::try_from(args(&null)).unwrap();
+        assert_eq!(c.peer_policy, crate::peercred::PeerPolicy::default());
+        let mut a = null.to_vec();
+        a.extend([
+            "--allow-peer-uid",
+            "root,1000",
+            "--allow-peer-uid",
+            "65534",
+            "--allow-peer-gid",
+            "0",
+            "--allow-peer-gid",
+            "root, 36",
+        ]);
+        let c = Config::try_from(args(&a)).unwrap();
+        assert_eq!(c.peer_policy.uids, vec![0, 1000, 65534]);
+        assert_eq!(c.peer_policy.gids, vec![0, 36]);
+        for (opt, bad, named) in [
+            (
+                "--allow-peer-uid",
+                "1000,no-such-user-xyz",
+                "no user 'no-such-user-xyz'",
+            ),
+            (
+                "--allow-peer-gid",
+                "no-such-group-xyz",
+                "no group 'no-such-group-xyz'",
+            ),
+            ("--allow-peer-uid", "1,,2", "empty"),
+        ] {
+            let mut a = null.to_vec();
+            a.extend([opt, bad]);
+            let e = Config::try_from(args(&a)).unwrap_err().to_string();
+            assert!(e.starts_with(opt) && e.contains(named), "{e}");
+        }
+    }
+
+    #[test]
+    fn allowed_peers_from_the_config_file_and_the_command_line_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let body = r#"
+[[blockdev]]
+driver = "null-co"
+node-name = "n0"
+[[export]]
+type = "vhost-user-blk"
+id = "e0"
+node-name = "n0"
+addr = { type = "unix", path = "/tmp/n.sock" }
+"#;
+        std::fs::write(
+            &path,
+            format!("allow-peer-uid = [1000, \"root\"]\nallow-peer-gid = [36]\n{body}"),
+        )
+        .unwrap();
+        let file = path.to_str().unwrap();
+        let c = Config::try_from(args(&["--config", file])).unwrap();
+        assert_eq!(c.peer_policy.uids, vec![1000, 0]);
+        assert_eq!(c.peer_policy.gids, vec![36]);
+        let c = Config::try_from(args(&["--config", file, "--allow-peer-uid", "7"])).unwrap();
+        assert_eq!(c.peer_policy.uids, vec![7]);
+        assert_eq!(c.peer_policy.gids, vec![36]);
+        std::fs::write(
+            &path,
+            format!("allow-peer-gid = [\"no-such-group-xyz\"]\n{body}"),
+        )
+        .unwrap();
+        let e = Config::try_from(args(&["--config", file]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("allow-peer-gid") && e.contains("no group 'no-such-group-xyz'"),
+            "{e}"
+        );
     }
 
     #[test]
