@@ -294,8 +294,20 @@ fn a_burst_of_refusals_is_logged_once_per_socket() {
     }
     let mut d = daemon(&[]);
     let e0 = d.dir.path().join("e0.sock");
-    assert_eq!(as_nobody(&d.socket, "qmp", 5), ["closed"; 5]);
-    assert_eq!(as_nobody(&e0, "vhost", 5), ["closed"; 5]);
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", d.pid()))
+            .unwrap()
+            .count()
+    };
+    let before = fds();
+    assert_eq!(as_nobody(&d.socket, "qmp", 20), ["closed"; 20]);
+    assert_eq!(as_nobody(&e0, "vhost", 20), ["closed"; 20]);
+    // A refused connection is closed before the client sees its end.
+    assert_eq!(
+        fds(),
+        before,
+        "descriptors of refused connections left open"
+    );
     // Each accept loop has moved on to the next connection: root is served
     // on both sockets, so all ten refusals were seen.
     let mut q = Qmp::connect(&d.socket);
