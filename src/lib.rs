@@ -23,6 +23,7 @@ pub mod events;
 pub mod io;
 pub mod jobs;
 pub mod opts;
+pub mod peercred;
 pub mod qapi;
 pub mod qmp;
 pub mod sandbox;

@@ -455,6 +455,7 @@ pub fn run(mut config: Config) -> Result<(), ShellError> {
     raise_open_files_limit();
     let log_target = LogTarget::open(&config)?;
     crate::sockpath::set_perms(config.socket_perms);
+    crate::peercred::set_policy(config.peer_policy.clone());
     let mut ready_pipe = if config.daemonize {
         Some(daemonize()?)
     } else {

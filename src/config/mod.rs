@@ -120,6 +120,15 @@ pub struct Args {
     /// QEMU's form of --user: user=USER[:GROUP].
     #[arg(long = "run-with", value_name = "user=USER[:GROUP]")]
     pub run_with: Vec<String>,
+    /// Also let this user (name or number; repeatable, or a comma-separated
+    /// list) connect to the exports and monitors. Default: only root and
+    /// the daemon's own user may connect; others are closed and logged.
+    #[arg(long, value_name = "UID|USER")]
+    pub allow_peer_uid: Vec<String>,
+    /// Also let processes of this group (their primary group; name or
+    /// number; repeatable, or a comma-separated list) connect.
+    #[arg(long, value_name = "GID|GROUP")]
+    pub allow_peer_gid: Vec<String>,
 
     /// Print the vhost-user backend capabilities as JSON and exit (QEMU's
     /// backend program conventions).
@@ -336,6 +345,8 @@ pub struct Config {
     pub log_file: Option<PathBuf>,
     pub socket_perms: crate::sockpath::SocketPerms,
     pub sandbox: crate::sandbox::Settings,
+    /// Who may connect besides root and the daemon's own user.
+    pub peer_policy: crate::peercred::PeerPolicy,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -405,6 +416,56 @@ struct ConfigFile {
     allow_path: Vec<PathBuf>,
     #[serde(default)]
     user: Option<String>,
+    /// As `--allow-peer-uid`, `--allow-peer-gid`: lists of names or numbers
+    /// (the command line's list, if given, wins).
+    #[serde(default)]
+    allow_peer_uid: Option<Vec<IdOrName>>,
+    #[serde(default)]
+    allow_peer_gid: Option<Vec<IdOrName>>,
+}
+
+/// A user or group in the config file: `1000` or `"qemu"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum IdOrName {
+    Id(u32),
+    Name(String),
+}
+
+impl IdOrName {
+    fn into_string(self) -> String {
+        match self {
+            IdOrName::Id(n) => n.to_string(),
+            IdOrName::Name(s) => s,
+        }
+    }
+}
+
+/// The users or groups of `--allow-peer-uid` / `--allow-peer-gid`: each
+/// argument a comma-separated list of names or numbers, names resolved now.
+fn peer_ids(
+    option: &'static str,
+    args: &[String],
+    resolve: fn(&str) -> Result<u32, String>,
+) -> Result<Vec<u32>, ConfigError> {
+    let mut ids = Vec::new();
+    for arg in args {
+        for item in arg.split(',').map(str::trim) {
+            let invalid = |reason: String| ConfigError::Invalid {
+                option,
+                arg: arg.clone(),
+                reason,
+            };
+            if item.is_empty() {
+                return Err(invalid("an empty name in the list".into()));
+            }
+            let id = resolve(item).map_err(invalid)?;
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+    }
+    Ok(ids)
 }
 
 fn from_keyval<T: serde::de::DeserializeOwned>(
@@ -744,6 +805,8 @@ impl TryFrom<Args> for Config {
             socket_group: args.socket_group.clone(),
             socket_owner: args.socket_owner.clone(),
         };
+        let mut allow_peer_uid = ("--allow-peer-uid", args.allow_peer_uid.clone());
+        let mut allow_peer_gid = ("--allow-peer-gid", args.allow_peer_gid.clone());
 
         let mut sandbox_mode = args.sandbox.clone();
         let mut allow_paths = args.allow_path.clone();
@@ -791,9 +854,46 @@ impl TryFrom<Args> for Config {
             sandbox_mode = sandbox_mode.or(file.sandbox);
             allow_paths.extend(file.allow_path);
             user = user.or(file.user);
+            // A list on the command line replaces the file's.
+            if let (true, Some(list)) = (allow_peer_uid.1.is_empty(), file.allow_peer_uid) {
+                allow_peer_uid = (
+                    "config file allow-peer-uid",
+                    list.into_iter().map(IdOrName::into_string).collect(),
+                );
+            }
+            if let (true, Some(list)) = (allow_peer_gid.1.is_empty(), file.allow_peer_gid) {
+                allow_peer_gid = (
+                    "config file allow-peer-gid",
+                    list.into_iter().map(IdOrName::into_string).collect(),
+                );
+            }
         }
         let mut sandbox = sandbox_settings(sandbox_mode, allow_paths, user)?;
+        let mut peer_policy = crate::peercred::PeerPolicy {
+            uids: peer_ids(
+                allow_peer_uid.0,
+                &allow_peer_uid.1,
+                crate::sockpath::parse_owner,
+            )?,
+            gids: peer_ids(
+                allow_peer_gid.0,
+                &allow_peer_gid.1,
+                crate::sockpath::parse_group,
+            )?,
+        };
         let socket_perms = sockets.socket_perms()?;
+        // A socket given to a user or group is meant for it: it may
+        // connect, as if listed in --allow-peer-uid / --allow-peer-gid.
+        if let Some(uid) = socket_perms.uid {
+            if !peer_policy.uids.contains(&uid) {
+                peer_policy.uids.push(uid);
+            }
+        }
+        if let Some(gid) = socket_perms.gid {
+            if !peer_policy.gids.contains(&gid) {
+                peer_policy.gids.push(gid);
+            }
+        }
         sandbox.keep_chown = socket_perms.uid.is_some() || socket_perms.gid.is_some();
         if args.uses_short_form() {
             let (nodes, export) = args.short_form()?;
@@ -879,6 +979,7 @@ impl TryFrom<Args> for Config {
             log_file,
             socket_perms,
             sandbox,
+            peer_policy,
         })
     }
 }
@@ -1063,6 +1164,90 @@ addr = { type = "unix", path = "/tmp/n.sock" }
         let c = Config::try_from(args(&["--config", file, "--socket-mode", "0600"])).unwrap();
         assert_eq!(c.socket_perms.mode, Some(0o600));
         assert_eq!(c.socket_perms.gid, Some(6));
+    }
+
+    #[test]
+    fn allowed_peers_from_the_command_line_names_numbers_and_lists() {
+        let null = [
+            "--blockdev",
+            "driver=null-co,node-name=n0",
+            "--export",
+            "vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=/tmp/n.sock",
+        ];
+        let c = Config::try_from(args(&null)).unwrap();
+        assert_eq!(c.peer_policy, crate::peercred::PeerPolicy::default());
+        let mut a = null.to_vec();
+        a.extend([
+            "--allow-peer-uid",
+            "root,1000",
+            "--allow-peer-uid",
+            "65534",
+            "--allow-peer-gid",
+            "0",
+            "--allow-peer-gid",
+            "root, 36",
+        ]);
+        let c = Config::try_from(args(&a)).unwrap();
+        assert_eq!(c.peer_policy.uids, vec![0, 1000, 65534]);
+        assert_eq!(c.peer_policy.gids, vec![0, 36]);
+        for (opt, bad, named) in [
+            (
+                "--allow-peer-uid",
+                "1000,no-such-user-xyz",
+                "no user 'no-such-user-xyz'",
+            ),
+            (
+                "--allow-peer-gid",
+                "no-such-group-xyz",
+                "no group 'no-such-group-xyz'",
+            ),
+            ("--allow-peer-uid", "1,,2", "empty"),
+        ] {
+            let mut a = null.to_vec();
+            a.extend([opt, bad]);
+            let e = Config::try_from(args(&a)).unwrap_err().to_string();
+            assert!(e.starts_with(opt) && e.contains(named), "{e}");
+        }
+    }
+
+    #[test]
+    fn allowed_peers_from_the_config_file_and_the_command_line_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let body = r#"
+[[blockdev]]
+driver = "null-co"
+node-name = "n0"
+[[export]]
+type = "vhost-user-blk"
+id = "e0"
+node-name = "n0"
+addr = { type = "unix", path = "/tmp/n.sock" }
+"#;
+        std::fs::write(
+            &path,
+            format!("allow-peer-uid = [1000, \"root\"]\nallow-peer-gid = [36]\n{body}"),
+        )
+        .unwrap();
+        let file = path.to_str().unwrap();
+        let c = Config::try_from(args(&["--config", file])).unwrap();
+        assert_eq!(c.peer_policy.uids, vec![1000, 0]);
+        assert_eq!(c.peer_policy.gids, vec![36]);
+        let c = Config::try_from(args(&["--config", file, "--allow-peer-uid", "7"])).unwrap();
+        assert_eq!(c.peer_policy.uids, vec![7]);
+        assert_eq!(c.peer_policy.gids, vec![36]);
+        std::fs::write(
+            &path,
+            format!("allow-peer-gid = [\"no-such-group-xyz\"]\n{body}"),
+        )
+        .unwrap();
+        let e = Config::try_from(args(&["--config", file]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("allow-peer-gid") && e.contains("no group 'no-such-group-xyz'"),
+            "{e}"
+        );
     }
 
     #[test]

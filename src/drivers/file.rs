@@ -398,8 +398,9 @@ impl FileReopen {
 }
 
 // Linux ioctls for block devices.
-pub(crate) const BLKSSZGET: libc::c_ulong = 0x1268;
-pub(crate) const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+// The sandbox allows these ioctls and no other.
+const BLKSSZGET: libc::c_ulong = crate::sandbox::syscalls::BLKSSZGET as libc::c_ulong;
+const BLKGETSIZE64: libc::c_ulong = crate::sandbox::syscalls::BLKGETSIZE64 as libc::c_ulong;
 
 /// Largest bounce or zero buffer we allocate at once.
 const MAX_BOUNCE_CHUNK: u64 = 1 << 20;

@@ -7,6 +7,7 @@
 //!     events (EventBus) -> every negotiated client, written without blocking
 //! ```
 //!
+//! A peer not allowed by [`crate::peercred`] is closed at the accept.
 //! Malformed input gets an error reply; a flood (a value too large or too
 //! deep) closes that connection. Commands run on the client's thread and
 //! take the daemon's management locks, never a lock of the I/O path.
@@ -190,6 +191,8 @@ impl Monitor {
     fn run(self) {
         let clients: Clients = Arc::default();
         let mut next_id = 0u64;
+        let what = format!("QMP monitor {}", self.path.display());
+        let mut refusals = crate::peercred::RefusalLog::new();
         if let Err(e) = self.listener.set_nonblocking(true) {
             log::warn!("QMP: cannot make the listener non-blocking: {e}");
         }
@@ -213,6 +216,11 @@ impl Monitor {
                     continue;
                 }
             };
+            // A peer that is not allowed is closed before the greeting
+            // (dropping the stream closes it) and takes no client slot.
+            if !crate::peercred::check(&stream, &what, &mut refusals) {
+                continue;
+            }
             // Accepted sockets do not inherit O_NONBLOCK, but be sure.
             if stream.set_nonblocking(false).is_err() {
                 continue;

@@ -79,6 +79,11 @@ const fn strip(s: &'static str) -> &'static str {
     }
 }
 
+/// BLKGETSIZE64, _IOR(0x12, 114, size_t): a block device's size.
+pub const BLKGETSIZE64: u64 = 0x8008_1272;
+/// BLKSSZGET, _IO(0x12, 104): its logical sector size.
+pub const BLKSSZGET: u64 = 0x1268;
+
 const PROT_EXEC: u64 = libc::PROT_EXEC as u64;
 const CLONE_THREAD: u64 = libc::CLONE_THREAD as u64;
 
@@ -110,6 +115,11 @@ pub const BASE: &[Syscall] = &[
     sys!(SYS_kill, Allow::If(&[Arg::OwnPid(0)])),
     sys!(SYS_getpid),
     sys!(SYS_gettid),
+    // Who we are (the peer check compares with it at each accept).
+    sys!(SYS_geteuid),
+    sys!(SYS_getuid),
+    sys!(SYS_getegid),
+    sys!(SYS_getgid),
     // Time: clocks outside the vDSO, sleeps, timed waits.
     sys!(SYS_clock_gettime),
     sys!(SYS_clock_nanosleep),
@@ -181,15 +191,10 @@ pub const IO: &[Syscall] = &[
     // Only the operations the ring was set up for reach the kernel (its
     // restrictions are registered before it is enabled).
     sys!(SYS_io_uring_enter),
-    // Block devices: size and sector size.
-    sys!(
-        SYS_ioctl,
-        Allow::If(&[Arg::Eq(1, crate::drivers::file::BLKGETSIZE64 as u64)])
-    ),
-    sys!(
-        SYS_ioctl,
-        Allow::If(&[Arg::Eq(1, crate::drivers::file::BLKSSZGET as u64)])
-    ),
+    // Block devices: size and sector size (the file driver takes the
+    // numbers from here, so that it issues no other).
+    sys!(SYS_ioctl, Allow::If(&[Arg::Eq(1, BLKGETSIZE64)])),
+    sys!(SYS_ioctl, Allow::If(&[Arg::Eq(1, BLKSSZGET)])),
 ];
 
 /// An iothread's loop: epoll, eventfds, its throttle timerfd.
@@ -251,8 +256,14 @@ pub const VHOST_USER: &[Syscall] = &[
     sys!(SYS_unlink),
 ];
 
-/// Block jobs: their own executor and ring.
+/// Block jobs: their own executor and ring; a job that puts another
+/// node under an export tells the frontend over the vhost-user backend
+/// channel.
 pub const JOB: &[Syscall] = &[
+    sys!(SYS_sendto),
+    sys!(SYS_sendmsg),
+    sys!(SYS_recvfrom),
+    sys!(SYS_recvmsg),
     sys!(SYS_io_uring_setup),
     sys!(SYS_io_uring_register),
     sys!(SYS_eventfd2),

@@ -49,6 +49,8 @@ pub struct Server {
     listener: Listener,
     path: Option<PathBuf>,
     control: Arc<ServerControl>,
+    /// Refused peers of this socket, for the rate-limited log line.
+    refusals: crate::peercred::RefusalLog,
 }
 
 /// Stops a running server from another thread (block-export-del, quit).
@@ -164,6 +166,7 @@ impl Server {
             listener,
             path,
             control,
+            refusals: crate::peercred::RefusalLog::new(),
         })
     }
 
@@ -206,6 +209,30 @@ impl Server {
         }
         log::info!("export {}: stopped", self.export.config.id);
         // Dropping the server removes the socket file.
+    }
+
+    /// Accepts the next connection whose peer is allowed
+    /// ([`crate::peercred`]); the others are closed as they come, before
+    /// any message is read from them.
+    fn accept_allowed(&mut self) -> Result<std::os::unix::net::UnixStream, ServerError> {
+        let what = format!("export {}", self.export.config.id);
+        loop {
+            let stream = match self.listener.accept() {
+                Ok(Some(s)) => s,
+                // Would block, or the peer went away before the accept.
+                Ok(None) => continue,
+                Err(e) => {
+                    return Err(ServerError::Daemon {
+                        export: self.export.config.id.clone(),
+                        reason: format!("cannot accept a connection: {e}"),
+                    })
+                }
+            };
+            if crate::peercred::check(&stream, &what, &mut self.refusals) {
+                return Ok(stream);
+            }
+            // Dropping the stream closes the refused connection.
+        }
     }
 
     /// Accepts one frontend and serves it until it disconnects.
@@ -251,8 +278,9 @@ impl Server {
                 .map_err(setup_err)?;
         }
         backend.publish_wakers().map_err(setup_err)?;
+        let stream = self.accept_allowed()?;
         daemon
-            .start(&mut self.listener)
+            .start_with_stream(stream)
             .map_err(|e| daemon_err(e.to_string()))?;
         log::info!("export {id}: frontend connected");
         *self

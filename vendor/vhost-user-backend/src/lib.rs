@@ -218,6 +218,15 @@ where
         self.start_daemon(backend_handler)
     }
 
+    /// Run a dedicated thread handling all requests coming through a frontend connection
+    /// the caller accepted itself (after checking the peer's credentials, say).
+    ///
+    /// This is [`start`](Self::start) without the accept.
+    pub fn start_with_stream(&mut self, stream: UnixStream) -> Result<()> {
+        let backend_handler = BackendReqHandler::from_stream(stream, self.handler.clone());
+        self.start_daemon(backend_handler)
+    }
+
     fn accept(
         &self,
         backend_listener: &mut BackendListener<Mutex<VhostUserHandler<T>>>,
@@ -403,6 +412,23 @@ mod tests {
             daemon.wait().unwrap_err();
             daemon.wait().unwrap();
         });
+    }
+
+    #[test]
+    fn test_new_daemon_with_stream() {
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0x100000), 0x10000)]).unwrap(),
+        );
+        let backend = Arc::new(Mutex::new(MockVhostBackend::new()));
+        let mut daemon = VhostUserDaemon::new("test".to_owned(), backend, mem).unwrap();
+
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        daemon.start_with_stream(ours).unwrap();
+        assert!(daemon.shutdown_handle().is_some());
+        drop(theirs);
+        // The frontend went away: a `HandleRequest(PartialMessage)` error.
+        daemon.wait().unwrap_err();
+        daemon.wait().unwrap();
     }
 
     #[test]
