@@ -16,8 +16,10 @@
 #   --only-qsd            run only the QSD column(s) (also automatic when VUB_BIN
 #                         is not an executable)
 #   --vub-variants LIST   comma list of our daemon's variants: event (label vub,
-#                         poll-max-ns=0) and poll (label vub-poll,
-#                         poll-max-ns=--poll-max-ns); default event,poll
+#                         poll-max-ns=0), poll (label vub-poll,
+#                         poll-max-ns=--poll-max-ns) and nosandbox (label
+#                         vub-nosb: event with --sandbox off, to measure what
+#                         the sandbox costs); default event,poll
 #   --poll-max-ns N       the vub-poll variant's poll-max-ns (default 32768, as
 #                         QEMU's iothreads); QSD's command line is not changed
 #   --qsd VARIANT         QSD variant(s) to measure: iothread (default; export
@@ -172,7 +174,7 @@ esac
 IFS=, read -ra vv <<<"$VUB_VARIANTS"
 VUB_VARIANT_LIST=()
 for v in "${vv[@]}"; do
-    [[ $v =~ ^(event|poll)$ ]] || die "unknown --vub-variants entry '$v' (event, poll)"
+    [[ $v =~ ^(event|poll|nosandbox)$ ]] || die "unknown --vub-variants entry '$v' (event, poll, nosandbox)"
     [[ " ${VUB_VARIANT_LIST[*]} " == *" $v "* ]] || VUB_VARIANT_LIST+=("$v")
 done
 [[ ${#VUB_VARIANT_LIST[@]} -gt 0 ]] || die "--vub-variants selects no variant"
@@ -193,7 +195,7 @@ fi
 VUB_POLL_OPT=1
 if [[ $ONLY_QSD == 0 && $(basename "$VUB_BIN") == qsd-wrapper* ]]; then
     VUB_POLL_OPT=0
-    if [[ " ${VUB_VARIANT_LIST[*]} " == *" poll "* ]]; then
+    if [[ " ${VUB_VARIANT_LIST[*]} " != " event " ]]; then
         echo "bench.sh: VUB_BIN is the QSD wrapper (no poll-max-ns): running only the event variant" >&2
         VUB_VARIANT_LIST=(event)
     fi
@@ -363,6 +365,7 @@ if [[ $ONLY_QSD == 0 ]]; then
         case $v in
             event) BACKENDS+=("vub ours") ;;
             poll) BACKENDS+=("vub-poll ours") ;;
+            nosandbox) BACKENDS+=("vub-nosb ours") ;;
         esac
     done
 fi
@@ -464,6 +467,7 @@ daemon_cmd() {
     case $label in
         vub) DAEMON_CMD=("$VUB_BIN" "${BLOCKDEV_ARGS[@]}" --export "$export$poll0") ;;
         vub-poll) DAEMON_CMD=("$VUB_BIN" "${BLOCKDEV_ARGS[@]}" --export "$export,poll-max-ns=$POLL_MAX_NS") ;;
+        vub-nosb) DAEMON_CMD=("$VUB_BIN" --sandbox off "${BLOCKDEV_ARGS[@]}" --export "$export$poll0") ;;
         qsd-main) DAEMON_CMD=("$QSD_BIN" "${BLOCKDEV_ARGS[@]}" --export "$export") ;;
         qsd-iothread) DAEMON_CMD=("$QSD_BIN" "${BLOCKDEV_ARGS[@]}" --object 'iothread,id=iot0'
                                   --export "$export,iothread=iot0") ;;
@@ -665,6 +669,7 @@ if [[ $ONLY_QSD == 0 ]]; then
         case $v in
             event) vub_desc+=("vub ($([[ $VUB_POLL_OPT == 1 ]] && echo "poll-max-ns=0, event driven" || echo "QSD wrapper, no poll-max-ns"))") ;;
             poll) vub_desc+=("vub-poll (poll-max-ns=$POLL_MAX_NS, adaptive polling)") ;;
+            nosandbox) vub_desc+=("vub-nosb (as vub, with --sandbox off)") ;;
         esac
     done
     vub_desc_s=$(printf '%s; ' "${vub_desc[@]}")

@@ -1167,6 +1167,71 @@ addr = { type = "unix", path = "/tmp/n.sock" }
     }
 
     #[test]
+    fn sandbox_options_come_from_the_config_file_and_the_command_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let allowed = dir.path().join("images");
+        std::fs::create_dir(&allowed).unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            format!(
+                r#"
+sandbox = "log"
+allow-path = ["{}"]
+user = "65534:65534"
+socket-group = "6"
+[[blockdev]]
+driver = "null-co"
+node-name = "n0"
+[[export]]
+type = "vhost-user-blk"
+id = "e0"
+node-name = "n0"
+addr = {{ type = "unix", path = "/tmp/n.sock" }}
+"#,
+                allowed.display()
+            ),
+        )
+        .unwrap();
+        let file = path.to_str().unwrap();
+        let c = Config::try_from(args(&["--config", file])).unwrap();
+        assert_eq!(c.sandbox.mode, crate::sandbox::Mode::Log);
+        assert_eq!(c.sandbox.allow_paths, vec![allowed.clone()]);
+        let run_as = c.sandbox.run_as.clone().unwrap();
+        assert_eq!((run_as.uid, run_as.gid), (65534, 65534));
+        assert!(c.sandbox.keep_chown);
+        // The socket's group may connect.
+        assert!(c.peer_policy.gids.contains(&6));
+        let tmp = std::env::temp_dir();
+        let c = Config::try_from(args(&[
+            "--config",
+            file,
+            "--sandbox",
+            "off",
+            "--allow-path",
+            tmp.to_str().unwrap(),
+            "--run-with",
+            "user=0",
+        ]))
+        .unwrap();
+        assert_eq!(c.sandbox.mode, crate::sandbox::Mode::Off);
+        assert_eq!(c.sandbox.allow_paths, vec![tmp, allowed]);
+        assert_eq!(c.sandbox.run_as.unwrap().uid, 0);
+        // Neither a missing directory nor two ways to name the user.
+        let e = Config::try_from(args(&["--allow-path", "/no/such/dir", "--image", "x"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--allow-path '/no/such/dir': not a directory"),
+            "{e}"
+        );
+        let e = Config::try_from(args(&["--user", "0", "--run-with", "user=0"]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("both given"), "{e}");
+    }
+
+    #[test]
     fn allowed_peers_from_the_command_line_names_numbers_and_lists() {
         let null = [
             "--blockdev",
