@@ -33,6 +33,13 @@ pub const DEFAULT_NUM_QUEUES: u16 = 16;
 pub const DEFAULT_POLL_MAX_NS: u64 = 0;
 /// Default (maximum) queue size the frontend may choose.
 pub const DEFAULT_QUEUE_SIZE: u16 = 1024;
+/// Default and largest `max-mem-regions`: the memory slots advertised by
+/// GET_MAX_MEM_SLOTS, as vhost-user-backend and the kernel's vhost do
+/// (KVM's old 512 slots less 3 it kept for itself).
+pub const MAX_MEM_REGIONS: u64 = 509;
+/// Default `max-guest-memory`: the most guest memory one connection may have
+/// mapped at once (1 TiB).
+pub const DEFAULT_MAX_GUEST_MEMORY: u64 = 1 << 40;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -82,6 +89,14 @@ pub struct VhostUserBlkOptions {
     /// threads are its own and never change).
     #[serde(default, deserialize_with = "opts::bool")]
     pub fixed_iothread: bool,
+    /// Most guest-memory regions a frontend may have mapped at once
+    /// (SET_MEM_TABLE, ADD_MEM_REG); advertised by GET_MAX_MEM_SLOTS.
+    #[serde(default, deserialize_with = "opts::opt_uint")]
+    pub max_mem_regions: Option<u64>,
+    /// Most guest memory, in bytes, a frontend may have mapped at once (the
+    /// sum of its regions' sizes).
+    #[serde(default, deserialize_with = "opts::opt_size")]
+    pub max_guest_memory: Option<u64>,
 }
 
 /// `iothread`: one name or a list (`iothread.0=a,iothread.1=b` in keyval).

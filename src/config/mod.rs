@@ -199,6 +199,10 @@ pub struct ExportConfig {
     pub poll_max_ns_given: bool,
     /// `fixed-iothread`: accepted; our exports never move between threads.
     pub fixed_iothread: bool,
+    /// Most guest-memory regions a frontend may map at once.
+    pub max_mem_regions: u64,
+    /// Most guest memory (bytes) a frontend may map at once.
+    pub max_guest_memory: u64,
 }
 
 /// `--object` / object-add, tagged by `qom-type`.
@@ -569,6 +573,22 @@ impl TryFrom<VhostUserBlkOptions> for ExportConfig {
                 format!("{num_iothreads} is not between 1 and num-queues ({num_queues})"),
             ));
         }
+        let max_mem_regions = o.max_mem_regions.unwrap_or(export::MAX_MEM_REGIONS);
+        if !(1..=export::MAX_MEM_REGIONS).contains(&max_mem_regions) {
+            return Err(err(
+                "max-mem-regions",
+                format!(
+                    "{max_mem_regions} is not between 1 and {}",
+                    export::MAX_MEM_REGIONS
+                ),
+            ));
+        }
+        let max_guest_memory = o
+            .max_guest_memory
+            .unwrap_or(export::DEFAULT_MAX_GUEST_MEMORY);
+        if max_guest_memory == 0 {
+            return Err(err("max-guest-memory", "must not be 0".into()));
+        }
         if let SocketAddress::Fd { str } = &o.addr {
             // A number, or the name of a socket systemd passes (crate::systemd).
             if str.parse::<i32>().is_ok_and(|fd| fd < 0) || str.is_empty() {
@@ -595,6 +615,8 @@ impl TryFrom<VhostUserBlkOptions> for ExportConfig {
             poll_max_ns_given: o.poll_max_ns.is_some(),
             iothreads,
             fixed_iothread: o.fixed_iothread,
+            max_mem_regions,
+            max_guest_memory,
         })
     }
 }
@@ -736,6 +758,8 @@ impl Args {
             num_iothreads: self.num_iothreads.map(u64::from),
             iothread: None,
             fixed_iothread: false,
+            max_mem_regions: None,
+            max_guest_memory: None,
             on_read_error: None,
             on_write_error: None,
             poll_max_ns: None,
@@ -1085,12 +1109,27 @@ mod tests {
             ("logical-block-size=1024", "logical-block-size"),
             ("serial=123456789012345678901", "serial"),
             ("num-queues=2,num-iothreads=3", "num-iothreads"),
+            ("max-mem-regions=0", "max-mem-regions"),
+            ("max-mem-regions=510", "max-mem-regions"),
+            ("max-guest-memory=0", "max-guest-memory"),
         ] {
             let export =
                 format!("vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=s,{opt}");
             let e = Config::try_from(args(&["--export", &export])).unwrap_err();
             assert!(e.to_string().contains(needle), "{opt}: {e}");
         }
+    }
+
+    #[test]
+    fn frontend_limits_have_defaults_and_take_sizes() {
+        let base = "vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=s";
+        let c = Config::try_from(args(&["--export", base])).unwrap();
+        assert_eq!(c.exports[0].max_mem_regions, 509);
+        assert_eq!(c.exports[0].max_guest_memory, 1 << 40);
+        let e = format!("{base},max-mem-regions=8,max-guest-memory=16G");
+        let c = Config::try_from(args(&["--export", &e])).unwrap();
+        assert_eq!(c.exports[0].max_mem_regions, 8);
+        assert_eq!(c.exports[0].max_guest_memory, 16 << 30);
     }
 
     #[test]

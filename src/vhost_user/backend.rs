@@ -18,8 +18,43 @@ use vmm_sys_util::event::{
 use super::connection::{VhostUserBlk, Vring, DRAIN_TIMEOUT};
 use super::notify::ConfigNotifier;
 use super::worker;
+use crate::config::ExportConfig;
 use crate::virtio_blk::{self, GuestMem, WRITEBACK_OFFSET};
 use std::os::unix::ffi::OsStrExt;
+
+/// The device config space a frontend may read or write: 256 bytes, QEMU's
+/// VHOST_USER_MAX_CONFIG_SIZE (virtio_blk_config has 60 of them).
+const CONFIG_SPACE_MAX: u64 = 256;
+
+/// A memory table beyond the export's limits.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum LimitError {
+    #[error("{count} guest memory regions exceed the export's max-mem-regions ({max})")]
+    Regions { count: usize, max: u64 },
+    #[error("{total} bytes of guest memory exceed the export's max-guest-memory ({max})")]
+    Memory { total: u64, max: u64 },
+}
+
+/// Checks a memory table (after SET_MEM_TABLE or ADD_MEM_REG) against the
+/// export's `max-mem-regions` and `max-guest-memory`.
+pub(super) fn check_limits(mem: &GuestMem, c: &ExportConfig) -> Result<(), LimitError> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let count = mem.num_regions();
+    if count as u64 > c.max_mem_regions {
+        return Err(LimitError::Regions {
+            count,
+            max: c.max_mem_regions,
+        });
+    }
+    let total = mem.iter().fold(0u64, |sum, r| sum.saturating_add(r.len()));
+    if total > c.max_guest_memory {
+        return Err(LimitError::Memory {
+            total,
+            max: c.max_guest_memory,
+        });
+    }
+    Ok(())
+}
 
 impl VhostUserBackend for VhostUserBlk {
     type Bitmap = ();
@@ -31,6 +66,10 @@ impl VhostUserBackend for VhostUserBlk {
 
     fn max_queue_size(&self) -> usize {
         usize::from(self.export.config.queue_size)
+    }
+
+    fn max_mem_slots(&self) -> u64 {
+        self.export.config.max_mem_regions
     }
 
     fn features(&self) -> u64 {
@@ -61,6 +100,13 @@ impl VhostUserBackend for VhostUserBlk {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        if u64::from(offset) + u64::from(size) > CONFIG_SPACE_MAX {
+            // QEMU never asks for more (VHOST_USER_MAX_CONFIG_SIZE).
+            self.end_connection(&format!(
+                "GET_CONFIG of {size} bytes at offset {offset} is beyond the \
+                 {CONFIG_SPACE_MAX}-byte config space"
+            ));
+        }
         // An empty reply tells the frontend the read failed.
         self.config().read(offset, size).unwrap_or_default()
     }
@@ -70,12 +116,27 @@ impl VhostUserBackend for VhostUserBlk {
             self.set_writeback(buf[0] != 0);
             return Ok(());
         }
-        log::debug!(
-            "export {}: refused config write at offset {offset} length {}",
-            self.export.config.id,
-            buf.len()
-        );
-        Err(io::Error::from_raw_os_error(libc::EPERM))
+        // The error ends the connection; its text goes to the log.
+        let end = u64::from(offset).saturating_add(buf.len() as u64);
+        Err(if end > CONFIG_SPACE_MAX {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "SET_CONFIG of {} bytes at offset {offset} is beyond the \
+                     {CONFIG_SPACE_MAX}-byte config space",
+                    buf.len()
+                ),
+            )
+        } else {
+            io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "SET_CONFIG of {} bytes at offset {offset} refused: only the writeback \
+                     byte (offset {WRITEBACK_OFFSET}, 1 byte) is writable",
+                    buf.len()
+                ),
+            )
+        })
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMem>) -> io::Result<()> {
@@ -83,7 +144,12 @@ impl VhostUserBackend for VhostUserBlk {
         // against, so old mappings live until those requests complete.
         let mut mapped = self.mapped.lock().unwrap_or_else(|e| e.into_inner());
         let new = mem.memory();
-        let checked = mapped.add(&new);
+        // Over a limit, nothing of the new table is registered: it is
+        // unmapped as soon as the old one is back.
+        let checked = match check_limits(&new, &self.export.config) {
+            Ok(()) => mapped.add(&new).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
         drop(new);
         let mut accepted = self.accepted.lock().unwrap_or_else(|e| e.into_inner());
         let result = match checked {
@@ -101,7 +167,7 @@ impl VhostUserBackend for VhostUserBlk {
                 );
                 let good = accepted.clone().unwrap_or_default();
                 mem.lock().unwrap_or_else(|e| e.into_inner()).replace(good);
-                Err(io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))
+                Err(io::Error::new(io::ErrorKind::InvalidInput, e))
             }
         };
         *self.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);

@@ -57,6 +57,8 @@ pub struct VhostUserBlk {
     pub(super) accepted: Mutex<Option<GuestMem>>,
     /// Ends this connection from an iothread.
     shutdown: Mutex<Option<ShutdownHandle>>,
+    /// The connection must end, but had no shutdown handle yet.
+    end_pending: AtomicBool,
 }
 
 impl VhostUserBlk {
@@ -105,6 +107,7 @@ impl VhostUserBlk {
             mapped: Mutex::new(mapped),
             accepted: Mutex::new(None),
             shutdown: Mutex::new(None),
+            end_pending: AtomicBool::new(false),
         })
     }
 
@@ -130,7 +133,29 @@ impl VhostUserBlk {
 
     /// Lets the iothreads end this connection (see `end_poisoned`).
     pub fn set_shutdown(&self, h: Option<ShutdownHandle>) {
-        *self.shutdown.lock().unwrap_or_else(|e| e.into_inner()) = h;
+        let mut slot = self.shutdown.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = &h {
+            if self.end_pending.load(Ordering::Acquire) {
+                h.shutdown();
+            }
+        }
+        *slot = h;
+    }
+
+    /// Ends the connection because the frontend went beyond a limit
+    /// (`why` says which and by how much); from the control thread, in a
+    /// callback that has no error to return. If the connection's shutdown
+    /// handle is not set yet, it ends as soon as it is.
+    pub(super) fn end_connection(&self, why: &str) {
+        log::warn!(
+            "export {}: {why}; ending the connection",
+            self.export.config.id
+        );
+        let h = self.shutdown.lock().unwrap_or_else(|e| e.into_inner());
+        match h.as_ref() {
+            Some(h) => h.shutdown(),
+            None => self.end_pending.store(true, Ordering::Release),
+        }
     }
 
     /// Ends the connection once its guest memory turned out to be gone

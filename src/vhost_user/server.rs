@@ -310,7 +310,7 @@ impl Server {
         match result {
             Ok(()) => log::info!("export {id}: frontend disconnected"),
             Err(e) if is_disconnect(&e) => log::info!("export {id}: frontend disconnected"),
-            Err(e) => log::warn!("export {id}: connection ended: {e}"),
+            Err(e) => log::warn!("export {id}: connection ended: {e}{}", protocol_hint(&e)),
         }
         Ok(())
     }
@@ -327,6 +327,22 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         src = s.source();
     }
     msg
+}
+
+/// What the vhost crate's own refusals mean (its errors do not carry the
+/// value): the limits of the protocol a message broke.
+fn protocol_hint(e: &vhost_user_backend::Error) -> &'static str {
+    use vhost::vhost_user::Error as VuError;
+    match e {
+        vhost_user_backend::Error::HandleRequest(VuError::InvalidMessage) => {
+            " (a header whose size field is over the 4096-byte message limit, a body \
+             whose size does not match its request, a SET_MEM_TABLE of 0 or more than 32 \
+             regions or whose region count disagrees with its body or its file descriptors, \
+             a config access beyond 4096 bytes, file descriptors on a request that takes \
+             none, or an unknown request)"
+        }
+        _ => "",
+    }
 }
 
 /// A frontend that closed its socket (VM shut down, QEMU killed) is the

@@ -50,6 +50,13 @@ pub trait VhostUserBackend: Send + Sync {
     /// Get maximum queue size supported.
     fn max_queue_size(&self) -> usize;
 
+    /// Get the number of memory slots (regions) the frontend may use, as
+    /// answered to VHOST_USER_GET_MAX_MEM_SLOTS. Default: 509, the kernel
+    /// vhost's limit.
+    fn max_mem_slots(&self) -> u64 {
+        crate::handler::MAX_MEM_SLOTS
+    }
+
     /// Get available virtio features.
     fn features(&self) -> u64;
 
@@ -366,6 +373,10 @@ impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
 
     fn max_queue_size(&self) -> usize {
         self.deref().max_queue_size()
+    }
+
+    fn max_mem_slots(&self) -> u64 {
+        self.deref().max_mem_slots()
     }
 
     fn features(&self) -> u64 {

@@ -28,6 +28,7 @@ use vhost::vhost_user::{
 };
 use vhost::VhostUserMemoryRegionBase;
 
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_RING_PACKED;
 use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Error as VirtQueError, QueueT};
 use vm_memory::mmap::NewBitmap;
@@ -45,7 +46,7 @@ use super::GM;
 // vhost in the kernel usually supports 509 mem slots.
 // The 509 used to be the KVM limit, it supported 512, but 3 were used
 // for internal purposes (nowadays, it supports more than that).
-const MAX_MEM_SLOTS: u64 = 509;
+pub(crate) const MAX_MEM_SLOTS: u64 = 509;
 
 #[derive(Debug)]
 /// Errors related to vhost-user handler.
@@ -290,6 +291,21 @@ where
         Ok(())
     }
 
+    /// The vring at `index`; an index beyond the device's queues is refused
+    /// with an error that names both (the connection then ends).
+    fn vring_at(&self, index: impl Into<u32>) -> VhostUserResult<&T::Vring> {
+        let index: u32 = index.into();
+        self.vrings.get(index as usize).ok_or_else(|| {
+            VhostUserError::ReqHandlerError(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "vring index {index} out of range: the device has {} queues",
+                    self.num_queues
+                ),
+            ))
+        })
+    }
+
     /// Helper to check if VirtioFeature enabled
     fn check_feature(&self, feat: VhostUserVirtioFeatures) -> VhostUserResult<()> {
         if self.acked_features & feat.bits() != 0 {
@@ -434,17 +450,19 @@ where
     }
 
     fn set_vring_num(&mut self, index: u32, num: u32) -> VhostUserResult<()> {
-        let vring = self
-            .vrings
-            .get(index as usize)
-            .ok_or(VhostUserError::InvalidParam)?;
+        let vring = self.vring_at(index)?;
 
-        if num == 0 || num as usize > self.max_queue_size {
-            log::error!(
-                "vring {index} requested queue size {num} out of range (1-{})",
-                self.max_queue_size
-            );
-            return Err(VhostUserError::InvalidParam);
+        // A split virtqueue's size is a power of two ("Split Virtqueues" in
+        // virtio 1.x); a packed one's need not be.
+        let packed = self.acked_features & (1u64 << VIRTIO_F_RING_PACKED) != 0;
+        if num == 0 || num as usize > self.max_queue_size || !(packed || num.is_power_of_two()) {
+            return Err(VhostUserError::ReqHandlerError(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "vring {index} requested queue size {num}: not a power of two from 1 to {}",
+                    self.max_queue_size
+                ),
+            )));
         }
         vring.set_queue_size(num as u16);
         Ok(())
@@ -459,10 +477,7 @@ where
         available: u64,
         _log: u64,
     ) -> VhostUserResult<()> {
-        let vring = self
-            .vrings
-            .get(index as usize)
-            .ok_or(VhostUserError::InvalidParam)?;
+        let vring = self.vring_at(index)?;
 
         if !self.mappings.is_empty() {
             let desc_table = self
@@ -500,10 +515,7 @@ where
     }
 
     fn set_vring_base(&mut self, index: u32, base: u32) -> VhostUserResult<()> {
-        let vring = self
-            .vrings
-            .get(index as usize)
-            .ok_or(VhostUserError::InvalidParam)?;
+        let vring = self.vring_at(index)?;
 
         vring.set_queue_next_avail(base as u16);
 
@@ -511,10 +523,7 @@ where
     }
 
     fn get_vring_base(&mut self, index: u32) -> VhostUserResult<VhostUserVringState> {
-        let vring = self
-            .vrings
-            .get(index as usize)
-            .ok_or(VhostUserError::InvalidParam)?;
+        let vring = self.vring_at(index)?;
 
         // Quote from vhost-user specification:
         // Client must start ring upon receiving a kick (that is, detecting
@@ -537,10 +546,7 @@ where
     }
 
     fn set_vring_kick(&mut self, index: u8, file: Option<File>) -> VhostUserResult<()> {
-        let vring = self
-            .vrings
-            .get(index as usize)
-            .ok_or(VhostUserError::InvalidParam)?;
+        let vring = self.vring_at(index)?;
 
         // SAFETY: EventFd requires that it has sole ownership of its fd. So
         // does File, so this is safe.
@@ -556,10 +562,7 @@ where
     }
 
     fn set_vring_call(&mut self, index: u8, file: Option<File>) -> VhostUserResult<()> {
-        let vring = self
-            .vrings
-            .get(index as usize)
-            .ok_or(VhostUserError::InvalidParam)?;
+        let vring = self.vring_at(index)?;
 
         vring.set_call(file);
 
@@ -571,10 +574,7 @@ where
     }
 
     fn set_vring_err(&mut self, index: u8, file: Option<File>) -> VhostUserResult<()> {
-        let vring = self
-            .vrings
-            .get(index as usize)
-            .ok_or(VhostUserError::InvalidParam)?;
+        let vring = self.vring_at(index)?;
 
         vring.set_err(file);
 
@@ -602,10 +602,7 @@ where
         // has been negotiated.
         self.check_feature(VhostUserVirtioFeatures::PROTOCOL_FEATURES)?;
 
-        let vring = self
-            .vrings
-            .get(index as usize)
-            .ok_or(VhostUserError::InvalidParam)?;
+        let vring = self.vring_at(index)?;
 
         // Backend must not pass data to/from the backend until ring is
         // enabled by VHOST_USER_SET_VRING_ENABLE with parameter 1,
@@ -682,7 +679,7 @@ where
     }
 
     fn get_max_mem_slots(&mut self) -> VhostUserResult<u64> {
-        Ok(MAX_MEM_SLOTS)
+        Ok(self.backend.max_mem_slots())
     }
 
     fn add_mem_region(
@@ -694,6 +691,29 @@ where
         #[cfg(not(feature = "postcopy"))]
         if postcopy_listening.is_some() {
             return Err(VhostUserError::InvalidOperation("postcopy not enabled"));
+        }
+
+        // The vhost crate checks SET_MEM_TABLE's regions but not this one:
+        // a size of 0, or an end beyond 2^64 (which vmm_va_to_gpa would
+        // compute later), is refused here.
+        let (gpa, size, ua, offset) = (
+            region.guest_phys_addr,
+            region.memory_size,
+            region.user_addr,
+            region.mmap_offset,
+        );
+        if size == 0
+            || gpa.checked_add(size).is_none()
+            || ua.checked_add(size).is_none()
+            || offset.checked_add(size).is_none()
+        {
+            return Err(VhostUserError::ReqHandlerError(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "ADD_MEM_REG of {size} bytes at guest address {gpa:#x}, frontend address \
+                     {ua:#x}, file offset {offset:#x}: empty, or ends beyond 2^64"
+                ),
+            )));
         }
 
         let guest_region = Arc::new(
@@ -965,6 +985,48 @@ mod tests {
         assert_eq!(index, 0);
         assert_eq!(num, 0);
         assert_eq!(backend.lock().unwrap().stop_calls(), 1);
+    }
+
+    #[test]
+    fn test_frontend_limits_are_refused_with_the_value() {
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0x100000), 0x10000)]).unwrap(),
+        );
+        let backend = Arc::new(Mutex::new(MockVhostBackend::new()));
+        let mut handler = VhostUserHandler::new(backend, mem).unwrap();
+        let max = handler.max_queue_size as u32;
+        let queues = handler.num_queues as u32;
+        handler.set_vring_num(0, max).unwrap();
+        handler.set_vring_num(0, 1).unwrap();
+        for bad in [0, max + 1, max * 2, max - 1, 3] {
+            let e = handler.set_vring_num(0, bad).unwrap_err();
+            assert!(
+                e.to_string().contains(&format!("queue size {bad}:")),
+                "{bad}: {e}"
+            );
+        }
+        let e = handler.set_vring_base(queues, 0).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(&format!("vring index {queues} out of range")),
+            "{e}"
+        );
+        assert_eq!(handler.get_max_mem_slots().unwrap(), MAX_MEM_SLOTS);
+
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(0x1000).unwrap();
+        for (gpa, size, ua, offset) in [
+            (0x200000, 0, 0x7000_0000, 0),
+            (u64::MAX - 0xfff, 0x1000, 0x7000_0000, 0),
+            (0x200000, 0x1000, u64::MAX - 0xfff, 0),
+            (0x200000, 0x1000, 0x7000_0000, u64::MAX - 0xfff),
+        ] {
+            let region = VhostUserSingleMemoryRegion::new(gpa, size, ua, offset);
+            let e = handler
+                .add_mem_region(&region, file.try_clone().unwrap(), None)
+                .unwrap_err();
+            assert!(e.to_string().contains("ends beyond 2^64"), "{e}");
+        }
     }
 
     #[test]
