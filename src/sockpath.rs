@@ -85,25 +85,52 @@ pub fn parse_owner(s: &str) -> Result<u32, String> {
     if let Ok(n) = s.parse::<u32>() {
         return Ok(n);
     }
-    let name = CString::new(s).map_err(|_| format!("no user '{s}'"))?;
+    user_entry(s).map(|u| u.uid)
+}
+
+/// A user's account: its uid, primary gid and name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserEntry {
+    pub uid: u32,
+    pub gid: u32,
+    pub name: String,
+}
+
+/// Looks a user up by name, or by number when `s` is one; Err names it
+/// when there is no such account.
+pub fn user_entry(s: &str) -> Result<UserEntry, String> {
     // SAFETY: an all-zero passwd is a valid value of this plain C struct.
     let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
     let mut buf = vec![0 as libc::c_char; 16 * 1024];
     let mut out: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: every pointer is to a live local of the size given.
-    let r = unsafe {
-        libc::getpwnam_r(
-            name.as_ptr(),
-            &mut pw,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut out,
-        )
+    let r = if let Ok(uid) = s.parse::<u32>() {
+        // SAFETY: every pointer is to a live local of the size given.
+        unsafe { libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut out) }
+    } else {
+        let name = CString::new(s).map_err(|_| format!("no user '{s}'"))?;
+        // SAFETY: every pointer is to a live local of the size given.
+        unsafe {
+            libc::getpwnam_r(
+                name.as_ptr(),
+                &mut pw,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut out,
+            )
+        }
     };
     if r != 0 || out.is_null() {
         return Err(format!("no user '{s}'"));
     }
-    Ok(pw.pw_uid)
+    // SAFETY: getpw*_r filled pw_name with a NUL-terminated string in buf.
+    let name = unsafe { std::ffi::CStr::from_ptr(pw.pw_name) }
+        .to_string_lossy()
+        .into_owned();
+    Ok(UserEntry {
+        uid: pw.pw_uid,
+        gid: pw.pw_gid,
+        name,
+    })
 }
 
 fn cstr(p: &Path) -> io::Result<CString> {

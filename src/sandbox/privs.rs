@@ -21,41 +21,17 @@ impl std::fmt::Display for RunAs {
     }
 }
 
-/// A passwd entry: (uid, primary gid, name).
+/// (uid, primary gid, name) of `key`, a user name or number. A number
+/// with no account is still a uid, whose group is its own number unless
+/// one is given.
 fn passwd(key: &str) -> Result<(u32, u32, Option<String>), String> {
-    // SAFETY: an all-zero passwd is a valid value of this plain C struct.
-    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut buf = vec![0 as libc::c_char; 16 * 1024];
-    let mut out: *mut libc::passwd = std::ptr::null_mut();
-    let r = if let Ok(uid) = key.parse::<u32>() {
-        // SAFETY: every pointer is to a live local of the size given.
-        unsafe { libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut out) }
-    } else {
-        let name = CString::new(key).map_err(|_| format!("no user '{key}'"))?;
-        // SAFETY: every pointer is to a live local of the size given.
-        unsafe {
-            libc::getpwnam_r(
-                name.as_ptr(),
-                &mut pw,
-                buf.as_mut_ptr(),
-                buf.len(),
-                &mut out,
-            )
-        }
-    };
-    if r != 0 || out.is_null() {
-        // A number with no account is still a uid: its group is its own
-        // number unless given.
-        return match key.parse::<u32>() {
+    match crate::sockpath::user_entry(key) {
+        Ok(u) => Ok((u.uid, u.gid, Some(u.name))),
+        Err(e) => match key.parse::<u32>() {
             Ok(uid) => Ok((uid, uid, None)),
-            Err(_) => Err(format!("no user '{key}'")),
-        };
+            Err(_) => Err(e),
+        },
     }
-    // SAFETY: getpwnam_r filled pw_name with a NUL-terminated string in buf.
-    let name = unsafe { std::ffi::CStr::from_ptr(pw.pw_name) }
-        .to_string_lossy()
-        .into_owned();
-    Ok((pw.pw_uid, pw.pw_gid, Some(name)))
 }
 
 impl std::str::FromStr for RunAs {
