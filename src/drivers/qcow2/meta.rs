@@ -19,7 +19,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 
 use super::cache::Cache;
 
-use crate::block::{BlockError, Node};
+use crate::block::{BlockError, DebugEvent as Ev, Node};
 use crate::io::IoVecs;
 
 use super::header::{self, OFFSET_MASK};
@@ -405,6 +405,7 @@ impl Meta {
                     self.flush_refcounts(f).await?;
                 }
                 let bytes = encode_be64(self.l2.get(off));
+                f.debug_event(Ev::L2Update);
                 write_buf(f, off, &bytes).await?;
             }
             self.l2.remove(off);
@@ -413,6 +414,8 @@ impl Meta {
     }
 
     pub async fn load_l2(&mut self, f: &Node, off: u64) -> Result<(), BlockError> {
+        // QEMU's l2_load raises it before its cache lookup, hit or miss.
+        f.debug_event(Ev::L2Load);
         if self.l2.touch(off) {
             return Ok(());
         }
@@ -470,6 +473,7 @@ impl Meta {
             return Ok(off);
         }
         let words = if off != 0 {
+            f.debug_event(Ev::L2AllocCowRead);
             self.load_l2(f, off).await?;
             self.l2.get(off).clone()
         } else {
@@ -477,6 +481,9 @@ impl Meta {
         };
         let new = self.alloc(f, 1).await?;
         self.make_room_l2(f).await?;
+        // QEMU writes the new table here; ours is written back in the
+        // crash-safe order of the next flush or eviction.
+        f.debug_event(Ev::L2AllocWrite);
         self.l2.insert(new, words, true);
         self.set_l1(l1i, new | COPIED);
         if off != 0 {
@@ -504,6 +511,7 @@ impl Meta {
         while let Some((off, dirty)) = self.rb.victim() {
             if dirty {
                 let bytes = self.rb.get(off).clone();
+                f.debug_event(Ev::RefblockUpdatePart);
                 write_buf(f, off, &bytes).await?;
             }
             self.rb.remove(off);
@@ -512,6 +520,8 @@ impl Meta {
     }
 
     async fn load_rb(&mut self, f: &Node, off: u64) -> Result<(), BlockError> {
+        // QEMU's load_refcount_block raises it before its cache lookup.
+        f.debug_event(Ev::RefblockLoad);
         if self.rb.touch(off) {
             return Ok(());
         }
@@ -611,7 +621,9 @@ impl Meta {
         bi: u64,
         avoid: (u64, u64),
     ) -> Result<u64, BlockError> {
+        f.debug_event(Ev::RefblockAlloc);
         if bi >= self.reftable.len() as u64 {
+            f.debug_event(Ev::ReftableGrow);
             self.grow_reftable(f, bi, avoid).await?;
             let off = self.refblock_offset(bi)?;
             if off != 0 {
@@ -636,7 +648,11 @@ impl Meta {
         if own.is_some() {
             set_refcount(&mut bytes, self.g.refcount_order, r - first, 1);
         }
+        // QEMU writes the block, then the table entry, here; ours go out
+        // with the next refcount write-back (blocks first, then table).
+        f.debug_event(Ev::RefblockAllocWrite);
         self.rb.insert(off, bytes, true);
+        f.debug_event(Ev::RefblockAllocHookup);
         self.reftable[bi as usize] = off;
         self.reftable_dirty
             .insert(((bi * 8) >> self.g.cluster_bits) as usize);
@@ -728,14 +744,17 @@ impl Meta {
         }
         // Everything the new table points to goes to disk, then the table,
         // then the header.
+        f.debug_event(Ev::RefblockAllocWriteBlocks);
         self.write_refblocks(f).await?;
         f.flush().await?;
         let bytes = encode_be64(&self.reftable);
+        f.debug_event(Ev::RefblockAllocWriteTable);
         write_buf(f, table_start << g.cluster_bits, &bytes).await?;
         f.flush().await?;
         let mut field = Vec::with_capacity(12);
         field.extend_from_slice(&(table_start << g.cluster_bits).to_be_bytes());
         field.extend_from_slice(&(m as u32).to_be_bytes());
+        f.debug_event(Ev::RefblockAllocSwitchTable);
         self.write_header_field(f, header::OFF_REFTABLE, &field)
             .await?;
         f.flush().await?;
@@ -766,6 +785,7 @@ impl Meta {
 
     /// Allocates `n` contiguous clusters; returns the first one's offset.
     pub async fn alloc(&mut self, f: &Node, n: u64) -> Result<u64, BlockError> {
+        f.debug_event(Ev::ClusterAlloc);
         if self.corrupt {
             return Err(self.corrupt_err("the image is marked corrupt"));
         }
@@ -836,6 +856,7 @@ impl Meta {
             return Ok(());
         }
         let list = std::mem::take(&mut self.ready_unref);
+        f.debug_event(Ev::ClusterFree);
         for c in list {
             let left = self.update_refcount(f, c, -1, (0, 0)).await?;
             if left == 0 && self.pass_discard {
@@ -849,6 +870,7 @@ impl Meta {
         let dirty = self.rb.dirty();
         for &off in &dirty {
             let bytes = self.rb.get(off).clone();
+            f.debug_event(Ev::RefblockUpdatePart);
             write_buf(f, off, &bytes).await?;
             self.rb.mark_clean(off);
         }
@@ -866,6 +888,7 @@ impl Meta {
             for ci in dirty {
                 let per = (self.g.cs / 8) as usize;
                 let bytes = encode_be64(&self.reftable[ci * per..(ci + 1) * per]);
+                f.debug_event(Ev::ReftableUpdate);
                 write_buf(f, self.reftable_offset + ci as u64 * self.g.cs, &bytes).await?;
             }
             f.flush().await?;
@@ -896,6 +919,7 @@ impl Meta {
         let dirty = self.l2.dirty();
         for &off in &dirty {
             let bytes = encode_be64(self.l2.get(off));
+            f.debug_event(Ev::L2Update);
             write_buf(f, off, &bytes).await?;
             self.l2.mark_clean(off);
         }
@@ -906,6 +930,7 @@ impl Meta {
             let per = (self.g.cs / 8) as usize;
             for ci in std::mem::take(&mut self.l1_dirty) {
                 let bytes = encode_be64(&self.l1[ci * per..(ci + 1) * per]);
+                f.debug_event(Ev::L1Update);
                 write_buf(f, self.l1_offset + ci as u64 * self.g.cs, &bytes).await?;
             }
         }
@@ -989,10 +1014,12 @@ impl Meta {
         }
         self.flush(f, false).await?;
         let clusters = (entries * 8).div_ceil(g.cs);
+        f.debug_event(Ev::L1GrowAllocTable);
         let new = self.alloc(f, clusters).await?;
         let mut table = self.l1.clone();
         table.resize((clusters * g.cs / 8) as usize, 0);
         self.flush_refcounts(f).await?;
+        f.debug_event(Ev::L1GrowWriteTable);
         write_buf(f, new, &encode_be64(&table)).await?;
         f.flush().await?;
         // size, crypt_method (0), l1_size, l1_table_offset: one write.
@@ -1001,6 +1028,7 @@ impl Meta {
         field.extend_from_slice(&0u32.to_be_bytes());
         field.extend_from_slice(&(entries as u32).to_be_bytes());
         field.extend_from_slice(&new.to_be_bytes());
+        f.debug_event(Ev::L1GrowActivateTable);
         self.write_header_field(f, header::OFF_SIZE, &field).await?;
         f.flush().await?;
         let old = self.l1_offset;

@@ -314,6 +314,7 @@ fn read_tables(
         )
     };
     let rt_bytes = u64::from(hdr.refcount_table_clusters) * cs;
+    f.debug_event(crate::block::DebugEvent::ReftableLoad);
     let reftable = meta::decode_be64(
         &futures::executor::block_on(meta::read_buf(
             f,
