@@ -232,6 +232,10 @@ pub struct Meta {
     pub reftable_offset: u64,
     pub reftable_clusters: u32,
     reftable_dirty: BTreeSet<usize>,
+    /// A larger refcount table in memory (its offset and clusters) that
+    /// the header does not point to yet: a write of the switch failed, so
+    /// it is retried before any other refcount write-back.
+    pending_reftable: Option<(u64, u32)>,
     /// Refcount blocks, as stored.
     rb: Cache<Vec<u8>>,
     free_hint: u64,
@@ -317,6 +321,7 @@ impl Meta {
             reftable_offset,
             reftable_clusters,
             reftable_dirty: BTreeSet::new(),
+            pending_reftable: None,
             rb: Cache::new(((rb_cache_bytes / g.cs) as usize).max(4)),
             free_hint: 0,
             end_cluster: file_size.div_ceil(g.cs),
@@ -742,26 +747,42 @@ impl Meta {
                 Box::pin(self.update_refcount(f, c, 1, (start, end)));
             fut.await?;
         }
-        // Everything the new table points to goes to disk, then the table,
-        // then the header.
+        // In memory the new table is the one; on disk the header points to
+        // the old one until the switch is done. A failed write leaves the
+        // switch pending: it is retried before any other refcount
+        // write-back (which would otherwise write entries past the old
+        // table's end).
+        self.pending_reftable = Some((table_start << g.cluster_bits, m as u32));
+        self.finish_reftable_switch(f).await
+    }
+
+    /// Writes a grown refcount table and switches the header to it:
+    /// everything the new table points to goes to disk, then the table,
+    /// then the header, each synced; then the old table is released.
+    async fn finish_reftable_switch(&mut self, f: &Node) -> Result<(), BlockError> {
+        let Some((table_off, m)) = self.pending_reftable else {
+            return Ok(());
+        };
+        let g = self.g;
         f.debug_event(Ev::RefblockAllocWriteBlocks);
         self.write_refblocks(f).await?;
         f.flush().await?;
         let bytes = encode_be64(&self.reftable);
         f.debug_event(Ev::RefblockAllocWriteTable);
-        write_buf(f, table_start << g.cluster_bits, &bytes).await?;
+        write_buf(f, table_off, &bytes).await?;
         f.flush().await?;
         let mut field = Vec::with_capacity(12);
-        field.extend_from_slice(&(table_start << g.cluster_bits).to_be_bytes());
-        field.extend_from_slice(&(m as u32).to_be_bytes());
+        field.extend_from_slice(&table_off.to_be_bytes());
+        field.extend_from_slice(&m.to_be_bytes());
         f.debug_event(Ev::RefblockAllocSwitchTable);
         self.write_header_field(f, header::OFF_REFTABLE, &field)
             .await?;
         f.flush().await?;
+        self.pending_reftable = None;
         let old_off = self.reftable_offset;
         let old_clusters = u64::from(self.reftable_clusters);
-        self.reftable_offset = table_start << g.cluster_bits;
-        self.reftable_clusters = m as u32;
+        self.reftable_offset = table_off;
+        self.reftable_clusters = m;
         self.reftable_dirty.clear();
         if let Some(fx) = self
             .fixed
@@ -769,8 +790,8 @@ impl Meta {
             .find(|(_, _, w)| w == "the refcount table")
         {
             *fx = (
-                self.reftable_offset,
-                self.reftable_offset + m * g.cs,
+                table_off,
+                table_off + u64::from(m) * g.cs,
                 "the refcount table".into(),
             );
         }
@@ -880,16 +901,23 @@ impl Meta {
     /// Writes refcount blocks, then the refcount table clusters that point
     /// to new ones, each stage synced.
     pub async fn flush_refcounts(&mut self, f: &Node) -> Result<(), BlockError> {
+        if self.pending_reftable.is_some() {
+            let fut: futures::future::LocalBoxFuture<'_, _> =
+                Box::pin(self.finish_reftable_switch(f));
+            fut.await?;
+        }
         if self.write_refblocks(f).await? {
             f.flush().await?;
         }
         if !self.reftable_dirty.is_empty() {
-            let dirty = std::mem::take(&mut self.reftable_dirty);
+            let dirty: Vec<usize> = self.reftable_dirty.iter().copied().collect();
             for ci in dirty {
                 let per = (self.g.cs / 8) as usize;
                 let bytes = encode_be64(&self.reftable[ci * per..(ci + 1) * per]);
                 f.debug_event(Ev::ReftableUpdate);
                 write_buf(f, self.reftable_offset + ci as u64 * self.g.cs, &bytes).await?;
+                // Only once written: a failed write is retried next time.
+                self.reftable_dirty.remove(&ci);
             }
             f.flush().await?;
         }
@@ -928,10 +956,13 @@ impl Meta {
                 f.flush().await?;
             }
             let per = (self.g.cs / 8) as usize;
-            for ci in std::mem::take(&mut self.l1_dirty) {
+            let dirty: Vec<usize> = self.l1_dirty.iter().copied().collect();
+            for ci in dirty {
                 let bytes = encode_be64(&self.l1[ci * per..(ci + 1) * per]);
                 f.debug_event(Ev::L1Update);
                 write_buf(f, self.l1_offset + ci as u64 * self.g.cs, &bytes).await?;
+                // Only once written: a failed write is retried next time.
+                self.l1_dirty.remove(&ci);
             }
         }
         Ok(())
@@ -968,6 +999,7 @@ impl Meta {
         self.reftable_offset = offset;
         self.reftable_clusters = clusters;
         self.reftable_dirty.clear();
+        self.pending_reftable = None;
         self.rb.clear();
         self.end_cluster = self.end_cluster.max(end);
         self.free_hint = 0;

@@ -32,7 +32,13 @@ fn open_err(node: &str, reason: impl Into<String>) -> GraphError {
 }
 
 fn block_err(node: &str, e: BlockError) -> GraphError {
-    open_err(node, e.to_string())
+    // With the system's words for an I/O error ("...: Input/output error").
+    match &e {
+        BlockError::Io { source, .. } => {
+            open_err(node, format!("{e}: {}", crate::block::os_text(source)))
+        }
+        _ => open_err(node, e.to_string()),
+    }
 }
 
 /// Guesses the format of a backing file (only ever for read-only nodes).

@@ -248,22 +248,23 @@ impl Qcow2Driver {
         // A cluster past everything the file ever held reads as zeroes
         // already: when the fill would be zeroes too (nothing mapped, no
         // backing data there), write the guest's bytes alone.
-        let fresh = !al.reuse
-            && host >> g.cluster_bits >= al.end_before
-            && al.old_host == 0
+        // What the fill would read: zeroes (nothing mapped, no backing
+        // data there).
+        let zero_fill = al.old_host == 0
             && !al.compressed
             && self.backing().is_none_or(|bk| base >= bk.node().size());
+        let fresh = !al.reuse && host >> g.cluster_bits >= al.end_before && zero_fill;
+        if zero_fill && !al.reuse && n < g.cs {
+            // QEMU's handle_alloc_space: the copy-on-write areas of a new
+            // cluster read as zeroes.
+            self.f().debug_event(Ev::ClusterAllocSpace);
+        }
         if fresh {
             let part = if skip == 0 && n == iov.len() {
                 iov.clone()
             } else {
                 iov.sub(skip, n)
             };
-            if n < g.cs {
-                // QEMU's handle_alloc_space: the copy-on-write areas read
-                // as zeroes, so none is done.
-                self.f().debug_event(Ev::ClusterAllocSpace);
-            }
             self.f().debug_event(Ev::WriteAio);
             return self.f().pwritev(host + in_c, &part, fua).await;
         }
