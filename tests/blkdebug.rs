@@ -473,11 +473,17 @@ fn run_cases(cases: Vec<(&'static str, i32, Policy)>) -> (usize, Vec<String>) {
 
 /// Runs one case; Err describes what went wrong.
 fn run_case(event: &str, errno: i32, policy: Policy) -> Result<(), String> {
+    run_case_with(event, errno, policy, "")
+}
+
+/// [`run_case`] with more blkdebug options appended (`,key=value...`).
+fn run_case_with(event: &str, errno: i32, policy: Policy, extra: &str) -> Result<(), String> {
     let g = geometry(event);
     let t = template(g);
     let (dir, img) = case_dir(g);
     let once = policy != Policy::ReportAlways;
-    let args = daemon_args(event, errno, once, policy);
+    let mut args = daemon_args(event, errno, once, policy);
+    args[3].push_str(extra);
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut d = Daemon::start_in(dir, &argv);
     // Writes acknowledged since the last flush that succeeded: without
@@ -754,4 +760,18 @@ fn full_matrix() {
         failures.len(),
         failures.join("\n\n")
     );
+}
+
+/// A rule gated by a state that an earlier event sets: the L1 write of the
+/// flush after the resize fails (the first L1 update after the L1 table
+/// grew). The entry that links the new L2 table must still reach the disk
+/// with the next flush: the writes after the resize read back. Before the
+/// fix a failed L1 cluster write left the dirty set and was never retried.
+#[test]
+fn a_failed_l1_write_is_retried_by_the_next_flush() {
+    let extra =
+        ",inject-error.0.state=2,set-state.0.event=l1_grow_activate_table,set-state.0.new_state=2";
+    for errno in [libc::EIO, libc::ENOSPC] {
+        run_case_with("l1_update", errno, Policy::Report, extra).unwrap();
+    }
 }
