@@ -152,6 +152,12 @@ pub trait BlockDriver: Send + Sync + 'static {
     /// Undoes [`BlockDriver::make_read_only`] (a transaction aborted).
     fn make_writable(&self) {}
 
+    /// A format driver above this node reached the point `event` names
+    /// (QEMU's bdrv_debug_event): only `blkdebug` acts on it.
+    fn debug_event(&self, event: super::DebugEvent) {
+        let _ = event;
+    }
+
     /// For the driver layer's own questions (downcasts to its types).
     fn as_any(&self) -> &dyn Any;
 }

@@ -10,6 +10,7 @@
 
 mod backend;
 pub mod bitmap;
+mod debug;
 mod driver;
 mod error;
 mod future;
@@ -25,6 +26,7 @@ pub mod swap;
 pub mod users;
 
 pub use backend::BlockBackend;
+pub use debug::DebugEvent;
 pub use driver::BlockDriver;
 pub use error::{os_text, BlockError, GraphError};
 pub use future::BlockFuture;

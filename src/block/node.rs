@@ -592,6 +592,12 @@ impl Node {
         self.driver.flush(self)
     }
 
+    /// Raises a debug event on this node (QEMU's BLKDBG_EVENT on a child):
+    /// a no-op unless its driver is `blkdebug`.
+    pub fn debug_event(&self, event: super::DebugEvent) {
+        self.driver.debug_event(event)
+    }
+
     /// What `[offset, offset + len)` reads as from its start, how far, and
     /// at which depth of the backing chain.
     pub fn block_status(

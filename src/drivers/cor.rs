@@ -111,6 +111,9 @@ impl CorDriver {
             if st.kind != Allocation::Unallocated && self.copies(st.depth) && !node.is_read_only() {
                 let _g = self.ranges.take(pos, pos + n).await;
                 node.preadv(pos, &part).await?;
+                // QEMU's bdrv_co_do_copy_on_readv raises it on the node
+                // the copy is written to.
+                node.debug_event(crate::block::DebugEvent::CorWrite);
                 node.pwritev(pos, &part, false).await?;
             } else {
                 node.preadv(pos, &part).await?;

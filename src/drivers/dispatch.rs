@@ -6,9 +6,11 @@ use std::sync::Arc;
 
 use futures::future::LocalBoxFuture;
 
-use super::{CorDriver, FileDriver, NullDriver, Qcow2Driver, RawDriver, ThrottleDriver};
+use super::{
+    BlkdebugDriver, CorDriver, FileDriver, NullDriver, Qcow2Driver, RawDriver, ThrottleDriver,
+};
 use crate::block::{
-    Allocation, BlockDriver, BlockError, BlockFuture, BlockStatus, Child, Node, Perm,
+    Allocation, BlockDriver, BlockError, BlockFuture, BlockStatus, Child, DebugEvent, Node, Perm,
 };
 use crate::io::IoVecs;
 use crate::throttle::{Member, ThrottleGroup};
@@ -422,6 +424,69 @@ impl BlockDriver for CorDriver {
     }
     fn truncate(&self, _node: &Node, size: u64) -> Result<(), String> {
         CorDriver::file(self).node().truncate(size)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl BlockDriver for BlkdebugDriver {
+    fn name(&self) -> &'static str {
+        "blkdebug"
+    }
+    fn size(&self) -> u64 {
+        BlkdebugDriver::size(self)
+    }
+    fn request_alignment(&self) -> u32 {
+        BlkdebugDriver::request_alignment(self)
+    }
+    fn file(&self) -> Option<&Child> {
+        Some(BlkdebugDriver::file(self))
+    }
+    fn is_filter(&self) -> bool {
+        true
+    }
+    fn preadv<'a>(&'a self, _node: &'a Node, offset: u64, iov: &'a IoVecs) -> BlockFuture<'a> {
+        BlkdebugDriver::preadv(self, offset, iov)
+    }
+    fn pwritev<'a>(
+        &'a self,
+        _node: &'a Node,
+        offset: u64,
+        iov: &'a IoVecs,
+        fua: bool,
+    ) -> BlockFuture<'a> {
+        BlkdebugDriver::pwritev(self, offset, iov, fua)
+    }
+    fn flush<'a>(&'a self, _node: &'a Node) -> BlockFuture<'a> {
+        BlkdebugDriver::flush(self)
+    }
+    fn pdiscard<'a>(&'a self, _node: &'a Node, offset: u64, len: u64) -> BlockFuture<'a> {
+        BlkdebugDriver::pdiscard(self, offset, len)
+    }
+    fn pwrite_zeroes<'a>(
+        &'a self,
+        _node: &'a Node,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        fua: bool,
+    ) -> BlockFuture<'a> {
+        BlkdebugDriver::pwrite_zeroes(self, offset, len, may_unmap, fua)
+    }
+    fn block_status<'a>(
+        &'a self,
+        _node: &'a Node,
+        offset: u64,
+        len: u64,
+    ) -> LocalBoxFuture<'a, Result<BlockStatus, BlockError>> {
+        BlkdebugDriver::block_status(self, offset, len)
+    }
+    fn truncate(&self, _node: &Node, size: u64) -> Result<(), String> {
+        BlkdebugDriver::file(self).node().truncate(size)
+    }
+    fn debug_event(&self, event: DebugEvent) {
+        BlkdebugDriver::event(self, event)
     }
     fn as_any(&self) -> &dyn Any {
         self

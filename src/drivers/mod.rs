@@ -10,6 +10,7 @@
 //! the short form without --format. Nothing outside this layer needs to know which
 //! driver a node has.
 
+mod blkdebug;
 mod caps;
 mod cor;
 mod dispatch;
@@ -21,6 +22,7 @@ mod raw;
 mod reopen;
 mod throttle;
 
+pub use blkdebug::{BlkdebugDriver, BlkdebugOptions};
 pub use caps::{BackingFile, FormatSpecific, ImageFormat, InternalSnapshots, ProtocolFile};
 pub use cor::{CorDriver, CorOptions};
 pub use file::{Aio, CacheOptions, FileDriver, FileOptions, Locking};
@@ -42,6 +44,7 @@ use crate::block::{BlockDriver, BlockError, Graph, GraphError, Node};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "driver", rename_all = "kebab-case")]
 pub enum BlockdevOptions {
+    Blkdebug(Box<BlkdebugOptions>),
     CopyOnRead(CorOptions),
     File(FileOptions),
     /// The `file` driver on a block (or character) device, as QEMU's
@@ -140,6 +143,7 @@ impl BlockdevOptions {
             };
         }
         match self {
+            BlockdevOptions::Blkdebug(o) => c!(o),
             BlockdevOptions::CopyOnRead(o) => c!(o),
             BlockdevOptions::File(o) | BlockdevOptions::HostDevice(o) => c!(o),
             BlockdevOptions::NullCo(o) => c!(o),
@@ -157,6 +161,7 @@ impl BlockdevOptions {
             BlockdevOptions::Qcow2(o) => o.discard,
             BlockdevOptions::NullCo(_)
             | BlockdevOptions::Throttle(_)
+            | BlockdevOptions::Blkdebug(_)
             | BlockdevOptions::CopyOnRead(_) => DiscardMode::Ignore,
         }
     }
@@ -188,6 +193,7 @@ impl BlockdevOptions {
             _ => return serde_json::from_value(v).map_err(|e| e.to_string()),
         };
         match driver.as_str() {
+            "blkdebug" => de(inner).map(|o| BlockdevOptions::Blkdebug(Box::new(o))),
             "copy-on-read" => de(inner).map(BlockdevOptions::CopyOnRead),
             "file" => de(inner).map(BlockdevOptions::File),
             "host_device" => de(inner).map(BlockdevOptions::HostDevice),
@@ -209,12 +215,14 @@ impl BlockdevOptions {
             BlockdevOptions::Qcow2(o) => o.discard = DiscardMode::Unmap,
             BlockdevOptions::NullCo(_)
             | BlockdevOptions::Throttle(_)
+            | BlockdevOptions::Blkdebug(_)
             | BlockdevOptions::CopyOnRead(_) => {}
         }
     }
 
     pub fn node_name(&self) -> &str {
         match self {
+            BlockdevOptions::Blkdebug(o) => &o.node_name,
             BlockdevOptions::CopyOnRead(o) => &o.node_name,
             BlockdevOptions::File(o) | BlockdevOptions::HostDevice(o) => &o.node_name,
             BlockdevOptions::NullCo(o) => &o.node_name,
@@ -226,6 +234,7 @@ impl BlockdevOptions {
 
     pub fn set_node_name(&mut self, name: String) {
         match self {
+            BlockdevOptions::Blkdebug(o) => o.node_name = name,
             BlockdevOptions::CopyOnRead(o) => o.node_name = name,
             BlockdevOptions::File(o) | BlockdevOptions::HostDevice(o) => o.node_name = name,
             BlockdevOptions::NullCo(o) => o.node_name = name,
@@ -237,6 +246,7 @@ impl BlockdevOptions {
 
     pub fn read_only(&self) -> bool {
         match self {
+            BlockdevOptions::Blkdebug(o) => o.read_only,
             BlockdevOptions::CopyOnRead(o) => o.read_only,
             BlockdevOptions::File(o) | BlockdevOptions::HostDevice(o) => o.read_only,
             BlockdevOptions::NullCo(o) => o.read_only,
@@ -248,6 +258,7 @@ impl BlockdevOptions {
 
     pub fn driver_name(&self) -> &'static str {
         match self {
+            BlockdevOptions::Blkdebug(_) => "blkdebug",
             BlockdevOptions::CopyOnRead(_) => "copy-on-read",
             BlockdevOptions::File(_) => "file",
             BlockdevOptions::HostDevice(_) => "host_device",
@@ -263,6 +274,7 @@ impl BlockdevOptions {
 /// added to) `graph`.
 pub fn open(opts: &BlockdevOptions, graph: &mut Graph) -> Result<Box<dyn BlockDriver>, GraphError> {
     Ok(match opts {
+        BlockdevOptions::Blkdebug(o) => Box::new(BlkdebugDriver::open(o, graph)?),
         BlockdevOptions::CopyOnRead(o) => Box::new(CorDriver::open(o, graph)?),
         BlockdevOptions::File(o) => Box::new(FileDriver::open(o)?),
         BlockdevOptions::HostDevice(o) => Box::new(FileDriver::open_host_device(o)?),

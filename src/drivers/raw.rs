@@ -193,7 +193,12 @@ impl RawDriver {
     }
 
     pub fn flush(&self) -> BlockFuture<'_> {
-        self.file.node().flush()
+        // QEMU's bdrv_co_flush raises both on the file child (raw has no
+        // cache of its own to write between them).
+        let f = self.file.node();
+        f.debug_event(crate::block::DebugEvent::FlushToOs);
+        f.debug_event(crate::block::DebugEvent::FlushToDisk);
+        f.flush()
     }
 
     pub fn pdiscard(&self, offset: u64, len: u64) -> BlockFuture<'_> {

@@ -93,6 +93,12 @@ impl Node {
                 ));
             }
             BlockdevOptions::CopyOnRead(_) => return Err(mismatch()),
+            BlockdevOptions::Blkdebug(_) => {
+                return Err(format!(
+                    "node '{}': blkdebug nodes cannot be reopened",
+                    self.name()
+                ))
+            }
         };
         Ok(PreparedReopen {
             opts: opts.clone(),

@@ -746,6 +746,19 @@ impl Qmp {
         self.wait_event_of(&[name], timeout)
     }
 
+    /// The next event if one arrives within `timeout` (events that came
+    /// during `execute` first), else None.
+    pub fn try_event(&mut self, timeout: Duration) -> Option<serde_json::Value> {
+        if let Some(ev) = self.events.pop_front() {
+            return Some(ev);
+        }
+        match self.read_until(Some(Instant::now() + timeout)) {
+            Some(v) if v.get("event").is_some() => Some(v),
+            Some(v) => panic!("QMP reply while waiting for an event: {v}"),
+            None => None,
+        }
+    }
+
     /// Runs a command; returns its reply (events before it are kept for
     /// `wait_event`).
     pub fn execute(&mut self, cmd: &str, args: serde_json::Value) -> serde_json::Value {

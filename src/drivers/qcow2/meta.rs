@@ -19,7 +19,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 
 use super::cache::Cache;
 
-use crate::block::{BlockError, Node};
+use crate::block::{BlockError, DebugEvent as Ev, Node};
 use crate::io::IoVecs;
 
 use super::header::{self, OFFSET_MASK};
@@ -232,6 +232,10 @@ pub struct Meta {
     pub reftable_offset: u64,
     pub reftable_clusters: u32,
     reftable_dirty: BTreeSet<usize>,
+    /// A larger refcount table in memory (its offset and clusters) that
+    /// the header does not point to yet: a write of the switch failed, so
+    /// it is retried before any other refcount write-back.
+    pending_reftable: Option<(u64, u32)>,
     /// Refcount blocks, as stored.
     rb: Cache<Vec<u8>>,
     free_hint: u64,
@@ -317,6 +321,7 @@ impl Meta {
             reftable_offset,
             reftable_clusters,
             reftable_dirty: BTreeSet::new(),
+            pending_reftable: None,
             rb: Cache::new(((rb_cache_bytes / g.cs) as usize).max(4)),
             free_hint: 0,
             end_cluster: file_size.div_ceil(g.cs),
@@ -405,6 +410,7 @@ impl Meta {
                     self.flush_refcounts(f).await?;
                 }
                 let bytes = encode_be64(self.l2.get(off));
+                f.debug_event(Ev::L2Update);
                 write_buf(f, off, &bytes).await?;
             }
             self.l2.remove(off);
@@ -413,6 +419,8 @@ impl Meta {
     }
 
     pub async fn load_l2(&mut self, f: &Node, off: u64) -> Result<(), BlockError> {
+        // QEMU's l2_load raises it before its cache lookup, hit or miss.
+        f.debug_event(Ev::L2Load);
         if self.l2.touch(off) {
             return Ok(());
         }
@@ -470,6 +478,7 @@ impl Meta {
             return Ok(off);
         }
         let words = if off != 0 {
+            f.debug_event(Ev::L2AllocCowRead);
             self.load_l2(f, off).await?;
             self.l2.get(off).clone()
         } else {
@@ -477,6 +486,9 @@ impl Meta {
         };
         let new = self.alloc(f, 1).await?;
         self.make_room_l2(f).await?;
+        // QEMU writes the new table here; ours is written back in the
+        // crash-safe order of the next flush or eviction.
+        f.debug_event(Ev::L2AllocWrite);
         self.l2.insert(new, words, true);
         self.set_l1(l1i, new | COPIED);
         if off != 0 {
@@ -504,6 +516,7 @@ impl Meta {
         while let Some((off, dirty)) = self.rb.victim() {
             if dirty {
                 let bytes = self.rb.get(off).clone();
+                f.debug_event(Ev::RefblockUpdatePart);
                 write_buf(f, off, &bytes).await?;
             }
             self.rb.remove(off);
@@ -512,6 +525,8 @@ impl Meta {
     }
 
     async fn load_rb(&mut self, f: &Node, off: u64) -> Result<(), BlockError> {
+        // QEMU's load_refcount_block raises it before its cache lookup.
+        f.debug_event(Ev::RefblockLoad);
         if self.rb.touch(off) {
             return Ok(());
         }
@@ -611,7 +626,9 @@ impl Meta {
         bi: u64,
         avoid: (u64, u64),
     ) -> Result<u64, BlockError> {
+        f.debug_event(Ev::RefblockAlloc);
         if bi >= self.reftable.len() as u64 {
+            f.debug_event(Ev::ReftableGrow);
             self.grow_reftable(f, bi, avoid).await?;
             let off = self.refblock_offset(bi)?;
             if off != 0 {
@@ -636,7 +653,11 @@ impl Meta {
         if own.is_some() {
             set_refcount(&mut bytes, self.g.refcount_order, r - first, 1);
         }
+        // QEMU writes the block, then the table entry, here; ours go out
+        // with the next refcount write-back (blocks first, then table).
+        f.debug_event(Ev::RefblockAllocWrite);
         self.rb.insert(off, bytes, true);
+        f.debug_event(Ev::RefblockAllocHookup);
         self.reftable[bi as usize] = off;
         self.reftable_dirty
             .insert(((bi * 8) >> self.g.cluster_bits) as usize);
@@ -726,23 +747,42 @@ impl Meta {
                 Box::pin(self.update_refcount(f, c, 1, (start, end)));
             fut.await?;
         }
-        // Everything the new table points to goes to disk, then the table,
-        // then the header.
+        // In memory the new table is the one; on disk the header points to
+        // the old one until the switch is done. A failed write leaves the
+        // switch pending: it is retried before any other refcount
+        // write-back (which would otherwise write entries past the old
+        // table's end).
+        self.pending_reftable = Some((table_start << g.cluster_bits, m as u32));
+        self.finish_reftable_switch(f).await
+    }
+
+    /// Writes a grown refcount table and switches the header to it:
+    /// everything the new table points to goes to disk, then the table,
+    /// then the header, each synced; then the old table is released.
+    async fn finish_reftable_switch(&mut self, f: &Node) -> Result<(), BlockError> {
+        let Some((table_off, m)) = self.pending_reftable else {
+            return Ok(());
+        };
+        let g = self.g;
+        f.debug_event(Ev::RefblockAllocWriteBlocks);
         self.write_refblocks(f).await?;
         f.flush().await?;
         let bytes = encode_be64(&self.reftable);
-        write_buf(f, table_start << g.cluster_bits, &bytes).await?;
+        f.debug_event(Ev::RefblockAllocWriteTable);
+        write_buf(f, table_off, &bytes).await?;
         f.flush().await?;
         let mut field = Vec::with_capacity(12);
-        field.extend_from_slice(&(table_start << g.cluster_bits).to_be_bytes());
-        field.extend_from_slice(&(m as u32).to_be_bytes());
+        field.extend_from_slice(&table_off.to_be_bytes());
+        field.extend_from_slice(&m.to_be_bytes());
+        f.debug_event(Ev::RefblockAllocSwitchTable);
         self.write_header_field(f, header::OFF_REFTABLE, &field)
             .await?;
         f.flush().await?;
+        self.pending_reftable = None;
         let old_off = self.reftable_offset;
         let old_clusters = u64::from(self.reftable_clusters);
-        self.reftable_offset = table_start << g.cluster_bits;
-        self.reftable_clusters = m as u32;
+        self.reftable_offset = table_off;
+        self.reftable_clusters = m;
         self.reftable_dirty.clear();
         if let Some(fx) = self
             .fixed
@@ -750,8 +790,8 @@ impl Meta {
             .find(|(_, _, w)| w == "the refcount table")
         {
             *fx = (
-                self.reftable_offset,
-                self.reftable_offset + m * g.cs,
+                table_off,
+                table_off + u64::from(m) * g.cs,
                 "the refcount table".into(),
             );
         }
@@ -766,6 +806,7 @@ impl Meta {
 
     /// Allocates `n` contiguous clusters; returns the first one's offset.
     pub async fn alloc(&mut self, f: &Node, n: u64) -> Result<u64, BlockError> {
+        f.debug_event(Ev::ClusterAlloc);
         if self.corrupt {
             return Err(self.corrupt_err("the image is marked corrupt"));
         }
@@ -836,6 +877,7 @@ impl Meta {
             return Ok(());
         }
         let list = std::mem::take(&mut self.ready_unref);
+        f.debug_event(Ev::ClusterFree);
         for c in list {
             let left = self.update_refcount(f, c, -1, (0, 0)).await?;
             if left == 0 && self.pass_discard {
@@ -849,6 +891,7 @@ impl Meta {
         let dirty = self.rb.dirty();
         for &off in &dirty {
             let bytes = self.rb.get(off).clone();
+            f.debug_event(Ev::RefblockUpdatePart);
             write_buf(f, off, &bytes).await?;
             self.rb.mark_clean(off);
         }
@@ -858,15 +901,23 @@ impl Meta {
     /// Writes refcount blocks, then the refcount table clusters that point
     /// to new ones, each stage synced.
     pub async fn flush_refcounts(&mut self, f: &Node) -> Result<(), BlockError> {
+        if self.pending_reftable.is_some() {
+            let fut: futures::future::LocalBoxFuture<'_, _> =
+                Box::pin(self.finish_reftable_switch(f));
+            fut.await?;
+        }
         if self.write_refblocks(f).await? {
             f.flush().await?;
         }
         if !self.reftable_dirty.is_empty() {
-            let dirty = std::mem::take(&mut self.reftable_dirty);
+            let dirty: Vec<usize> = self.reftable_dirty.iter().copied().collect();
             for ci in dirty {
                 let per = (self.g.cs / 8) as usize;
                 let bytes = encode_be64(&self.reftable[ci * per..(ci + 1) * per]);
+                f.debug_event(Ev::ReftableUpdate);
                 write_buf(f, self.reftable_offset + ci as u64 * self.g.cs, &bytes).await?;
+                // Only once written: a failed write is retried next time.
+                self.reftable_dirty.remove(&ci);
             }
             f.flush().await?;
         }
@@ -896,6 +947,7 @@ impl Meta {
         let dirty = self.l2.dirty();
         for &off in &dirty {
             let bytes = encode_be64(self.l2.get(off));
+            f.debug_event(Ev::L2Update);
             write_buf(f, off, &bytes).await?;
             self.l2.mark_clean(off);
         }
@@ -904,9 +956,13 @@ impl Meta {
                 f.flush().await?;
             }
             let per = (self.g.cs / 8) as usize;
-            for ci in std::mem::take(&mut self.l1_dirty) {
+            let dirty: Vec<usize> = self.l1_dirty.iter().copied().collect();
+            for ci in dirty {
                 let bytes = encode_be64(&self.l1[ci * per..(ci + 1) * per]);
+                f.debug_event(Ev::L1Update);
                 write_buf(f, self.l1_offset + ci as u64 * self.g.cs, &bytes).await?;
+                // Only once written: a failed write is retried next time.
+                self.l1_dirty.remove(&ci);
             }
         }
         Ok(())
@@ -943,6 +999,7 @@ impl Meta {
         self.reftable_offset = offset;
         self.reftable_clusters = clusters;
         self.reftable_dirty.clear();
+        self.pending_reftable = None;
         self.rb.clear();
         self.end_cluster = self.end_cluster.max(end);
         self.free_hint = 0;
@@ -989,10 +1046,12 @@ impl Meta {
         }
         self.flush(f, false).await?;
         let clusters = (entries * 8).div_ceil(g.cs);
+        f.debug_event(Ev::L1GrowAllocTable);
         let new = self.alloc(f, clusters).await?;
         let mut table = self.l1.clone();
         table.resize((clusters * g.cs / 8) as usize, 0);
         self.flush_refcounts(f).await?;
+        f.debug_event(Ev::L1GrowWriteTable);
         write_buf(f, new, &encode_be64(&table)).await?;
         f.flush().await?;
         // size, crypt_method (0), l1_size, l1_table_offset: one write.
@@ -1001,6 +1060,7 @@ impl Meta {
         field.extend_from_slice(&0u32.to_be_bytes());
         field.extend_from_slice(&(entries as u32).to_be_bytes());
         field.extend_from_slice(&new.to_be_bytes());
+        f.debug_event(Ev::L1GrowActivateTable);
         self.write_header_field(f, header::OFF_SIZE, &field).await?;
         f.flush().await?;
         let old = self.l1_offset;

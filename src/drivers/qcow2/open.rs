@@ -32,7 +32,13 @@ fn open_err(node: &str, reason: impl Into<String>) -> GraphError {
 }
 
 fn block_err(node: &str, e: BlockError) -> GraphError {
-    open_err(node, e.to_string())
+    // With the system's words for an I/O error ("...: Input/output error").
+    match &e {
+        BlockError::Io { source, .. } => {
+            open_err(node, format!("{e}: {}", crate::block::os_text(source)))
+        }
+        _ => open_err(node, e.to_string()),
+    }
 }
 
 /// Guesses the format of a backing file (only ever for read-only nodes).
@@ -314,6 +320,7 @@ fn read_tables(
         )
     };
     let rt_bytes = u64::from(hdr.refcount_table_clusters) * cs;
+    f.debug_event(crate::block::DebugEvent::ReftableLoad);
     let reftable = meta::decode_be64(
         &futures::executor::block_on(meta::read_buf(
             f,

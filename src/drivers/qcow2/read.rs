@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 
 use super::meta::{self, Meta, Sc};
 use super::{header, Allocation, BlockStatus, Qcow2Driver};
-use crate::block::{BlockError, Node};
+use crate::block::{BlockError, DebugEvent as Ev, Node};
 use crate::io::IoVecs;
 
 impl Qcow2Driver {
@@ -97,6 +97,7 @@ impl Qcow2Driver {
         match st {
             Sc::Data(h) => {
                 let in_sc = pos & (self.g.sc_size() - 1);
+                self.f().debug_event(Ev::ReadAio);
                 self.f().preadv(h + in_sc, part).await
             }
             Sc::Zero => {
@@ -113,6 +114,7 @@ impl Qcow2Driver {
             part.fill_zero();
             return Ok(());
         };
+        self.f().debug_event(Ev::ReadBackingAio);
         let bsize = b.node().size();
         if pos >= bsize {
             part.fill_zero();
@@ -133,6 +135,7 @@ impl Qcow2Driver {
         let a = u64::from(self.f().request_alignment()).max(512);
         let start = off / a * a;
         let end = (off + len).div_ceil(a) * a;
+        self.f().debug_event(Ev::ReadCompressed);
         let raw = meta::read_buf(self.f(), start, (end - start) as usize).await?;
         let input = &raw[(off - start) as usize..(off - start + len) as usize];
         let mut out = vec![0u8; g.cs as usize];
@@ -185,7 +188,12 @@ impl Qcow2Driver {
     /// Writes dirty metadata under the lock, then syncs the file without
     /// it, so that guest I/O on other queues goes on during the fsync.
     pub async fn flush(&self) -> Result<(), BlockError> {
+        // QEMU's bdrv_co_flush raises these on the file child around the
+        // format's flush_to_os (its caches written) and before the file's
+        // flush.
+        self.f().debug_event(Ev::FlushToOs);
         let covered = self.meta.lock().await.write_tables(self.f()).await?;
+        self.f().debug_event(Ev::FlushToDisk);
         self.f().flush().await?;
         let mut m = self.meta.lock().await;
         m.unrefs_durable(covered);

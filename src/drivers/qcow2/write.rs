@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use super::lock;
 use super::meta::{self, Meta, COMPRESSED, COPIED, ZERO};
 use super::{header, Qcow2Driver, PREALLOC_STEP};
-use crate::block::{BlockError, Node};
+use crate::block::{BlockError, DebugEvent as Ev, Node};
 use crate::io::IoVecs;
 
 impl Qcow2Driver {
@@ -166,6 +166,7 @@ impl Qcow2Driver {
         } else {
             req.iov.sub(req.skip, total)
         };
+        self.f().debug_event(Ev::WriteAio);
         let r = self.f().pwritev(host, &part, req.fua).await;
         self.io_done();
         r.map(|()| (total, false))
@@ -247,20 +248,31 @@ impl Qcow2Driver {
         // A cluster past everything the file ever held reads as zeroes
         // already: when the fill would be zeroes too (nothing mapped, no
         // backing data there), write the guest's bytes alone.
-        let fresh = !al.reuse
-            && host >> g.cluster_bits >= al.end_before
-            && al.old_host == 0
+        // What the fill would read: zeroes (nothing mapped, no backing
+        // data there).
+        let zero_fill = al.old_host == 0
             && !al.compressed
             && self.backing().is_none_or(|bk| base >= bk.node().size());
+        let fresh = !al.reuse && host >> g.cluster_bits >= al.end_before && zero_fill;
+        if zero_fill && !al.reuse && n < g.cs {
+            // QEMU's handle_alloc_space: the copy-on-write areas of a new
+            // cluster read as zeroes.
+            self.f().debug_event(Ev::ClusterAllocSpace);
+        }
         if fresh {
             let part = if skip == 0 && n == iov.len() {
                 iov.clone()
             } else {
                 iov.sub(skip, n)
             };
+            self.f().debug_event(Ev::WriteAio);
             return self.f().pwritev(host + in_c, &part, fua).await;
         }
         let mut parts = Vec::with_capacity(3);
+        let cow = a < in_c || in_c + n < z;
+        if cow {
+            self.f().debug_event(Ev::CowRead);
+        }
         if a < in_c {
             parts.push(self.read_old(e, b, base + a, in_c - a).await?);
         }
@@ -269,6 +281,12 @@ impl Qcow2Driver {
             parts.push(self.read_old(e, b, base + in_c + n, z - in_c - n).await?);
         }
         let data = IoVecs::concat(parts);
+        // As QEMU's perform_cow when the guest data goes in the same
+        // write: write_aio, then cow_write, then the one write.
+        self.f().debug_event(Ev::WriteAio);
+        if cow {
+            self.f().debug_event(Ev::CowWrite);
+        }
         self.f().pwritev(host + a, &data, fua).await
     }
 
@@ -318,6 +336,7 @@ impl Qcow2Driver {
         .await;
         if commit.is_err() && !al.reuse {
             // Nothing points at the new cluster: give it back.
+            self.f().debug_event(Ev::ClusterFree);
             let _ = m
                 .update_refcount(self.f(), host >> g.cluster_bits, -1, (0, 0))
                 .await;
