@@ -22,8 +22,8 @@
 //!   read from guest memory), SET_VRING_CALL, SET_VRING_KICK, and only then
 //!   SET_VRING_ENABLE 1 for each queue. No SET_BACKEND_REQ_FD for block
 //!   devices. GET_INFLIGHT_FD + SET_INFLIGHT_FD after the SET_VRING_NUMs
-//!   only when the backend offers INFLIGHT_SHMFD (neither we nor
-//!   qemu-storage-daemon 7.2 do, so that branch is replayed but not run).
+//!   only when the backend offers INFLIGHT_SHMFD (we do; qemu-storage-daemon
+//!   7.2 does not).
 //! - memory hotplug: ADD_MEM_REG (CONFIGURE_MEM_SLOTS acked).
 //! - reset (guest reboot): SET_VRING_ENABLE 0 and GET_VRING_BASE per queue;
 //!   the next activation repeats `setup_vhost_user` on the same connection.
@@ -320,8 +320,9 @@ fn chv_setup_vhost_user(
     for (i, q) in queues.iter().enumerate() {
         vu.set_vring_num(i, q.size).expect("SET_VRING_NUM");
     }
-    // Inflight tracking when the backend offers it (we do not, nor does
-    // qemu-storage-daemon 7.2): GET_INFLIGHT_FD once, then SET_INFLIGHT_FD.
+    // Inflight tracking when the backend offers it (we do;
+    // qemu-storage-daemon 7.2 does not): GET_INFLIGHT_FD, then
+    // SET_INFLIGHT_FD.
     if dev
         .acked_protocol_features
         .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
@@ -376,6 +377,7 @@ fn chv_boot(socket: &Path, num_queues: usize) -> (Vm, ChvBlk) {
         event_idx: acked & F_EVENT_IDX != 0,
         regions: vec![(0, LOW_RAM), (HIGH_RAM_GPA, HIGH_RAM)],
         backend_channel: false,
+        inflight: false,
     };
     let memfd = files.into_iter().next().unwrap();
     (Vm::from_parts(mem, vu, queues, acked, opts, memfd), dev)
@@ -431,14 +433,15 @@ fn chv_creation_negotiates_what_cloud_hypervisor_expects() {
         want & !dev.avail_features
     );
     assert_eq!(dev.avail_features & BLK_F_RO, 0, "writable export");
-    // No inflight fd, no dirty log, no device state: the backend does not
-    // offer them, and cloud-hypervisor then does without.
+    // No dirty log, no device state: the backend does not offer them, and
+    // cloud-hypervisor then does without; inflight tracking it takes.
     assert_eq!(
         dev.acked_protocol_features,
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     );
     // The config as the guest sees it: capacity, blk_size, num_queues,
     // discard and write-zeroes limits non-zero (the guest driver turns
@@ -622,8 +625,10 @@ fn chv_reconnects_to_a_restarted_daemon() {
     vu.set_protocol_features(dev.acked_protocol_features)
         .expect("SET_PROTOCOL_FEATURES");
     vu.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-    // IN_ORDER was not acked (we do not offer it) and there is no inflight
-    // fd: the bases are the avail indexes in guest memory.
+    // IN_ORDER was not acked (we do not offer it): the bases are the avail
+    // indexes in guest memory. (cloud-hypervisor sets back the inflight fd
+    // it kept; this replay gets a fresh one, which changes nothing here:
+    // nothing was in flight.)
     assert_eq!(acked & F_IN_ORDER, 0);
     chv_setup_vhost_user(&mut vu, &dev, &vm.mem, &vm.queues, acked);
     vm.frontend = vu;
