@@ -24,3 +24,4 @@ cargo test --workspace
 python3 -m pytest -q tests/qmp
 
 bash tests/guest/e2e.sh target/debug/vhost-user-blkd
+bash tests/guest/inflight.sh target/debug/vhost-user-blkd

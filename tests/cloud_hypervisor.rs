@@ -22,8 +22,8 @@
 //!   read from guest memory), SET_VRING_CALL, SET_VRING_KICK, and only then
 //!   SET_VRING_ENABLE 1 for each queue. No SET_BACKEND_REQ_FD for block
 //!   devices. GET_INFLIGHT_FD + SET_INFLIGHT_FD after the SET_VRING_NUMs
-//!   only when the backend offers INFLIGHT_SHMFD (neither we nor
-//!   qemu-storage-daemon 7.2 do, so that branch is replayed but not run).
+//!   only when the backend offers INFLIGHT_SHMFD (we do; qemu-storage-daemon
+//!   7.2 does not).
 //! - memory hotplug: ADD_MEM_REG (CONFIGURE_MEM_SLOTS acked).
 //! - reset (guest reboot): SET_VRING_ENABLE 0 and GET_VRING_BASE per queue;
 //!   the next activation repeats `setup_vhost_user` on the same connection.
@@ -162,6 +162,9 @@ struct ChvBlk {
     acked_protocol_features: VhostUserProtocolFeatures,
     /// The config space the guest reads (cached at creation).
     config: Vec<u8>,
+    /// The inflight buffer, got once and set back at every activation and
+    /// reconnection (the device's `inflight`).
+    inflight: std::cell::RefCell<Option<(VhostUserInflight, std::fs::File)>>,
 }
 
 /// `connect_vhost_user` in client mode: retries every 100 ms while the
@@ -237,6 +240,7 @@ fn chv_blk_new(socket: &Path, num_queues: usize) -> (Frontend, ChvBlk) {
             backend_features,
             acked_protocol_features: acked_pf,
             config,
+            inflight: std::cell::RefCell::new(None),
         },
     )
 }
@@ -320,20 +324,26 @@ fn chv_setup_vhost_user(
     for (i, q) in queues.iter().enumerate() {
         vu.set_vring_num(i, q.size).expect("SET_VRING_NUM");
     }
-    // Inflight tracking when the backend offers it (we do not, nor does
-    // qemu-storage-daemon 7.2): GET_INFLIGHT_FD once, then SET_INFLIGHT_FD.
+    // Inflight tracking when the backend offers it (we do;
+    // qemu-storage-daemon 7.2 does not): GET_INFLIGHT_FD the first time,
+    // then SET_INFLIGHT_FD with the buffer kept, here and after a
+    // reconnection.
     if dev
         .acked_protocol_features
         .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
     {
-        let req = VhostUserInflight {
-            mmap_size: 0,
-            mmap_offset: 0,
-            num_queues: queues.len() as u16,
-            queue_size: queues[0].size,
-        };
-        let (info, fd) = vu.get_inflight_fd(&req).expect("GET_INFLIGHT_FD");
-        vu.set_inflight_fd(&info, fd.as_raw_fd())
+        let mut kept = dev.inflight.borrow_mut();
+        if kept.is_none() {
+            let req = VhostUserInflight {
+                mmap_size: 0,
+                mmap_offset: 0,
+                num_queues: queues.len() as u16,
+                queue_size: queues[0].size,
+            };
+            *kept = Some(vu.get_inflight_fd(&req).expect("GET_INFLIGHT_FD"));
+        }
+        let (info, fd) = kept.as_ref().unwrap();
+        vu.set_inflight_fd(info, fd.as_raw_fd())
             .expect("SET_INFLIGHT_FD");
     }
     for (i, q) in queues.iter().enumerate() {
@@ -376,6 +386,7 @@ fn chv_boot(socket: &Path, num_queues: usize) -> (Vm, ChvBlk) {
         event_idx: acked & F_EVENT_IDX != 0,
         regions: vec![(0, LOW_RAM), (HIGH_RAM_GPA, HIGH_RAM)],
         backend_channel: false,
+        inflight: false,
     };
     let memfd = files.into_iter().next().unwrap();
     (Vm::from_parts(mem, vu, queues, acked, opts, memfd), dev)
@@ -431,14 +442,15 @@ fn chv_creation_negotiates_what_cloud_hypervisor_expects() {
         want & !dev.avail_features
     );
     assert_eq!(dev.avail_features & BLK_F_RO, 0, "writable export");
-    // No inflight fd, no dirty log, no device state: the backend does not
-    // offer them, and cloud-hypervisor then does without.
+    // No dirty log, no device state: the backend does not offer them, and
+    // cloud-hypervisor then does without; inflight tracking it takes.
     assert_eq!(
         dev.acked_protocol_features,
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     );
     // The config as the guest sees it: capacity, blk_size, num_queues,
     // discard and write-zeroes limits non-zero (the guest driver turns
@@ -580,6 +592,19 @@ fn chv_reconnects_to_a_restarted_daemon() {
     // The daemon is restarted (upgrade, crash, systemd restart).
     assert!(d.terminate().success());
     wait_hup(vm.frontend.as_raw_fd());
+    // The guest queues a write while no daemon runs. cloud-hypervisor
+    // then sends the avail index, past it, as the base: the daemon starts
+    // after what it had taken instead (the inflight buffer), so it runs.
+    let late = pattern(9, 4096);
+    let h = vm.write_header(T_OUT, 3000);
+    let buf = vm.alloc(4096);
+    vm.mem.write_slice(&late, buf).unwrap();
+    let st = vm.status_buf();
+    let late_head = vm.queues[0].add_chain(
+        &vm.mem,
+        &[Desc::r(h, 16), Desc::r(buf, 4096), Desc::w(st, 1)],
+    );
+    vm.queues[0].kick();
     // Meanwhile cloud-hypervisor's first attempts fail, retryably.
     match Frontend::connect(&d.socket, 2) {
         Err(vhost::Error::VhostUserProtocol(vhost::vhost_user::Error::SocketConnect(e))) => {
@@ -622,11 +647,23 @@ fn chv_reconnects_to_a_restarted_daemon() {
     vu.set_protocol_features(dev.acked_protocol_features)
         .expect("SET_PROTOCOL_FEATURES");
     vu.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-    // IN_ORDER was not acked (we do not offer it) and there is no inflight
-    // fd: the bases are the avail indexes in guest memory.
+    // IN_ORDER was not acked (we do not offer it): the bases are the avail
+    // indexes in guest memory, and the inflight buffer kept is set back
+    // (the daemon starts each ring after what it had taken: nothing here,
+    // the daemon was stopped with SIGTERM).
     assert_eq!(acked & F_IN_ORDER, 0);
     chv_setup_vhost_user(&mut vu, &dev, &vm.mem, &vm.queues, acked);
     vm.frontend = vu;
+    let used = vm.queues[0].wait_used(&vm.mem, 1, Duration::from_secs(10));
+    assert_eq!(
+        used.len(),
+        1,
+        "the write queued while no daemon ran completes"
+    );
+    assert_eq!(used[0].id, u32::from(late_head));
+    assert_eq!(vm.status_at(st), S_OK);
+    vm.reset_alloc();
+    check_image(&d.image(), 3000 * 512, &late);
 
     // The guest carries on where it was, on the same rings.
     check_read(&mut vm, 1, 64, &a);

@@ -13,6 +13,10 @@
 #   --script FILE      script run in the guest as /test.sh by /bin/sh (dash;
 #                      no bash in the guest), cwd /tmp (a tmpfs)
 #   --num-queues N     virtqueues per disk (default: QEMU's, = vCPUs)
+#   --reconnect SECS   reconnect= on the vhost-user chardevs: QEMU retries
+#                      every SECS when the backend goes away, and the guest
+#                      waits for it (default: none; the device then stays
+#                      without a backend)
 #   --mem SIZE         guest RAM, e.g. 512M, 1G (default 512M)
 #   --smp N            vCPUs (default 2)
 #   --timeout SECS     kill QEMU and fail after SECS (default 300)
@@ -45,6 +49,7 @@ files=()
 qemu_extra=()
 script=""
 num_queues=""
+reconnect=""
 mem=512M
 smp=2
 timeout=300
@@ -59,6 +64,7 @@ while [ "$#" -gt 0 ]; do
         --socket) need_arg "$@"; sockets+=("$2"); shift 2 ;;
         --script) need_arg "$@"; script=$2; shift 2 ;;
         --num-queues) need_arg "$@"; num_queues=$2; shift 2 ;;
+        --reconnect) need_arg "$@"; reconnect=$2; shift 2 ;;
         --mem) need_arg "$@"; mem=$2; shift 2 ;;
         --smp) need_arg "$@"; smp=$2; shift 2 ;;
         --timeout) need_arg "$@"; timeout=$2; shift 2 ;;
@@ -78,6 +84,7 @@ done
 [[ "$timeout" =~ ^[1-9][0-9]*$ ]] || die "--timeout must be a positive integer, got '$timeout'"
 [[ "$smp" =~ ^[0-9]+$ ]] || die "--smp must be an integer, got '$smp'"
 [ -z "$num_queues" ] || [[ "$num_queues" =~ ^[0-9]+$ ]] || die "--num-queues must be an integer, got '$num_queues'"
+[ -z "$reconnect" ] || [[ "$reconnect" =~ ^[1-9][0-9]*$ ]] || die "--reconnect must be a positive integer, got '$reconnect'"
 [[ "$mem" =~ ^([0-9]+)([MGmg]?)$ ]] || die "--mem must look like 512M or 1G, got '$mem'"
 mem_mib=${BASH_REMATCH[1]}
 [[ "${BASH_REMATCH[2]}" == [Gg] ]] && mem_mib=$((mem_mib * 1024))
@@ -169,7 +176,9 @@ i=0
 for s in ${sockets[@]+"${sockets[@]}"}; do
     dev="vhost-user-blk-pci,chardev=vub$i"
     [ -z "$num_queues" ] || dev="$dev,num-queues=$num_queues"
-    args+=(-chardev "socket,id=vub$i,path=$s" -device "$dev")
+    chardev="socket,id=vub$i,path=$s"
+    [ -z "$reconnect" ] || chardev="$chardev,reconnect=$reconnect"
+    args+=(-chardev "$chardev" -device "$dev")
     i=$((i + 1))
 done
 args+=(${qemu_extra[@]+"${qemu_extra[@]}"})

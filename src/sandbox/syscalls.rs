@@ -246,6 +246,9 @@ pub const VHOST_USER: &[Syscall] = &[
     sys!(SYS_io_uring_register),
     sys!(SYS_dup),
     sys!(SYS_dup3),
+    // GET_INFLIGHT_FD: the inflight buffer is a sealed memfd (ftruncate,
+    // fcntl F_ADD_SEALS and the shared mmap are in IO and BASE).
+    sys!(SYS_memfd_create),
     // The backend channel is found among this process's descriptors.
     sys!(SYS_openat),
     sys!(SYS_getdents64),

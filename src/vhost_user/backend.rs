@@ -2,11 +2,12 @@
 //! config space, drain on GET_VRING_BASE / RESET_DEVICE, memory updates;
 //! queue events go to the iothread (worker.rs).
 
+use std::fs::File;
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
 use vhost::vhost_user::Backend;
 use vhost_user_backend::VhostUserBackend;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
@@ -16,6 +17,7 @@ use vmm_sys_util::event::{
 };
 
 use super::connection::{VhostUserBlk, Vring, DRAIN_TIMEOUT};
+use super::inflight::Region;
 use super::notify::ConfigNotifier;
 use super::worker;
 use crate::config::ExportConfig;
@@ -84,6 +86,35 @@ impl VhostUserBackend for VhostUserBlk {
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::RESET_DEVICE
             | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+    }
+
+    fn get_inflight_fd(&self, msg: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {
+        let c = &self.export.config;
+        let (region, reply) = Region::create(msg, c.num_queues, c.queue_size).map_err(|e| {
+            log::warn!("export {}: GET_INFLIGHT_FD refused: {e}", c.id);
+            io::Error::from(e)
+        })?;
+        let file = region.file().try_clone()?;
+        log::debug!(
+            "export {}: inflight buffer of {} bytes for {} queues of {}",
+            c.id,
+            reply.mmap_size,
+            reply.num_queues,
+            reply.queue_size
+        );
+        self.set_inflight(region);
+        Ok((reply, file))
+    }
+
+    fn set_inflight_fd(&self, msg: &VhostUserInflight, file: File) -> io::Result<()> {
+        let c = &self.export.config;
+        let region = Region::open(msg, file, c.num_queues, c.queue_size).map_err(|e| {
+            log::warn!("export {}: SET_INFLIGHT_FD refused: {e}", c.id);
+            io::Error::from(e)
+        })?;
+        self.set_inflight(region);
+        Ok(())
     }
 
     fn reset_device(&self) {

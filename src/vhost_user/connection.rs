@@ -7,7 +7,7 @@
 //! vring's own lock, which is per queue.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::export::ExportState;
+use super::inflight::Region;
 use super::sigbus;
 use crate::block::DrainCounter;
 use crate::io::{EngineKind, PreparedRing};
@@ -59,6 +60,11 @@ pub struct VhostUserBlk {
     shutdown: Mutex<Option<ShutdownHandle>>,
     /// The connection must end, but had no shutdown handle yet.
     end_pending: AtomicBool,
+    /// The inflight buffer (GET/SET_INFLIGHT_FD), if the frontend set one.
+    pub(super) inflight: Mutex<Option<Arc<Region>>>,
+    /// Bumped when `inflight` changes: the iothreads then take the new
+    /// buffer and look at their queues' regions before popping.
+    pub(super) inflight_gen: AtomicU32,
 }
 
 impl VhostUserBlk {
@@ -108,6 +114,8 @@ impl VhostUserBlk {
             accepted: Mutex::new(None),
             shutdown: Mutex::new(None),
             end_pending: AtomicBool::new(false),
+            inflight: Mutex::new(None),
+            inflight_gen: AtomicU32::new(0),
         })
     }
 
@@ -295,6 +303,12 @@ impl VhostUserBlk {
             }
         }
         ok
+    }
+
+    /// Installs the inflight buffer the iothreads track requests in.
+    pub(super) fn set_inflight(&self, region: Region) {
+        *self.inflight.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(region));
+        self.inflight_gen.fetch_add(1, Ordering::AcqRel);
     }
 
     pub(super) fn set_writeback(&self, on: bool) {

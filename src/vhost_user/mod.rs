@@ -10,6 +10,8 @@
 //!               stop policy's parking, counters, device parameters
 //!   worker.rs   the iothread: pop chains, run request tasks on its
 //!               io_uring, fill the used ring, notify once per batch
+//!   inflight.rs the inflight buffer (INFLIGHT_SHMFD): which requests a
+//!               restarted daemon resubmits, in which order
 //!   sigbus.rs   guest memory checked against its file at map time, and
 //!               SIGBUS in guest memory survived (that connection ends)
 //! ```
@@ -17,6 +19,7 @@
 mod backend;
 mod connection;
 mod export;
+pub mod inflight;
 mod notify;
 mod server;
 pub mod sigbus;

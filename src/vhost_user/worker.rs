@@ -31,6 +31,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::connection::{VhostUserBlk, Vring};
 use super::export::ExportState;
+use super::inflight::Tracker;
 use crate::block::policy::ErrorAction;
 use crate::io::{self as aio, Executor, IoCtx};
 use crate::virtio_blk::{self, guest, GuestMem, Parsed};
@@ -227,6 +228,13 @@ struct Worker {
     /// an atomic reference count.
     #[allow(clippy::redundant_allocation)]
     poisoned: Rc<Arc<AtomicBool>>,
+    /// The connection's inflight buffer generation these trackers are of.
+    inflight_gen: u32,
+    /// Each vring's region of the inflight buffer, if the frontend set one.
+    trackers: Vec<Option<Tracker>>,
+    /// Vrings whose region has not been looked at since it was set: done
+    /// before their first pop (resubmitting what a restart left).
+    recover: Vec<bool>,
 }
 
 thread_local! {
@@ -272,6 +280,8 @@ impl Worker {
             .unwrap_or(0);
         let queues: Vec<u16> = (0..64u16).filter(|q| mask & (1 << q) != 0).collect();
         let heads = queues.iter().map(|_| HeadSet::new()).collect();
+        let trackers = queues.iter().map(|_| None).collect();
+        let recover = vec![false; queues.len()];
         log::debug!(
             "export {}: iothread {thread_id} serves queues {queues:?} with {:?}",
             blk.export.config.id,
@@ -290,6 +300,86 @@ impl Worker {
             queues,
             heads,
             poisoned: Rc::new(blk.poison_flag()),
+            inflight_gen: 0,
+            trackers,
+            recover,
+        }
+    }
+
+    /// Takes the connection's inflight buffer if it changed.
+    fn sync_inflight(&mut self, blk: &VhostUserBlk) {
+        let gen = blk.inflight_gen.load(Ordering::Acquire);
+        if gen == self.inflight_gen {
+            return;
+        }
+        self.inflight_gen = gen;
+        let region = blk
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for (local, &queue) in self.queues.iter().enumerate() {
+            self.trackers[local] = region.as_ref().and_then(|r| r.queue(queue));
+            self.recover[local] = self.trackers[local].is_some();
+        }
+    }
+
+    /// The first look at vring `local`'s inflight region: requests a
+    /// restart left in flight are resubmitted in the order they were first
+    /// popped, and the next avail index is set past them.
+    fn recover_queue(
+        &mut self,
+        blk: &VhostUserBlk,
+        local: usize,
+        queue: u16,
+        limits: &virtio_blk::Limits,
+        state: &mut VringState<GuestMemoryAtomic<GuestMem>>,
+    ) {
+        self.recover[local] = false;
+        let Some(mem) = blk.memory() else {
+            return;
+        };
+        let id = &blk.export.config.id;
+        let q = state.get_queue();
+        let size = q.size();
+        let Some(t) = self.trackers[local].as_mut() else {
+            return;
+        };
+        if size > t.desc_num() {
+            log::warn!(
+                "export {id}: queue {queue} of size {size} has an inflight region for {} \
+                 entries; not tracked",
+                t.desc_num()
+            );
+            self.trackers[local] = None;
+            return;
+        }
+        let used = match q.used_idx(&*mem, Ordering::Acquire) {
+            Ok(u) => u.0,
+            Err(e) => {
+                log::debug!("queue {queue}: cannot read the used index: {e}");
+                return;
+            }
+        };
+        let rec = t.recover(used, size);
+        if !rec.resumed {
+            return;
+        }
+        // At most `size` heads (a u16).
+        let n = u16::try_from(rec.heads.len()).unwrap_or(u16::MAX);
+        let said = q.next_avail();
+        let next = used.wrapping_add(n);
+        state.get_queue_mut().set_next_avail(next);
+        if n > 0 || rec.last_batch > 0 || said != next {
+            log::info!(
+                "export {id}: queue {queue} resumes from the inflight buffer: {n} requests \
+                 resubmitted, {} found returned, avail index {next} (the frontend said {said})",
+                rec.last_batch
+            );
+        }
+        let (table, qsize) = (state.get_queue().desc_table(), size);
+        for head in rec.heads {
+            self.start_chain(blk, local, queue, &mem, table, qsize, head, limits, false);
         }
     }
 
@@ -310,6 +400,10 @@ impl Worker {
         let mut state = vring.get_mut();
         if !state.is_enabled() || !state.get_queue().ready() {
             return false;
+        }
+        self.sync_inflight(blk);
+        if self.recover[local] {
+            self.recover_queue(blk, local, queue, &limits, &mut state);
         }
         let event_idx = state.get_queue().event_idx_enabled();
         let mut budget = if self.signal.early { EARLY } else { usize::MAX };
@@ -439,7 +533,7 @@ impl Worker {
             for _ in 0..take {
                 let head = rings.avail_head(next);
                 next = next.wrapping_add(1);
-                self.start_chain(blk, local, queue, &mem, table, size, head, limits);
+                self.start_chain(blk, local, queue, &mem, table, size, head, limits, true);
             }
             state.get_queue_mut().set_next_avail(next);
             return true;
@@ -456,12 +550,14 @@ impl Worker {
         };
         for chain in iter.take(take) {
             let head = chain.head_index();
-            self.start_chain(blk, local, queue, &mem, table, size, head, limits);
+            self.start_chain(blk, local, queue, &mem, table, size, head, limits, true);
         }
         true
     }
 
-    /// Parses and starts the chain at `head`, unless it is already in flight.
+    /// Parses and starts the chain at `head`, unless it is already in flight;
+    /// with `track`, marks it in flight in the inflight buffer (a
+    /// resubmitted head is marked already).
     #[allow(clippy::too_many_arguments)]
     fn start_chain(
         &mut self,
@@ -473,10 +569,16 @@ impl Worker {
         size: u16,
         head: u16,
         limits: &virtio_blk::Limits,
+        track: bool,
     ) {
         if !self.heads[local].insert(head) {
             log::debug!("queue {queue}: head {head} made available while in flight; ignored");
             return;
+        }
+        if track {
+            if let Some(t) = self.trackers[local].as_mut() {
+                t.popped(head);
+            }
         }
         blk.queues[usize::from(queue)].inc();
         blk.export.in_flight().inc();
@@ -596,7 +698,13 @@ impl Worker {
             let Some(vring) = vrings.get(local) else {
                 continue;
             };
-            return_used(blk, &mut vring.get_mut(), queue, &done);
+            return_used(
+                blk,
+                &mut vring.get_mut(),
+                queue,
+                &done,
+                self.trackers[local].as_ref(),
+            );
             let mut n = 0;
             for c in done.iter().filter(|c| c.queue == queue) {
                 n += 1;
@@ -614,11 +722,14 @@ impl Worker {
 
 /// Puts `done`'s completions of `queue` on its used ring, publishes them
 /// with one store of the used index, and notifies the guest if it asked.
+/// With an inflight region, they are linked as its last batch before the
+/// index is published and cleared after.
 fn return_used(
     blk: &VhostUserBlk,
     state: &mut VringState<GuestMemoryAtomic<GuestMem>>,
     queue: u16,
     done: &[Completion],
+    tracker: Option<&Tracker>,
 ) {
     let q = state.get_queue();
     let size = q.size();
@@ -643,9 +754,15 @@ fn return_used(
         .as_ref()
         .and_then(|m| guest::Rings::map(m, q.avail_ring(), q.used_ring(), size));
     let Some(rings) = rings else {
+        // add_used publishes each one: batches of one.
         for c in mine() {
+            if let Some(t) = tracker {
+                t.batch(std::iter::once(c.head));
+            }
             if let Err(e) = state.add_used(c.head, c.len) {
                 log::debug!("queue {queue}: cannot return head {}: {e}", c.head);
+            } else if let Some(t) = tracker {
+                t.returned(std::iter::once(c.head), state.get_queue().next_used());
             }
         }
         notify(state, queue);
@@ -661,7 +778,13 @@ fn return_used(
     if next == old {
         return;
     }
+    if let Some(t) = tracker {
+        t.batch(mine().map(|c| c.head));
+    }
     rings.publish_used(next);
+    if let Some(t) = tracker {
+        t.returned(mine().map(|c| c.head), next);
+    }
     state.get_queue_mut().set_next_used(next);
     if !event_idx || rings.needs_event(old, next) {
         if let Err(e) = state.signal_used_queue() {

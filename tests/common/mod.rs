@@ -19,7 +19,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -253,6 +255,9 @@ pub struct VmOptions {
     pub regions: Vec<(u64, u64)>,
     /// Give the daemon a backend request channel (SET_BACKEND_REQ_FD).
     pub backend_channel: bool,
+    /// Negotiate INFLIGHT_SHMFD when the daemon offers it, and get and set
+    /// an inflight buffer as QEMU's vhost-user-blk does.
+    pub inflight: bool,
 }
 
 impl Default for VmOptions {
@@ -263,6 +268,7 @@ impl Default for VmOptions {
             event_idx: false,
             regions: vec![(0, MEM_SIZE)],
             backend_channel: false,
+            inflight: false,
         }
     }
 }
@@ -276,6 +282,9 @@ pub struct Vm {
     pub opts: VmOptions,
     /// Our end of the backend request channel, if any.
     pub backend_channel: Option<std::os::unix::net::UnixStream>,
+    /// The inflight buffer the daemon gave (GET_INFLIGHT_FD), kept across
+    /// reconnections as QEMU keeps it.
+    pub inflight: Option<(VhostUserInflight, File)>,
     memfd: File,
     next_buf: u64,
 }
@@ -299,6 +308,57 @@ impl Vm {
             offset += size;
         }
         let mem = GuestMemoryMmap::<()>::from_ranges_with_files(ranges).expect("guest memory");
+        let (mut frontend, features) = Vm::handshake(socket, &opts, &mem, &file)?;
+        let inflight = if opts.inflight
+            && frontend
+                .get_protocol_features()?
+                .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+        {
+            // As QEMU's vhost_user_blk_start: a fresh buffer, set back.
+            let want = VhostUserInflight {
+                mmap_size: 0,
+                mmap_offset: 0,
+                num_queues: opts.num_queues as u16,
+                queue_size: opts.queue_size,
+            };
+            let (info, f) = frontend.get_inflight_fd(&want)?;
+            frontend.set_inflight_fd(&info, f.as_raw_fd())?;
+            Some((info, f))
+        } else {
+            None
+        };
+        let backend_channel = if opts.backend_channel {
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+            frontend.set_backend_request_fd(&theirs)?;
+            Some(ours)
+        } else {
+            None
+        };
+        let mut vm = Vm {
+            mem,
+            frontend,
+            queues: Vec::new(),
+            features,
+            opts: opts.clone(),
+            backend_channel,
+            inflight,
+            memfd: file,
+            next_buf: DATA_BASE,
+        };
+        for q in 0..opts.num_queues {
+            vm.setup_queue(q)?;
+        }
+        Ok(vm)
+    }
+
+    /// Connects and negotiates as the VMM does, up to the memory table;
+    /// returns the frontend and the features set.
+    fn handshake(
+        socket: &Path,
+        opts: &VmOptions,
+        mem: &GuestMemoryMmap<()>,
+        file: &File,
+    ) -> Result<(Frontend, u64), vhost::Error> {
         let mut frontend = Frontend::connect(socket, opts.num_queues as u64)?;
         frontend.set_owner()?;
         let offered = frontend.get_features()?;
@@ -320,12 +380,15 @@ impl Vm {
         }
         let features = offered & wanted;
         let pf = frontend.get_protocol_features()?;
-        let want_pf = VhostUserProtocolFeatures::MQ
+        let mut want_pf = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::RESET_DEVICE
             | VhostUserProtocolFeatures::BACKEND_REQ;
+        if opts.inflight {
+            want_pf |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+        }
         frontend.set_protocol_features(pf & want_pf)?;
         // Ask for a reply to every message (REPLY_ACK), as QEMU does for
         // memory updates: a call returns once the daemon has applied it.
@@ -344,27 +407,28 @@ impl Vm {
             offset += size;
         }
         frontend.set_mem_table(&regions)?;
-        let backend_channel = if opts.backend_channel {
-            let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
-            frontend.set_backend_request_fd(&theirs)?;
-            Some(ours)
-        } else {
-            None
-        };
-        let mut vm = Vm {
-            mem,
-            frontend,
-            queues: Vec::new(),
-            features,
-            opts: opts.clone(),
-            backend_channel,
-            memfd: file,
-            next_buf: DATA_BASE,
-        };
-        for q in 0..opts.num_queues {
-            vm.setup_queue(q)?;
+        Ok((frontend, features))
+    }
+
+    /// Reconnects to a daemon restarted on `socket` after the previous one
+    /// died, as QEMU does with `reconnect=`: same guest memory and rings,
+    /// the inflight buffer set back, and each vring's base at its used
+    /// index (QEMU's fallback when GET_VRING_BASE could not be answered).
+    pub fn reconnect(&mut self, socket: &Path) -> Result<(), vhost::Error> {
+        let (mut frontend, features) = Vm::handshake(socket, &self.opts, &self.mem, &self.memfd)?;
+        assert_eq!(
+            features, self.features,
+            "the restarted daemon offers the same features"
+        );
+        if let Some((info, f)) = &self.inflight {
+            frontend.set_inflight_fd(info, f.as_raw_fd())?;
         }
-        Ok(vm)
+        self.frontend = frontend;
+        for q in 0..self.opts.num_queues {
+            let base = self.queues[q].used_idx(&self.mem);
+            self.start_queue(q, base)?;
+        }
+        Ok(())
     }
 
     fn hva(&self, gpa: u64) -> u64 {
@@ -382,6 +446,24 @@ impl Vm {
             self.features & VIRTIO_RING_F_EVENT_IDX != 0,
         );
         vq.init(&self.mem);
+        if q < self.queues.len() {
+            self.queues[q] = vq;
+        } else {
+            self.queues.push(vq);
+        }
+        self.start_queue(q, 0)
+    }
+
+    /// Hands vring `q` (set up in guest memory) to the daemon, from avail
+    /// index `base`.
+    fn start_queue(&mut self, q: usize, base: u16) -> Result<(), vhost::Error> {
+        let size = self.opts.queue_size;
+        let vq = &self.queues[q];
+        let (desc, used, avail) = (
+            self.hva(vq.desc.0),
+            self.hva(vq.used.0),
+            self.hva(vq.avail.0),
+        );
         self.frontend.set_vring_num(q, size)?;
         self.frontend.set_vring_addr(
             q,
@@ -389,21 +471,17 @@ impl Vm {
                 queue_max_size: size,
                 queue_size: size,
                 flags: 0,
-                desc_table_addr: self.hva(vq.desc.0),
-                used_ring_addr: self.hva(vq.used.0),
-                avail_ring_addr: self.hva(vq.avail.0),
+                desc_table_addr: desc,
+                used_ring_addr: used,
+                avail_ring_addr: avail,
                 log_addr: None,
             },
         )?;
-        self.frontend.set_vring_base(q, 0)?;
+        self.frontend.set_vring_base(q, base)?;
+        let vq = &self.queues[q];
         self.frontend.set_vring_call(q, &vq.call)?;
         self.frontend.set_vring_kick(q, &vq.kick)?;
         self.frontend.set_vring_enable(q, true)?;
-        if q < self.queues.len() {
-            self.queues[q] = vq;
-        } else {
-            self.queues.push(vq);
-        }
         Ok(())
     }
 
@@ -593,6 +671,7 @@ impl Vm {
             features,
             opts,
             backend_channel: None,
+            inflight: None,
             memfd,
             next_buf: DATA_BASE,
         }

@@ -24,8 +24,8 @@ use std::ops::Deref;
 use std::sync::{Arc, Mutex, RwLock};
 
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
-    VhostUserShMemConfig, VhostUserSharedMsg,
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserInflight,
+    VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
 };
 use vhost::vhost_user::Backend;
 use vm_memory::bitmap::Bitmap;
@@ -203,6 +203,30 @@ pub trait VhostUserBackend: Send + Sync {
             "back end does not support shared memory regions",
         ))
     }
+
+    /// Allocate the shared buffer in which the back-end tracks inflight I/O
+    /// (VHOST_USER_GET_INFLIGHT_FD). `inflight` holds the frontend's number
+    /// of queues and queue size; the reply describes the buffer (its
+    /// `mmap_size` and `mmap_offset` in the returned file). Only sent when
+    /// the back-end offered VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD; the layout
+    /// of the buffer is the back-end's (the spec's "Inflight I/O tracking"),
+    /// the frontend only keeps it and hands it back with SET_INFLIGHT_FD.
+    fn get_inflight_fd(&self, _inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support inflight I/O tracking",
+        ))
+    }
+
+    /// Use the inflight buffer the frontend kept (VHOST_USER_SET_INFLIGHT_FD),
+    /// e.g. after the back-end restarted: requests it marks in flight are
+    /// resubmitted before new ones are taken. Sent before the rings start.
+    fn set_inflight_fd(&self, _inflight: &VhostUserInflight, _file: File) -> Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support inflight I/O tracking",
+        ))
+    }
 }
 
 /// Trait without interior mutability for vhost user backend servers to implement concrete services.
@@ -361,6 +385,25 @@ pub trait VhostUserBackendMut: Send + Sync {
             "back end does not support shared memory regions",
         ))
     }
+
+    /// See [`VhostUserBackend::get_inflight_fd`].
+    fn get_inflight_fd(
+        &mut self,
+        _inflight: &VhostUserInflight,
+    ) -> Result<(VhostUserInflight, File)> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support inflight I/O tracking",
+        ))
+    }
+
+    /// See [`VhostUserBackend::set_inflight_fd`].
+    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support inflight I/O tracking",
+        ))
+    }
 }
 
 impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
@@ -462,6 +505,14 @@ impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
     fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {
         self.deref().get_shmem_config()
     }
+
+    fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        self.deref().get_inflight_fd(inflight)
+    }
+
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        self.deref().set_inflight_fd(inflight, file)
+    }
 }
 
 impl<T: VhostUserBackendMut> VhostUserBackend for Mutex<T> {
@@ -561,6 +612,14 @@ impl<T: VhostUserBackendMut> VhostUserBackend for Mutex<T> {
 
     fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {
         self.lock().unwrap().get_shmem_config()
+    }
+
+    fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        self.lock().unwrap().get_inflight_fd(inflight)
+    }
+
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        self.lock().unwrap().set_inflight_fd(inflight, file)
     }
 }
 
@@ -662,6 +721,14 @@ impl<T: VhostUserBackendMut> VhostUserBackend for RwLock<T> {
     fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {
         self.read().unwrap().get_shmem_config()
     }
+
+    fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        self.write().unwrap().get_inflight_fd(inflight)
+    }
+
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        self.write().unwrap().set_inflight_fd(inflight, file)
+    }
 }
 
 #[cfg(test)]
@@ -679,6 +746,7 @@ pub mod tests {
         acked_features: u64,
         exit_event_fds: Vec<(EventConsumer, EventNotifier)>,
         stop_calls: usize,
+        inflight_sets: usize,
     }
 
     impl MockVhostBackend {
@@ -689,6 +757,7 @@ pub mod tests {
                 acked_features: 0,
                 exit_event_fds: vec![],
                 stop_calls: 0,
+                inflight_sets: 0,
             };
 
             // Create a event_fd for each thread. We make it NONBLOCKing in
@@ -719,6 +788,10 @@ pub mod tests {
 
         pub fn stop_calls(&self) -> usize {
             self.stop_calls
+        }
+
+        pub fn inflight_sets(&self) -> usize {
+            self.inflight_sets
         }
     }
 
@@ -793,6 +866,21 @@ pub mod tests {
                     r.try_clone().expect("Failed to clone EventNotifier"),
                 )
             })
+        }
+
+        fn get_inflight_fd(
+            &mut self,
+            inflight: &VhostUserInflight,
+        ) -> Result<(VhostUserInflight, File)> {
+            let file = tempfile::tempfile().unwrap();
+            file.set_len(4096).unwrap();
+            let reply = VhostUserInflight::new(4096, 0, inflight.num_queues, inflight.queue_size);
+            Ok((reply, file))
+        }
+
+        fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> Result<()> {
+            self.inflight_sets += 1;
+            Ok(())
         }
 
         fn stop_vring(&mut self, _queue_index: u32) -> Result<()> {

@@ -662,20 +662,23 @@ where
 
     fn get_inflight_fd(
         &mut self,
-        _inflight: &vhost::vhost_user::message::VhostUserInflight,
+        inflight: &vhost::vhost_user::message::VhostUserInflight,
     ) -> VhostUserResult<(vhost::vhost_user::message::VhostUserInflight, File)> {
-        // Assume the backend hasn't negotiated the inflight feature; it
-        // wouldn't be correct for the backend to do so, as we don't (yet)
-        // provide a way for it to handle such requests.
-        Err(VhostUserError::InvalidOperation("not supported"))
+        // The vhost crate only passes this on when INFLIGHT_SHMFD was
+        // negotiated; the buffer's layout and use are the back-end's.
+        self.backend
+            .get_inflight_fd(inflight)
+            .map_err(VhostUserError::ReqHandlerError)
     }
 
     fn set_inflight_fd(
         &mut self,
-        _inflight: &vhost::vhost_user::message::VhostUserInflight,
-        _file: File,
+        inflight: &vhost::vhost_user::message::VhostUserInflight,
+        file: File,
     ) -> VhostUserResult<()> {
-        Err(VhostUserError::InvalidOperation("not supported"))
+        self.backend
+            .set_inflight_fd(inflight, file)
+            .map_err(VhostUserError::ReqHandlerError)
     }
 
     fn get_max_mem_slots(&mut self) -> VhostUserResult<u64> {
@@ -1027,6 +1030,24 @@ mod tests {
                 .unwrap_err();
             assert!(e.to_string().contains("ends beyond 2^64"), "{e}");
         }
+    }
+
+    #[test]
+    fn test_inflight_fd_forwarded_to_the_backend() {
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0x100000), 0x10000)]).unwrap(),
+        );
+        let backend = Arc::new(Mutex::new(MockVhostBackend::new()));
+        let mut handler = VhostUserHandler::new(backend.clone(), mem).unwrap();
+        let want = vhost::vhost_user::message::VhostUserInflight::new(0, 0, 2, 256);
+        let (reply, file) = handler.get_inflight_fd(&want).unwrap();
+        assert_eq!(
+            (reply.mmap_size, reply.num_queues, reply.queue_size),
+            (4096, 2, 256)
+        );
+        handler.set_inflight_fd(&reply, file).unwrap();
+        assert_eq!(backend.lock().unwrap().inflight_sets(), 1);
+
     }
 
     #[test]
