@@ -523,7 +523,7 @@ def plot(path, samples, title):
         return False
     t = [s["t"] / 60 for s in samples]
     fig, ax = plt.subplots(3, 1, figsize=(8, 7), sharex=True)
-    for a, key, label in ((ax[0], "fds", "open descriptors"), (ax[1], "threads", "threads"),
+    for a, key, label in ((ax[0], "fds", "open descriptors"), (ax[1], "threads", "threads (without\nio_uring workers)"),
                           (ax[2], "rss_kib", "VmRSS (MiB)")):
         v = [s[key] / 1024 if key == "rss_kib" else s[key] for s in samples]
         a.plot(t, v, marker=".")
