@@ -22,6 +22,7 @@ cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace --all-targets
 cargo test --workspace
 python3 -m pytest -q tests/qmp
+python3 scripts/soak.py --duration 60
 
 bash tests/guest/e2e.sh target/debug/vhost-user-blkd
 bash tests/guest/inflight.sh target/debug/vhost-user-blkd

@@ -533,6 +533,7 @@ fn start_mirror(
     m.on_target_error = errors.1;
     m.late_backing = backing_for_target.is_some();
     let to_replace = replaces.unwrap_or_else(|| m.source.clone());
+    let replaced = to_replace.clone();
     let pivot = pivot_to(to_replace, backing_for_target);
 
     if matches!(initial, Initial::All) {
@@ -541,7 +542,18 @@ fn start_mirror(
         job.progress(0, m.source.size());
     }
     let st = state.clone();
-    super::spawn(job, move |job| m.run(&st, job, initial, pivot));
+    super::spawn(job, move |job| {
+        let r = m.run(&st, job, initial, pivot);
+        let pivoted = r.is_ok() && job.state().complete_requested() && !job.is_cancelled();
+        drop(m);
+        if pivoted {
+            // The replaced image left the chain: one opened for its parents
+            // (a snapshot-sync overlay, a backing file) leaves the graph
+            // with them, as in QEMU; one the monitor added stays.
+            job.with_command_lock(&st, || super::stream::drop_nodes(&st, &[replaced]));
+        }
+        r
+    });
     Ok(())
 }
 

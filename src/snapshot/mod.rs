@@ -241,6 +241,19 @@ pub(crate) struct CreatedOverlay {
 }
 
 impl CreatedOverlay {
+    /// The snapshot happened: the overlay belongs to the parents it took
+    /// over, as in QEMU, where blockdev-snapshot-sync gives the new node
+    /// no monitor reference. It leaves the graph with its last parent (a
+    /// commit, stream or mirror that takes it out of the chain) instead of
+    /// staying open until a blockdev-del nobody sends. An overlay nobody
+    /// uses (a snapshot of a node without parents) stays the monitor's.
+    pub(crate) fn hand_to_parents(&self, state: &State) {
+        let mut graph = state.graph();
+        if graph.get(&self.node).is_ok_and(|n| !n.parents().is_empty()) {
+            graph.mark_implicit(&self.node);
+        }
+    }
+
     pub(crate) fn remove(&self, state: &State) {
         if let Err(e) = state.del_blockdev(&self.node) {
             log::warn!("snapshot: removing overlay node {}: {e}", self.node);

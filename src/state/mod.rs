@@ -74,14 +74,28 @@ pub struct State {
     iothreads: Mutex<BTreeMap<String, crate::config::IothreadOptions>>,
 }
 
+/// [`State::command_lock`]'s guard. The fields drop in this order: what
+/// the command replaced goes while the lock is still held.
+pub struct CommandGuard<'a> {
+    _retired: crate::block::swap::RetireScope,
+    _lock: MutexGuard<'a, ()>,
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl State {
-    /// The lock one monitor command holds while it runs.
-    pub fn command_lock(&self) -> MutexGuard<'_, ()> {
-        lock(&self.commands)
+    /// The lock one monitor command (or a job's graph change) holds
+    /// while it runs. Values that graph changes replace meanwhile (edges'
+    /// old nodes, a node's old backing edge) are dropped when it is
+    /// released (see `crate::block::swap`).
+    pub fn command_lock(&self) -> CommandGuard<'_> {
+        let lock = lock(&self.commands);
+        CommandGuard {
+            _retired: crate::block::swap::RetireScope::enter(),
+            _lock: lock,
+        }
     }
 
     /// An empty State. The subsystems that work on nodes register with

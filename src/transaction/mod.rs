@@ -315,6 +315,9 @@ pub fn transaction_with(
         return Err(plan.fail(state, &actions, i, e));
     }
     plan.announce(state);
+    for c in &plan.created {
+        c.hand_to_parents(state);
+    }
     Ok(())
 }
 
