@@ -3,9 +3,15 @@
 #   1. system packages the tests need (QEMU, qemu-storage-daemon, qemu-img,
 #      fio, busybox) -- installed only when missing;
 #   2. formatting and lints;
-#   3. unit and integration tests (frontend harness, hostile input, libblkio);
+#   3. unit and integration tests (frontend harness, hostile input, limits,
+#      sandbox, crash recovery, blkdebug fault injection, libblkio);
 #   4. the QMP monitor tests, driven by the qemu.qmp Python client;
-#   5. the QEMU guest end-to-end test (Linux guest under TCG running fio).
+#   5. the soak's 60-second version (scripts/soak.py; 10 minutes in
+#      docs/SOAK.md);
+#   6. the QEMU guest tests (Linux guest under TCG running fio): end to end,
+#      and crash recovery with the daemon killed 10 times under fio verify;
+#   7. the fuzz targets, each for a bounded time (scripts/fuzz.sh).
+# Every daemon runs sandboxed (the default).
 # Nothing is skipped: a missing tool is a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -115,7 +115,13 @@ resubmitted=$(sed -n 's/.*: \([0-9]*\) requests resubmitted.*/\1/p' "$work/daemo
 echo "kills: $done_kills, queue starts that resumed from the inflight buffer: $resumed, requests resubmitted: $resubmitted"
 host_check "the daemon was killed $kills times under the guest's fio" "[[ $done_kills -eq $kills ]]"
 host_check "guest checks passed (fio err=0, no I/O error)" "[[ $guest_rc -eq 0 ]]"
-host_check "requests in flight at a kill were resubmitted after the restart" "[[ $resubmitted -gt 0 ]]"
+# Whether a kill caught requests in flight depends on the guest's timing
+# under TCG (a loaded CI machine once caught none in 10 kills, with fio
+# verify clean): said, not judged. tests/inflight.rs proves resubmission
+# deterministically.
+if [[ $resubmitted -eq 0 ]]; then
+    echo "note: no kill caught a request in flight this time (nothing was resubmitted)"
+fi
 kill -TERM "$daemon_pid"
 rc=0
 wait "$daemon_pid" || rc=$?
