@@ -67,7 +67,8 @@ put("virtio_blk_request", "read-spanning-regions",
 # request, then stopping and resetting.
 UADDR = 0x7f00_0000_0000
 VERSION_1 = 1 << 32
-ALL_PROTO = 0x1 | 0x2 | 0x8 | 0x20 | 0x200 | 0x400 | 0x8000  # MQ, LOG, REPLY_ACK, BACKEND_REQ, CONFIG, ..., MEM_SLOTS
+# MQ, REPLY_ACK, BACKEND_REQ, CONFIG, RESET_DEVICE, CONFIGURE_MEM_SLOTS
+ALL_PROTO = 0x1 | 0x8 | 0x20 | 0x200 | 0x2000 | 0x8000
 
 
 def op(code, fmt="", *args):
@@ -79,7 +80,7 @@ def region(fd, gpa, size, uaddr, off=0):
 
 
 def bring_up(kind, proto=ALL_PROTO, add_reg=False):
-    s = op(2) + op(4) + op(3, "Q", VERSION_1 | (1 << 28) | (1 << 29))
+    s = op(2) + op(3, "Q", VERSION_1 | (1 << 30) | (1 << 28) | (1 << 29)) + op(4)
     s += op(5, "Q", proto) + op(0)
     if add_reg:
         s += op(7) + region(0, 0, 0x10000, UADDR)

@@ -8,6 +8,7 @@
 # fuzz/artifacts/<target>/. Prints, per target, libFuzzer's final figures:
 # executions, executions per second, coverage (cov: edges, ft: features),
 # corpus size, peak RSS.
+# FUZZ_LOG_DIR=DIR keeps each target's libFuzzer log there.
 # FUZZ_KEEP_CORPUS=1 merges what a run found back into fuzz/corpus.
 # Needs the nightly toolchain; installs cargo-fuzz when it is missing.
 set -euo pipefail
@@ -38,6 +39,7 @@ for t in "${targets[@]}"; do
         -artifact_prefix="artifacts/$t/") >"$log" 2>&1
     rc=$?
     set -e
+    [ -z "${FUZZ_LOG_DIR:-}" ] || { mkdir -p "$FUZZ_LOG_DIR"; cp "$log" "$FUZZ_LOG_DIR/"; }
     grep -E '^#[0-9]+.*(DONE|INITED)' "$log" | tail -2 || true
     grep -E '^stat::(number_of_executed_units|average_exec_per_sec|peak_rss_mb|new_units_added)' "$log" || true
     if [ $rc -ne 0 ]; then

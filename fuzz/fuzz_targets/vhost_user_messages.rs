@@ -17,7 +17,8 @@
 //!   9 SET_VRING_NUM q:u8 num:u16
 //!  10 SET_VRING_ADDR q:u8 size:u16 flags:u32 desc:u64 used:u64 avail:u64
 //!  11 SET_VRING_BASE q:u8 base:u16      12 GET_VRING_BASE q:u8
-//!  13 SET_VRING_CALL q:u8     14 SET_VRING_KICK q:u8   15 kick q:u8
+//!  13 SET_VRING_CALL q:u8     14 SET_VRING_KICK q:u8
+//!  15 kick q:u8, then wait up to 20 ms for the call (if 13 and 14 were)
 //!  16 SET_VRING_ENABLE q:u8 on:u8       17 GET_CONFIG off:u32 size:u32 flags:u32
 //!  18 SET_CONFIG off:u32 flags:u32 len:u8 bytes  19 RESET_DEVICE
 //!  20 GET_QUEUE_NUM           21 GET_MAX_MEM_SLOTS 22 SET_BACKEND_REQ_FD
@@ -63,6 +64,8 @@ struct Setup {
 fn setup() -> &'static Setup {
     static SETUP: OnceLock<Setup> = OnceLock::new();
     SETUP.get_or_init(|| {
+        // RUST_LOG=debug shows what the daemon made of a reproduced input.
+        let _ = env_logger::try_init();
         let dir = std::env::temp_dir().join(format!("vub-fuzz-vhost-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("socket directory");
         let socket = dir.join("fz.sock");
@@ -145,6 +148,26 @@ fn region(s: &mut Script, fds: &[OwnedFd; 2]) -> VhostUserMemoryRegionInfo {
     }
 }
 
+/// VUB_FUZZ_TRACE=1: each operation and its result on stderr (for
+/// reading a reproduced input).
+fn trace() -> bool {
+    static TRACE: OnceLock<bool> = OnceLock::new();
+    *TRACE.get_or_init(|| std::env::var_os("VUB_FUZZ_TRACE").is_some())
+}
+
+/// Waits (at most 20 ms) for the daemon to signal a used buffer.
+fn wait_call(call: &EventFd) {
+    let mut pfd = libc::pollfd {
+        fd: call.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one live pollfd for a descriptor we own.
+    if unsafe { libc::poll(&mut pfd, 1, 20) } > 0 {
+        let _ = call.read();
+    }
+}
+
 fn run(script: &[u8], memory: &[u8]) {
     let fds = [
         memfd("guest0", memory),
@@ -170,9 +193,12 @@ fn run(script: &[u8], memory: &[u8]) {
         std::fs::File::from(fds[0].try_clone().expect("dup")),
         std::fs::File::from(fds[1].try_clone().expect("dup")),
     ];
+    // Queues with a kick and a call fd given (a kick then waits for the call).
+    let mut wired = [(false, false); QUEUES];
     while !s.0.is_empty() {
         let q = |s: &mut Script| usize::from(s.u8()) % (QUEUES + 1);
-        let r = match s.u8() % 26 {
+        let opcode = s.u8() % 26;
+        let r = match opcode {
             0 => fe.set_owner().map(drop),
             1 => fe.reset_owner().map(drop),
             2 => fe.get_features().map(drop),
@@ -210,18 +236,33 @@ fn run(script: &[u8], memory: &[u8]) {
                 let q = q(&mut s);
                 fe.set_vring_base(q, s.u16())
             }
-            12 => fe.get_vring_base(q(&mut s)).map(drop),
+            12 => fe.get_vring_base(q(&mut s)).map(|base| {
+                if trace() {
+                    eprintln!("vring base {base}");
+                }
+            }),
             13 => {
                 let q = q(&mut s);
-                fe.set_vring_call(q, &calls[q % QUEUES])
+                let r = fe.set_vring_call(q, &calls[q % QUEUES]);
+                wired[q % QUEUES].1 |= r.is_ok();
+                r
             }
             14 => {
                 let q = q(&mut s);
-                fe.set_vring_kick(q, &kicks[q % QUEUES])
+                let r = fe.set_vring_kick(q, &kicks[q % QUEUES]);
+                wired[q % QUEUES].0 |= r.is_ok();
+                r
             }
-            15 => kicks[q(&mut s) % QUEUES]
-                .write(1)
-                .map_err(vhost::Error::IOError),
+            15 => {
+                let q = q(&mut s) % QUEUES;
+                let r = kicks[q].write(1).map_err(vhost::Error::IOError);
+                // As a guest waits for its request: the worker runs it
+                // before a later GET_VRING_BASE stops the queue.
+                if wired[q] == (true, true) {
+                    wait_call(&calls[q]);
+                }
+                r
+            }
             16 => {
                 let q = q(&mut s);
                 fe.set_vring_enable(q, s.u8() & 1 != 0)
@@ -267,6 +308,9 @@ fn run(script: &[u8], memory: &[u8]) {
                 f.write_all_at(&bytes, off).map_err(vhost::Error::IOError)
             }
         };
+        if trace() {
+            eprintln!("op {opcode}: {r:?}");
+        }
         // A frontend whose connection the daemon ended stops.
         if let Err(vhost::Error::VhostUserProtocol(
             vhost::vhost_user::Error::SocketBroken(_)
