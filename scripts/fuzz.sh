@@ -31,8 +31,12 @@ build=(-a)
 [ -z "${FUZZ_TARGET_DIR:-}" ] || build+=(--target-dir "$(realpath -m "$FUZZ_TARGET_DIR")")
 (cd fuzz && cargo +nightly fuzz build "${build[@]}")
 
-scratch=$(mktemp -d)
+# The targets' scratch files (qcow2 images, config files, sockets) and the
+# inputs found go to a directory on tmpfs where there is one, removed at
+# the end.
+scratch=$(mktemp -d -p /dev/shm vub-fuzz.XXXXXX 2>/dev/null || mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
+export TMPDIR=$scratch
 failed=()
 for t in "${targets[@]}"; do
     mkdir -p "$scratch/$t" "fuzz/artifacts/$t"

@@ -29,12 +29,9 @@ use vhost_user_blkd::drivers::BlockdevOptions;
 fn config_path() -> &'static PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
-        let base = if std::path::Path::new("/dev/shm").is_dir() {
-            PathBuf::from("/dev/shm")
-        } else {
-            std::env::temp_dir()
-        };
-        let dir = base.join(format!("vub-fuzz-config-{}", std::process::id()));
+        // scripts/fuzz.sh points TMPDIR at a scratch directory on tmpfs
+        // that it removes.
+        let dir = std::env::temp_dir().join(format!("vub-fuzz-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("config directory");
         dir.join("vub.toml")
     })

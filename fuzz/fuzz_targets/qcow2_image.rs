@@ -1,7 +1,7 @@
 //! qcow2 open and I/O on a mutated image: the input is the image file
 //! (header, extensions, L1/L2 tables, refcounts, snapshots, bitmaps,
 //! compressed descriptors -- whatever the bytes say). It is written to a
-//! file on tmpfs each run (the driver works on a `file` node), then opened
+//! file in TMPDIR (tmpfs under scripts/fuzz.sh) each run (the driver works on a `file` node), then opened
 //! read-only and read; opened read-write, read, written, zeroed,
 //! discarded, flushed, snapshotted, resized and closed; and opened again
 //! read-only to read what close wrote.
@@ -27,12 +27,9 @@ const MAX_IMAGE: usize = 4 << 20;
 fn image_path() -> &'static PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
-        let base = if std::path::Path::new("/dev/shm").is_dir() {
-            PathBuf::from("/dev/shm")
-        } else {
-            std::env::temp_dir()
-        };
-        let dir = base.join(format!("vub-fuzz-qcow2-{}", std::process::id()));
+        // scripts/fuzz.sh points TMPDIR at a scratch directory on tmpfs
+        // that it removes.
+        let dir = std::env::temp_dir().join(format!("vub-fuzz-qcow2-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("image directory");
         dir.join("img.qcow2")
     })
