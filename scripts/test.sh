@@ -32,3 +32,6 @@ python3 scripts/soak.py --duration 60
 
 bash tests/guest/e2e.sh target/debug/vhost-user-blkd
 bash tests/guest/inflight.sh target/debug/vhost-user-blkd
+# Each fuzz target for 10 s (the nightly build of fuzz/ takes longer than
+# the fuzzing; docs/FUZZING.md has the long runs).
+bash scripts/fuzz.sh 10

@@ -37,3 +37,10 @@ pub mod throttle;
 pub mod transaction;
 pub mod vhost_user;
 pub mod virtio_blk;
+
+/// Items the fuzz targets (fuzz/, docs/FUZZING.md) drive that are not part
+/// of the library's interface otherwise. Not for other use.
+#[doc(hidden)]
+pub mod fuzz_api {
+    pub use crate::qmp::reader::{JsonReader, ReadError};
+}

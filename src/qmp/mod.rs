@@ -14,7 +14,7 @@
 
 mod nodes;
 pub mod protocol;
-mod reader;
+pub(crate) mod reader;
 pub mod table;
 
 use std::io::{self, Write};
