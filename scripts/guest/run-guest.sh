@@ -26,6 +26,11 @@
 #   --qemu-arg ARG     extra QEMU argument (repeatable), e.g.
 #                      --qemu-arg -device --qemu-arg ...
 #   --log FILE         also save the raw serial console log to FILE
+#   --qmp PATH         QMP monitor on unix socket PATH (server, no wait)
+#   --incoming URI     start as a live-migration destination (-incoming URI,
+#                      e.g. unix:/tmp/mig.sock): the guest runs once the
+#                      source's state has arrived; the script run and the
+#                      exit marker are the migrated guest's
 #   --kernel FILE / --initrd FILE
 #                      boot these instead of the cached build (no build step
 #                      when both are given)
@@ -55,6 +60,8 @@ smp=2
 timeout=300
 append=""
 logfile=""
+qmp=""
+incoming=""
 kernel=""
 initrd=""
 
@@ -72,6 +79,8 @@ while [ "$#" -gt 0 ]; do
         --append) need_arg "$@"; append="$append $2"; shift 2 ;;
         --qemu-arg) need_arg "$@"; qemu_extra+=("$2"); shift 2 ;;
         --log) need_arg "$@"; logfile=$2; shift 2 ;;
+        --qmp) need_arg "$@"; qmp=$2; shift 2 ;;
+        --incoming) need_arg "$@"; incoming=$2; shift 2 ;;
         --kernel) need_arg "$@"; kernel=$2; shift 2 ;;
         --initrd) need_arg "$@"; initrd=$2; shift 2 ;;
         -h|--help) usage; exit 0 ;;
@@ -181,6 +190,8 @@ for s in ${sockets[@]+"${sockets[@]}"}; do
     args+=(-chardev "$chardev" -device "$dev")
     i=$((i + 1))
 done
+[ -z "$qmp" ] || args+=(-qmp "unix:$qmp,server=on,wait=off")
+[ -z "$incoming" ] || args+=(-incoming "$incoming")
 args+=(${qemu_extra[@]+"${qemu_extra[@]}"})
 
 log "booting: $QEMU ${args[*]}"
