@@ -387,6 +387,7 @@ fn chv_boot(socket: &Path, num_queues: usize) -> (Vm, ChvBlk) {
         regions: vec![(0, LOW_RAM), (HIGH_RAM_GPA, HIGH_RAM)],
         backend_channel: false,
         inflight: false,
+        log: false,
     };
     let memfd = files.into_iter().next().unwrap();
     (Vm::from_parts(mem, vu, queues, acked, opts, memfd), dev)
@@ -442,8 +443,9 @@ fn chv_creation_negotiates_what_cloud_hypervisor_expects() {
         want & !dev.avail_features
     );
     assert_eq!(dev.avail_features & BLK_F_RO, 0, "writable export");
-    // No dirty log, no device state: the backend does not offer them, and
-    // cloud-hypervisor then does without; inflight tracking it takes.
+    // No device state: the backend does not offer it, and cloud-hypervisor
+    // then does without; inflight tracking and the dirty log (live
+    // migration, issue 20) it takes.
     assert_eq!(
         dev.acked_protocol_features,
         VhostUserProtocolFeatures::CONFIG
@@ -451,6 +453,7 @@ fn chv_creation_negotiates_what_cloud_hypervisor_expects() {
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::LOG_SHMFD
     );
     // The config as the guest sees it: capacity, blk_size, num_queues,
     // discard and write-zeroes limits non-zero (the guest driver turns

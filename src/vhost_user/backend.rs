@@ -7,7 +7,7 @@ use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{VhostUserInflight, VhostUserLog, VhostUserProtocolFeatures};
 use vhost::vhost_user::Backend;
 use vhost_user_backend::VhostUserBackend;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
@@ -17,6 +17,7 @@ use vmm_sys_util::event::{
 };
 
 use super::connection::{VhostUserBlk, Vring, DRAIN_TIMEOUT};
+use super::dirty_log::{DirtyLog, VHOST_F_LOG_ALL};
 use super::inflight::Region;
 use super::notify::ConfigNotifier;
 use super::worker;
@@ -77,6 +78,11 @@ impl VhostUserBackend for VhostUserBlk {
     fn features(&self) -> u64 {
         virtio_blk::device_features(self.export.read_only())
             | vhost::vhost_user::message::VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VHOST_F_LOG_ALL
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.dirty.set_features(features);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -87,6 +93,25 @@ impl VhostUserBackend for VhostUserBlk {
             | VhostUserProtocolFeatures::RESET_DEVICE
             | VhostUserProtocolFeatures::BACKEND_REQ
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::LOG_SHMFD
+    }
+
+    fn own_dirty_log(&self) -> bool {
+        true
+    }
+
+    fn set_dirty_log(&self, msg: &VhostUserLog, file: File) -> io::Result<()> {
+        let log = DirtyLog::map(&file, msg.mmap_size, msg.mmap_offset).map_err(|e| {
+            log::warn!("export {}: {e}", self.export.config.id);
+            io::Error::from(e)
+        })?;
+        log::debug!(
+            "export {}: dirty log of {} bytes set",
+            self.export.config.id,
+            msg.mmap_size
+        );
+        self.dirty.set_log(log);
+        Ok(())
     }
 
     fn get_inflight_fd(&self, msg: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {

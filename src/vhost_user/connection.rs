@@ -18,6 +18,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
+use super::dirty_log::LogState;
 use super::export::ExportState;
 use super::inflight::Region;
 use super::sigbus;
@@ -65,6 +66,8 @@ pub struct VhostUserBlk {
     /// Bumped when `inflight` changes: the iothreads then take the new
     /// buffer and look at their queues' regions before popping.
     pub(super) inflight_gen: AtomicU32,
+    /// The dirty log of live migration (SET_LOG_BASE, LOG_ALL).
+    pub(super) dirty: Arc<LogState>,
 }
 
 impl VhostUserBlk {
@@ -116,6 +119,7 @@ impl VhostUserBlk {
             end_pending: AtomicBool::new(false),
             inflight: Mutex::new(None),
             inflight_gen: AtomicU32::new(0),
+            dirty: Arc::default(),
         })
     }
 

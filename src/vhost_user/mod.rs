@@ -12,12 +12,14 @@
 //!               io_uring, fill the used ring, notify once per batch
 //!   inflight.rs the inflight buffer (INFLIGHT_SHMFD): which requests a
 //!               restarted daemon resubmits, in which order
+//!   dirty_log.rs the dirty log of live migration (LOG_ALL, LOG_SHMFD)
 //!   sigbus.rs   guest memory checked against its file at map time, and
 //!               SIGBUS in guest memory survived (that connection ends)
 //! ```
 
 mod backend;
 mod connection;
+pub mod dirty_log;
 mod export;
 pub mod inflight;
 mod notify;

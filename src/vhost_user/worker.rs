@@ -30,6 +30,7 @@ use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::connection::{VhostUserBlk, Vring};
+use super::dirty_log::{self, DirtyLog, LogState};
 use super::export::ExportState;
 use super::inflight::Tracker;
 use crate::block::policy::ErrorAction;
@@ -228,6 +229,10 @@ struct Worker {
     /// an atomic reference count.
     #[allow(clippy::redundant_allocation)]
     poisoned: Rc<Arc<AtomicBool>>,
+    /// The connection's dirty log (live migration), shared with tasks as
+    /// `poisoned` is.
+    #[allow(clippy::redundant_allocation)]
+    dirty: Rc<Arc<LogState>>,
     /// The connection's inflight buffer generation these trackers are of.
     inflight_gen: u32,
     /// Each vring's region of the inflight buffer, if the frontend set one.
@@ -300,6 +305,7 @@ impl Worker {
             queues,
             heads,
             poisoned: Rc::new(blk.poison_flag()),
+            dirty: Rc::new(blk.dirty.clone()),
             inflight_gen: 0,
             trackers,
             recover,
@@ -598,7 +604,10 @@ impl Worker {
             } => {
                 log::debug!("queue {queue}: request at head {head} refused: {error}");
                 let len = match status {
-                    Some(addr) if guest::write_byte(&mem, addr, error.status() as u8) => 1,
+                    Some(addr) if guest::write_byte(&mem, addr, error.status() as u8) => {
+                        dirty_log::mark_byte(&self.dirty, addr);
+                        1
+                    }
                     _ => 0,
                 };
                 self.done.borrow_mut().push(Completion { queue, head, len });
@@ -621,6 +630,7 @@ impl Worker {
                 let export = self.export.clone();
                 let done = self.done.clone();
                 let poisoned = self.poisoned.clone();
+                let dirty = self.dirty.clone();
                 let task = async move {
                     let mut status = run_request(&req, &export).await;
                     if poisoned.load(Ordering::Relaxed) {
@@ -633,11 +643,11 @@ impl Worker {
                     } else {
                         1
                     };
-                    let len = if guest::write_byte(&req.mem, req.status, status as u8) {
-                        len
-                    } else {
-                        0
-                    };
+                    let written = guest::write_byte(&req.mem, req.status, status as u8);
+                    if let Some(log) = dirty.active() {
+                        mark_request(&log, &req, written);
+                    }
+                    let len = if written { len } else { 0 };
                     done.borrow_mut().push(Completion {
                         queue,
                         head: req.head,
@@ -759,9 +769,16 @@ fn return_used(
             if let Some(t) = tracker {
                 t.batch(std::iter::once(c.head));
             }
+            let before = state.get_queue().next_used();
             if let Err(e) = state.add_used(c.head, c.len) {
                 log::debug!("queue {queue}: cannot return head {}: {e}", c.head);
-            } else if let Some(t) = tracker {
+                continue;
+            }
+            if let Some(log) = blk.dirty.active() {
+                let q = state.get_queue();
+                mark_used(&log, q.used_ring(), size, before, q.next_used());
+            }
+            if let Some(t) = tracker {
                 t.returned(std::iter::once(c.head), state.get_queue().next_used());
             }
         }
@@ -782,6 +799,9 @@ fn return_used(
         t.batch(mine().map(|c| c.head));
     }
     rings.publish_used(next);
+    if let Some(log) = blk.dirty.active() {
+        mark_used(&log, q.used_ring(), size, old, next);
+    }
     if let Some(t) = tracker {
         t.returned(mine().map(|c| c.head), next);
     }
@@ -791,6 +811,43 @@ fn return_used(
             log::debug!("queue {queue}: cannot signal the guest: {e}");
         }
     }
+}
+
+/// Marks in the dirty log what a completed request wrote into guest
+/// memory: the data of a read (whatever its status: the kernel may have
+/// written part of it), a GET_ID string, and the status byte if `status`.
+fn mark_request(log: &DirtyLog, req: &virtio_blk::Request, status: bool) {
+    match &req.kind {
+        virtio_blk::RequestKind::Read { data, .. } => {
+            for iov in data.as_slice() {
+                log.mark_host(&req.mem, iov.iov_base as *const u8, iov.iov_len);
+            }
+        }
+        virtio_blk::RequestKind::GetId { data } => {
+            for seg in data {
+                log.mark(seg.addr.0, seg.len);
+            }
+        }
+        _ => {}
+    }
+    if status {
+        log.mark(req.status.0, 1);
+    }
+}
+
+/// Marks in the dirty log the used elements `from..to` of a used ring of
+/// `size` at guest address `used`, and its index field.
+fn mark_used(log: &DirtyLog, used: u64, size: u16, from: u16, to: u16) {
+    if size == 0 {
+        return;
+    }
+    let mut i = from;
+    while i != to {
+        let at = 4 + 8 * u64::from(i % size);
+        log.mark(used.saturating_add(at), 8);
+        i = i.wrapping_add(1);
+    }
+    log.mark(used.saturating_add(2), 2);
 }
 
 fn notify(state: &mut VringState<GuestMemoryAtomic<GuestMem>>, queue: u16) {

@@ -258,6 +258,8 @@ pub struct VmOptions {
     /// Negotiate INFLIGHT_SHMFD when the daemon offers it, and get and set
     /// an inflight buffer as QEMU's vhost-user-blk does.
     pub inflight: bool,
+    /// Negotiate LOG_SHMFD (live migration's dirty log) when offered.
+    pub log: bool,
 }
 
 impl Default for VmOptions {
@@ -269,6 +271,7 @@ impl Default for VmOptions {
             regions: vec![(0, MEM_SIZE)],
             backend_channel: false,
             inflight: false,
+            log: false,
         }
     }
 }
@@ -388,6 +391,9 @@ impl Vm {
             | VhostUserProtocolFeatures::BACKEND_REQ;
         if opts.inflight {
             want_pf |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+        }
+        if opts.log {
+            want_pf |= VhostUserProtocolFeatures::LOG_SHMFD;
         }
         frontend.set_protocol_features(pf & want_pf)?;
         // Ask for a reply to every message (REPLY_ACK), as QEMU does for

@@ -24,7 +24,7 @@ use std::ops::Deref;
 use std::sync::{Arc, Mutex, RwLock};
 
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserInflight,
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserInflight, VhostUserLog,
     VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
 };
 use vhost::vhost_user::Backend;
@@ -71,6 +71,19 @@ pub trait VhostUserBackend: Send + Sync {
     /// A default implementation is provided as we cannot expect all backends to implement this
     /// function.
     fn reset_device(&self) {}
+
+    /// Whether the backend keeps the dirty log of SET_LOG_BASE itself
+    /// (its writes to guest memory do not go through vm-memory's bitmap);
+    /// the handler then passes the log to `set_dirty_log` instead of
+    /// replacing the memory regions' bitmaps.
+    fn own_dirty_log(&self) -> bool {
+        false
+    }
+
+    /// SET_LOG_BASE for a backend whose `own_dirty_log` is true.
+    fn set_dirty_log(&self, _log: &VhostUserLog, _file: File) -> Result<()> {
+        Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+    }
 
     /// Enable or disable the virtio EVENT_IDX feature
     fn set_event_idx(&self, enabled: bool);
@@ -436,6 +449,14 @@ impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
 
     fn reset_device(&self) {
         self.deref().reset_device()
+    }
+
+    fn own_dirty_log(&self) -> bool {
+        self.deref().own_dirty_log()
+    }
+
+    fn set_dirty_log(&self, log: &VhostUserLog, file: File) -> Result<()> {
+        self.deref().set_dirty_log(log, file)
     }
 
     fn set_event_idx(&self, enabled: bool) {

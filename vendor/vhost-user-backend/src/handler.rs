@@ -916,6 +916,12 @@ where
     // dirty even if the migration fails. We need to disable the logging after receiving  a
     // `SET_FEATURE` without the `LOG_ALL` flag.
     fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VhostUserResult<()> {
+        if self.backend.own_dirty_log() {
+            return self
+                .backend
+                .set_dirty_log(log, file)
+                .map_err(VhostUserError::ReqHandlerError);
+        }
         let mem = self.atomic_mem.memory();
 
         let logmem = Arc::new(
