@@ -29,6 +29,11 @@ use std::os::unix::ffi::OsStrExt;
 /// VHOST_USER_MAX_CONFIG_SIZE (virtio_blk_config has 60 of them).
 const CONFIG_SPACE_MAX: u64 = 256;
 
+/// Set in the environment, SET_LOG_BASE is accepted but the log is never
+/// marked: dirty logging deliberately broken, to show that the migration
+/// test fails without it.
+const BREAK_DIRTY_LOG_ENV: &str = "VUB_DEBUG_BREAK_DIRTY_LOG";
+
 /// A memory table beyond the export's limits.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum LimitError {
@@ -110,6 +115,15 @@ impl VhostUserBackend for VhostUserBlk {
             self.export.config.id,
             msg.mmap_size
         );
+        if std::env::var_os(BREAK_DIRTY_LOG_ENV).is_some() {
+            // Test teeth only (tests/guest/migrate.sh --break-dirty-log):
+            // the frontend believes pages are logged, none are.
+            log::warn!(
+                "export {}: {BREAK_DIRTY_LOG_ENV} is set: the dirty log is never marked",
+                self.export.config.id
+            );
+            return Ok(());
+        }
         self.dirty.set_log(log);
         Ok(())
     }

@@ -15,14 +15,19 @@
 #   qsd  two qemu-storage-daemon instances (QSD, default
 #        /usr/bin/qemu-storage-daemon); they share all permissions on an
 #        export's image, so no lock handoff is needed.
-#   vub  two vhost-user-blkd instances. Until issue 20's handoff
-#        (blockdev-set-active) exists, B opens the image with locking=off
-#        (A holds QEMU's write lock). Today QEMU refuses the migration:
-#        "Migration disabled: vhost-user backend lacks
-#        VHOST_USER_PROTOCOL_F_LOG_SHMFD feature."; the script prints that
-#        and fails (exit 1), the source guest going on.
+#   vub  two vhost-user-blkd instances (dirty logging: LOG_ALL and
+#        LOG_SHMFD). Until issue 20's handoff (blockdev-set-active) exists,
+#        B opens the image with locking=off (A holds QEMU's write lock).
+#        A daemon without dirty logging makes QEMU refuse the migration
+#        ("Migration disabled: vhost-user backend lacks
+#        VHOST_USER_PROTOCOL_F_LOG_SHMFD feature."): the script prints
+#        that and fails (exit 1), the source guest going on.
+#   --break-dirty-log (vub only): the daemons run with
+#        VUB_DEBUG_BREAK_DIRTY_LOG=1, accepting the log but never marking
+#        it, to show that the test fails without dirty logging.
 #
 # Usage: tests/guest/migrate.sh [--backend qsd|vub] [--bin path/to/vhost-user-blkd]
+#          [--break-dirty-log]
 # Environment: VUB_MIGRATE_SECS (guest fio time, default 40),
 #   VUB_MIGRATE_AFTER (seconds of fio on the source before `migrate`,
 #   default 8), QSD, QEMU, GUEST_CACHE.
@@ -35,6 +40,7 @@ backend=${VUB_MIGRATE_BACKEND:-qsd}
 secs=${VUB_MIGRATE_SECS:-40}
 after=${VUB_MIGRATE_AFTER:-8}
 QSD=${QSD:-/usr/bin/qemu-storage-daemon}
+break_log=0
 guest=$repo/scripts/guest
 qmp=$here/qmp.py
 
@@ -42,6 +48,7 @@ while [[ $# -gt 0 ]]; do
     case $1 in
         --backend) backend=$2; shift 2 ;;
         --bin) bin=$2; shift 2 ;;
+        --break-dirty-log) break_log=1; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "ERROR: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -81,7 +88,11 @@ start_daemon() {
     if [[ $backend == qsd ]]; then
         "$QSD" --blockdev "$node" --export "$export" --pidfile "$work/$name.pid" >"$work/$name.log" 2>&1 &
     else
-        "$bin" --blockdev "$node" --export "$export" --pidfile "$work/$name.pid" >"$work/$name.log" 2>&1 &
+        if [[ $break_log == 1 ]]; then
+            VUB_DEBUG_BREAK_DIRTY_LOG=1 "$bin" --blockdev "$node" --export "$export" --pidfile "$work/$name.pid" >"$work/$name.log" 2>&1 &
+        else
+            "$bin" --blockdev "$node" --export "$export" --pidfile "$work/$name.pid" >"$work/$name.log" 2>&1 &
+        fi
     fi
     pid=$!
     pids+=("$pid")
@@ -183,8 +194,6 @@ host_check() {
 host_check "fio was still running when the source stopped (no FIO-DONE on the source console)" "! grep -q FIO-DONE '$work/src.log'"
 host_check "the guest finished on the destination (FIO-DONE there)" "grep -q FIO-DONE '$work/dst.log'"
 host_check "guest checks passed on the destination (fio err=0, no I/O error)" "[[ $guest_rc -eq 0 ]]"
-if [[ $fail -ne 0 ]]; then
-    for f in a b; do echo "--- daemon $f log"; cat "$work/$f.log"; done
-fi
+for f in a b; do echo "--- daemon $f log"; cat "$work/$f.log"; done
 echo "guest migrate ($backend): $pass passed, $fail failed"
 [[ $fail -eq 0 ]]
