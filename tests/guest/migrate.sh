@@ -30,7 +30,12 @@
 #          [--break-dirty-log]
 # Environment: VUB_MIGRATE_SECS (guest fio time, default 40),
 #   VUB_MIGRATE_AFTER (seconds of fio on the source before `migrate`,
-#   default 8), QSD, QEMU, GUEST_CACHE.
+#   default 8), VUB_MIGRATE_READ_IOPS (the daemons' read limit; default
+#   50 with vub, none with qsd: qemu-storage-daemon 7.2 answers
+#   GET_VRING_BASE without waiting for requests it holds, and with reads
+#   queued in its throttle at the stop it logged "vu_panic: Error writing
+#   eventfd: Bad file descriptor" and the destination guest hung), QSD,
+#   QEMU, GUEST_CACHE.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -39,6 +44,7 @@ bin=$repo/target/debug/vhost-user-blkd
 backend=${VUB_MIGRATE_BACKEND:-qsd}
 secs=${VUB_MIGRATE_SECS:-40}
 after=${VUB_MIGRATE_AFTER:-8}
+read_iops=${VUB_MIGRATE_READ_IOPS:-}
 QSD=${QSD:-/usr/bin/qemu-storage-daemon}
 break_log=0
 guest=$repo/scripts/guest
@@ -58,6 +64,9 @@ case $backend in
     vub) [[ -x $bin ]] || { echo "ERROR: daemon binary $bin not found (cargo build first)" >&2; exit 1; } ;;
     *) echo "ERROR: --backend must be qsd or vub, got '$backend'" >&2; exit 2 ;;
 esac
+if [[ -z $read_iops ]]; then
+    if [[ $backend == vub ]]; then read_iops=50; else read_iops=0; fi
+fi
 "$guest/install-deps.sh"
 "$guest/build-guest.sh"
 
@@ -83,16 +92,24 @@ truncate -s 64M "$work/d.img"
 # start_daemon NAME LOCKING: a daemon serving $work/d.img on $work/NAME.sock.
 start_daemon() {
     local name=$1 locking=$2 pid
-    local node="driver=raw,node-name=d0,file.driver=file,file.filename=$work/d.img,file.locking=$locking"
-    local export="type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path=$work/$name.sock,writable=on,num-queues=2"
+    # Reads are throttled so that some are queued in the daemon when the
+    # migration stops the guest: they complete in the stop's drain, into
+    # pages only the dirty log can get to the destination.
+    local args=(--blockdev "driver=raw,node-name=d0,file.driver=file,file.filename=$work/d.img,file.locking=$locking")
+    local top=d0
+    if [[ $read_iops != 0 ]]; then
+        args+=(--object "throttle-group,id=tg0,limits.iops-read=$read_iops"
+            --blockdev "driver=throttle,node-name=t0,throttle-group=tg0,file=d0")
+        top=t0
+    fi
+    args+=(--export "type=vhost-user-blk,id=e0,node-name=$top,addr.type=unix,addr.path=$work/$name.sock,writable=on,num-queues=2"
+        --pidfile "$work/$name.pid")
     if [[ $backend == qsd ]]; then
-        "$QSD" --blockdev "$node" --export "$export" --pidfile "$work/$name.pid" >"$work/$name.log" 2>&1 &
+        "$QSD" "${args[@]}" >"$work/$name.log" 2>&1 &
+    elif [[ $break_log == 1 ]]; then
+        VUB_DEBUG_BREAK_DIRTY_LOG=1 "$bin" "${args[@]}" >"$work/$name.log" 2>&1 &
     else
-        if [[ $break_log == 1 ]]; then
-            VUB_DEBUG_BREAK_DIRTY_LOG=1 "$bin" --blockdev "$node" --export "$export" --pidfile "$work/$name.pid" >"$work/$name.log" 2>&1 &
-        else
-            "$bin" --blockdev "$node" --export "$export" --pidfile "$work/$name.pid" >"$work/$name.log" 2>&1 &
-        fi
+        "$bin" "${args[@]}" >"$work/$name.log" 2>&1 &
     fi
     pid=$!
     pids+=("$pid")
@@ -120,9 +137,9 @@ wait_qmp() {
 }
 
 run_guest=("$guest/run-guest.sh" --num-queues 2 --smp 2 --mem 512M
-    --timeout $((secs + 200)) --append "inflight.secs=$secs"
+    --timeout $((secs + 200)) --append "migrate.secs=$secs"
     --file "$here/lib.sh:/e2e/lib.sh" --file "$here/verify-inflight.fio:/e2e/verify-inflight.fio"
-    --script "$here/inflight-guest.sh")
+    --script "$here/migrate-guest.sh")
 
 # 1. Daemon A and the source QEMU; wait for the guest's fio.
 start_daemon a on
