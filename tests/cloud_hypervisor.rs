@@ -388,6 +388,7 @@ fn chv_boot(socket: &Path, num_queues: usize) -> (Vm, ChvBlk) {
         backend_channel: false,
         inflight: false,
         log: false,
+        used_log: None,
     };
     let memfd = files.into_iter().next().unwrap();
     (Vm::from_parts(mem, vu, queues, acked, opts, memfd), dev)

@@ -128,6 +128,16 @@ impl VhostUserBackend for VhostUserBlk {
         Ok(())
     }
 
+    fn set_log_fd(&self, file: File) -> io::Result<()> {
+        log::debug!("export {}: dirty log eventfd set", self.export.config.id);
+        self.dirty.set_kick(file);
+        Ok(())
+    }
+
+    fn set_vring_log_addr(&self, index: u32, addr: Option<u64>) {
+        self.dirty.set_used_log(index, addr);
+    }
+
     fn get_inflight_fd(&self, msg: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {
         let c = &self.export.config;
         let (region, reply) = Region::create(msg, c.num_queues, c.queue_size).map_err(|e| {

@@ -163,6 +163,12 @@ pub struct LogState {
     on: AtomicBool,
     log_all: AtomicBool,
     log: RwLock<Option<Arc<DirtyLog>>>,
+    /// SET_LOG_FD's eventfd, signalled after used rings were marked (as
+    /// libvhost-user's `vu_log_kick` and the kernel's `log_ctx` do).
+    kick: RwLock<Option<File>>,
+    /// Each vring's used-ring log address from SET_VRING_ADDR, when its
+    /// VHOST_VRING_F_LOG flag was set.
+    used_log: RwLock<Vec<Option<u64>>>,
 }
 
 impl LogState {
@@ -185,6 +191,44 @@ impl LogState {
             have && self.log_all.load(Ordering::Relaxed),
             Ordering::Release,
         );
+    }
+
+    /// SET_LOG_FD: the eventfd to signal after marking (replaces the last).
+    pub fn set_kick(&self, fd: File) {
+        *self.kick.write().unwrap_or_else(|e| e.into_inner()) = Some(fd);
+    }
+
+    /// Signals SET_LOG_FD's eventfd, if the frontend set one.
+    pub fn kick(&self) {
+        let kick = self.kick.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(fd) = kick.as_ref() {
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: an 8-byte write from a live buffer to a descriptor we
+            // own; a full counter (EAGAIN) already wakes the frontend.
+            unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        }
+    }
+
+    /// SET_VRING_ADDR: the used ring's log address of vring `index`
+    /// (`None` without VHOST_VRING_F_LOG).
+    pub fn set_used_log(&self, index: u32, addr: Option<u64>) {
+        let Ok(i) = usize::try_from(index) else {
+            return;
+        };
+        let mut v = self.used_log.write().unwrap_or_else(|e| e.into_inner());
+        if v.len() <= i {
+            // The library refused indexes beyond the queue count already.
+            v.resize(i + 1, None);
+        }
+        v[i] = addr;
+    }
+
+    /// Where the used ring of `queue` is logged: the SET_VRING_ADDR log
+    /// address if the frontend gave one (the spec's rule), else the used
+    /// ring's guest address `used`.
+    pub fn used_log_addr(&self, queue: u16, used: u64) -> u64 {
+        let v = self.used_log.read().unwrap_or_else(|e| e.into_inner());
+        v.get(usize::from(queue)).copied().flatten().unwrap_or(used)
     }
 
     /// The log to mark, if logging is on.

@@ -776,7 +776,9 @@ fn return_used(
             }
             if let Some(log) = blk.dirty.active() {
                 let q = state.get_queue();
-                mark_used(&log, q.used_ring(), size, before, q.next_used());
+                let used = blk.dirty.used_log_addr(queue, q.used_ring());
+                mark_used(&log, used, size, before, q.next_used());
+                blk.dirty.kick();
             }
             if let Some(t) = tracker {
                 t.returned(std::iter::once(c.head), state.get_queue().next_used());
@@ -800,7 +802,14 @@ fn return_used(
     }
     rings.publish_used(next);
     if let Some(log) = blk.dirty.active() {
-        mark_used(&log, q.used_ring(), size, old, next);
+        mark_used(
+            &log,
+            blk.dirty.used_log_addr(queue, q.used_ring()),
+            size,
+            old,
+            next,
+        );
+        blk.dirty.kick();
     }
     if let Some(t) = tracker {
         t.returned(mine().map(|c| c.head), next);
@@ -836,7 +845,9 @@ fn mark_request(log: &DirtyLog, req: &virtio_blk::Request, status: bool) {
 }
 
 /// Marks in the dirty log the used elements `from..to` of a used ring of
-/// `size` at guest address `used`, and its index field.
+/// `size` at guest address `used`, its index field and its avail_event
+/// field (EVENT_IDX: the daemon writes it when it re-enables kicks; a
+/// stale one on the destination could leave kicks unsent).
 fn mark_used(log: &DirtyLog, used: u64, size: u16, from: u16, to: u16) {
     if size == 0 {
         return;
@@ -848,6 +859,7 @@ fn mark_used(log: &DirtyLog, used: u64, size: u16, from: u16, to: u16) {
         i = i.wrapping_add(1);
     }
     log.mark(used.saturating_add(2), 2);
+    log.mark(used.saturating_add(4 + 8 * u64::from(size)), 2);
 }
 
 fn notify(state: &mut VringState<GuestMemoryAtomic<GuestMem>>, queue: u16) {

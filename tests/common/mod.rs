@@ -260,6 +260,9 @@ pub struct VmOptions {
     pub inflight: bool,
     /// Negotiate LOG_SHMFD (live migration's dirty log) when offered.
     pub log: bool,
+    /// A used-ring log address for every vring (SET_VRING_ADDR with
+    /// VHOST_VRING_F_LOG), as QEMU gives while migrating.
+    pub used_log: Option<u64>,
 }
 
 impl Default for VmOptions {
@@ -272,6 +275,7 @@ impl Default for VmOptions {
             backend_channel: false,
             inflight: false,
             log: false,
+            used_log: None,
         }
     }
 }
@@ -476,11 +480,12 @@ impl Vm {
             &VringConfigData {
                 queue_max_size: size,
                 queue_size: size,
-                flags: 0,
+                // VHOST_VRING_F_LOG with a log address.
+                flags: u32::from(self.opts.used_log.is_some()),
                 desc_table_addr: desc,
                 used_ring_addr: used,
                 avail_ring_addr: avail,
-                log_addr: None,
+                log_addr: self.opts.used_log,
             },
         )?;
         self.frontend.set_vring_base(q, base)?;

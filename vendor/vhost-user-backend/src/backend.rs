@@ -85,6 +85,15 @@ pub trait VhostUserBackend: Send + Sync {
         Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
     }
 
+    /// SET_LOG_FD: the eventfd to signal after marking the dirty log.
+    fn set_log_fd(&self, _file: File) -> Result<()> {
+        Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+    }
+
+    /// The used ring's guest-physical log address of SET_VRING_ADDR when
+    /// its VHOST_VRING_F_LOG flag is set (`None` when it is not).
+    fn set_vring_log_addr(&self, _index: u32, _addr: Option<u64>) {}
+
     /// Enable or disable the virtio EVENT_IDX feature
     fn set_event_idx(&self, enabled: bool);
 
@@ -457,6 +466,14 @@ impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
 
     fn set_dirty_log(&self, log: &VhostUserLog, file: File) -> Result<()> {
         self.deref().set_dirty_log(log, file)
+    }
+
+    fn set_log_fd(&self, file: File) -> Result<()> {
+        self.deref().set_log_fd(file)
+    }
+
+    fn set_vring_log_addr(&self, index: u32, addr: Option<u64>) {
+        self.deref().set_vring_log_addr(index, addr)
     }
 
     fn set_event_idx(&self, enabled: bool) {

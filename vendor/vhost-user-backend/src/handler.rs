@@ -471,13 +471,17 @@ where
     fn set_vring_addr(
         &mut self,
         index: u32,
-        _flags: VhostUserVringAddrFlags,
+        flags: VhostUserVringAddrFlags,
         descriptor: u64,
         used: u64,
         available: u64,
-        _log: u64,
+        log: u64,
     ) -> VhostUserResult<()> {
         let vring = self.vring_at(index)?;
+        let log = flags
+            .contains(VhostUserVringAddrFlags::VHOST_VRING_F_LOG)
+            .then_some(log);
+        self.backend.set_vring_log_addr(index, log);
 
         if !self.mappings.is_empty() {
             let desc_table = self
@@ -915,6 +919,12 @@ where
     // TODO: We ignore the `LOG_ALL` flag on `SET_FEATURES`, so we will continue marking pages as
     // dirty even if the migration fails. We need to disable the logging after receiving  a
     // `SET_FEATURE` without the `LOG_ALL` flag.
+    fn set_log_fd(&mut self, file: File) -> VhostUserResult<()> {
+        self.backend
+            .set_log_fd(file)
+            .map_err(VhostUserError::ReqHandlerError)
+    }
+
     fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VhostUserResult<()> {
         if self.backend.own_dirty_log() {
             return self
