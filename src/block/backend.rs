@@ -70,6 +70,11 @@ impl BlockBackend {
         self.write_cache.store(enabled, Ordering::Relaxed);
     }
 
+    /// As `set_write_cache`, returning the setting it replaced.
+    pub fn swap_write_cache(&self, enabled: bool) -> bool {
+        self.write_cache.swap(enabled, Ordering::Relaxed)
+    }
+
     fn check(&self, kind: IoKind, offset: u64, len: u64) -> Result<(), BlockError> {
         let size = self.size();
         let in_range = offset.checked_add(len).is_some_and(|end| end <= size);

@@ -147,6 +147,7 @@ mod tests {
         "block-export-add",
         "block-export-del",
         "query-block-exports",
+        "x-block-export-set-writethrough",
         "block_resize",
         "blockdev-snapshot",
         "blockdev-snapshot-sync",

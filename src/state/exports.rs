@@ -164,6 +164,7 @@ impl State {
                 id: id.clone(),
                 node_name: e.state.blk.node().name().to_string(),
                 shutting_down: e.shutting_down,
+                writeback: e.state.writeback(),
             })
             .collect()
     }

@@ -55,6 +55,8 @@ pub struct ExportInfo {
     pub id: String,
     pub node_name: String,
     pub shutting_down: bool,
+    /// The device's write cache is on.
+    pub writeback: bool,
 }
 
 /// The graph and the exports, shared by start-up, the monitors and shutdown.

@@ -4,7 +4,6 @@
 
 use std::fs::File;
 use std::io;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use vhost::vhost_user::message::{VhostUserInflight, VhostUserLog, VhostUserProtocolFeatures};
@@ -169,9 +168,9 @@ impl VhostUserBackend for VhostUserBlk {
     fn reset_device(&self) {
         // The library has unregistered every kick; wait for what was popped.
         self.drain_all();
-        let default = !self.export.config.writethrough;
-        self.writeback.store(default, Ordering::Relaxed);
-        self.export.blk.set_write_cache(default);
+        self.export
+            .blk
+            .set_write_cache(self.export.default_writeback());
         log::debug!("export {}: device reset", self.export.config.id);
     }
 

@@ -37,7 +37,6 @@ const RING_ENTRIES: u32 = 256;
 pub struct VhostUserBlk {
     pub(super) export: Arc<ExportState>,
     pub(super) mem: RwLock<Option<GuestMemoryAtomic<GuestMem>>>,
-    pub(super) writeback: AtomicBool,
     /// Requests in flight per queue, for GET_VRING_BASE.
     pub(super) queues: Vec<DrainCounter>,
     /// io_urings prepared for each iothread, taken on its first event.
@@ -84,8 +83,9 @@ impl VhostUserBlk {
         let queues = (0..export.config.num_queues)
             .map(|_| DrainCounter::default())
             .collect();
-        let writeback = !export.config.writethrough;
-        export.blk.set_write_cache(writeback);
+        // A new connection starts with the export's default (a reconnect
+        // of the same guest included: QEMU does not send its choice again).
+        export.blk.set_write_cache(export.default_writeback());
         let wakers = (0..threads)
             .map(|_| EventFd::new(EFD_NONBLOCK).map(Arc::new))
             .collect::<io::Result<Vec<_>>>()?;
@@ -105,7 +105,6 @@ impl VhostUserBlk {
         Ok(VhostUserBlk {
             export,
             mem: RwLock::new(None),
-            writeback: AtomicBool::new(writeback),
             queues,
             rings,
             wakers,
@@ -282,7 +281,7 @@ impl VhostUserBlk {
     pub(super) fn config(&self) -> DeviceConfig {
         DeviceConfig {
             params: self.export.params(),
-            writeback: self.writeback.load(Ordering::Relaxed),
+            writeback: self.export.writeback(),
         }
     }
 
@@ -315,18 +314,13 @@ impl VhostUserBlk {
         self.inflight_gen.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// SET_CONFIG of the writeback byte: the guest's choice.
     pub(super) fn set_writeback(&self, on: bool) {
-        let was = self.writeback.swap(on, Ordering::Relaxed);
-        self.export.blk.set_write_cache(on);
-        if was && !on {
-            // Writes completed while the cache was on must be durable once
-            // the guest sees write-through.
-            if let Err(e) = futures::executor::block_on(self.export.blk.flush()) {
-                log::warn!(
-                    "export {}: flush on switch to write-through failed: {e}",
-                    self.export.config.id
-                );
-            }
+        if let Err(e) = self.export.set_writeback(on) {
+            log::warn!(
+                "export {}: flush on switch to write-through failed: {e}",
+                self.export.config.id
+            );
         }
     }
 }

@@ -58,6 +58,11 @@ pub struct ExportState {
     notifier: Mutex<Option<Arc<ConfigNotifier>>>,
     /// The name the export's listening socket is bound to.
     pub(super) listener_name: Mutex<Vec<u8>>,
+    /// The write cache a new connection and a device reset start with:
+    /// the `writethrough` option, changed at run time by
+    /// x-block-export-set-writethrough (a migration destination takes the
+    /// guest's choice from the source this way).
+    writethrough: AtomicBool,
 }
 
 impl ExportState {
@@ -65,7 +70,6 @@ impl ExportState {
         blk.set_write_cache(!config.writethrough);
         let queue_requests = (0..config.num_queues).map(|_| AtomicU64::new(0)).collect();
         ExportState {
-            config,
             blk,
             engine,
             quiesce: AtomicUsize::new(0),
@@ -79,7 +83,38 @@ impl ExportState {
             wakers: Mutex::new(Vec::new()),
             notifier: Mutex::new(None),
             listener_name: Mutex::new(Vec::new()),
+            writethrough: AtomicBool::new(config.writethrough),
+            config,
         }
+    }
+
+    /// The write cache new connections and device resets start with.
+    pub fn default_writeback(&self) -> bool {
+        !self.writethrough.load(Ordering::Relaxed)
+    }
+
+    /// Whether the device's write cache is on now (the guest's choice, or
+    /// the default).
+    pub fn writeback(&self) -> bool {
+        self.blk.write_cache()
+    }
+
+    /// Switches the device's write cache. Writes completed while it was on
+    /// are flushed when it goes off: the guest, told write-through, counts
+    /// them durable.
+    pub fn set_writeback(&self, on: bool) -> Result<(), crate::block::BlockError> {
+        let was = self.blk.swap_write_cache(on);
+        if was && !on {
+            futures::executor::block_on(self.blk.flush())?;
+        }
+        Ok(())
+    }
+
+    /// x-block-export-set-writethrough: the new default, applied to the
+    /// device now too (the guest's config space reads it from here).
+    pub fn set_writethrough(&self, on: bool) -> Result<(), crate::block::BlockError> {
+        self.writethrough.store(on, Ordering::Relaxed);
+        self.set_writeback(!on)
     }
 
     pub fn is_quiesced(&self) -> bool {

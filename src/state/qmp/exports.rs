@@ -18,6 +18,7 @@ pub static COMMANDS: &[CommandDef<Arc<State>>] = &[
     crate::command!("block-export-add", block_export_add),
     crate::command!("block-export-del", block_export_del),
     crate::command!("query-block-exports", query_block_exports, no_args),
+    crate::command!("x-block-export-set-writethrough", set_writethrough),
     crate::command!("cont", cont, no_args),
     crate::command!("query-blockstats", query_blockstats),
     crate::command!("block-latency-histogram-set", histogram_set),
@@ -58,8 +59,50 @@ fn query_block_exports(state: &Arc<State>) -> Result<Value, QmpError> {
             "id": e.id,
             "node-name": e.node_name,
             "shutting-down": e.shutting_down,
+            // The device's write cache now: the guest's choice (an
+            // extension; a migration copies it to the destination's export).
+            "writethrough": !e.writeback,
         }))
         .collect::<Vec<_>>()))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct SetWritethrough {
+    id: String,
+    #[serde(deserialize_with = "opts::bool")]
+    writethrough: bool,
+}
+
+/// x-block-export-set-writethrough: the export's `writethrough` option at
+/// run time. It is the default of new connections and device resets, and
+/// applies to the device now (going to write-through flushes first). A
+/// live migration's destination gets the guest's choice this way: QEMU
+/// does not send the write cache the guest chose to the destination's
+/// backend, and the guest does not ask again.
+fn set_writethrough(state: &Arc<State>, a: SetWritethrough) -> Result<(), QmpError> {
+    let Some(e) = state.export(&a.id) else {
+        return Err(QmpError::not_found(format!(
+            "Export '{}' is not found",
+            a.id
+        )));
+    };
+    e.set_writethrough(a.writethrough).map_err(|err| {
+        QmpError::generic(format!(
+            "export '{}': flush before switching to write-through failed: {err}",
+            a.id
+        ))
+    })?;
+    log::info!(
+        "export {}: write cache set to {} by the monitor",
+        a.id,
+        if a.writethrough {
+            "write-through"
+        } else {
+            "write-back"
+        }
+    );
+    Ok(())
 }
 
 /// cont: exports stopped by an error policy go on.
