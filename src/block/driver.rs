@@ -102,6 +102,24 @@ pub trait BlockDriver: Send + Sync + 'static {
     /// away (management threads only).
     fn close(&self) {}
 
+    /// blockdev-set-active false: writes out what the driver keeps in
+    /// memory (caches, persistent bitmaps, a clean header) so that another
+    /// process may open the image; called in a drained section, before the
+    /// node is marked inactive (its children are still active).
+    fn inactivate(&self, node: &Node) -> Result<(), String> {
+        let _ = node;
+        Ok(())
+    }
+
+    /// blockdev-set-active true: reads again what another process may
+    /// have changed while the node was inactive (size, metadata, bitmaps),
+    /// dropping what was cached before. Called in a drained section, after
+    /// the children were activated and the node's locks taken.
+    fn activate(&self, node: &Node) -> Result<(), String> {
+        let _ = node;
+        Ok(())
+    }
+
     /// Takes the image locks for what the node's parents take and do not
     /// share (protocol drivers over a file).
     fn update_locks(&self, perm: Perm, shared: Perm) -> Result<(), String> {

@@ -71,6 +71,10 @@ pub struct BlkdebugOptions {
     pub detect_zeroes: super::DetectZeroes,
     #[serde(default, deserialize_with = "opts::bool")]
     pub force_share: bool,
+    /// QEMU 10's `active`: off opens the node inactive (no write lock,
+    /// no write); absent means on, or inactive under an inactive parent.
+    #[serde(default, deserialize_with = "opts::opt_bool")]
+    pub active: Option<bool>,
     #[serde(default)]
     pub cache: super::CacheOptions,
     /// Anything else is refused with QEMU's words (not serde's).

@@ -85,6 +85,10 @@ pub struct FileOptions {
     pub detect_zeroes: super::DetectZeroes,
     #[serde(default, deserialize_with = "opts::bool")]
     pub force_share: bool,
+    /// QEMU 10's `active`: off opens the node inactive (no write lock,
+    /// no write); absent means on, or inactive under an inactive parent.
+    #[serde(default, deserialize_with = "opts::opt_bool")]
+    pub active: Option<bool>,
 }
 
 /// The driver's state. What blockdev-reopen may change is atomic: it is
@@ -579,6 +583,32 @@ impl FileDriver {
         check_locks(fd, perm, unshared, &self.filename)?;
         self.apply_locks(fd, perm, unshared).map_err(err)?;
         *self.locks.lock().unwrap_or_else(|e| e.into_inner()) = (perm, unshared);
+        Ok(())
+    }
+
+    /// Activation: the size again from the file (another process may
+    /// have resized it while the node was inactive).
+    pub fn reread_size(&self) -> Result<(), String> {
+        let file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let size = if self.block_device {
+            let mut size: u64 = 0;
+            // SAFETY: BLKGETSIZE64 writes one u64 to the pointer we pass,
+            // which points at a live local.
+            let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size) };
+            if r < 0 {
+                return Err(format!(
+                    "cannot get the size of '{}': {}",
+                    self.filename,
+                    io::Error::last_os_error()
+                ));
+            }
+            size
+        } else {
+            file.metadata()
+                .map_err(|e| format!("cannot get the size of '{}': {e}", self.filename))?
+                .len()
+        };
+        self.size.store(size, Ordering::Relaxed);
         Ok(())
     }
 
