@@ -167,6 +167,14 @@ fn raw_handoff_between_two_daemons() {
     assert_eq!(va.write(0, 0, &p2), S_OK);
     assert_eq!(read_file_at(&img, 64 * 512, 4096), vec![0u8; 4096]);
 
+    // A node under an active parent stays active (QEMU's words).
+    let e = err(&qa.execute(
+        "blockdev-set-active",
+        json!({"node-name": "fa", "active": false}),
+    ));
+    assert_eq!(e, "Node has active parent node");
+    assert_eq!(node_info(&mut qa, "fa")["active"], true);
+
     // A resizes, then hands over.
     ok(&qa.execute("block_resize", json!({"node-name": "a", "size": 32 * MIB})));
     ok(&qa.execute("blockdev-set-active", json!({"active": false})));
@@ -315,7 +323,33 @@ fn qcow2_handoff_rereads_tables_and_bitmaps() {
         &format!("read -P {} {} 1", mine[0], 5 * MIB),
         &i,
     ]);
-    drop(va);
+    // And back to A (a migration that failed late): A reads B's clusters
+    // and bitmap bits, and allocates more without touching them.
+    ok(&qa.execute(
+        "blockdev-set-active",
+        json!({"node-name": "a", "active": true}),
+    ));
+    let (st, got) = va.read(0, 5 * MIB / 512, 65536);
+    assert_eq!(st, S_OK);
+    assert!(got == mine, "A reads what B wrote");
+    let more = pattern(77, 65536);
+    assert_eq!(va.write(0, 7 * MIB / 512, &more), S_OK);
+    let na = node_info(&mut qa, "a");
+    let bm = na["dirty-bitmaps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "bm0")
+        .unwrap()
+        .clone();
+    assert_eq!(bm["count"], 8 * 65536, "{bm}");
+    for (sector, data) in &writes {
+        let (_, got) = va.read(0, *sector, 65536);
+        assert!(got == *data, "A's first data at sector {sector}");
+    }
+    ok(&qa.execute("blockdev-set-active", json!({"active": false})));
+    let check = sh(&["qemu-img", "check", "-U", &i]);
+    assert!(check.contains("No errors were found"), "{check}");
 }
 
 /// An inactive node refuses writes from QMP with its name; an export
@@ -405,4 +439,111 @@ fn exports_and_qmp_on_inactive_nodes() {
     );
     assert_eq!(node_info(&mut qa, "a")["active"], true);
     assert_eq!(v2.write(0, 8, &[1u8; 512]), S_OK);
+}
+
+/// What changes an inactive qcow2 image from QMP is refused with the
+/// node's name: internal snapshots, persistent bitmaps, the backing file
+/// name, a job's target, the size; the image stays as it was.
+#[test]
+fn qmp_metadata_writes_on_an_inactive_node_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.qcow2");
+    let i = img.display().to_string();
+    sh(&["qemu-img", "create", "-q", "-f", "qcow2", &i, "16M"]);
+    let before = std::fs::read(&img).unwrap();
+    let (_a, mut qa, _sa) = daemon(
+        dir.path(),
+        "a",
+        &[
+            format!("driver=qcow2,node-name=a,file.driver=file,file.filename={i},active=off"),
+            "driver=null-co,node-name=src,size=16M".into(),
+        ],
+        "vhost-user-blk,id=ea,node-name=a,writable=on,allow-inactive=on",
+    );
+    let refused = [
+        (
+            "blockdev-snapshot-internal-sync",
+            json!({"device": "a", "name": "s1"}),
+        ),
+        (
+            "block-dirty-bitmap-add",
+            json!({"node": "a", "name": "b1", "persistent": true}),
+        ),
+        (
+            "change-backing-file",
+            json!({"device": "a", "image-node-name": "a", "backing-file": "/x"}),
+        ),
+        (
+            "blockdev-mirror",
+            json!({"job-id": "m", "device": "src", "target": "a", "sync": "full"}),
+        ),
+        (
+            "blockdev-backup",
+            json!({"job-id": "k", "device": "src", "target": "a", "sync": "full"}),
+        ),
+        ("block_resize", json!({"node-name": "a", "size": 32 * MIB})),
+    ];
+    for (cmd, args) in refused {
+        let e = err(&qa.execute(cmd, args));
+        assert!(e.contains("'a'") && e.contains("inactive"), "{cmd}: {e}");
+    }
+    assert!(std::fs::read(&img).unwrap() == before, "the image changed");
+}
+
+/// A block job on a node keeps it from being inactivated, as QEMU refuses
+/// while a job's BlockBackend needs write access; once the job is gone,
+/// the node goes inactive.
+#[test]
+fn a_block_job_keeps_its_nodes_active() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(16 * MIB)
+        .unwrap();
+    let (_a, mut qa, _sa) = daemon(
+        dir.path(),
+        "a",
+        &[
+            format!("driver=file,node-name=fa,filename={}", img.display()),
+            "driver=raw,node-name=a,file=fa".into(),
+            "driver=null-co,node-name=t,size=16M".into(),
+        ],
+        "vhost-user-blk,id=ea,node-name=a,writable=on,allow-inactive=on",
+    );
+    ok(&qa.execute(
+        "blockdev-mirror",
+        json!({"job-id": "m0", "device": "a", "target": "t", "sync": "full"}),
+    ));
+    qa.wait_event("BLOCK_JOB_READY", Duration::from_secs(30));
+    for args in [
+        json!({"active": false}),
+        json!({"node-name": "a", "active": false}),
+    ] {
+        let e = err(&qa.execute("blockdev-set-active", args));
+        assert!(
+            e.starts_with("Failed to inactivate node: Operation not permitted")
+                && e.contains("block job"),
+            "{e}"
+        );
+        assert_eq!(node_info(&mut qa, "a")["active"], true);
+        assert_eq!(node_info(&mut qa, "t")["active"], true);
+    }
+    ok(&qa.execute("block-job-cancel", json!({"device": "m0"})));
+    qa.wait_event("BLOCK_JOB_COMPLETED", Duration::from_secs(30));
+    // The job lets go of its nodes as it ends, not always by the time the
+    // event is sent: the command is retried until the job has left.
+    let mut last = Value::Null;
+    for _ in 0..100 {
+        last = qa.execute(
+            "blockdev-set-active",
+            json!({"node-name": "a", "active": false}),
+        );
+        if last.get("return").is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ok(&last);
+    assert_eq!(node_info(&mut qa, "a")["active"], false);
 }

@@ -195,6 +195,19 @@ impl Node {
         self.active.load(Ordering::Acquire)
     }
 
+    /// Refuses, with the node's name, an operation that would write to an
+    /// inactive node (QMP commands that change an image).
+    pub fn ensure_active(&self) -> Result<(), String> {
+        if self.is_active() {
+            Ok(())
+        } else {
+            Err(BlockError::Inactive {
+                node: self.name.clone(),
+            }
+            .to_string())
+        }
+    }
+
     /// Marks the node active or inactive. The caller holds the node's
     /// users drained, then calls [`Node::refresh_locks`].
     pub fn set_active(&self, active: bool) {
