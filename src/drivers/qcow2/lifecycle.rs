@@ -352,6 +352,10 @@ impl Qcow2Driver {
     /// writes. The caller holds the node drained, its file active.
     pub fn activate(&self, node: &Node) -> Result<(), String> {
         let f = self.f();
+        // As the image is now: a backing image made writable for a commit
+        // (or made read-only since) is read as such.
+        let mut opts = self.opts.clone();
+        opts.read_only = self.is_read_only();
         let super::open::Loaded {
             hdr,
             g,
@@ -359,7 +363,7 @@ impl Qcow2Driver {
             snapshots,
             bitmaps: (loaded, on_disk),
             lazy,
-        } = super::open::load(&self.opts, f, true).map_err(|e| e.to_string())?;
+        } = super::open::load(&opts, f, true).map_err(|e| e.to_string())?;
         if g.cs != self.g.cs {
             return Err(format!(
                 "node '{}': the cluster size changed ({} -> {} bytes) while the node was inactive",
