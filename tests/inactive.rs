@@ -221,10 +221,13 @@ fn qcow2_handoff_rereads_tables_and_bitmaps() {
         dir.path(),
         "a",
         &[format!(
-            "driver=qcow2,node-name=a,file.driver=file,file.filename={i}"
+            "driver=qcow2,node-name=a,file.driver=file,file.filename={i},lazy-refcounts=on"
         )],
         "vhost-user-blk,id=ea,node-name=a,writable=on,allow-inactive=on",
     );
+    // Lazy refcounts: A keeps the dirty bit set while it writes.
+    let dirty = || read_file_at(&img, 72, 8)[7] & 1 == 1;
+    assert!(dirty(), "A set the dirty bit");
     // B opens it before A writes anything: its first view is empty.
     let (_b, mut qb, sb) = daemon(
         dir.path(),
@@ -257,12 +260,13 @@ fn qcow2_handoff_rereads_tables_and_bitmaps() {
         json!({"node-name": "a", "active": false}),
     ));
     assert_eq!(node_info(&mut qa, "a")["active"], false);
-    // Written back: the image is consistent with A inactive, its bitmap
-    // stored.
+    // Written back: the image is consistent with A inactive (the dirty
+    // bit cleared), its bitmap stored and no longer in use.
+    assert!(!dirty(), "A cleared the dirty bit as it inactivated");
     let check = sh(&["qemu-img", "check", "-U", &i]);
     assert!(check.contains("No errors were found"), "{check}");
     let info = sh(&["qemu-img", "info", "-U", &i]);
-    assert!(info.contains("bm0"), "{info}");
+    assert!(info.contains("bm0") && !info.contains("in-use"), "{info}");
 
     ok(&qb.execute(
         "blockdev-set-active",
