@@ -68,7 +68,7 @@ impl BlockDriver for FileDriver {
         FileDriver::update_locks(self, perm, shared)
     }
     fn activate(&self, _node: &Node) -> Result<(), String> {
-        FileDriver::reread_size(self)
+        FileDriver::activate(self)
     }
     fn filename(&self) -> Option<&str> {
         Some(FileDriver::filename(self))

@@ -586,10 +586,34 @@ impl FileDriver {
         Ok(())
     }
 
-    /// Activation: the size again from the file (another process may
-    /// have resized it while the node was inactive).
-    pub fn reread_size(&self) -> Result<(), String> {
+    /// Activation (QEMU's raw_co_invalidate_cache): the page cache of the
+    /// file is dropped, so that reads do not return what it held before
+    /// another host wrote the image (shared storage), and the size is read
+    /// again (another process may have resized the file).
+    pub fn activate(&self) -> Result<(), String> {
         let file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.direct.load(Ordering::Relaxed) {
+            // As QEMU: flush what is dirty first (nothing, normally: an
+            // inactive node writes nothing), then drop; failures cost
+            // only the cache's freshness and are logged.
+            if let Err(e) = file.sync_data() {
+                log::warn!(
+                    "file {}: fdatasync before dropping the page cache: {e}",
+                    self.filename
+                );
+            }
+            // SAFETY: posix_fadvise only reads its integer arguments; the
+            // descriptor is owned by `file`, held open by the guard.
+            let r =
+                unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            if r != 0 {
+                log::warn!(
+                    "file {}: cannot drop the page cache: {}",
+                    self.filename,
+                    io::Error::from_raw_os_error(r)
+                );
+            }
+        }
         let size = if self.block_device {
             let mut size: u64 = 0;
             // SAFETY: BLKGETSIZE64 writes one u64 to the pointer we pass,
