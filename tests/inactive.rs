@@ -550,3 +550,60 @@ fn a_block_job_keeps_its_nodes_active() {
     ok(&last);
     assert_eq!(node_info(&mut qa, "a")["active"], false);
 }
+
+/// A node used by two nodes goes inactive with the last of them (QEMU's
+/// bdrv_has_bds_parent), and with both when every node is inactivated.
+#[test]
+fn a_shared_child_follows_its_last_active_parent() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(16 * MIB)
+        .unwrap();
+    let (_a, mut qa, _sa) = daemon(
+        dir.path(),
+        "a",
+        &[
+            format!("driver=file,node-name=fa,filename={}", img.display()),
+            "driver=raw,node-name=a,file=fa".into(),
+            "driver=raw,node-name=a2,file=fa,read-only=on".into(),
+        ],
+        "vhost-user-blk,id=ea,node-name=a,writable=on,allow-inactive=on",
+    );
+    let active =
+        |q: &mut Qmp| ["a", "a2", "fa"].map(|n| node_info(q, n)["active"].as_bool().unwrap());
+    ok(&qa.execute(
+        "blockdev-set-active",
+        json!({"node-name": "a", "active": false}),
+    ));
+    assert_eq!(active(&mut qa), [false, true, true], "a2 still uses fa");
+    ok(&qa.execute(
+        "blockdev-set-active",
+        json!({"node-name": "a2", "active": false}),
+    ));
+    assert_eq!(active(&mut qa), [false, false, false]);
+    ok(&qa.execute("blockdev-set-active", json!({"active": true})));
+    assert_eq!(active(&mut qa), [true, true, true]);
+    // Every node, with one that cannot go (a writable export without
+    // allow-inactive on z): refused before any node changed.
+    ok(&qa.execute(
+        "blockdev-add",
+        json!({"driver": "null-co", "node-name": "z", "size": 16 * MIB}),
+    ));
+    ok(&qa.execute(
+        "block-export-add",
+        json!({"type": "vhost-user-blk", "id": "ez", "node-name": "z", "writable": true,
+               "addr": {"type": "unix", "path": dir.path().join("z.sock")}}),
+    ));
+    let e = err(&qa.execute("blockdev-set-active", json!({"active": false})));
+    assert!(e.contains("export 'ez'"), "{e}");
+    assert_eq!(active(&mut qa), [true, true, true], "nothing changed");
+    ok(&qa.execute("block-export-del", json!({"id": "ez"})));
+    qa.wait_event("BLOCK_EXPORT_DELETED", Duration::from_secs(10));
+    ok(&qa.execute("blockdev-set-active", json!({"active": false})));
+    assert_eq!(active(&mut qa), [false, false, false], "all of them");
+    // The write lock is gone: qemu-io may write the image now.
+    let i = img.display().to_string();
+    sh(&["qemu-io", "-f", "raw", "-c", "write -P 7 0 4k", &i]);
+}

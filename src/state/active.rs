@@ -41,37 +41,21 @@ pub enum ActiveError {
 }
 
 /// Nodes in the order inactivation visits them (parents before children):
-/// `top` and every node below whose node parents all become inactive.
+/// `tops` and every node below them whose node parents are all in the set
+/// or inactive already (QEMU's bdrv_has_bds_parent: a node another active
+/// node uses stays active).
 fn inactivation_set(
-    top: &Arc<Node>,
+    tops: &[Arc<Node>],
     is_node: &dyn Fn(&str) -> Option<Arc<Node>>,
 ) -> Vec<Arc<Node>> {
     let mut set: Vec<Arc<Node>> = Vec::new();
-    let mut queue = vec![top.clone()];
-    while let Some(n) = queue.pop() {
-        if set.iter().any(|s| Arc::ptr_eq(s, &n)) {
-            continue;
-        }
-        // A node with another active parent node stays active (QEMU's
-        // bdrv_has_bds_parent): it is reached from that parent.
-        let active_parent = n.parent_links().iter().any(|(p, role, _, _)| {
-            *role != ChildRole::Root
-                && is_node(p)
-                    .is_some_and(|pn| pn.is_active() && !set.iter().any(|s| Arc::ptr_eq(s, &pn)))
-        });
-        if active_parent && !Arc::ptr_eq(&n, top) {
-            // Visited again once its other parents are in the set.
-            continue;
-        }
-        set.push(n.clone());
-        for c in n.children() {
-            queue.push(c.node().clone());
+    for t in tops {
+        if !set.iter().any(|s| Arc::ptr_eq(s, t)) {
+            set.push(t.clone());
         }
     }
-    // A child seen before a second parent joined the set: look again.
-    let mut changed = true;
-    while changed {
-        changed = false;
+    let in_set = |set: &[Arc<Node>], n: &Arc<Node>| set.iter().any(|s| Arc::ptr_eq(s, n));
+    loop {
         let candidates: Vec<Arc<Node>> = set
             .iter()
             .flat_map(|n| {
@@ -81,23 +65,24 @@ fn inactivation_set(
                     .collect::<Vec<_>>()
             })
             .collect();
+        let mut added = false;
         for c in candidates {
-            if set.iter().any(|s| Arc::ptr_eq(s, &c)) {
+            if in_set(&set, &c) {
                 continue;
             }
-            let active_parent = c.parent_links().iter().any(|(p, role, _, _)| {
+            let held = c.parent_links().iter().any(|(p, role, _, _)| {
                 *role != ChildRole::Root
-                    && is_node(p).is_some_and(|pn| {
-                        pn.is_active() && !set.iter().any(|s| Arc::ptr_eq(s, &pn))
-                    })
+                    && is_node(p).is_some_and(|pn| pn.is_active() && !in_set(&set, &pn))
             });
-            if !active_parent {
+            if !held {
                 set.push(c);
-                changed = true;
+                added = true;
             }
         }
+        if !added {
+            return set;
+        }
     }
-    set
 }
 
 impl State {
@@ -111,27 +96,29 @@ impl State {
             None => {
                 let g = self.graph();
                 let all: Vec<Arc<Node>> = g.nodes().cloned().collect();
-                // Inactivate all: the top nodes (no node parent); the
+                // Inactivate all: the nodes no active node uses; the
                 // rest follows them. Activate all: every node.
                 all.iter()
                     .filter(|n| {
                         active
                             || n.parent_links().iter().all(|(p, role, _, _)| {
-                                *role == ChildRole::Root || g.get(p).is_err()
+                                *role == ChildRole::Root
+                                    || g.get(p).map_or(true, |pn| !pn.is_active())
                             })
                     })
                     .cloned()
                     .collect()
             }
         };
-        for n in &nodes {
-            if active {
+        if active {
+            for n in &nodes {
                 self.activate(n)?;
-            } else {
-                self.inactivate(n)?;
             }
+            Ok(())
+        } else {
+            let set = self.inactivation_plan(&nodes)?;
+            self.inactivate_set(&set)
         }
-        Ok(())
     }
 
     fn node_named(&self, name: &str) -> Option<Arc<Node>> {
@@ -141,17 +128,27 @@ impl State {
     /// Inactivates `top` and the nodes below it that only inactive nodes
     /// use; nothing changes when it is refused.
     pub fn inactivate(&self, top: &Arc<Node>) -> Result<(), StateError> {
-        if !top.is_active() {
-            return Ok(());
-        }
+        let set = self.inactivation_plan(std::slice::from_ref(top))?;
+        self.inactivate_set(&set)
+    }
+
+    /// The nodes inactivating `tops` inactivates, in order, after the
+    /// checks that refuse it (nothing changed then). Tops that are
+    /// inactive already are left out (QEMU 10 accepts inactivating them).
+    fn inactivation_plan(&self, tops: &[Arc<Node>]) -> Result<Vec<Arc<Node>>, StateError> {
+        let tops: Vec<Arc<Node>> = tops.iter().filter(|t| t.is_active()).cloned().collect();
         let lookup = |p: &str| self.node_named(p);
-        let has_active_parent = top.parent_links().iter().any(|(p, role, _, _)| {
-            *role != ChildRole::Root && lookup(p).is_some_and(|pn| pn.is_active())
-        });
-        if has_active_parent {
-            return Err(ActiveError::ActiveParent.into());
+        let in_tops = |n: &Arc<Node>| tops.iter().any(|t| Arc::ptr_eq(t, n));
+        for top in &tops {
+            let has_active_parent = top.parent_links().iter().any(|(p, role, _, _)| {
+                *role != ChildRole::Root
+                    && lookup(p).is_some_and(|pn| pn.is_active() && !in_tops(&pn))
+            });
+            if has_active_parent {
+                return Err(ActiveError::ActiveParent.into());
+            }
         }
-        let set: Vec<Arc<Node>> = inactivation_set(top, &lookup)
+        let set: Vec<Arc<Node>> = inactivation_set(&tops, &lookup)
             .into_iter()
             .filter(|n| n.is_active())
             .collect();
@@ -187,26 +184,38 @@ impl State {
                 }
             }
         }
+        Ok(set)
+    }
+
+    /// Inactivates the planned nodes, parents first, in one drained
+    /// section; the nodes marked inactive release their write locks even
+    /// when a later one fails.
+    fn inactivate_set(&self, set: &[Arc<Node>]) -> Result<(), StateError> {
+        if set.is_empty() {
+            return Ok(());
+        }
+        let mut marked: Vec<Arc<Node>> = Vec::new();
         let refs: Vec<&Node> = set.iter().map(|n| &**n).collect();
-        self.drained_many(&refs, || -> Result<(), ActiveError> {
-            for n in &set {
+        let r = self.drained_many(&refs, || -> Result<(), ActiveError> {
+            for n in set {
                 futures::executor::block_on(n.flush()).map_err(|e| {
                     ActiveError::Inactivate(format!("flush of node '{}': {e}", n.name()))
                 })?;
                 n.driver_inactivate().map_err(ActiveError::Inactivate)?;
                 n.set_active(false);
+                marked.push(n.clone());
             }
             Ok(())
-        })?;
+        });
         // A reader's lock only, children last (the format's edge to its
         // file shares writes now).
-        for n in &set {
+        for n in &marked {
             if let Err(e) = n.refresh_locks() {
                 log::warn!("node {}: releasing the image locks: {e}", n.name());
             }
             log::info!("node {}: inactive", n.name());
         }
-        Ok(())
+        r.map_err(Into::into)
     }
 
     /// Activates `node` and every node below it (children first): their
