@@ -146,7 +146,7 @@ impl State {
     pub fn add_blockdev(&self, opts: &BlockdevOptions) -> Result<Arc<Node>, GraphError> {
         let node = self.graph().add(opts)?;
         log::info!(
-            "node {} ({}): {} bytes{}",
+            "node {} ({}): {} bytes{}{}",
             node.name(),
             node.driver_name(),
             node.size(),
@@ -154,7 +154,8 @@ impl State {
                 ", read-only"
             } else {
                 ""
-            }
+            },
+            if node.is_active() { "" } else { ", inactive" }
         );
         Ok(node)
     }
