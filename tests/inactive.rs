@@ -607,3 +607,40 @@ fn a_shared_child_follows_its_last_active_parent() {
     let i = img.display().to_string();
     sh(&["qemu-io", "-f", "raw", "-c", "write -P 7 0 4k", &i]);
 }
+
+/// An activation that fails after the file node took its locks (the other
+/// process changed the image's geometry: `qemu-img amend` to 32-bit
+/// refcounts) puts the file node back: no write lock is left behind, and
+/// the image stays the other process's to use.
+#[test]
+fn a_failed_activation_leaves_no_lock_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.qcow2");
+    let i = img.display().to_string();
+    sh(&["qemu-img", "create", "-q", "-f", "qcow2", &i, "16M"]);
+    let (_a, mut qa, _sa) = daemon(
+        dir.path(),
+        "a",
+        &[format!(
+            "driver=qcow2,node-name=a,file.driver=file,file.filename={i},active=off"
+        )],
+        "vhost-user-blk,id=ea,node-name=a,writable=on,allow-inactive=on",
+    );
+    sh(&[
+        "qemu-img",
+        "amend",
+        "-f",
+        "qcow2",
+        "-o",
+        "refcount_bits=32",
+        &i,
+    ]);
+    let e = err(&qa.execute("blockdev-set-active", json!({"active": true})));
+    assert!(e.contains("geometry changed"), "{e}");
+    assert_eq!(node_info(&mut qa, "a")["active"], false);
+    assert_eq!(node_info(&mut qa, "a-file")["active"], false);
+    // No write lock of ours: qemu-io writes the image.
+    sh(&["qemu-io", "-f", "qcow2", "-c", "write -P 3 0 64k", &i]);
+    let check = sh(&["qemu-img", "check", &i]);
+    assert!(check.contains("No errors were found"), "{check}");
+}

@@ -227,7 +227,7 @@ impl State {
         }
         let exports = self.export_states();
         let before: Vec<u64> = exports.iter().map(|e| e.blk.node().size()).collect();
-        let r = self.drained(node, || activate_recurse(node));
+        let r = self.drained(node, || activate_tree(node));
         for (e, size) in exports.iter().zip(before) {
             if e.blk.node().size() != size {
                 log::info!(
@@ -247,11 +247,33 @@ pub(super) fn any_inactive(node: &Node) -> bool {
     !node.is_active() || node.children().iter().any(|c| any_inactive(c.node()))
 }
 
-fn activate_recurse(node: &Arc<Node>) -> Result<(), ActiveError> {
-    for c in node.children() {
-        activate_recurse(c.node())?;
+/// Activates `node` and the nodes below it, children first; on an error
+/// the nodes this call activated go back to inactive (parents first: a
+/// format writes back through its file), so that a failed activation
+/// leaves no write lock behind.
+fn activate_tree(node: &Arc<Node>) -> Result<(), ActiveError> {
+    let mut done: Vec<Arc<Node>> = Vec::new();
+    let r = activate_recurse(node, &mut done);
+    if r.is_err() {
+        for n in done.iter().rev() {
+            if let Err(e) = n.driver_inactivate() {
+                log::warn!("node {}: back to inactive: {e}", n.name());
+            }
+            n.set_active(false);
+            if let Err(e) = n.refresh_locks() {
+                log::warn!("node {}: {e}", n.name());
+            }
+            log::info!("node {}: inactive again (the activation failed)", n.name());
+        }
     }
-    if node.is_active() {
+    r
+}
+
+fn activate_recurse(node: &Arc<Node>, done: &mut Vec<Arc<Node>>) -> Result<(), ActiveError> {
+    for c in node.children() {
+        activate_recurse(c.node(), done)?;
+    }
+    if node.is_active() || done.iter().any(|d| Arc::ptr_eq(d, node)) {
         return Ok(());
     }
     node.set_active(true);
@@ -270,6 +292,7 @@ fn activate_recurse(node: &Arc<Node>) -> Result<(), ActiveError> {
         return Err(ActiveError::Activate(e));
     }
     node.resize_bitmaps();
+    done.push(node.clone());
     log::info!("node {}: active", node.name());
     Ok(())
 }

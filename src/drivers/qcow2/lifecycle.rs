@@ -364,10 +364,13 @@ impl Qcow2Driver {
             bitmaps: (loaded, on_disk),
             lazy,
         } = super::open::load(&opts, f, true).map_err(|e| e.to_string())?;
-        if g.cs != self.g.cs {
+        // The geometry is fixed for the driver's life (requests in other
+        // threads read it without the lock); `qemu-img amend` by the other
+        // process (refcount width, version) needs the node opened again.
+        if g != self.g {
             return Err(format!(
-                "node '{}': the cluster size changed ({} -> {} bytes) while the node was inactive",
-                self.name, self.g.cs, g.cs
+                "node '{}': the image's geometry changed while the node was inactive ({:?} -> {:?}); open it again",
+                self.name, self.g, g
             ));
         }
         *futures::executor::block_on(self.meta.lock()) = m;
