@@ -452,8 +452,13 @@ fn qmp_metadata_writes_on_an_inactive_node_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.qcow2");
     let i = img.display().to_string();
-    sh(&["qemu-img", "create", "-q", "-f", "qcow2", &i, "16M"]);
-    let before = std::fs::read(&img).unwrap();
+    let base = dir.path().join("base.qcow2");
+    let b = base.display().to_string();
+    sh(&["qemu-img", "create", "-q", "-f", "qcow2", &b, "16M"]);
+    sh(&[
+        "qemu-img", "create", "-q", "-f", "qcow2", "-b", &b, "-F", "qcow2", &i,
+    ]);
+    let before = (std::fs::read(&img).unwrap(), std::fs::read(&base).unwrap());
     let (_a, mut qa, _sa) = daemon(
         dir.path(),
         "a",
@@ -485,12 +490,19 @@ fn qmp_metadata_writes_on_an_inactive_node_are_refused() {
             json!({"job-id": "k", "device": "src", "target": "a", "sync": "full"}),
         ),
         ("block_resize", json!({"node-name": "a", "size": 32 * MIB})),
+        ("block-stream", json!({"job-id": "s", "device": "a"})),
     ];
     for (cmd, args) in refused {
         let e = err(&qa.execute(cmd, args));
         assert!(e.contains("'a'") && e.contains("inactive"), "{cmd}: {e}");
     }
-    assert!(std::fs::read(&img).unwrap() == before, "the image changed");
+    // The backing file opened from the header is inactive too: commit
+    // into it is refused.
+    assert_eq!(node_info(&mut qa, "a-backing")["active"], false);
+    let e = err(&qa.execute("block-commit", json!({"job-id": "c", "device": "a"})));
+    assert!(e.contains("'a-backing'") && e.contains("inactive"), "{e}");
+    let after = (std::fs::read(&img).unwrap(), std::fs::read(&base).unwrap());
+    assert!(after == before, "the images changed");
 }
 
 /// A block job on a node keeps it from being inactivated, as QEMU refuses

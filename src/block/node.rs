@@ -374,6 +374,7 @@ impl Node {
     /// base, stream into an intermediate image). The caller holds the
     /// node's users drained; on an error nothing has changed.
     pub fn reopen_writable(&self) -> Result<(), String> {
+        self.ensure_active()?;
         self.driver.reopen_writable(self)
     }
 
