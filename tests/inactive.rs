@@ -615,6 +615,20 @@ fn a_shared_child_follows_its_last_active_parent() {
     qa.wait_event("BLOCK_EXPORT_DELETED", Duration::from_secs(10));
     ok(&qa.execute("blockdev-set-active", json!({"active": false})));
     assert_eq!(active(&mut qa), [false, false, false], "all of them");
+    // An inactive node serves inactive parents only (QEMU's words).
+    let e = err(&qa.execute(
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "r2", "file": "fa"}),
+    ));
+    assert!(
+        e.contains("Inactive 'fa' can't be a file child of active 'r2'"),
+        "{e}"
+    );
+    ok(&qa.execute(
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "r3", "file": "fa", "active": false, "read-only": true}),
+    ));
+    assert_eq!(node_info(&mut qa, "r3")["active"], false);
     // The write lock is gone: qemu-io may write the image now.
     let i = img.display().to_string();
     sh(&["qemu-io", "-f", "raw", "-c", "write -P 7 0 4k", &i]);

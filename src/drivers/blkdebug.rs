@@ -296,7 +296,13 @@ impl BlkdebugDriver {
             }
         }
 
-        let child = super::open_child(graph, &o.node_name, &o.image, super::DiscardMode::Ignore)?;
+        let child = super::open_child(
+            graph,
+            &o.node_name,
+            "image",
+            &o.image,
+            super::DiscardMode::Ignore,
+        )?;
         let child_align = u64::from(child.request_alignment());
         // QEMU's blkdebug_open, in its order and words.
         if align != 0 && (align >= i32::MAX as u64 || !align.is_power_of_two()) {

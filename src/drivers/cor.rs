@@ -59,7 +59,13 @@ pub struct CorDriver {
 
 impl CorDriver {
     pub fn open(o: &CorOptions, graph: &mut Graph) -> Result<Self, GraphError> {
-        let child = super::open_child(graph, &o.node_name, &o.file, super::DiscardMode::Ignore)?;
+        let child = super::open_child(
+            graph,
+            &o.node_name,
+            "file",
+            &o.file,
+            super::DiscardMode::Ignore,
+        )?;
         let bottom_depth = match &o.bottom {
             None => None,
             Some(b) => {

@@ -72,6 +72,7 @@ pub enum BlockdevRef {
 pub(crate) fn open_child(
     graph: &mut Graph,
     parent: &str,
+    child_name: &str,
     r: &BlockdevRef,
     parent_discard: DiscardMode,
 ) -> Result<Arc<Node>, GraphError> {
@@ -83,7 +84,9 @@ pub(crate) fn open_child(
             if opening_active() && !child.is_active() {
                 return Err(GraphError::Open {
                     node: parent.to_string(),
-                    reason: format!("Inactive '{name}' can't be a child of active '{parent}'"),
+                    reason: format!(
+                        "Inactive '{name}' can't be a {child_name} child of active '{parent}'"
+                    ),
                 });
             }
             Ok(child)

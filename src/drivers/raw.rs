@@ -74,7 +74,7 @@ pub struct RawDriver {
 
 impl RawDriver {
     pub fn open(o: &RawOptions, graph: &mut Graph) -> Result<Self, GraphError> {
-        let child = super::open_child(graph, &o.node_name, &o.file, o.discard)?;
+        let child = super::open_child(graph, &o.node_name, "file", &o.file, o.discard)?;
         let err = |reason: String| GraphError::Open {
             node: o.node_name.clone(),
             reason,

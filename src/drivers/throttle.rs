@@ -52,7 +52,13 @@ impl ThrottleDriver {
                 node: o.node_name.clone(),
                 reason: format!("throttle group '{}' does not exist", o.throttle_group),
             })?;
-        let child = super::open_child(graph, &o.node_name, &o.file, super::DiscardMode::Ignore)?;
+        let child = super::open_child(
+            graph,
+            &o.node_name,
+            "file",
+            &o.file,
+            super::DiscardMode::Ignore,
+        )?;
         let mut perm = Perm::CONSISTENT_READ;
         if !o.read_only {
             perm = perm | Perm::WRITE;

@@ -131,7 +131,9 @@ impl Qcow2Driver {
         let name = o.node_name.as_str();
         let node = match &o.backing {
             Some(None) => return Ok(None),
-            Some(Some(r)) => crate::drivers::open_child(graph, name, r, DiscardMode::Ignore)?,
+            Some(Some(r)) => {
+                crate::drivers::open_child(graph, name, "backing", r, DiscardMode::Ignore)?
+            }
             None => {
                 let Some(bf) = &hdr.backing_file else {
                     return Ok(None);
@@ -287,7 +289,7 @@ pub(super) fn load(o: &Qcow2Options, f: &Node, active: bool) -> Result<Loaded, G
 /// Opens the file child and attaches it with a format's permissions.
 fn attach_file(o: &Qcow2Options, graph: &mut Graph) -> Result<Child, GraphError> {
     let name = o.node_name.as_str();
-    let child = crate::drivers::open_child(graph, name, &o.file, o.discard)?;
+    let child = crate::drivers::open_child(graph, name, "file", &o.file, o.discard)?;
     // As QEMU's format drivers: no one else may write or resize the
     // file under the metadata, read-only or not.
     let (perm, shared) = if o.read_only {
