@@ -217,7 +217,7 @@ fn qcow2_handoff_rereads_tables_and_bitmaps() {
     let img = dir.path().join("disk.qcow2");
     let i = img.display().to_string();
     sh(&["qemu-img", "create", "-q", "-f", "qcow2", &i, "16M"]);
-    let (_a, mut qa, sa) = daemon(
+    let (mut a, mut qa, sa) = daemon(
         dir.path(),
         "a",
         &[format!(
@@ -354,6 +354,11 @@ fn qcow2_handoff_rereads_tables_and_bitmaps() {
     ok(&qa.execute("blockdev-set-active", json!({"active": false})));
     let check = sh(&["qemu-img", "check", "-U", &i]);
     assert!(check.contains("No errors were found"), "{check}");
+    // An inactive daemon exits cleanly and writes nothing as it does.
+    let image = std::fs::read(&img).unwrap();
+    drop(va);
+    assert!(a.terminate().success(), "{}", a.log());
+    assert!(std::fs::read(&img).unwrap() == image, "written at exit");
 }
 
 /// An inactive node refuses writes from QMP with its name; an export
