@@ -10,8 +10,9 @@
 //!                  header), marked inactive; then the locks drop to a
 //!                  reader's (another process may take the write lock)
 //!   activate N     children first; each: the locks taken (fails with the
-//!                  lock error, the node stays inactive), the driver reads
-//!                  the image again (size, qcow2 metadata, bitmaps)
+//!                  lock error), the driver reads the image again (page
+//!                  cache, size, qcow2 metadata, bitmaps); on a failure the
+//!                  nodes this call activated go back to inactive
 //!                  exports whose capacity changed get a config change
 //! ```
 
