@@ -199,6 +199,8 @@ pub struct ExportConfig {
     pub poll_max_ns_given: bool,
     /// `fixed-iothread`: accepted; our exports never move between threads.
     pub fixed_iothread: bool,
+    /// `allow-inactive` (QEMU 10): see VhostUserBlkOptions::allow_inactive.
+    pub allow_inactive: bool,
     /// Most guest-memory regions a frontend may map at once.
     pub max_mem_regions: u64,
     /// Most guest memory (bytes) a frontend may map at once.
@@ -615,6 +617,7 @@ impl TryFrom<VhostUserBlkOptions> for ExportConfig {
             poll_max_ns_given: o.poll_max_ns.is_some(),
             iothreads,
             fixed_iothread: o.fixed_iothread,
+            allow_inactive: o.allow_inactive,
             max_mem_regions,
             max_guest_memory,
         })
@@ -719,6 +722,7 @@ impl Args {
             auto_read_only: false,
             detect_zeroes: Default::default(),
             force_share: false,
+            active: None,
             aio: Default::default(),
             locking: crate::drivers::Locking::Auto,
         });
@@ -733,6 +737,7 @@ impl Args {
                 auto_read_only: false,
                 detect_zeroes: Default::default(),
                 force_share: false,
+                active: None,
                 cache: CacheOptions::default(),
                 probed,
             }),
@@ -758,6 +763,7 @@ impl Args {
             num_iothreads: self.num_iothreads.map(u64::from),
             iothread: None,
             fixed_iothread: false,
+            allow_inactive: false,
             max_mem_regions: None,
             max_guest_memory: None,
             on_read_error: None,

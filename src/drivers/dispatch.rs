@@ -67,6 +67,9 @@ impl BlockDriver for FileDriver {
     fn update_locks(&self, perm: Perm, shared: Perm) -> Result<(), String> {
         FileDriver::update_locks(self, perm, shared)
     }
+    fn activate(&self, _node: &Node) -> Result<(), String> {
+        FileDriver::activate(self)
+    }
     fn filename(&self) -> Option<&str> {
         Some(FileDriver::filename(self))
     }
@@ -149,6 +152,10 @@ impl BlockDriver for NullDriver {
 impl BlockDriver for RawDriver {
     fn name(&self) -> &'static str {
         "raw"
+    }
+    fn activate(&self, _node: &Node) -> Result<(), String> {
+        RawDriver::reread_size(self);
+        Ok(())
     }
     fn size(&self) -> u64 {
         RawDriver::size(self)
@@ -288,6 +295,12 @@ impl BlockDriver for Qcow2Driver {
     }
     fn close(&self) {
         Qcow2Driver::close(self)
+    }
+    fn inactivate(&self, node: &Node) -> Result<(), String> {
+        Qcow2Driver::inactivate(self, node)
+    }
+    fn activate(&self, node: &Node) -> Result<(), String> {
+        Qcow2Driver::activate(self, node)
     }
     fn cluster_size(&self) -> Option<u64> {
         Some(Qcow2Driver::cluster_size(self))

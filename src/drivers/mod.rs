@@ -72,13 +72,30 @@ pub enum BlockdevRef {
 pub(crate) fn open_child(
     graph: &mut Graph,
     parent: &str,
+    child_name: &str,
     r: &BlockdevRef,
     parent_discard: DiscardMode,
 ) -> Result<Arc<Node>, GraphError> {
     match r {
-        BlockdevRef::Name(name) => graph.get(name),
+        BlockdevRef::Name(name) => {
+            let child = graph.get(name)?;
+            // QEMU's bdrv_attach_child_common: an inactive node cannot
+            // serve an active parent.
+            if opening_active() && !child.is_active() {
+                return Err(GraphError::Open {
+                    node: parent.to_string(),
+                    reason: format!(
+                        "Inactive '{name}' can't be a {child_name} child of active '{parent}'"
+                    ),
+                });
+            }
+            Ok(child)
+        }
         BlockdevRef::Inline(inner) => {
             let mut inner = (**inner).clone();
+            if inner.common().active.is_none() {
+                inner.set_active(opening_active());
+            }
             if inner.node_name().is_empty() {
                 inner.set_node_name(format!("{parent}-file"));
             }
@@ -128,6 +145,21 @@ pub struct CommonOptions {
     /// Open the image without taking its locks' shared-permission bytes
     /// (QEMU's force-share; needs `read-only=on`, as in QEMU).
     pub force_share: bool,
+    /// QEMU 10's `active` (None: not given).
+    pub active: Option<bool>,
+}
+
+thread_local! {
+    /// Whether the node being opened on this thread is active: its
+    /// children opened in place (inline, or backing files from a header)
+    /// inherit an inactive parent's state, as in QEMU.
+    static OPENING_ACTIVE: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// Whether the node being opened on this thread is active (false while an
+/// inactive node opens its children).
+pub(crate) fn opening_active() -> bool {
+    OPENING_ACTIVE.with(|a| a.get())
 }
 
 impl BlockdevOptions {
@@ -139,6 +171,7 @@ impl BlockdevOptions {
                     auto_read_only: $o.auto_read_only,
                     detect_zeroes: $o.detect_zeroes,
                     force_share: $o.force_share,
+                    active: $o.active,
                 }
             };
         }
@@ -202,6 +235,26 @@ impl BlockdevOptions {
             "raw" => de(inner).map(BlockdevOptions::Raw),
             "throttle" => de(inner).map(BlockdevOptions::Throttle),
             _ => serde_json::from_value(v).map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Whether the node opens active: as `active` says, else as the parent
+    /// being opened on this thread (inactive under an inactive parent).
+    pub fn opens_active(&self) -> bool {
+        self.common().active.unwrap_or_else(opening_active)
+    }
+
+    /// Sets `active` (an inline child of an inactive parent).
+    pub fn set_active(&mut self, active: bool) {
+        let a = Some(active);
+        match self {
+            BlockdevOptions::Blkdebug(o) => o.active = a,
+            BlockdevOptions::CopyOnRead(o) => o.active = a,
+            BlockdevOptions::File(o) | BlockdevOptions::HostDevice(o) => o.active = a,
+            BlockdevOptions::NullCo(o) => o.active = a,
+            BlockdevOptions::Qcow2(o) => o.active = a,
+            BlockdevOptions::Raw(o) => o.active = a,
+            BlockdevOptions::Throttle(o) => o.active = a,
         }
     }
 
@@ -294,7 +347,14 @@ impl Graph {
             node: opts.node_name().to_string(),
             reason,
         })?;
-        let node = self.insert_opened(opts.node_name(), opts.read_only(), |g| open(opts, g))?;
+        let active = opts.opens_active();
+        let was = OPENING_ACTIVE.with(|a| a.replace(active));
+        let opened = self.insert_opened(opts.node_name(), opts.read_only(), |g| open(opts, g));
+        OPENING_ACTIVE.with(|a| a.set(was));
+        let node = opened?;
+        // Before any parent attaches: an inactive node's file takes only
+        // a reader's lock.
+        node.set_active(active);
         node.set_detect_zeroes(opts.common().detect_zeroes);
         if let Some(f) = driver_as::<FileDriver>(&node) {
             // auto-read-only fell back to a read-only descriptor.

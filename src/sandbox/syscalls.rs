@@ -182,6 +182,9 @@ pub const IO: &[Syscall] = &[
     sys!(SYS_lseek),
     sys!(SYS_fsync),
     sys!(SYS_fdatasync),
+    // Activation of an inactive file node drops its page cache, as QEMU's
+    // raw_co_invalidate_cache (POSIX_FADV_DONTNEED).
+    sys!(SYS_fadvise64),
     sys!(SYS_fallocate),
     sys!(SYS_ftruncate),
     sys!(SYS_fstat),

@@ -17,6 +17,7 @@
 //! Locking: `graph` and `exports` are taken by management only (start-up,
 //! monitor threads), always in that order; the I/O path never takes them.
 
+mod active;
 mod error;
 mod exports;
 mod participant;
@@ -34,6 +35,7 @@ use crate::events::EventBus;
 use crate::io::EngineKind;
 use crate::vhost_user::{ExportState, ServerControl};
 
+pub use active::ActiveError;
 pub use error::{DataLost, ExportRefusal, ReopenError, StateError};
 pub use participant::{Busy, DrainParticipant, Resume};
 
@@ -146,7 +148,7 @@ impl State {
     pub fn add_blockdev(&self, opts: &BlockdevOptions) -> Result<Arc<Node>, GraphError> {
         let node = self.graph().add(opts)?;
         log::info!(
-            "node {} ({}): {} bytes{}",
+            "node {} ({}): {} bytes{}{}",
             node.name(),
             node.driver_name(),
             node.size(),
@@ -154,7 +156,8 @@ impl State {
                 ", read-only"
             } else {
                 ""
-            }
+            },
+            if node.is_active() { "" } else { ", inactive" }
         );
         Ok(node)
     }
