@@ -43,6 +43,13 @@ while [ $(($(cut -d. -f1 /proc/uptime) - start)) -lt "$RUN_SECS" ]; do
 done
 echo FIO-DONE
 echo "fio write+verify runs: $runs, verify-only runs: $reads, failed: $bad"
+# migrate.serial=S: the disk's serial, read on the destination (GET_ID
+# goes to the destination's daemon each time).
+SERIAL=$(sed -n 's/.*migrate.serial=\([^ ]*\).*/\1/p' /proc/cmdline)
+if [ -n "$SERIAL" ]; then
+    got=$(cat /sys/block/vda/serial)
+    check "the destination's disk has the same serial ('$got')" [ "$got" = "$SERIAL" ]
+fi
 # migrate.resize=1: the host grew the disk from 64 to 96 MiB on the source
 # before migrating; on the destination, data beyond the old end is written
 # and verified.

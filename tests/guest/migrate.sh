@@ -17,7 +17,7 @@
 #        export's image, so no lock handoff is needed (and 7.2 has none).
 #   vub  two vhost-user-blkd instances: dirty logging (LOG_ALL, LOG_SHMFD)
 #        and the handoff of docs/MIGRATION.md: B opens the image inactive
-#        (active=off, export allow-inactive=on); when the migration has
+#        (active=off; both exports allow-inactive=on); when the migration has
 #        completed, A inactivates (blockdev-set-active false: flush,
 #        metadata written, write lock released), B gets the guest's write
 #        cache from A (query-block-exports -> x-block-export-set-writethrough)
@@ -46,9 +46,10 @@
 #   --break-dirty-log    the daemons run with VUB_DEBUG_BREAK_DIRTY_LOG=1,
 #                        accepting the log but never marking it, to show
 #                        that the test fails without dirty logging.
-#   --postcopy-refused   only checks that the source QEMU refuses the
+#   --postcopy-refused   checks that the destination QEMU refuses the
 #                        postcopy-ram capability (the daemon does not offer
-#                        VHOST_USER_PROTOCOL_F_PAGEFAULT), then migrates.
+#                        VHOST_USER_PROTOCOL_F_PAGEFAULT; QEMU checks on
+#                        the destination only), then migrates.
 #
 # Usage: tests/guest/migrate.sh [--backend qsd|vub] [--bin path/to/vhost-user-blkd]
 #          [--format raw|qcow2] [--cancel-first] [--fallback-first] [--resize]
@@ -155,8 +156,12 @@ start_daemon() {
             --blockdev "driver=throttle,node-name=t0,throttle-group=tg0,file=d0$act")
         top=t0
     fi
+    # Both exports may sit on an inactive node: B's from the start, A's
+    # once it hands the image over (QEMU 10's default refuses that).
+    # The same device on both sides: queues above, serial here (the guest
+    # reads it with GET_ID, so on the destination B answers).
     local inactive=""
-    [[ $active == off ]] && inactive=",allow-inactive=on"
+    [[ $backend == vub ]] && inactive=",allow-inactive=on,serial=vub-migrate"
     args+=(--export "type=vhost-user-blk,id=e0,node-name=$top,addr.type=unix,addr.path=$work/$name.sock,writable=on,num-queues=2$inactive"
         --chardev "socket,id=m,path=$work/$name-qmp.sock,server=on,wait=off" --monitor chardev=m
         --pidfile "$work/$name.pid")
@@ -209,6 +214,7 @@ expect_ok() {
 }
 
 append="migrate.secs=$secs"
+[[ $backend == vub ]] && append+=" migrate.serial=vub-migrate"
 [[ $wt == 1 ]] && append+=" migrate.wt=1"
 [[ $resize == 1 ]] && append+=" migrate.resize=1"
 run_guest=("$guest/run-guest.sh" --num-queues 2 --smp 2 --mem 512M
@@ -291,10 +297,13 @@ if [[ $resize == 1 ]]; then
         "$(q "$A" '{"execute":"block_resize","arguments":{"node-name":"d0","size":100663296}}')"
 fi
 if [[ $postcopy == 1 ]]; then
-    reply=$(q "$SRC" '{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"postcopy-ram","state":true}]}}')
-    echo "postcopy-ram: $reply"
-    host_check "QEMU refuses postcopy with this daemon: '$(field "$reply" "r.get('error', {}).get('desc', 'accepted')")'" \
-        "[[ \$reply == *'\"error\"'* ]]"
+    # QEMU asks the backends of the destination (in migrate-set-capabilities
+    # while it waits for the state): the daemon does not offer PAGEFAULT.
+    reply=$(q "$dst" '{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"postcopy-ram","state":true}]}}')
+    echo "postcopy-ram on the destination: $reply"
+    # QMP says "Postcopy is not supported"; the reason goes to QEMU's log.
+    host_check "the destination QEMU refuses postcopy with this daemon: '$(field "$reply" "r.get('error', {}).get('desc', 'accepted')")' ($(grep -o 'vhost-user backend not capable of postcopy' "$work/dst1.log" | head -n1))" \
+        "[[ \$reply == *'\"error\"'* ]] && grep -q 'vhost-user backend not capable of postcopy' '$work/dst1.log'"
 fi
 sleep "$after"
 
