@@ -213,6 +213,7 @@ pub struct ExportConfig {
 pub enum ObjectOptions {
     ThrottleGroup(ThrottleGroupOptions),
     Iothread(IothreadOptions),
+    Secret(crate::secret::SecretOptions),
 }
 
 /// `--object iothread,id=...`: QEMU's iothread properties. Our exports
