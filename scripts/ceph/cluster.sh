@@ -69,7 +69,7 @@ start() {
     [ -f "$dir/pids" ] && die "$dir has a running cluster (stop it first)"
     local t0 fsid
     t0=$(date +%s.%N)
-    rm -rf "${dir:?}"/{mon,osd,run,log}
+    rm -rf "${dir:?}"/{mon,osd,run,log} "$dir/osd-block.img"
     mkdir -p "$dir"/{mon,osd,run,log}
     fsid=$(uuidgen)
     cat > "$conf" <<EOF
@@ -102,7 +102,7 @@ osd objectstore = $store
 osd fast shutdown = false
 osd data = $dir/osd
 memstore device bytes = 2147483648
-bluestore block path = $dir/osd/block
+bluestore block path = $dir/osd-block.img
 bluestore block create = true
 bluestore block size = 4294967296
 bluestore fsck on mkfs = false
