@@ -32,7 +32,8 @@ done
 VUB=${VUB_BIN:-$ROOT/target/release/vhost-user-blkd}
 BENCH=$ROOT/target/release/vub-bench
 if [[ ! -x $VUB || ! -x $BENCH ]]; then
-    (cd "$ROOT" && cargo build --release --quiet --bin vhost-user-blkd -p vub-bench)
+    (cd "$ROOT" && cargo build --release --quiet --bin vhost-user-blkd &&
+        cargo build --release --quiet -p vub-bench)
 fi
 bash "$ROOT/scripts/guest/install-deps.sh"
 WORK=$(mktemp -d /tmp/vub-bench-rbd.XXXXXX)
@@ -48,10 +49,10 @@ trap cleanup EXIT
 cluster_env=$(bash "$ROOT/scripts/ceph/cluster.sh" start "$WORK/ceph" "$STORE") || exit 1
 eval "$cluster_env"
 rbdc() { timeout 300 rbd -c "$CEPH_CONF" "$@"; }
-# 1 GiB, written once in full (reads of objects that do not exist are
+# 512 MiB, written once in full (reads of objects that do not exist are
 # answered by librbd from its object map, without the OSD).
-rbdc create --size 1G rbd/bench
-rbdc bench --io-type write --io-size 4M --io-threads 4 --io-total 1G --io-pattern seq rbd/bench >/dev/null
+rbdc create --size 512M rbd/bench
+rbdc bench --io-type write --io-size 4M --io-threads 4 --io-total 512M --io-pattern seq rbd/bench >/dev/null
 printf '%s' "$CEPH_ADMIN_KEY" > "$WORK/key"
 ARGS=(--object "secret,id=sec0,file=$WORK/key,format=base64"
       --blockdev "driver=rbd,node-name=r0,pool=rbd,image=bench,conf=$CEPH_CONF,user=admin,key-secret=sec0,cache.direct=on"

@@ -79,7 +79,7 @@ fn cluster() -> &'static Cluster {
         // The daemons' librados: short OSD timeouts for the failure test.
         let conf = dir.join("client.conf");
         let mut c = std::fs::read_to_string(var("CEPH_CONF")).unwrap();
-        c.push_str("\n[client]\nrados osd op timeout = 3\nrbd cache = false\n");
+        c.push_str("\n[client]\nrados osd op timeout = 3\n");
         std::fs::write(&conf, c).unwrap();
         Cluster {
             dir,
@@ -148,7 +148,7 @@ fn rbd_node(name: &str, image: &str) -> Value {
     json!({
         "driver": "rbd", "node-name": name, "pool": "rbd", "image": image,
         "conf": cluster().conf, "user": "admin", "key-secret": "sec0",
-        "discard": "unmap",
+        "discard": "unmap", "cache": {"direct": true},
     })
 }
 
@@ -197,6 +197,39 @@ fn wait_job(q: &mut Qmp, id: &str) {
     ok(&q.execute("job-dismiss", json!({"id": id})));
 }
 
+/// Every thread of the daemon, librados's own (messenger, timers,
+/// finisher) included, runs under a seccomp filter with no_new_privs and
+/// no capabilities; and librados did start threads of its own.
+fn all_threads_confined(pid: i32) {
+    let mut names = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let t = t.unwrap().path();
+        let Ok(status) = std::fs::read_to_string(t.join("status")) else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}:")))
+                .unwrap_or("?")
+                .trim()
+                .to_string()
+        };
+        assert_eq!(
+            (field("Seccomp"), field("NoNewPrivs"), field("CapEff")),
+            ("2".into(), "1".into(), "0000000000000000".into()),
+            "thread {}",
+            comm.trim()
+        );
+        names.push(comm.trim().to_string());
+    }
+    assert!(
+        names.iter().any(|n| n.starts_with("msgr-worker")),
+        "no librados messenger thread among {names:?}"
+    );
+}
+
 #[test]
 fn blockdev_create_then_io_resize_through_a_vhost_user_export() {
     let _g = OSD.read().unwrap_or_else(|e| e.into_inner());
@@ -204,7 +237,7 @@ fn blockdev_create_then_io_resize_through_a_vhost_user_export() {
     let image = unique("io");
     let mut location = rbd_node("x", &image);
     let l = location.as_object_mut().unwrap();
-    for k in ["driver", "node-name", "discard"] {
+    for k in ["driver", "node-name", "discard", "cache"] {
         l.remove(k);
     }
     ok(&q.execute(
@@ -218,6 +251,7 @@ fn blockdev_create_then_io_resize_through_a_vhost_user_export() {
     let sock = export(&mut q, &d, "r0", json!({}));
     let mut vm = Vm::connect(&sock, VmOptions::default());
     assert_eq!(vm.capacity_sectors(), (16 << 20) / 512);
+    all_threads_confined(d.pid());
 
     // Writes and reads across object boundaries (4 MiB objects).
     let data = pattern(1, 256 << 10);
@@ -260,6 +294,9 @@ fn blockdev_create_then_io_resize_through_a_vhost_user_export() {
     ok(&q.execute("block-export-del", json!({"id": "e-r0"})));
     let mut d = d;
     assert!(d.terminate().success(), "{}", d.log());
+    // The daemon closed the image as it exited: no watcher is left behind
+    // (rm refuses an image with watchers for 30 s after a client dies).
+    rbd(&["rm", "--no-progress", &format!("rbd/{image}")]);
 }
 
 /// A mirror of a sparse rbd image copies only its allocated objects: the
@@ -527,4 +564,5 @@ fn a_node_on_the_command_line_serves() {
     drop(vm);
     assert!(d.terminate().success(), "{}", d.log());
     assert!(!d.log().contains(&c.key));
+    rbd(&["rm", "--no-progress", &format!("rbd/{image}")]);
 }

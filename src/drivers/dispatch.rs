@@ -203,6 +203,9 @@ impl BlockDriver for RbdDriver {
     fn filename(&self) -> Option<&str> {
         Some(self.display_name())
     }
+    fn close(&self) {
+        RbdDriver::close(self)
+    }
     fn as_any(&self) -> &dyn Any {
         self
     }

@@ -112,8 +112,8 @@ pub struct RbdOptions {
     pub force_share: bool,
     #[serde(default)]
     pub discard: DiscardMode,
-    /// Accepted as QEMU does; librbd's own cache settings come from the
-    /// configuration (`rbd cache`).
+    /// As QEMU: `cache.direct=on` turns librbd's cache off
+    /// (`rbd_cache=false`), otherwise it is on.
     #[serde(default)]
     pub cache: CacheOptions,
 }
@@ -198,7 +198,11 @@ impl Drop for Conn {
 
 impl Conn {
     /// Connects as QEMU's qemu_rbd_connect does. Runs on a cluster thread.
-    fn connect(loc: &RbdLocation, secret: Option<&Secret>) -> Result<Conn, String> {
+    fn connect(
+        loc: &RbdLocation,
+        secret: Option<&Secret>,
+        rbd_cache: Option<bool>,
+    ) -> Result<Conn, String> {
         let lib = ffi::lib()?;
         let user = loc.user.as_deref().unwrap_or("admin");
         let name = cstr("user", &format!("client.{user}"))?;
@@ -240,6 +244,9 @@ impl Conn {
         }
         if let Some(s) = secret {
             set("key", &s.as_base64())?;
+        }
+        if let Some(on) = rbd_cache {
+            set("rbd_cache", if on { "true" } else { "false" })?;
         }
         if let Some(modes) = &loc.auth_client_required {
             let v: Vec<&str> = modes
@@ -323,9 +330,10 @@ fn on_cluster_thread<T: Send + 'static>(
 
 pub struct RbdDriver {
     lib: &'static ffi::Lib,
-    image: ffi::rbd_image_t,
-    /// Dropped after the image is closed.
-    conn: Option<Conn>,
+    /// Null once closed (shutdown, blockdev-del): requests then fail.
+    image: std::sync::atomic::AtomicPtr<c_void>,
+    /// Shut down after the image is closed.
+    conn: Mutex<Option<Conn>>,
     size: AtomicU64,
     discard: DiscardMode,
     /// The object map answers rbd_diff_iterate2 without listing objects.
@@ -359,10 +367,11 @@ impl RbdDriver {
         }
         let secret = secret_of(&loc, graph).map_err(err)?;
         let read_only = o.read_only;
+        let rbd_cache = !o.cache.direct;
         let l = loc.clone();
         let opened = on_cluster_thread(move || {
             let lib = ffi::lib()?;
-            let conn = Conn::connect(&l, secret.as_deref())?;
+            let conn = Conn::connect(&l, secret.as_deref(), Some(rbd_cache))?;
             let image = cstr("image", &l.image)?;
             let snap = l
                 .snapshot
@@ -416,8 +425,8 @@ impl RbdDriver {
         log::info!("rbd: opened {name} ({size} bytes)");
         Ok(RbdDriver {
             lib,
-            image,
-            conn: Some(conn),
+            image: std::sync::atomic::AtomicPtr::new(image),
+            conn: Mutex::new(Some(conn)),
             size: AtomicU64::new(size),
             discard: o.discard,
             fast_diff,
@@ -432,6 +441,27 @@ impl RbdDriver {
 
     pub fn display_name(&self) -> &str {
         &self.name
+    }
+
+    fn image(&self) -> ffi::rbd_image_t {
+        self.image.load(Ordering::Acquire)
+    }
+
+    /// Closes the image (releasing its exclusive lock for the next
+    /// client at once, rather than when the cluster notices this one is
+    /// gone) and the cluster connection. At shutdown and blockdev-del,
+    /// once nothing is in flight.
+    pub fn close(&self) {
+        let image = self.image.swap(std::ptr::null_mut(), Ordering::AcqRel);
+        if !image.is_null() {
+            // SAFETY: the image opened in open(), closed once (the swap
+            // above hands it to one caller); no request is in flight.
+            let r = unsafe { (self.lib.rbd_close)(image) };
+            if r < 0 {
+                log::warn!("rbd: closing {}: {}", self.name, errno_text(r));
+            }
+        }
+        drop(self.conn.lock().unwrap_or_else(|e| e.into_inner()).take());
     }
 
     fn io_error(node: &Node, op: &'static str, offset: u64, len: u64, r: i64) -> BlockError {
@@ -450,6 +480,9 @@ impl RbdDriver {
         &self,
         submit: impl FnOnce(ffi::rbd_completion_t) -> c_int,
     ) -> Result<AioFuture, i64> {
+        if self.image().is_null() {
+            return Err(-i64::from(libc::EIO));
+        }
         let shared = Arc::new(Shared::default());
         let arg = Arc::into_raw(shared.clone()) as *mut c_void;
         let mut c: ffi::rbd_completion_t = std::ptr::null_mut();
@@ -479,7 +512,7 @@ impl RbdDriver {
         let v = iov.as_slice();
         let cnt =
             c_int::try_from(v.len()).map_err(|_| Self::io_error(node, "read", offset, len, -22))?;
-        let image = self.image;
+        let image = self.image();
         let lib = self.lib;
         // SAFETY: an open image; the iovecs point into the request's
         // buffers, which outlive the request (AioFuture waits for the
@@ -506,7 +539,7 @@ impl RbdDriver {
         let v = iov.as_slice();
         let cnt = c_int::try_from(v.len())
             .map_err(|_| Self::io_error(node, "write", offset, len, -22))?;
-        let image = self.image;
+        let image = self.image();
         let lib = self.lib;
         // SAFETY: as in preadv; librbd only reads the buffers.
         let f = self.submit(|c| unsafe { (lib.rbd_aio_writev)(image, v.as_ptr(), cnt, offset, c) });
@@ -524,7 +557,7 @@ impl RbdDriver {
     }
 
     pub async fn flush(&self, node: &Node) -> Result<(), BlockError> {
-        let image = self.image;
+        let image = self.image();
         let lib = self.lib;
         // SAFETY: an open image and a fresh completion.
         let f = self.submit(|c| unsafe { (lib.rbd_aio_flush)(image, c) });
@@ -542,7 +575,7 @@ impl RbdDriver {
         if self.discard != DiscardMode::Unmap {
             return Ok(());
         }
-        let image = self.image;
+        let image = self.image();
         let lib = self.lib;
         // SAFETY: an open image and a fresh completion.
         let f = self.submit(|c| unsafe { (lib.rbd_aio_discard)(image, offset, len, c) });
@@ -573,7 +606,7 @@ impl RbdDriver {
         } else {
             1
         };
-        let image = self.image;
+        let image = self.image();
         let lib = self.lib;
         // SAFETY: an open image and a fresh completion.
         let f =
@@ -606,7 +639,8 @@ impl RbdDriver {
             len,
             depth: 0,
         };
-        if !self.fast_diff || len == 0 {
+        let image = self.image();
+        if !self.fast_diff || len == 0 || image.is_null() {
             return Ok(data);
         }
         let mut req = DiffReq {
@@ -619,7 +653,7 @@ impl RbdDriver {
         // argument, alive for the whole (synchronous) call.
         let r = unsafe {
             (self.lib.rbd_diff_iterate2)(
-                self.image,
+                image,
                 std::ptr::null(),
                 offset,
                 len,
@@ -660,7 +694,12 @@ impl RbdDriver {
     pub fn truncate(&self, size: u64) -> Result<(), String> {
         // SAFETY: an open image. Synchronous: resizing is rare and the
         // node's users are drained.
-        let r = unsafe { (self.lib.rbd_resize)(self.image, size) };
+        let image = self.image();
+        if image.is_null() {
+            return Err(format!("{} is closed", self.name));
+        }
+        // SAFETY: as above.
+        let r = unsafe { (self.lib.rbd_resize)(image, size) };
         if r < 0 {
             return Err(format!("error resizing {}: {}", self.name, errno_text(r)));
         }
@@ -671,13 +710,7 @@ impl RbdDriver {
 
 impl Drop for RbdDriver {
     fn drop(&mut self) {
-        // SAFETY: the image opened in open(), closed once; no request is
-        // in flight (the node's users are gone).
-        let r = unsafe { (self.lib.rbd_close)(self.image) };
-        if r < 0 {
-            log::warn!("rbd: closing {}: {}", self.name, errno_text(r));
-        }
-        drop(self.conn.take());
+        self.close();
     }
 }
 
@@ -740,7 +773,7 @@ impl Creation {
         } = self;
         on_cluster_thread(move || {
             let lib = ffi::lib()?;
-            let conn = Conn::connect(&loc, secret.as_deref())?;
+            let conn = Conn::connect(&loc, secret.as_deref(), None)?;
             let name = cstr("image", &loc.image)?;
             let mut order = order;
             // SAFETY: a live ioctx, a NUL-terminated name, a local out-value.
