@@ -906,3 +906,81 @@ extern "C" fn diff_cb(offs: u64, len: usize, exists: c_int, opaque: *mut c_void)
     req.bytes = end - req.offset;
     0
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_take_lists_as_json_or_keyval() {
+        let keyval = serde_json::json!({
+            "node-name": "r", "pool": "p", "image": "i",
+            "server": {"1": {"host": "::1", "port": "3300"}, "0": {"host": "10.0.0.1", "port": "6789"}},
+            "auth-client-required": {"0": "cephx", "1": "none"},
+        });
+        let o: RbdOptions = serde_json::from_value(keyval).unwrap();
+        let s = o.server.unwrap();
+        assert_eq!(s[0].host, "10.0.0.1");
+        assert_eq!(s[1].host, "::1");
+        assert_eq!(
+            o.auth_client_required.unwrap(),
+            [AuthMode::Cephx, AuthMode::None]
+        );
+        let json = serde_json::json!({
+            "pool": "p", "image": "i", "server": [{"host": "h", "port": "1"}],
+        });
+        let o: RbdOptions = serde_json::from_value(json).unwrap();
+        assert_eq!(o.server.unwrap().len(), 1);
+        let bad = serde_json::json!({"pool": "p", "image": "i", "server": {"2": {"host": "h", "port": "1"}}});
+        let e = serde_json::from_value::<RbdOptions>(bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'2': expected a list index below 1"), "{e}");
+        let e = check_location(&RbdLocation {
+            pool: "p".into(),
+            image: "i".into(),
+            encrypt: Some(serde_json::json!({"format": "luks"})),
+            ..RbdLocation::default()
+        })
+        .unwrap_err();
+        assert!(e.contains("not supported"), "{e}");
+    }
+
+    fn status(offset: u64, len: u64, extents: &[(u64, usize)]) -> (bool, u64) {
+        let mut req = DiffReq {
+            offset,
+            end: offset + len,
+            bytes: 0,
+            exists: false,
+        };
+        for &(o, l) in extents {
+            if diff_cb(o, l, 1, (&mut req as *mut DiffReq).cast()) == DIFF_STOP {
+                break;
+            }
+        }
+        (req.exists, req.bytes)
+    }
+
+    #[test]
+    fn diff_extents_become_one_status_from_the_start() {
+        const M: u64 = 1 << 20;
+        // Whole 4 MiB objects; the range starts inside the first one.
+        assert_eq!(status(M, 10 * M, &[(0, 4 << 20)]), (true, 3 * M));
+        // Two adjacent objects: data up to the end of the second.
+        assert_eq!(
+            status(M, 10 * M, &[(0, 4 << 20), (4 * M, 4 << 20)]),
+            (true, 7 * M)
+        );
+        // Data, then a hole: data up to the hole.
+        assert_eq!(
+            status(0, 16 * M, &[(0, 4 << 20), (8 * M, 4 << 20)]),
+            (true, 4 * M)
+        );
+        // A hole first: the hole runs up to the first object.
+        assert_eq!(status(0, 16 * M, &[(8 * M, 4 << 20)]), (false, 8 * M));
+        // Nothing allocated: the whole range is a hole (bytes 0).
+        assert_eq!(status(0, 16 * M, &[]), (false, 0));
+        // An object past the range end is clipped away.
+        assert_eq!(status(0, 4 * M, &[(4 * M, 4 << 20)]), (false, 0));
+    }
+}
