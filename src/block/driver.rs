@@ -102,6 +102,11 @@ pub trait BlockDriver: Send + Sync + 'static {
     /// away (management threads only).
     fn close(&self) {}
 
+    /// As `close` for an inactive node: writes no metadata (another process
+    /// may own the image), only lets go of what the driver holds in the
+    /// storage (an rbd image's watch, which would keep `rbd rm` waiting).
+    fn close_inactive(&self) {}
+
     /// blockdev-set-active false: writes out what the driver keeps in
     /// memory (caches, persistent bitmaps, a clean header) so that another
     /// process may open the image; called in a drained section, before the

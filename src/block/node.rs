@@ -691,6 +691,8 @@ impl Node {
     pub fn close(&self) {
         if self.is_active() {
             self.driver.close();
+        } else {
+            self.driver.close_inactive();
         }
     }
 

@@ -215,6 +215,7 @@ pub struct ExportConfig {
 pub enum ObjectOptions {
     ThrottleGroup(ThrottleGroupOptions),
     Iothread(IothreadOptions),
+    Secret(crate::secret::SecretOptions),
 }
 
 /// `--object iothread,id=...`: QEMU's iothread properties. Our exports
@@ -481,14 +482,48 @@ fn from_keyval<T: serde::de::DeserializeOwned>(
 ) -> Result<T, ConfigError> {
     let v = keyval::parse(arg, implied).map_err(|source| ConfigError::Keyval {
         option,
-        arg: arg.to_string(),
+        arg: redact(arg),
         source,
     })?;
     serde_json::from_value(v).map_err(|e| ConfigError::Invalid {
         option,
-        arg: arg.to_string(),
+        arg: redact(arg),
         reason: e.to_string(),
     })
+}
+
+/// An option string as errors may show it: a `data=` value (a secret
+/// object's) replaced by `<hidden>`.
+fn redact(arg: &str) -> String {
+    // keyval's parts end at a comma that is not doubled (",," is a comma
+    // in a value).
+    let mut parts = Vec::new();
+    let mut cur = String::new();
+    let mut chars = arg.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push_str(",,");
+                continue;
+            }
+            parts.push(std::mem::take(&mut cur));
+        } else {
+            cur.push(c);
+        }
+    }
+    parts.push(cur);
+    parts
+        .into_iter()
+        .map(|kv| {
+            if kv.starts_with("data=") {
+                "data=<hidden>".to_string()
+            } else {
+                kv
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 impl TryFrom<VhostUserBlkOptions> for ExportConfig {
@@ -1384,6 +1419,22 @@ addr = { type = "unix", path = "/tmp/n.sock" }
         );
         let e = Config::try_from(args(&["--monitor", "chardev=nope"])).unwrap_err();
         assert!(e.to_string().contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn secret_values_are_hidden_in_option_errors() {
+        let e = Config::try_from(args(&[
+            "--object",
+            "secret,id=s,data=TOP,,SECRET,bogus=1",
+            "--image",
+            "x",
+            "--socket",
+            "y",
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("data=<hidden>,bogus=1"), "{e}");
+        assert!(!e.contains("TOP") && !e.contains("SECRET"), "{e}");
     }
 
     #[test]

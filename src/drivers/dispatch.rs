@@ -7,7 +7,8 @@ use std::sync::Arc;
 use futures::future::LocalBoxFuture;
 
 use super::{
-    BlkdebugDriver, CorDriver, FileDriver, NullDriver, Qcow2Driver, RawDriver, ThrottleDriver,
+    BlkdebugDriver, CorDriver, FileDriver, NullDriver, Qcow2Driver, RawDriver, RbdDriver,
+    ThrottleDriver,
 };
 use crate::block::{
     Allocation, BlockDriver, BlockError, BlockFuture, BlockStatus, Child, DebugEvent, Node, Perm,
@@ -143,6 +144,77 @@ impl BlockDriver for NullDriver {
             "node '{}' (null-co) cannot be resized",
             node.name()
         ))
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl BlockDriver for RbdDriver {
+    fn name(&self) -> &'static str {
+        "rbd"
+    }
+    fn size(&self) -> u64 {
+        RbdDriver::size(self)
+    }
+    fn request_alignment(&self) -> u32 {
+        1
+    }
+    fn preadv<'a>(&'a self, node: &'a Node, offset: u64, iov: &'a IoVecs) -> BlockFuture<'a> {
+        BlockFuture::boxed(RbdDriver::preadv(self, node, offset, iov))
+    }
+    fn pwritev<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        iov: &'a IoVecs,
+        fua: bool,
+    ) -> BlockFuture<'a> {
+        BlockFuture::boxed(RbdDriver::pwritev(self, node, offset, iov, fua))
+    }
+    fn flush<'a>(&'a self, node: &'a Node) -> BlockFuture<'a> {
+        BlockFuture::boxed(RbdDriver::flush(self, node))
+    }
+    fn pdiscard<'a>(&'a self, node: &'a Node, offset: u64, len: u64) -> BlockFuture<'a> {
+        BlockFuture::boxed(RbdDriver::pdiscard(self, node, offset, len))
+    }
+    fn pwrite_zeroes<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        fua: bool,
+    ) -> BlockFuture<'a> {
+        BlockFuture::boxed(RbdDriver::pwrite_zeroes(
+            self, node, offset, len, may_unmap, fua,
+        ))
+    }
+    fn block_status<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        len: u64,
+    ) -> LocalBoxFuture<'a, Result<BlockStatus, BlockError>> {
+        Box::pin(std::future::ready(RbdDriver::block_status(
+            self, node, offset, len,
+        )))
+    }
+    fn truncate(&self, _node: &Node, size: u64) -> Result<(), String> {
+        RbdDriver::truncate(self, size)
+    }
+    fn activate(&self, _node: &Node) -> Result<(), String> {
+        RbdDriver::activate(self)
+    }
+    fn filename(&self) -> Option<&str> {
+        Some(self.display_name())
+    }
+    fn close(&self) {
+        RbdDriver::close(self)
+    }
+    fn close_inactive(&self) {
+        // Inactivation flushed librbd's cache; closing writes nothing.
+        RbdDriver::close(self)
     }
     fn as_any(&self) -> &dyn Any {
         self

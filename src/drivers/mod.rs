@@ -19,6 +19,7 @@ mod null;
 pub mod probe;
 pub mod qcow2;
 mod raw;
+pub mod rbd;
 mod reopen;
 mod throttle;
 
@@ -32,6 +33,7 @@ pub use reopen::PreparedReopen;
 // Moved to the block layer; callers should import them from there.
 pub use crate::block::{Allocation, BlockStatus};
 pub use raw::{RawDriver, RawOptions};
+pub use rbd::{RbdDriver, RbdOptions};
 pub use throttle::{ThrottleDriver, ThrottleOptions};
 
 use std::sync::Arc;
@@ -54,6 +56,7 @@ pub enum BlockdevOptions {
     NullCo(NullOptions),
     Qcow2(Qcow2Options),
     Raw(RawOptions),
+    Rbd(RbdOptions),
     Throttle(ThrottleOptions),
 }
 
@@ -182,6 +185,7 @@ impl BlockdevOptions {
             BlockdevOptions::NullCo(o) => c!(o),
             BlockdevOptions::Qcow2(o) => c!(o),
             BlockdevOptions::Raw(o) => c!(o),
+            BlockdevOptions::Rbd(o) => c!(o),
             BlockdevOptions::Throttle(o) => c!(o),
         }
     }
@@ -192,6 +196,7 @@ impl BlockdevOptions {
             BlockdevOptions::File(o) | BlockdevOptions::HostDevice(o) => o.discard,
             BlockdevOptions::Raw(o) => o.discard,
             BlockdevOptions::Qcow2(o) => o.discard,
+            BlockdevOptions::Rbd(o) => o.discard,
             BlockdevOptions::NullCo(_)
             | BlockdevOptions::Throttle(_)
             | BlockdevOptions::Blkdebug(_)
@@ -233,6 +238,7 @@ impl BlockdevOptions {
             "null-co" => de(inner).map(BlockdevOptions::NullCo),
             "qcow2" => de(inner).map(BlockdevOptions::Qcow2),
             "raw" => de(inner).map(BlockdevOptions::Raw),
+            "rbd" => de(inner).map(BlockdevOptions::Rbd),
             "throttle" => de(inner).map(BlockdevOptions::Throttle),
             _ => serde_json::from_value(v).map_err(|e| e.to_string()),
         }
@@ -254,6 +260,7 @@ impl BlockdevOptions {
             BlockdevOptions::NullCo(o) => o.active = a,
             BlockdevOptions::Qcow2(o) => o.active = a,
             BlockdevOptions::Raw(o) => o.active = a,
+            BlockdevOptions::Rbd(o) => o.active = a,
             BlockdevOptions::Throttle(o) => o.active = a,
         }
     }
@@ -266,6 +273,7 @@ impl BlockdevOptions {
             }
             BlockdevOptions::Raw(o) => o.discard = DiscardMode::Unmap,
             BlockdevOptions::Qcow2(o) => o.discard = DiscardMode::Unmap,
+            BlockdevOptions::Rbd(o) => o.discard = DiscardMode::Unmap,
             BlockdevOptions::NullCo(_)
             | BlockdevOptions::Throttle(_)
             | BlockdevOptions::Blkdebug(_)
@@ -281,6 +289,7 @@ impl BlockdevOptions {
             BlockdevOptions::NullCo(o) => &o.node_name,
             BlockdevOptions::Qcow2(o) => &o.node_name,
             BlockdevOptions::Raw(o) => &o.node_name,
+            BlockdevOptions::Rbd(o) => &o.node_name,
             BlockdevOptions::Throttle(o) => &o.node_name,
         }
     }
@@ -293,6 +302,7 @@ impl BlockdevOptions {
             BlockdevOptions::NullCo(o) => o.node_name = name,
             BlockdevOptions::Qcow2(o) => o.node_name = name,
             BlockdevOptions::Raw(o) => o.node_name = name,
+            BlockdevOptions::Rbd(o) => o.node_name = name,
             BlockdevOptions::Throttle(o) => o.node_name = name,
         }
     }
@@ -305,6 +315,7 @@ impl BlockdevOptions {
             BlockdevOptions::NullCo(o) => o.read_only,
             BlockdevOptions::Qcow2(o) => o.read_only,
             BlockdevOptions::Raw(o) => o.read_only,
+            BlockdevOptions::Rbd(o) => o.read_only,
             BlockdevOptions::Throttle(o) => o.read_only,
         }
     }
@@ -318,6 +329,7 @@ impl BlockdevOptions {
             BlockdevOptions::NullCo(_) => "null-co",
             BlockdevOptions::Qcow2(_) => "qcow2",
             BlockdevOptions::Raw(_) => "raw",
+            BlockdevOptions::Rbd(_) => "rbd",
             BlockdevOptions::Throttle(_) => "throttle",
         }
     }
@@ -334,6 +346,7 @@ pub fn open(opts: &BlockdevOptions, graph: &mut Graph) -> Result<Box<dyn BlockDr
         BlockdevOptions::NullCo(o) => Box::new(NullDriver::open(o)?),
         BlockdevOptions::Qcow2(o) => Box::new(Qcow2Driver::open(o, graph)?),
         BlockdevOptions::Raw(o) => Box::new(RawDriver::open(o, graph)?),
+        BlockdevOptions::Rbd(o) => Box::new(RbdDriver::open(o, graph)?),
         BlockdevOptions::Throttle(o) => Box::new(ThrottleDriver::open(o, graph)?),
     })
 }

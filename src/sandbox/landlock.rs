@@ -16,7 +16,7 @@
 use std::path::{Path, PathBuf};
 
 use landlock::{
-    Access, AccessFs, AccessNet, BitFlags, PathBeneath, PathFd, Ruleset, RulesetAttr,
+    Access, AccessFs, AccessNet, BitFlags, NetPort, PathBeneath, PathFd, Ruleset, RulesetAttr,
     RulesetCreated, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
 };
 
@@ -137,6 +137,16 @@ impl Rules {
         }
         for dir in allow_paths {
             ruleset = add(ruleset, dir, allow_path_rights(), true)?;
+        }
+        for p in &reach.read_only {
+            ruleset = add(ruleset, p, AccessFs::ReadFile | AccessFs::ReadDir, false)?;
+        }
+        // TCP: connect to the listed ports only (the rbd driver's Ceph
+        // ports); binding stays refused.
+        for port in &reach.tcp_connect {
+            ruleset = ruleset
+                .add_rule(NetPort::new(*port, AccessNet::ConnectTcp))
+                .map_err(|e| format!("Landlock: TCP port {port}: {e}"))?;
         }
         ruleset = add(
             ruleset,

@@ -170,8 +170,21 @@ impl State {
             ))
         };
         match o {
+            crate::config::ObjectOptions::Secret(s) => {
+                let mut g = self.graph();
+                if lock(&self.iothreads).contains_key(&s.id)
+                    || g.throttle_group(&s.id).is_some()
+                    || g.secret(&s.id).is_some()
+                {
+                    return Err(dup(&s.id));
+                }
+                let secret = crate::secret::Secret::load(s).map_err(StateError::Object)?;
+                g.add_secret(secret);
+                log::info!("secret {}: created", s.id);
+            }
             crate::config::ObjectOptions::ThrottleGroup(t) => {
-                if lock(&self.iothreads).contains_key(&t.id) {
+                if lock(&self.iothreads).contains_key(&t.id) || self.graph().secret(&t.id).is_some()
+                {
                     return Err(dup(&t.id));
                 }
                 self.graph()
