@@ -430,10 +430,18 @@ fn reach(config: &Config, state: &State) -> crate::sandbox::Reach {
         .collect();
     socket_dirs.sort();
     socket_dirs.dedup();
+    let mut tcp_ports: Vec<u16> = state
+        .graph()
+        .nodes()
+        .flat_map(|n| n.block_driver().tcp_ports())
+        .collect();
+    tcp_ports.sort();
+    tcp_ports.dedup();
     crate::sandbox::Reach {
         images,
         socket_dirs,
         files: config.pidfile.iter().cloned().collect(),
+        tcp_ports,
     }
 }
 

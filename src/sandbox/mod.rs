@@ -76,16 +76,19 @@ pub enum Class {
     Job,
     /// Timers, event delivery, syslog, watchdog.
     Helper,
+    /// A network block driver's socket I/O and reconnection (nbd).
+    Network,
 }
 
 impl Class {
-    pub const ALL: [Class; 6] = [
+    pub const ALL: [Class; 7] = [
         Class::Main,
         Class::Monitor,
         Class::Control,
         Class::Iothread,
         Class::Job,
         Class::Helper,
+        Class::Network,
     ];
 
     pub fn name(self) -> &'static str {
@@ -96,6 +99,7 @@ impl Class {
             Class::Iothread => "iothread",
             Class::Job => "job",
             Class::Helper => "helper",
+            Class::Network => "network",
         }
     }
 }
@@ -112,6 +116,57 @@ pub struct Settings {
     /// Keep CAP_CHOWN (root staying root, with --socket-owner or
     /// --socket-group: sockets bound at run time are given away too).
     pub keep_chown: bool,
+    /// TCP ports network nodes added at run time may connect to
+    /// (`--allow-connect`), beside those of the nodes open at start.
+    pub allow_connect: AllowConnect,
+}
+
+/// `--allow-connect`: TCP ports (ranges) connect may reach, or any.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AllowConnect {
+    Any,
+    Ports(Vec<(u16, u16)>),
+}
+
+impl Default for AllowConnect {
+    fn default() -> Self {
+        AllowConnect::Ports(Vec::new())
+    }
+}
+
+impl AllowConnect {
+    /// Adds one `--allow-connect` value: PORT, LOW-HIGH, or `any`.
+    pub fn add(&mut self, v: &str) -> Result<(), String> {
+        let range = if v == "any" {
+            *self = AllowConnect::Any;
+            return Ok(());
+        } else {
+            let port = |s: &str| {
+                s.trim()
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| format!("'{s}' is not a port number (1-65535)"))
+            };
+            match v.split_once('-') {
+                Some((lo, hi)) => {
+                    let (lo, hi) = (port(lo)?, port(hi)?);
+                    if lo > hi {
+                        return Err(format!("{lo}-{hi} is an empty range"));
+                    }
+                    (lo, hi)
+                }
+                None => {
+                    let p = port(v)?;
+                    (p, p)
+                }
+            }
+        };
+        if let AllowConnect::Ports(list) = self {
+            list.push(range);
+        }
+        Ok(())
+    }
 }
 
 /// What the armed process may reach, gathered from the configuration and
@@ -124,6 +179,8 @@ pub struct Reach {
     pub socket_dirs: Vec<PathBuf>,
     /// Files the daemon removes at exit (pidfile), or reopens (log file).
     pub files: Vec<PathBuf>,
+    /// TCP ports network nodes open now connect to (they reconnect).
+    pub tcp_ports: Vec<u16>,
 }
 
 struct Process {
@@ -208,7 +265,7 @@ pub fn arm(reach: &Reach) -> Result<(), String> {
     }
     privs::set_no_new_privs()?;
     let rules = if p.settings.mode == Mode::On {
-        landlock::Rules::new(reach, &p.settings.allow_paths)?
+        landlock::Rules::new(reach, &p.settings.allow_paths, &p.settings.allow_connect)?
     } else {
         None
     };
@@ -365,6 +422,20 @@ where
     })
 }
 
+/// For a refused TCP connect to `port`: the hint to add to the error when
+/// the sandbox is why, else None.
+pub fn connect_denial_hint(port: u16) -> Option<String> {
+    let p = process()?;
+    let armed = p.armed.lock().unwrap_or_else(|e| e.into_inner());
+    let rules = armed.as_ref()?.landlock.as_ref()?;
+    if rules.allows_port(port) {
+        return None;
+    }
+    Some(format!(
+        "TCP port {port} is outside the ports the sandbox allows (start the daemon with --allow-connect {port} or a range LOW-HIGH for nodes added at run time)"
+    ))
+}
+
 /// Whether Landlock confines this process's file system.
 pub fn confines_files() -> bool {
     process().is_some_and(|p| {
@@ -389,4 +460,22 @@ pub fn denial_hint(path: &Path) -> Option<String> {
         "'{}' is outside the paths the sandbox allows (start the daemon with --allow-path DIR for a directory it may use, or pass an open descriptor with add-fd)",
         path.display()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AllowConnect;
+
+    #[test]
+    fn allow_connect_takes_ports_ranges_and_any() {
+        let mut a = AllowConnect::default();
+        a.add("10809").unwrap();
+        a.add("6800-7568").unwrap();
+        assert_eq!(a, AllowConnect::Ports(vec![(10809, 10809), (6800, 7568)]));
+        for bad in ["0", "70000", "9-3", "x", "1-", ""] {
+            assert!(a.clone().add(bad).is_err(), "{bad}");
+        }
+        a.add("any").unwrap();
+        assert_eq!(a, AllowConnect::Any);
+    }
 }

@@ -1,0 +1,592 @@
+//! The `nbd` client driver against real NBD servers (qemu-nbd, nbdkit)
+//! and a misbehaving one written here: requests from a vhost-user
+//! frontend, blockdev-add over QMP, a backup job that skips holes,
+//! reconnection after the server went away, and every broken reply an
+//! I/O error rather than a hang or a crash.
+//!
+//! ```text
+//!   test Vm --vhost-user--> daemon [nbd node] --NBD (unix|tcp)--> qemu-nbd / nbdkit / fake
+//! ```
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+use vhost_user_blkd::nbd::proto;
+
+const MIB: u64 = 1 << 20;
+
+/// A server process, killed when dropped.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn tcp_listening(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+/// qemu-nbd serving `img` (raw) on a UNIX socket, persistent (-t).
+fn qemu_nbd_unix(img: &Path, sock: &Path) -> Server {
+    let _ = std::fs::remove_file(sock);
+    let c = Command::new("qemu-nbd")
+        .args(["-f", "raw", "-t", "--discard=unmap", "-k"])
+        .arg(sock)
+        .arg(img)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-nbd (apt-get install qemu-utils)");
+    let s = Server(c);
+    wait_for("qemu-nbd's socket", || UnixStream::connect(sock).is_ok());
+    s
+}
+
+/// qemu-nbd on 127.0.0.1:`port`.
+fn qemu_nbd_tcp(img: &Path, port: u16) -> Server {
+    let c = Command::new("qemu-nbd")
+        .args([
+            "-f",
+            "raw",
+            "-t",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+        ])
+        .arg(img)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-nbd");
+    let s = Server(c);
+    wait_for("qemu-nbd's port", || tcp_listening(port));
+    s
+}
+
+/// A TCP port nobody listens on now.
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+fn raw_image(dir: &Path, size: u64) -> PathBuf {
+    let img = dir.join("disk.img");
+    std::fs::File::create(&img).unwrap().set_len(size).unwrap();
+    img
+}
+
+fn export_arg(node: &str) -> String {
+    format!("type=vhost-user-blk,id=e0,node-name={node},addr.type=unix,addr.path={{sock}},writable=on,num-queues=1")
+}
+
+#[test]
+fn qemu_nbd_over_unix_serves_reads_writes_flush_trim_and_zeroes() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = raw_image(dir.path(), 16 * MIB);
+    let data = pattern(1, 64 * 1024);
+    write_file_at(&img, MIB, &data);
+    let nbd_sock = dir.path().join("nbd.sock");
+    let _srv = qemu_nbd_unix(&img, &nbd_sock);
+    let d = Daemon::start_in(
+        dir,
+        &[
+            "--blockdev",
+            "driver=nbd,node-name=n0,server.type=unix,server.path={dir}/nbd.sock,discard=unmap",
+            "--export",
+            &export_arg("n0"),
+        ],
+    );
+    let mut vm = Vm::connect(&d.socket, VmOptions::default());
+    assert_eq!(vm.capacity_sectors(), 16 * MIB / 512);
+    // Data written before the server started comes back.
+    let (st, got) = vm.read(0, MIB / 512, 64 * 1024);
+    assert_eq!(st, S_OK);
+    assert!(got == data, "read through nbd differs from the image");
+    // A write reaches the image; a large one is split at the max payload
+    // (qemu-nbd: 32 MiB) only if needed, and reads back.
+    let w = pattern(2, 256 * 1024);
+    assert_eq!(vm.write(0, 4 * MIB / 512, &w), S_OK);
+    assert_eq!(vm.flush(0), S_OK);
+    assert!(
+        read_file_at(&img, 4 * MIB, w.len()) == w,
+        "write not in the image"
+    );
+    let (st, got) = vm.read(0, 4 * MIB / 512, w.len() as u32);
+    assert_eq!(st, S_OK);
+    assert!(got == w);
+    // Write-zeroes and discard.
+    assert_eq!(
+        vm.ranges(0, T_WRITE_ZEROES, &[(4 * MIB / 512, 64, 0)]),
+        S_OK
+    );
+    assert!(read_file_at(&img, 4 * MIB, 32 * 1024)
+        .iter()
+        .all(|&b| b == 0));
+    assert!(read_file_at(&img, 4 * MIB + 32 * 1024, 16) == w[32 * 1024..32 * 1024 + 16]);
+    assert_eq!(vm.ranges(0, T_DISCARD, &[(4 * MIB / 512, 512, 0)]), S_OK);
+    assert!(read_file_at(&img, 4 * MIB, 256 * 1024)
+        .iter()
+        .all(|&b| b == 0));
+    let log = d.log();
+    assert!(log.contains("structured replies"), "{log}");
+}
+
+#[test]
+fn nbdkit_over_tcp_with_multi_conn() {
+    let port = free_port();
+    let c = Command::new("nbdkit")
+        .args([
+            "-f",
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "memory",
+            "32M",
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nbdkit (scripts/guest/install-deps.sh installs it)");
+    let _srv = Server(c);
+    wait_for("nbdkit", || tcp_listening(port));
+    let d = Daemon::start(&[
+        "--blockdev",
+        &format!(
+            "driver=nbd,node-name=n0,server.type=inet,server.host=127.0.0.1,server.port={port}"
+        ),
+        "--export",
+        &export_arg("n0"),
+    ]);
+    let log = d.log();
+    // nbdkit's memory plugin sets CAN_MULTI_CONN.
+    assert!(log.contains("2 connection(s)"), "{log}");
+    let mut vm = Vm::connect(&d.socket, VmOptions::default());
+    assert_eq!(vm.capacity_sectors(), 32 * MIB / 512);
+    // Requests alternate between the connections; what one wrote the
+    // other reads.
+    for i in 0..8u64 {
+        let w = pattern(10 + i, 8192);
+        assert_eq!(vm.write(0, i * 64, &w), S_OK);
+        assert_eq!(vm.flush(0), S_OK);
+        let (st, got) = vm.read(0, i * 64, 8192);
+        assert_eq!(st, S_OK);
+        assert!(got == w, "round {i}");
+    }
+    // An unwritten area reads as zeroes (OFFSET_HOLE chunks).
+    let (st, got) = vm.read(0, 16 * MIB / 512, 65536);
+    assert_eq!(st, S_OK);
+    assert!(got.iter().all(|&b| b == 0));
+}
+
+fn qmp_daemon(extra: &[&str]) -> (Daemon, Qmp) {
+    let mut args = vec![
+        "--chardev",
+        "socket,id=m,path={dir}/qmp.sock,server=on,wait=off",
+        "--monitor",
+        "chardev=m",
+    ];
+    args.extend_from_slice(extra);
+    let dir = tempfile::tempdir().unwrap();
+    let qmp_path = dir.path().join("qmp.sock");
+    // No export: wait for the monitor's socket instead.
+    let d = Daemon::start_in(dir, &args_with_dummy_export(&args));
+    wait_for("QMP", || listening(&qmp_path));
+    let q = Qmp::connect(&qmp_path);
+    (d, q)
+}
+
+/// Daemon::start waits for the export socket: give it a null one.
+fn args_with_dummy_export<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    let mut v = args.to_vec();
+    v.extend_from_slice(&[
+        "--blockdev",
+        "driver=null-co,node-name=dummy,size=1M",
+        "--export",
+        "type=vhost-user-blk,id=dummy,node-name=dummy,addr.type=unix,addr.path={sock}",
+    ]);
+    v
+}
+
+#[test]
+fn blockdev_add_over_tcp_and_a_backup_that_skips_holes() {
+    let srv_dir = tempfile::tempdir().unwrap();
+    let img = raw_image(srv_dir.path(), 64 * MIB);
+    write_file_at(&img, 8 * MIB, &pattern(3, MIB as usize));
+    let port = free_port();
+    let _srv = qemu_nbd_tcp(&img, port);
+    let allow = port.to_string();
+
+    // Without --allow-connect the sandbox refuses the port, and says how.
+    let (_d0, mut q0) = qmp_daemon(&[]);
+    let r = q0.execute(
+        "blockdev-add",
+        json!({"driver": "nbd", "node-name": "n0",
+               "server": {"type": "inet", "host": "127.0.0.1", "port": allow}}),
+    );
+    let desc = r["error"]["desc"].as_str().unwrap_or_default().to_string();
+    assert!(desc.contains("--allow-connect"), "{r}");
+
+    let (d, mut q) = qmp_daemon(&["--allow-connect", &allow]);
+    let r = q.execute(
+        "blockdev-add",
+        json!({"driver": "nbd", "node-name": "n0", "read-only": true,
+               "server": {"type": "inet", "host": "127.0.0.1", "port": allow}}),
+    );
+    assert!(r.get("return").is_some(), "{r}");
+    let target = d.dir.path().join("target.img");
+    std::fs::File::create(&target)
+        .unwrap()
+        .set_len(64 * MIB)
+        .unwrap();
+    let r = q.execute(
+        "blockdev-add",
+        json!({"driver": "file", "node-name": "t0", "filename": target, "discard": "unmap"}),
+    );
+    assert!(r.get("return").is_some(), "{r}");
+    let r = q.execute(
+        "blockdev-backup",
+        json!({"job-id": "j", "device": "n0", "target": "t0", "sync": "full"}),
+    );
+    assert!(r.get("return").is_some(), "{r}");
+    let ev = q.wait_event_of(&["BLOCK_JOB_COMPLETED"], Duration::from_secs(60));
+    assert!(ev["data"].get("error").is_none(), "{ev}");
+    assert!(read_file_at(&target, 8 * MIB, MIB as usize) == pattern(3, MIB as usize));
+    // Only the data was copied: the target stays sparse (64 MiB of reads
+    // and writes without block status).
+    use std::os::unix::fs::MetadataExt;
+    let allocated = std::fs::metadata(&target).unwrap().blocks() * 512;
+    assert!(
+        allocated <= 4 * MIB,
+        "{allocated} bytes allocated in the backup target: holes were copied"
+    );
+}
+
+// --- A misbehaving server -------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Misbehave {
+    /// A correct server (with structured replies).
+    None,
+    /// Refuses STRUCTURED_REPLY: simple replies with the data.
+    NoStructured,
+    /// Refuses GO: the client falls back to EXPORT_NAME.
+    NoGo,
+    /// A read's data chunk covers only half of it (DONE set).
+    ShortRead,
+    /// A read's reply carries a cookie never sent.
+    WrongCookie,
+    /// A read gets an ERROR chunk.
+    ErrorChunk,
+    /// Half a read's data, then the connection closes.
+    DisconnectMidReply,
+    /// A chunk header with an absurd length.
+    HugeChunk,
+}
+
+const FAKE_SIZE: u64 = 4 * MIB;
+
+fn rd(s: &mut UnixStream, n: usize) -> Option<Vec<u8>> {
+    let mut b = vec![0u8; n];
+    s.read_exact(&mut b).ok()?;
+    Some(b)
+}
+
+fn opt_reply(s: &mut UnixStream, opt: u32, typ: u32, data: &[u8]) {
+    let h = proto::OptionReply {
+        option: opt,
+        typ,
+        length: data.len() as u32,
+    };
+    s.write_all(&h.encode()).unwrap();
+    s.write_all(data).unwrap();
+}
+
+/// Serves one connection; returns when the client goes or the
+/// misbehaviour ended it.
+fn fake_conn(mut s: UnixStream, m: Misbehave, disk: &mut [u8]) -> Option<()> {
+    s.write_all(&proto::NBDMAGIC.to_be_bytes()).ok()?;
+    s.write_all(&proto::IHAVEOPT.to_be_bytes()).ok()?;
+    s.write_all(&(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES).to_be_bytes())
+        .ok()?;
+    rd(&mut s, 4)?;
+    let flags = proto::FLAG_HAS_FLAGS | proto::FLAG_SEND_FLUSH;
+    let mut structured = false;
+    loop {
+        let h = rd(&mut s, 16)?;
+        let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
+        let len = u32::from_be_bytes(h[12..16].try_into().unwrap()) as usize;
+        let _data = rd(&mut s, len)?;
+        match opt {
+            proto::OPT_STRUCTURED_REPLY if m != Misbehave::NoStructured => {
+                structured = true;
+                opt_reply(&mut s, opt, proto::REP_ACK, &[]);
+            }
+            proto::OPT_GO if m != Misbehave::NoGo => {
+                let mut info = vec![0, 0];
+                info.extend_from_slice(&FAKE_SIZE.to_be_bytes());
+                info.extend_from_slice(&flags.to_be_bytes());
+                opt_reply(&mut s, opt, proto::REP_INFO, &info);
+                opt_reply(&mut s, opt, proto::REP_ACK, &[]);
+                break;
+            }
+            proto::OPT_EXPORT_NAME => {
+                s.write_all(&FAKE_SIZE.to_be_bytes()).ok()?;
+                s.write_all(&flags.to_be_bytes()).ok()?;
+                break;
+            }
+            _ => opt_reply(&mut s, opt, proto::REP_ERR_UNSUP, &[]),
+        }
+    }
+    loop {
+        let r = proto::Request::decode(&rd(&mut s, proto::REQUEST_LEN)?).ok()?;
+        let (off, len) = (r.offset as usize, r.length as usize);
+        match r.typ {
+            proto::CMD_WRITE => {
+                let d = rd(&mut s, len)?;
+                disk[off..off + len].copy_from_slice(&d);
+                let h = proto::ReplyHeader::Simple {
+                    error: 0,
+                    cookie: r.cookie,
+                };
+                s.write_all(&h.encode()).ok()?;
+            }
+            proto::CMD_READ => {
+                let data = disk[off..off + len].to_vec();
+                let chunk = |flags, typ, length| {
+                    proto::ReplyHeader::Chunk {
+                        flags,
+                        typ,
+                        cookie: r.cookie,
+                        length,
+                    }
+                    .encode()
+                };
+                match m {
+                    Misbehave::None | Misbehave::NoGo if structured => {
+                        s.write_all(&chunk(
+                            proto::REPLY_FLAG_DONE,
+                            proto::REPLY_TYPE_OFFSET_DATA,
+                            len as u32 + 8,
+                        ))
+                        .ok()?;
+                        s.write_all(&r.offset.to_be_bytes()).ok()?;
+                        s.write_all(&data).ok()?;
+                    }
+                    Misbehave::ShortRead => {
+                        let half = len / 2;
+                        s.write_all(&chunk(
+                            proto::REPLY_FLAG_DONE,
+                            proto::REPLY_TYPE_OFFSET_DATA,
+                            half as u32 + 8,
+                        ))
+                        .ok()?;
+                        s.write_all(&r.offset.to_be_bytes()).ok()?;
+                        s.write_all(&data[..half]).ok()?;
+                    }
+                    Misbehave::WrongCookie => {
+                        let h = proto::ReplyHeader::Simple {
+                            error: 0,
+                            cookie: r.cookie ^ 0x5555,
+                        };
+                        s.write_all(&h.encode()).ok()?;
+                    }
+                    Misbehave::ErrorChunk => {
+                        let e = proto::encode_error_chunk(proto::EIO, "injected");
+                        s.write_all(&chunk(
+                            proto::REPLY_FLAG_DONE,
+                            proto::REPLY_TYPE_ERROR,
+                            e.len() as u32,
+                        ))
+                        .ok()?;
+                        s.write_all(&e).ok()?;
+                    }
+                    Misbehave::DisconnectMidReply => {
+                        s.write_all(&chunk(
+                            proto::REPLY_FLAG_DONE,
+                            proto::REPLY_TYPE_OFFSET_DATA,
+                            len as u32 + 8,
+                        ))
+                        .ok()?;
+                        s.write_all(&r.offset.to_be_bytes()).ok()?;
+                        s.write_all(&data[..len / 2]).ok()?;
+                        return None;
+                    }
+                    Misbehave::HugeChunk => {
+                        s.write_all(&chunk(
+                            proto::REPLY_FLAG_DONE,
+                            proto::REPLY_TYPE_OFFSET_DATA,
+                            u32::MAX,
+                        ))
+                        .ok()?;
+                    }
+                    _ => {
+                        // Simple reply, data after it.
+                        let h = proto::ReplyHeader::Simple {
+                            error: 0,
+                            cookie: r.cookie,
+                        };
+                        s.write_all(&h.encode()).ok()?;
+                        s.write_all(&data).ok()?;
+                    }
+                }
+            }
+            proto::CMD_DISC => return Some(()),
+            _ => {
+                let h = proto::ReplyHeader::Simple {
+                    error: 0,
+                    cookie: r.cookie,
+                };
+                s.write_all(&h.encode()).ok()?;
+            }
+        }
+    }
+}
+
+/// A fake server on `sock`, one connection after another; its disk
+/// starts with pattern(7).
+fn fake_server(sock: PathBuf, m: Misbehave) {
+    let l = UnixListener::bind(&sock).unwrap();
+    std::thread::spawn(move || {
+        let mut disk = pattern(7, FAKE_SIZE as usize);
+        for c in l.incoming() {
+            let Ok(c) = c else { return };
+            let _ = fake_conn(c, m, &mut disk);
+        }
+    });
+}
+
+/// A daemon whose export's node is an nbd client of a fake server.
+fn against_fake(m: Misbehave) -> (Daemon, Vm) {
+    let dir = tempfile::tempdir().unwrap();
+    fake_server(dir.path().join("fake.sock"), m);
+    let d = Daemon::start_in(
+        dir,
+        &[
+            "--blockdev",
+            "driver=nbd,node-name=n0,server.type=unix,server.path={dir}/fake.sock",
+            "--export",
+            &export_arg("n0"),
+        ],
+    );
+    let vm = Vm::connect(&d.socket, VmOptions::default());
+    (d, vm)
+}
+
+#[test]
+fn servers_without_structured_replies_or_go_still_serve() {
+    let want = pattern(7, FAKE_SIZE as usize);
+    for m in [Misbehave::None, Misbehave::NoStructured, Misbehave::NoGo] {
+        let (mut d, mut vm) = against_fake(m);
+        assert_eq!(vm.capacity_sectors(), FAKE_SIZE / 512, "{m:?}");
+        let (st, got) = vm.read(0, 8, 8192);
+        assert_eq!(st, S_OK, "{m:?}: {}", d.log());
+        assert!(got[..] == want[4096..4096 + 8192], "{m:?}: wrong data");
+        let w = pattern(8, 4096);
+        assert_eq!(vm.write(0, 100, &w), S_OK, "{m:?}");
+        let (st, got) = vm.read(0, 100, 4096);
+        assert_eq!(st, S_OK);
+        assert!(got == w, "{m:?}");
+        assert!(d.alive());
+    }
+}
+
+#[test]
+fn broken_replies_are_io_errors_not_hangs_or_crashes() {
+    for m in [
+        Misbehave::ShortRead,
+        Misbehave::WrongCookie,
+        Misbehave::ErrorChunk,
+        Misbehave::DisconnectMidReply,
+        Misbehave::HugeChunk,
+    ] {
+        let (mut d, mut vm) = against_fake(m);
+        let (st, _) = vm.read(0, 8, 8192);
+        assert_eq!(st, S_IOERR, "{m:?}: {}", d.log());
+        // The daemon lives on; writes still go (after a reconnection
+        // where the reply broke the connection).
+        assert!(d.alive(), "{m:?}");
+        let w = pattern(9, 4096);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let st = vm.write(0, 200, &w);
+            if st == S_OK {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{m:?}: writes fail for good");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(d.alive(), "{m:?}");
+    }
+}
+
+// --- Reconnection ---------------------------------------------------------
+
+fn kill(srv: Server) {
+    drop(srv);
+}
+
+#[test]
+fn a_server_restarted_within_reconnect_delay_is_invisible_beyond_it_eio() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = raw_image(dir.path(), 16 * MIB);
+    let nbd_sock = dir.path().join("nbd.sock");
+    let srv = qemu_nbd_unix(&img, &nbd_sock);
+    let d = Daemon::start_in(
+        dir,
+        &[
+            "--blockdev",
+            "driver=nbd,node-name=n0,server.type=unix,server.path={dir}/nbd.sock,reconnect-delay=3",
+            "--export",
+            &export_arg("n0"),
+        ],
+    );
+    let mut vm = Vm::connect(&d.socket, VmOptions::default());
+    let w1 = pattern(20, 65536);
+    assert_eq!(vm.write(0, 0, &w1), S_OK);
+    assert_eq!(vm.flush(0), S_OK);
+
+    // Kill the server; a write made while it is down waits and succeeds
+    // once it is back (1 s later, within the 3 s delay).
+    kill(srv);
+    let img2 = img.clone();
+    let sock2 = nbd_sock.clone();
+    let restarter = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(1));
+        qemu_nbd_unix(&img2, &sock2)
+    });
+    let w2 = pattern(21, 65536);
+    assert_eq!(vm.write(0, 1024, &w2), S_OK, "{}", d.log());
+    assert_eq!(vm.flush(0), S_OK);
+    let srv = restarter.join().unwrap();
+    assert!(read_file_at(&img, 1024 * 512, w2.len()) == w2);
+    let (st, got) = vm.read(0, 0, 65536);
+    assert_eq!(st, S_OK);
+    assert!(got == w1);
+    assert!(d.log().contains("reconnected"), "{}", d.log());
+
+    // Kill it for good: after the delay requests fail with EIO.
+    kill(srv);
+    let (st, _) = vm.read(0, 0, 4096);
+    assert_eq!(st, S_IOERR);
+    assert!(d.log().contains("connection to"), "{}", d.log());
+}
