@@ -590,3 +590,87 @@ fn a_server_restarted_within_reconnect_delay_is_invisible_beyond_it_eio() {
     assert_eq!(st, S_IOERR);
     assert!(d.log().contains("connection to"), "{}", d.log());
 }
+
+#[test]
+fn a_qcow2_image_over_nbd_on_the_command_line_opens_before_the_sandbox_is_armed() {
+    // qcow2 reads its header while the node opens, before the sandbox is
+    // armed and the nbd threads run: the opening thread does that I/O.
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.qcow2");
+    let ok = Command::new("qemu-img")
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=metadata",
+        ])
+        .arg(&img)
+        .arg("8M")
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let nbd_sock = dir.path().join("nbd.sock");
+    let _srv = qemu_nbd_unix(&img, &nbd_sock);
+    let d = Daemon::start_in(
+        dir,
+        &[
+            "--blockdev",
+            "driver=nbd,node-name=n0,server.type=unix,server.path={dir}/nbd.sock",
+            "--blockdev",
+            "driver=qcow2,node-name=q0,file=n0",
+            "--export",
+            &export_arg("q0"),
+        ],
+    );
+    let mut vm = Vm::connect(&d.socket, VmOptions::default());
+    assert_eq!(vm.capacity_sectors(), 8 * MIB / 512);
+    let w = pattern(30, 65536);
+    assert_eq!(vm.write(0, 2048, &w), S_OK);
+    assert_eq!(vm.flush(0), S_OK);
+    let (st, got) = vm.read(0, 2048, 65536);
+    assert_eq!(st, S_OK);
+    assert!(got == w);
+}
+
+#[test]
+fn open_timeout_waits_for_a_server_that_starts_late() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = raw_image(dir.path(), 4 * MIB);
+    let nbd_sock = dir.path().join("nbd.sock");
+    let (d, mut q) = qmp_daemon(&[]);
+    let server = json!({"type": "unix", "path": nbd_sock});
+    // open-timeout 0 (the default): one attempt, refused at once.
+    let r = q.execute(
+        "blockdev-add",
+        json!({"driver": "nbd", "node-name": "n0", "server": server}),
+    );
+    let desc = r["error"]["desc"].as_str().unwrap_or_default().to_string();
+    assert!(desc.contains("Failed to connect"), "{r}");
+    let (img2, sock2) = (img.clone(), nbd_sock.clone());
+    let late = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(700));
+        qemu_nbd_unix(&img2, &sock2)
+    });
+    let r = q.execute(
+        "blockdev-add",
+        json!({"driver": "nbd", "node-name": "n0", "server": server, "open-timeout": 10}),
+    );
+    assert!(r.get("return").is_some(), "{r} {}", d.log());
+    let _srv = late.join().unwrap();
+    // x-dirty-bitmap names a context the server must have (qemu-nbd
+    // serves one client at a time: n0 goes first).
+    let r = q.execute("blockdev-del", json!({"node-name": "n0"}));
+    assert!(r.get("return").is_some(), "{r}");
+    let r = q.execute(
+        "blockdev-add",
+        json!({"driver": "nbd", "node-name": "n1", "server": server, "read-only": true,
+               "x-dirty-bitmap": "qemu:dirty-bitmap:nope"}),
+    );
+    let desc = r["error"]["desc"].as_str().unwrap_or_default().to_string();
+    assert!(
+        desc.contains("x-dirty-bitmap") && desc.contains("not found"),
+        "{r}"
+    );
+}

@@ -290,6 +290,14 @@ impl NbdDriver {
     }
 
     pub async fn preadv(&self, offset: u64, iov: &IoVecs) -> Result<(), BlockError> {
+        // Past the end of the export reads as zeroes (a format's metadata
+        // reads may reach past a protocol's end; QEMU's block layer does
+        // the same); the server would refuse it.
+        let within = self.size.saturating_sub(offset).min(iov.len());
+        if within < iov.len() {
+            iov.tail(within).fill_zero();
+        }
+        let iov = &iov.head(within);
         let total = iov.len();
         let piece = self.max_piece(proto::CMD_READ);
         let mut done = 0;
