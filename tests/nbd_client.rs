@@ -547,15 +547,39 @@ fn kill(srv: Server) {
 
 #[test]
 fn a_server_restarted_within_reconnect_delay_is_invisible_beyond_it_eio() {
+    reconnect_case(false);
+}
+
+#[test]
+fn reconnection_over_tcp() {
+    // The network threads make the TCP connection themselves (seccomp:
+    // socket, connect, setsockopt; Landlock: the node's port).
+    reconnect_case(true);
+}
+
+fn reconnect_case(tcp: bool) {
     let dir = tempfile::tempdir().unwrap();
     let img = raw_image(dir.path(), 16 * MIB);
     let nbd_sock = dir.path().join("nbd.sock");
-    let srv = qemu_nbd_unix(&img, &nbd_sock);
+    let port = free_port();
+    let start = move |img: &Path, sock: &Path| {
+        if tcp {
+            qemu_nbd_tcp(img, port)
+        } else {
+            qemu_nbd_unix(img, sock)
+        }
+    };
+    let srv = start(&img, &nbd_sock);
+    let server = if tcp {
+        format!("server.type=inet,server.host=127.0.0.1,server.port={port}")
+    } else {
+        "server.type=unix,server.path={dir}/nbd.sock".to_string()
+    };
     let d = Daemon::start_in(
         dir,
         &[
             "--blockdev",
-            "driver=nbd,node-name=n0,server.type=unix,server.path={dir}/nbd.sock,reconnect-delay=3",
+            &format!("driver=nbd,node-name=n0,{server},reconnect-delay=3"),
             "--export",
             &export_arg("n0"),
         ],
@@ -572,7 +596,7 @@ fn a_server_restarted_within_reconnect_delay_is_invisible_beyond_it_eio() {
     let sock2 = nbd_sock.clone();
     let restarter = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_secs(1));
-        qemu_nbd_unix(&img2, &sock2)
+        start(&img2, &sock2)
     });
     let w2 = pattern(21, 65536);
     assert_eq!(vm.write(0, 1024, &w2), S_OK, "{}", d.log());
