@@ -237,6 +237,39 @@ fn process() -> Option<&'static Process> {
     PROCESS.get().filter(|p| p.settings.mode != Mode::Off)
 }
 
+/// Set by [`arm`] when network nodes open at start connect over TCP.
+static TCP_AT_START: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether any TCP connect is allowed once armed: `--allow-connect`, or
+/// the ports of the network nodes open at start. Without either the
+/// monitor's filter has no TCP sockets.
+pub(crate) fn tcp_connect_configured() -> bool {
+    TCP_AT_START.load(std::sync::atomic::Ordering::Relaxed)
+        || PROCESS
+            .get()
+            .is_some_and(|p| p.settings.allow_connect != AllowConnect::default())
+}
+
+/// Before a TCP connect to `port`: why the sandbox would refuse it (the
+/// calling thread's seccomp filter has no TCP sockets, or Landlock does
+/// not allow the port), so that the caller fails with a message instead
+/// of making a call that kills the daemon or fails without saying why.
+pub fn tcp_connect_refusal(port: u16) -> Option<String> {
+    let p = process()?;
+    let hint = || {
+        format!(
+            "TCP port {port} is outside the ports the sandbox allows (start the daemon with --allow-connect {port} or a range LOW-HIGH for nodes added at run time)"
+        )
+    };
+    if p.settings.mode == Mode::On
+        && current_class() == Some(Class::Monitor)
+        && !tcp_connect_configured()
+    {
+        return Some(hint());
+    }
+    connect_denial_hint(port)
+}
+
 /// The configured mode (Off when unconfigured).
 pub fn mode() -> Mode {
     PROCESS.get().map_or(Mode::Off, |p| p.settings.mode)
@@ -250,6 +283,10 @@ pub fn arm(reach: &Reach) -> Result<(), String> {
     let Some(p) = process() else {
         return Ok(());
     };
+    TCP_AT_START.store(
+        !reach.tcp_ports.is_empty(),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let root = privs::is_root();
     if root {
         privs::drop_bounding_set()?;

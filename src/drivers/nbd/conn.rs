@@ -164,6 +164,9 @@ fn connect_socket(addr: &Address, timeout: Duration) -> Result<Stream, ConnectEr
     match addr {
         Address::Unix(p) => UnixStream::connect(p).map(Stream::Unix).map_err(err),
         Address::Inet { host, port } => {
+            if let Some(why) = crate::sandbox::tcp_connect_refusal(*port) {
+                return Err(err(io::Error::new(io::ErrorKind::PermissionDenied, why)));
+            }
             let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
             for a in (host.as_str(), *port).to_socket_addrs().map_err(err)? {
                 match TcpStream::connect_timeout(&a, timeout) {
@@ -172,11 +175,6 @@ fn connect_socket(addr: &Address, timeout: Duration) -> Result<Stream, ConnectEr
                         return Ok(Stream::Tcp(s));
                     }
                     Err(e) => last = e,
-                }
-            }
-            if last.kind() == io::ErrorKind::PermissionDenied {
-                if let Some(hint) = crate::sandbox::connect_denial_hint(*port) {
-                    last = io::Error::new(last.kind(), format!("{last}: {hint}"));
                 }
             }
             Err(err(last))
