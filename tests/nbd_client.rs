@@ -293,6 +293,8 @@ enum Misbehave {
     NoGo,
     /// A read's data chunk covers only half of it (DONE set).
     ShortRead,
+    /// Two chunks carry the first half; the second half is never sent.
+    OverlappingChunks,
     /// A read's reply carries a cookie never sent.
     WrongCookie,
     /// A read gets an ERROR chunk.
@@ -402,6 +404,19 @@ fn fake_conn(mut s: UnixStream, m: Misbehave, disk: &mut [u8]) -> Option<()> {
                         .ok()?;
                         s.write_all(&r.offset.to_be_bytes()).ok()?;
                         s.write_all(&data[..half]).ok()?;
+                    }
+                    Misbehave::OverlappingChunks => {
+                        let half = len / 2;
+                        for flags in [0, proto::REPLY_FLAG_DONE] {
+                            s.write_all(&chunk(
+                                flags,
+                                proto::REPLY_TYPE_OFFSET_DATA,
+                                half as u32 + 8,
+                            ))
+                            .ok()?;
+                            s.write_all(&r.offset.to_be_bytes()).ok()?;
+                            s.write_all(&data[..half]).ok()?;
+                        }
                     }
                     Misbehave::WrongCookie => {
                         let h = proto::ReplyHeader::Simple {
@@ -514,6 +529,7 @@ fn servers_without_structured_replies_or_go_still_serve() {
 fn broken_replies_are_io_errors_not_hangs_or_crashes() {
     for m in [
         Misbehave::ShortRead,
+        Misbehave::OverlappingChunks,
         Misbehave::WrongCookie,
         Misbehave::ErrorChunk,
         Misbehave::DisconnectMidReply,

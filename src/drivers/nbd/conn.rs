@@ -444,8 +444,8 @@ impl std::future::Future for ReqFuture {
 struct Inflight {
     req: Arc<Req>,
     data: Vec<u8>,
-    /// Bytes of a read its chunks covered.
-    covered: u64,
+    /// The parts of a read its chunks filled, relative to its start.
+    filled: Vec<(usize, usize)>,
     error: Option<i32>,
     extent: Option<(u32, u32)>,
 }
@@ -465,8 +465,14 @@ struct State {
     started: bool,
 }
 
+/// Read buffers kept per connection (at most this many).
+const POOL_MAX: usize = 64;
+
 pub struct Connection {
     cfg: Config,
+    /// Read buffers, recycled by the iothread once it copied the data out
+    /// (a new one would be zero-filled first).
+    pool: Mutex<Vec<Vec<u8>>>,
     state: Mutex<State>,
     cv: Condvar,
     /// Set when the node is closed, read by the threads.
@@ -497,6 +503,7 @@ impl Connection {
     ) -> io::Result<Arc<Connection>> {
         let c = Arc::new(Connection {
             cfg,
+            pool: Mutex::new(Vec::new()),
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 inflight: HashMap::new(),
@@ -531,6 +538,31 @@ impl Connection {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Takes back a read's buffer for a later read.
+    pub fn recycle(&self, b: Vec<u8>) {
+        let mut p = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        if p.len() < POOL_MAX {
+            p.push(b);
+        }
+    }
+
+    /// A buffer of `len` bytes whose content is unspecified (the caller
+    /// overwrites every byte it hands out: see `Inflight::finish`).
+    fn buffer(&self, len: usize) -> Vec<u8> {
+        let b = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut b = b.unwrap_or_default();
+        b.resize(len, 0);
+        b
+    }
+
+    fn read_buffer(&self, r: &Req) -> Vec<u8> {
+        if r.cmd == proto::CMD_READ {
+            self.buffer(r.length as usize)
+        } else {
+            Vec::new()
+        }
+    }
+
     /// Queues a request (or does it now, before the threads run).
     pub fn submit(&self, req: Arc<Req>) {
         let mut st = self.lock();
@@ -561,7 +593,8 @@ impl Connection {
         };
         let cookie = st.next_cookie;
         st.next_cookie += 1;
-        st.inflight.insert(cookie, Inflight::new(req.clone()));
+        let buf = self.read_buffer(&req);
+        st.inflight.insert(cookie, Inflight::new(req.clone(), buf));
         if let Err(e) = send_one(&stream, cookie, &req) {
             st.inflight.remove(&cookie);
             req.complete(Err(e));
@@ -624,7 +657,8 @@ impl Connection {
                 batch.push((c, r));
             }
             for (c, r) in &batch {
-                st.inflight.insert(*c, Inflight::new(r.clone()));
+                let buf = self.read_buffer(r);
+                st.inflight.insert(*c, Inflight::new(r.clone(), buf));
             }
             drop(st);
             for (c, r) in &batch {
@@ -783,11 +817,12 @@ fn fail_all(st: &mut State) {
 }
 
 impl Inflight {
-    fn new(req: Arc<Req>) -> Self {
+    /// `data`: a read's buffer of its length (contents unspecified).
+    fn new(req: Arc<Req>, data: Vec<u8>) -> Self {
         Inflight {
             req,
-            data: Vec::new(),
-            covered: 0,
+            data,
+            filled: Vec::new(),
             error: None,
             extent: None,
         }
@@ -797,10 +832,20 @@ impl Inflight {
         let r = match (self.error, self.req.cmd) {
             (Some(e), _) => Err(io::Error::from_raw_os_error(e)),
             (None, proto::CMD_READ) => {
-                if self.covered != u64::from(self.req.length) {
+                // Every byte exactly once: the buffer may hold an earlier
+                // read's data, which must not reach the guest.
+                let mut f = self.filled;
+                f.sort_unstable();
+                let mut end = 0;
+                let whole = f.iter().all(|&(a, b)| {
+                    let ok = a == end;
+                    end = b;
+                    ok
+                }) && end == self.data.len();
+                if !whole {
                     Err(eio(format!(
-                        "the server's read reply covered {} of {} bytes",
-                        self.covered, self.req.length
+                        "the server's read reply does not cover the {} bytes read exactly once",
+                        self.req.length
                     )))
                 } else {
                     Ok(Output::Data(self.data))
@@ -890,10 +935,8 @@ fn read_body(s: &Stream, inf: &mut Inflight, h: ReplyHeader, exp: &Export) -> io
                 if exp.structured {
                     return Err(eio("simple reply to a read with structured replies"));
                 }
-                let mut data = vec![0u8; req.length as usize];
-                r.read_exact(&mut data)?;
-                inf.covered = u64::from(req.length);
-                inf.data = data;
+                r.read_exact(&mut inf.data)?;
+                inf.filled = vec![(0, inf.data.len())];
             } else if req.cmd == proto::CMD_BLOCK_STATUS {
                 return Err(eio("simple reply to block status"));
             }
@@ -927,11 +970,8 @@ fn read_body(s: &Stream, inf: &mut Inflight, h: ReplyHeader, exp: &Export) -> io
                     let off = u64::from_be_bytes(ob);
                     let n = u64::from(length - 8);
                     let rel = chunk_range(&req, off, n)?;
-                    if inf.data.is_empty() {
-                        inf.data = vec![0u8; req.length as usize];
-                    }
                     r.read_exact(&mut inf.data[rel..rel + n as usize])?;
-                    inf.covered += n;
+                    inf.filled.push((rel, rel + n as usize));
                 }
                 proto::REPLY_TYPE_OFFSET_HOLE => {
                     let mut b = [0u8; 12];
@@ -941,12 +981,8 @@ fn read_body(s: &Stream, inf: &mut Inflight, h: ReplyHeader, exp: &Export) -> io
                     r.read_exact(&mut b)?;
                     let (off, n) = proto::parse_hole(&b).map_err(|e| eio(e.to_string()))?;
                     let rel = chunk_range(&req, off, u64::from(n))?;
-                    if inf.data.is_empty() {
-                        inf.data = vec![0u8; req.length as usize];
-                    } else {
-                        inf.data[rel..rel + n as usize].fill(0);
-                    }
-                    inf.covered += u64::from(n);
+                    inf.data[rel..rel + n as usize].fill(0);
+                    inf.filled.push((rel, rel + n as usize));
                 }
                 proto::REPLY_TYPE_BLOCK_STATUS => {
                     if req.cmd != proto::CMD_BLOCK_STATUS {

@@ -269,9 +269,18 @@ impl NbdDriver {
     }
 
     async fn run(&self, op: &'static str, req: Req) -> Result<Output, BlockError> {
+        self.run_on(self.conn(), op, req).await
+    }
+
+    async fn run_on(
+        &self,
+        conn: &Connection,
+        op: &'static str,
+        req: Req,
+    ) -> Result<Output, BlockError> {
         let (offset, len) = (req.offset, u64::from(req.length));
         let r = Arc::new(req);
-        self.conn().submit(r.clone());
+        conn.submit(r.clone());
         ReqFuture(r)
             .await
             .map_err(|e| self.io_err(op, offset, len, e))
@@ -303,14 +312,21 @@ impl NbdDriver {
         let mut done = 0;
         while done < total {
             let n = piece.min(total - done);
+            let conn = self.conn();
             let out = self
-                .run(
+                .run_on(
+                    conn,
                     "read",
                     Req::new(proto::CMD_READ, 0, offset + done, n as u32, None),
                 )
                 .await?;
             match out {
-                Output::Data(d) if d.len() as u64 == n => iov.sub(done, n).copy_from(&d),
+                Output::Data(d) if d.len() as u64 == n => {
+                    iov.sub(done, n).copy_from(&d);
+                    // The buffer goes back to the connection's pool: the
+                    // next read fills it without zeroing it first.
+                    conn.recycle(d);
+                }
                 _ => {
                     return Err(self.io_err(
                         "read",
@@ -336,8 +352,8 @@ impl NbdDriver {
         let mut done = 0;
         while done < total {
             let n = piece.min(total - done);
-            let mut data = vec![0u8; n as usize];
-            iov.sub(done, n).copy_to(&mut data);
+            let mut data = Vec::new();
+            iov.sub(done, n).extend_vec(&mut data);
             self.run(
                 "write",
                 Req::new(proto::CMD_WRITE, flags, offset + done, n as u32, Some(data)),
