@@ -303,6 +303,9 @@ enum Misbehave {
     DisconnectMidReply,
     /// A chunk header with an absurd length.
     HugeChunk,
+    /// Block size constraints (min 4096, max payload 64 KiB), and EINVAL
+    /// for any request that breaks them.
+    BlockSizes,
 }
 
 const FAKE_SIZE: u64 = 4 * MIB;
@@ -348,6 +351,13 @@ fn fake_conn(mut s: UnixStream, m: Misbehave, disk: &mut [u8]) -> Option<()> {
                 info.extend_from_slice(&FAKE_SIZE.to_be_bytes());
                 info.extend_from_slice(&flags.to_be_bytes());
                 opt_reply(&mut s, opt, proto::REP_INFO, &info);
+                if m == Misbehave::BlockSizes {
+                    let mut bs = vec![0, 3];
+                    for v in [4096u32, 4096, 65536] {
+                        bs.extend_from_slice(&v.to_be_bytes());
+                    }
+                    opt_reply(&mut s, opt, proto::REP_INFO, &bs);
+                }
                 opt_reply(&mut s, opt, proto::REP_ACK, &[]);
                 break;
             }
@@ -362,6 +372,20 @@ fn fake_conn(mut s: UnixStream, m: Misbehave, disk: &mut [u8]) -> Option<()> {
     loop {
         let r = proto::Request::decode(&rd(&mut s, proto::REQUEST_LEN)?).ok()?;
         let (off, len) = (r.offset as usize, r.length as usize);
+        if m == Misbehave::BlockSizes
+            && (r.typ == proto::CMD_READ || r.typ == proto::CMD_WRITE)
+            && (off % 4096 != 0 || len % 4096 != 0 || len > 65536)
+        {
+            if r.typ == proto::CMD_WRITE {
+                rd(&mut s, len)?;
+            }
+            let h = proto::ReplyHeader::Simple {
+                error: proto::EINVAL,
+                cookie: r.cookie,
+            };
+            s.write_all(&h.encode()).ok()?;
+            continue;
+        }
         match r.typ {
             proto::CMD_WRITE => {
                 let d = rd(&mut s, len)?;
@@ -384,7 +408,7 @@ fn fake_conn(mut s: UnixStream, m: Misbehave, disk: &mut [u8]) -> Option<()> {
                     .encode()
                 };
                 match m {
-                    Misbehave::None | Misbehave::NoGo if structured => {
+                    Misbehave::None | Misbehave::NoGo | Misbehave::BlockSizes if structured => {
                         s.write_all(&chunk(
                             proto::REPLY_FLAG_DONE,
                             proto::REPLY_TYPE_OFFSET_DATA,
@@ -492,6 +516,10 @@ fn fake_server(sock: PathBuf, m: Misbehave) {
 
 /// A daemon whose export's node is an nbd client of a fake server.
 fn against_fake(m: Misbehave) -> (Daemon, Vm) {
+    against_fake_with(m, "")
+}
+
+fn against_fake_with(m: Misbehave, export_extra: &str) -> (Daemon, Vm) {
     let dir = tempfile::tempdir().unwrap();
     fake_server(dir.path().join("fake.sock"), m);
     let d = Daemon::start_in(
@@ -500,7 +528,7 @@ fn against_fake(m: Misbehave) -> (Daemon, Vm) {
             "--blockdev",
             "driver=nbd,node-name=n0,server.type=unix,server.path={dir}/fake.sock",
             "--export",
-            &export_arg("n0"),
+            &format!("{}{export_extra}", export_arg("n0")),
         ],
     );
     let vm = Vm::connect(&d.socket, VmOptions::default());
@@ -713,4 +741,23 @@ fn open_timeout_waits_for_a_server_that_starts_late() {
         desc.contains("x-dirty-bitmap") && desc.contains("not found"),
         "{r}"
     );
+}
+
+#[test]
+fn the_servers_block_size_constraints_are_honoured() {
+    // The fake refuses (EINVAL) a read or write not aligned to 4096 or
+    // longer than 64 KiB. The node's request alignment is the minimum
+    // block size (an export needs logical-block-size=4096 over it, as over
+    // a 4k-sector device with O_DIRECT); a 256 KiB request is split.
+    let (mut d, mut vm) = against_fake_with(Misbehave::BlockSizes, ",logical-block-size=4096");
+    let w = pattern(40, 256 * 1024);
+    assert_eq!(vm.write(0, 64, &w), S_OK, "{}", d.log());
+    let (st, got) = vm.read(0, 64, 256 * 1024);
+    assert_eq!(st, S_OK, "{}", d.log());
+    assert!(got == w);
+    let want = pattern(7, FAKE_SIZE as usize);
+    let (st, got) = vm.read(0, 1024, 8192);
+    assert_eq!(st, S_OK);
+    assert!(got[..] == want[512 * 1024..520 * 1024]);
+    assert!(d.alive());
 }
