@@ -253,6 +253,15 @@ fn blockdev_add_over_tcp_and_a_backup_that_skips_holes() {
                "server": {"type": "inet", "host": "127.0.0.1", "port": allow}}),
     );
     assert!(r.get("return").is_some(), "{r}");
+    let r = q.execute("query-named-block-nodes", json!({}));
+    let n0 = r["return"]
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n["node-name"] == "n0"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(n0["drv"], "nbd", "{r}");
+    assert_eq!(n0["file"], format!("nbd://127.0.0.1:{port}"), "{n0}");
+    assert_eq!(n0["ro"], true, "{n0}");
     let target = d.dir.path().join("target.img");
     std::fs::File::create(&target)
         .unwrap()

@@ -74,9 +74,9 @@ pub const DEFAULT_MAX_PAYLOAD: u32 = 32 << 20;
 /// A negotiation failure.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("Failed to connect to '{addr}': {source}")]
+    #[error("Failed to connect to '{addr}': {}", crate::block::os_text(source))]
     Connect { addr: String, source: io::Error },
-    #[error("NBD negotiation failed: {0}")]
+    #[error("NBD negotiation failed: {}", crate::block::os_text(.0))]
     Io(#[from] io::Error),
     #[error("NBD negotiation failed: {0}")]
     Proto(#[from] ProtoError),

@@ -198,6 +198,8 @@ impl NbdDriver {
         }
         let filename = match &address {
             Address::Unix(p) => format!("nbd+unix:///{export}?socket={p}"),
+            // As QEMU's nbd_refresh_filename.
+            Address::Inet { host, port } if export.is_empty() => format!("nbd://{host}:{port}"),
             Address::Inet { host, port } => format!("nbd://{host}:{port}/{export}"),
         };
         log::info!(
@@ -583,6 +585,11 @@ mod tests {
         }))
         .unwrap();
         let e = NbdDriver::open(&o).err().unwrap().to_string();
-        assert!(e.contains("Failed to connect"), "{e}");
+        // QEMU's words: "Failed to connect to '/nonexistent/sock': No such
+        // file or directory".
+        assert!(
+            e.ends_with("Failed to connect to '/nonexistent/sock': No such file or directory"),
+            "{e}"
+        );
     }
 }
