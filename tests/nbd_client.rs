@@ -770,3 +770,54 @@ fn the_servers_block_size_constraints_are_honoured() {
     assert!(got[..] == want[512 * 1024..520 * 1024]);
     assert!(d.alive());
 }
+
+fn count(dir: String) -> usize {
+    std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+}
+
+#[test]
+fn blockdev_del_closes_the_connections_and_ends_their_threads() {
+    // nbdkit's memory plugin allows multi-conn: 2 connections, 4 threads
+    // per node; 5 add/del cycles must leave threads and descriptors as
+    // they were.
+    let port = free_port();
+    let c = Command::new("nbdkit")
+        .args([
+            "-f",
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "memory",
+            "8M",
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nbdkit");
+    let _srv = Server(c);
+    wait_for("nbdkit", || tcp_listening(port));
+    let allow = port.to_string();
+    let (d, mut q) = qmp_daemon(&["--allow-connect", &allow]);
+    let pid = d.pid();
+    let threads = || count(format!("/proc/{pid}/task"));
+    let fds = || count(format!("/proc/{pid}/fd"));
+    let (t0, f0) = (threads(), fds());
+    for i in 0..5 {
+        let r = q.execute(
+            "blockdev-add",
+            json!({"driver": "nbd", "node-name": "n0",
+                   "server": {"type": "inet", "host": "127.0.0.1", "port": allow}}),
+        );
+        assert!(r.get("return").is_some(), "{r}");
+        if i == 0 {
+            assert_eq!(threads(), t0 + 4, "two connections, two threads each");
+        }
+        let r = q.execute("blockdev-del", json!({"node-name": "n0"}));
+        assert!(r.get("return").is_some(), "{r}");
+    }
+    // The threads notice the closed sockets on their own.
+    wait_for("the nbd threads to end", || threads() == t0);
+    wait_for("the sockets to close", || fds() == f0);
+    assert!(!d.log().contains("panicked"), "{}", d.log());
+}
