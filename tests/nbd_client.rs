@@ -821,3 +821,67 @@ fn blockdev_del_closes_the_connections_and_ends_their_threads() {
     wait_for("the sockets to close", || fds() == f0);
     assert!(!d.log().contains("panicked"), "{}", d.log());
 }
+
+#[test]
+fn x_dirty_bitmap_reads_the_bitmaps_context_as_qemu_does() {
+    // qemu-nbd -B exports a qcow2 bitmap as qemu:dirty-bitmap:b0. With
+    // x-dirty-bitmap, block status reports dirty areas as not data (QEMU's
+    // convention, for qemu-img map): a backup then copies the clean data
+    // (0x22 at 4 MiB, written before the bitmap existed) and writes
+    // zeroes over the dirty 64 KiB (0x11 at 1 MiB).
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.qcow2");
+    let run = |args: &[&str]| {
+        let ok = Command::new(args[0])
+            .args(&args[1..])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "{args:?}");
+    };
+    let img_s = img.to_str().unwrap();
+    run(&["qemu-img", "create", "-q", "-f", "qcow2", img_s, "16M"]);
+    run(&["qemu-io", "-c", "write -P 0x22 4M 64k", img_s]);
+    run(&["qemu-img", "bitmap", "--add", img_s, "b0"]);
+    run(&["qemu-io", "-c", "write -P 0x11 1M 64k", img_s]);
+    let sock = dir.path().join("b.sock");
+    let c = Command::new("qemu-nbd")
+        .args(["-r", "-f", "qcow2", "-B", "b0", "-k"])
+        .arg(&sock)
+        .arg(&img)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-nbd");
+    let _srv = Server(c);
+    wait_for("qemu-nbd", || UnixStream::connect(&sock).is_ok());
+    let (d, mut q) = qmp_daemon(&[]);
+    let r = q.execute(
+        "blockdev-add",
+        json!({"driver": "nbd", "node-name": "n0", "read-only": true,
+               "server": {"type": "unix", "path": sock},
+               "x-dirty-bitmap": "qemu:dirty-bitmap:b0"}),
+    );
+    assert!(r.get("return").is_some(), "{r}");
+    let target = d.dir.path().join("target.img");
+    std::fs::File::create(&target)
+        .unwrap()
+        .set_len(16 * MIB)
+        .unwrap();
+    let r = q.execute(
+        "blockdev-add",
+        json!({"driver": "file", "node-name": "t0", "filename": target, "discard": "unmap"}),
+    );
+    assert!(r.get("return").is_some(), "{r}");
+    let r = q.execute(
+        "blockdev-backup",
+        json!({"job-id": "j", "device": "n0", "target": "t0", "sync": "full"}),
+    );
+    assert!(r.get("return").is_some(), "{r}");
+    let ev = q.wait_event_of(&["BLOCK_JOB_COMPLETED"], Duration::from_secs(60));
+    assert!(ev["data"].get("error").is_none(), "{ev}");
+    assert!(read_file_at(&target, 4 * MIB, 65536)
+        .iter()
+        .all(|&b| b == 0x22));
+    assert!(read_file_at(&target, MIB, 65536).iter().all(|&b| b == 0));
+}
