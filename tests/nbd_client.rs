@@ -885,3 +885,31 @@ fn x_dirty_bitmap_reads_the_bitmaps_context_as_qemu_does() {
         .all(|&b| b == 0x22));
     assert!(read_file_at(&target, MIB, 65536).iter().all(|&b| b == 0));
 }
+
+#[test]
+fn a_request_before_the_receiver_runs_waits_for_it() {
+    // The receiver starts 1.5 s late (test hook): the guest's first read
+    // comes before it and must queue; the iothread doing the I/O itself
+    // was killed by seccomp ('vring_worker' (iothread) made the forbidden
+    // system call sendto), as happened on a loaded machine.
+    let dir = tempfile::tempdir().unwrap();
+    let img = raw_image(dir.path(), 4 * MIB);
+    write_file_at(&img, 0, &pattern(50, 4096));
+    let nbd_sock = dir.path().join("nbd.sock");
+    let _srv = qemu_nbd_unix(&img, &nbd_sock);
+    let mut d = Daemon::start_env(
+        dir,
+        &[
+            "--blockdev",
+            "driver=nbd,node-name=n0,server.type=unix,server.path={dir}/nbd.sock",
+            "--export",
+            &export_arg("n0"),
+        ],
+        &[("VUB_DEBUG_NBD_START_DELAY_MS", "1500")],
+    );
+    let mut vm = Vm::connect(&d.socket, VmOptions::default());
+    let (st, got) = vm.read(0, 0, 4096);
+    assert_eq!(st, S_OK, "{}", d.log());
+    assert!(got == pattern(50, 4096));
+    assert!(d.alive(), "{}", d.log());
+}

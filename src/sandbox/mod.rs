@@ -473,6 +473,13 @@ pub fn connect_denial_hint(port: u16) -> Option<String> {
     ))
 }
 
+/// Whether threads started now run their code at once: the process is
+/// armed, or there is no sandbox. Before [`arm`], a new thread waits in
+/// [`spawn`] until it is.
+pub fn threads_run() -> bool {
+    process().is_none_or(|p| p.armed.lock().unwrap_or_else(|e| e.into_inner()).is_some())
+}
+
 /// Whether Landlock confines this process's file system.
 pub fn confines_files() -> bool {
     process().is_some_and(|p| {

@@ -19,7 +19,8 @@
 //! Before the sandbox is armed (the command line's nodes) the threads
 //! wait in `sandbox::spawn`; a request made then (a format opened on an
 //! nbd node reads its header) is done by the calling thread itself on the
-//! socket, synchronously.
+//! socket, synchronously. Once armed, requests always queue, even if the
+//! receiver has not started yet.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
@@ -571,7 +572,11 @@ impl Connection {
             req.complete(Err(io::Error::from_raw_os_error(libc::EIO)));
             return;
         }
-        if !st.started {
+        // Only before the sandbox is armed (the command line's nodes, on
+        // the main thread): an iothread's request arriving before the
+        // receiver has started is queued, never done here (the iothread
+        // has no socket calls, and must not block on the network).
+        if !st.started && !crate::sandbox::threads_run() {
             self.sync_request(&mut st, req);
             return;
         }
@@ -674,6 +679,14 @@ impl Connection {
     }
 
     fn receiver(self: Arc<Self>) {
+        // Test hook: a receiver that starts late (a loaded machine), so
+        // that a guest request arrives before it has taken over.
+        if let Some(ms) = std::env::var("VUB_DEBUG_NBD_START_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            std::thread::sleep(Duration::from_millis(ms.min(10_000)));
+        }
         {
             let mut st = self.lock();
             st.started = true;
