@@ -1292,6 +1292,40 @@ addr = {{ type = "unix", path = "/tmp/n.sock" }}
     }
 
     #[test]
+    fn allow_connect_from_the_config_file_and_the_command_line_adds_up() {
+        use crate::sandbox::AllowConnect;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            r#"
+allow-connect = ["6800-7568"]
+[[blockdev]]
+driver = "null-co"
+node-name = "n0"
+[[export]]
+type = "vhost-user-blk"
+id = "e0"
+node-name = "n0"
+addr = { type = "unix", path = "/tmp/n.sock" }
+"#,
+        )
+        .unwrap();
+        let file = path.to_str().unwrap();
+        let c = Config::try_from(args(&["--config", file, "--allow-connect", "3300"])).unwrap();
+        assert_eq!(
+            c.sandbox.allow_connect,
+            AllowConnect::Ports(vec![(3300, 3300), (6800, 7568)])
+        );
+        let c = Config::try_from(args(&["--config", file, "--allow-connect", "any"])).unwrap();
+        assert_eq!(c.sandbox.allow_connect, AllowConnect::Any);
+        let e = Config::try_from(args(&["--config", file, "--allow-connect", "99999"]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--allow-connect '99999'"), "{e}");
+    }
+
+    #[test]
     fn allowed_peers_from_the_command_line_names_numbers_and_lists() {
         let null = [
             "--blockdev",
