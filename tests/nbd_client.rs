@@ -247,6 +247,15 @@ fn blockdev_add_over_tcp_and_a_backup_that_skips_holes() {
     assert!(desc.contains("--allow-connect"), "{r}");
 
     let (d, mut q) = qmp_daemon(&["--allow-connect", &allow]);
+    // A host name is refused (resolving it killed the daemon: glibc's
+    // getaddrinfo calls uname, which the monitor may not).
+    let r = q.execute(
+        "blockdev-add",
+        json!({"driver": "nbd", "node-name": "n0",
+               "server": {"type": "inet", "host": "localhost", "port": allow}}),
+    );
+    let desc = r["error"]["desc"].as_str().unwrap_or_default().to_string();
+    assert!(desc.contains("is not an IP address"), "{r}");
     let r = q.execute(
         "blockdev-add",
         json!({"driver": "nbd", "node-name": "n0", "read-only": true,
@@ -624,7 +633,9 @@ fn reconnect_case(tcp: bool) {
     };
     let srv = start(&img, &nbd_sock);
     let server = if tcp {
-        format!("server.type=inet,server.host=127.0.0.1,server.port={port}")
+        // A host name: resolved when the node opens (the network threads
+        // that reconnect cannot read /etc/hosts).
+        format!("server.type=inet,server.host=localhost,server.port={port}")
     } else {
         "server.type=unix,server.path={dir}/nbd.sock".to_string()
     };
@@ -799,6 +810,15 @@ fn blockdev_del_closes_the_connections_and_ends_their_threads() {
     wait_for("nbdkit", || tcp_listening(port));
     let allow = port.to_string();
     let (d, mut q) = qmp_daemon(&["--allow-connect", &allow]);
+    // A host name is refused (resolving it killed the daemon: glibc's
+    // getaddrinfo calls uname, which the monitor may not).
+    let r = q.execute(
+        "blockdev-add",
+        json!({"driver": "nbd", "node-name": "n0",
+               "server": {"type": "inet", "host": "localhost", "port": allow}}),
+    );
+    let desc = r["error"]["desc"].as_str().unwrap_or_default().to_string();
+    assert!(desc.contains("is not an IP address"), "{r}");
     let pid = d.pid();
     let threads = || count(format!("/proc/{pid}/task"));
     let fds = || count(format!("/proc/{pid}/fd"));

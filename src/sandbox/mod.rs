@@ -473,6 +473,11 @@ pub fn connect_denial_hint(port: u16) -> Option<String> {
     ))
 }
 
+/// Whether the process is sandboxed and armed (its threads filtered).
+pub fn armed() -> bool {
+    process().is_some_and(|p| p.armed.lock().unwrap_or_else(|e| e.into_inner()).is_some())
+}
+
 /// Whether threads started now run their code at once: the process is
 /// armed, or there is no sandbox. Before [`arm`], a new thread waits in
 /// [`spawn`] until it is.

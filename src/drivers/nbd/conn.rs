@@ -52,6 +52,10 @@ pub struct Config {
     /// x-dirty-bitmap context.
     pub context: String,
     pub reconnect_delay: Duration,
+    /// The addresses of an inet server's host, found when the node opened
+    /// (the network threads cannot read /etc/hosts nor ask a resolver);
+    /// empty: resolve at each connection.
+    pub resolved: Vec<std::net::SocketAddr>,
 }
 
 /// What negotiation found out about the export.
@@ -157,7 +161,25 @@ impl Write for &Stream {
     }
 }
 
-fn connect_socket(addr: &Address, timeout: Duration) -> Result<Stream, ConnectError> {
+/// The addresses of an inet server (none for a UNIX one).
+pub fn resolve(addr: &Address) -> Result<Vec<std::net::SocketAddr>, ConnectError> {
+    match addr {
+        Address::Unix(_) => Ok(Vec::new()),
+        Address::Inet { host, port } => (host.as_str(), *port)
+            .to_socket_addrs()
+            .map(|a| a.collect())
+            .map_err(|source| ConnectError::Connect {
+                addr: addr.to_string(),
+                source,
+            }),
+    }
+}
+
+fn connect_socket(
+    addr: &Address,
+    resolved: &[std::net::SocketAddr],
+    timeout: Duration,
+) -> Result<Stream, ConnectError> {
     let err = |source| ConnectError::Connect {
         addr: addr.to_string(),
         source,
@@ -169,8 +191,16 @@ fn connect_socket(addr: &Address, timeout: Duration) -> Result<Stream, ConnectEr
                 return Err(err(io::Error::new(io::ErrorKind::PermissionDenied, why)));
             }
             let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
-            for a in (host.as_str(), *port).to_socket_addrs().map_err(err)? {
-                match TcpStream::connect_timeout(&a, timeout) {
+            let _ = host;
+            let found;
+            let addrs = if resolved.is_empty() {
+                found = resolve(addr)?;
+                &found[..]
+            } else {
+                resolved
+            };
+            for a in addrs {
+                match TcpStream::connect_timeout(a, timeout) {
                     Ok(s) => {
                         let _ = s.set_nodelay(true);
                         return Ok(Stream::Tcp(s));
@@ -227,7 +257,7 @@ fn opt_error(h: &proto::OptionReply, data: &[u8], what: &str) -> ConnectError {
 /// Connects and negotiates (fixed newstyle: STRUCTURED_REPLY,
 /// SET_META_CONTEXT, GO; EXPORT_NAME where the server lacks GO).
 pub fn negotiate(cfg: &Config, timeout: Duration) -> Result<(Stream, Export), ConnectError> {
-    let s = connect_socket(&cfg.address, timeout)?;
+    let s = connect_socket(&cfg.address, &cfg.resolved, timeout)?;
     // A server that stops answering in the handshake fails the attempt.
     s.set_timeout(Some(timeout.max(Duration::from_secs(1))))?;
     let hello = read_exact(&s, 18)?;

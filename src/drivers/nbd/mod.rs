@@ -170,7 +170,26 @@ impl NbdDriver {
             export: export.clone(),
             context,
             reconnect_delay: Duration::from_secs(o.reconnect_delay),
+            resolved: Vec::new(),
         };
+        let mut cfg = cfg;
+        if let Address::Inet { host, port } = &address {
+            // A name needs files (/etc/hosts, nsswitch) and calls (uname,
+            // DNS sockets) no thread may make once the sandbox is armed:
+            // nodes added then take an address.
+            if crate::sandbox::armed() && host.parse::<std::net::IpAddr>().is_err() {
+                return Err(err(format!(
+                    "server host '{host}' is not an IP address: the sandbox cannot resolve host names for nodes added at run time (give the address, or the node on the command line)"
+                )));
+            }
+            // Resolve here, where files may be read (reconnections happen
+            // on the network threads, which open nothing); a TCP node the
+            // sandbox refuses says so before any look-up.
+            if let Some(why) = crate::sandbox::tcp_connect_refusal(*port) {
+                return Err(err(format!("Failed to connect to '{address}': {why}")));
+            }
+            cfg.resolved = conn::resolve(&address).map_err(|e| err(e.to_string()))?;
+        }
         let (stream, exp) = conn::negotiate_with_timeout(&cfg, Duration::from_secs(o.open_timeout))
             .map_err(|e| err(e.to_string()))?;
         if !o.read_only && exp.flags & proto::FLAG_READ_ONLY != 0 {
