@@ -324,6 +324,8 @@ enum Misbehave {
     /// Block size constraints (min 4096, max payload 64 KiB), and EINVAL
     /// for any request that breaks them.
     BlockSizes,
+    /// Has base:allocation, but every BLOCK_STATUS gets an error chunk.
+    BlockStatusError,
 }
 
 const FAKE_SIZE: u64 = 4 * MIB;
@@ -379,6 +381,12 @@ fn fake_conn(mut s: UnixStream, m: Misbehave, disk: &mut [u8]) -> Option<()> {
                 opt_reply(&mut s, opt, proto::REP_ACK, &[]);
                 break;
             }
+            proto::OPT_SET_META_CONTEXT if m == Misbehave::BlockStatusError => {
+                let mut mc = 1u32.to_be_bytes().to_vec();
+                mc.extend_from_slice(proto::CONTEXT_BASE_ALLOCATION.as_bytes());
+                opt_reply(&mut s, opt, proto::REP_META_CONTEXT, &mc);
+                opt_reply(&mut s, opt, proto::REP_ACK, &[]);
+            }
             proto::OPT_EXPORT_NAME => {
                 s.write_all(&FAKE_SIZE.to_be_bytes()).ok()?;
                 s.write_all(&flags.to_be_bytes()).ok()?;
@@ -426,7 +434,12 @@ fn fake_conn(mut s: UnixStream, m: Misbehave, disk: &mut [u8]) -> Option<()> {
                     .encode()
                 };
                 match m {
-                    Misbehave::None | Misbehave::NoGo | Misbehave::BlockSizes if structured => {
+                    Misbehave::None
+                    | Misbehave::NoGo
+                    | Misbehave::BlockSizes
+                    | Misbehave::BlockStatusError
+                        if structured =>
+                    {
                         s.write_all(&chunk(
                             proto::REPLY_FLAG_DONE,
                             proto::REPLY_TYPE_OFFSET_DATA,
@@ -506,6 +519,17 @@ fn fake_conn(mut s: UnixStream, m: Misbehave, disk: &mut [u8]) -> Option<()> {
                         s.write_all(&data).ok()?;
                     }
                 }
+            }
+            proto::CMD_BLOCK_STATUS => {
+                let e = proto::encode_error_chunk(proto::EINVAL, "no block status today");
+                let h = proto::ReplyHeader::Chunk {
+                    flags: proto::REPLY_FLAG_DONE,
+                    typ: proto::REPLY_TYPE_ERROR,
+                    cookie: r.cookie,
+                    length: e.len() as u32,
+                };
+                s.write_all(&h.encode()).ok()?;
+                s.write_all(&e).ok()?;
             }
             proto::CMD_DISC => return Some(()),
             _ => {
@@ -932,4 +956,37 @@ fn a_request_before_the_receiver_runs_waits_for_it() {
     assert_eq!(st, S_OK, "{}", d.log());
     assert!(got == pattern(50, 4096));
     assert!(d.alive(), "{}", d.log());
+}
+
+#[test]
+fn a_block_status_error_makes_the_range_data_not_a_failed_job() {
+    // The server offers base:allocation and then fails every BLOCK_STATUS:
+    // as in QEMU the range is taken as data and a backup copies it all.
+    let (d, mut q) = qmp_daemon(&[]);
+    let sock = d.dir.path().join("fake.sock");
+    fake_server(sock.clone(), Misbehave::BlockStatusError);
+    let r = q.execute(
+        "blockdev-add",
+        json!({"driver": "nbd", "node-name": "n0", "read-only": true,
+               "server": {"type": "unix", "path": sock}}),
+    );
+    assert!(r.get("return").is_some(), "{r}");
+    let target = d.dir.path().join("target.img");
+    std::fs::File::create(&target)
+        .unwrap()
+        .set_len(FAKE_SIZE)
+        .unwrap();
+    let r = q.execute(
+        "blockdev-add",
+        json!({"driver": "file", "node-name": "t0", "filename": target}),
+    );
+    assert!(r.get("return").is_some(), "{r}");
+    let r = q.execute(
+        "blockdev-backup",
+        json!({"job-id": "j", "device": "n0", "target": "t0", "sync": "full"}),
+    );
+    assert!(r.get("return").is_some(), "{r}");
+    let ev = q.wait_event_of(&["BLOCK_JOB_COMPLETED"], Duration::from_secs(60));
+    assert!(ev["data"].get("error").is_none(), "{ev}");
+    assert!(read_file_at(&target, 0, FAKE_SIZE as usize) == pattern(7, FAKE_SIZE as usize));
 }

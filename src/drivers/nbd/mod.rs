@@ -491,7 +491,16 @@ impl NbdDriver {
                     None,
                 ),
             )
-            .await?;
+            .await;
+        // Block status is advice: where the server cannot give it the
+        // range is data, as in QEMU (a read then finds out what it is).
+        let out = match out {
+            Ok(o) => o,
+            Err(e) => {
+                log::debug!("nbd node '{}': {e}: block status taken as data", self.node);
+                return Ok(data);
+            }
+        };
         let Output::Extent { length, flags } = out else {
             return Ok(data);
         };
