@@ -557,11 +557,15 @@ impl Connection {
             move || r.receiver(),
         )?;
         let s = c.clone();
-        crate::sandbox::spawn(
+        if let Err(e) = crate::sandbox::spawn(
             crate::sandbox::Class::Network,
             format!("nbd-send-{node}-{index}"),
             move || s.sender(),
-        )?;
+        ) {
+            // The receiver runs already: it ends once closed.
+            c.close();
+            return Err(e);
+        }
         Ok(c)
     }
 

@@ -208,9 +208,13 @@ impl NbdDriver {
             // A further connection that fails is not fatal: fewer are used.
             match conn::negotiate(&cfg, Duration::from_secs(5)) {
                 Ok((s, e)) if e.size == exp.size && e.flags == exp.flags => {
-                    conns.push(
-                        Connection::start(cfg.clone(), s, e, i).map_err(|e| err(e.to_string()))?,
-                    );
+                    match Connection::start(cfg.clone(), s, e, i) {
+                        Ok(c) => conns.push(c),
+                        Err(e) => {
+                            log::warn!("nbd node '{}': connection {i}: {e}", o.node_name);
+                            break;
+                        }
+                    }
                 }
                 _ => break,
             }
