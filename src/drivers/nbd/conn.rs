@@ -631,7 +631,7 @@ impl Connection {
             return;
         };
         let cookie = st.next_cookie;
-        st.next_cookie += 1;
+        st.next_cookie = st.next_cookie.wrapping_add(1).max(1);
         let buf = self.read_buffer(&req);
         st.inflight.insert(cookie, Inflight::new(req.clone(), buf));
         if let Err(e) = send_one(&stream, cookie, &req) {

@@ -160,6 +160,12 @@ impl NbdDriver {
         if export.len() > proto::MAX_STRING {
             return Err(err("export name too long to send to server".into()));
         }
+        if o.x_dirty_bitmap
+            .as_ref()
+            .is_some_and(|b| b.len() > proto::MAX_STRING)
+        {
+            return Err(err("x-dirty-bitmap too long to send to server".into()));
+        }
         let context = o
             .x_dirty_bitmap
             .clone()
