@@ -30,9 +30,12 @@
 #   --repeats N           repeats per backend per case (default 3)
 #   --runtime S           measured seconds per run (default 5)
 #   --ramp S              warm-up seconds per run (default 1)
-#   --backings LIST       comma list of null,shm,disk,qc2-pre,qc2-grow (default: all
-#                         five); "qcow2" stands for qc2-pre,qc2-grow, so
-#                         `--backings qcow2` runs only the qcow2 cases
+#   --backings LIST       comma list of null,shm,disk,qc2-pre,qc2-grow,nbd (default:
+#                         the first five); "qcow2" stands for qc2-pre,qc2-grow, so
+#                         `--backings qcow2` runs only the qcow2 cases; nbd = an
+#                         nbd node (both daemons' nbd driver) on qemu-nbd serving
+#                         a raw file on /dev/shm over a UNIX socket, qemu-nbd
+#                         pinned to the client CPU (scripts/bench-nbd.sh)
 #   --cases LIST          comma list of case-name globs, e.g. 'randread-*,read-128k*';
 #                         cases: randread-4k-qd{1,32,128}-q1, randread-4k-qd32-q{2,4},
 #                         the same for randwrite, read-128k-qd32-q1, write-128k-qd32-q1.
@@ -231,6 +234,8 @@ DAEMON_PID=
 SHM_IMG=
 DISK_IMG=
 QCOW2_IMG=
+NBD_IMG=
+NBD_PID=
 # shellcheck disable=SC2317 # invoked via trap
 cleanup() {
     if [[ -n $DAEMON_PID ]]; then
@@ -241,6 +246,11 @@ cleanup() {
     [[ -n $SHM_IMG ]] && rm -f "$SHM_IMG"
     [[ -n $DISK_IMG ]] && rm -f "$DISK_IMG"
     [[ -n $QCOW2_IMG ]] && rm -f "$QCOW2_IMG"
+    if [[ -n $NBD_PID ]]; then
+        kill "$NBD_PID" 2>/dev/null || true
+        wait "$NBD_PID" 2>/dev/null || true
+    fi
+    [[ -n $NBD_IMG ]] && rm -f "$NBD_IMG"
     return 0
 }
 trap cleanup EXIT
@@ -304,7 +314,7 @@ done
 IFS=, read -ra BACKING_LIST <<<"${BACKINGS//qcow2/qc2-pre,qc2-grow}"
 IFS=, read -ra PLACEMENT_LIST <<<"$PLACEMENTS"
 for b in "${BACKING_LIST[@]}"; do
-    [[ $b =~ ^(null|shm|disk|qc2-pre|qc2-grow)$ ]] || die "unknown backing '$b'"
+    [[ $b =~ ^(null|shm|disk|qc2-pre|qc2-grow|nbd)$ ]] || die "unknown backing '$b'"
 done
 # Cases per backing; a backing none of whose cases is selected is dropped.
 declare -A BACKING_CASES
@@ -407,6 +417,9 @@ blockdev_args() {
         qc2-*)
             BLOCKDEV_ARGS=(--blockdev "driver=file,node-name=f0,filename=$QCOW2_IMG,cache.direct=on"
                            --blockdev "driver=qcow2,node-name=d0,file=f0")
+            NODE=d0 ;;
+        nbd)
+            BLOCKDEV_ARGS=(--blockdev "driver=nbd,node-name=d0,server.type=unix,server.path=$NBD_SOCK")
             NODE=d0 ;;
     esac
 }
@@ -702,6 +715,19 @@ for b in "${BACKING_LIST[@]}"; do
         shm) SHM_IMG=/dev/shm/vub-bench-$$.img; make_image "$SHM_IMG" 0 ;;
         disk) mkdir -p "$DISK_DIR"; DISK_IMG=$DISK_DIR/vub-bench-$$.img; make_image "$DISK_IMG" 1 ;;
         qc2-*) QCOW2_IMG=$DISK_DIR/vub-bench-$$.qcow2 ;; # made afresh for every run
+        nbd)
+            # One qemu-nbd for every run (persistent, 2 clients at once),
+            # pinned to the client CPU: the daemons' CPU is theirs alone.
+            NBD_IMG=/dev/shm/vub-bench-nbd-$$.img; make_image "$NBD_IMG" 0
+            NBD_SOCK=$WORK/nbd.sock
+            taskset -c "$CCPU" qemu-nbd -f raw -t -e 2 --cache=writeback --aio=threads \
+                -k "$NBD_SOCK" "$NBD_IMG" 2>"$WORK/qemu-nbd.log" &
+            NBD_PID=$!
+            for ((i = 0; i < 100; i++)); do [[ -S $NBD_SOCK ]] && break; sleep 0.05; done
+            [[ -S $NBD_SOCK ]] || die "qemu-nbd did not start: $(cat "$WORK/qemu-nbd.log")"
+            printf 'server (nbd): taskset -c %s qemu-nbd -f raw -t -e 2 --cache=writeback --aio=threads -k SOCK %s\n' \
+                "$CCPU" "$NBD_IMG" >>"$COMMANDS"
+            ;;
     esac
 done
 
@@ -796,6 +822,7 @@ print_report() {
     echo
     echo "== command lines (PID = the daemon's pid; every run's exact lines are in results.jsonl)"
     grep '^image' "$COMMANDS" | awk '!seen[$0]++'
+    grep '^server' "$COMMANDS" | awk '!seen[$0]++' || true
     grep '^daemon' "$COMMANDS" | awk '!seen[$0]++'
     grep '^client' "$COMMANDS" | awk '!seen[$0]++'
     grep '^fio' "$COMMANDS" | awk '!seen[$0]++' || true

@@ -36,6 +36,7 @@ CLASSES = [
     (r"^vub-accept-", "vhost-user"),
     (r"^vring_worker", "iothread (or vhost-user before its first event)"),
     (r"^job-", "job"),
+    (r"^nbd-(send|recv)-", "network"),
     (r"^(vub-events|vub-throttle|syslog|vub-watchdog)", "helper"),
     (r"^vhost-user-blk", "main"),
     (r"^vub-rbd", "cluster"),

@@ -33,6 +33,10 @@ python3 scripts/soak.py --duration 60
 
 bash tests/guest/e2e.sh target/debug/vhost-user-blkd
 bash tests/guest/inflight.sh target/debug/vhost-user-blkd
+# Network storage: a guest on an rbd-backed export (single-node Ceph
+# cluster) and on an nbd node whose server is killed and restarted.
+bash tests/guest/rbd.sh target/debug/vhost-user-blkd
+bash tests/guest/nbd.sh target/debug/vhost-user-blkd
 # Live migration between two daemons and two QEMUs (docs/MIGRATION.md):
 # qcow2 with a cancelled migration first, a resize, a write-through guest
 # and postcopy refused; raw with a completed migration abandoned first.

@@ -440,12 +440,20 @@ fn reach(config: &Config, state: &State) -> crate::sandbox::Reach {
             );
         }
     }
+    let mut tcp_ports: Vec<u16> = state
+        .graph()
+        .nodes()
+        .flat_map(|n| n.block_driver().tcp_ports())
+        .collect();
+    tcp_ports.sort();
+    tcp_ports.dedup();
     crate::sandbox::Reach {
         images,
         socket_dirs,
         files: config.pidfile.iter().cloned().collect(),
         read_only,
         tcp_connect,
+        tcp_ports,
     }
 }
 

@@ -35,6 +35,11 @@ if [ "$step2" = 1 ]; then
     apt_install qemu-utils qemu-block-extra
 fi
 
+# tests/nbd_client.rs: NBD servers besides qemu-nbd (qemu-utils): nbdkit,
+# and nbdinfo (libnbd-bin) to look at them.
+have nbdkit || apt_install nbdkit
+have nbdinfo || apt_install libnbd-bin
+
 # tests/systemd.rs: systemd-socket-activate and systemd-analyze.
 have systemd-socket-activate || apt_install systemd
 
@@ -51,7 +56,7 @@ fi
 
 # Final verification, with a clear message instead of a confusing failure later.
 for c in qemu-system-x86_64 qemu-storage-daemon qemu-img fio cpio gzip dpkg-deb ldd \
-    systemd-socket-activate systemd-analyze ceph-mon ceph-osd ceph rbd; do
+    systemd-socket-activate systemd-analyze ceph-mon ceph-osd ceph rbd qemu-nbd nbdkit nbdinfo; do
     have "$c" || die "required command '$c' still missing after installation"
 done
 [ -x /bin/busybox ] || die "/bin/busybox missing after installing busybox-static"

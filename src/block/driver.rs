@@ -142,6 +142,12 @@ pub trait BlockDriver: Send + Sync + 'static {
         None
     }
 
+    /// The TCP ports a network driver connects to, now and when it
+    /// reconnects (the sandbox allows them).
+    fn tcp_ports(&self) -> Vec<u16> {
+        Vec::new()
+    }
+
     /// Whether a protocol driver bypasses the page cache (cache.direct).
     fn is_direct(&self) -> bool {
         false

@@ -113,6 +113,11 @@ pub struct Args {
     /// start-up configuration names is reachable.
     #[arg(long = "allow-path", value_name = "DIR")]
     pub allow_path: Vec<PathBuf>,
+    /// A TCP port (or range LOW-HIGH, or `any`) network nodes added at run
+    /// time (blockdev-add driver=nbd) may connect to; the ports of the
+    /// nodes on the command line are allowed without it. Repeatable.
+    #[arg(long = "allow-connect", value_name = "PORT|LOW-HIGH|any")]
+    pub allow_connect: Vec<String>,
     /// When started as root: the user (and group) to run as once the
     /// sockets are bound and the images open.
     #[arg(long, value_name = "USER[:GROUP]")]
@@ -421,6 +426,9 @@ struct ConfigFile {
     sandbox: Option<String>,
     #[serde(default)]
     allow_path: Vec<PathBuf>,
+    /// As `--allow-connect` (the lists add up).
+    #[serde(default)]
+    allow_connect: Vec<String>,
     #[serde(default)]
     user: Option<String>,
     /// As `--allow-peer-uid`, `--allow-peer-gid`: lists of names or numbers
@@ -875,6 +883,7 @@ impl TryFrom<Args> for Config {
 
         let mut sandbox_mode = args.sandbox.clone();
         let mut allow_paths = args.allow_path.clone();
+        let mut allow_connect = args.allow_connect.clone();
         let mut user = args.user.clone();
         for r in &args.run_with {
             match r.strip_prefix("user=") {
@@ -918,6 +927,7 @@ impl TryFrom<Args> for Config {
             sockets.socket_owner = sockets.socket_owner.or(file.socket_owner);
             sandbox_mode = sandbox_mode.or(file.sandbox);
             allow_paths.extend(file.allow_path);
+            allow_connect.extend(file.allow_connect);
             user = user.or(file.user);
             // A list on the command line replaces the file's.
             if let (true, Some(list)) = (allow_peer_uid.1.is_empty(), file.allow_peer_uid) {
@@ -934,6 +944,16 @@ impl TryFrom<Args> for Config {
             }
         }
         let mut sandbox = sandbox_settings(sandbox_mode, allow_paths, user)?;
+        for v in &allow_connect {
+            sandbox
+                .allow_connect
+                .add(v)
+                .map_err(|reason| ConfigError::Invalid {
+                    option: "--allow-connect",
+                    arg: v.clone(),
+                    reason,
+                })?;
+        }
         let mut peer_policy = crate::peercred::PeerPolicy {
             uids: peer_ids(
                 allow_peer_uid.0,
@@ -1087,6 +1107,7 @@ fn sandbox_settings(
         allow_paths,
         run_as,
         keep_chown: false,
+        allow_connect: Default::default(),
     })
 }
 
@@ -1309,6 +1330,40 @@ addr = {{ type = "unix", path = "/tmp/n.sock" }}
             .unwrap_err()
             .to_string();
         assert!(e.contains("both given"), "{e}");
+    }
+
+    #[test]
+    fn allow_connect_from_the_config_file_and_the_command_line_adds_up() {
+        use crate::sandbox::AllowConnect;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            r#"
+allow-connect = ["6800-7568"]
+[[blockdev]]
+driver = "null-co"
+node-name = "n0"
+[[export]]
+type = "vhost-user-blk"
+id = "e0"
+node-name = "n0"
+addr = { type = "unix", path = "/tmp/n.sock" }
+"#,
+        )
+        .unwrap();
+        let file = path.to_str().unwrap();
+        let c = Config::try_from(args(&["--config", file, "--allow-connect", "3300"])).unwrap();
+        assert_eq!(
+            c.sandbox.allow_connect,
+            AllowConnect::Ports(vec![(3300, 3300), (6800, 7568)])
+        );
+        let c = Config::try_from(args(&["--config", file, "--allow-connect", "any"])).unwrap();
+        assert_eq!(c.sandbox.allow_connect, AllowConnect::Any);
+        let e = Config::try_from(args(&["--config", file, "--allow-connect", "99999"]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--allow-connect '99999'"), "{e}");
     }
 
     #[test]

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use futures::future::LocalBoxFuture;
 
 use super::{
-    BlkdebugDriver, CorDriver, FileDriver, NullDriver, Qcow2Driver, RawDriver, RbdDriver,
-    ThrottleDriver,
+    BlkdebugDriver, CorDriver, FileDriver, NbdDriver, NullDriver, Qcow2Driver, RawDriver,
+    RbdDriver, ThrottleDriver,
 };
 use crate::block::{
     Allocation, BlockDriver, BlockError, BlockFuture, BlockStatus, Child, DebugEvent, Node, Perm,
@@ -215,6 +215,69 @@ impl BlockDriver for RbdDriver {
     fn close_inactive(&self) {
         // Inactivation flushed librbd's cache; closing writes nothing.
         RbdDriver::close(self)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl BlockDriver for NbdDriver {
+    fn name(&self) -> &'static str {
+        "nbd"
+    }
+    fn size(&self) -> u64 {
+        NbdDriver::size(self)
+    }
+    fn request_alignment(&self) -> u32 {
+        NbdDriver::request_alignment(self)
+    }
+    fn preadv<'a>(&'a self, _node: &'a Node, offset: u64, iov: &'a IoVecs) -> BlockFuture<'a> {
+        BlockFuture::boxed(NbdDriver::preadv(self, offset, iov))
+    }
+    fn pwritev<'a>(
+        &'a self,
+        _node: &'a Node,
+        offset: u64,
+        iov: &'a IoVecs,
+        fua: bool,
+    ) -> BlockFuture<'a> {
+        BlockFuture::boxed(NbdDriver::pwritev(self, offset, iov, fua))
+    }
+    fn flush<'a>(&'a self, _node: &'a Node) -> BlockFuture<'a> {
+        BlockFuture::boxed(NbdDriver::flush(self))
+    }
+    fn pdiscard<'a>(&'a self, _node: &'a Node, offset: u64, len: u64) -> BlockFuture<'a> {
+        BlockFuture::boxed(NbdDriver::pdiscard(self, offset, len))
+    }
+    fn pwrite_zeroes<'a>(
+        &'a self,
+        _node: &'a Node,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        fua: bool,
+    ) -> BlockFuture<'a> {
+        BlockFuture::boxed(NbdDriver::pwrite_zeroes(self, offset, len, may_unmap, fua))
+    }
+    fn block_status<'a>(
+        &'a self,
+        _node: &'a Node,
+        offset: u64,
+        len: u64,
+    ) -> LocalBoxFuture<'a, Result<BlockStatus, BlockError>> {
+        Box::pin(NbdDriver::block_status(self, offset, len))
+    }
+    fn truncate(&self, node: &Node, _size: u64) -> Result<(), String> {
+        Err(format!("node '{}' (nbd) cannot be resized", node.name()))
+    }
+    fn filename(&self) -> Option<&str> {
+        Some(NbdDriver::filename(self))
+    }
+    fn tcp_ports(&self) -> Vec<u16> {
+        NbdDriver::tcp_port(self).into_iter().collect()
+    }
+    fn close(&self) {
+        NbdDriver::close(self)
     }
     fn as_any(&self) -> &dyn Any {
         self

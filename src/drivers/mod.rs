@@ -1,4 +1,4 @@
-//! Block drivers, by layer: protocol (`file`, `null-co`), format (`raw`,
+//! Block drivers, by layer: protocol (`file`, `null-co`, `nbd`), format (`raw`,
 //! `qcow2`) and filters (`throttle`, `copy-on-read`).
 //!
 //! Each driver implements the block layer's [`BlockDriver`] interface
@@ -15,6 +15,7 @@ mod caps;
 mod cor;
 mod dispatch;
 pub mod file;
+pub mod nbd;
 mod null;
 pub mod probe;
 pub mod qcow2;
@@ -27,6 +28,7 @@ pub use blkdebug::{BlkdebugDriver, BlkdebugOptions};
 pub use caps::{BackingFile, FormatSpecific, ImageFormat, InternalSnapshots, ProtocolFile};
 pub use cor::{CorDriver, CorOptions};
 pub use file::{Aio, CacheOptions, FileDriver, FileOptions, Locking};
+pub use nbd::{NbdDriver, NbdOptions};
 pub use null::{NullDriver, NullOptions};
 pub use qcow2::{Qcow2Driver, Qcow2Options};
 pub use reopen::PreparedReopen;
@@ -53,6 +55,7 @@ pub enum BlockdevOptions {
     /// host_device: the same options, and the file must be a device.
     #[serde(rename = "host_device")]
     HostDevice(FileOptions),
+    Nbd(NbdOptions),
     NullCo(NullOptions),
     Qcow2(Qcow2Options),
     Raw(RawOptions),
@@ -182,6 +185,7 @@ impl BlockdevOptions {
             BlockdevOptions::Blkdebug(o) => c!(o),
             BlockdevOptions::CopyOnRead(o) => c!(o),
             BlockdevOptions::File(o) | BlockdevOptions::HostDevice(o) => c!(o),
+            BlockdevOptions::Nbd(o) => c!(o),
             BlockdevOptions::NullCo(o) => c!(o),
             BlockdevOptions::Qcow2(o) => c!(o),
             BlockdevOptions::Raw(o) => c!(o),
@@ -195,6 +199,7 @@ impl BlockdevOptions {
         match self {
             BlockdevOptions::File(o) | BlockdevOptions::HostDevice(o) => o.discard,
             BlockdevOptions::Raw(o) => o.discard,
+            BlockdevOptions::Nbd(o) => o.discard,
             BlockdevOptions::Qcow2(o) => o.discard,
             BlockdevOptions::Rbd(o) => o.discard,
             BlockdevOptions::NullCo(_)
@@ -235,6 +240,7 @@ impl BlockdevOptions {
             "copy-on-read" => de(inner).map(BlockdevOptions::CopyOnRead),
             "file" => de(inner).map(BlockdevOptions::File),
             "host_device" => de(inner).map(BlockdevOptions::HostDevice),
+            "nbd" => de(inner).map(BlockdevOptions::Nbd),
             "null-co" => de(inner).map(BlockdevOptions::NullCo),
             "qcow2" => de(inner).map(BlockdevOptions::Qcow2),
             "raw" => de(inner).map(BlockdevOptions::Raw),
@@ -261,6 +267,7 @@ impl BlockdevOptions {
             BlockdevOptions::Qcow2(o) => o.active = a,
             BlockdevOptions::Raw(o) => o.active = a,
             BlockdevOptions::Rbd(o) => o.active = a,
+            BlockdevOptions::Nbd(o) => o.active = a,
             BlockdevOptions::Throttle(o) => o.active = a,
         }
     }
@@ -272,6 +279,7 @@ impl BlockdevOptions {
                 o.discard = DiscardMode::Unmap
             }
             BlockdevOptions::Raw(o) => o.discard = DiscardMode::Unmap,
+            BlockdevOptions::Nbd(o) => o.discard = DiscardMode::Unmap,
             BlockdevOptions::Qcow2(o) => o.discard = DiscardMode::Unmap,
             BlockdevOptions::Rbd(o) => o.discard = DiscardMode::Unmap,
             BlockdevOptions::NullCo(_)
@@ -286,6 +294,7 @@ impl BlockdevOptions {
             BlockdevOptions::Blkdebug(o) => &o.node_name,
             BlockdevOptions::CopyOnRead(o) => &o.node_name,
             BlockdevOptions::File(o) | BlockdevOptions::HostDevice(o) => &o.node_name,
+            BlockdevOptions::Nbd(o) => &o.node_name,
             BlockdevOptions::NullCo(o) => &o.node_name,
             BlockdevOptions::Qcow2(o) => &o.node_name,
             BlockdevOptions::Raw(o) => &o.node_name,
@@ -299,6 +308,7 @@ impl BlockdevOptions {
             BlockdevOptions::Blkdebug(o) => o.node_name = name,
             BlockdevOptions::CopyOnRead(o) => o.node_name = name,
             BlockdevOptions::File(o) | BlockdevOptions::HostDevice(o) => o.node_name = name,
+            BlockdevOptions::Nbd(o) => o.node_name = name,
             BlockdevOptions::NullCo(o) => o.node_name = name,
             BlockdevOptions::Qcow2(o) => o.node_name = name,
             BlockdevOptions::Raw(o) => o.node_name = name,
@@ -312,6 +322,7 @@ impl BlockdevOptions {
             BlockdevOptions::Blkdebug(o) => o.read_only,
             BlockdevOptions::CopyOnRead(o) => o.read_only,
             BlockdevOptions::File(o) | BlockdevOptions::HostDevice(o) => o.read_only,
+            BlockdevOptions::Nbd(o) => o.read_only,
             BlockdevOptions::NullCo(o) => o.read_only,
             BlockdevOptions::Qcow2(o) => o.read_only,
             BlockdevOptions::Raw(o) => o.read_only,
@@ -326,6 +337,7 @@ impl BlockdevOptions {
             BlockdevOptions::CopyOnRead(_) => "copy-on-read",
             BlockdevOptions::File(_) => "file",
             BlockdevOptions::HostDevice(_) => "host_device",
+            BlockdevOptions::Nbd(_) => "nbd",
             BlockdevOptions::NullCo(_) => "null-co",
             BlockdevOptions::Qcow2(_) => "qcow2",
             BlockdevOptions::Raw(_) => "raw",
@@ -343,6 +355,7 @@ pub fn open(opts: &BlockdevOptions, graph: &mut Graph) -> Result<Box<dyn BlockDr
         BlockdevOptions::CopyOnRead(o) => Box::new(CorDriver::open(o, graph)?),
         BlockdevOptions::File(o) => Box::new(FileDriver::open(o)?),
         BlockdevOptions::HostDevice(o) => Box::new(FileDriver::open_host_device(o)?),
+        BlockdevOptions::Nbd(o) => Box::new(NbdDriver::open(o)?),
         BlockdevOptions::NullCo(o) => Box::new(NullDriver::open(o)?),
         BlockdevOptions::Qcow2(o) => Box::new(Qcow2Driver::open(o, graph)?),
         BlockdevOptions::Raw(o) => Box::new(RawDriver::open(o, graph)?),

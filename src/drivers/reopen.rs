@@ -99,6 +99,12 @@ impl Node {
                     self.name()
                 ))
             }
+            BlockdevOptions::Nbd(_) => {
+                return Err(format!(
+                    "node '{}': nbd nodes cannot be reopened",
+                    self.name()
+                ))
+            }
             BlockdevOptions::Blkdebug(_) => {
                 return Err(format!(
                     "node '{}': blkdebug nodes cannot be reopened",

@@ -264,6 +264,18 @@ impl IoVecs {
         }
     }
 
+    /// The list's bytes appended to `out` (no zero-filling first, as a
+    /// `copy_to` into a new buffer would need).
+    pub fn extend_vec(&self, out: &mut Vec<u8>) {
+        out.reserve(self.inner.len as usize);
+        for v in &self.inner.iov {
+            // SAFETY: the iovec is valid for reads of `iov_len` bytes while
+            // `self` (and so its owner) is alive (from_raw contract).
+            let s = unsafe { std::slice::from_raw_parts(v.iov_base.cast::<u8>(), v.iov_len) };
+            out.extend_from_slice(s);
+        }
+    }
+
     /// Copies `src` into the list's bytes, in order (at most the list's length).
     pub fn copy_from(&self, src: &[u8]) {
         let mut done = 0;

@@ -10,8 +10,12 @@
 //! | /dev/null                    | read, write                              |
 //! | /proc/self/fd                | list (finding the backend channel)       |
 //!
+//! | TCP ports of network nodes   | connect (the `nbd` nodes open at start)  |
+//! | each `--allow-connect` range | connect (nodes QMP adds later, Ceph)     |
+//!
 //! Everything else, executing anything included, is refused; so are TCP
-//! bind and connect, and signals to processes outside the sandbox.
+//! bind and connect to other ports (all ports with `--allow-connect any`),
+//! and signals to processes outside the sandbox.
 
 use std::path::{Path, PathBuf};
 
@@ -26,6 +30,8 @@ pub struct Rules {
     ruleset: RulesetCreated,
     /// What was allowed, for messages: (path, directory?).
     allowed: Vec<(PathBuf, bool)>,
+    /// TCP ports connect may reach (None: any).
+    ports: Option<Vec<(u16, u16)>>,
 }
 
 impl std::fmt::Debug for Rules {
@@ -79,13 +85,21 @@ fn parent_dir(path: &Path) -> PathBuf {
 impl Rules {
     /// The ruleset for `reach` and `allow_paths`, or None when this kernel
     /// has no Landlock (said once in the log).
-    pub fn new(reach: &Reach, allow_paths: &[PathBuf]) -> Result<Option<Rules>, String> {
+    pub fn new(
+        reach: &Reach,
+        allow_paths: &[PathBuf],
+        allow_connect: &super::AllowConnect,
+    ) -> Result<Option<Rules>, String> {
         let abi = ABI::V5;
         let err = |e: landlock::RulesetError| format!("Landlock: {e}");
+        let net = match allow_connect {
+            super::AllowConnect::Any => AccessNet::BindTcp.into(),
+            super::AllowConnect::Ports(_) => AccessNet::from_all(abi),
+        };
         let mut ruleset = Ruleset::default()
             .handle_access(AccessFs::from_all(abi))
             .map_err(err)?
-            .handle_access(AccessNet::from_all(abi))
+            .handle_access(net)
             .map_err(err)?
             .scope(Scope::Signal)
             .map_err(err)?
@@ -141,13 +155,6 @@ impl Rules {
         for p in &reach.read_only {
             ruleset = add(ruleset, p, AccessFs::ReadFile | AccessFs::ReadDir, false)?;
         }
-        // TCP: connect to the listed ports only (the rbd driver's Ceph
-        // ports); binding stays refused.
-        for port in &reach.tcp_connect {
-            ruleset = ruleset
-                .add_rule(NetPort::new(*port, AccessNet::ConnectTcp))
-                .map_err(|e| format!("Landlock: TCP port {port}: {e}"))?;
-        }
         ruleset = add(
             ruleset,
             Path::new("/dev/null"),
@@ -160,8 +167,33 @@ impl Rules {
             AccessFs::ReadDir.into(),
             false,
         )?;
+        let ports = match allow_connect {
+            super::AllowConnect::Any => None,
+            super::AllowConnect::Ports(ranges) => {
+                // TCP connect: --allow-connect, the network nodes open at
+                // start, and the Ceph ports where librbd is installed (the
+                // Cluster class's); binding stays refused.
+                let mut all: Vec<(u16, u16)> = ranges.clone();
+                all.extend(reach.tcp_ports.iter().map(|p| (*p, *p)));
+                all.extend(reach.tcp_connect.iter().map(|p| (*p, *p)));
+                all.sort();
+                all.dedup();
+                for &(lo, hi) in &all {
+                    for p in lo..=hi {
+                        ruleset = ruleset
+                            .add_rule(NetPort::new(p, AccessNet::ConnectTcp))
+                            .map_err(|e| format!("Landlock: TCP port {p}: {e}"))?;
+                    }
+                }
+                Some(all)
+            }
+        };
         // Probe on a copy: a kernel without Landlock says so here.
-        let probe = Rules { ruleset, allowed };
+        let probe = Rules {
+            ruleset,
+            allowed,
+            ports,
+        };
         Ok(Some(probe))
     }
 
@@ -182,7 +214,31 @@ impl Rules {
             .iter()
             .map(|(p, _)| p.display().to_string())
             .collect();
-        format!("files limited to {}", paths.join(", "))
+        let ports = match &self.ports {
+            None => "any TCP port".to_string(),
+            Some(p) if p.is_empty() => "no TCP connect".to_string(),
+            Some(p) => {
+                let list: Vec<String> = p
+                    .iter()
+                    .map(|(lo, hi)| {
+                        if lo == hi {
+                            lo.to_string()
+                        } else {
+                            format!("{lo}-{hi}")
+                        }
+                    })
+                    .collect();
+                format!("TCP connect to ports {}", list.join(", "))
+            }
+        };
+        format!("files limited to {}; {ports}", paths.join(", "))
+    }
+
+    /// Whether TCP connect to `port` is allowed (for messages).
+    pub fn allows_port(&self, port: u16) -> bool {
+        self.ports
+            .as_ref()
+            .is_none_or(|p| p.iter().any(|(lo, hi)| (*lo..=*hi).contains(&port)))
     }
 
     /// Whether `path` lies within what the rules allow (for messages; the

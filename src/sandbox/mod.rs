@@ -81,10 +81,12 @@ pub enum Class {
     /// they inherit its filter (TCP sockets, no files but its
     /// configuration).
     Cluster,
+    /// A network block driver's socket I/O and reconnection (nbd).
+    Network,
 }
 
 impl Class {
-    pub const ALL: [Class; 7] = [
+    pub const ALL: [Class; 8] = [
         Class::Main,
         Class::Monitor,
         Class::Control,
@@ -92,6 +94,7 @@ impl Class {
         Class::Job,
         Class::Helper,
         Class::Cluster,
+        Class::Network,
     ];
 
     pub fn name(self) -> &'static str {
@@ -103,6 +106,7 @@ impl Class {
             Class::Job => "job",
             Class::Helper => "helper",
             Class::Cluster => "cluster",
+            Class::Network => "network",
         }
     }
 }
@@ -119,6 +123,57 @@ pub struct Settings {
     /// Keep CAP_CHOWN (root staying root, with --socket-owner or
     /// --socket-group: sockets bound at run time are given away too).
     pub keep_chown: bool,
+    /// TCP ports network nodes added at run time may connect to
+    /// (`--allow-connect`), beside those of the nodes open at start.
+    pub allow_connect: AllowConnect,
+}
+
+/// `--allow-connect`: TCP ports (ranges) connect may reach, or any.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AllowConnect {
+    Any,
+    Ports(Vec<(u16, u16)>),
+}
+
+impl Default for AllowConnect {
+    fn default() -> Self {
+        AllowConnect::Ports(Vec::new())
+    }
+}
+
+impl AllowConnect {
+    /// Adds one `--allow-connect` value: PORT, LOW-HIGH, or `any`.
+    pub fn add(&mut self, v: &str) -> Result<(), String> {
+        let range = if v == "any" {
+            *self = AllowConnect::Any;
+            return Ok(());
+        } else {
+            let port = |s: &str| {
+                s.trim()
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| format!("'{s}' is not a port number (1-65535)"))
+            };
+            match v.split_once('-') {
+                Some((lo, hi)) => {
+                    let (lo, hi) = (port(lo)?, port(hi)?);
+                    if lo > hi {
+                        return Err(format!("{lo}-{hi} is an empty range"));
+                    }
+                    (lo, hi)
+                }
+                None => {
+                    let p = port(v)?;
+                    (p, p)
+                }
+            }
+        };
+        if let AllowConnect::Ports(list) = self {
+            list.push(range);
+        }
+        Ok(())
+    }
 }
 
 /// What the armed process may reach, gathered from the configuration and
@@ -134,9 +189,12 @@ pub struct Reach {
     /// Files and directories only read (a storage cluster client's
     /// libraries and configuration: the rbd driver).
     pub read_only: Vec<PathBuf>,
-    /// TCP ports the daemon connects to (the rbd driver's Ceph ports).
-    /// Only the Cluster class may make TCP sockets (seccomp).
+    /// TCP ports only the Cluster class connects to (the rbd driver's
+    /// Ceph ports, wherever librbd is installed); they do not give the
+    /// monitor TCP sockets, as `tcp_ports` do.
     pub tcp_connect: Vec<u16>,
+    /// TCP ports network nodes open now connect to (they reconnect).
+    pub tcp_ports: Vec<u16>,
 }
 
 struct Process {
@@ -193,6 +251,39 @@ fn process() -> Option<&'static Process> {
     PROCESS.get().filter(|p| p.settings.mode != Mode::Off)
 }
 
+/// Set by [`arm`] when network nodes open at start connect over TCP.
+static TCP_AT_START: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether any TCP connect is allowed once armed: `--allow-connect`, or
+/// the ports of the network nodes open at start. Without either the
+/// monitor's filter has no TCP sockets.
+pub(crate) fn tcp_connect_configured() -> bool {
+    TCP_AT_START.load(std::sync::atomic::Ordering::Relaxed)
+        || PROCESS
+            .get()
+            .is_some_and(|p| p.settings.allow_connect != AllowConnect::default())
+}
+
+/// Before a TCP connect to `port`: why the sandbox would refuse it (the
+/// calling thread's seccomp filter has no TCP sockets, or Landlock does
+/// not allow the port), so that the caller fails with a message instead
+/// of making a call that kills the daemon or fails without saying why.
+pub fn tcp_connect_refusal(port: u16) -> Option<String> {
+    let p = process()?;
+    let hint = || {
+        format!(
+            "TCP port {port} is outside the ports the sandbox allows (start the daemon with --allow-connect {port} or a range LOW-HIGH for nodes added at run time)"
+        )
+    };
+    if p.settings.mode == Mode::On
+        && current_class() == Some(Class::Monitor)
+        && !tcp_connect_configured()
+    {
+        return Some(hint());
+    }
+    connect_denial_hint(port)
+}
+
 /// The configured mode (Off when unconfigured).
 pub fn mode() -> Mode {
     PROCESS.get().map_or(Mode::Off, |p| p.settings.mode)
@@ -206,6 +297,10 @@ pub fn arm(reach: &Reach) -> Result<(), String> {
     let Some(p) = process() else {
         return Ok(());
     };
+    TCP_AT_START.store(
+        !reach.tcp_ports.is_empty(),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let root = privs::is_root();
     if root {
         privs::drop_bounding_set()?;
@@ -221,7 +316,7 @@ pub fn arm(reach: &Reach) -> Result<(), String> {
     }
     privs::set_no_new_privs()?;
     let rules = if p.settings.mode == Mode::On {
-        landlock::Rules::new(reach, &p.settings.allow_paths)?
+        landlock::Rules::new(reach, &p.settings.allow_paths, &p.settings.allow_connect)?
     } else {
         None
     };
@@ -483,6 +578,32 @@ where
     })
 }
 
+/// For a refused TCP connect to `port`: the hint to add to the error when
+/// the sandbox is why, else None.
+pub fn connect_denial_hint(port: u16) -> Option<String> {
+    let p = process()?;
+    let armed = p.armed.lock().unwrap_or_else(|e| e.into_inner());
+    let rules = armed.as_ref()?.landlock.as_ref()?;
+    if rules.allows_port(port) {
+        return None;
+    }
+    Some(format!(
+        "TCP port {port} is outside the ports the sandbox allows (start the daemon with --allow-connect {port} or a range LOW-HIGH for nodes added at run time)"
+    ))
+}
+
+/// Whether the process is sandboxed and armed (its threads filtered).
+pub fn armed() -> bool {
+    process().is_some_and(|p| p.armed.lock().unwrap_or_else(|e| e.into_inner()).is_some())
+}
+
+/// Whether threads started now run their code at once: the process is
+/// armed, or there is no sandbox. Before [`arm`], a new thread waits in
+/// [`spawn`] until it is.
+pub fn threads_run() -> bool {
+    process().is_none_or(|p| p.armed.lock().unwrap_or_else(|e| e.into_inner()).is_some())
+}
+
 /// Whether Landlock confines this process's file system.
 pub fn confines_files() -> bool {
     process().is_some_and(|p| {
@@ -507,4 +628,22 @@ pub fn denial_hint(path: &Path) -> Option<String> {
         "'{}' is outside the paths the sandbox allows (start the daemon with --allow-path DIR for a directory it may use, or pass an open descriptor with add-fd)",
         path.display()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AllowConnect;
+
+    #[test]
+    fn allow_connect_takes_ports_ranges_and_any() {
+        let mut a = AllowConnect::default();
+        a.add("10809").unwrap();
+        a.add("6800-7568").unwrap();
+        assert_eq!(a, AllowConnect::Ports(vec![(10809, 10809), (6800, 7568)]));
+        for bad in ["0", "70000", "9-3", "x", "1-", ""] {
+            assert!(a.clone().add(bad).is_err(), "{bad}");
+        }
+        a.add("any").unwrap();
+        assert_eq!(a, AllowConnect::Any);
+    }
 }

@@ -37,7 +37,12 @@ pub fn program(class: Class, mode: Mode) -> Result<BpfProgram, String> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     let mut errnos: BTreeMap<i64, i32> = BTreeMap::new();
     let mut unconditional: Vec<i64> = Vec::new();
-    for s in class.syscalls() {
+    // The monitor starts the network threads of nodes added over QMP and
+    // opens their first connection, so its list has the network class's
+    // calls; TCP and UDP sockets only where --allow-connect lets a node
+    // added later reach a TCP port at all (Landlock refuses any other).
+    let inet = class != Class::Monitor || super::tcp_connect_configured();
+    for s in class.syscalls().filter(|s| inet || !is_inet_socket(s)) {
         match s.allow {
             Allow::Any => unconditional.push(s.nr),
             Allow::If(conds) => {
@@ -102,6 +107,12 @@ thread_local! {
 }
 
 /// Installs the filter of `class` on the calling thread.
+/// socket() for a family other than AF_UNIX.
+fn is_inet_socket(s: &syscalls::Syscall) -> bool {
+    s.nr == libc::SYS_socket
+        && !matches!(s.allow, Allow::If(c) if c.contains(&Arg::Eq(0, libc::AF_UNIX as u64)))
+}
+
 pub fn apply(class: Class, mode: Mode) -> Result<(), String> {
     let prog = program(class, mode)?;
     // The errno programs first: they must not be refused by the allow

@@ -291,6 +291,31 @@ pub const HELPER: &[Syscall] = &[
     sys!(SYS_connect),
 ];
 
+/// A network block driver's threads (nbd): TCP or UNIX stream sockets to
+/// the server, made and connected again when it went away (Landlock
+/// limits the TCP ports), and the request completions they signal to
+/// the iothreads' eventfds (write, in BASE). Never bind, listen or accept.
+pub const NETWORK: &[Syscall] = &[
+    sys!(SYS_socket, Allow::If(&[Arg::Eq(0, libc::AF_UNIX as u64)])),
+    sys!(SYS_socket, Allow::If(&[Arg::Eq(0, libc::AF_INET as u64)])),
+    sys!(SYS_socket, Allow::If(&[Arg::Eq(0, libc::AF_INET6 as u64)])),
+    sys!(SYS_connect),
+    // TCP_NODELAY, the handshake's timeouts.
+    sys!(SYS_setsockopt),
+    // SO_ERROR after a connect with a timeout.
+    sys!(SYS_getsockopt),
+    sys!(SYS_poll),
+    sys!(SYS_ppoll),
+    sys!(SYS_read),
+    sys!(SYS_readv),
+    sys!(SYS_recvfrom),
+    sys!(SYS_recvmsg),
+    sys!(SYS_sendto),
+    sys!(SYS_sendmsg),
+    sys!(SYS_shutdown),
+    sys!(SYS_fcntl),
+];
+
 /// Files by name: opened, created, removed, locked, their ownership and
 /// mode (blockdev-add, blockdev-create, snapshots, mirror targets, socket
 /// files). Landlock decides where.
@@ -448,6 +473,7 @@ impl Class {
                 CLUSTER,
                 LIBRARY_LOAD,
             ],
+            Class::Network => &[BASE, SOCKET_FLAGS, NETWORK, NO_FILES],
             Class::Monitor => &[
                 BASE,
                 SPAWN,
@@ -459,6 +485,7 @@ impl Class {
                 HELPER,
                 FILES,
                 SOCKETS,
+                NETWORK,
                 PATHS_X86,
             ],
             Class::Main => &[BASE, IO, EVENT_LOOP, MAIN, NO_FILES],
@@ -469,10 +496,16 @@ impl Class {
     /// filter is in place (they inherit it).
     pub fn spawns(self) -> &'static [Class] {
         match self {
-            Class::Iothread | Class::Helper | Class::Job | Class::Main => &[],
+            Class::Iothread | Class::Helper | Class::Job | Class::Main | Class::Network => &[],
             Class::Cluster => &[Class::Cluster],
             Class::Control => &[Class::Control, Class::Iothread],
-            Class::Monitor => &[Class::Monitor, Class::Control, Class::Job, Class::Helper],
+            Class::Monitor => &[
+                Class::Monitor,
+                Class::Control,
+                Class::Job,
+                Class::Helper,
+                Class::Network,
+            ],
         }
     }
 
@@ -496,6 +529,7 @@ pub fn name(nr: i64) -> Option<&'static str> {
         HELPER,
         FILES,
         SOCKETS,
+        NETWORK,
         PATHS_X86,
         MAIN,
         CLUSTER,
