@@ -2,7 +2,7 @@
 //! daemon to the destination's (issue 20): QEMU does not send the write
 //! cache the guest chose to the destination's backend, and the guest does
 //! not ask again, so the source's export reports it (query-block-exports
-//! `writethrough`) and the destination's export takes it
+//! `x-writethrough`) and the destination's export takes it
 //! (x-block-export-set-writethrough) before the guest runs there.
 
 mod common;
@@ -45,9 +45,9 @@ fn qmp(d: &Daemon) -> Qmp {
 
 fn writethrough(q: &mut Qmp) -> bool {
     let r = q.execute("query-block-exports", json!({}));
-    r["return"][0]["writethrough"]
+    r["return"][0]["x-writethrough"]
         .as_bool()
-        .unwrap_or_else(|| panic!("no writethrough in {r}"))
+        .unwrap_or_else(|| panic!("no x-writethrough in {r}"))
 }
 
 #[test]

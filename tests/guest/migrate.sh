@@ -290,7 +290,7 @@ start_dst 1
 if [[ $wt == 1 ]]; then
     host_check "the guest switched to write-through before the migration (WT-SET)" "grep -q WT-SET '$work/src.log'"
     host_check "A reports the guest's write-through" \
-        "[[ \$(field \"\$(q $A '{\"execute\":\"query-block-exports\"}')\" \"r['return'][0]['writethrough']\") == True ]]"
+        "[[ \$(field \"\$(q $A '{\"execute\":\"query-block-exports\"}')\" \"r['return'][0]['x-writethrough']\") == True ]]"
 fi
 if [[ $resize == 1 ]]; then
     expect_ok "block_resize on A (64 -> 96 MiB)" \
@@ -362,7 +362,7 @@ echo "migration: total $(field "$info" "r['return'].get('total-time')") ms, down
 echo "source: $(q "$SRC" '{"execute":"query-status"}')"
 if [[ $backend == vub ]]; then
     expect_ok "A inactivates" "$(q "$A" '{"execute":"blockdev-set-active","arguments":{"active":false}}')"
-    wt_now=$(field "$(q "$A" '{"execute":"query-block-exports"}')" "str(r['return'][0]['writethrough']).lower()")
+    wt_now=$(field "$(q "$A" '{"execute":"query-block-exports"}')" "str(r['return'][0]['x-writethrough']).lower()")
     expect_ok "B takes the guest's write cache (writethrough=$wt_now)" \
         "$(q "$B" "{\"execute\":\"x-block-export-set-writethrough\",\"arguments\":{\"id\":\"e0\",\"writethrough\":$wt_now}}")"
     expect_ok "B activates" "$(q "$B" '{"execute":"blockdev-set-active","arguments":{"active":true}}')"
@@ -383,7 +383,7 @@ host_check "the guest finished on the destination (FIO-DONE there)" "grep -q FIO
 host_check "guest checks passed on the destination (fio err=0, no I/O error)" "[[ $guest_rc -eq 0 ]]"
 if [[ $wt == 1 ]]; then
     host_check "B serves the guest write-through" \
-        "[[ \$(field \"\$(q $B '{\"execute\":\"query-block-exports\"}')\" \"r['return'][0]['writethrough']\") == True ]]"
+        "[[ \$(field \"\$(q $B '{\"execute\":\"query-block-exports\"}')\" \"r['return'][0]['x-writethrough']\") == True ]]"
 fi
 if [[ $backend == vub ]]; then
     for f in a b; do

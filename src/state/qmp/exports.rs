@@ -59,9 +59,10 @@ fn query_block_exports(state: &Arc<State>) -> Result<Value, QmpError> {
             "id": e.id,
             "node-name": e.node_name,
             "shutting-down": e.shutting_down,
-            // The device's write cache now: the guest's choice (an
-            // extension; a migration copies it to the destination's export).
-            "writethrough": !e.writeback,
+            // The device's write cache now: the guest's choice (our
+            // extension, x- as QEMU names them; a migration copies it to
+            // the destination's export).
+            "x-writethrough": !e.writeback,
         }))
         .collect::<Vec<_>>()))
 }
