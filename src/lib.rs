@@ -22,6 +22,7 @@ pub mod drivers;
 pub mod events;
 pub mod io;
 pub mod jobs;
+pub mod nbd;
 pub mod opts;
 pub mod peercred;
 pub mod qapi;

@@ -483,6 +483,14 @@ pub fn run(mut config: Config) -> Result<(), ShellError> {
     for e in &config.exports {
         servers.push(state.bind_export(e)?);
     }
+    // The NBD server binds (and accepts, once armed: its threads wait in
+    // spawn() until then), then its exports.
+    if let Some(o) = &config.nbd_server {
+        state.nbd_server_start(o)?;
+    }
+    for e in &config.nbd_exports {
+        state.add_nbd_export(e)?;
+    }
     let mut monitors = Vec::new();
     for m in &config.monitors {
         monitors.push(Monitor::bind(m, state.clone())?);

@@ -12,8 +12,8 @@ pub mod export;
 pub mod keyval;
 
 pub use export::{
-    attach_hint, online_cpus, ExportOptions, SocketAddress, VhostUserBlkOptions,
-    DEFAULT_NUM_QUEUES, DEFAULT_QUEUE_SIZE,
+    attach_hint, online_cpus, ExportOptions, NbdExportOptions, NbdServerOptions, SocketAddress,
+    VhostUserBlkOptions, DEFAULT_NUM_QUEUES, DEFAULT_QUEUE_SIZE,
 };
 
 use std::path::PathBuf;
@@ -57,6 +57,11 @@ pub struct Args {
     /// An export, as qemu-storage-daemon's --export (keyval or JSON).
     #[arg(long = "export", value_name = "OPTIONS")]
     pub export: Vec<String>,
+    /// The NBD server, as qemu-storage-daemon's --nbd-server:
+    /// addr.type=unix,addr.path=PATH or addr.type=inet,addr.host=H,addr.port=P
+    /// [,max-connections=N]; --export type=nbd exports on it.
+    #[arg(long = "nbd-server", value_name = "OPTIONS")]
+    pub nbd_server: Option<String>,
     /// A TOML file with [[blockdev]] and [[export]] tables (see config/).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -341,6 +346,9 @@ pub struct Config {
     pub objects: Vec<ObjectOptions>,
     pub blockdevs: Vec<BlockdevOptions>,
     pub exports: Vec<ExportConfig>,
+    /// `--nbd-server`, and the `--export type=nbd` on it.
+    pub nbd_server: Option<NbdServerOptions>,
+    pub nbd_exports: Vec<NbdExportOptions>,
     pub monitors: Vec<MonitorConfig>,
     pub pidfile: Option<PathBuf>,
     pub daemonize: bool,
@@ -820,6 +828,7 @@ impl TryFrom<Args> for Config {
         let mut objects = Vec::new();
         let mut blockdevs = Vec::new();
         let mut exports = Vec::new();
+        let mut nbd_exports = Vec::new();
         let mut monitors = Vec::new();
         let mut pidfile = args.pidfile.clone();
         let mut daemonize = args.daemonize;
@@ -863,11 +872,12 @@ impl TryFrom<Args> for Config {
             })?;
             objects.extend(file.object);
             blockdevs.extend(file.blockdev);
-            exports.extend(
-                file.export
-                    .into_iter()
-                    .map(|ExportOptions::VhostUserBlk(o)| o),
-            );
+            for e in file.export {
+                match e {
+                    ExportOptions::VhostUserBlk(o) => exports.push(o),
+                    ExportOptions::Nbd(o) => nbd_exports.push(o),
+                }
+            }
             monitors.extend(file.monitor);
             pidfile = pidfile.or(file.pidfile);
             daemonize |= file.daemonize;
@@ -931,8 +941,10 @@ impl TryFrom<Args> for Config {
             blockdevs.push(from_keyval("--blockdev", arg, None)?);
         }
         for arg in &args.export {
-            let ExportOptions::VhostUserBlk(o) = from_keyval("--export", arg, Some("type"))?;
-            exports.push(o);
+            match from_keyval("--export", arg, Some("type"))? {
+                ExportOptions::VhostUserBlk(o) => exports.push(o),
+                ExportOptions::Nbd(o) => nbd_exports.push(o),
+            }
         }
         let mut chardevs = std::collections::BTreeMap::new();
         for arg in &args.chardev {
@@ -975,7 +987,29 @@ impl TryFrom<Args> for Config {
                 fd: None,
             });
         }
-        if exports.is_empty() && monitors.is_empty() {
+        let nbd_server = match &args.nbd_server {
+            None => None,
+            Some(arg) => {
+                let v = keyval::parse(arg, None).map_err(|source| ConfigError::Keyval {
+                    option: "--nbd-server",
+                    arg: arg.clone(),
+                    source,
+                })?;
+                Some(
+                    NbdServerOptions::from_json(&v).map_err(|reason| ConfigError::Invalid {
+                        option: "--nbd-server",
+                        arg: arg.clone(),
+                        reason,
+                    })?,
+                )
+            }
+        };
+        if !nbd_exports.is_empty() && nbd_server.is_none() {
+            return Err(ConfigError::Usage(
+                "--export type=nbd needs --nbd-server (NBD server not running)".into(),
+            ));
+        }
+        if exports.is_empty() && monitors.is_empty() && nbd_exports.is_empty() {
             return Err(ConfigError::Usage(
                 "nothing to serve: give --image and --socket, or --blockdev and --export, or a --monitor, or --config (see --help)".into(),
             ));
@@ -984,7 +1018,11 @@ impl TryFrom<Args> for Config {
             .into_iter()
             .map(ExportConfig::try_from)
             .collect::<Result<Vec<_>, _>>()?;
-        let mut ids: Vec<&str> = exports.iter().map(|e| e.id.as_str()).collect();
+        let mut ids: Vec<&str> = exports
+            .iter()
+            .map(|e| e.id.as_str())
+            .chain(nbd_exports.iter().map(|e| e.id.as_str()))
+            .collect();
         ids.sort_unstable();
         if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
             return Err(ConfigError::Usage(format!(
@@ -996,6 +1034,8 @@ impl TryFrom<Args> for Config {
             objects,
             blockdevs,
             exports,
+            nbd_server,
+            nbd_exports,
             monitors,
             pidfile,
             daemonize,

@@ -259,6 +259,23 @@ pub const VHOST_USER: &[Syscall] = &[
     sys!(SYS_unlink),
 ];
 
+/// The NBD server (issue 22), kept apart from the NBD client's network
+/// calls: its accept thread and client threads (class Control) set
+/// SO_RCVTIMEO for the handshake deadline and TCP_NODELAY; the monitor
+/// (nbd-server-start) and the main thread at start-up (--nbd-server, before
+/// the filters) create, bind and listen on a TCP socket. Landlock: see
+/// landlock.rs (no TCP bind rule: the ruleset handles no network access).
+pub const NBD_SERVER: &[Syscall] = &[
+    sys!(SYS_socket, Allow::If(&[Arg::Eq(0, libc::AF_INET as u64)])),
+    sys!(SYS_socket, Allow::If(&[Arg::Eq(0, libc::AF_INET6 as u64)])),
+    sys!(SYS_setsockopt),
+    sys!(SYS_bind),
+    sys!(SYS_listen),
+    sys!(SYS_getsockname),
+    sys!(SYS_accept4),
+    sys!(SYS_shutdown),
+];
+
 /// Block jobs: their own executor and ring; a job that puts another
 /// node under an export tells the frontend over the vhost-user backend
 /// channel.
@@ -376,7 +393,15 @@ impl Class {
     pub fn groups(self) -> &'static [&'static [Syscall]] {
         match self {
             Class::Iothread => &[BASE, IO, EVENT_LOOP, NO_FILES],
-            Class::Control => &[BASE, SPAWN, IO, EVENT_LOOP, SOCKET_FLAGS, VHOST_USER],
+            Class::Control => &[
+                BASE,
+                SPAWN,
+                IO,
+                EVENT_LOOP,
+                SOCKET_FLAGS,
+                VHOST_USER,
+                NBD_SERVER,
+            ],
             Class::Job => &[BASE, IO, EVENT_LOOP, JOB, FILES, PATHS_X86],
             Class::Helper => &[BASE, SPAWN, SOCKET_FLAGS, HELPER, NO_FILES],
             Class::Monitor => &[
@@ -390,6 +415,7 @@ impl Class {
                 HELPER,
                 FILES,
                 SOCKETS,
+                NBD_SERVER,
                 PATHS_X86,
             ],
             Class::Main => &[BASE, IO, EVENT_LOOP, MAIN, NO_FILES],

@@ -19,6 +19,7 @@
 
 mod error;
 mod exports;
+mod nbd;
 mod participant;
 pub mod qmp;
 mod reopen;
@@ -35,6 +36,7 @@ use crate::io::EngineKind;
 use crate::vhost_user::{ExportState, ServerControl};
 
 pub use error::{DataLost, ExportRefusal, ReopenError, StateError};
+pub use nbd::NbdExportInfo;
 pub use participant::{Busy, DrainParticipant, Resume};
 
 /// How long shutdown waits for requests in flight.
@@ -74,6 +76,8 @@ pub struct State {
     /// `--object iothread` / object-add: their properties, which exports
     /// naming them take (config::ExportConfig::iothreads).
     iothreads: Mutex<BTreeMap<String, crate::config::IothreadOptions>>,
+    /// The NBD server (nbd.rs), with its exports.
+    nbd: Mutex<Option<crate::nbd::NbdServer>>,
 }
 
 /// [`State::command_lock`]'s guard. The fields drop in this order: what
@@ -110,6 +114,7 @@ impl State {
             participants: RwLock::new(Vec::new()),
             commands: Mutex::new(()),
             iothreads: Mutex::new(BTreeMap::new()),
+            nbd: Mutex::new(None),
             events: crate::events::global().clone(),
         })
     }
@@ -241,7 +246,11 @@ impl State {
                 );
             }
         }
+        let nbd = self.nbd_drain_begin(nodes);
         let r = f();
+        if nbd {
+            crate::nbd::server::gate().drain_end();
+        }
         for e in &affected {
             e.drained_end();
         }
@@ -292,6 +301,8 @@ impl State {
         for p in self.participants() {
             p.shutdown(SHUTDOWN_DRAIN_TIMEOUT);
         }
+        // NBD clients are disconnected (each ends the request it is in).
+        self.nbd_shutdown();
         let mut lost = self.drain_exports_for_shutdown();
         let nodes: Vec<Arc<Node>> = self.graph().nodes().cloned().collect();
         for node in &nodes {
