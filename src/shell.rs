@@ -428,12 +428,23 @@ fn reach(config: &Config, state: &State) -> crate::sandbox::Reach {
                 .map(|m| dir(&m.path)),
         )
         .collect();
+    // The NBD server: its socket's directory, or its TCP port (to listen
+    // again after nbd-server-stop), and the ports --allow-tcp-bind names.
+    let mut nbd_ports = config.allow_tcp_bind.clone();
+    match config.nbd_server.as_ref().map(|o| &o.addr) {
+        Some(crate::nbd::ListenAddr::Unix(p)) => socket_dirs.push(dir(p)),
+        Some(crate::nbd::ListenAddr::Inet { port, .. }) => {
+            nbd_ports.extend(port.parse::<u16>().ok());
+        }
+        _ => {}
+    }
     socket_dirs.sort();
     socket_dirs.dedup();
     crate::sandbox::Reach {
         images,
         socket_dirs,
         files: config.pidfile.iter().cloned().collect(),
+        tcp_bind_ports: nbd_ports,
     }
 }
 

@@ -38,9 +38,15 @@ fi
 # tests/systemd.rs: systemd-socket-activate and systemd-analyze.
 have systemd-socket-activate || apt_install systemd
 
+# tests/nbd.rs: nbdinfo and nbdcopy (libnbd-bin), and libnbd's Python
+# bindings for Debian's /usr/bin/python3 (tests/nbd/edge_cases.py).
+pkg_installed libnbd-bin || apt_install libnbd-bin
+pkg_installed python3-libnbd || apt_install python3-libnbd
+
 # Final verification, with a clear message instead of a confusing failure later.
 for c in qemu-system-x86_64 qemu-storage-daemon qemu-img fio cpio gzip dpkg-deb ldd \
-    systemd-socket-activate systemd-analyze; do
+    systemd-socket-activate systemd-analyze nbdinfo nbdcopy; do
     have "$c" || die "required command '$c' still missing after installation"
 done
 [ -x /bin/busybox ] || die "/bin/busybox missing after installing busybox-static"
+/usr/bin/python3 -c 'import nbd' 2>/dev/null || die "python3-libnbd missing after installation"

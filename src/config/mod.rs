@@ -62,6 +62,10 @@ pub struct Args {
     /// [,max-connections=N]; --export type=nbd exports on it.
     #[arg(long = "nbd-server", value_name = "OPTIONS")]
     pub nbd_server: Option<String>,
+    /// A TCP port nbd-server-start may listen on (repeatable; 0: a port the
+    /// kernel picks). The sandbox refuses any other TCP bind.
+    #[arg(long = "allow-tcp-bind", value_name = "PORT")]
+    pub allow_tcp_bind: Vec<u16>,
     /// A TOML file with [[blockdev]] and [[export]] tables (see config/).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -349,6 +353,8 @@ pub struct Config {
     /// `--nbd-server`, and the `--export type=nbd` on it.
     pub nbd_server: Option<NbdServerOptions>,
     pub nbd_exports: Vec<NbdExportOptions>,
+    /// `--allow-tcp-bind`.
+    pub allow_tcp_bind: Vec<u16>,
     pub monitors: Vec<MonitorConfig>,
     pub pidfile: Option<PathBuf>,
     pub daemonize: bool,
@@ -1036,6 +1042,7 @@ impl TryFrom<Args> for Config {
             exports,
             nbd_server,
             nbd_exports,
+            allow_tcp_bind: args.allow_tcp_bind.clone(),
             monitors,
             pidfile,
             daemonize,

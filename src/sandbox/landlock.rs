@@ -16,7 +16,7 @@
 use std::path::{Path, PathBuf};
 
 use landlock::{
-    Access, AccessFs, AccessNet, BitFlags, PathBeneath, PathFd, Ruleset, RulesetAttr,
+    Access, AccessFs, AccessNet, BitFlags, NetPort, PathBeneath, PathFd, Ruleset, RulesetAttr,
     RulesetCreated, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
 };
 
@@ -150,6 +150,14 @@ impl Rules {
             AccessFs::ReadDir.into(),
             false,
         )?;
+        // The NBD server's TCP ports (ABI 4's LANDLOCK_ACCESS_NET_BIND_TCP;
+        // connect rules are the NBD client's, elsewhere).
+        for port in &reach.tcp_bind_ports {
+            ruleset = ruleset
+                .add_rule(NetPort::new(*port, AccessNet::BindTcp))
+                .map_err(|e| format!("Landlock: TCP port {port}: {e}"))?;
+            allowed.push((PathBuf::from(format!("tcp bind :{port}")), false));
+        }
         // Probe on a copy: a kernel without Landlock says so here.
         let probe = Rules { ruleset, allowed };
         Ok(Some(probe))

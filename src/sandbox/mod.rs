@@ -124,6 +124,9 @@ pub struct Reach {
     pub socket_dirs: Vec<PathBuf>,
     /// Files the daemon removes at exit (pidfile), or reopens (log file).
     pub files: Vec<PathBuf>,
+    /// TCP ports the NBD server may bind at run time (nbd-server-start;
+    /// `--allow-tcp-bind` and --nbd-server's port); 0: one the kernel picks.
+    pub tcp_bind_ports: Vec<u16>,
 }
 
 struct Process {

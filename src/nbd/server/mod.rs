@@ -34,7 +34,7 @@ pub enum ServerError {
     NotRunning,
     #[error("NBD server already running")]
     Running,
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Listen {
         addr: String,
         #[source]
