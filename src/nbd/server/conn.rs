@@ -8,6 +8,7 @@ use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use super::wire::*;
 use super::{gate, Export, Inner, Stream, HANDSHAKE_TIMEOUT};
 use crate::block::{Allocation, BlockError};
 use crate::io::IoVecs;
@@ -404,21 +405,21 @@ impl Conn<'_> {
         let contexts: Vec<Context> = self.meta.take().map(|(_, c)| c).unwrap_or_default();
         let align = u64::from(e.blk.node().request_alignment().max(1));
         loop {
-            let mut h = [0u8; REQUEST_SIZE];
+            let mut h = [0u8; REQUEST_LEN];
             self.read_exact(&mut h)?;
-            let Some(req) = Request::decode(&h) else {
+            let Ok(req) = Request::decode(&h) else {
                 return Err(End::Violation("bad request magic".into()));
             };
             if self.server.stopping() {
                 return Err(End::Closed);
             }
-            if req.kind == CMD_DISC {
+            if req.typ == CMD_DISC {
                 return Ok(());
             }
             // A write's payload is read before anything is decided, so the
             // stream stays in step whatever the answer.
             let mut payload = None;
-            if req.kind == CMD_WRITE {
+            if req.typ == CMD_WRITE {
                 if req.length > MAX_BUFFER {
                     let _ = self.error(
                         &req,
@@ -475,7 +476,7 @@ impl Conn<'_> {
         req: &Request,
         payload: Option<IoVecs>,
     ) -> Result<(), End> {
-        let allowed = match req.kind {
+        let allowed = match req.typ {
             CMD_READ => CMD_FLAG_FUA | if self.structured { CMD_FLAG_DF } else { 0 },
             CMD_WRITE | CMD_TRIM => CMD_FLAG_FUA,
             CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
@@ -486,21 +487,21 @@ impl Conn<'_> {
         if req.flags & !allowed != 0 {
             return self.error(req, EINVAL, "unsupported flags for this command");
         }
-        let writes = matches!(req.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+        let writes = matches!(req.typ, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
         if writes && !e.blk.is_writable() {
             return self.error(req, EPERM, "export is read-only");
         }
-        if req.kind != CMD_FLUSH {
+        if req.typ != CMD_FLUSH {
             if let Err((errno, msg)) = self.check_range(e, align, req, writes) {
                 return self.error(req, errno, msg);
             }
         }
         let blk = &e.blk;
         let fua = req.flags & CMD_FLAG_FUA != 0;
-        let done = |r: Result<(), BlockError>| r.map_err(|err| errno_to_nbd(err.errno()));
+        let done = |r: Result<(), BlockError>| r.map_err(|err| errno_to_wire(err.errno()));
         let off = req.offset;
         let len = u64::from(req.length);
-        let r = match req.kind {
+        let r = match req.typ {
             CMD_READ => {
                 if req.length > MAX_BUFFER {
                     let errno = if self.structured { EOVERFLOW } else { EINVAL };
@@ -570,7 +571,7 @@ impl Conn<'_> {
         if req.length > 0 {
             if let Err(err) = block_on(e.blk.preadv(req.offset, &iov)) {
                 log::debug!("NBD client {}: read failed: {err}", self.client);
-                return self.error(req, errno_to_nbd(err.errno()), "read failed");
+                return self.error(req, errno_to_wire(err.errno()), "read failed");
             }
         }
         view.with_bytes(&iov, |data| {
@@ -605,7 +606,7 @@ impl Conn<'_> {
         log::debug!(
             "NBD client {}: request {} at {} +{}: error {errno}: {msg}",
             self.client,
-            req.kind,
+            req.typ,
             req.offset,
             req.length
         );
@@ -633,7 +634,7 @@ impl Conn<'_> {
             match extents(e, c, req.offset, end, one) {
                 Ok(ext) => chunks.push((c, ext)),
                 Err(err) => {
-                    return self.error(req, errno_to_nbd(err.errno()), "block status failed");
+                    return self.error(req, errno_to_wire(err.errno()), "block status failed");
                 }
             }
         }

@@ -13,6 +13,7 @@
 //! in flight, as it does for the vhost-user exports.
 
 mod conn;
+pub mod wire;
 
 use std::collections::BTreeMap;
 use std::io;
