@@ -316,3 +316,91 @@ fn full_then_incremental_pull_backup_while_the_guest_writes() {
     ));
     sh("qemu-img", &["compare", "-f", "raw", p(&disk), &nbd_uri]);
 }
+
+/// Readers of a fleecing view race with the guest's writes to the same
+/// clusters: each read must see the point in time (the target's read hook
+/// serialises it with copy-before-write).
+#[test]
+fn fleecing_reads_never_see_the_guest_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d0 = dir.path().to_path_buf();
+    let src = d0.join("src.qcow2");
+    sh("qemu-img", &["create", "-q", "-f", "qcow2", p(&src), "4M"]);
+    sh(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x11 0 4M", p(&src)],
+    );
+    let qmp = d0.join("qmp.sock");
+    let nbd = d0.join("nbd.sock");
+    let d = Daemon::start_in(
+        dir,
+        &[
+            "--blockdev",
+            &format!("driver=file,node-name=f0,filename={}", p(&src)),
+            "--blockdev",
+            "driver=qcow2,node-name=src,file=f0",
+            "--export",
+            "type=vhost-user-blk,id=vu,node-name=src,addr.type=unix,addr.path={sock},writable=on",
+            "--chardev",
+            &format!("socket,id=m,path={},server=on,wait=off", p(&qmp)),
+            "--monitor",
+            "chardev=m",
+            "--nbd-server",
+            &format!("addr.type=unix,addr.path={}", p(&nbd)),
+        ],
+    );
+    let mut q = Qmp::connect(&qmp);
+    let f = d0.join("fl.qcow2");
+    sh("qemu-img", &["create", "-q", "-f", "qcow2", p(&f), "4M"]);
+    // Reads through the overlay to the disk are slowed down (a throttle
+    // filter between them): the guest's write has all the time it needs
+    // to land between a reader's look at the overlay and its read below.
+    ok(&q.execute(
+        "object-add",
+        json!({"qom-type": "throttle-group", "id": "tg", "limits": {"bps-read": 16 * MIB}}),
+    ));
+    ok(&q.execute(
+        "blockdev-add",
+        json!({"driver": "throttle", "node-name": "slow", "throttle-group": "tg",
+               "file": "src"}),
+    ));
+    ok(&q.execute(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "fl",
+               "file": {"driver": "file", "filename": p(&f)}, "backing": "slow"}),
+    ));
+    ok(&q.execute(
+        "blockdev-backup",
+        json!({"job-id": "j", "device": "src", "target": "fl", "sync": "none"}),
+    ));
+    ok(&q.execute(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e", "node-name": "fl", "name": "fl"}),
+    ));
+    let mut vm = Vm::connect(&d.socket, VmOptions::default());
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/nbd/read_loop.py");
+    let uri = format!("nbd+unix:///fl?socket={}", nbd.display());
+    // Four readers (as nbdcopy's connections) against the guest.
+    let mut readers: Vec<Child> = (0..4)
+        .map(|_| {
+            Command::new("/usr/bin/python3")
+                .args([script, &uri, "2", "0x11"])
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut seed = 7u64;
+    let mut writes = 0;
+    while readers.iter_mut().any(|c| c.try_wait().unwrap().is_none()) {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let off = ((seed >> 33) % (4 * MIB / 4096)) * 4096;
+        assert_eq!(vm.write(0, off / 512, &[0x99; 4096]), S_OK);
+        writes += 1;
+    }
+    println!("{writes} guest writes during the reads");
+    for mut c in readers {
+        assert!(c.wait().unwrap().success(), "a reader saw the guest's data");
+    }
+}

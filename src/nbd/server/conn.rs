@@ -5,8 +5,8 @@
 //! refuse to buffer), the connection ends; never a panic.
 
 use std::io::{self, BufReader, IoSlice, Read, Write};
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use super::wire::*;
 use super::{gate, Export, Inner, Stream, HANDSHAKE_TIMEOUT};
@@ -70,6 +70,22 @@ impl From<io::Error> for End {
     }
 }
 
+/// The transmission phase of one client, shared by its workers.
+struct Session {
+    server: Arc<Inner>,
+    client: u64,
+    structured: bool,
+    contexts: Vec<Context>,
+    export: Arc<Export>,
+    align: u64,
+    rd: Mutex<BufReader<Stream>>,
+    wr: Mutex<Stream>,
+    /// Set when the connection ends: the workers stop reading.
+    done: AtomicBool,
+    /// Why it ended (the first worker's reason).
+    end: Mutex<Option<End>>,
+}
+
 struct Conn<'a> {
     server: &'a Inner,
     client: u64,
@@ -81,7 +97,13 @@ struct Conn<'a> {
     meta: Option<(String, Vec<Context>)>,
 }
 
-pub(super) fn serve(server: &Inner, client: u64, stream: Stream) {
+/// Requests of one client served at once (each worker reads the next
+/// request under the reader lock, serves it and writes its reply under
+/// the writer lock): a client with several requests in flight (qemu-img
+/// convert keeps 8, nbdcopy 64 per connection) is not served one by one.
+pub const WORKERS_PER_CLIENT: usize = 4;
+
+pub(super) fn serve(server: &Arc<Inner>, client: u64, stream: Stream) {
     let wr = match stream.try_clone() {
         Ok(w) => w,
         Err(e) => {
@@ -104,9 +126,39 @@ pub(super) fn serve(server: &Inner, client: u64, stream: Stream) {
         server.set_client_export(client, &export.id);
         export.clients.fetch_add(1, Ordering::Relaxed);
         log::debug!("NBD client {client}: on export '{}'", export.name);
-        let r = c.transmission(&export);
+        let align = u64::from(export.blk.node().request_alignment().max(1));
+        let session = Arc::new(Session {
+            server: server.clone(),
+            client,
+            structured: c.structured,
+            contexts: c.meta.take().map(|(_, ctx)| ctx).unwrap_or_default(),
+            export: export.clone(),
+            align,
+            rd: Mutex::new(c.rd),
+            wr: Mutex::new(c.wr),
+            done: AtomicBool::new(false),
+            end: Mutex::new(None),
+        });
+        let mut workers = Vec::new();
+        for i in 1..WORKERS_PER_CLIENT {
+            let s = session.clone();
+            match crate::sandbox::spawn(
+                crate::sandbox::Class::Control,
+                format!("vub-nbd-{client}.{i}"),
+                move || s.work(),
+            ) {
+                Ok(t) => workers.push(t),
+                // Fewer workers serve as well, only one at a time.
+                Err(e) => log::warn!("NBD client {client}: cannot start a worker: {e}"),
+            }
+        }
+        session.work();
+        for t in workers {
+            let _ = t.join();
+        }
         export.clients.fetch_sub(1, Ordering::Relaxed);
-        r
+        let end = session.end.lock().unwrap_or_else(|e| e.into_inner()).take();
+        end.map_or(Ok(()), Err)
     });
     match r {
         Ok(()) | Err(End::Closed) => log::debug!("NBD client {client}: closed"),
@@ -400,47 +452,90 @@ impl Conn<'_> {
         }
         self.reply(option, REP_ACK, &[])
     }
+}
 
-    fn transmission(&mut self, e: &Arc<Export>) -> Result<(), End> {
-        let contexts: Vec<Context> = self.meta.take().map(|(_, c)| c).unwrap_or_default();
-        let align = u64::from(e.blk.node().request_alignment().max(1));
-        loop {
-            let mut h = [0u8; REQUEST_LEN];
-            self.read_exact(&mut h)?;
-            let Ok(req) = Request::decode(&h) else {
-                return Err(End::Violation("bad request magic".into()));
-            };
-            if self.server.stopping() {
-                return Err(End::Closed);
-            }
-            if req.typ == CMD_DISC {
-                return Ok(());
-            }
-            // A write's payload is read before anything is decided, so the
-            // stream stays in step whatever the answer.
-            let mut payload = None;
-            if req.typ == CMD_WRITE {
-                if req.length > MAX_BUFFER {
-                    let _ = self.error(
-                        &req,
-                        if self.structured { EOVERFLOW } else { EINVAL },
-                        "write too large",
-                    );
-                    return Err(End::Violation(format!(
-                        "write of {} bytes (at most {MAX_BUFFER})",
-                        req.length
-                    )));
-                }
-                let (iov, view) = IoVecs::bounce(req.length as usize, 4096);
-                let r = view.with_bytes(&iov, |b| self.rd.read_exact(b));
-                r.map_err(End::from)?;
-                payload = Some(iov);
-            }
-            gate().enter();
-            let r = self.request(e, &contexts, align, &req, payload);
-            gate().leave();
-            r?;
+impl Session {
+    fn write_all(&self, parts: &[&[u8]]) -> Result<(), End> {
+        let mut w = self.wr.lock().unwrap_or_else(|e| e.into_inner());
+        write_all_vectored(&mut *w, parts).map_err(End::from)
+    }
+
+    /// Ends the connection: every worker's next read fails.
+    fn finish(&self, why: End) {
+        self.done.store(true, Ordering::Relaxed);
+        let mut end = self.end.lock().unwrap_or_else(|e| e.into_inner());
+        if end.is_none() {
+            *end = Some(why);
         }
+        drop(end);
+        self.rd
+            .try_lock()
+            .map(|r| r.get_ref().shutdown_read())
+            .unwrap_or_else(|_| {
+                // A worker is blocked reading: shut the socket under it.
+                self.wr
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .shutdown_read()
+            });
+    }
+
+    /// One worker: read a request, serve it, reply; until the end.
+    fn work(&self) {
+        while !self.done.load(Ordering::Relaxed) {
+            let next = self.next_request();
+            let (req, payload) = match next {
+                Ok(Some(r)) => r,
+                Ok(None) => return,
+                Err(why) => return self.finish(why),
+            };
+            gate().enter();
+            let r = self.request(&self.export, &self.contexts, self.align, &req, payload);
+            gate().leave();
+            if let Err(why) = r {
+                return self.finish(why);
+            }
+        }
+    }
+
+    /// The next request and a write's payload, read under the reader
+    /// lock (a payload is read before anything is decided, so the stream
+    /// stays in step whatever the answer). None: the connection ended.
+    fn next_request(&self) -> Result<Option<(Request, Option<IoVecs>)>, End> {
+        let mut rd = self.rd.lock().unwrap_or_else(|e| e.into_inner());
+        if self.done.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let mut h = [0u8; REQUEST_LEN];
+        rd.read_exact(&mut h)?;
+        let Ok(req) = Request::decode(&h) else {
+            return Err(End::Violation("bad request magic".into()));
+        };
+        if self.server.stopping() {
+            return Err(End::Closed);
+        }
+        if req.typ == CMD_DISC {
+            // The others finish what they have, then read no more.
+            drop(rd);
+            self.finish(End::Closed);
+            return Ok(None);
+        }
+        let mut payload = None;
+        if req.typ == CMD_WRITE {
+            if req.length > MAX_BUFFER {
+                drop(rd);
+                let errno = if self.structured { EOVERFLOW } else { EINVAL };
+                let _ = self.error(&req, errno, "write too large");
+                return Err(End::Violation(format!(
+                    "write of {} bytes (at most {MAX_BUFFER})",
+                    req.length
+                )));
+            }
+            let (iov, view) = IoVecs::bounce(req.length as usize, 4096);
+            view.with_bytes(&iov, |b| rd.read_exact(b))?;
+            payload = Some(iov);
+        }
+        Ok(Some((req, payload)))
     }
 
     /// Checks that the request lies in the export, aligned.
@@ -469,7 +564,7 @@ impl Conn<'_> {
     }
 
     fn request(
-        &mut self,
+        &self,
         e: &Arc<Export>,
         contexts: &[Context],
         align: u64,
@@ -566,7 +661,7 @@ impl Conn<'_> {
         Ok(())
     }
 
-    fn read(&mut self, e: &Export, req: &Request) -> Result<(), End> {
+    fn read(&self, e: &Export, req: &Request) -> Result<(), End> {
         let (iov, view) = IoVecs::bounce(req.length as usize, 4096);
         if req.length > 0 {
             if let Err(err) = block_on(e.blk.preadv(req.offset, &iov)) {
@@ -593,7 +688,7 @@ impl Conn<'_> {
         })
     }
 
-    fn ok(&mut self, req: &Request) -> Result<(), End> {
+    fn ok(&self, req: &Request) -> Result<(), End> {
         if self.structured {
             let h = chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, 0);
             self.write_all(&[&h])
@@ -602,7 +697,7 @@ impl Conn<'_> {
         }
     }
 
-    fn error(&mut self, req: &Request, errno: u32, msg: &str) -> Result<(), End> {
+    fn error(&self, req: &Request, errno: u32, msg: &str) -> Result<(), End> {
         log::debug!(
             "NBD client {}: request {} at {} +{}: error {errno}: {msg}",
             self.client,
@@ -626,7 +721,7 @@ impl Conn<'_> {
         }
     }
 
-    fn block_status(&mut self, e: &Export, contexts: &[Context], req: &Request) -> Result<(), End> {
+    fn block_status(&self, e: &Export, contexts: &[Context], req: &Request) -> Result<(), End> {
         let one = req.flags & CMD_FLAG_REQ_ONE != 0;
         let end = req.offset + u64::from(req.length);
         let mut chunks = Vec::with_capacity(contexts.len());

@@ -109,6 +109,13 @@ impl Stream {
         };
     }
 
+    pub(crate) fn shutdown_read(&self) {
+        let _ = match self {
+            Stream::Unix(s) => s.shutdown(Shutdown::Read),
+            Stream::Tcp(s) => s.shutdown(Shutdown::Read),
+        };
+    }
+
     pub(crate) fn set_read_timeout(&self, t: Option<Duration>) {
         let _ = match self {
             Stream::Unix(s) => s.set_read_timeout(t),
