@@ -56,7 +56,8 @@ BYTES=$(stat -c %s "$W/img")
 [ "$FORMAT" = qcow2 ] && BYTES=$(numfmt --from=iec "$SIZE")
 cat "$W/img" > /dev/null   # in the page cache for both
 
-taskset_() { if [ -n "$CPUS" ]; then taskset -c "$CPUS" "$@"; else "$@"; fi; }
+PIN=()
+[ -n "$CPUS" ] && PIN=(taskset -c "$CPUS")
 
 start() { # name bin
     local args=(--blockdev "driver=file,node-name=f,filename=$W/img,read-only=on"
@@ -64,7 +65,7 @@ start() { # name bin
                 --nbd-server "addr.type=unix,addr.path=$W/$1.sock"
                 --export "type=nbd,id=e0,node-name=d,name=disk")
     [ "$1" = vub ] && args+=(--allow-path "$W")
-    taskset_ "$2" "${args[@]}" > "$W/$1.log" 2>&1 &
+    "${PIN[@]}" "$2" "${args[@]}" > "$W/$1.log" 2>&1 &
     PIDS+=($!)
     eval "PID_$1=$!"
     for _ in $(seq 200); do [ -S "$W/$1.sock" ] && break; sleep 0.05; done
