@@ -3,8 +3,8 @@
 # (--nbd-server + --export type=nbd) against qemu-storage-daemon's with the
 # same arguments, on the same image, interleaved (vub, qsd, vub, qsd, ...),
 # medians of --repeats runs. Clients: nbdcopy to null: (4 connections, as
-# multi-conn allows on a read-only export) and qemu-img convert to
-# /dev/null (one connection). Also the servers' CPU time per GiB
+# multi-conn allows on a read-only export) and qemu-img convert into a
+# null-co target (one connection, 8 requests in flight). Also the servers' CPU time per GiB
 # (utime + stime from /proc/PID/stat).
 #
 #   scripts/bench-nbd-export.sh [--size 1G] [--repeats 3] [--format raw|qcow2]
@@ -88,8 +88,9 @@ for r in $(seq "$REPEATS"); do
             if [ "$client" = nbdcopy ]; then
                 nbdcopy "$uri" null:
             else
-                qemu-img convert -n -f raw -O raw "$uri" /dev/null 2>/dev/null ||
-                    qemu-img convert -f raw -O raw "$uri" "$W/out.raw"
+                # Into a null-co node: nothing is written anywhere.
+                qemu-img convert -n -f raw --target-image-opts "$uri" \
+                    "driver=null-co,size=$BYTES"
             fi
             t1=$(date +%s.%N)
             c1=$(cpu_ticks "$pid")
@@ -97,7 +98,6 @@ for r in $(seq "$REPEATS"); do
             cpu=$(echo "($c1 - $c0) / $HZ / ($BYTES / 1073741824)" | bc -l)
             RES[$client,$srv]+="$(printf '%.0f' "$mibs") "
             CPU[$client,$srv]+="$(printf '%.2f' "$cpu") "
-            rm -f "$W/out.raw"
         done
     done
 done
