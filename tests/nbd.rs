@@ -693,3 +693,142 @@ fn libnbd_edge_cases() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+// ---------------------------------------------------------------------------
+// TLS
+
+/// A CA, a server certificate (localhost, 127.0.0.1) and a client one,
+/// laid out as QEMU's tls-creds-x509 wants: `srv/` (ca-cert.pem,
+/// server-cert.pem, server-key.pem), `cli/` (ca-cert.pem, client-cert.pem,
+/// client-key.pem); `other/` has a client of another CA.
+fn make_certs(dir: &Path) {
+    let script = r#"
+set -e
+ca() {
+  openssl req -x509 -newkey rsa:2048 -nodes -keyout $1-key.pem -out $1-cert.pem -days 2 \
+    -subj "/CN=$1" -addext "basicConstraints=critical,CA:TRUE" \
+    -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+}
+leaf() { # ca name cn ext
+  openssl req -newkey rsa:2048 -nodes -keyout $2-key.pem -out $2.csr -subj "/CN=$3" 2>/dev/null
+  printf "$4" > $2.ext
+  openssl x509 -req -in $2.csr -CA $1-cert.pem -CAkey $1-key.pem -CAcreateserial \
+    -out $2-cert.pem -days 2 -extfile $2.ext 2>/dev/null
+}
+ca ca; ca ca2
+leaf ca server localhost "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n"
+leaf ca client client "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n"
+leaf ca2 client2 client "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n"
+mkdir -p srv cli other nocert
+cp ca-cert.pem server-cert.pem server-key.pem srv/
+cp ca-cert.pem client-cert.pem client-key.pem cli/
+cp ca-cert.pem other/ && cp client2-cert.pem other/client-cert.pem && cp client2-key.pem other/client-key.pem
+cp ca-cert.pem nocert/
+"#;
+    let out = Command::new("bash")
+        .args(["-c", script])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn fails(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().unwrap();
+    assert!(!out.status.success(), "{cmd} {args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn tls_with_qemu_img_and_nbdinfo() {
+    let dir = tempfile::tempdir().unwrap();
+    let d0 = dir.path().to_path_buf();
+    make_certs(&d0);
+    let img = test_image(&d0);
+    let raw = d0.join("ref.raw");
+    sh("qemu-img", &["convert", "-O", "raw", p(&img), p(&raw)]);
+    let srv = d0.join("srv");
+    let d = Daemon::start_in(
+        dir,
+        &[
+            "--chardev",
+            "socket,id=m,path={sock},server=on,wait=off",
+            "--monitor",
+            "chardev=m",
+            "--object",
+            &format!("tls-creds-x509,id=tls0,dir={},endpoint=server", p(&srv)),
+            "--blockdev",
+            &format!("driver=file,node-name=f,filename={}", p(&img)),
+            "--blockdev",
+            "driver=qcow2,node-name=d,file=f",
+            "--allow-tcp-bind",
+            "0",
+        ],
+    );
+    let mut q = Qmp::connect(&d.socket);
+    assert_eq!(
+        err(&q.execute(
+            "nbd-server-start",
+            json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": "0"}},
+                   "tls-creds": "nope"})
+        )),
+        "No TLS credentials with id 'nope'"
+    );
+    ok(&q.execute(
+        "nbd-server-start",
+        json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": "0"}},
+               "tls-creds": "tls0"}),
+    ));
+    ok(&q.execute(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e0", "node-name": "d", "name": "disk",
+               "bitmaps": ["bm0"]}),
+    ));
+    let addr = q.execute("x-nbd-server-query", json!({}));
+    let addr = addr["return"]["addr"].as_str().unwrap().to_string();
+    let port = addr.rsplit(':').next().unwrap().to_string();
+    let tls_uri = |certs: &str| {
+        format!(
+            "nbds://127.0.0.1:{port}/disk?tls-certificates={}",
+            d0.join(certs).display()
+        )
+    };
+    // nbdinfo (libnbd, GnuTLS) with the client certificate.
+    let info = sh("nbdinfo", &[&tls_uri("cli")]);
+    assert!(info.contains("with TLS"), "{info}");
+    let map = sh("nbdinfo", &["--map=qemu:dirty-bitmap:bm0", &tls_uri("cli")]);
+    assert!(map.contains("2097152       65536    1  dirty"), "{map}");
+    // qemu-img (QEMU's GnuTLS client) compares the image through TLS.
+    let opts = format!(
+        "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},export=disk,tls-creds=t"
+    );
+    let object = format!(
+        "tls-creds-x509,id=t,dir={},endpoint=client",
+        d0.join("cli").display()
+    );
+    let reference = format!("driver=raw,file.driver=file,file.filename={}", p(&raw));
+    sh(
+        "qemu-img",
+        &[
+            "compare",
+            "--object",
+            &object,
+            "--image-opts",
+            &opts,
+            &reference,
+        ],
+    );
+    // Without TLS, a certificate of another CA, or no certificate while
+    // the server verifies its peers: refused.
+    let plain = fails("nbdinfo", &[&format!("nbd://127.0.0.1:{port}/disk")]);
+    assert!(!plain.is_empty());
+    fails("nbdinfo", &[&tls_uri("other")]);
+    fails("nbdinfo", &[&tls_uri("nocert")]);
+    // The daemon survived all of it and still serves.
+    sh("nbdinfo", &[&tls_uri("cli")]);
+    ok(&q.execute("nbd-server-stop", json!({})));
+}

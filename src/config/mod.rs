@@ -222,6 +222,28 @@ pub struct ExportConfig {
 pub enum ObjectOptions {
     ThrottleGroup(ThrottleGroupOptions),
     Iothread(IothreadOptions),
+    TlsCredsX509(TlsCredsX509Options),
+}
+
+/// `--object tls-creds-x509,id=...,dir=...,endpoint=server`: TLS
+/// credentials for the NBD server (QEMU's file names in `dir`:
+/// ca-cert.pem, server-cert.pem, server-key.pem).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct TlsCredsX509Options {
+    pub id: String,
+    pub dir: PathBuf,
+    /// QEMU's default is `client`; only `server` is of use here.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Client certificates must chain to ca-cert.pem (QEMU's default: on).
+    #[serde(default, deserialize_with = "crate::opts::opt_bool")]
+    pub verify_peer: Option<bool>,
+    /// Accepted: GnuTLS priority strings mean nothing to rustls.
+    #[serde(default)]
+    pub priority: Option<String>,
+    #[serde(default, deserialize_with = "crate::opts::opt_bool")]
+    pub sanity_check: Option<bool>,
 }
 
 /// `--object iothread,id=...`: QEMU's iothread properties. Our exports

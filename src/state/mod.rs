@@ -78,6 +78,8 @@ pub struct State {
     iothreads: Mutex<BTreeMap<String, crate::config::IothreadOptions>>,
     /// The NBD server (nbd.rs), with its exports.
     nbd: Mutex<Option<crate::nbd::NbdServer>>,
+    /// `tls-creds-x509` objects (endpoint=server), loaded when added.
+    tls_creds: Mutex<BTreeMap<String, crate::nbd::server::tls::TlsCreds>>,
 }
 
 /// [`State::command_lock`]'s guard. The fields drop in this order: what
@@ -115,6 +117,7 @@ impl State {
             commands: Mutex::new(()),
             iothreads: Mutex::new(BTreeMap::new()),
             nbd: Mutex::new(None),
+            tls_creds: Mutex::new(BTreeMap::new()),
             events: crate::events::global().clone(),
         })
     }
@@ -173,7 +176,9 @@ impl State {
         };
         match o {
             crate::config::ObjectOptions::ThrottleGroup(t) => {
-                if lock(&self.iothreads).contains_key(&t.id) {
+                if lock(&self.iothreads).contains_key(&t.id)
+                    || lock(&self.tls_creds).contains_key(&t.id)
+                {
                     return Err(dup(&t.id));
                 }
                 self.graph()
@@ -192,6 +197,7 @@ impl State {
                 threads.insert(t.id.clone(), t.clone());
                 log::info!("iothread {}: created", t.id);
             }
+            crate::config::ObjectOptions::TlsCredsX509(t) => self.add_tls_creds(t)?,
         }
         Ok(())
     }

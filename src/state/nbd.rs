@@ -25,15 +25,65 @@ impl State {
         if slot.is_some() {
             return Err(ServerError::Running.into());
         }
-        if o.tls_creds.is_some() {
+        if o.tls_authz.is_some() {
             return Err(StateError::Object(
-                "tls-creds: TLS is not supported by this build's NBD server".into(),
+                "tls-authz: authorization objects are not supported (the client certificate is checked against the CA of tls-creds with verify-peer=on)".into(),
             ));
         }
-        let server = NbdServer::bind(o.addr.clone(), o.max_connections)?;
-        log::info!("NBD server listening on {}", server.local_addr());
+        let tls =
+            match &o.tls_creds {
+                None => None,
+                Some(id) => Some(lock(&self.tls_creds).get(id).cloned().ok_or_else(|| {
+                    StateError::Object(format!("No TLS credentials with id '{id}'"))
+                })?),
+            };
+        let with_tls = tls.is_some();
+        let server = NbdServer::bind(o.addr.clone(), o.max_connections, tls)?;
+        log::info!(
+            "NBD server listening on {}{}",
+            server.local_addr(),
+            if with_tls { " (TLS required)" } else { "" }
+        );
         *slot = Some(server);
         Ok(())
+    }
+
+    /// --object / object-add tls-creds-x509: loaded now (the files are read
+    /// once; a server started later uses what was loaded).
+    pub(super) fn add_tls_creds(
+        &self,
+        t: &crate::config::TlsCredsX509Options,
+    ) -> Result<(), StateError> {
+        let endpoint = t.endpoint.as_deref().unwrap_or("client");
+        if endpoint != "server" {
+            return Err(StateError::Object(format!(
+                "tls-creds-x509 '{}': endpoint={endpoint} is not supported (the NBD server needs endpoint=server)",
+                t.id
+            )));
+        }
+        let creds =
+            crate::nbd::server::tls::TlsCreds::load(&t.id, &t.dir, t.verify_peer.unwrap_or(true))
+                .map_err(StateError::Object)?;
+        let mut map = lock(&self.tls_creds);
+        if map.contains_key(&t.id) || lock(&self.iothreads).contains_key(&t.id) {
+            return Err(StateError::Object(format!(
+                "attempt to add duplicate property '{}' to object (type 'container')",
+                t.id
+            )));
+        }
+        log::info!(
+            "tls-creds-x509 {}: loaded from {}, verify-peer {}",
+            t.id,
+            t.dir.display(),
+            if creds.verify_peer { "on" } else { "off" }
+        );
+        map.insert(t.id.clone(), creds);
+        Ok(())
+    }
+
+    /// object-del of TLS credentials; false if `id` names none.
+    pub fn del_tls_creds(&self, id: &str) -> bool {
+        lock(&self.tls_creds).remove(id).is_some()
     }
 
     /// Where the NBD server listens (the port the kernel chose for port 0).

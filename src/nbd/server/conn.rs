@@ -78,8 +78,10 @@ struct Session {
     contexts: Vec<Context>,
     export: Arc<Export>,
     align: u64,
-    rd: Mutex<BufReader<Stream>>,
-    wr: Mutex<Stream>,
+    rd: Mutex<Reader>,
+    wr: Mutex<Writer>,
+    /// The socket, to shut it under a blocked reader.
+    sock: Stream,
     /// Set when the connection ends: the workers stop reading.
     done: AtomicBool,
     /// Why it ended (the first worker's reason).
@@ -89,8 +91,11 @@ struct Session {
 struct Conn<'a> {
     server: &'a Inner,
     client: u64,
-    rd: BufReader<Stream>,
-    wr: Stream,
+    rd: Reader,
+    wr: Writer,
+    sock: Stream,
+    /// TLS negotiated (NBD_OPT_STARTTLS).
+    tls: bool,
     structured: bool,
     no_zeroes: bool,
     /// The contexts of the last SET_META_CONTEXT, and the export it named.
@@ -103,10 +108,39 @@ struct Conn<'a> {
 /// convert keeps 8, nbdcopy 64 per connection) is not served one by one.
 pub const WORKERS_PER_CLIENT: usize = 4;
 
+/// The reading half of a connection: the socket, or a TLS session shared
+/// with the writing half.
+type Reader = Box<dyn Read + Send>;
+type Writer = Box<dyn Write + Send>;
+
+type TlsStream = rustls::StreamOwned<rustls::ServerConnection, Stream>;
+
+/// A TLS session used for reading and writing alike. One worker serves a
+/// TLS client: a reader blocked in the session would hold it against the
+/// writers.
+#[derive(Clone)]
+struct SharedTls(Arc<Mutex<TlsStream>>);
+
+impl Read for SharedTls {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).read(buf)
+    }
+}
+
+impl Write for SharedTls {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).flush()
+    }
+}
+
 pub(super) fn serve(server: &Arc<Inner>, client: u64, stream: Stream) {
-    let wr = match stream.try_clone() {
-        Ok(w) => w,
-        Err(e) => {
+    let (wr, sock) = match (stream.try_clone(), stream.try_clone()) {
+        (Ok(w), Ok(s)) => (w, s),
+        (Err(e), _) | (_, Err(e)) => {
             log::warn!("NBD client {client}: {e}");
             return;
         }
@@ -115,14 +149,16 @@ pub(super) fn serve(server: &Arc<Inner>, client: u64, stream: Stream) {
     let mut c = Conn {
         server,
         client,
-        rd: BufReader::with_capacity(256 << 10, stream),
-        wr,
+        rd: Box::new(BufReader::with_capacity(256 << 10, stream)),
+        wr: Box::new(wr),
+        sock,
+        tls: false,
         structured: false,
         no_zeroes: false,
         meta: None,
     };
     let r = c.handshake().and_then(|export| {
-        c.rd.get_ref().set_read_timeout(None);
+        c.sock.set_read_timeout(None);
         server.set_client_export(client, &export.id);
         export.clients.fetch_add(1, Ordering::Relaxed);
         log::debug!("NBD client {client}: on export '{}'", export.name);
@@ -136,11 +172,13 @@ pub(super) fn serve(server: &Arc<Inner>, client: u64, stream: Stream) {
             align,
             rd: Mutex::new(c.rd),
             wr: Mutex::new(c.wr),
+            sock: c.sock,
             done: AtomicBool::new(false),
             end: Mutex::new(None),
         });
         let mut workers = Vec::new();
-        for i in 1..WORKERS_PER_CLIENT {
+        let n = if c.tls { 1 } else { WORKERS_PER_CLIENT };
+        for i in 1..n {
             let s = session.clone();
             match crate::sandbox::spawn(
                 crate::sandbox::Class::Control,
@@ -197,7 +235,7 @@ impl Conn<'_> {
     }
 
     fn write_all(&mut self, parts: &[&[u8]]) -> Result<(), End> {
-        write_all_vectored(&mut self.wr, parts).map_err(End::from)
+        write_all_vectored(&mut *self.wr, parts).map_err(End::from)
     }
 
     fn drain(&mut self, mut n: u64) -> Result<(), End> {
@@ -256,6 +294,34 @@ impl Conn<'_> {
             }
             let mut data = vec![0u8; len as usize];
             self.read_exact(&mut data)?;
+            if self.server.tls.is_some() && !self.tls {
+                match option {
+                    OPT_STARTTLS if data.is_empty() => {
+                        self.reply(option, REP_ACK, &[])?;
+                        self.start_tls()?;
+                    }
+                    OPT_STARTTLS => {
+                        self.reply_err(option, REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")?;
+                    }
+                    OPT_ABORT => {
+                        let _ = self.reply(option, REP_ACK, &[]);
+                        return Err(End::Closed);
+                    }
+                    OPT_EXPORT_NAME => {
+                        return Err(End::Violation(
+                            "NBD_OPT_EXPORT_NAME without TLS, which this server requires".into(),
+                        ));
+                    }
+                    _ => {
+                        self.reply_err(
+                            option,
+                            REP_ERR_TLS_REQD,
+                            &format!("Option {option:#x} not permitted before TLS"),
+                        )?;
+                    }
+                }
+                continue;
+            }
             match option {
                 OPT_EXPORT_NAME => {
                     let name = String::from_utf8_lossy(&data).into_owned();
@@ -294,8 +360,11 @@ impl Conn<'_> {
                     }
                     self.reply(option, REP_ACK, &[])?;
                 }
+                OPT_STARTTLS if self.tls => {
+                    self.reply_err(option, REP_ERR_INVALID, "TLS already negotiated")?;
+                }
                 OPT_STARTTLS => {
-                    self.reply_err(option, REP_ERR_UNSUP, "TLS is not configured")?;
+                    self.reply_err(option, REP_ERR_POLICY, "TLS not configured")?;
                 }
                 OPT_INFO | OPT_GO => {
                     if let Some(e) = self.info(option, &data)? {
@@ -328,6 +397,31 @@ impl Conn<'_> {
                 }
             }
         }
+    }
+
+    /// After NBD_OPT_STARTTLS's ACK: the TLS handshake, then the rest of
+    /// the session goes through it.
+    fn start_tls(&mut self) -> Result<(), End> {
+        let creds = self
+            .server
+            .tls
+            .as_ref()
+            .ok_or_else(|| End::Violation("no TLS credentials".into()))?;
+        let conn = rustls::ServerConnection::new(creds.config.clone())
+            .map_err(|e| End::Violation(format!("TLS: {e}")))?;
+        let sock = self.sock.try_clone().map_err(End::Io)?;
+        let mut tls = rustls::StreamOwned::new(conn, sock);
+        while tls.conn.is_handshaking() {
+            tls.conn
+                .complete_io(&mut tls.sock)
+                .map_err(|e| End::Violation(format!("TLS handshake failed: {e}")))?;
+        }
+        log::debug!("NBD client {}: TLS negotiated", self.client);
+        let shared = SharedTls(Arc::new(Mutex::new(tls)));
+        self.rd = Box::new(shared.clone());
+        self.wr = Box::new(shared);
+        self.tls = true;
+        Ok(())
     }
 
     /// NBD_OPT_INFO / NBD_OPT_GO; `Some` when GO succeeded.
@@ -457,7 +551,7 @@ impl Conn<'_> {
 impl Session {
     fn write_all(&self, parts: &[&[u8]]) -> Result<(), End> {
         let mut w = self.wr.lock().unwrap_or_else(|e| e.into_inner());
-        write_all_vectored(&mut *w, parts).map_err(End::from)
+        write_all_vectored(&mut **w, parts).map_err(End::from)
     }
 
     /// Ends the connection: every worker's next read fails.
@@ -468,16 +562,8 @@ impl Session {
             *end = Some(why);
         }
         drop(end);
-        self.rd
-            .try_lock()
-            .map(|r| r.get_ref().shutdown_read())
-            .unwrap_or_else(|_| {
-                // A worker is blocked reading: shut the socket under it.
-                self.wr
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .shutdown_read()
-            });
+        // A worker may be blocked reading: shut the socket under it.
+        self.sock.shutdown_read();
     }
 
     /// One worker: read a request, serve it, reply; until the end.
@@ -886,7 +972,7 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
     futures::executor::block_on(f)
 }
 
-fn write_all_vectored(w: &mut impl Write, parts: &[&[u8]]) -> io::Result<()> {
+fn write_all_vectored<W: Write + ?Sized>(w: &mut W, parts: &[&[u8]]) -> io::Result<()> {
     let mut idx = 0;
     let mut skip = 0usize;
     while idx < parts.len() {

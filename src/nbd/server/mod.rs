@@ -13,6 +13,7 @@
 //! in flight, as it does for the vhost-user exports.
 
 mod conn;
+pub mod tls;
 pub mod wire;
 
 use std::collections::BTreeMap;
@@ -334,6 +335,8 @@ pub(crate) struct Inner {
     next_client: AtomicU64,
     stopping: AtomicBool,
     addr: ListenAddr,
+    /// TLS required (tls-creds), with these credentials.
+    pub(crate) tls: Option<tls::TlsCreds>,
 }
 
 impl Inner {
@@ -381,7 +384,11 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl NbdServer {
     /// Binds `addr`; accepting starts with [`NbdServer::start`].
-    pub fn bind(addr: ListenAddr, max_connections: u32) -> Result<NbdServer, ServerError> {
+    pub fn bind(
+        addr: ListenAddr,
+        max_connections: u32,
+        tls: Option<tls::TlsCreds>,
+    ) -> Result<NbdServer, ServerError> {
         let err = |source: io::Error| ServerError::Listen {
             addr: addr.to_string(),
             source,
@@ -423,6 +430,7 @@ impl NbdServer {
             next_client: AtomicU64::new(1),
             stopping: AtomicBool::new(false),
             addr,
+            tls,
         });
         let mut server = NbdServer {
             inner,
