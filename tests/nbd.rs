@@ -832,3 +832,23 @@ fn tls_with_qemu_img_and_nbdinfo() {
     sh("nbdinfo", &[&tls_uri("cli")]);
     ok(&q.execute("nbd-server-stop", json!({})));
 }
+
+#[test]
+fn sigterm_with_clients_connected_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = test_image(dir.path());
+    let mut d = start(dir, &img, "name=disk");
+    // One client in transmission, one in the handshake, one that only
+    // connected: none of them holds the daemon up.
+    let mut a = Raw::connect(&d.socket);
+    a.go("disk");
+    a.request(0, 0, 1, 0, 4096);
+    assert_eq!(a.simple(), (0, 1));
+    let mut b4096 = [0u8; 4096];
+    a.s.read_exact(&mut b4096).unwrap();
+    let _b = Raw::connect(&d.socket);
+    let _c = UnixStream::connect(&d.socket).unwrap();
+    let st = d.terminate();
+    assert!(st.success(), "{st}");
+    assert!(a.closed());
+}
