@@ -332,7 +332,9 @@ impl Conn<'_> {
                     };
                     let mut b = Vec::with_capacity(134);
                     b.extend_from_slice(&e.size().to_be_bytes());
-                    b.extend_from_slice(&transmission_flags(&e).to_be_bytes());
+                    b.extend_from_slice(
+                        &transmission_flags(&e, self.server.max_connections).to_be_bytes(),
+                    );
                     if !self.no_zeroes {
                         b.extend_from_slice(&[0u8; 124]);
                     }
@@ -472,7 +474,7 @@ impl Conn<'_> {
         self.reply(option, REP_INFO, &b)?;
         let mut b = INFO_EXPORT.to_be_bytes().to_vec();
         b.extend_from_slice(&e.size().to_be_bytes());
-        b.extend_from_slice(&transmission_flags(&e).to_be_bytes());
+        b.extend_from_slice(&transmission_flags(&e, self.server.max_connections).to_be_bytes());
         self.reply(option, REP_INFO, &b)?;
         self.reply(option, REP_ACK, &[])?;
         if option == OPT_GO {
@@ -675,7 +677,10 @@ impl Session {
             return self.error(req, EPERM, "export is read-only");
         }
         if req.typ != CMD_FLUSH {
-            if let Err((errno, msg)) = self.check_range(e, align, req, writes) {
+            // Past the end: ENOSPC for what writes data, EINVAL for the
+            // rest (trim included), as QEMU's nbd_co_receive_request.
+            let grows = matches!(req.typ, CMD_WRITE | CMD_WRITE_ZEROES);
+            if let Err((errno, msg)) = self.check_range(e, align, req, grows) {
                 return self.error(req, errno, msg);
             }
         }
@@ -844,14 +849,19 @@ impl Session {
     }
 }
 
-fn transmission_flags(e: &Export) -> u16 {
+fn transmission_flags(e: &Export, max_connections: u32) -> u16 {
     let mut f = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_SEND_DF | FLAG_SEND_CACHE;
     if e.blk.is_writable() {
         f |= FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES | FLAG_SEND_FAST_ZERO;
     } else {
-        // Nothing a client writes can be missed by another: several
-        // connections see the same data (QEMU offers it the same way).
-        f |= FLAG_READ_ONLY | FLAG_CAN_MULTI_CONN;
+        f |= FLAG_READ_ONLY;
+    }
+    // Every connection goes through the same BlockBackend: what one reads
+    // includes what another's completed writes wrote, and a flush on any
+    // flushes the node, so every completed write of every connection.
+    // QEMU 7.2's server offers it the same way (unless max-connections=1).
+    if max_connections != 1 {
+        f |= FLAG_CAN_MULTI_CONN;
     }
     f
 }

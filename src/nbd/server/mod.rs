@@ -329,7 +329,7 @@ struct Client {
 
 pub(crate) struct Inner {
     exports: RwLock<BTreeMap<String, Arc<Export>>>,
-    max_connections: u32,
+    pub(crate) max_connections: u32,
     clients: Mutex<BTreeMap<u64, Client>>,
     clients_cv: Condvar,
     next_client: AtomicU64,
