@@ -460,6 +460,7 @@ pub fn run(mut config: Config) -> Result<(), ShellError> {
     let signals = TerminationSignals::block().map_err(ShellError::Signals)?;
     // Before any thread: threads started before arm() wait there for it.
     crate::sandbox::configure(config.sandbox.clone()).map_err(ShellError::Sandbox)?;
+    crate::sandbox::set_tcp_bind_allowed(!config.allow_tcp_bind.is_empty());
     // Sockets systemd passed, given to the exports and monitors they name;
     // before any thread exists (it edits the environment).
     crate::systemd::Activation::from_env()?.apply(&mut config)?;

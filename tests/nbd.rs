@@ -854,3 +854,29 @@ fn sigterm_with_clients_connected_exits_cleanly() {
     assert!(st.success(), "{st}");
     assert!(a.closed());
 }
+
+#[test]
+fn nbd_server_start_over_tcp_needs_allow_tcp_bind() {
+    // Without --allow-tcp-bind the monitor's filter has no TCP socket: the
+    // command is refused with a message before any call (the call would
+    // kill the daemon).
+    let d = Daemon::start(&[
+        "--chardev",
+        "socket,id=m,path={sock},server=on,wait=off",
+        "--monitor",
+        "chardev=m",
+    ]);
+    let mut q = Qmp::connect(&d.socket);
+    let e = err(&q.execute(
+        "nbd-server-start",
+        json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": "0"}}}),
+    ));
+    assert!(e.contains("--allow-tcp-bind"), "{e}");
+    // A UNIX socket is fine.
+    let sock = d.dir.path().join("nbd.sock");
+    ok(&q.execute(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "path": p(&sock)}}),
+    ));
+    ok(&q.execute("nbd-server-stop", json!({})));
+}

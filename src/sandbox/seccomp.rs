@@ -37,7 +37,8 @@ pub fn program(class: Class, mode: Mode) -> Result<BpfProgram, String> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     let mut errnos: BTreeMap<i64, i32> = BTreeMap::new();
     let mut unconditional: Vec<i64> = Vec::new();
-    for s in class.syscalls() {
+    let extra = class.extra_groups().iter().flat_map(|g| g.iter());
+    for s in class.syscalls().chain(extra) {
         match s.allow {
             Allow::Any => unconditional.push(s.nr),
             Allow::If(conds) => {

@@ -260,20 +260,29 @@ pub const VHOST_USER: &[Syscall] = &[
 ];
 
 /// The NBD server (issue 22), kept apart from the NBD client's network
-/// calls: its accept thread and client threads (class Control) set
-/// SO_RCVTIMEO for the handshake deadline and TCP_NODELAY; the monitor
-/// (nbd-server-start) and the main thread at start-up (--nbd-server, before
-/// the filters) create, bind and listen on a TCP socket. Landlock: see
-/// landlock.rs (no TCP bind rule: the ruleset handles no network access).
+/// calls: its accept thread and client threads (class Control) accept,
+/// set SO_RCVTIMEO for the handshake deadline and TCP_NODELAY, and shut
+/// sockets down. They never create one.
 pub const NBD_SERVER: &[Syscall] = &[
+    sys!(SYS_setsockopt),
+    sys!(SYS_getsockname),
+    sys!(SYS_accept4),
+    sys!(SYS_shutdown),
+];
+
+/// nbd-server-start on TCP: the monitor creates, binds and listens on a
+/// TCP socket. Only with `--allow-tcp-bind` (see [`Class::extra_groups`]):
+/// otherwise the monitor has no TCP socket at all, and nbd-server-start
+/// over TCP is refused with a message before any call. --nbd-server binds
+/// at start-up, before any filter. Landlock allows the bind only on the
+/// configured ports (landlock.rs).
+pub const NBD_TCP_LISTEN: &[Syscall] = &[
     sys!(SYS_socket, Allow::If(&[Arg::Eq(0, libc::AF_INET as u64)])),
     sys!(SYS_socket, Allow::If(&[Arg::Eq(0, libc::AF_INET6 as u64)])),
     sys!(SYS_setsockopt),
     sys!(SYS_bind),
     sys!(SYS_listen),
     sys!(SYS_getsockname),
-    sys!(SYS_accept4),
-    sys!(SYS_shutdown),
 ];
 
 /// Block jobs: their own executor and ring; a job that puts another
@@ -419,6 +428,15 @@ impl Class {
                 PATHS_X86,
             ],
             Class::Main => &[BASE, IO, EVENT_LOOP, MAIN, NO_FILES],
+        }
+    }
+
+    /// Groups a class has only as the configuration says: the monitor's
+    /// TCP listening socket for nbd-server-start with `--allow-tcp-bind`.
+    pub fn extra_groups(self) -> &'static [&'static [Syscall]] {
+        match self {
+            Class::Monitor if super::tcp_bind_allowed() => &[NBD_TCP_LISTEN],
+            _ => &[],
         }
     }
 

@@ -399,6 +399,14 @@ impl NbdServer {
                 Some(p.clone()),
             ),
             ListenAddr::Inet { host, port } => {
+                // Before arm (--nbd-server) any thread may; after it the
+                // monitor's filter has TCP sockets only with --allow-tcp-bind.
+                if crate::sandbox::restricted() && !crate::sandbox::tcp_bind_allowed() {
+                    return Err(err(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        "the sandbox allows no TCP listening socket at run time (start the daemon with --allow-tcp-bind PORT)",
+                    )));
+                }
                 let port: u16 = port.parse().map_err(|_| {
                     err(io::Error::new(
                         io::ErrorKind::InvalidInput,
