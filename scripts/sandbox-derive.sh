@@ -38,7 +38,11 @@ CLASSES = [
     (r"^job-", "job"),
     (r"^(vub-events|vub-throttle|syslog|vub-watchdog)", "helper"),
     (r"^vhost-user-blk", "main"),
+    (r"^vub-rbd", "cluster"),
     (r"^vub-", "vhost-user (protocol thread)"),
+    # librados's own threads (messenger, finisher, timers): the cluster
+    # class, inherited.
+    (r"^(msgr-worker|ms_|safe_timer|fn_|io_context|taskfin|admin_socket|service|log|signal_handler|ceph_|rbd_)", "cluster (librados thread)"),
 ]
 
 def names():

@@ -9,7 +9,8 @@
 #   5. the soak's 60-second version (scripts/soak.py; 10 minutes in
 #      docs/SOAK.md);
 #   6. the QEMU guest tests (Linux guest under TCG running fio): end to end,
-#      and crash recovery with the daemon killed 10 times under fio verify;
+#      crash recovery with the daemon killed 10 times under fio verify, and
+#      live migration between two daemons;
 #   7. the fuzz targets, each for a bounded time (scripts/fuzz.sh).
 # Every daemon runs sandboxed (the default).
 # Nothing is skipped: a missing tool is a failure.
@@ -32,6 +33,11 @@ python3 scripts/soak.py --duration 60
 
 bash tests/guest/e2e.sh target/debug/vhost-user-blkd
 bash tests/guest/inflight.sh target/debug/vhost-user-blkd
+# Live migration between two daemons and two QEMUs (docs/MIGRATION.md):
+# qcow2 with a cancelled migration first, a resize, a write-through guest
+# and postcopy refused; raw with a completed migration abandoned first.
+bash tests/guest/migrate.sh --backend vub --format qcow2 --cancel-first --resize --writethrough --postcopy-refused
+bash tests/guest/migrate.sh --backend vub --format raw --fallback-first
 # Each fuzz target for 10 s (the nightly build of fuzz/ takes longer than
 # the fuzzing; docs/FUZZING.md has the long runs).
 bash scripts/fuzz.sh 10

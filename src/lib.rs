@@ -28,6 +28,7 @@ pub mod peercred;
 pub mod qapi;
 pub mod qmp;
 pub mod sandbox;
+pub mod secret;
 pub mod shell;
 pub mod signals;
 pub mod snapshot;

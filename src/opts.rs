@@ -121,6 +121,47 @@ pub fn parse_size(v: &str) -> Option<u64> {
     n.checked_mul(1u64 << shift)
 }
 
+/// An optional list, as JSON's array or keyval's `key.0=...,key.1=...`
+/// (a map whose keys are the indices 0..n-1, as QEMU's keyval lists).
+pub fn opt_list<'de, D, T>(d: D) -> Result<Option<Vec<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    use serde::de::Error;
+    use serde::Deserialize;
+    use serde_json::Value;
+    let items = match Option::<Value>::deserialize(d)? {
+        None => return Ok(None),
+        Some(Value::Array(a)) => a,
+        Some(Value::Object(m)) => {
+            let mut slots: Vec<Option<Value>> = vec![None; m.len()];
+            for (k, v) in m {
+                match k.parse::<usize>().ok().and_then(|i| slots.get_mut(i)) {
+                    Some(slot) => *slot = Some(v),
+                    None => {
+                        return Err(D::Error::custom(format!(
+                            "'{k}': expected a list index below {}",
+                            slots.len()
+                        )))
+                    }
+                }
+            }
+            slots.into_iter().flatten().collect()
+        }
+        Some(other) => {
+            return Err(D::Error::custom(format!(
+                "invalid type: {other}, expected a list"
+            )))
+        }
+    };
+    items
+        .into_iter()
+        .map(|v| serde_json::from_value(v).map_err(D::Error::custom))
+        .collect::<Result<Vec<T>, _>>()
+        .map(Some)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

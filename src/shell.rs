@@ -440,10 +440,22 @@ fn reach(config: &Config, state: &State) -> crate::sandbox::Reach {
     }
     socket_dirs.sort();
     socket_dirs.dedup();
+    let (read_only, tcp_connect) = crate::drivers::rbd::sandbox_reach(&state.graph());
+    if !tcp_connect.is_empty() {
+        // rbd nodes may be added over QMP: their connections are made on
+        // the cluster service's threads.
+        if let Err(e) = crate::sandbox::start_cluster_service() {
+            log::warn!(
+                "cannot start the cluster service thread ({e}): rbd nodes added over QMP will fail"
+            );
+        }
+    }
     crate::sandbox::Reach {
         images,
         socket_dirs,
         files: config.pidfile.iter().cloned().collect(),
+        read_only,
+        tcp_connect,
         tcp_bind_ports: nbd_ports,
     }
 }

@@ -116,17 +116,7 @@ fn reads_mark_the_pages_they_write_and_only_those() {
         "LOG_SHMFD offered"
     );
 
-    let log = memfd(LOG_SIZE);
-    vm.frontend
-        .set_log_base(
-            0,
-            Some(VhostUserDirtyLogRegion {
-                mmap_size: LOG_SIZE,
-                mmap_offset: 0,
-                mmap_handle: log.as_raw_fd(),
-            }),
-        )
-        .expect("SET_LOG_BASE");
+    let log = set_log(&vm);
 
     // A log but no LOG_ALL: nothing is marked.
     read_chain(&mut vm);

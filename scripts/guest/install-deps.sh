@@ -43,9 +43,20 @@ have systemd-socket-activate || apt_install systemd
 pkg_installed libnbd-bin || apt_install libnbd-bin
 pkg_installed python3-libnbd || apt_install python3-libnbd
 
+# tests/rbd.rs and scripts/ceph/cluster.sh: a single-node Ceph cluster (monitor,
+# OSD, the ceph CLI) and librbd, which the daemon loads at run time.
+step3=0
+for c in ceph-mon ceph-osd ceph rbd; do
+    have "$c" || { log "missing command: $c"; step3=1; }
+done
+pkg_installed librbd1 || { log "missing package: librbd1"; step3=1; }
+if [ "$step3" = 1 ]; then
+    apt_install ceph-mon ceph-osd ceph-common librbd1
+fi
+
 # Final verification, with a clear message instead of a confusing failure later.
 for c in qemu-system-x86_64 qemu-storage-daemon qemu-img fio cpio gzip dpkg-deb ldd \
-    systemd-socket-activate systemd-analyze nbdinfo nbdcopy; do
+    systemd-socket-activate systemd-analyze ceph-mon ceph-osd ceph rbd nbdinfo nbdcopy; do
     have "$c" || die "required command '$c' still missing after installation"
 done
 [ -x /bin/busybox ] || die "/bin/busybox missing after installing busybox-static"

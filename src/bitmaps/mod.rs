@@ -123,6 +123,11 @@ pub fn prepare_add(state: &State, a: &AddArgs) -> Result<Prepared, QmpError> {
     if n.bitmaps().iter().any(|b| b.name() == a.name) {
         return refuse(format!("Bitmap already exists: {}", a.name));
     }
+    if a.persistent {
+        if let Err(e) = n.ensure_active() {
+            return refuse(e);
+        }
+    }
     if a.persistent && !n.can_store_bitmaps() {
         return refuse(format!(
             "node '{}' cannot store persistent bitmaps (a writable qcow2 v3 image can)",

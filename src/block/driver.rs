@@ -102,6 +102,29 @@ pub trait BlockDriver: Send + Sync + 'static {
     /// away (management threads only).
     fn close(&self) {}
 
+    /// As `close` for an inactive node: writes no metadata (another process
+    /// may own the image), only lets go of what the driver holds in the
+    /// storage (an rbd image's watch, which would keep `rbd rm` waiting).
+    fn close_inactive(&self) {}
+
+    /// blockdev-set-active false: writes out what the driver keeps in
+    /// memory (caches, persistent bitmaps, a clean header) so that another
+    /// process may open the image; called in a drained section, before the
+    /// node is marked inactive (its children are still active).
+    fn inactivate(&self, node: &Node) -> Result<(), String> {
+        let _ = node;
+        Ok(())
+    }
+
+    /// blockdev-set-active true: reads again what another process may
+    /// have changed while the node was inactive (size, metadata, bitmaps),
+    /// dropping what was cached before. Called in a drained section, after
+    /// the children were activated and the node's locks taken.
+    fn activate(&self, node: &Node) -> Result<(), String> {
+        let _ = node;
+        Ok(())
+    }
+
     /// Takes the image locks for what the node's parents take and do not
     /// share (protocol drivers over a file).
     fn update_locks(&self, perm: Perm, shared: Perm) -> Result<(), String> {
@@ -312,5 +335,89 @@ mod tests {
         assert_eq!(top.backing_depth(), 2);
         assert_eq!(base.backing_chain().count(), 0);
         assert!(base.backing_node().is_none());
+    }
+
+    /// A protocol driver that records the locks asked of it.
+    struct Locks(std::sync::Mutex<Vec<(Perm, Perm)>>);
+
+    impl BlockDriver for Locks {
+        fn name(&self) -> &'static str {
+            "file"
+        }
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn request_alignment(&self) -> u32 {
+            1
+        }
+        fn preadv<'a>(&'a self, _: &'a Node, _: u64, _: &'a IoVecs) -> BlockFuture<'a> {
+            BlockFuture::ready(Ok(()))
+        }
+        fn pwritev<'a>(&'a self, _: &'a Node, _: u64, _: &'a IoVecs, _: bool) -> BlockFuture<'a> {
+            BlockFuture::ready(Ok(()))
+        }
+        fn flush<'a>(&'a self, _: &'a Node) -> BlockFuture<'a> {
+            BlockFuture::ready(Ok(()))
+        }
+        fn pdiscard<'a>(&'a self, _: &'a Node, _: u64, _: u64) -> BlockFuture<'a> {
+            BlockFuture::ready(Ok(()))
+        }
+        fn pwrite_zeroes<'a>(
+            &'a self,
+            _: &'a Node,
+            _: u64,
+            _: u64,
+            _: bool,
+            _: bool,
+        ) -> BlockFuture<'a> {
+            BlockFuture::ready(Ok(()))
+        }
+        fn truncate(&self, _: &Node, _: u64) -> Result<(), String> {
+            Ok(())
+        }
+        fn update_locks(&self, perm: Perm, shared: Perm) -> Result<(), String> {
+            self.0.lock().unwrap().push((perm, shared));
+            Ok(())
+        }
+        fn as_any(&self) -> &dyn Any {
+            self
+        }
+    }
+
+    #[test]
+    fn an_inactive_node_locks_for_a_reader_and_refuses_writes() {
+        let n = Node::new(
+            "f".into(),
+            Box::new(Locks(std::sync::Mutex::new(Vec::new()))),
+            false,
+        );
+        let last = |n: &Node| {
+            let l = n.block_driver().as_any().downcast_ref::<Locks>().unwrap();
+            *l.0.lock().unwrap().last().unwrap()
+        };
+        let w = Perm::CONSISTENT_READ | Perm::WRITE | Perm::RESIZE;
+        let shared = Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED;
+        let _edge = Child::attach("q", ChildRole::File, n.clone(), w, shared).unwrap();
+        assert_eq!(last(&n), (w, shared));
+        n.set_active(false);
+        n.refresh_locks().unwrap();
+        // A reader's lock, everything shared: the other process may write.
+        assert_eq!(last(&n), (Perm::CONSISTENT_READ, Perm::ALL));
+        let (iov, _view) = IoVecs::bounce(512, 512);
+        let run = |f: BlockFuture<'_>| futures::executor::block_on(f);
+        for r in [
+            run(n.pwritev(0, &iov, false)),
+            run(n.pdiscard(0, 512)),
+            run(n.pwrite_zeroes(0, 512, false, false)),
+        ] {
+            assert!(matches!(r, Err(BlockError::Inactive { .. })), "{r:?}");
+        }
+        assert!(n.truncate(1 << 21).unwrap_err().contains("'f' is inactive"));
+        assert!(run(n.preadv(0, &iov)).is_ok());
+        assert!(run(n.flush()).is_ok());
+        n.set_active(true);
+        n.refresh_locks().unwrap();
+        assert_eq!(last(&n), (w, shared));
+        assert!(run(n.pwritev(0, &iov, false)).is_ok());
     }
 }

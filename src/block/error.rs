@@ -16,6 +16,10 @@ pub enum BlockError {
     },
     #[error("node {node} is read-only")]
     ReadOnly { node: String },
+    /// The node is inactive (blockdev-set-active, `active=off`): another
+    /// process may own the image; nothing is written.
+    #[error("node '{node}' is inactive: the image is not written while another process may own it (blockdev-set-active)")]
+    Inactive { node: String },
     #[error("node {node}: image is corrupt: {reason}")]
     Corrupt { node: String, reason: String },
     #[error("node {node}: {reason}")]
@@ -37,6 +41,7 @@ impl BlockError {
         match self {
             BlockError::OutOfRange { .. } => libc::EINVAL,
             BlockError::ReadOnly { .. } => libc::EROFS,
+            BlockError::Inactive { .. } => libc::EPERM,
             BlockError::Corrupt { .. } => libc::EIO,
             BlockError::Unsupported { .. } => libc::ENOTSUP,
             BlockError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),

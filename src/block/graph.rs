@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::{BlockDriver, GraphError, Node};
+use crate::secret::Secret;
 use crate::throttle::{ThrottleGroup, ThrottleLimits};
 
 #[derive(Default)]
@@ -19,6 +20,8 @@ pub struct Graph {
     implicit: std::collections::BTreeSet<String>,
     /// Throttle groups (`throttle-group` objects), by id.
     throttle_groups: BTreeMap<String, Arc<ThrottleGroup>>,
+    /// `secret` objects, by id (rbd's key-secret).
+    secrets: BTreeMap<String, Arc<Secret>>,
 }
 
 impl Graph {
@@ -95,6 +98,20 @@ impl Graph {
     /// Whether the node was opened for a parent (and goes with it).
     pub fn is_implicit(&self, name: &str) -> bool {
         self.implicit.contains(name)
+    }
+
+    pub fn secret(&self, id: &str) -> Option<Arc<Secret>> {
+        self.secrets.get(id).cloned()
+    }
+
+    /// object-add of a secret (the caller checked the id is free).
+    pub fn add_secret(&mut self, s: Secret) {
+        self.secrets.insert(s.id().to_string(), Arc::new(s));
+    }
+
+    /// object-del of a secret: whether there was one.
+    pub fn remove_secret(&mut self, id: &str) -> bool {
+        self.secrets.remove(id).is_some()
     }
 
     pub fn throttle_group(&self, id: &str) -> Option<Arc<ThrottleGroup>> {

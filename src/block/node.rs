@@ -108,6 +108,10 @@ pub struct Node {
     name: String,
     driver: Box<dyn BlockDriver>,
     read_only: AtomicBool,
+    /// False while the node is inactive (QEMU's BDRV_O_INACTIVE: the
+    /// `active` option, blockdev-set-active): no write reaches the image,
+    /// and its file takes only a reader's lock.
+    active: AtomicBool,
     parents: Mutex<Vec<ParentLink>>,
     /// block-set-write-threshold: a write ending past this offset emits
     /// BLOCK_WRITE_THRESHOLD once; 0 means off.
@@ -138,6 +142,7 @@ impl Node {
             name,
             driver,
             read_only: AtomicBool::new(read_only),
+            active: AtomicBool::new(true),
             parents: Mutex::new(Vec::new()),
             write_threshold: AtomicU64::new(0),
             bitmaps: super::swap::Swap::new(Arc::new(Vec::new())),
@@ -186,6 +191,57 @@ impl Node {
 
     pub fn is_read_only(&self) -> bool {
         self.read_only.load(Ordering::Relaxed)
+    }
+
+    /// Whether the node is active (QEMU's !BDRV_O_INACTIVE).
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// Refuses, with the node's name, an operation that would write to an
+    /// inactive node (QMP commands that change an image).
+    pub fn ensure_active(&self) -> Result<(), String> {
+        if self.is_active() {
+            Ok(())
+        } else {
+            Err(BlockError::Inactive {
+                node: self.name.clone(),
+            }
+            .to_string())
+        }
+    }
+
+    /// Marks the node active or inactive. The caller holds the node's
+    /// users drained, then calls [`Node::refresh_locks`].
+    pub fn set_active(&self, active: bool) {
+        self.active.store(active, Ordering::Release);
+    }
+
+    /// Applies the image locks again for what the parents take now (and
+    /// for whether the node is active): fails, changing nothing, when
+    /// another process holds a conflicting lock.
+    pub fn refresh_locks(&self) -> Result<(), String> {
+        let parents = self.lock_parents();
+        self.update_locks(&parents)
+    }
+
+    /// Inactivation, the driver's part ([`BlockDriver::inactivate`]).
+    pub fn driver_inactivate(&self) -> Result<(), String> {
+        self.driver.inactivate(self)
+    }
+
+    /// Activation, the driver's part ([`BlockDriver::activate`]).
+    pub fn driver_activate(&self) -> Result<(), String> {
+        self.driver.activate(self)
+    }
+
+    /// Parents holding an edge to this node: name, role, permissions taken,
+    /// permissions shared.
+    pub fn parent_links(&self) -> Vec<(String, ChildRole, Perm, Perm)> {
+        self.lock_parents()
+            .iter()
+            .map(|p| (p.parent.clone(), p.role, p.perm, p.shared))
+            .collect()
     }
 
     /// Parents holding an edge to this node: name, role, permissions taken.
@@ -321,6 +377,7 @@ impl Node {
     /// base, stream into an intermediate image). The caller holds the
     /// node's users drained; on an error nothing has changed.
     pub fn reopen_writable(&self) -> Result<(), String> {
+        self.ensure_active()?;
         self.driver.reopen_writable(self)
     }
 
@@ -364,6 +421,12 @@ impl Node {
     pub fn truncate(&self, size: u64) -> Result<(), String> {
         if self.is_read_only() {
             return Err(format!("node '{}' is read-only", self.name));
+        }
+        if !self.is_active() {
+            return Err(BlockError::Inactive {
+                node: self.name.clone(),
+            }
+            .to_string());
         }
         self.driver.truncate(self, size)
     }
@@ -556,9 +619,18 @@ impl Node {
     }
 
     /// Image locks for what all parents take and do not share (file nodes).
+    /// An inactive node locks only what a reader needs (consistent read)
+    /// and shares everything, as QEMU's inactive formats do on their file
+    /// (bdrv_default_perms_for_storage): the process that owns the image
+    /// may write and resize it.
     fn update_locks(&self, parents: &[ParentLink]) -> Result<(), String> {
         let perm = parents.iter().fold(Perm::NONE, |a, p| a | p.perm);
         let shared = parents.iter().fold(Perm::ALL, |a, p| a & p.shared);
+        if !self.is_active() {
+            return self
+                .driver
+                .update_locks(perm & Perm::CONSISTENT_READ, Perm::ALL);
+        }
         self.driver.update_locks(perm, shared)
     }
 
@@ -576,8 +648,13 @@ impl Node {
     }
 
     fn refuse_if_read_only<'a>(&self) -> Option<BlockFuture<'a>> {
-        self.is_read_only().then(|| {
-            BlockFuture::ready(Err(BlockError::ReadOnly {
+        if self.is_read_only() {
+            return Some(BlockFuture::ready(Err(BlockError::ReadOnly {
+                node: self.name.clone(),
+            })));
+        }
+        (!self.is_active()).then(|| {
+            BlockFuture::ready(Err(BlockError::Inactive {
                 node: self.name.clone(),
             }))
         })
@@ -638,9 +715,15 @@ impl Node {
         self.driver.block_status(self, offset, len)
     }
 
-    /// Writes out cached metadata before the node is removed.
+    /// Writes out cached metadata before the node is removed; an inactive
+    /// node writes nothing (its metadata went out when it was inactivated,
+    /// and another process may own the image now).
     pub fn close(&self) {
-        self.driver.close();
+        if self.is_active() {
+            self.driver.close();
+        } else {
+            self.driver.close_inactive();
+        }
     }
 
     pub fn pdiscard(&self, offset: u64, len: u64) -> BlockFuture<'_> {

@@ -90,6 +90,12 @@ pub struct VhostUserBlkOptions {
     /// threads are its own and never change).
     #[serde(default, deserialize_with = "opts::bool")]
     pub fixed_iothread: bool,
+    /// QEMU 10's `allow-inactive`: the export may serve an inactive node
+    /// (reads only) and keeps serving while its node is inactivated;
+    /// without it, adding the export activates the node, and inactivating
+    /// a node a writable export serves is refused.
+    #[serde(default, deserialize_with = "opts::bool")]
+    pub allow_inactive: bool,
     /// Most guest-memory regions a frontend may have mapped at once
     /// (SET_MEM_TABLE, ADD_MEM_REG); advertised by GET_MAX_MEM_SLOTS.
     #[serde(default, deserialize_with = "opts::opt_uint")]

@@ -208,6 +208,8 @@ pub struct ExportConfig {
     pub poll_max_ns_given: bool,
     /// `fixed-iothread`: accepted; our exports never move between threads.
     pub fixed_iothread: bool,
+    /// `allow-inactive` (QEMU 10): see VhostUserBlkOptions::allow_inactive.
+    pub allow_inactive: bool,
     /// Most guest-memory regions a frontend may map at once.
     pub max_mem_regions: u64,
     /// Most guest memory (bytes) a frontend may map at once.
@@ -222,6 +224,7 @@ pub struct ExportConfig {
 pub enum ObjectOptions {
     ThrottleGroup(ThrottleGroupOptions),
     Iothread(IothreadOptions),
+    Secret(crate::secret::SecretOptions),
     TlsCredsX509(TlsCredsX509Options),
 }
 
@@ -515,14 +518,48 @@ fn from_keyval<T: serde::de::DeserializeOwned>(
 ) -> Result<T, ConfigError> {
     let v = keyval::parse(arg, implied).map_err(|source| ConfigError::Keyval {
         option,
-        arg: arg.to_string(),
+        arg: redact(arg),
         source,
     })?;
     serde_json::from_value(v).map_err(|e| ConfigError::Invalid {
         option,
-        arg: arg.to_string(),
+        arg: redact(arg),
         reason: e.to_string(),
     })
+}
+
+/// An option string as errors may show it: a `data=` value (a secret
+/// object's) replaced by `<hidden>`.
+fn redact(arg: &str) -> String {
+    // keyval's parts end at a comma that is not doubled (",," is a comma
+    // in a value).
+    let mut parts = Vec::new();
+    let mut cur = String::new();
+    let mut chars = arg.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push_str(",,");
+                continue;
+            }
+            parts.push(std::mem::take(&mut cur));
+        } else {
+            cur.push(c);
+        }
+    }
+    parts.push(cur);
+    parts
+        .into_iter()
+        .map(|kv| {
+            if kv.starts_with("data=") {
+                "data=<hidden>".to_string()
+            } else {
+                kv
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 impl TryFrom<VhostUserBlkOptions> for ExportConfig {
@@ -651,6 +688,7 @@ impl TryFrom<VhostUserBlkOptions> for ExportConfig {
             poll_max_ns_given: o.poll_max_ns.is_some(),
             iothreads,
             fixed_iothread: o.fixed_iothread,
+            allow_inactive: o.allow_inactive,
             max_mem_regions,
             max_guest_memory,
         })
@@ -755,6 +793,7 @@ impl Args {
             auto_read_only: false,
             detect_zeroes: Default::default(),
             force_share: false,
+            active: None,
             aio: Default::default(),
             locking: crate::drivers::Locking::Auto,
         });
@@ -769,6 +808,7 @@ impl Args {
                 auto_read_only: false,
                 detect_zeroes: Default::default(),
                 force_share: false,
+                active: None,
                 cache: CacheOptions::default(),
                 probed,
             }),
@@ -794,6 +834,7 @@ impl Args {
             num_iothreads: self.num_iothreads.map(u64::from),
             iothread: None,
             fixed_iothread: false,
+            allow_inactive: false,
             max_mem_regions: None,
             max_guest_memory: None,
             on_read_error: None,
@@ -1447,6 +1488,22 @@ addr = { type = "unix", path = "/tmp/n.sock" }
         );
         let e = Config::try_from(args(&["--monitor", "chardev=nope"])).unwrap_err();
         assert!(e.to_string().contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn secret_values_are_hidden_in_option_errors() {
+        let e = Config::try_from(args(&[
+            "--object",
+            "secret,id=s,data=TOP,,SECRET,bogus=1",
+            "--image",
+            "x",
+            "--socket",
+            "y",
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("data=<hidden>,bogus=1"), "{e}");
+        assert!(!e.contains("TOP") && !e.contains("SECRET"), "{e}");
     }
 
     #[test]

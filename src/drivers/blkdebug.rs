@@ -71,6 +71,10 @@ pub struct BlkdebugOptions {
     pub detect_zeroes: super::DetectZeroes,
     #[serde(default, deserialize_with = "opts::bool")]
     pub force_share: bool,
+    /// QEMU 10's `active`: off opens the node inactive (no write lock,
+    /// no write); absent means on, or inactive under an inactive parent.
+    #[serde(default, deserialize_with = "opts::opt_bool")]
+    pub active: Option<bool>,
     #[serde(default)]
     pub cache: super::CacheOptions,
     /// Anything else is refused with QEMU's words (not serde's).
@@ -292,7 +296,13 @@ impl BlkdebugDriver {
             }
         }
 
-        let child = super::open_child(graph, &o.node_name, &o.image, super::DiscardMode::Ignore)?;
+        let child = super::open_child(
+            graph,
+            &o.node_name,
+            "image",
+            &o.image,
+            super::DiscardMode::Ignore,
+        )?;
         let child_align = u64::from(child.request_alignment());
         // QEMU's blkdebug_open, in its order and words.
         if align != 0 && (align >= i32::MAX as u64 || !align.is_power_of_two()) {

@@ -40,6 +40,10 @@ pub struct CorOptions {
     pub detect_zeroes: super::DetectZeroes,
     #[serde(default, deserialize_with = "opts::bool")]
     pub force_share: bool,
+    /// QEMU 10's `active`: off opens the node inactive (no write lock,
+    /// no write); absent means on, or inactive under an inactive parent.
+    #[serde(default, deserialize_with = "opts::opt_bool")]
+    pub active: Option<bool>,
     /// Accepted on every node as QEMU does; only `file`/`host_device`
     /// nodes act on it (a child opened in place does not inherit it).
     #[serde(default)]
@@ -55,7 +59,13 @@ pub struct CorDriver {
 
 impl CorDriver {
     pub fn open(o: &CorOptions, graph: &mut Graph) -> Result<Self, GraphError> {
-        let child = super::open_child(graph, &o.node_name, &o.file, super::DiscardMode::Ignore)?;
+        let child = super::open_child(
+            graph,
+            &o.node_name,
+            "file",
+            &o.file,
+            super::DiscardMode::Ignore,
+        )?;
         let bottom_depth = match &o.bottom {
             None => None,
             Some(b) => {

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use futures::future::LocalBoxFuture;
 
 use super::{
-    BlkdebugDriver, CorDriver, FileDriver, NullDriver, Qcow2Driver, RawDriver, ThrottleDriver,
+    BlkdebugDriver, CorDriver, FileDriver, NullDriver, Qcow2Driver, RawDriver, RbdDriver,
+    ThrottleDriver,
 };
 use crate::block::{
     Allocation, BlockDriver, BlockError, BlockFuture, BlockStatus, Child, DebugEvent, Node, Perm,
@@ -66,6 +67,9 @@ impl BlockDriver for FileDriver {
     }
     fn update_locks(&self, perm: Perm, shared: Perm) -> Result<(), String> {
         FileDriver::update_locks(self, perm, shared)
+    }
+    fn activate(&self, _node: &Node) -> Result<(), String> {
+        FileDriver::activate(self)
     }
     fn filename(&self) -> Option<&str> {
         Some(FileDriver::filename(self))
@@ -146,9 +150,84 @@ impl BlockDriver for NullDriver {
     }
 }
 
+impl BlockDriver for RbdDriver {
+    fn name(&self) -> &'static str {
+        "rbd"
+    }
+    fn size(&self) -> u64 {
+        RbdDriver::size(self)
+    }
+    fn request_alignment(&self) -> u32 {
+        1
+    }
+    fn preadv<'a>(&'a self, node: &'a Node, offset: u64, iov: &'a IoVecs) -> BlockFuture<'a> {
+        BlockFuture::boxed(RbdDriver::preadv(self, node, offset, iov))
+    }
+    fn pwritev<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        iov: &'a IoVecs,
+        fua: bool,
+    ) -> BlockFuture<'a> {
+        BlockFuture::boxed(RbdDriver::pwritev(self, node, offset, iov, fua))
+    }
+    fn flush<'a>(&'a self, node: &'a Node) -> BlockFuture<'a> {
+        BlockFuture::boxed(RbdDriver::flush(self, node))
+    }
+    fn pdiscard<'a>(&'a self, node: &'a Node, offset: u64, len: u64) -> BlockFuture<'a> {
+        BlockFuture::boxed(RbdDriver::pdiscard(self, node, offset, len))
+    }
+    fn pwrite_zeroes<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        fua: bool,
+    ) -> BlockFuture<'a> {
+        BlockFuture::boxed(RbdDriver::pwrite_zeroes(
+            self, node, offset, len, may_unmap, fua,
+        ))
+    }
+    fn block_status<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        len: u64,
+    ) -> LocalBoxFuture<'a, Result<BlockStatus, BlockError>> {
+        Box::pin(std::future::ready(RbdDriver::block_status(
+            self, node, offset, len,
+        )))
+    }
+    fn truncate(&self, _node: &Node, size: u64) -> Result<(), String> {
+        RbdDriver::truncate(self, size)
+    }
+    fn activate(&self, _node: &Node) -> Result<(), String> {
+        RbdDriver::activate(self)
+    }
+    fn filename(&self) -> Option<&str> {
+        Some(self.display_name())
+    }
+    fn close(&self) {
+        RbdDriver::close(self)
+    }
+    fn close_inactive(&self) {
+        // Inactivation flushed librbd's cache; closing writes nothing.
+        RbdDriver::close(self)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
 impl BlockDriver for RawDriver {
     fn name(&self) -> &'static str {
         "raw"
+    }
+    fn activate(&self, _node: &Node) -> Result<(), String> {
+        RawDriver::reread_size(self);
+        Ok(())
     }
     fn size(&self) -> u64 {
         RawDriver::size(self)
@@ -288,6 +367,12 @@ impl BlockDriver for Qcow2Driver {
     }
     fn close(&self) {
         Qcow2Driver::close(self)
+    }
+    fn inactivate(&self, node: &Node) -> Result<(), String> {
+        Qcow2Driver::inactivate(self, node)
+    }
+    fn activate(&self, node: &Node) -> Result<(), String> {
+        Qcow2Driver::activate(self, node)
     }
     fn cluster_size(&self) -> Option<u64> {
         Some(Qcow2Driver::cluster_size(self))

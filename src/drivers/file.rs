@@ -85,6 +85,10 @@ pub struct FileOptions {
     pub detect_zeroes: super::DetectZeroes,
     #[serde(default, deserialize_with = "opts::bool")]
     pub force_share: bool,
+    /// QEMU 10's `active`: off opens the node inactive (no write lock,
+    /// no write); absent means on, or inactive under an inactive parent.
+    #[serde(default, deserialize_with = "opts::opt_bool")]
+    pub active: Option<bool>,
 }
 
 /// The driver's state. What blockdev-reopen may change is atomic: it is
@@ -579,6 +583,56 @@ impl FileDriver {
         check_locks(fd, perm, unshared, &self.filename)?;
         self.apply_locks(fd, perm, unshared).map_err(err)?;
         *self.locks.lock().unwrap_or_else(|e| e.into_inner()) = (perm, unshared);
+        Ok(())
+    }
+
+    /// Activation (QEMU's raw_co_invalidate_cache): the page cache of the
+    /// file is dropped, so that reads do not return what it held before
+    /// another host wrote the image (shared storage), and the size is read
+    /// again (another process may have resized the file).
+    pub fn activate(&self) -> Result<(), String> {
+        let file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.direct.load(Ordering::Relaxed) {
+            // As QEMU: flush what is dirty first (nothing, normally: an
+            // inactive node writes nothing), then drop; failures cost
+            // only the cache's freshness and are logged.
+            if let Err(e) = file.sync_data() {
+                log::warn!(
+                    "file {}: fdatasync before dropping the page cache: {e}",
+                    self.filename
+                );
+            }
+            // SAFETY: posix_fadvise only reads its integer arguments; the
+            // descriptor is owned by `file`, held open by the guard.
+            let r =
+                unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            if r != 0 {
+                log::warn!(
+                    "file {}: cannot drop the page cache: {}",
+                    self.filename,
+                    io::Error::from_raw_os_error(r)
+                );
+            }
+        }
+        let size = if self.block_device {
+            let mut size: u64 = 0;
+            // SAFETY: BLKGETSIZE64 writes one u64 to the pointer we pass,
+            // which points at a live local.
+            let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size) };
+            if r < 0 {
+                return Err(format!(
+                    "cannot get the size of '{}': {}",
+                    self.filename,
+                    io::Error::last_os_error()
+                ));
+            }
+            size
+        } else {
+            file.metadata()
+                .map_err(|e| format!("cannot get the size of '{}': {e}", self.filename))?
+                .len()
+        };
+        self.size.store(size, Ordering::Relaxed);
         Ok(())
     }
 

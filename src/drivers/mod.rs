@@ -19,6 +19,7 @@ mod null;
 pub mod probe;
 pub mod qcow2;
 mod raw;
+pub mod rbd;
 mod reopen;
 mod throttle;
 
@@ -32,6 +33,7 @@ pub use reopen::PreparedReopen;
 // Moved to the block layer; callers should import them from there.
 pub use crate::block::{Allocation, BlockStatus};
 pub use raw::{RawDriver, RawOptions};
+pub use rbd::{RbdDriver, RbdOptions};
 pub use throttle::{ThrottleDriver, ThrottleOptions};
 
 use std::sync::Arc;
@@ -54,6 +56,7 @@ pub enum BlockdevOptions {
     NullCo(NullOptions),
     Qcow2(Qcow2Options),
     Raw(RawOptions),
+    Rbd(RbdOptions),
     Throttle(ThrottleOptions),
 }
 
@@ -72,13 +75,30 @@ pub enum BlockdevRef {
 pub(crate) fn open_child(
     graph: &mut Graph,
     parent: &str,
+    child_name: &str,
     r: &BlockdevRef,
     parent_discard: DiscardMode,
 ) -> Result<Arc<Node>, GraphError> {
     match r {
-        BlockdevRef::Name(name) => graph.get(name),
+        BlockdevRef::Name(name) => {
+            let child = graph.get(name)?;
+            // QEMU's bdrv_attach_child_common: an inactive node cannot
+            // serve an active parent.
+            if opening_active() && !child.is_active() {
+                return Err(GraphError::Open {
+                    node: parent.to_string(),
+                    reason: format!(
+                        "Inactive '{name}' can't be a {child_name} child of active '{parent}'"
+                    ),
+                });
+            }
+            Ok(child)
+        }
         BlockdevRef::Inline(inner) => {
             let mut inner = (**inner).clone();
+            if inner.common().active.is_none() {
+                inner.set_active(opening_active());
+            }
             if inner.node_name().is_empty() {
                 inner.set_node_name(format!("{parent}-file"));
             }
@@ -128,6 +148,21 @@ pub struct CommonOptions {
     /// Open the image without taking its locks' shared-permission bytes
     /// (QEMU's force-share; needs `read-only=on`, as in QEMU).
     pub force_share: bool,
+    /// QEMU 10's `active` (None: not given).
+    pub active: Option<bool>,
+}
+
+thread_local! {
+    /// Whether the node being opened on this thread is active: its
+    /// children opened in place (inline, or backing files from a header)
+    /// inherit an inactive parent's state, as in QEMU.
+    static OPENING_ACTIVE: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// Whether the node being opened on this thread is active (false while an
+/// inactive node opens its children).
+pub(crate) fn opening_active() -> bool {
+    OPENING_ACTIVE.with(|a| a.get())
 }
 
 impl BlockdevOptions {
@@ -139,6 +174,7 @@ impl BlockdevOptions {
                     auto_read_only: $o.auto_read_only,
                     detect_zeroes: $o.detect_zeroes,
                     force_share: $o.force_share,
+                    active: $o.active,
                 }
             };
         }
@@ -149,6 +185,7 @@ impl BlockdevOptions {
             BlockdevOptions::NullCo(o) => c!(o),
             BlockdevOptions::Qcow2(o) => c!(o),
             BlockdevOptions::Raw(o) => c!(o),
+            BlockdevOptions::Rbd(o) => c!(o),
             BlockdevOptions::Throttle(o) => c!(o),
         }
     }
@@ -159,6 +196,7 @@ impl BlockdevOptions {
             BlockdevOptions::File(o) | BlockdevOptions::HostDevice(o) => o.discard,
             BlockdevOptions::Raw(o) => o.discard,
             BlockdevOptions::Qcow2(o) => o.discard,
+            BlockdevOptions::Rbd(o) => o.discard,
             BlockdevOptions::NullCo(_)
             | BlockdevOptions::Throttle(_)
             | BlockdevOptions::Blkdebug(_)
@@ -200,8 +238,30 @@ impl BlockdevOptions {
             "null-co" => de(inner).map(BlockdevOptions::NullCo),
             "qcow2" => de(inner).map(BlockdevOptions::Qcow2),
             "raw" => de(inner).map(BlockdevOptions::Raw),
+            "rbd" => de(inner).map(BlockdevOptions::Rbd),
             "throttle" => de(inner).map(BlockdevOptions::Throttle),
             _ => serde_json::from_value(v).map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Whether the node opens active: as `active` says, else as the parent
+    /// being opened on this thread (inactive under an inactive parent).
+    pub fn opens_active(&self) -> bool {
+        self.common().active.unwrap_or_else(opening_active)
+    }
+
+    /// Sets `active` (an inline child of an inactive parent).
+    pub fn set_active(&mut self, active: bool) {
+        let a = Some(active);
+        match self {
+            BlockdevOptions::Blkdebug(o) => o.active = a,
+            BlockdevOptions::CopyOnRead(o) => o.active = a,
+            BlockdevOptions::File(o) | BlockdevOptions::HostDevice(o) => o.active = a,
+            BlockdevOptions::NullCo(o) => o.active = a,
+            BlockdevOptions::Qcow2(o) => o.active = a,
+            BlockdevOptions::Raw(o) => o.active = a,
+            BlockdevOptions::Rbd(o) => o.active = a,
+            BlockdevOptions::Throttle(o) => o.active = a,
         }
     }
 
@@ -213,6 +273,7 @@ impl BlockdevOptions {
             }
             BlockdevOptions::Raw(o) => o.discard = DiscardMode::Unmap,
             BlockdevOptions::Qcow2(o) => o.discard = DiscardMode::Unmap,
+            BlockdevOptions::Rbd(o) => o.discard = DiscardMode::Unmap,
             BlockdevOptions::NullCo(_)
             | BlockdevOptions::Throttle(_)
             | BlockdevOptions::Blkdebug(_)
@@ -228,6 +289,7 @@ impl BlockdevOptions {
             BlockdevOptions::NullCo(o) => &o.node_name,
             BlockdevOptions::Qcow2(o) => &o.node_name,
             BlockdevOptions::Raw(o) => &o.node_name,
+            BlockdevOptions::Rbd(o) => &o.node_name,
             BlockdevOptions::Throttle(o) => &o.node_name,
         }
     }
@@ -240,6 +302,7 @@ impl BlockdevOptions {
             BlockdevOptions::NullCo(o) => o.node_name = name,
             BlockdevOptions::Qcow2(o) => o.node_name = name,
             BlockdevOptions::Raw(o) => o.node_name = name,
+            BlockdevOptions::Rbd(o) => o.node_name = name,
             BlockdevOptions::Throttle(o) => o.node_name = name,
         }
     }
@@ -252,6 +315,7 @@ impl BlockdevOptions {
             BlockdevOptions::NullCo(o) => o.read_only,
             BlockdevOptions::Qcow2(o) => o.read_only,
             BlockdevOptions::Raw(o) => o.read_only,
+            BlockdevOptions::Rbd(o) => o.read_only,
             BlockdevOptions::Throttle(o) => o.read_only,
         }
     }
@@ -265,6 +329,7 @@ impl BlockdevOptions {
             BlockdevOptions::NullCo(_) => "null-co",
             BlockdevOptions::Qcow2(_) => "qcow2",
             BlockdevOptions::Raw(_) => "raw",
+            BlockdevOptions::Rbd(_) => "rbd",
             BlockdevOptions::Throttle(_) => "throttle",
         }
     }
@@ -281,6 +346,7 @@ pub fn open(opts: &BlockdevOptions, graph: &mut Graph) -> Result<Box<dyn BlockDr
         BlockdevOptions::NullCo(o) => Box::new(NullDriver::open(o)?),
         BlockdevOptions::Qcow2(o) => Box::new(Qcow2Driver::open(o, graph)?),
         BlockdevOptions::Raw(o) => Box::new(RawDriver::open(o, graph)?),
+        BlockdevOptions::Rbd(o) => Box::new(RbdDriver::open(o, graph)?),
         BlockdevOptions::Throttle(o) => Box::new(ThrottleDriver::open(o, graph)?),
     })
 }
@@ -294,7 +360,14 @@ impl Graph {
             node: opts.node_name().to_string(),
             reason,
         })?;
-        let node = self.insert_opened(opts.node_name(), opts.read_only(), |g| open(opts, g))?;
+        let active = opts.opens_active();
+        let was = OPENING_ACTIVE.with(|a| a.replace(active));
+        let opened = self.insert_opened(opts.node_name(), opts.read_only(), |g| open(opts, g));
+        OPENING_ACTIVE.with(|a| a.set(was));
+        let node = opened?;
+        // Before any parent attaches: an inactive node's file takes only
+        // a reader's lock.
+        node.set_active(active);
         node.set_detect_zeroes(opts.common().detect_zeroes);
         if let Some(f) = driver_as::<FileDriver>(&node) {
             // auto-read-only fell back to a read-only descriptor.

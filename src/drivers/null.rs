@@ -29,6 +29,10 @@ pub struct NullOptions {
     pub detect_zeroes: super::DetectZeroes,
     #[serde(default, deserialize_with = "opts::bool")]
     pub force_share: bool,
+    /// QEMU 10's `active`: off opens the node inactive (no write lock,
+    /// no write); absent means on, or inactive under an inactive parent.
+    #[serde(default, deserialize_with = "opts::opt_bool")]
+    pub active: Option<bool>,
     /// Accepted on every node as QEMU does; only `file`/`host_device`
     /// nodes act on it (a child opened in place does not inherit it).
     #[serde(default)]

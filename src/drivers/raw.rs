@@ -31,6 +31,10 @@ pub struct RawOptions {
     pub detect_zeroes: super::DetectZeroes,
     #[serde(default, deserialize_with = "opts::bool")]
     pub force_share: bool,
+    /// QEMU 10's `active`: off opens the node inactive (no write lock,
+    /// no write); absent means on, or inactive under an inactive parent.
+    #[serde(default, deserialize_with = "opts::opt_bool")]
+    pub active: Option<bool>,
     /// Accepted on every node as QEMU does; only `file`/`host_device`
     /// nodes act on it (a child opened in place does not inherit it).
     #[serde(default)]
@@ -70,7 +74,7 @@ pub struct RawDriver {
 
 impl RawDriver {
     pub fn open(o: &RawOptions, graph: &mut Graph) -> Result<Self, GraphError> {
-        let child = super::open_child(graph, &o.node_name, &o.file, o.discard)?;
+        let child = super::open_child(graph, &o.node_name, "file", &o.file, o.discard)?;
         let err = |reason: String| GraphError::Open {
             node: o.node_name.clone(),
             reason,
@@ -125,6 +129,15 @@ impl RawDriver {
 
     pub fn size(&self) -> u64 {
         self.size.load(Ordering::Relaxed)
+    }
+
+    /// Activation: the window follows the file again, which another
+    /// process may have resized (a fixed `size` stays).
+    pub fn reread_size(&self) {
+        if !self.fixed_size {
+            let size = self.file.node().size().saturating_sub(self.offset);
+            self.size.store(size, Ordering::Relaxed);
+        }
     }
 
     fn discards(&self) -> bool {

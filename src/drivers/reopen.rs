@@ -93,6 +93,12 @@ impl Node {
                 ));
             }
             BlockdevOptions::CopyOnRead(_) => return Err(mismatch()),
+            BlockdevOptions::Rbd(_) => {
+                return Err(format!(
+                    "node '{}': rbd nodes cannot be reopened",
+                    self.name()
+                ))
+            }
             BlockdevOptions::Blkdebug(_) => {
                 return Err(format!(
                     "node '{}': blkdebug nodes cannot be reopened",

@@ -28,6 +28,10 @@ pub struct ThrottleOptions {
     pub detect_zeroes: super::DetectZeroes,
     #[serde(default, deserialize_with = "opts::bool")]
     pub force_share: bool,
+    /// QEMU 10's `active`: off opens the node inactive (no write lock,
+    /// no write); absent means on, or inactive under an inactive parent.
+    #[serde(default, deserialize_with = "opts::opt_bool")]
+    pub active: Option<bool>,
     /// Accepted on every node as QEMU does; only `file`/`host_device`
     /// nodes act on it (a child opened in place does not inherit it).
     #[serde(default)]
@@ -48,7 +52,13 @@ impl ThrottleDriver {
                 node: o.node_name.clone(),
                 reason: format!("throttle group '{}' does not exist", o.throttle_group),
             })?;
-        let child = super::open_child(graph, &o.node_name, &o.file, super::DiscardMode::Ignore)?;
+        let child = super::open_child(
+            graph,
+            &o.node_name,
+            "file",
+            &o.file,
+            super::DiscardMode::Ignore,
+        )?;
         let mut perm = Perm::CONSISTENT_READ;
         if !o.read_only {
             perm = perm | Perm::WRITE;

@@ -325,6 +325,7 @@ fn find_nodes(state: &State, a: &BackupArgs) -> Result<(Arc<Node>, String, Arc<N
             target.name()
         )));
     }
+    target.ensure_active().map_err(QmpError::generic)?;
     if source.size() != target.size() {
         return Err(QmpError::generic(
             "Source and target image have different sizes",

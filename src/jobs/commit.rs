@@ -278,6 +278,9 @@ fn find_chain(state: &State, a: &CommitArgs) -> Result<Chain, QmpError> {
 /// block-commit.
 pub fn commit(state: &Arc<State>, a: CommitArgs) -> Result<(), QmpError> {
     let c = find_chain(state, &a)?;
+    // The data is written into base (and, for an active commit, top's
+    // users move there).
+    c.base.ensure_active().map_err(QmpError::generic)?;
     let o = BlockJobOptions {
         id: c.id.clone(),
         speed: c.speed,

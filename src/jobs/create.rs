@@ -40,6 +40,7 @@ enum Options {
     File(FileCreate),
     Qcow2(Qcow2Create),
     Raw(RawCreate),
+    Rbd(crate::drivers::rbd::RbdCreate),
 }
 
 #[derive(Deserialize, Clone, Copy, Default, PartialEq, Eq)]
@@ -113,6 +114,7 @@ pub enum Work {
         node: Arc<Node>,
         size: u64,
     },
+    Rbd(crate::drivers::rbd::Creation),
 }
 
 /// The filename of file node `name`, which must have no parents (nothing
@@ -152,6 +154,9 @@ impl Work {
                     prealloc: f.preallocation,
                 })
             }
+            Options::Rbd(r) => crate::drivers::rbd::prepare_create(&r, graph)
+                .map(Work::Rbd)
+                .map_err(QmpError::generic),
             Options::Raw(r) => Ok(Work::Raw {
                 node: unused_file_node(graph, &r.file)?.0,
                 size: r.size,
@@ -245,6 +250,12 @@ impl Work {
                 f.sync_all()
                     .map_err(|e| QmpError::generic(format!("Could not flush '{filename}': {e}")))?;
                 job.progress(size, size);
+                Ok(())
+            }
+            Work::Rbd(creation) => {
+                job.progress(0, 1);
+                creation.run().map_err(QmpError::generic)?;
+                job.progress(1, 1);
                 Ok(())
             }
             Work::Raw { node, size } => {

@@ -584,6 +584,7 @@ fn check_nodes(
             target.name()
         )));
     }
+    target.ensure_active().map_err(QmpError::generic)?;
     if source.size() != target.size() {
         return Err(QmpError::generic(
             "Source and target image have different sizes",

@@ -254,6 +254,8 @@ pub fn stream(state: &Arc<State>, a: StreamArgs) -> Result<(), QmpError> {
     let id = super::job_id(a.job_id.as_deref(), &a.device);
     super::check_id(&id)?;
     super::check_not_busy(&top)?;
+    // The data is copied into top.
+    top.ensure_active().map_err(QmpError::generic)?;
     if top.backing_file().is_none() {
         return Err(QmpError::generic(format!(
             "node '{}' has no backing image to stream from",

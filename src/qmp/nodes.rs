@@ -26,7 +26,24 @@ pub static COMMANDS: &[CommandDef<Arc<State>>] = &[
     crate::command!("block_resize", block_resize),
     crate::command!("blockdev-reopen", blockdev_reopen),
     crate::command!("block-set-write-threshold", set_write_threshold),
+    crate::command!("blockdev-set-active", blockdev_set_active),
 ];
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct SetActive {
+    #[serde(default)]
+    node_name: Option<String>,
+    #[serde(deserialize_with = "opts::bool")]
+    active: bool,
+}
+
+/// blockdev-set-active (QEMU 10): one node and the nodes below it, or
+/// every node, made active (locks taken, images read again) or inactive
+/// (written back, write locks released) for a live migration's handoff.
+fn blockdev_set_active(state: &Arc<State>, a: SetActive) -> Result<(), QmpError> {
+    Ok(state.set_active(a.node_name.as_deref(), a.active)?)
+}
 
 /// blockdev-add: the arguments are a BlockdevOptions (a union on `driver`,
 /// parsed with its own texts).
@@ -202,6 +219,7 @@ fn block_device_info(node: &Node, flat: bool) -> Value {
         "drv": node.driver_name(),
         "file": node.display_filename(),
         "ro": node.is_read_only(),
+        "active": node.is_active(),
         "encrypted": false,
         "backing_file_depth": node.backing_depth(),
         "detect_zeroes": node.detect_zeroes(),

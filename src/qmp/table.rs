@@ -166,6 +166,7 @@ mod tests {
         "query-blockstats",
         "block-latency-histogram-set",
         "block-set-write-threshold",
+        "blockdev-set-active",
         "cont",
         "blockdev-reopen",
         "blockdev-create",

@@ -138,6 +138,16 @@ impl Rules {
         for dir in allow_paths {
             ruleset = add(ruleset, dir, allow_path_rights(), true)?;
         }
+        for p in &reach.read_only {
+            ruleset = add(ruleset, p, AccessFs::ReadFile | AccessFs::ReadDir, false)?;
+        }
+        // TCP: connect to the listed ports only (the rbd driver's Ceph
+        // ports); binding stays refused.
+        for port in &reach.tcp_connect {
+            ruleset = ruleset
+                .add_rule(NetPort::new(*port, AccessNet::ConnectTcp))
+                .map_err(|e| format!("Landlock: TCP port {port}: {e}"))?;
+        }
         ruleset = add(
             ruleset,
             Path::new("/dev/null"),

@@ -96,16 +96,22 @@ pub enum Class {
     Job,
     /// Timers, event delivery, syslog, watchdog.
     Helper,
+    /// Connects to a storage cluster (the rbd driver): librados starts
+    /// its messenger, finisher and timer threads from this thread, and
+    /// they inherit its filter (TCP sockets, no files but its
+    /// configuration).
+    Cluster,
 }
 
 impl Class {
-    pub const ALL: [Class; 6] = [
+    pub const ALL: [Class; 7] = [
         Class::Main,
         Class::Monitor,
         Class::Control,
         Class::Iothread,
         Class::Job,
         Class::Helper,
+        Class::Cluster,
     ];
 
     pub fn name(self) -> &'static str {
@@ -116,6 +122,7 @@ impl Class {
             Class::Iothread => "iothread",
             Class::Job => "job",
             Class::Helper => "helper",
+            Class::Cluster => "cluster",
         }
     }
 }
@@ -144,6 +151,12 @@ pub struct Reach {
     pub socket_dirs: Vec<PathBuf>,
     /// Files the daemon removes at exit (pidfile), or reopens (log file).
     pub files: Vec<PathBuf>,
+    /// Files and directories only read (a storage cluster client's
+    /// libraries and configuration: the rbd driver).
+    pub read_only: Vec<PathBuf>,
+    /// TCP ports the daemon connects to (the rbd driver's Ceph ports).
+    /// Only the Cluster class may make TCP sockets (seccomp).
+    pub tcp_connect: Vec<u16>,
     /// TCP ports the NBD server may bind at run time (nbd-server-start;
     /// `--allow-tcp-bind` and --nbd-server's port); 0: one the kernel picks.
     pub tcp_bind_ports: Vec<u16>,
@@ -366,6 +379,111 @@ pub fn enter_foreign(class: Class) {
     // harmless; the check keeps the Landlock layers few.
     let inherited = RESTRICTED.with(Cell::get);
     enter(class, inherited || armed_before_creator());
+}
+
+/// A cluster connection made while the daemon starts (an rbd node of the
+/// command line), before [`arm`]: it cannot wait for the Landlock rules
+/// (the main thread waits for it), so the thread drops its capabilities,
+/// takes no_new_privs and its class's filter; the library threads it
+/// starts are never under Landlock. With --user they could not follow
+/// the switch of user (glibc makes every thread call setresuid), so that
+/// is refused. Connections made later (blockdev-add) inherit everything.
+fn enter_unarmed(p: &Process, class: Class) -> Result<(), String> {
+    if p.settings.run_as.is_some() {
+        return Err(
+            "with --user, rbd nodes cannot be opened at start under the sandbox: add them with blockdev-add"
+                .into(),
+        );
+    }
+    if privs::is_root() {
+        privs::drop_bounding_set()?;
+        privs::clear_capabilities(false)?;
+    }
+    privs::set_no_new_privs()?;
+    seccomp::apply(class, p.settings.mode)?;
+    CLASS.with(|c| c.set(Some(class)));
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| {
+        log::info!(
+            "sandbox: the cluster threads of nodes opened at start are under the {} filter, without capabilities, but not under Landlock",
+            class.name()
+        )
+    });
+    Ok(())
+}
+
+type ClusterTask = Box<dyn FnOnce() + Send>;
+
+/// The cluster service: a thread of the Cluster class started by the main
+/// thread at start-up, before any filter (so that no other class must
+/// allow what cluster connections need). Once armed, every cluster
+/// connection is made on a thread it starts, which inherits its filter
+/// and Landlock domain.
+static CLUSTER_SERVICE: OnceLock<Mutex<std::sync::mpsc::Sender<ClusterTask>>> = OnceLock::new();
+
+/// Starts the cluster service (the rbd driver can be used: librbd is
+/// installed). Call from the main thread before [`arm`].
+pub fn start_cluster_service() -> std::io::Result<()> {
+    if process().is_none() || CLUSTER_SERVICE.get().is_some() {
+        return Ok(());
+    }
+    let (tx, rx) = std::sync::mpsc::channel::<ClusterTask>();
+    spawn(Class::Cluster, "vub-cluster".into(), move || {
+        for task in rx {
+            let started = std::thread::Builder::new()
+                .name("vub-rbd".into())
+                .spawn(move || {
+                    // Inherited: this thread's filter and Landlock domain.
+                    RESTRICTED.with(|r| r.set(true));
+                    CLASS.with(|c| c.set(Some(Class::Cluster)));
+                    task()
+                });
+            if let Err(e) = started {
+                // The task (and its reply channel) is dropped: the caller
+                // sees the failure.
+                log::error!("sandbox: cannot start a cluster thread: {e}");
+            }
+        }
+    })?;
+    let _ = CLUSTER_SERVICE.set(Mutex::new(tx));
+    Ok(())
+}
+
+/// Runs `f` on a thread of the Cluster class and waits for its result:
+/// started by the cluster service once the process is armed, else
+/// directly (before arm, or without a sandbox).
+pub fn run_on_cluster_thread<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    let service = CLUSTER_SERVICE
+        .get()
+        .filter(|_| armed_before_creator() || RESTRICTED.with(Cell::get));
+    match service {
+        Some(tx) => {
+            let (rtx, rrx) = std::sync::mpsc::sync_channel(1);
+            let task: ClusterTask = Box::new(move || {
+                let _ = rtx.send(f());
+            });
+            tx.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .send(task)
+                .map_err(|_| "the cluster service thread is gone".to_string())?;
+            rrx.recv()
+                .map_err(|_| "a cluster thread failed (see the log)".to_string())
+        }
+        None => {
+            let unarmed = process().filter(|_| !armed_before_creator());
+            let t = match unarmed {
+                Some(p) => std::thread::Builder::new()
+                    .name("vub-rbd".into())
+                    .spawn(move || enter_unarmed(p, Class::Cluster).map(|()| f())),
+                None => spawn(Class::Cluster, "vub-rbd".into(), move || Ok(f())),
+            };
+            t.map_err(|e| format!("cannot start a cluster thread: {e}"))?
+                .join()
+                .map_err(|_| "a cluster thread panicked".to_string())?
+        }
+    }
 }
 
 /// Library threads are created by restricted threads of ours once the

@@ -182,6 +182,9 @@ pub const IO: &[Syscall] = &[
     sys!(SYS_lseek),
     sys!(SYS_fsync),
     sys!(SYS_fdatasync),
+    // Activation of an inactive file node drops its page cache, as QEMU's
+    // raw_co_invalidate_cache (POSIX_FADV_DONTNEED).
+    sys!(SYS_fadvise64),
     sys!(SYS_fallocate),
     sys!(SYS_ftruncate),
     sys!(SYS_fstat),
@@ -381,6 +384,63 @@ pub const MAIN: &[Syscall] = &[
     sys!(SYS_connect),
 ];
 
+/// A storage cluster's client library (librados, for the rbd driver) and
+/// the threads it starts: TCP connections to the monitors and OSDs
+/// (IPv4/IPv6 only; Landlock allows the Ceph ports), its configuration
+/// and keyring read at connect time, its own event loops (epoll, a pipe
+/// and eventfds to wake them). Derived with scripts/sandbox-derive.sh
+/// on tests/rbd.rs.
+pub const CLUSTER: &[Syscall] = &[
+    sys!(
+        SYS_socket,
+        Allow::If(&[Arg::Masked(0, 0xffff, libc::AF_INET as u64)])
+    ),
+    sys!(
+        SYS_socket,
+        Allow::If(&[Arg::Masked(0, 0xffff, libc::AF_INET6 as u64)])
+    ),
+    sys!(SYS_connect),
+    sys!(SYS_setsockopt),
+    sys!(SYS_getsockopt),
+    sys!(SYS_getsockname),
+    sys!(SYS_getpeername),
+    sys!(SYS_sendmsg),
+    sys!(SYS_recvmsg),
+    sys!(SYS_sendto),
+    sys!(SYS_recvfrom),
+    sys!(SYS_epoll_create1),
+    #[cfg(target_arch = "x86_64")]
+    sys!(SYS_epoll_create),
+    sys!(SYS_eventfd2),
+    sys!(SYS_pipe2),
+    sys!(SYS_timerfd_create),
+    sys!(SYS_openat),
+    sys!(SYS_getdents64),
+    sys!(SYS_uname),
+];
+
+/// Loading a shared library (librbd and librados at the first rbd node,
+/// Ceph's plugins at the first connection): the dynamic loader maps the
+/// library's files with their code executable. Only file mappings (no
+/// MAP_ANONYMOUS) may be executable, and Landlock lets only the library
+/// directory be read; anonymous memory stays never executable.
+pub const LIBRARY_LOAD: &[Syscall] = &[
+    sys!(
+        SYS_mmap,
+        Allow::If(&[Arg::Masked(3, libc::MAP_ANONYMOUS as u64, 0)])
+    ),
+    sys!(SYS_statfs),
+    // ld.so: access("/etc/ld.so.preload").
+    #[cfg(target_arch = "x86_64")]
+    sys!(SYS_access),
+    sys!(SYS_faccessat),
+    sys!(SYS_openat),
+    sys!(SYS_read),
+    sys!(SYS_pread64),
+    sys!(SYS_fstat),
+    sys!(SYS_newfstatat),
+];
+
 /// Calls made by none of our threads, named in the kill line.
 pub const NAMED: &[(i64, &str)] = &[
     (libc::SYS_execve, "execve"),
@@ -413,6 +473,15 @@ impl Class {
             ],
             Class::Job => &[BASE, IO, EVENT_LOOP, JOB, FILES, PATHS_X86],
             Class::Helper => &[BASE, SPAWN, SOCKET_FLAGS, HELPER, NO_FILES],
+            Class::Cluster => &[
+                BASE,
+                SPAWN,
+                IO,
+                EVENT_LOOP,
+                SOCKET_FLAGS,
+                CLUSTER,
+                LIBRARY_LOAD,
+            ],
             Class::Monitor => &[
                 BASE,
                 SPAWN,
@@ -445,6 +514,7 @@ impl Class {
     pub fn spawns(self) -> &'static [Class] {
         match self {
             Class::Iothread | Class::Helper | Class::Job | Class::Main => &[],
+            Class::Cluster => &[Class::Cluster],
             Class::Control => &[Class::Control, Class::Iothread],
             Class::Monitor => &[Class::Monitor, Class::Control, Class::Job, Class::Helper],
         }
@@ -472,6 +542,8 @@ pub fn name(nr: i64) -> Option<&'static str> {
         SOCKETS,
         PATHS_X86,
         MAIN,
+        CLUSTER,
+        LIBRARY_LOAD,
     ];
     all.iter()
         .flat_map(|g| g.iter())

@@ -23,6 +23,7 @@ pub fn change_backing_file(
         .graph()
         .get(image)
         .map_err(|e| QmpError::generic(e.to_string()))?;
+    node.ensure_active().map_err(QmpError::generic)?;
     if !top.reaches(&node) {
         return Err(QmpError::generic(format!(
             "node '{image}' is not in the backing chain of '{device}'"

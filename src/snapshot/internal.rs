@@ -110,6 +110,8 @@ pub(crate) fn internal_target(state: &State, device: &str) -> Result<Arc<Node>, 
         if node.internal_snapshots().is_some() {
             // A job's copies follow the image as it is.
             crate::jobs::check_not_busy(&node)?;
+            // Every internal snapshot operation writes the image.
+            node.ensure_active().map_err(QmpError::generic)?;
             return Ok(node);
         }
         let next = match node.is_filter().then(|| node.file_child()).flatten() {

@@ -42,6 +42,9 @@ pub enum StateError {
     Object(String),
     #[error(transparent)]
     Reopen(#[from] ReopenError),
+    /// blockdev-set-active refused, or an activation failed.
+    #[error(transparent)]
+    Active(#[from] super::active::ActiveError),
 }
 
 /// A State refusal as a command's failure: a GenericError with the

@@ -56,6 +56,11 @@ impl State {
                 lbs: e.logical_block_size,
             }));
         }
+        // QEMU 10's blk_exp_add: an export not allowed to serve an
+        // inactive node activates it (and fails when it cannot).
+        if !e.allow_inactive {
+            self.activate(&node)?;
+        }
         let blk = BlockBackend::new(&e.id, node, e.writable)?;
         let state = Arc::new(ExportState::new(e.clone(), Arc::new(blk), self.engine));
         let server = Server::bind(state)?;

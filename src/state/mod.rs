@@ -17,6 +17,7 @@
 //! Locking: `graph` and `exports` are taken by management only (start-up,
 //! monitor threads), always in that order; the I/O path never takes them.
 
+mod active;
 mod error;
 mod exports;
 mod nbd;
@@ -35,6 +36,7 @@ use crate::events::EventBus;
 use crate::io::EngineKind;
 use crate::vhost_user::{ExportState, ServerControl};
 
+pub use active::ActiveError;
 pub use error::{DataLost, ExportRefusal, ReopenError, StateError};
 pub use nbd::NbdExportInfo;
 pub use participant::{Busy, DrainParticipant, Resume};
@@ -154,7 +156,7 @@ impl State {
     pub fn add_blockdev(&self, opts: &BlockdevOptions) -> Result<Arc<Node>, GraphError> {
         let node = self.graph().add(opts)?;
         log::info!(
-            "node {} ({}): {} bytes{}",
+            "node {} ({}): {} bytes{}{}",
             node.name(),
             node.driver_name(),
             node.size(),
@@ -162,7 +164,8 @@ impl State {
                 ", read-only"
             } else {
                 ""
-            }
+            },
+            if node.is_active() { "" } else { ", inactive" }
         );
         Ok(node)
     }
@@ -175,9 +178,22 @@ impl State {
             ))
         };
         match o {
+            crate::config::ObjectOptions::Secret(s) => {
+                let mut g = self.graph();
+                if lock(&self.iothreads).contains_key(&s.id)
+                    || g.throttle_group(&s.id).is_some()
+                    || g.secret(&s.id).is_some()
+                {
+                    return Err(dup(&s.id));
+                }
+                let secret = crate::secret::Secret::load(s).map_err(StateError::Object)?;
+                g.add_secret(secret);
+                log::info!("secret {}: created", s.id);
+            }
             crate::config::ObjectOptions::ThrottleGroup(t) => {
                 if lock(&self.iothreads).contains_key(&t.id)
                     || lock(&self.tls_creds).contains_key(&t.id)
+                    || self.graph().secret(&t.id).is_some()
                 {
                     return Err(dup(&t.id));
                 }

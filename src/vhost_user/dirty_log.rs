@@ -71,27 +71,14 @@ impl DirtyLog {
         if size == 0 || size > MAX_LOG_SIZE {
             return Err(LogError::Size(size));
         }
-        let map_err = |err| LogError::Map { size, offset, err };
         let len = usize::try_from(size).map_err(|_| LogError::Size(size))?;
-        let off = libc::off_t::try_from(offset)
-            .map_err(|_| map_err(io::Error::from_raw_os_error(libc::EINVAL)))?;
-        // SAFETY: a new shared mapping of the frontend's file, not
-        // executable, at an address the kernel picks; failure is checked.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                off,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(map_err(io::Error::last_os_error()));
-        }
+        let base = super::shm::map_shared(file, len, offset).map_err(|err| LogError::Map {
+            size,
+            offset,
+            err,
+        })?;
         Ok(DirtyLog {
-            base: p.cast::<u8>(),
+            base: base.as_ptr(),
             len,
         })
     }

@@ -225,24 +225,7 @@ impl Region {
     fn map_file(file: File, msg: &VhostUserInflight) -> Result<Region, InflightError> {
         let len = usize::try_from(msg.mmap_size)
             .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        let offset = libc::off_t::try_from(msg.mmap_offset)
-            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        // SAFETY: a fresh shared mapping of a file we hold; nothing else
-        // is at the address the kernel picks.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                offset,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error().into());
-        }
-        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave 0"))?;
+        let ptr = super::shm::map_shared(&file, len, msg.mmap_offset)?;
         Ok(Region {
             ptr,
             len,

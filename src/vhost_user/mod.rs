@@ -24,6 +24,7 @@ mod export;
 pub mod inflight;
 mod notify;
 mod server;
+mod shm;
 pub mod sigbus;
 mod worker;
 

@@ -27,7 +27,13 @@ fn outcome(r: Result<(), BlockError>, direction: IoDirection) -> Outcome {
         Ok(()) => Outcome::Done(Status::Ok),
         // Requests the parser let through but the block layer refuses are
         // the guest's doing, not the storage's: no policy applies.
-        Err(e @ (BlockError::OutOfRange { .. } | BlockError::ReadOnly { .. })) => {
+        // An inactive node (live migration: the other daemon owns the
+        // image) fails writes with an I/O error, whatever the policy.
+        Err(
+            e @ (BlockError::OutOfRange { .. }
+            | BlockError::ReadOnly { .. }
+            | BlockError::Inactive { .. }),
+        ) => {
             log::debug!("request refused: {e}");
             Outcome::Done(Status::IoErr)
         }

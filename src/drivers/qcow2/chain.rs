@@ -111,7 +111,7 @@ impl Qcow2Driver {
         let be32 =
             |b: &[u8], o: usize| u32::from_be_bytes(b[o..o + 4].try_into().unwrap_or([0; 4]));
         let mut out = Vec::new();
-        let mut off = self.header.header_length as usize;
+        let mut off = self.header().header_length as usize;
         while off + 8 <= hdr.len() {
             let ty = be32(hdr, off);
             let len = be32(hdr, off + 4) as usize;
@@ -129,7 +129,7 @@ impl Qcow2Driver {
         match self.extensions(hdr).last() {
             Some((off, header::EXT_END, _)) => off + 8,
             Some((off, _, len)) => off + 8 + len.div_ceil(8) * 8,
-            None => self.header.header_length as usize,
+            None => self.header().header_length as usize,
         }
     }
 

@@ -21,10 +21,10 @@ impl Qcow2Driver {
             Perm::CONSISTENT_READ | Perm::WRITE | Perm::RESIZE,
             Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
         );
-        if self.closed.swap(false, Ordering::AcqRel) && self.lazy {
+        if self.closed.swap(false, Ordering::AcqRel) && self.is_lazy() {
             // Lazy refcounts: the dirty bit goes back on before writes.
             let f = self.f();
-            let incompat = (self.header.incompatible | header::INCOMPAT_DIRTY).to_be_bytes();
+            let incompat = (self.header().incompatible | header::INCOMPAT_DIRTY).to_be_bytes();
             let r = futures::executor::block_on(async {
                 let mut m = self.meta.lock().await;
                 m.write_header_field(f, header::OFF_INCOMPAT, &incompat)
@@ -76,7 +76,7 @@ impl Qcow2Driver {
         }
         // A read-only open does not repair refcounts left stale by a crash
         // with lazy refcounts (a writable open does).
-        if opened_read_only && self.header.incompatible & header::INCOMPAT_DIRTY != 0 {
+        if opened_read_only && self.header().incompatible & header::INCOMPAT_DIRTY != 0 {
             return Err(format!(
                 "node '{name}' was not closed cleanly (its refcounts may be wrong) and cannot be made writable: repair the image with 'qemu-img check -r all'"
             ));
@@ -202,7 +202,7 @@ impl Qcow2Driver {
         if keep_bitmaps {
             bitmaps::mark_in_use(f, &on_disk).await?;
         }
-        if self.header.version >= 3 {
+        if self.header().version >= 3 {
             // From the file: close may have rewritten it since the open.
             let first = meta::read_buf(f, 0, m.header_io).await?;
             let at = OFF_AUTOCLEAR as usize;
@@ -214,8 +214,8 @@ impl Qcow2Driver {
                 f.flush().await?;
             }
         }
-        if self.lazy {
-            let incompat = (self.header.incompatible | header::INCOMPAT_DIRTY).to_be_bytes();
+        if self.is_lazy() {
+            let incompat = (self.header().incompatible | header::INCOMPAT_DIRTY).to_be_bytes();
             m.write_header_field(f, header::OFF_INCOMPAT, &incompat)
                 .await?;
             f.flush().await?;
@@ -275,11 +275,19 @@ impl Qcow2Driver {
 
     /// Writes everything, clears the dirty bit we set, and stops writes.
     pub fn close(&self) {
+        if let Err(e) = self.write_back() {
+            log::error!("node {}: closing: {e}", self.name);
+        }
+    }
+
+    /// What close does, with its error: caches written, persistent bitmaps
+    /// stored, the dirty bit we set cleared, the file flushed.
+    fn write_back(&self) -> Result<(), BlockError> {
         if self.read_only.load(Ordering::Acquire) || self.closed.swap(true, Ordering::AcqRel) {
-            return;
+            return Ok(());
         }
         let f = self.f();
-        let r = futures::executor::block_on(async {
+        futures::executor::block_on(async {
             let mut m = self.meta.lock().await;
             if m.corrupt {
                 return Ok(());
@@ -302,22 +310,90 @@ impl Qcow2Driver {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone();
-            let new = bitmaps::store(f, &mut m, &self.header, &persistent, &old).await?;
+            let new = bitmaps::store(f, &mut m, self.header(), &persistent, &old).await?;
             *self
                 .stored_bitmaps
                 .lock()
                 .unwrap_or_else(|e| e.into_inner()) = new;
-            if self.lazy {
-                let incompat = self.header.incompatible & !header::INCOMPAT_DIRTY;
+            if self.is_lazy() {
+                let incompat = self.header().incompatible & !header::INCOMPAT_DIRTY;
                 m.write_header_field(f, header::OFF_INCOMPAT, &incompat.to_be_bytes())
                     .await?;
-                f.flush().await?;
             }
+            f.flush().await?;
             Ok::<(), BlockError>(())
-        });
-        if let Err(e) = r {
-            log::error!("node {}: closing: {e}", self.name);
+        })
+    }
+
+    /// blockdev-set-active false (QEMU's qcow2_inactivate): everything
+    /// written as at close (caches, persistent bitmaps, the dirty bit we
+    /// set cleared), then the persistent bitmaps leave the node (QEMU's
+    /// bdrv_release_persistent_dirty_bitmaps): the image holds them, and
+    /// activation reads them again.
+    pub fn inactivate(&self, node: &Node) -> Result<(), String> {
+        self.write_back()
+            .map_err(|e| format!("node '{}': writing metadata back: {e}", self.name))?;
+        let kept: Vec<Arc<crate::block::bitmap::DirtyBitmap>> = node
+            .bitmaps()
+            .iter()
+            .filter(|b| !b.is_persistent())
+            .cloned()
+            .collect();
+        if kept.len() != node.bitmaps().len() {
+            node.set_bitmaps(kept);
         }
+        Ok(())
+    }
+
+    /// blockdev-set-active true (QEMU's qcow2_co_invalidate_cache): the
+    /// image is read again as an open reads it (header, L1 and refcount
+    /// tables, snapshot table, persistent bitmaps), the metadata cached
+    /// before is dropped, and a writable image's header is prepared for
+    /// writes. The caller holds the node drained, its file active.
+    pub fn activate(&self, node: &Node) -> Result<(), String> {
+        let f = self.f();
+        // As the image is now: a backing image made writable for a commit
+        // (or made read-only since) is read as such.
+        let mut opts = self.opts.clone();
+        opts.read_only = self.is_read_only();
+        let super::open::Loaded {
+            hdr,
+            g,
+            m,
+            snapshots,
+            bitmaps: (loaded, on_disk),
+            lazy,
+        } = super::open::load(&opts, f, true).map_err(|e| e.to_string())?;
+        // The geometry is fixed for the driver's life (requests in other
+        // threads read it without the lock); `qemu-img amend` by the other
+        // process (refcount width, version) needs the node opened again.
+        if g != self.g {
+            return Err(format!(
+                "node '{}': the image's geometry changed while the node was inactive ({:?} -> {:?}); open it again",
+                self.name, self.g, g
+            ));
+        }
+        *futures::executor::block_on(self.meta.lock()) = m;
+        self.size.store(hdr.size, Ordering::Relaxed);
+        *self.backing_name.lock().unwrap_or_else(|e| e.into_inner()) = hdr.backing_file.clone();
+        *self.lock_snapshots() = snapshots;
+        *self
+            .stored_bitmaps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = on_disk;
+        self.lazy.store(lazy, Ordering::Release);
+        self.header.replace(hdr);
+        self.closed.store(false, Ordering::Release);
+        // The node's persistent bitmaps are the image's now.
+        let mut list: Vec<Arc<crate::block::bitmap::DirtyBitmap>> = node
+            .bitmaps()
+            .iter()
+            .filter(|b| !b.is_persistent() && !loaded.iter().any(|l| l.name() == b.name()))
+            .cloned()
+            .collect();
+        list.extend(loaded);
+        node.set_bitmaps(list);
+        Ok(())
     }
 
     /// Links the driver to its node (for storing the node's persistent
@@ -334,6 +410,6 @@ impl Qcow2Driver {
 
     /// Whether persistent bitmaps can be stored here.
     pub fn can_store_bitmaps(&self) -> bool {
-        self.header.version >= 3 && !self.is_read_only()
+        self.header().version >= 3 && !self.is_read_only()
     }
 }

@@ -32,7 +32,7 @@ pub const COMPRESSED: u64 = 1 << 62;
 pub const ZERO: u64 = 1;
 
 /// Sizes derived from the header.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Geo {
     pub cluster_bits: u32,
     pub cs: u64,

@@ -58,6 +58,7 @@ fn file_node(path: &str) -> Arc<Node> {
         auto_read_only: false,
         detect_zeroes: Default::default(),
         force_share: false,
+        active: None,
         aio: Default::default(),
     })
     .expect("open file node");

@@ -123,6 +123,10 @@ pub struct Qcow2Options {
     pub detect_zeroes: crate::drivers::DetectZeroes,
     #[serde(default, deserialize_with = "opts::bool")]
     pub force_share: bool,
+    /// QEMU 10's `active`: off opens the node inactive (no write lock,
+    /// no write); absent means on, or inactive under an inactive parent.
+    #[serde(default, deserialize_with = "opts::opt_bool")]
+    pub active: Option<bool>,
     /// Accepted on every node as QEMU does; only `file`/`host_device`
     /// nodes act on it (a child opened in place does not inherit it).
     #[serde(default)]
@@ -144,12 +148,13 @@ pub struct Qcow2Driver {
     align: u32,
     discard_unmap: AtomicBool,
     overlap_check: bool,
-    header: Header,
+    /// Read again when the node is activated (blockdev-set-active).
+    header: crate::block::swap::Swap<Header>,
     /// The backing file name in the header (change-backing-file rewrites it).
     backing_name: std::sync::Mutex<Option<String>>,
     snapshots: std::sync::Mutex<Vec<Snapshot>>,
     /// The dirty bit is set by us (lazy refcounts) and cleared at close.
-    lazy: bool,
+    lazy: AtomicBool,
     closed: AtomicBool,
     /// Opened read-only; cleared by [`Qcow2Driver::reopen_writable`].
     read_only: AtomicBool,
@@ -161,6 +166,9 @@ pub struct Qcow2Driver {
     stored_bitmaps: std::sync::Mutex<bitmaps::OnDisk>,
     /// The node this driver serves (its bitmaps are stored at close).
     node: std::sync::OnceLock<std::sync::Weak<Node>>,
+    /// The options it was opened with (activation reads the image again
+    /// with them).
+    opts: Qcow2Options,
 }
 
 impl Qcow2Driver {
@@ -173,7 +181,7 @@ impl Qcow2Driver {
     }
 
     pub fn header(&self) -> &Header {
-        &self.header
+        self.header.get()
     }
 
     /// The internal snapshots, as the snapshot table lists them.
@@ -215,6 +223,6 @@ impl Qcow2Driver {
     }
 
     pub fn is_lazy(&self) -> bool {
-        self.lazy
+        self.lazy.load(Ordering::Acquire)
     }
 }

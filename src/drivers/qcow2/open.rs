@@ -79,40 +79,19 @@ impl Qcow2Driver {
         let name = o.node_name.as_str();
         let file = attach_file(o, graph)?;
         let f = file.node().clone();
-        let file_size = f.size();
-        let mut hdr = read_header(name, &f, file_size)?;
-        let g = Geo::new(&hdr);
-        let file_align = u64::from(f.request_alignment());
-        let corrupt = check_openable(o, &f, &hdr, &g)?;
-        let tables = read_tables(name, &f, &hdr, g.cs)?;
-        let snapshots = read_snapshots(name, &f, &hdr, file_size, g.cs)?;
-        let mut m = new_meta(o, &hdr, g, tables, file_size, file_align, &snapshots);
-
-        m.backing_name_bytes = hdr.backing_file.as_ref().map(|b| b.as_bytes().to_vec());
-        // Persistent bitmaps, when the header says they are consistent.
-        let (loaded, on_disk) = match &hdr.bitmaps_ext {
-            Some(ext) if hdr.autoclear & 1 != 0 => {
-                futures::executor::block_on(bitmaps::load(&f, &m, ext, hdr.size))
-                    .map_err(|e| open_err(name, format!("persistent bitmaps: {e}")))?
-            }
-            _ => (Vec::new(), bitmaps::OnDisk::default()),
-        };
-        let keep_bitmaps = !on_disk.tables.is_empty() || on_disk.dir_len > 0;
-        if !o.read_only && keep_bitmaps {
-            futures::executor::block_on(bitmaps::mark_in_use(&f, &on_disk))
-                .map_err(|e| block_err(name, e))?;
-        }
-
-        let lazy = if o.read_only {
-            false
-        } else {
-            prepare_header_for_writes(o, &f, &mut hdr, &mut m, &snapshots, keep_bitmaps)?
-        };
-        m.lazy = lazy;
+        // An inactive open (QEMU's BDRV_O_INACTIVE) reads and writes
+        // nothing it does not need: the header is not prepared for
+        // writes, persistent bitmaps are not loaded (activation does both).
+        let active = crate::drivers::opening_active();
+        let Loaded {
+            hdr,
+            g,
+            m,
+            snapshots,
+            bitmaps: (loaded, on_disk),
+            lazy,
+        } = load(o, &f, active)?;
         let discard_unmap = o.discard == DiscardMode::Unmap;
-        m.pass_discard = o.pass_discard_request.unwrap_or(discard_unmap);
-        m.corrupt = corrupt;
-
         let backing = Self::open_backing(o, graph, &hdr, &f)?;
         let mut align = f.request_alignment();
         if let Some(b) = &backing {
@@ -130,15 +109,16 @@ impl Qcow2Driver {
             discard_unmap: AtomicBool::new(discard_unmap),
             overlap_check: o.overlap_check != Some(OverlapCheck::None),
             backing_name: std::sync::Mutex::new(hdr.backing_file.clone()),
-            header: hdr,
+            header: crate::block::swap::Swap::new(hdr),
             snapshots: std::sync::Mutex::new(snapshots),
-            lazy,
+            lazy: AtomicBool::new(lazy),
             closed: AtomicBool::new(false),
             read_only: AtomicBool::new(o.read_only),
             demoted: AtomicBool::new(false),
             loaded_bitmaps: std::sync::Mutex::new(loaded),
             stored_bitmaps: std::sync::Mutex::new(on_disk),
             node: std::sync::OnceLock::new(),
+            opts: o.clone(),
         })
     }
 
@@ -151,7 +131,9 @@ impl Qcow2Driver {
         let name = o.node_name.as_str();
         let node = match &o.backing {
             Some(None) => return Ok(None),
-            Some(Some(r)) => crate::drivers::open_child(graph, name, r, DiscardMode::Ignore)?,
+            Some(Some(r)) => {
+                crate::drivers::open_child(graph, name, "backing", r, DiscardMode::Ignore)?
+            }
             None => {
                 let Some(bf) = &hdr.backing_file else {
                     return Ok(None);
@@ -241,10 +223,73 @@ impl Qcow2Driver {
     }
 }
 
+/// What an open (or an activation) reads from the image.
+pub(super) struct Loaded {
+    pub hdr: Header,
+    pub g: Geo,
+    pub m: Meta,
+    pub snapshots: Vec<Snapshot>,
+    pub bitmaps: (
+        Vec<std::sync::Arc<crate::block::bitmap::DirtyBitmap>>,
+        bitmaps::OnDisk,
+    ),
+    pub lazy: bool,
+}
+
+/// Reads the image's metadata from `f` (QEMU's qcow2_do_open after the
+/// file is open): header, L1 and refcount tables, snapshot table,
+/// persistent bitmaps; a writable `active` open also prepares the header
+/// for writes (dirty repair, lazy refcounts, bitmaps marked in use).
+pub(super) fn load(o: &Qcow2Options, f: &Node, active: bool) -> Result<Loaded, GraphError> {
+    let name = o.node_name.as_str();
+    let file_size = f.size();
+    let mut hdr = read_header(name, f, file_size)?;
+    let g = Geo::new(&hdr);
+    let file_align = u64::from(f.request_alignment());
+    let corrupt = check_openable(o, f, &hdr, &g)?;
+    let tables = read_tables(name, f, &hdr, g.cs)?;
+    let snapshots = read_snapshots(name, f, &hdr, file_size, g.cs)?;
+    let mut m = new_meta(o, &hdr, g, tables, file_size, file_align, &snapshots);
+
+    m.backing_name_bytes = hdr.backing_file.as_ref().map(|b| b.as_bytes().to_vec());
+    // Persistent bitmaps, when the header says they are consistent.
+    let (loaded, on_disk) = match &hdr.bitmaps_ext {
+        Some(ext) if active && hdr.autoclear & 1 != 0 => {
+            futures::executor::block_on(bitmaps::load(f, &m, ext, hdr.size))
+                .map_err(|e| open_err(name, format!("persistent bitmaps: {e}")))?
+        }
+        _ => (Vec::new(), bitmaps::OnDisk::default()),
+    };
+    let keep_bitmaps = !on_disk.tables.is_empty() || on_disk.dir_len > 0;
+    let writes = active && !o.read_only;
+    if writes && keep_bitmaps {
+        futures::executor::block_on(bitmaps::mark_in_use(f, &on_disk))
+            .map_err(|e| block_err(name, e))?;
+    }
+
+    let lazy = if writes {
+        prepare_header_for_writes(o, f, &mut hdr, &mut m, &snapshots, keep_bitmaps)?
+    } else {
+        false
+    };
+    m.lazy = lazy;
+    let discard_unmap = o.discard == DiscardMode::Unmap;
+    m.pass_discard = o.pass_discard_request.unwrap_or(discard_unmap);
+    m.corrupt = corrupt;
+    Ok(Loaded {
+        hdr,
+        g,
+        m,
+        snapshots,
+        bitmaps: (loaded, on_disk),
+        lazy,
+    })
+}
+
 /// Opens the file child and attaches it with a format's permissions.
 fn attach_file(o: &Qcow2Options, graph: &mut Graph) -> Result<Child, GraphError> {
     let name = o.node_name.as_str();
-    let child = crate::drivers::open_child(graph, name, &o.file, o.discard)?;
+    let child = crate::drivers::open_child(graph, name, "file", &o.file, o.discard)?;
     // As QEMU's format drivers: no one else may write or resize the
     // file under the metadata, read-only or not.
     let (perm, shared) = if o.read_only {

@@ -30,9 +30,10 @@ impl Qcow2Driver {
                 }),
             );
             // Mark the image corrupt on disk, best effort.
-            if self.header.version >= 3 {
+            if self.header().version >= 3 {
                 let f = self.f();
-                let incompat = (self.header.incompatible | header::INCOMPAT_CORRUPT).to_be_bytes();
+                let incompat =
+                    (self.header().incompatible | header::INCOMPAT_CORRUPT).to_be_bytes();
                 if m.write_header_field(f, header::OFF_INCOMPAT, &incompat)
                     .await
                     .is_ok()
