@@ -428,6 +428,16 @@ fn reach(config: &Config, state: &State) -> crate::sandbox::Reach {
                 .map(|m| dir(&m.path)),
         )
         .collect();
+    // The NBD server: its socket's directory, or its TCP port (to listen
+    // again after nbd-server-stop), and the ports --allow-tcp-bind names.
+    let mut nbd_ports = config.allow_tcp_bind.clone();
+    match config.nbd_server.as_ref().map(|o| &o.addr) {
+        Some(crate::nbd::ListenAddr::Unix(p)) => socket_dirs.push(dir(p)),
+        Some(crate::nbd::ListenAddr::Inet { port, .. }) => {
+            nbd_ports.extend(port.parse::<u16>().ok());
+        }
+        _ => {}
+    }
     socket_dirs.sort();
     socket_dirs.dedup();
     let (read_only, tcp_connect) = crate::drivers::rbd::sandbox_reach(&state.graph());
@@ -454,6 +464,7 @@ fn reach(config: &Config, state: &State) -> crate::sandbox::Reach {
         read_only,
         tcp_connect,
         tcp_ports,
+        tcp_bind_ports: nbd_ports,
     }
 }
 
@@ -469,6 +480,7 @@ pub fn run(mut config: Config) -> Result<(), ShellError> {
     let signals = TerminationSignals::block().map_err(ShellError::Signals)?;
     // Before any thread: threads started before arm() wait there for it.
     crate::sandbox::configure(config.sandbox.clone()).map_err(ShellError::Sandbox)?;
+    crate::sandbox::set_tcp_bind_allowed(!config.allow_tcp_bind.is_empty());
     // Sockets systemd passed, given to the exports and monitors they name;
     // before any thread exists (it edits the environment).
     crate::systemd::Activation::from_env()?.apply(&mut config)?;
@@ -502,6 +514,14 @@ pub fn run(mut config: Config) -> Result<(), ShellError> {
     let mut servers = Vec::new();
     for e in &config.exports {
         servers.push(state.bind_export(e)?);
+    }
+    // The NBD server binds (and accepts, once armed: its threads wait in
+    // spawn() until then), then its exports.
+    if let Some(o) = &config.nbd_server {
+        state.nbd_server_start(o)?;
+    }
+    for e in &config.nbd_exports {
+        state.add_nbd_export(e)?;
     }
     let mut monitors = Vec::new();
     for m in &config.monitors {

@@ -35,28 +35,28 @@ if [ "$step2" = 1 ]; then
     apt_install qemu-utils qemu-block-extra
 fi
 
-# tests/nbd_client.rs: NBD servers besides qemu-nbd (qemu-utils): nbdkit,
-# and nbdinfo (libnbd-bin) to look at them.
-have nbdkit || apt_install nbdkit
-have nbdinfo || apt_install libnbd-bin
-
 # tests/systemd.rs: systemd-socket-activate and systemd-analyze.
 have systemd-socket-activate || apt_install systemd
 
-# tests/rbd.rs and scripts/ceph/cluster.sh: a single-node Ceph cluster (monitor,
-# OSD, the ceph CLI) and librbd, which the daemon loads at run time.
-step3=0
-for c in ceph-mon ceph-osd ceph rbd; do
-    have "$c" || { log "missing command: $c"; step3=1; }
+# Network storage, in one apt call when any is missing:
+#   tests/nbd_client.rs: NBD servers besides qemu-nbd (qemu-utils): nbdkit;
+#   tests/nbd.rs: nbdinfo and nbdcopy (libnbd-bin), and libnbd's Python
+#     bindings for Debian's /usr/bin/python3 (tests/nbd/edge_cases.py);
+#   tests/rbd.rs and scripts/ceph/cluster.sh: a single-node Ceph cluster
+#     (monitor, OSD, the ceph CLI) and librbd, which the daemon loads at
+#     run time.
+net=()
+for p in nbdkit libnbd-bin python3-libnbd ceph-mon ceph-osd ceph-common librbd1; do
+    pkg_installed "$p" || { log "missing package: $p"; net+=("$p"); }
 done
-pkg_installed librbd1 || { log "missing package: librbd1"; step3=1; }
-if [ "$step3" = 1 ]; then
-    apt_install ceph-mon ceph-osd ceph-common librbd1
+if [ "${#net[@]}" -gt 0 ]; then
+    apt_install "${net[@]}"
 fi
 
 # Final verification, with a clear message instead of a confusing failure later.
 for c in qemu-system-x86_64 qemu-storage-daemon qemu-img fio cpio gzip dpkg-deb ldd \
-    systemd-socket-activate systemd-analyze ceph-mon ceph-osd ceph rbd qemu-nbd nbdkit nbdinfo; do
+    systemd-socket-activate systemd-analyze ceph-mon ceph-osd ceph rbd qemu-nbd nbdkit nbdinfo nbdcopy; do
     have "$c" || die "required command '$c' still missing after installation"
 done
 [ -x /bin/busybox ] || die "/bin/busybox missing after installing busybox-static"
+/usr/bin/python3 -c 'import nbd' 2>/dev/null || die "python3-libnbd missing after installation"

@@ -50,3 +50,24 @@ pub trait WriteHook: Send + Sync {
 
 /// The hooks of one node.
 pub type HookList = Arc<Vec<Arc<dyn WriteHook>>>;
+
+/// A read hook: what a fleecing backup puts around every read of its
+/// target (QEMU serialises such reads with copy-before-write in its cbw
+/// filter). A read of the target that finds a cluster not yet copied reads
+/// it from the source, its backing; without the hook the guest's write
+/// could land on the source between the two and the reader would see the
+/// new data instead of the point in time.
+pub trait ReadHook: Send + Sync {
+    /// Returns the future that runs in place of `inner`, a read of
+    /// `[offset, offset + len)` of `node` that has not started yet.
+    fn wrap_read<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        len: u64,
+        inner: BlockFuture<'a>,
+    ) -> BlockFuture<'a>;
+}
+
+/// The read hooks of one node.
+pub type ReadHookList = Arc<Vec<Arc<dyn ReadHook>>>;

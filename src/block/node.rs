@@ -120,6 +120,8 @@ pub struct Node {
     bitmaps: super::swap::Swap<super::bitmap::BitmapList>,
     /// Block jobs' write hooks (copy-before-write, mirroring).
     hooks: super::swap::Swap<super::hooks::HookList>,
+    /// Read hooks (a fleecing backup's, on its target).
+    read_hooks: super::swap::Swap<super::hooks::ReadHookList>,
     /// detect-zeroes: 0 off, 1 on, 2 unmap (see [`Node::set_detect_zeroes`]).
     detect_zeroes: std::sync::atomic::AtomicU8,
 }
@@ -145,6 +147,7 @@ impl Node {
             write_threshold: AtomicU64::new(0),
             bitmaps: super::swap::Swap::new(Arc::new(Vec::new())),
             hooks: super::swap::Swap::new(Arc::new(Vec::new())),
+            read_hooks: super::swap::Swap::new(Arc::new(Vec::new())),
             detect_zeroes: std::sync::atomic::AtomicU8::new(0),
         })
     }
@@ -481,6 +484,25 @@ impl Node {
         self.hooks.replace(Arc::new(list));
     }
 
+    /// Adds a read hook (the caller holds the node's users drained).
+    pub fn add_read_hook(&self, hook: Arc<dyn super::hooks::ReadHook>) {
+        let mut list: Vec<_> = self.read_hooks.get().iter().cloned().collect();
+        list.push(hook);
+        self.read_hooks.replace(Arc::new(list));
+    }
+
+    /// Removes a hook added by [`Node::add_read_hook`] (same drain rule).
+    pub fn remove_read_hook(&self, hook: &Arc<dyn super::hooks::ReadHook>) {
+        let list: Vec<_> = self
+            .read_hooks
+            .get()
+            .iter()
+            .filter(|h| !Arc::ptr_eq(h, hook))
+            .cloned()
+            .collect();
+        self.read_hooks.replace(Arc::new(list));
+    }
+
     /// Runs `inner` (a write not started yet) through the node's hooks.
     fn hooked<'a>(
         &'a self,
@@ -643,7 +665,15 @@ impl Node {
     // caller (BlockBackend or parent driver).
 
     pub fn preadv<'a>(&'a self, offset: u64, iov: &'a IoVecs) -> BlockFuture<'a> {
-        self.driver.preadv(self, offset, iov)
+        let hooks = self.read_hooks.get();
+        if hooks.is_empty() {
+            return self.driver.preadv(self, offset, iov);
+        }
+        let mut f = BlockFuture::boxed(async move { self.driver.preadv(self, offset, iov).await });
+        for h in hooks.iter() {
+            f = h.wrap_read(self, offset, iov.len(), f);
+        }
+        f
     }
 
     /// Writes `iov` at `offset`; with `fua` the data is durable on return.

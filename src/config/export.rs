@@ -11,6 +11,7 @@ use crate::opts;
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum ExportOptions {
     VhostUserBlk(VhostUserBlkOptions),
+    Nbd(NbdExportOptions),
 }
 
 /// QAPI's SocketAddress, flat.
@@ -173,4 +174,139 @@ pub fn attach_hint(id: &str, socket: &std::path::Path, num_queues: u16) -> Strin
          with cloud-hypervisor: --memory size=RAM,shared=on \
          --disk vhost_user=true,socket={path},num_queues={num_queues}"
     )
+}
+
+/// `--export type=nbd` / block-export-add type=nbd (QEMU's
+/// BlockExportOptionsNbd, with the BlockExportOptions common fields).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct NbdExportOptions {
+    pub id: String,
+    pub node_name: String,
+    #[serde(default, deserialize_with = "opts::bool")]
+    pub writable: bool,
+    /// Accepted: NBD clients flush (or ask FUA) for what must be durable.
+    #[serde(default, deserialize_with = "opts::bool")]
+    pub writethrough: bool,
+    /// Accepted: the clients' threads serve the export (docs/ARCHITECTURE.md).
+    #[serde(default)]
+    pub iothread: Option<String>,
+    #[serde(default, deserialize_with = "opts::bool")]
+    pub fixed_iothread: bool,
+    /// The name clients ask for (default: the node name).
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Bitmaps offered as `qemu:dirty-bitmap:NAME`.
+    #[serde(default)]
+    pub bitmaps: Option<IothreadRef>,
+    /// Offer `qemu:allocation-depth`.
+    #[serde(default, deserialize_with = "opts::bool")]
+    pub allocation_depth: bool,
+}
+
+impl NbdExportOptions {
+    /// The bitmap names (a list, or keyval's `bitmaps.0=a,bitmaps.1=b`).
+    pub fn bitmap_names(&self) -> Result<Vec<String>, String> {
+        match &self.bitmaps {
+            None => Ok(Vec::new()),
+            Some(b) => b.names().map_err(|e| e.replace("'iothread.", "'bitmaps.")),
+        }
+    }
+}
+
+/// `--nbd-server` / nbd-server-start (QEMU's NbdServerOptions).
+#[derive(Debug, Clone)]
+pub struct NbdServerOptions {
+    pub addr: crate::nbd::ListenAddr,
+    pub tls_creds: Option<String>,
+    pub tls_authz: Option<String>,
+    /// 0: no limit (QEMU 7.2's default).
+    pub max_connections: u32,
+}
+
+impl NbdServerOptions {
+    /// From JSON: `addr` flat (`{"type": "unix", "path": ...}`, as
+    /// --nbd-server's keyval gives it) or legacy (`{"type": "unix",
+    /// "data": {"path": ...}}`, as nbd-server-start takes it).
+    pub fn from_json(v: &serde_json::Value) -> Result<NbdServerOptions, String> {
+        use serde_json::Value;
+        let Value::Object(m) = v else {
+            return Err("expected an object".into());
+        };
+        for k in m.keys() {
+            if !matches!(
+                k.as_str(),
+                "addr" | "tls-creds" | "tls-authz" | "max-connections" | "handshake-max-seconds"
+            ) {
+                return Err(format!("Parameter '{k}' is unexpected"));
+            }
+        }
+        let addr = m.get("addr").ok_or("Parameter 'addr' is missing")?;
+        let string = |k: &str| -> Result<Option<String>, String> {
+            match m.get(k) {
+                None => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s.clone())),
+                Some(_) => Err(format!("Parameter '{k}' expects a string")),
+            }
+        };
+        let max_connections = match m.get("max-connections") {
+            None => 0,
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or("Parameter 'max-connections' expects uint32")?,
+            Some(Value::String(s)) => s
+                .parse()
+                .map_err(|_| "Parameter 'max-connections' expects uint32")?,
+            Some(_) => return Err("Parameter 'max-connections' expects uint32".into()),
+        };
+        Ok(NbdServerOptions {
+            addr: listen_addr(addr)?,
+            tls_creds: string("tls-creds")?,
+            tls_authz: string("tls-authz")?,
+            max_connections,
+        })
+    }
+}
+
+/// QAPI's SocketAddress (flat) or SocketAddressLegacy (`data`).
+fn listen_addr(v: &serde_json::Value) -> Result<crate::nbd::ListenAddr, String> {
+    use crate::nbd::ListenAddr;
+    use serde_json::Value;
+    let Value::Object(m) = v else {
+        return Err("Parameter 'addr' expects an object".into());
+    };
+    let ty = match m.get("type") {
+        Some(Value::String(s)) => s.as_str(),
+        _ => return Err("Parameter 'addr.type' is missing".into()),
+    };
+    let body = match m.get("data") {
+        Some(Value::Object(d)) => d,
+        _ => m,
+    };
+    let field = |k: &str| -> Result<String, String> {
+        match body.get(k) {
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(Value::Number(n)) => Ok(n.to_string()),
+            _ => Err(format!("Parameter 'addr.{k}' is missing")),
+        }
+    };
+    match ty {
+        "unix" => Ok(ListenAddr::Unix(field("path")?.into())),
+        "inet" => Ok(ListenAddr::Inet {
+            host: field("host")?,
+            port: field("port")?,
+        }),
+        "fd" => {
+            let s = field("str")?;
+            s.parse()
+                .map(ListenAddr::Fd)
+                .map_err(|_| format!("'addr.str': '{s}' is not a descriptor number"))
+        }
+        other => Err(format!(
+            "Parameter 'addr.type': '{other}' is not supported (unix, inet, fd)"
+        )),
+    }
 }

@@ -12,8 +12,8 @@ pub mod export;
 pub mod keyval;
 
 pub use export::{
-    attach_hint, online_cpus, ExportOptions, SocketAddress, VhostUserBlkOptions,
-    DEFAULT_NUM_QUEUES, DEFAULT_QUEUE_SIZE,
+    attach_hint, online_cpus, ExportOptions, NbdExportOptions, NbdServerOptions, SocketAddress,
+    VhostUserBlkOptions, DEFAULT_NUM_QUEUES, DEFAULT_QUEUE_SIZE,
 };
 
 use std::path::PathBuf;
@@ -57,6 +57,15 @@ pub struct Args {
     /// An export, as qemu-storage-daemon's --export (keyval or JSON).
     #[arg(long = "export", value_name = "OPTIONS")]
     pub export: Vec<String>,
+    /// The NBD server, as qemu-storage-daemon's --nbd-server:
+    /// addr.type=unix,addr.path=PATH or addr.type=inet,addr.host=H,addr.port=P
+    /// [,max-connections=N]; --export type=nbd exports on it.
+    #[arg(long = "nbd-server", value_name = "OPTIONS")]
+    pub nbd_server: Option<String>,
+    /// A TCP port nbd-server-start may listen on (repeatable; 0: a port the
+    /// kernel picks). The sandbox refuses any other TCP bind.
+    #[arg(long = "allow-tcp-bind", value_name = "PORT")]
+    pub allow_tcp_bind: Vec<u16>,
     /// A TOML file with [[blockdev]] and [[export]] tables (see config/).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -221,6 +230,28 @@ pub enum ObjectOptions {
     ThrottleGroup(ThrottleGroupOptions),
     Iothread(IothreadOptions),
     Secret(crate::secret::SecretOptions),
+    TlsCredsX509(TlsCredsX509Options),
+}
+
+/// `--object tls-creds-x509,id=...,dir=...,endpoint=server`: TLS
+/// credentials for the NBD server (QEMU's file names in `dir`:
+/// ca-cert.pem, server-cert.pem, server-key.pem).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct TlsCredsX509Options {
+    pub id: String,
+    pub dir: PathBuf,
+    /// QEMU's default is `client`; only `server` is of use here.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Client certificates must chain to ca-cert.pem (QEMU's default: on).
+    #[serde(default, deserialize_with = "crate::opts::opt_bool")]
+    pub verify_peer: Option<bool>,
+    /// Accepted: GnuTLS priority strings mean nothing to rustls.
+    #[serde(default)]
+    pub priority: Option<String>,
+    #[serde(default, deserialize_with = "crate::opts::opt_bool")]
+    pub sanity_check: Option<bool>,
 }
 
 /// `--object iothread,id=...`: QEMU's iothread properties. Our exports
@@ -349,6 +380,11 @@ pub struct Config {
     pub objects: Vec<ObjectOptions>,
     pub blockdevs: Vec<BlockdevOptions>,
     pub exports: Vec<ExportConfig>,
+    /// `--nbd-server`, and the `--export type=nbd` on it.
+    pub nbd_server: Option<NbdServerOptions>,
+    pub nbd_exports: Vec<NbdExportOptions>,
+    /// `--allow-tcp-bind`.
+    pub allow_tcp_bind: Vec<u16>,
     pub monitors: Vec<MonitorConfig>,
     pub pidfile: Option<PathBuf>,
     pub daemonize: bool,
@@ -869,6 +905,7 @@ impl TryFrom<Args> for Config {
         let mut objects = Vec::new();
         let mut blockdevs = Vec::new();
         let mut exports = Vec::new();
+        let mut nbd_exports = Vec::new();
         let mut monitors = Vec::new();
         let mut pidfile = args.pidfile.clone();
         let mut daemonize = args.daemonize;
@@ -913,11 +950,12 @@ impl TryFrom<Args> for Config {
             })?;
             objects.extend(file.object);
             blockdevs.extend(file.blockdev);
-            exports.extend(
-                file.export
-                    .into_iter()
-                    .map(|ExportOptions::VhostUserBlk(o)| o),
-            );
+            for e in file.export {
+                match e {
+                    ExportOptions::VhostUserBlk(o) => exports.push(o),
+                    ExportOptions::Nbd(o) => nbd_exports.push(o),
+                }
+            }
             monitors.extend(file.monitor);
             pidfile = pidfile.or(file.pidfile);
             daemonize |= file.daemonize;
@@ -992,8 +1030,10 @@ impl TryFrom<Args> for Config {
             blockdevs.push(from_keyval("--blockdev", arg, None)?);
         }
         for arg in &args.export {
-            let ExportOptions::VhostUserBlk(o) = from_keyval("--export", arg, Some("type"))?;
-            exports.push(o);
+            match from_keyval("--export", arg, Some("type"))? {
+                ExportOptions::VhostUserBlk(o) => exports.push(o),
+                ExportOptions::Nbd(o) => nbd_exports.push(o),
+            }
         }
         let mut chardevs = std::collections::BTreeMap::new();
         for arg in &args.chardev {
@@ -1036,7 +1076,29 @@ impl TryFrom<Args> for Config {
                 fd: None,
             });
         }
-        if exports.is_empty() && monitors.is_empty() {
+        let nbd_server = match &args.nbd_server {
+            None => None,
+            Some(arg) => {
+                let v = keyval::parse(arg, None).map_err(|source| ConfigError::Keyval {
+                    option: "--nbd-server",
+                    arg: arg.clone(),
+                    source,
+                })?;
+                Some(
+                    NbdServerOptions::from_json(&v).map_err(|reason| ConfigError::Invalid {
+                        option: "--nbd-server",
+                        arg: arg.clone(),
+                        reason,
+                    })?,
+                )
+            }
+        };
+        if !nbd_exports.is_empty() && nbd_server.is_none() {
+            return Err(ConfigError::Usage(
+                "--export type=nbd needs --nbd-server (NBD server not running)".into(),
+            ));
+        }
+        if exports.is_empty() && monitors.is_empty() && nbd_exports.is_empty() {
             return Err(ConfigError::Usage(
                 "nothing to serve: give --image and --socket, or --blockdev and --export, or a --monitor, or --config (see --help)".into(),
             ));
@@ -1045,7 +1107,11 @@ impl TryFrom<Args> for Config {
             .into_iter()
             .map(ExportConfig::try_from)
             .collect::<Result<Vec<_>, _>>()?;
-        let mut ids: Vec<&str> = exports.iter().map(|e| e.id.as_str()).collect();
+        let mut ids: Vec<&str> = exports
+            .iter()
+            .map(|e| e.id.as_str())
+            .chain(nbd_exports.iter().map(|e| e.id.as_str()))
+            .collect();
         ids.sort_unstable();
         if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
             return Err(ConfigError::Usage(format!(
@@ -1057,6 +1123,9 @@ impl TryFrom<Args> for Config {
             objects,
             blockdevs,
             exports,
+            nbd_server,
+            nbd_exports,
+            allow_tcp_bind: args.allow_tcp_bind.clone(),
             monitors,
             pidfile,
             daemonize,

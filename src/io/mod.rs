@@ -23,7 +23,7 @@ pub mod lock;
 mod sync;
 mod uring;
 
-pub use buf::{AlignedBuf, IoVecList, IoVecs, Owner};
+pub use buf::{AlignedBuf, BounceView, IoVecList, IoVecs, Owner};
 pub use executor::Executor;
 
 use std::cell::RefCell;

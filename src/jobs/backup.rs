@@ -25,7 +25,7 @@ use super::mirror::SyncMode;
 use super::OnError;
 use super::{BlockJobOptions, Job};
 use crate::block::bitmap::DirtyBitmap;
-use crate::block::hooks::{WriteHook, WriteOp};
+use crate::block::hooks::{ReadHook, WriteHook, WriteOp};
 use crate::block::ranges::RangeLock;
 use crate::block::{BlockError, BlockFuture, Child, Node};
 use crate::io::IoVecs;
@@ -131,6 +131,29 @@ impl WriteHook for CbwHook {
     }
 }
 
+/// Fleecing (the target's backing is the source): a read of the target
+/// waits for a copy-before-write of the same clusters in progress, and a
+/// copy-before-write waits for the read. Either the read finds the cluster
+/// not yet copied and reads the source before the guest's write lands, or
+/// it finds the old data copied into the target.
+impl ReadHook for CbwHook {
+    fn wrap_read<'a>(
+        &'a self,
+        _node: &'a Node,
+        offset: u64,
+        len: u64,
+        inner: BlockFuture<'a>,
+    ) -> BlockFuture<'a> {
+        BlockFuture::boxed(async move {
+            let cs = self.todo.granularity();
+            let start = offset / cs * cs;
+            let end = (offset + len).div_ceil(cs) * cs;
+            let _held = self.ranges.take(start, end).await;
+            inner.await
+        })
+    }
+}
+
 struct Backup {
     source: Arc<Node>,
     hook: Arc<CbwHook>,
@@ -163,8 +186,10 @@ impl Backup {
         };
         job.with_command_lock(state, || {
             let h: Arc<dyn WriteHook> = self.hook.clone();
+            let rh: Arc<dyn ReadHook> = self.hook.clone();
             state.drained(&self.source, || {
                 self.source.remove_write_hook(&h);
+                self.dst_edge.node().remove_read_hook(&rh);
                 self.settle_bitmap(r.is_ok() && !job.is_cancelled());
             });
         });
@@ -435,6 +460,11 @@ fn start_point(
             b.set_busy(true);
         }
         source.add_write_hook(h);
+        // Fleecing: readers of the target see the point in time.
+        if hook.target.reaches(source) {
+            let rh: Arc<dyn ReadHook> = hook.clone();
+            hook.target.add_read_hook(rh);
+        }
         Ok(saved)
     })
 }
@@ -484,8 +514,10 @@ pub fn backup_in(
     let job = match super::register_block("backup", &o, vec![source.clone(), target]) {
         Ok(j) => j,
         Err(e) => {
+            let rh: Arc<dyn ReadHook> = b.hook.clone();
             state.drained(&source, || {
                 source.remove_write_hook(&h);
+                b.dst_edge.node().remove_read_hook(&rh);
                 b.settle_bitmap(false);
             });
             return Err(e);

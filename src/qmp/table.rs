@@ -194,6 +194,10 @@ mod tests {
         "object-del",
         "qom-get",
         "qom-set",
+        // issue 22: the NBD server.
+        "nbd-server-start",
+        "nbd-server-stop",
+        "x-nbd-server-query",
     ];
 
     #[test]

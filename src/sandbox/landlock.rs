@@ -188,6 +188,14 @@ impl Rules {
                 Some(all)
             }
         };
+        // The NBD server's TCP ports (ABI 4's LANDLOCK_ACCESS_NET_BIND_TCP;
+        // connect rules are the NBD client's, elsewhere).
+        for port in &reach.tcp_bind_ports {
+            ruleset = ruleset
+                .add_rule(NetPort::new(*port, AccessNet::BindTcp))
+                .map_err(|e| format!("Landlock: TCP port {port}: {e}"))?;
+            allowed.push((PathBuf::from(format!("tcp bind :{port}")), false));
+        }
         // Probe on a copy: a kernel without Landlock says so here.
         let probe = Rules {
             ruleset,

@@ -61,6 +61,26 @@ impl std::str::FromStr for Mode {
     }
 }
 
+/// `--allow-tcp-bind` given: the monitor may make a TCP listening socket
+/// (nbd-server-start). Set before any thread is restricted.
+static TCP_BIND: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn set_tcp_bind_allowed(on: bool) {
+    TCP_BIND.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether a TCP listening socket may be made after arm (see
+/// [`set_tcp_bind_allowed`]); always when the sandbox is off.
+pub fn tcp_bind_allowed() -> bool {
+    TCP_BIND.load(std::sync::atomic::Ordering::Relaxed)
+        || PROCESS.get().is_none_or(|p| p.settings.mode != Mode::On)
+}
+
+/// Whether the calling thread runs under a filter of ours.
+pub fn restricted() -> bool {
+    RESTRICTED.with(Cell::get)
+}
+
 /// What kind of work a thread does, which decides its seccomp filter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Class {
@@ -195,6 +215,9 @@ pub struct Reach {
     pub tcp_connect: Vec<u16>,
     /// TCP ports network nodes open now connect to (they reconnect).
     pub tcp_ports: Vec<u16>,
+    /// TCP ports the NBD server may bind at run time (nbd-server-start;
+    /// `--allow-tcp-bind` and --nbd-server's port); 0: one the kernel picks.
+    pub tcp_bind_ports: Vec<u16>,
 }
 
 struct Process {

@@ -41,8 +41,15 @@ pub fn program(class: Class, mode: Mode) -> Result<BpfProgram, String> {
     // opens their first connection, so its list has the network class's
     // calls; TCP and UDP sockets only where --allow-connect lets a node
     // added later reach a TCP port at all (Landlock refuses any other).
+    // Extra groups (the NBD server's TCP listening with --allow-tcp-bind)
+    // come on top.
     let inet = class != Class::Monitor || super::tcp_connect_configured();
-    for s in class.syscalls().filter(|s| inet || !is_inet_socket(s)) {
+    let extra = class.extra_groups().iter().flat_map(|g| g.iter());
+    for s in class
+        .syscalls()
+        .filter(|s| inet || !is_inet_socket(s))
+        .chain(extra)
+    {
         match s.allow {
             Allow::Any => unconditional.push(s.nr),
             Allow::If(conds) => {

@@ -262,6 +262,32 @@ pub const VHOST_USER: &[Syscall] = &[
     sys!(SYS_unlink),
 ];
 
+/// The NBD server (issue 22), kept apart from the NBD client's network
+/// calls: its accept thread and client threads (class Control) accept,
+/// set SO_RCVTIMEO for the handshake deadline and TCP_NODELAY, and shut
+/// sockets down. They never create one.
+pub const NBD_SERVER: &[Syscall] = &[
+    sys!(SYS_setsockopt),
+    sys!(SYS_getsockname),
+    sys!(SYS_accept4),
+    sys!(SYS_shutdown),
+];
+
+/// nbd-server-start on TCP: the monitor creates, binds and listens on a
+/// TCP socket. Only with `--allow-tcp-bind` (see [`Class::extra_groups`]):
+/// otherwise the monitor has no TCP socket at all, and nbd-server-start
+/// over TCP is refused with a message before any call. --nbd-server binds
+/// at start-up, before any filter. Landlock allows the bind only on the
+/// configured ports (landlock.rs).
+pub const NBD_TCP_LISTEN: &[Syscall] = &[
+    sys!(SYS_socket, Allow::If(&[Arg::Eq(0, libc::AF_INET as u64)])),
+    sys!(SYS_socket, Allow::If(&[Arg::Eq(0, libc::AF_INET6 as u64)])),
+    sys!(SYS_setsockopt),
+    sys!(SYS_bind),
+    sys!(SYS_listen),
+    sys!(SYS_getsockname),
+];
+
 /// Block jobs: their own executor and ring; a job that puts another
 /// node under an export tells the frontend over the vhost-user backend
 /// channel.
@@ -461,7 +487,15 @@ impl Class {
     pub fn groups(self) -> &'static [&'static [Syscall]] {
         match self {
             Class::Iothread => &[BASE, IO, EVENT_LOOP, NO_FILES],
-            Class::Control => &[BASE, SPAWN, IO, EVENT_LOOP, SOCKET_FLAGS, VHOST_USER],
+            Class::Control => &[
+                BASE,
+                SPAWN,
+                IO,
+                EVENT_LOOP,
+                SOCKET_FLAGS,
+                VHOST_USER,
+                NBD_SERVER,
+            ],
             Class::Job => &[BASE, IO, EVENT_LOOP, JOB, FILES, PATHS_X86],
             Class::Helper => &[BASE, SPAWN, SOCKET_FLAGS, HELPER, NO_FILES],
             Class::Cluster => &[
@@ -486,9 +520,19 @@ impl Class {
                 FILES,
                 SOCKETS,
                 NETWORK,
+                NBD_SERVER,
                 PATHS_X86,
             ],
             Class::Main => &[BASE, IO, EVENT_LOOP, MAIN, NO_FILES],
+        }
+    }
+
+    /// Groups a class has only as the configuration says: the monitor's
+    /// TCP listening socket for nbd-server-start with `--allow-tcp-bind`.
+    pub fn extra_groups(self) -> &'static [&'static [Syscall]] {
+        match self {
+            Class::Monitor if super::tcp_bind_allowed() => &[NBD_TCP_LISTEN],
+            _ => &[],
         }
     }
 

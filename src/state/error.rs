@@ -18,6 +18,8 @@ pub enum StateError {
     },
     #[error(transparent)]
     Server(#[from] ServerError),
+    #[error(transparent)]
+    Nbd(#[from] crate::nbd::ServerError),
     #[error("cannot start the export's thread")]
     Thread(#[source] std::io::Error),
     /// block-export-del of an unknown id (QEMU's words).

@@ -20,6 +20,7 @@
 mod active;
 mod error;
 mod exports;
+mod nbd;
 mod participant;
 pub mod qmp;
 mod reopen;
@@ -37,6 +38,7 @@ use crate::vhost_user::{ExportState, ServerControl};
 
 pub use active::ActiveError;
 pub use error::{DataLost, ExportRefusal, ReopenError, StateError};
+pub use nbd::NbdExportInfo;
 pub use participant::{Busy, DrainParticipant, Resume};
 
 /// How long shutdown waits for requests in flight.
@@ -76,6 +78,10 @@ pub struct State {
     /// `--object iothread` / object-add: their properties, which exports
     /// naming them take (config::ExportConfig::iothreads).
     iothreads: Mutex<BTreeMap<String, crate::config::IothreadOptions>>,
+    /// The NBD server (nbd.rs), with its exports.
+    nbd: Mutex<Option<crate::nbd::NbdServer>>,
+    /// `tls-creds-x509` objects (endpoint=server), loaded when added.
+    tls_creds: Mutex<BTreeMap<String, crate::nbd::server::tls::TlsCreds>>,
 }
 
 /// [`State::command_lock`]'s guard. The fields drop in this order: what
@@ -112,6 +118,8 @@ impl State {
             participants: RwLock::new(Vec::new()),
             commands: Mutex::new(()),
             iothreads: Mutex::new(BTreeMap::new()),
+            nbd: Mutex::new(None),
+            tls_creds: Mutex::new(BTreeMap::new()),
             events: crate::events::global().clone(),
         })
     }
@@ -183,7 +191,9 @@ impl State {
                 log::info!("secret {}: created", s.id);
             }
             crate::config::ObjectOptions::ThrottleGroup(t) => {
-                if lock(&self.iothreads).contains_key(&t.id) || self.graph().secret(&t.id).is_some()
+                if lock(&self.iothreads).contains_key(&t.id)
+                    || lock(&self.tls_creds).contains_key(&t.id)
+                    || self.graph().secret(&t.id).is_some()
                 {
                     return Err(dup(&t.id));
                 }
@@ -203,6 +213,7 @@ impl State {
                 threads.insert(t.id.clone(), t.clone());
                 log::info!("iothread {}: created", t.id);
             }
+            crate::config::ObjectOptions::TlsCredsX509(t) => self.add_tls_creds(t)?,
         }
         Ok(())
     }
@@ -257,7 +268,11 @@ impl State {
                 );
             }
         }
+        let nbd = self.nbd_drain_begin(nodes);
         let r = f();
+        if nbd {
+            crate::nbd::server::gate().drain_end();
+        }
         for e in &affected {
             e.drained_end();
         }
@@ -308,6 +323,8 @@ impl State {
         for p in self.participants() {
             p.shutdown(SHUTDOWN_DRAIN_TIMEOUT);
         }
+        // NBD clients are disconnected (each ends the request it is in).
+        self.nbd_shutdown();
         let mut lost = self.drain_exports_for_shutdown();
         let nodes: Vec<Arc<Node>> = self.graph().nodes().cloned().collect();
         for node in &nodes {

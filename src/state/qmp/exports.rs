@@ -16,6 +16,9 @@ use crate::state::State;
 
 pub static COMMANDS: &[CommandDef<Arc<State>>] = &[
     crate::command!("block-export-add", block_export_add),
+    crate::command!("nbd-server-start", nbd_server_start),
+    crate::command!("nbd-server-stop", nbd_server_stop, no_args),
+    crate::command!("x-nbd-server-query", nbd_server_query, no_args),
     crate::command!("block-export-del", block_export_del),
     crate::command!("query-block-exports", query_block_exports, no_args),
     crate::command!("x-block-export-set-writethrough", set_writethrough),
@@ -25,9 +28,31 @@ pub static COMMANDS: &[CommandDef<Arc<State>>] = &[
 ];
 
 fn block_export_add(state: &Arc<State>, a: ExportOptions) -> Result<(), QmpError> {
-    let ExportOptions::VhostUserBlk(o) = a;
-    let e = ExportConfig::try_from(o).map_err(|e| QmpError::generic(e.to_string()))?;
-    state.add_export(&e).map_err(|e| QmpError::chain(&e))
+    match a {
+        ExportOptions::VhostUserBlk(o) => {
+            let e = ExportConfig::try_from(o).map_err(|e| QmpError::generic(e.to_string()))?;
+            state.add_export(&e).map_err(|e| QmpError::chain(&e))
+        }
+        ExportOptions::Nbd(o) => state.add_nbd_export(&o).map_err(|e| QmpError::chain(&e)),
+    }
+}
+
+/// nbd-server-start: `addr` as QEMU's SocketAddressLegacy (`data`) or flat.
+fn nbd_server_start(state: &Arc<State>, a: Value) -> Result<(), QmpError> {
+    let o = crate::config::NbdServerOptions::from_json(&a).map_err(QmpError::generic)?;
+    state.nbd_server_start(&o).map_err(|e| QmpError::chain(&e))
+}
+
+fn nbd_server_stop(state: &Arc<State>) -> Result<(), QmpError> {
+    Ok(state.nbd_server_stop()?)
+}
+
+/// Where the NBD server listens (the port chosen for port 0): an extension.
+fn nbd_server_query(state: &Arc<State>) -> Result<Value, QmpError> {
+    Ok(match state.nbd_server_addr() {
+        Some(a) => json!({ "running": true, "addr": a }),
+        None => json!({ "running": false }),
+    })
 }
 
 #[derive(Deserialize, Default, PartialEq, Eq)]
@@ -47,6 +72,9 @@ struct ExportDel {
 }
 
 fn block_export_del(state: &Arc<State>, a: ExportDel) -> Result<(), QmpError> {
+    if let Some(r) = state.del_nbd_export(&a.id, a.mode == RemoveMode::Hard) {
+        return Ok(r?);
+    }
     Ok(state.del_export(&a.id, a.mode == RemoveMode::Hard)?)
 }
 
@@ -64,6 +92,14 @@ fn query_block_exports(state: &Arc<State>) -> Result<Value, QmpError> {
             // the destination's export).
             "x-writethrough": !e.writeback,
         }))
+        .chain(state.nbd_export_list().iter().map(|e| json!({
+            "type": "nbd",
+            "id": e.id,
+            "node-name": e.node_name,
+            "shutting-down": false,
+            "x-name": e.name,
+            "x-clients": e.clients,
+        })))
         .collect::<Vec<_>>()))
 }
 

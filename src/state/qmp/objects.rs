@@ -28,7 +28,8 @@ struct ObjectId {
 }
 
 fn object_del(state: &Arc<State>, a: ObjectId) -> Result<(), QmpError> {
-    if state.del_iothread(&a.id) || state.graph().remove_secret(&a.id) {
+    if state.del_iothread(&a.id) || state.del_tls_creds(&a.id) || state.graph().remove_secret(&a.id)
+    {
         return Ok(());
     }
     state
