@@ -83,7 +83,10 @@ fn nbd_args(img: &str, export: &str) -> Vec<String> {
 fn start(dir: tempfile::TempDir, img: &Path, export: &str) -> Daemon {
     let args = nbd_args(p(img), export);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Daemon::start_in(dir, &args)
+    let d = Daemon::start_in(dir, &args);
+    // Descriptor and thread baselines are taken once it is set up.
+    d.wait_ready();
+    d
 }
 
 fn uri(sock: &Path, name: &str) -> String {

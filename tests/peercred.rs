@@ -299,6 +299,9 @@ fn a_burst_of_refusals_is_logged_once_per_socket() {
             .unwrap()
             .count()
     };
+    // Counted once the daemon is set up: it makes descriptors (Landlock's
+    // ruleset, the cluster thread's) after its sockets listen.
+    d.wait_ready();
     let before = fds();
     assert_eq!(as_nobody(&d.socket, "qmp", 20), ["closed"; 20]);
     assert_eq!(as_nobody(&e0, "vhost", 20), ["closed"; 20]);

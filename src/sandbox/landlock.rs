@@ -82,6 +82,20 @@ fn parent_dir(path: &Path) -> PathBuf {
     }
 }
 
+/// Port ranges sorted, with overlapping and adjacent ones merged (the
+/// Ceph ports come one by one: 6800, 6801, ... read 6800-7568).
+fn coalesce(mut ranges: Vec<(u16, u16)>) -> Vec<(u16, u16)> {
+    ranges.sort_unstable();
+    let mut out: Vec<(u16, u16)> = Vec::with_capacity(ranges.len());
+    for (lo, hi) in ranges {
+        match out.last_mut() {
+            Some(last) if u32::from(lo) <= u32::from(last.1) + 1 => last.1 = last.1.max(hi),
+            _ => out.push((lo, hi)),
+        }
+    }
+    out
+}
+
 impl Rules {
     /// The ruleset for `reach` and `allow_paths`, or None when this kernel
     /// has no Landlock (said once in the log).
@@ -176,8 +190,7 @@ impl Rules {
                 let mut all: Vec<(u16, u16)> = ranges.clone();
                 all.extend(reach.tcp_ports.iter().map(|p| (*p, *p)));
                 all.extend(reach.tcp_connect.iter().map(|p| (*p, *p)));
-                all.sort();
-                all.dedup();
+                let all = coalesce(all);
                 for &(lo, hi) in &all {
                     for p in lo..=hi {
                         ruleset = ruleset
@@ -256,5 +269,27 @@ impl Rules {
         self.allowed
             .iter()
             .any(|(a, is_dir)| if *is_dir { p.starts_with(a) } else { p == *a })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn port_ranges_are_merged() {
+        let ports = [3300, 6789, 6801, 6800, 6802, 7000]
+            .iter()
+            .map(|p| (*p, *p))
+            .chain([(6900, 7100), (10809, 10809)])
+            .collect();
+        assert_eq!(
+            super::coalesce(ports),
+            [
+                (3300, 3300),
+                (6789, 6789),
+                (6800, 6802),
+                (6900, 7100),
+                (10809, 10809)
+            ]
+        );
     }
 }

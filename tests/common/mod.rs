@@ -191,6 +191,17 @@ impl Daemon {
 
 impl Daemon {
     /// What the daemon logged so far.
+    /// Waits until the daemon says it is ready: set up and sandboxed
+    /// (the socket is listening a little earlier, while the last threads
+    /// and descriptors are made).
+    pub fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.log().lines().any(|l| l.ends_with("] ready")) {
+            assert!(Instant::now() < deadline, "never ready:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
     }
