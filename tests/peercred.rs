@@ -299,10 +299,20 @@ fn a_burst_of_refusals_is_logged_once_per_socket() {
             .unwrap()
             .count()
     };
-    // Counted once the daemon is set up: it makes descriptors (Landlock's
-    // ruleset, the cluster thread's) after its sockets listen.
+    // Counted once the daemon is set up: it makes descriptors after its
+    // sockets listen (Landlock's ruleset; the iothreads, released when the
+    // sandbox is armed, make their rings after "ready"), so the baseline
+    // is a count that held for 100 ms.
     d.wait_ready();
-    let before = fds();
+    let mut before = fds();
+    for _ in 0..100 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let now = fds();
+        if now == before {
+            break;
+        }
+        before = now;
+    }
     assert_eq!(as_nobody(&d.socket, "qmp", 20), ["closed"; 20]);
     assert_eq!(as_nobody(&e0, "vhost", 20), ["closed"; 20]);
     // A refused connection is closed before the client sees its end.
