@@ -176,6 +176,23 @@ fn export(q: &mut Qmp, d: &Daemon, node: &str, extra: Value) -> PathBuf {
     sock
 }
 
+/// block-export-del once the daemon has seen the frontend go (the
+/// disconnect reaches it a moment after the test drops its end).
+fn del_export(q: &mut Qmp, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = q.execute("block-export-del", json!({ "id": id }));
+        if r.get("return").is_some() {
+            return;
+        }
+        assert!(
+            err(&r).contains("has a connected frontend") && Instant::now() < deadline,
+            "{r}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn wait_job(q: &mut Qmp, id: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -291,7 +308,7 @@ fn blockdev_create_then_io_resize_through_a_vhost_user_export() {
     let (st, _) = vm.read(0, (32 << 20) / 512 - 8, 4096);
     assert_eq!(st, S_OK);
     drop(vm);
-    ok(&q.execute("block-export-del", json!({"id": "e-r0"})));
+    del_export(&mut q, "e-r0");
     let mut d = d;
     assert!(d.terminate().success(), "{}", d.log());
     // The daemon closed the image as it exited: no watcher is left behind
@@ -614,7 +631,7 @@ fn an_inactive_node_takes_over_what_another_client_wrote() {
     assert_eq!(vb.write(0, (12 << 20) / 512, &data), S_OK, "B writes");
     drop((va, vb));
     for (mut d, mut q) in [(da, qa), (db, qb)] {
-        ok(&q.execute("block-export-del", json!({"id": "e-r0"})));
+        del_export(&mut q, "e-r0");
         assert!(d.terminate().success(), "{}", d.log());
     }
     rbd(&["rm", "--no-progress", &format!("rbd/{image}")]);
