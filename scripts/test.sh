@@ -16,6 +16,9 @@
 # Nothing is skipped: a missing tool is a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# A CI build is built once: incremental compilation's caches would only
+# take disk (about a quarter of target/; a CI machine ran out of space).
+if [ -n "${CI:-}" ]; then export CARGO_INCREMENTAL=0; fi
 
 scripts/guest/install-deps.sh
 for t in qemu-img qemu-io; do
