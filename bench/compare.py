@@ -132,6 +132,13 @@ def fmt_stat(s, unit=""):
     return f"{fmt_num(med, unit)} [{fmt_num(lo, unit)}-{fmt_num(hi, unit)}]"
 
 
+def spread(s):
+    """max / min - 1 of a cell's repeats, in percent: how stable it was."""
+    if s is None or not s[1]:
+        return "-"
+    return f"{(s[2] / s[1] - 1) * 100:.0f}%"
+
+
 def ratio(a, b):
     if a is None or b is None or not b[0]:
         return None
@@ -183,7 +190,7 @@ def report(path):
         print(f"\n== {backing} | {case} | {placement}")
         hdr = (f"  {'backend':<{width}} {mlabel + ' median [min-max]':<28} "
                f"{'p50 us':>8} {'p99 us':>8} {'p99.9 us':>9} "
-               f"{'IOPS/bCPU-s':>12} {'bCPU%':>6} {'cCPU%':>6} {'oCPU%':>6} {'steal%':>6} {'n':>2}")
+               f"{'IOPS/bCPU-s':>12} {'bCPU%':>6} {'cCPU%':>6} {'oCPU%':>6} {'steal%':>6} {'n':>2} {'spread':>7}")
         print(hdr)
         per_backend = OrderedDict()
         for b in backends:
@@ -211,7 +218,8 @@ def report(path):
             med = lambda k: fmt_num(s[k][0]) if s[k] else "-"
             print(f"  {b:<{width}} {fmt_stat(s['metric'], mlabel):<28} {med('p50'):>8} "
                   f"{med('p99'):>8} {med('p999'):>9} {med('eff'):>12} "
-                  f"{med('bcpu'):>6} {med('ccpu'):>6} {med('ocpu'):>6} {med('steal'):>6} {len(ok):>2}")
+                  f"{med('bcpu'):>6} {med('ccpu'):>6} {med('ocpu'):>6} {med('steal'):>6} {len(ok):>2} "
+                  f"{spread(s['metric']):>7}")
             for r in bad:
                 print(f"  {'':<{width}} FAILED (repeat {r.get('repeat')}): {r['error']}")
         results[(backing, case, placement)] = (rs[0], mlabel, per_backend)

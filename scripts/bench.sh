@@ -5,7 +5,7 @@
 # vub-bench (bench/) drives the vhost-user-blk socket. Every run starts a fresh
 # daemon, waits for its socket, runs the client, and kills the daemon. Runs are
 # interleaved A/B/C/A/B/C over --repeats (one run of every column per repeat);
-# the report gives medians and min-max.
+# the report gives per cell the median, min-max and the spread (max/min - 1).
 #
 # Columns: vub (ours, poll-max-ns=0: event driven), vub-poll (ours with
 # poll-max-ns=N: adaptive polling), qsd-iothread (the reference), optionally
@@ -41,7 +41,8 @@
 #                         the same for randwrite, read-128k-qd32-q1, write-128k-qd32-q1.
 #                         The q2 cases run on the null backing only; the qcow2
 #                         backings run only rand{read,write}-4k-qd32-q{1,4}.
-#   --placements LIST     comma list of same,split,both (default same,split):
+#   --placements LIST     comma list of same,split,both (default split, where VMs
+#                         run: the daemon's iothread and the vCPU on different CPUs):
 #                         same = backend and client on CPU B; split = backend on
 #                         B, client on C; both = backend and client each under
 #                         taskset -c B,C (the kernel may spread their threads)
@@ -117,7 +118,7 @@ RUNTIME=
 RAMP=
 BACKINGS=
 CASES=
-PLACEMENTS=same,split
+PLACEMENTS=split
 DISK_DIR=/var/tmp
 FILE_MIB=1024
 QCOW2_PREALLOC=falloc
