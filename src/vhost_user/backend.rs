@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::io;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use vhost::vhost_user::message::{VhostUserInflight, VhostUserLog, VhostUserProtocolFeatures};
@@ -250,6 +251,10 @@ impl VhostUserBackend for VhostUserBlk {
             }
         };
         *self.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
+        // The iothreads take a new snapshot at their next look; a chain the
+        // frontend publishes after our answer is read after this.
+        self.mem_gen.fetch_add(1, Ordering::Release);
+        self.wake_iothreads();
         mapped.sweep();
         result
     }

@@ -7,7 +7,7 @@
 //! vring's own lock, which is per queue.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -37,6 +37,10 @@ const RING_ENTRIES: u32 = 256;
 pub struct VhostUserBlk {
     pub(super) export: Arc<ExportState>,
     pub(super) mem: RwLock<Option<GuestMemoryAtomic<GuestMem>>>,
+    /// Moves after every memory table update, once the new table is in
+    /// place and before the frontend hears back: the iothreads keep their
+    /// memory snapshot until it moves (worker.rs, MemCache).
+    pub(super) mem_gen: AtomicU64,
     /// Requests in flight per queue, for GET_VRING_BASE.
     pub(super) queues: Vec<DrainCounter>,
     /// io_urings prepared for each iothread, taken on its first event.
@@ -105,6 +109,7 @@ impl VhostUserBlk {
         Ok(VhostUserBlk {
             export,
             mem: RwLock::new(None),
+            mem_gen: AtomicU64::new(0),
             queues,
             rings,
             wakers,
@@ -126,9 +131,7 @@ impl VhostUserBlk {
     /// eventfds stay registered until the daemon object is dropped).
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
-        for w in &self.wakers {
-            let _ = w.write(1);
-        }
+        self.wake_iothreads();
     }
 
     /// Whether the iothreads must pop nothing more: the connection ended,
@@ -228,6 +231,14 @@ impl VhostUserBlk {
     /// ready.
     pub(super) fn waker(&self, t: usize) -> Option<Arc<EventFd>> {
         self.wakers.get(t).cloned()
+    }
+
+    /// Wakes every iothread of the connection (they look at the memory
+    /// generation, the drained state and parked requests when they wake).
+    pub(super) fn wake_iothreads(&self) {
+        for w in &self.wakers {
+            let _ = w.write(1);
+        }
     }
 
     pub(super) fn clear_wake(&self, t: usize) {

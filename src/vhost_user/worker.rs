@@ -35,7 +35,7 @@ use super::export::ExportState;
 use super::inflight::Tracker;
 use crate::block::policy::ErrorAction;
 use crate::io::{self as aio, Executor, IoCtx};
-use crate::virtio_blk::{self, guest, GuestMem, Parsed};
+use crate::virtio_blk::{self, guest, GuestMem, MemGuard, Parsed};
 
 /// One request returned to the used ring.
 #[derive(Clone, Copy, Debug)]
@@ -205,8 +205,70 @@ impl SignalTuner {
     }
 }
 
+/// This thread's snapshot of the guest memory, and its queues' rings mapped
+/// in it. Taking a snapshot (a lock and an arc-swap load) and finding the
+/// rings' regions cost as much as a small batch's parsing when the guest
+/// polls; so the snapshot is taken again only when the connection's memory
+/// generation moved (every memory table update moves it once the new table
+/// is in place, before the frontend hears back, and wakes the iothreads so
+/// that an idle one does not keep the old mappings alive).
+struct MemCache {
+    gen: u64,
+    mem: Option<MemGuard>,
+    /// Per local queue: the ring addresses and size mapped, and the rings.
+    rings: Vec<Option<(u64, u64, u16, guest::Rings)>>,
+}
+
+impl MemCache {
+    fn new(queues: usize) -> Self {
+        MemCache {
+            gen: 0,
+            mem: None,
+            rings: vec![None; queues],
+        }
+    }
+
+    /// Takes a new snapshot if the memory table changed since this one.
+    fn refresh(&mut self, blk: &VhostUserBlk) {
+        let gen = blk.mem_gen.load(Ordering::Acquire);
+        if gen == self.gen && self.mem.is_some() {
+            return;
+        }
+        self.release();
+        self.gen = gen;
+        // A clone holds the table by its Arc rather than by one of the
+        // thread's few arc-swap debt slots.
+        self.mem = blk.memory().clone();
+    }
+
+    fn release(&mut self) {
+        self.mem = None;
+        self.rings.fill(None);
+    }
+
+    /// Queue `local`'s rings, mapped in the snapshot; None if there is no
+    /// snapshot or they are not mappable directly (then the caller uses
+    /// virtio-queue's accessors). The copy is valid while the snapshot is
+    /// held: the caller holds a clone of it or does not release it.
+    fn rings(&mut self, local: usize, q: &virtio_queue::Queue) -> Option<guest::Rings> {
+        let mem = self.mem.as_ref()?;
+        let key = (q.avail_ring(), q.used_ring(), q.size());
+        let slot = self.rings.get_mut(local)?;
+        match slot {
+            Some((a, u, n, r)) if (*a, *u, *n) == key => Some(*r),
+            _ => {
+                let r = guest::Rings::map(mem, key.0, key.1, key.2)?;
+                *slot = Some((key.0, key.1, key.2, r));
+                Some(r)
+            }
+        }
+    }
+}
+
 struct Worker {
     poll: Poller,
+    /// The guest memory snapshot and mapped rings of this iteration.
+    cache: MemCache,
     signal: SignalTuner,
     /// For I/O limits: fires when throttled requests of this thread may go.
     timer: Option<TimerFd>,
@@ -285,6 +347,7 @@ impl Worker {
             .unwrap_or(0);
         let queues: Vec<u16> = (0..64u16).filter(|q| mask & (1 << q) != 0).collect();
         let heads = queues.iter().map(|_| HeadSet::new()).collect();
+        let cache = MemCache::new(queues.len());
         let trackers = queues.iter().map(|_| None).collect();
         let recover = vec![false; queues.len()];
         log::debug!(
@@ -294,6 +357,7 @@ impl Worker {
         );
         Worker {
             poll: Poller::new(blk.export.config.poll_max_ns),
+            cache,
             signal: SignalTuner::new(),
             timer: blk.take_timer(thread_id),
             timer_at: None,
@@ -399,7 +463,8 @@ impl Worker {
         if blk.export.is_quiesced() || blk.is_closed() {
             return false;
         }
-        if blk.memory().is_none() {
+        self.cache.refresh(blk);
+        if self.cache.mem.is_none() {
             return false;
         }
         let limits = blk.export.limits();
@@ -448,20 +513,34 @@ impl Worker {
 
     /// Whether queue `local` has chains the guest published that we have
     /// not popped.
-    fn has_published(&self, blk: &VhostUserBlk, vring: &Vring) -> bool {
+    fn has_published(&mut self, blk: &VhostUserBlk, local: usize, vring: &Vring) -> bool {
         if blk.export.is_quiesced() || blk.is_closed() {
             return false;
         }
-        let Some(mem) = blk.memory() else {
-            return false;
-        };
+        self.cache.refresh(blk);
         let state = vring.get_ref();
         let q = state.get_queue();
         if !state.is_enabled() || !q.ready() {
             return false;
         }
-        q.avail_idx(&*mem, Ordering::Acquire)
-            .is_ok_and(|idx| idx.0 != q.next_avail())
+        self.avail_idx(local, q)
+            .is_some_and(|idx| idx != q.next_avail())
+    }
+
+    /// Queue `local`'s avail index, read through the mapped rings where it
+    /// can be.
+    fn avail_idx(&mut self, local: usize, q: &virtio_queue::Queue) -> Option<u16> {
+        if let Some(rings) = self.cache.rings(local, q) {
+            return Some(rings.avail_idx());
+        }
+        let mem = self.cache.mem.as_ref()?;
+        match q.avail_idx(&**mem, Ordering::Acquire) {
+            Ok(idx) => Some(idx.0),
+            Err(e) => {
+                log::debug!("cannot read the avail index: {e}");
+                None
+            }
+        }
     }
 
     /// Polls the rings and the io_uring for up to the poll window, serving
@@ -473,7 +552,7 @@ impl Worker {
             let window = Duration::from_nanos(self.poll.ns);
             let mut work = self.io.in_flight() > 0 && self.io.reap() > 0;
             for (local, vring) in vrings.iter().enumerate() {
-                if self.has_published(blk, vring) {
+                if self.has_published(blk, local, vring) {
                     self.serve_queue(blk, local, vrings);
                     work = true;
                 }
@@ -494,11 +573,12 @@ impl Worker {
 
     /// Starts the chains published so far; returns whether there were any.
     ///
-    /// The memory snapshot is taken *after* the avail index is read, and only
-    /// the chains that read counted are taken: the frontend publishes a chain
-    /// only after the memory update its buffers need was acknowledged, and
-    /// that update is in place before the acknowledgement is sent. A snapshot
-    /// taken earlier could miss a region added meanwhile.
+    /// The memory generation is looked at *after* the avail index is read,
+    /// and only the chains that read counted are taken: the frontend
+    /// publishes a chain only after the memory update its buffers need was
+    /// acknowledged, and that update is in place, its generation moved,
+    /// before the acknowledgement is sent. A snapshot taken earlier and
+    /// kept could miss a region added meanwhile.
     fn pop_published(
         &mut self,
         blk: &VhostUserBlk,
@@ -508,17 +588,11 @@ impl Worker {
         state: &mut VringState<GuestMemoryAtomic<GuestMem>>,
         budget: &mut usize,
     ) -> bool {
-        let Some(probe) = blk.memory() else {
+        let Some(avail) = self.avail_idx(local, state.get_queue()) else {
             return false;
         };
-        let avail = match state.get_queue().avail_idx(&*probe, Ordering::Acquire) {
-            Ok(idx) => idx,
-            Err(e) => {
-                log::debug!("queue {queue}: cannot read the avail index: {e}");
-                return false;
-            }
-        };
-        let published = (avail - Wrapping(state.get_queue().next_avail())).0;
+        self.cache.refresh(blk);
+        let published = (Wrapping(avail) - Wrapping(state.get_queue().next_avail())).0;
         if *budget == EARLY {
             // Return completions in about sixteen parts of what the guest
             // published.
@@ -529,12 +603,14 @@ impl Worker {
             return false;
         }
         *budget -= take;
-        let Some(mem) = blk.memory() else {
+        // A clone (one reference count) that the requests started below
+        // clone again: `start_chain` borrows the worker.
+        let Some(mem) = self.cache.mem.clone() else {
             return false;
         };
         let q = state.get_queue();
         let (table, size) = (q.desc_table(), q.size());
-        if let Some(rings) = guest::Rings::map(&mem, q.avail_ring(), q.used_ring(), size) {
+        if let Some(rings) = self.cache.rings(local, q) {
             let mut next = q.next_avail();
             for _ in 0..take {
                 let head = rings.avail_head(next);
@@ -708,13 +784,18 @@ impl Worker {
             let Some(vring) = vrings.get(local) else {
                 continue;
             };
+            self.cache.refresh(blk);
+            let mut state = vring.get_mut();
+            let rings = self.cache.rings(local, state.get_queue());
             return_used(
                 blk,
-                &mut vring.get_mut(),
+                &mut state,
+                rings,
                 queue,
                 &done,
                 self.trackers[local].as_ref(),
             );
+            drop(state);
             let mut n = 0;
             for c in done.iter().filter(|c| c.queue == queue) {
                 n += 1;
@@ -733,10 +814,12 @@ impl Worker {
 /// Puts `done`'s completions of `queue` on its used ring, publishes them
 /// with one store of the used index, and notifies the guest if it asked.
 /// With an inflight region, they are linked as its last batch before the
-/// index is published and cleared after.
+/// index is published and cleared after. `rings` are the queue's rings
+/// mapped in the worker's snapshot, if they could be.
 fn return_used(
     blk: &VhostUserBlk,
     state: &mut VringState<GuestMemoryAtomic<GuestMem>>,
+    rings: Option<guest::Rings>,
     queue: u16,
     done: &[Completion],
     tracker: Option<&Tracker>,
@@ -759,10 +842,6 @@ fn return_used(
                 ok
             })
     };
-    let mem = blk.memory();
-    let rings = mem
-        .as_ref()
-        .and_then(|m| guest::Rings::map(m, q.avail_ring(), q.used_ring(), size));
     let Some(rings) = rings else {
         // add_used publishes each one: batches of one.
         for c in mine() {
@@ -974,6 +1053,9 @@ pub fn handle_event(blk: &VhostUserBlk, device_event: u16, vrings: &[Vring], thr
     WORKER.with(|cell| {
         let mut slot = cell.borrow_mut();
         let worker = slot.get_or_insert_with(|| Worker::new(blk, thread_id));
+        // Lets go of an old memory table at once (a memory update wakes
+        // every iothread).
+        worker.cache.refresh(blk);
         aio::tick();
         worker.signal.update();
         worker.poll.on_event();

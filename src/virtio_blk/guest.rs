@@ -186,7 +186,8 @@ pub fn walk_chain(
 
 /// The avail and used rings of a split virtqueue, mapped for direct access
 /// (virtio 1.2, 2.7.6 and 2.7.8). Valid while the memory snapshot they were
-/// mapped from is held.
+/// mapped from is held: whoever copies them holds that snapshot too.
+#[derive(Clone, Copy)]
 pub struct Rings {
     avail: *const u8,
     used: *mut u8,
@@ -206,6 +207,16 @@ impl Rings {
         let avail = host_range(mem, GuestAddress(avail), 4 + 2 * n + 2)?;
         let used = host_range(mem, GuestAddress(used), 4 + 8 * n + 2)?;
         Some(Rings { avail, used, size })
+    }
+
+    /// The driver's avail index (acquire: the ring entries and descriptors
+    /// it published before it are visible after this read).
+    pub fn avail_idx(&self) -> u16 {
+        // SAFETY: the avail ring is 2-aligned (checked by map), so its idx
+        // field at offset 2 is an aligned u16 inside the mapping; the
+        // driver writes it with single stores.
+        let idx = unsafe { AtomicU16::from_ptr(self.avail.add(2).cast_mut().cast::<u16>()) };
+        u16::from_le(idx.load(Ordering::Acquire))
     }
 
     /// The head the driver published at avail index `idx`.
