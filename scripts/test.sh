@@ -7,7 +7,8 @@
 #      sandbox, crash recovery, blkdebug fault injection, libblkio);
 #   4. the QMP monitor tests, driven by the qemu.qmp Python client;
 #   5. the soak's 60-second version (scripts/soak.py; 10 minutes in
-#      docs/SOAK.md);
+#      docs/SOAK.md) and the instructions-per-request check
+#      (scripts/callgrind-check.sh);
 #   6. the QEMU guest tests (Linux guest under TCG running fio): end to end,
 #      crash recovery with the daemon killed 10 times under fio verify, and
 #      live migration between two daemons;
@@ -33,6 +34,9 @@ cargo build --workspace --all-targets
 cargo test --workspace
 python3 -m pytest -q tests/qmp
 python3 scripts/soak.py --duration 60
+# Instructions per request on the null-co path against the baseline in
+# docs/PERFORMANCE.md (fails above +10 %).
+bash scripts/callgrind-check.sh
 
 bash tests/guest/e2e.sh target/debug/vhost-user-blkd
 bash tests/guest/inflight.sh target/debug/vhost-user-blkd

@@ -44,9 +44,11 @@ have systemd-socket-activate || apt_install systemd
 #     bindings for Debian's /usr/bin/python3 (tests/nbd/edge_cases.py);
 #   tests/rbd.rs and scripts/ceph/cluster.sh: a single-node Ceph cluster
 #     (monitor, OSD, the ceph CLI) and librbd, which the daemon loads at
-#     run time.
+#     run time;
+#   scripts/callgrind-check.sh: valgrind (the instructions-per-request
+#     regression check).
 net=()
-for p in nbdkit libnbd-bin python3-libnbd ceph-mon ceph-osd ceph-common librbd1; do
+for p in nbdkit libnbd-bin python3-libnbd ceph-mon ceph-osd ceph-common librbd1 valgrind; do
     pkg_installed "$p" || { log "missing package: $p"; net+=("$p"); }
 done
 if [ "${#net[@]}" -gt 0 ]; then
@@ -55,7 +57,7 @@ fi
 
 # Final verification, with a clear message instead of a confusing failure later.
 for c in qemu-system-x86_64 qemu-storage-daemon qemu-img fio cpio gzip dpkg-deb ldd \
-    systemd-socket-activate systemd-analyze ceph-mon ceph-osd ceph rbd qemu-nbd nbdkit nbdinfo nbdcopy; do
+    systemd-socket-activate systemd-analyze ceph-mon ceph-osd ceph rbd qemu-nbd nbdkit nbdinfo nbdcopy valgrind; do
     have "$c" || die "required command '$c' still missing after installation"
 done
 [ -x /bin/busybox ] || die "/bin/busybox missing after installing busybox-static"
