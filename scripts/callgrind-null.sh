@@ -6,7 +6,7 @@
 # counts over the difference of their requests removes start-up and
 # shutdown. Needs valgrind (apt-get install valgrind). Not part of the
 # suite: callgrind is slow and the figure goes into docs/PERFORMANCE.md.
-#   usage: scripts/callgrind-null.sh [short-seconds long-seconds]
+#   usage: [QD=32] scripts/callgrind-null.sh [short-seconds long-seconds]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "valgrind is missing (apt-get install valgrind)" >&2; exit 1; }
@@ -32,7 +32,7 @@ run() { # $1 = seconds; prints "instructions requests"
     for _ in $(seq 600); do [ -S "$sock" ] && break; sleep 0.1; done
     sleep 1
     local reqs
-    reqs=$(target/release/vub-bench --socket "$sock" --rw randread --bs 4k --iodepth 32 \
+    reqs=$(target/release/vub-bench --socket "$sock" --rw randread --bs 4k --iodepth "${QD:-32}" \
         --runtime "$1" --ramp 0 --json | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d.get("ios") or d.get("requests") or d["total_ios"])')
     kill -TERM "$pid"
     wait "$pid" || true
