@@ -5,7 +5,7 @@
 # For each daemon (ours, qemu-storage-daemon with an iothread) and each
 # client mode and depth, perf stat counts over the measurement window, on
 # the daemon's process and on the client's: context switches, all system
-# calls, and the ones the data path makes (read/write of eventfds,
+# calls, the CPU time (task-clock, µs per request), and the ones the data path makes (read/write of eventfds,
 # io_uring_enter, epoll/ppoll waits), each divided by the requests served.
 # Needs perf (linux-perf). Not part of the suite; the findings go in
 # docs/PERFORMANCE.md.
@@ -22,7 +22,7 @@ cargo build --release -q -p vhost-user-blkd -p vub-bench
 dir=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$dir"' EXIT
 
-events=context-switches,raw_syscalls:sys_enter,syscalls:sys_enter_read,syscalls:sys_enter_write,syscalls:sys_enter_io_uring_enter,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_epoll_pwait,syscalls:sys_enter_ppoll
+events=task-clock,context-switches,raw_syscalls:sys_enter,syscalls:sys_enter_read,syscalls:sys_enter_write,syscalls:sys_enter_io_uring_enter,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_epoll_pwait,syscalls:sys_enter_ppoll
 
 start_daemon() { # name -> sets DPID
     local sock=$dir/s.sock
@@ -47,10 +47,10 @@ start_daemon() { # name -> sets DPID
 }
 
 # perf stat output (-x,) -> "event=count" lines
-counts() { awk -F, '$1 ~ /^[0-9]+$/ {print $3"="$1}' "$1"; }
+counts() { awk -F, '$1 ~ /^[0-9.]+$/ {print $3"="$1}' "$1"; }
 
-printf '%-4s %-5s %4s %9s | %-52s | %s\n' daemon mode qd kIOPS \
-    "daemon per request: csw syscalls read write uring epoll+ppoll" \
+printf '%-4s %-5s %4s %9s | %-60s | %s\n' daemon mode qd kIOPS \
+    "daemon per request: CPU-us csw syscalls read write uring epoll+ppoll" \
     "client per request: csw syscalls"
 for qd in $depths; do
     for mode in $modes; do
@@ -81,13 +81,13 @@ def load(p):
     out = {}
     for l in open(p):
         k, v = l.strip().split("=")
-        out[k] = int(v)
+        out[k] = float(v)
     return out
 dc, cc = load(sys.argv[7]), load(sys.argv[8])
 per = lambda c, k: c.get(k, 0) / reqs
 waits = sum(per(dc, k) for k in ("syscalls:sys_enter_epoll_wait", "syscalls:sys_enter_epoll_pwait", "syscalls:sys_enter_ppoll"))
 print(f"{d:<4} {mode:<5} {qd:>4} {iops/1000:9.0f} | "
-      f"{per(dc,'context-switches'):6.3f} {per(dc,'raw_syscalls:sys_enter'):8.3f} {per(dc,'syscalls:sys_enter_read'):6.3f} "
+      f"{per(dc,'task-clock') * 1000:6.3f} {per(dc,'context-switches'):6.3f} {per(dc,'raw_syscalls:sys_enter'):8.3f} {per(dc,'syscalls:sys_enter_read'):6.3f} "
       f"{per(dc,'syscalls:sys_enter_write'):6.3f} {per(dc,'syscalls:sys_enter_io_uring_enter'):6.3f} {waits:6.3f}     | "
       f"{per(cc,'context-switches'):6.3f} {per(cc,'raw_syscalls:sys_enter'):8.3f}")
 EOF
