@@ -29,7 +29,7 @@ start_daemon() { # name -> sets DPID
     rm -f "$sock"
     case $1 in
         vub)
-            taskset -c 0 target/release/vhost-user-blkd \
+            taskset -c 0 "${VUB:-target/release/vhost-user-blkd}" \
                 --blockdev driver=null-co,node-name=n0,size=1073741824 \
                 --export type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path="$sock",num-queues=1,writable=on \
                 2>"$dir/vub.log" &
