@@ -57,22 +57,42 @@ pub struct DrainCounter {
     idle: Condvar,
 }
 
+/// Sequentially consistent: a request path counts itself in flight and
+/// then looks whether a drain began, while a drain says it began and then
+/// looks at the count; only SeqCst orders those two pairs (on x86 the code
+/// is the same as with AcqRel).
 impl DrainCounter {
     pub fn inc(&self) {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.add(1);
     }
 
     pub fn dec(&self) {
-        let before = self.in_flight.fetch_sub(1, Ordering::AcqRel);
-        debug_assert!(before > 0, "drain counter underflow");
-        if before == 1 && self.waiting.load(Ordering::Acquire) {
+        self.sub(1);
+    }
+
+    /// `n` more in flight (a batch counted at once: one atomic operation,
+    /// which on x86 also waits for the thread's pending stores).
+    pub fn add(&self, n: usize) {
+        if n > 0 {
+            self.in_flight.fetch_add(n, Ordering::SeqCst);
+        }
+    }
+
+    /// `n` fewer in flight; wakes a drain when none is left.
+    pub fn sub(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let before = self.in_flight.fetch_sub(n, Ordering::SeqCst);
+        debug_assert!(before >= n, "drain counter underflow");
+        if before == n && self.waiting.load(Ordering::SeqCst) {
             let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
             self.idle.notify_all();
         }
     }
 
     pub fn get(&self) -> usize {
-        self.in_flight.load(Ordering::Acquire)
+        self.in_flight.load(Ordering::SeqCst)
     }
 
     /// Waits until nothing is in flight, or `timeout` passes; returns whether
@@ -80,7 +100,7 @@ impl DrainCounter {
     pub fn wait_idle(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         let mut g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        self.waiting.store(true, Ordering::Release);
+        self.waiting.store(true, Ordering::SeqCst);
         let idle = loop {
             if self.get() == 0 {
                 break true;

@@ -118,20 +118,20 @@ impl ExportState {
     }
 
     pub fn is_quiesced(&self) -> bool {
-        self.quiesce.load(Ordering::Acquire) > 0
+        self.quiesce.load(Ordering::SeqCst) > 0
     }
 
     /// Stops popping new requests; requests already popped complete. For
     /// shutdown, which never ends the section.
     pub fn quiesce(&self) {
-        self.quiesce.fetch_add(1, Ordering::AcqRel);
+        self.quiesce.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Opens a drained section: no new request is popped, and on return
     /// every request popped before has completed (or `timeout` passed, in
     /// which case false is returned and the section is open all the same).
     pub fn drained_begin(&self, timeout: Duration) -> bool {
-        self.quiesce.fetch_add(1, Ordering::AcqRel);
+        self.quiesce.fetch_add(1, Ordering::SeqCst);
         self.with_throttling_off(|| self.in_flight.wait_idle(timeout))
     }
 
@@ -152,7 +152,7 @@ impl ExportState {
 
     /// Closes a drained section; the last one lets the queues run again.
     pub fn drained_end(&self) {
-        if self.quiesce.fetch_sub(1, Ordering::AcqRel) == 1 {
+        if self.quiesce.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.wake_iothreads();
         }
     }
@@ -172,7 +172,7 @@ impl ExportState {
     /// The `stop` policy: no new requests are popped until `resume`.
     pub(super) fn stop_on_error(&self) {
         if !self.stopped.swap(true, Ordering::AcqRel) {
-            self.quiesce.fetch_add(1, Ordering::AcqRel);
+            self.quiesce.fetch_add(1, Ordering::SeqCst);
             log::warn!(
                 "export {}: stopped after an I/O error; `cont` resumes it",
                 self.config.id

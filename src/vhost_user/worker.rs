@@ -297,6 +297,8 @@ struct Worker {
     dirty: Rc<Arc<LogState>>,
     /// The connection's inflight buffer generation these trackers are of.
     inflight_gen: u32,
+    /// Requests the current pop started (counted in flight when it ends).
+    started: usize,
     /// Each vring's region of the inflight buffer, if the frontend set one.
     trackers: Vec<Option<Tracker>>,
     /// Vrings whose region has not been looked at since it was set: done
@@ -325,9 +327,7 @@ impl Drop for Worker {
                 self.export.config.id
             );
         }
-        for _ in 0..cancelled {
-            self.export.in_flight().dec();
-        }
+        self.export.in_flight().sub(cancelled);
     }
 }
 
@@ -371,6 +371,7 @@ impl Worker {
             poisoned: Rc::new(blk.poison_flag()),
             dirty: Rc::new(blk.dirty.clone()),
             inflight_gen: 0,
+            started: 0,
             trackers,
             recover,
         }
@@ -449,7 +450,7 @@ impl Worker {
         }
         let (table, qsize) = (state.get_queue().desc_table(), size);
         for head in rec.heads {
-            self.start_chain(blk, local, queue, &mem, table, qsize, head, limits, false);
+            self.start_chain(local, queue, &mem, table, qsize, head, limits, false);
         }
     }
 
@@ -460,6 +461,32 @@ impl Worker {
         let Some(&queue) = self.queues.get(local) else {
             return false;
         };
+        // In flight before the look at the quiesce count: a drain that
+        // begins after that look waits for this pop and what it starts (a
+        // drain that began before it is seen). Without it, a request popped
+        // just after a drain found the export idle would run inside the
+        // drained section.
+        let in_flight = blk.export.in_flight();
+        in_flight.inc();
+        self.started = 0;
+        let mut state = vring.get_mut();
+        let more = self.pop_queue(blk, local, queue, &mut state);
+        // Under the vring's lock, as the per-queue count's drain (a vring
+        // stop) takes it too.
+        blk.queues[usize::from(queue)].add(self.started);
+        drop(state);
+        in_flight.add(self.started);
+        in_flight.dec();
+        more
+    }
+
+    fn pop_queue(
+        &mut self,
+        blk: &VhostUserBlk,
+        local: usize,
+        queue: u16,
+        state: &mut VringState<GuestMemoryAtomic<GuestMem>>,
+    ) -> bool {
         if blk.export.is_quiesced() || blk.is_closed() {
             return false;
         }
@@ -468,13 +495,12 @@ impl Worker {
             return false;
         }
         let limits = blk.export.limits();
-        let mut state = vring.get_mut();
         if !state.is_enabled() || !state.get_queue().ready() {
             return false;
         }
         self.sync_inflight(blk);
         if self.recover[local] {
-            self.recover_queue(blk, local, queue, &limits, &mut state);
+            self.recover_queue(blk, local, queue, &limits, state);
         }
         let event_idx = state.get_queue().event_idx_enabled();
         let mut budget = if self.signal.early { EARLY } else { usize::MAX };
@@ -482,7 +508,7 @@ impl Worker {
             if event_idx {
                 let _ = state.disable_notification();
             }
-            while self.pop_published(blk, local, queue, &limits, &mut state, &mut budget) {
+            while self.pop_published(blk, local, queue, &limits, state, &mut budget) {
                 if budget == 0 {
                     // Notifications stay off: the caller comes back at once.
                     return true;
@@ -615,7 +641,7 @@ impl Worker {
             for _ in 0..take {
                 let head = rings.avail_head(next);
                 next = next.wrapping_add(1);
-                self.start_chain(blk, local, queue, &mem, table, size, head, limits, true);
+                self.start_chain(local, queue, &mem, table, size, head, limits, true);
             }
             state.get_queue_mut().set_next_avail(next);
             return true;
@@ -632,7 +658,7 @@ impl Worker {
         };
         for chain in iter.take(take) {
             let head = chain.head_index();
-            self.start_chain(blk, local, queue, &mem, table, size, head, limits, true);
+            self.start_chain(local, queue, &mem, table, size, head, limits, true);
         }
         true
     }
@@ -643,7 +669,6 @@ impl Worker {
     #[allow(clippy::too_many_arguments)]
     fn start_chain(
         &mut self,
-        blk: &VhostUserBlk,
         local: usize,
         queue: u16,
         mem: &virtio_blk::MemGuard,
@@ -662,8 +687,9 @@ impl Worker {
                 t.popped(head);
             }
         }
-        blk.queues[usize::from(queue)].inc();
-        blk.export.in_flight().inc();
+        // Counted in flight by `process_queue` once the pop is over (its
+        // own count covers the requests until then; none is returned before).
+        self.started += 1;
         self.start(
             queue,
             virtio_blk::parse(mem.clone(), table, size, head, limits),
@@ -796,15 +822,16 @@ impl Worker {
                 self.trackers[local].as_ref(),
             );
             drop(state);
-            let mut n = 0;
+            let mut n: usize = 0;
             for c in done.iter().filter(|c| c.queue == queue) {
                 n += 1;
                 self.heads[local].remove(c.head);
-                blk.queues[usize::from(queue)].dec();
-                blk.export.in_flight().dec();
             }
-            blk.export.count_completions(queue, n);
-            self.signal.done += n as usize;
+            blk.queues[usize::from(queue)].sub(n);
+            blk.export.in_flight().sub(n);
+            blk.export
+                .count_completions(queue, u64::try_from(n).unwrap_or(u64::MAX));
+            self.signal.done += n;
         }
         done.clear();
         self.spare = done;
