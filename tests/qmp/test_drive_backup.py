@@ -368,7 +368,7 @@ def test_drive_backup_to_a_path_outside_the_sandbox_is_refused(dm, workdir):
                                                      "mode": mode, "format": "qcow2"})
                 assert "--allow-path" in e.value.error.error.desc, e.value.error.error.desc
             assert await c.execute("query-block-jobs") == []
-            assert list(await nodes(c)) == ["src", "src-file"] or "src" in await nodes(c)
+            assert [n for n in await nodes(c) if n.startswith("#")] == []
             await c.disconnect()
 
         run(go())
