@@ -928,6 +928,17 @@ fn qcow2_reopen_changes_the_backing_under_the_guest() {
         "blockdev-reopen",
         reopen(json!("other"), json!({})),
     );
+    // The backing image opened from top's header was top's alone: it
+    // went with its edge (QEMU closes it too).
+    let nodes = ok(&mut rig.qmp, "query-named-block-nodes", json!({}));
+    assert!(
+        !nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["node-name"] == base.as_str()),
+        "{nodes}"
+    );
     rebase_model(&mut model, &top_img, Some(&other));
     phase(&mut rig, &mut model, 2, &|_| {});
     // No backing node: top's holes read zeroes.

@@ -52,6 +52,9 @@ impl State {
             }
             Ok(())
         })?;
+        // A backing file opened from a header that lost its parent goes,
+        // as QEMU closes it.
+        self.graph().remove_orphans();
         Ok(())
     }
 }

@@ -189,3 +189,54 @@ def test_qcow2_reopen_errors_are_qemus(dm, workdir):
         await c.disconnect()
 
     run(go())
+
+
+def test_a_qcow2_reopen_that_fails_on_one_node_changes_none(dm, workdir):
+    """Two read-only nodes made writable in one blockdev-reopen while
+    another process (qemu-io -r) reads the second image and shares no
+    write: the reopen fails and the first node is read-only still (its
+    write lock free: qemu-img check runs); once qemu-io has gone, the same
+    reopen succeeds."""
+    a, b = workdir / "a.qcow2", workdir / "b.qcow2"
+    for p in (a, b):
+        sh("qemu-img", "create", "-f", "qcow2", p, "4M")
+
+    async def go():
+        c = await connect(dm.monitor)
+        files = {}
+        for name, p in (("a", a), ("b", b)):
+            files[name] = f"{name}-file"
+            await c.execute("blockdev-add", {"driver": "file", "node-name": f"{name}-file",
+                                             "filename": str(p)})
+            await c.execute("blockdev-add", {"driver": "qcow2", "node-name": name,
+                                             "file": f"{name}-file", "read-only": True})
+        holder = subprocess.Popen(["qemu-io", "-r", "-f", "qcow2", str(b)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+        try:
+            # qemu-io has the image open once it answers a command.
+            holder.stdin.write("help\n")
+            holder.stdin.flush()
+            holder.stdout.readline()
+            both = [{"driver": "qcow2", "node-name": n, "file": f} for n, f in files.items()]
+            with pytest.raises(ExecuteError) as e:
+                await c.execute("blockdev-reopen", {"options": both})
+            assert "lock" in str(e.value), e.value
+            n = await nodes(c)
+            assert n["a"]["ro"] is True and n["b"]["ro"] is True, e.value
+            rc, out = check(a)
+            assert rc == 0, out
+        finally:
+            holder.communicate("quit\n", timeout=10)
+        await c.execute("blockdev-reopen", {"options": both})
+        n = await nodes(c)
+        assert n["a"]["ro"] is False and n["b"]["ro"] is False
+        rc, out = check(a)
+        assert rc != 0 and "lock" in out, out
+        await c.disconnect()
+
+    run(go())
+    dm.stop()
+    for p in (a, b):
+        rc, out = check(p)
+        assert rc == 0 and "No errors were found" in out, out

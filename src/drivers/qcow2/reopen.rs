@@ -77,8 +77,12 @@ impl Qcow2Driver {
                 "pass-discard-other",
                 o.pass_discard_other != self.opts.pass_discard_other,
             ),
-            ("force-share", o.force_share != self.opts.force_share),
+            ("force-share", !self.opts.force_share && o.force_share),
         ];
+        if self.opts.force_share && !o.force_share {
+            // QEMU's words for an option left out that was set.
+            return Err("Option 'force-share' cannot be reset to its default value".into());
+        }
         if let Some((opt, _)) = unchanged.iter().find(|(_, changed)| *changed) {
             return Err(format!(
                 "node '{name}': changing '{opt}' by reopen is not supported"
