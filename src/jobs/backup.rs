@@ -570,6 +570,10 @@ pub(super) fn start(
         }
     };
     let id = job.id.clone();
+    // The job's length is known from its start point: a job cancelled
+    // before its thread first runs (a grouped transaction's other backup
+    // failed at once) reports it, as QEMU's does.
+    job.progress(0, b.hook.todo.count());
     if let Some(t) = txn {
         t.add(&job);
     }
