@@ -375,3 +375,31 @@ def test_drive_backup_to_a_path_outside_the_sandbox_is_refused(dm, workdir):
         assert dm.alive()
     finally:
         shutil.rmtree(outside, ignore_errors=True)
+
+
+def test_drive_backup_with_manual_finalize_keeps_its_target_until_finalized(dm, workdir):
+    src = workdir / "src.qcow2"
+    filled_image(src, 4, 0x11)
+    tgt = workdir / "tgt.qcow2"
+
+    async def go():
+        c = await connect(dm.monitor)
+        ev = Events(c)
+        await c.execute("blockdev-add", qcow2_node("src", src))
+        await c.execute("drive-backup", {"job-id": "b1", "device": "src", "target": str(tgt),
+                                         "sync": "full", "auto-finalize": False,
+                                         "auto-dismiss": False})
+        await ev.status("b1", "pending")
+        # The job holds its target until it is finalized.
+        assert len(await nodes_on(c, tgt)) == 1
+        await c.execute("job-finalize", {"id": "b1"})
+        await ev.status("b1", "concluded")
+        assert await nodes_on(c, tgt) == []
+        await c.execute("job-dismiss", {"id": "b1"})
+        await ev.status("b1", "null")
+        await c.disconnect()
+
+    run(go())
+    dm.stop()
+    check_clean(tgt)
+    assert_identical(tgt, src)
