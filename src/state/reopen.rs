@@ -96,19 +96,24 @@ fn check_writers(
             .map_or(n.is_read_only(), |(_, o)| o.read_only())
     };
     for node in graph.nodes() {
-        for (parent, role, _) in node.parent_perms() {
+        for (parent, role, perm) in node.parent_perms() {
+            let export = exports.iter().any(|e| e.config.id == parent);
             let writes = match role {
-                ChildRole::Root => exports
+                ChildRole::Root if export => exports
                     .iter()
                     .any(|e| e.config.id == parent && e.config.writable),
+                // A block job's edge: a target it writes.
+                ChildRole::Root => perm.contains(crate::block::Perm::WRITE),
                 // A backing edge only reads (QEMU's COW children): a
                 // writable overlay keeps a read-only backing node.
                 ChildRole::Backing => false,
                 _ => graph.get(&parent).is_ok_and(|p| !final_ro(&p)),
             };
             if writes && final_ro(node) {
-                let who = if role == ChildRole::Root {
+                let who = if role == ChildRole::Root && export {
                     format!("export '{parent}'")
+                } else if role == ChildRole::Root {
+                    format!("job '{parent}'")
                 } else {
                     format!("node '{parent}' (make it read-only in the same blockdev-reopen)")
                 };

@@ -240,3 +240,33 @@ def test_a_qcow2_reopen_that_fails_on_one_node_changes_none(dm, workdir):
     for p in (a, b):
         rc, out = check(p)
         assert rc == 0 and "No errors were found" in out, out
+
+
+def test_the_target_of_a_running_backup_cannot_be_made_read_only(dm, workdir):
+    src, tgt = workdir / "src.qcow2", workdir / "tgt.qcow2"
+    sh("qemu-img", "create", "-f", "qcow2", src, "16M")
+    sh("qemu-io", "-c", "write -P 0x11 0 16M", src)
+    sh("qemu-img", "create", "-f", "qcow2", tgt, "16M")
+
+    async def go():
+        c = await connect(dm.monitor)
+        await add_qcow2(c, "src", src)
+        f = await add_qcow2(c, "tgt", tgt)
+        await c.execute("blockdev-backup", {"job-id": "b1", "device": "src", "target": "tgt",
+                                            "sync": "full", "speed": 65536})
+        with pytest.raises(ExecuteError) as e:
+            await c.execute("blockdev-reopen", {"options": [
+                {"driver": "qcow2", "node-name": "tgt", "file": f, "read-only": True}]})
+        # Ours names the job; QEMU: "Block node is read-only".
+        assert "job 'b1'" in str(e.value) or "read-only" in str(e.value).lower(), e.value
+        assert (await nodes(c))["tgt"]["ro"] is False
+        await c.execute("block-job-cancel", {"device": "b1", "force": True})
+        async with asyncio.timeout(30):
+            while await c.execute("query-block-jobs"):
+                await asyncio.sleep(0.05)
+        await c.disconnect()
+
+    run(go())
+    dm.stop()
+    rc, out = check(tgt)
+    assert rc == 0 and "No errors were found" in out, out
