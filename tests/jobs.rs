@@ -646,12 +646,27 @@ fn mirror_cancelled_after_ready_leaves_a_consistent_copy() {
 /// it was at the start (copy-before-write), the source the guest's disk.
 #[test]
 fn backup_is_a_point_in_time_copy_while_the_guest_writes() {
+    backup_point_in_time(false);
+}
+
+/// The same with drive-backup (issue 24): the target file is created by
+/// the command (mode absolute-paths) and its node goes with the job.
+#[test]
+fn drive_backup_is_a_point_in_time_copy_while_the_guest_writes() {
+    backup_point_in_time(true);
+}
+
+fn backup_point_in_time(drive: bool) {
     let dir = tempfile::tempdir().unwrap();
     let mut model = make_patterned(dir.path(), "src.qcow2", 0xba);
     let tgt_img = dir.path().join("tgt.qcow2");
-    create(&tgt_img, None);
+    if !drive {
+        create(&tgt_img, None);
+    }
     let mut rig = Rig::start(dir, "src", "src.qcow2");
-    add_qcow2(&mut rig.qmp, "tgt", &tgt_img);
+    if !drive {
+        add_qcow2(&mut rig.qmp, "tgt", &tgt_img);
+    }
     let region = 2 * MIB..14 * MIB;
     let bufs = rig.c.buf(0);
     // A verified phase before the backup point.
@@ -660,12 +675,21 @@ fn backup_is_a_point_in_time_copy_while_the_guest_writes() {
         ctl.wait_rounds(1)
     });
     let at_start = model.clone();
-    ok(
-        &mut rig.qmp,
-        "blockdev-backup",
-        json!({"job-id": "b0", "device": "src", "target": "tgt", "sync": "full",
-               "speed": 8 * MIB}),
-    );
+    if drive {
+        ok(
+            &mut rig.qmp,
+            "drive-backup",
+            json!({"job-id": "b0", "device": "src", "target": tgt_img.to_str().unwrap(),
+                   "format": "qcow2", "sync": "full", "speed": 8 * MIB}),
+        );
+    } else {
+        ok(
+            &mut rig.qmp,
+            "blockdev-backup",
+            json!({"job-id": "b0", "device": "src", "target": "tgt", "sync": "full",
+                   "speed": 8 * MIB}),
+        );
+    }
     let t0 = Instant::now();
     let qmp = &mut rig.qmp;
     let m = &mut model[region.start as usize..region.end as usize];
