@@ -856,15 +856,19 @@ fn own_extents_shared(img: &Path) -> Vec<(u64, u64)> {
 }
 
 /// The disk after the backing node changes: what top holds stays, the
-/// rest reads from the new backing (`None`: zeroes).
+/// rest reads from the new backing, and zeroes past its end (`None`:
+/// zeroes).
 fn rebase_model(model: &mut [u8], top: &Path, new_backing: Option<&[u8]>) {
     let own = own_extents_shared(top);
-
     let len = model.len();
     let mut off = 0usize;
-    let mut fill = |from: usize, to: usize| match new_backing {
-        Some(b) => model[from..to].copy_from_slice(&b[from..to]),
-        None => model[from..to].fill(0),
+    let mut fill = |from: usize, to: usize| {
+        let b = new_backing.unwrap_or(&[]);
+        let mid = to.min(b.len()).max(from);
+        if mid > from {
+            model[from..mid].copy_from_slice(&b[from..mid]);
+        }
+        model[mid..to].fill(0);
     };
     for (s, l) in own {
         fill(off, s as usize);
@@ -886,7 +890,20 @@ fn qcow2_reopen_changes_the_backing_under_the_guest() {
     let dir = tempfile::tempdir().unwrap();
     let mut model = make_patterned(dir.path(), "base.qcow2", 11);
     create(&dir.path().join("top.qcow2"), Some("base.qcow2"));
-    let other = make_patterned(dir.path(), "other.qcow2", 22);
+    // The new backing node is smaller (6 MiB, as QEMU accepts): past its
+    // end top's holes read zeroes.
+    let other = pattern(22, (6 * MIB) as usize);
+    let raw = dir.path().join("other.raw");
+    std::fs::write(&raw, &other).unwrap();
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        dir.path().join("other.qcow2").to_str().unwrap(),
+    ]);
     let mut rig = Rig::start(dir, "top", "top.qcow2");
     let base = node_of(&mut rig.qmp, "base.qcow2");
     let file = file_child_of(&mut rig.qmp, "top");
