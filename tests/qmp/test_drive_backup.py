@@ -403,3 +403,23 @@ def test_drive_backup_with_manual_finalize_keeps_its_target_until_finalized(dm, 
     dm.stop()
     check_clean(tgt)
     assert_identical(tgt, src)
+
+
+def test_stopping_the_daemon_during_a_drive_backup_leaves_clean_images(dm, workdir):
+    src = workdir / "src.qcow2"
+    filled_image(src, 16, 0x11)
+    tgt = workdir / "tgt.qcow2"
+
+    async def go():
+        c = await connect(dm.monitor)
+        ev = Events(c)
+        await c.execute("blockdev-add", qcow2_node("src", src))
+        await c.execute("drive-backup", {"job-id": "b1", "device": "src", "target": str(tgt),
+                                         "sync": "full", "speed": 65536})
+        await ev.status("b1", "running")
+        await c.disconnect()
+
+    run(go())
+    assert dm.stop() == 0
+    check_clean(src)
+    check_clean(tgt)
