@@ -646,12 +646,27 @@ fn mirror_cancelled_after_ready_leaves_a_consistent_copy() {
 /// it was at the start (copy-before-write), the source the guest's disk.
 #[test]
 fn backup_is_a_point_in_time_copy_while_the_guest_writes() {
+    backup_point_in_time(false);
+}
+
+/// The same with drive-backup (issue 24): the target file is created by
+/// the command (mode absolute-paths) and its node goes with the job.
+#[test]
+fn drive_backup_is_a_point_in_time_copy_while_the_guest_writes() {
+    backup_point_in_time(true);
+}
+
+fn backup_point_in_time(drive: bool) {
     let dir = tempfile::tempdir().unwrap();
     let mut model = make_patterned(dir.path(), "src.qcow2", 0xba);
     let tgt_img = dir.path().join("tgt.qcow2");
-    create(&tgt_img, None);
+    if !drive {
+        create(&tgt_img, None);
+    }
     let mut rig = Rig::start(dir, "src", "src.qcow2");
-    add_qcow2(&mut rig.qmp, "tgt", &tgt_img);
+    if !drive {
+        add_qcow2(&mut rig.qmp, "tgt", &tgt_img);
+    }
     let region = 2 * MIB..14 * MIB;
     let bufs = rig.c.buf(0);
     // A verified phase before the backup point.
@@ -660,12 +675,21 @@ fn backup_is_a_point_in_time_copy_while_the_guest_writes() {
         ctl.wait_rounds(1)
     });
     let at_start = model.clone();
-    ok(
-        &mut rig.qmp,
-        "blockdev-backup",
-        json!({"job-id": "b0", "device": "src", "target": "tgt", "sync": "full",
-               "speed": 8 * MIB}),
-    );
+    if drive {
+        ok(
+            &mut rig.qmp,
+            "drive-backup",
+            json!({"job-id": "b0", "device": "src", "target": tgt_img.to_str().unwrap(),
+                   "format": "qcow2", "sync": "full", "speed": 8 * MIB}),
+        );
+    } else {
+        ok(
+            &mut rig.qmp,
+            "blockdev-backup",
+            json!({"job-id": "b0", "device": "src", "target": "tgt", "sync": "full",
+                   "speed": 8 * MIB}),
+        );
+    }
     let t0 = Instant::now();
     let qmp = &mut rig.qmp;
     let m = &mut model[region.start as usize..region.end as usize];
@@ -783,4 +807,204 @@ fn incremental_backups_replay_to_each_backup_point() {
             want,
         );
     }
+}
+
+// ---------------------------------------------------------------------------
+// blockdev-reopen of a qcow2 node (issue 24)
+// ---------------------------------------------------------------------------
+
+/// The file node under the qcow2 node `node`.
+fn file_child_of(qmp: &mut Qmp, node: &str) -> String {
+    let graph = ok(qmp, "x-debug-query-block-graph", json!({}));
+    let id_of = |name: &str| {
+        graph["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == name)
+            .map(|n| n["id"].clone())
+    };
+    let parent = id_of(node).unwrap_or_else(|| panic!("no node {node}: {graph}"));
+    let edge = graph["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["parent"] == parent && e["name"] == "file")
+        .unwrap_or_else(|| panic!("no file edge under {node}: {graph}"));
+    graph["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == edge["child"])
+        .unwrap()["name"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The ranges `img` itself holds (data or zero clusters), read with
+/// force-share while the daemon has the image open.
+fn own_extents_shared(img: &Path) -> Vec<(u64, u64)> {
+    let map = qemu_img(&["map", "-U", "--output=json", img.to_str().unwrap()]);
+    let v: Value = serde_json::from_str(&map).unwrap_or_else(|e| panic!("{e}: {map}"));
+    v.as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["depth"] == 0 && (e["data"] == true || e["zero"] == true))
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect()
+}
+
+/// The disk after the backing node changes: what top holds stays, the
+/// rest reads from the new backing, and zeroes past its end (`None`:
+/// zeroes).
+fn rebase_model(model: &mut [u8], top: &Path, new_backing: Option<&[u8]>) {
+    let own = own_extents_shared(top);
+    let len = model.len();
+    let mut off = 0usize;
+    let mut fill = |from: usize, to: usize| {
+        let b = new_backing.unwrap_or(&[]);
+        let mid = to.min(b.len()).max(from);
+        if mid > from {
+            model[from..mid].copy_from_slice(&b[from..mid]);
+        }
+        model[mid..to].fill(0);
+    };
+    for (s, l) in own {
+        fill(off, s as usize);
+        off = (s + l) as usize;
+    }
+    fill(off, len);
+}
+
+/// blockdev-reopen of the exported qcow2 node while a verified guest
+/// reads and writes: the same options (a no-op), read-only refused while
+/// the export writes, then `backing` changed to another node (the
+/// guest's reads of clusters top does not hold come from it) and to null
+/// (they read zeroes). Between the phases the guest stops and the model
+/// takes the new backing's data where top holds nothing (qemu-img map -U
+/// of top). At the end qemu-img finds top clean and equal to the model
+/// without a backing file.
+#[test]
+fn qcow2_reopen_changes_the_backing_under_the_guest() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = make_patterned(dir.path(), "base.qcow2", 11);
+    create(&dir.path().join("top.qcow2"), Some("base.qcow2"));
+    // The new backing node is smaller (6 MiB, as QEMU accepts): past its
+    // end top's holes read zeroes.
+    let other = pattern(22, (6 * MIB) as usize);
+    let raw = dir.path().join("other.raw");
+    std::fs::write(&raw, &other).unwrap();
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        dir.path().join("other.qcow2").to_str().unwrap(),
+    ]);
+    let mut rig = Rig::start(dir, "top", "top.qcow2");
+    let base = node_of(&mut rig.qmp, "base.qcow2");
+    let file = file_child_of(&mut rig.qmp, "top");
+    let top_img = rig.path("top.qcow2");
+    let other_img = rig.path("other.qcow2");
+    // Each phase's guest works on a region of its own that top does not
+    // hold yet: its reads of what it has not written come from the
+    // backing node of the phase.
+    let regions = [0..4 * MIB, 4 * MIB..8 * MIB, 8 * MIB..12 * MIB];
+    let reopen = |backing: Value, extra: Value| {
+        let mut o = json!({"driver": "qcow2", "node-name": "top", "file": file,
+                           "discard": "ignore", "backing": backing});
+        if let Value::Object(m) = extra {
+            for (k, v) in m {
+                o[k] = v;
+            }
+        }
+        json!({"options": [o]})
+    };
+    let bufs = rig.c.buf(0);
+    let phase = |rig: &mut Rig, model: &mut [u8], seed: u64, cmd: &dyn Fn(&mut Qmp)| {
+        let region = regions[seed as usize - 1].clone();
+        let held = own_extents_shared(&top_img);
+        assert!(
+            held.iter()
+                .all(|&(s, l)| s + l <= region.start || s >= region.end),
+            "top holds {held:?}"
+        );
+        let qmp = &mut rig.qmp;
+        let q = &mut rig.c.queues[0];
+        let m = &mut model[region.start as usize..region.end as usize];
+        with_guest(q, bufs, region.start, m, seed, |ctl| {
+            ctl.wait_rounds(1);
+            cmd(qmp);
+            ctl.stop_after(0);
+        });
+    };
+    // The same backing: nothing changes; read-only is refused while the
+    // export writes, and nothing changes either.
+    phase(&mut rig, &mut model, 1, &|qmp| {
+        ok(qmp, "blockdev-reopen", reopen(json!(base), json!({})));
+        let r = qmp.execute(
+            "blockdev-reopen",
+            reopen(json!(base), json!({"read-only": true})),
+        );
+        let e = r["error"]["desc"].as_str().unwrap_or_default().to_string();
+        // Ours names the writer; QEMU: "Read-only block node 'top'
+        // cannot support read-write users".
+        assert!(
+            e.contains("export 'e0'") || e.contains("cannot support read-write users"),
+            "{r}"
+        );
+    });
+    // Another backing node.
+    ok(
+        &mut rig.qmp,
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "other", "read-only": true,
+               "file": {"driver": "file", "filename": other_img.to_str().unwrap()}}),
+    );
+    ok(
+        &mut rig.qmp,
+        "blockdev-reopen",
+        reopen(json!("other"), json!({})),
+    );
+    // The backing image opened from top's header was top's alone: it
+    // went with its edge (QEMU closes it too).
+    let nodes = ok(&mut rig.qmp, "query-named-block-nodes", json!({}));
+    assert!(
+        !nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["node-name"] == base.as_str()),
+        "{nodes}"
+    );
+    rebase_model(&mut model, &top_img, Some(&other));
+    phase(&mut rig, &mut model, 2, &|_| {});
+    // No backing node: top's holes read zeroes.
+    ok(
+        &mut rig.qmp,
+        "blockdev-reopen",
+        reopen(Value::Null, json!({})),
+    );
+    rebase_model(&mut model, &top_img, None);
+    phase(&mut rig, &mut model, 3, &|_| {});
+    // The old backing nodes can go: nothing uses them.
+    ok(&mut rig.qmp, "blockdev-del", json!({"node-name": "other"}));
+    let dir = rig.stop();
+    let top_img = dir.path().join("top.qcow2");
+    assert_check_clean(&top_img);
+    let raw = dir.path().join("top.alone.raw");
+    let json_top = format!(
+        "json:{{\"driver\": \"qcow2\", \"backing\": null, \"file\": {{\"driver\": \"file\", \"filename\": \"{}\"}}}}",
+        top_img.display()
+    );
+    qemu_img(&["convert", "-O", "raw", &json_top, raw.to_str().unwrap()]);
+    assert_bytes_eq(
+        "top without backing vs model",
+        0,
+        &std::fs::read(&raw).unwrap(),
+        &model,
+    );
 }

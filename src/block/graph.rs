@@ -172,6 +172,13 @@ impl Graph {
         self.nodes.remove(name);
         self.implicit.remove(name);
         drop(node);
+        self.remove_orphans();
+        Ok(())
+    }
+
+    /// Removes the implicit nodes that no parent uses any more (a backing
+    /// file a reopen or a job left), and the ones they leave in turn.
+    pub fn remove_orphans(&mut self) {
         loop {
             let orphan = self.implicit.iter().find(|n| {
                 self.nodes
@@ -187,6 +194,5 @@ impl Graph {
             }
             self.implicit.remove(&orphan);
         }
-        Ok(())
     }
 }

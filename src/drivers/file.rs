@@ -244,7 +244,10 @@ impl NewFile {
     /// holds a conflicting one, and that no node of this daemon (as
     /// `in_use` tells) has the file open.
     pub fn open(path: &str, in_use: InUse) -> Result<NewFile, String> {
-        let cerr = |e: io::Error| format!("Could not create '{path}': {}", sandbox_hint(e, path));
+        let cerr = |e: io::Error| {
+            let e = sandbox_hint(e, path);
+            format!("Could not create '{path}': {}", crate::block::os_text(&e))
+        };
         let open = |create: bool| {
             OpenOptions::new()
                 .read(true)

@@ -3,15 +3,19 @@
 //! prepared state to abort.
 
 use super::file::FileReopen;
+use super::qcow2::{Applied, Qcow2Reopen};
 use super::ThrottleDriver;
 use super::{driver_as, BlockdevOptions, FileDriver, NullDriver, Qcow2Driver, RawDriver};
-use crate::block::Node;
+use crate::block::{Graph, Node};
 
 /// A reopen that passed its checks; dropping it aborts (new descriptors
 /// are closed).
 pub struct PreparedReopen {
     opts: BlockdevOptions,
     file: Option<FileReopen>,
+    qcow2: Option<Qcow2Reopen>,
+    /// What [`PreparedReopen::apply`] did (qcow2), for its undo.
+    applied: Option<Applied>,
 }
 
 impl PreparedReopen {
@@ -24,6 +28,22 @@ impl PreparedReopen {
     /// The options the node is reopened with.
     pub fn options(&self) -> &BlockdevOptions {
         &self.opts
+    }
+
+    /// The steps that can fail, in the drained section before any
+    /// commit (qcow2: read-only <-> read-write, lazy refcounts).
+    pub fn apply(&mut self, node: &Node) -> Result<(), String> {
+        if let (Some(r), Some(q)) = (&self.qcow2, driver_as::<Qcow2Driver>(node)) {
+            self.applied = Some(q.apply_reopen(node, r)?);
+        }
+        Ok(())
+    }
+
+    /// Undoes [`PreparedReopen::apply`] (a later node's step failed).
+    pub fn undo(&mut self, node: &Node) {
+        if let (Some(a), Some(q)) = (self.applied.take(), driver_as::<Qcow2Driver>(node)) {
+            q.undo_reopen(node, a);
+        }
     }
 
     /// Applies the reopen to `node` (the node it was prepared on): its
@@ -51,6 +71,11 @@ impl PreparedReopen {
                     n.commit_reopen(no);
                 }
             }
+            BlockdevOptions::Qcow2(_) => {
+                if let (Some(r), Some(q)) = (self.qcow2, driver_as::<Qcow2Driver>(node)) {
+                    q.commit_reopen(r);
+                }
+            }
             _ => {}
         }
     }
@@ -60,9 +85,14 @@ impl Node {
     /// blockdev-reopen, first step: checks `opts` against the node's
     /// driver and opens what the new options need. Nothing changes until
     /// [`PreparedReopen::commit`].
-    pub fn prepare_reopen(&self, opts: &BlockdevOptions) -> Result<PreparedReopen, String> {
+    pub fn prepare_reopen(
+        &self,
+        opts: &BlockdevOptions,
+        graph: &Graph,
+    ) -> Result<PreparedReopen, String> {
         let mismatch = || format!("node '{}': driver mismatch", self.name());
         opts.check_common()?;
+        let mut qcow2 = None;
         let file = match opts {
             BlockdevOptions::File(fo) | BlockdevOptions::HostDevice(fo) => {
                 let f = driver_as::<FileDriver>(self).ok_or_else(mismatch)?;
@@ -78,12 +108,10 @@ impl Node {
                 n.check_reopen(no)?;
                 None
             }
-            BlockdevOptions::Qcow2(_) => {
-                driver_as::<Qcow2Driver>(self).ok_or_else(mismatch)?;
-                return Err(format!(
-                    "node '{}': qcow2 nodes cannot be reopened yet",
-                    self.name()
-                ));
+            BlockdevOptions::Qcow2(qo) => {
+                let q = driver_as::<Qcow2Driver>(self).ok_or_else(mismatch)?;
+                qcow2 = Some(q.prepare_reopen(self, qo, graph)?);
+                None
             }
             BlockdevOptions::Throttle(_) => {
                 driver_as::<ThrottleDriver>(self).ok_or_else(mismatch)?;
@@ -115,6 +143,8 @@ impl Node {
         Ok(PreparedReopen {
             opts: opts.clone(),
             file,
+            qcow2,
+            applied: None,
         })
     }
 }

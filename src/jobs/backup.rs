@@ -69,6 +69,38 @@ pub struct BackupArgs {
     pub auto_dismiss: bool,
     pub filter_node_name: Option<String>,
     pub discard_source: Option<bool>,
+    pub x_perf: Option<BackupPerf>,
+}
+
+/// qapi BackupPerf (x-perf): checked as QEMU checks it; this daemon's copy
+/// loop has one worker and copies a cluster at a time, so the values
+/// change nothing.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct BackupPerf {
+    pub use_copy_range: Option<bool>,
+    pub max_workers: Option<i64>,
+    pub max_chunk: Option<i64>,
+}
+
+impl BackupPerf {
+    fn check(&self) -> Result<(), QmpError> {
+        if self
+            .max_workers
+            .is_some_and(|w| w < 1 || w > i64::from(i32::MAX))
+        {
+            return Err(QmpError::generic(format!(
+                "max-workers must be between 1 and {}",
+                i32::MAX
+            )));
+        }
+        if self.max_chunk.is_some_and(|c| c < 0) {
+            return Err(QmpError::generic(
+                "max-chunk must be zero (which means no limit) or positive",
+            ));
+        }
+        Ok(())
+    }
 }
 
 struct CbwHook {
@@ -308,6 +340,9 @@ fn find_nodes(state: &State, a: &BackupArgs) -> Result<(Arc<Node>, String, Arc<N
     if a.discard_source == Some(true) {
         return Err(QmpError::generic("'discard-source' is not supported"));
     }
+    if let Some(p) = &a.x_perf {
+        p.check()?;
+    }
     let source = copy::skip_filters(&copy::resolve(state, &a.device)?);
     let id = super::job_id(a.job_id.as_deref(), &a.device);
     super::check_id(&id)?;
@@ -475,6 +510,17 @@ pub fn backup_in(
     a: BackupArgs,
     txn: Option<&Arc<super::JobTxn>>,
 ) -> Result<String, QmpError> {
+    start(state, a, txn, false)
+}
+
+/// Starts a backup; with `drop_target` (drive-backup's implicit target)
+/// the target's node is closed when the job ends.
+pub(super) fn start(
+    state: &Arc<State>,
+    a: BackupArgs,
+    txn: Option<&Arc<super::JobTxn>>,
+    drop_target: bool,
+) -> Result<String, QmpError> {
     let (source, id, target) = find_nodes(state, &a)?;
     if let Some(name) = &a.bitmap {
         crate::bitmaps::find(&source, name)
@@ -524,10 +570,27 @@ pub fn backup_in(
         }
     };
     let id = job.id.clone();
+    // The job's length is known from its start point: a job cancelled
+    // before its thread first runs (a grouped transaction's other backup
+    // failed at once) reports it, as QEMU's does.
+    job.progress(0, b.hook.todo.count());
     if let Some(t) = txn {
         t.add(&job);
     }
     let st = state.clone();
-    super::spawn(job, move |job| b.run(&st, job));
+    super::spawn(job, move |job| {
+        let r = b.run(&st, job);
+        if drop_target {
+            let name = b.dst_edge.node().name().to_string();
+            // Our edges first: then the node has no parent left.
+            drop(b);
+            job.with_command_lock(&st, || {
+                if let Err(e) = st.del_blockdev(&name) {
+                    log::warn!("backup: closing target node {name}: {e}");
+                }
+            });
+        }
+        r
+    });
     Ok(id)
 }

@@ -708,10 +708,10 @@ pub fn drive_mirror(state: &Arc<State>, a: DriveMirrorArgs) -> Result<(), QmpErr
     let node_name = target_node_name(state, &a, &source)?;
     let in_use = |dev, ino| file::node_using(&state.graph(), dev, ino, None);
     let created = if a.mode == NewImageMode::AbsolutePaths {
-        Some(create_target(
+        Some(create_image(
             state,
-            &a,
-            &source,
+            &a.target,
+            source.size(),
             &format,
             backing.as_ref(),
         )?)
@@ -797,12 +797,13 @@ fn target_node_name(state: &State, a: &DriveMirrorArgs, source: &Node) -> Result
     Ok(node_name)
 }
 
-/// Creates drive-mirror's target file (mode absolute-paths), in `format`,
-/// over `backing` when given.
-fn create_target(
+/// Creates drive-mirror's and drive-backup's target file (mode
+/// absolute-paths) at `path`, `size` bytes in `format`, over `backing`
+/// when given.
+pub(super) fn create_image(
     state: &State,
-    a: &DriveMirrorArgs,
-    source: &Node,
+    path: &str,
+    size: u64,
     format: &str,
     backing: Option<&Arc<Node>>,
 ) -> Result<Created, QmpError> {
@@ -811,15 +812,15 @@ fn create_target(
     // lock: never unlinked, so that a file another process has open (and
     // locked) is not replaced under it.
     if format != "qcow2" {
-        let new = NewFile::open(&a.target, &in_use).map_err(QmpError::generic)?;
+        let new = NewFile::open(path, &in_use).map_err(QmpError::generic)?;
         let f = new.file();
         f.set_len(0)
-            .and_then(|()| f.set_len(source.size()))
-            .map_err(|e| QmpError::generic(format!("{}: {e}", a.target)))?;
+            .and_then(|()| f.set_len(size))
+            .map_err(|e| QmpError::generic(format!("{path}: {e}")))?;
         return Ok(new.close());
     }
     let mut opts = crate::drivers::qcow2::CreateOptions {
-        size: source.size(),
+        size,
         ..Default::default()
     };
     if let Some(b) = backing {
@@ -828,5 +829,5 @@ fn create_target(
         opts.backing_file = Some(f);
         opts.backing_fmt = Some(copy::format_of(b).into());
     }
-    crate::drivers::qcow2::create_in(&a.target, &opts, &in_use).map_err(QmpError::generic)
+    crate::drivers::qcow2::create_in(path, &opts, &in_use).map_err(QmpError::generic)
 }

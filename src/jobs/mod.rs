@@ -31,6 +31,7 @@ mod commit;
 mod copy;
 pub mod create;
 mod drain;
+mod drive_backup;
 mod job;
 mod mirror;
 pub mod qmp;
@@ -45,6 +46,7 @@ pub use backup::{backup, backup_in, backup_source, BackupArgs};
 pub use commit::{commit, CommitArgs};
 pub use copy::users;
 pub use drain::Participant;
+pub use drive_backup::{drive_backup_in, drive_backup_source, DriveBackupArgs};
 pub use job::Job;
 pub use mirror::{drive_mirror, mirror, DriveMirrorArgs, MirrorArgs};
 pub use registry::{

@@ -26,6 +26,7 @@ pub static COMMANDS: &[CommandDef<Arc<State>>] = &[
     crate::command!("blockdev-mirror", blockdev_mirror),
     crate::command!("drive-mirror", drive_mirror),
     crate::command!("blockdev-backup", blockdev_backup),
+    crate::command!("drive-backup", drive_backup),
     crate::command!("block-job-set-speed", block_job_set_speed),
     crate::command!("block-job-pause", block_job_pause),
     crate::command!("block-job-resume", block_job_resume),
@@ -75,6 +76,12 @@ fn drive_mirror(state: &Arc<State>, a: super::DriveMirrorArgs) -> Result<(), Qmp
 
 fn blockdev_backup(state: &Arc<State>, a: super::BackupArgs) -> Result<(), QmpError> {
     super::backup(state, a).map(drop)
+}
+
+/// drive-backup: a transaction of one action, as QEMU runs it (the
+/// target is created and the job started in one drained section).
+fn drive_backup(state: &Arc<State>, a: super::DriveBackupArgs) -> Result<(), QmpError> {
+    crate::transaction::transaction(state, vec![crate::transaction::Action::DriveBackup(a)])
 }
 
 #[derive(Deserialize)]

@@ -24,7 +24,7 @@ pub static COMMANDS: &[CommandDef<Arc<State>>] = &[
     crate::command!("query-named-block-nodes", query_named_block_nodes),
     crate::command!("x-debug-query-block-graph", block_graph, no_args),
     crate::command!("block_resize", block_resize),
-    crate::command!("blockdev-reopen", blockdev_reopen),
+    crate::command!("blockdev-reopen", blockdev_reopen, raw),
     crate::command!("block-set-write-threshold", set_write_threshold),
     crate::command!("blockdev-set-active", blockdev_set_active),
 ];
@@ -124,7 +124,23 @@ struct Reopen {
     options: Vec<BlockdevOptions>,
 }
 
-fn blockdev_reopen(state: &Arc<State>, a: Reopen) -> Result<(), QmpError> {
+/// Options of QEMU's qcow2 that this daemon has no field for, and that
+/// QEMU's reopen refuses to change: refused with QEMU's words rather than
+/// as unknown fields.
+const QCOW2_FIXED: &[&str] = &["data-file", "data-file-raw"];
+
+fn blockdev_reopen(state: &Arc<State>, args: crate::qapi::Args) -> Result<(), QmpError> {
+    let v = args.to_value();
+    let list = v.get("options").and_then(|o| o.as_array());
+    for o in list.into_iter().flatten() {
+        if o.get("driver").and_then(|d| d.as_str()) != Some("qcow2") {
+            continue;
+        }
+        if let Some(k) = QCOW2_FIXED.iter().find(|k| o.get(**k).is_some()) {
+            return Err(QmpError::generic(format!("Cannot change the option '{k}'")));
+        }
+    }
+    let a: Reopen = args.parse()?;
     Ok(state.reopen(&a.options)?)
 }
 

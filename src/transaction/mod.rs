@@ -10,7 +10,7 @@ pub mod qmp;
 use std::sync::Arc;
 
 use crate::block::Node;
-use crate::jobs::{BackupArgs, JobTxn};
+use crate::jobs::{BackupArgs, DriveBackupArgs, JobTxn};
 use crate::qapi::QmpError;
 use crate::snapshot::internal::PreparedInternal;
 use crate::snapshot::{
@@ -34,6 +34,8 @@ pub enum Action {
     BlockDirtyBitmapMerge(crate::bitmaps::MergeArgs),
     /// Starts a backup job at the transaction's instant.
     BlockdevBackup(crate::jobs::BackupArgs),
+    /// Creates or opens a target file and starts a backup job into it.
+    DriveBackup(crate::jobs::DriveBackupArgs),
     /// Always fails (QEMU's, for testing the abort path).
     Abort(#[serde(default)] serde_json::Map<String, serde_json::Value>),
 }
@@ -51,6 +53,7 @@ impl Action {
             Action::BlockDirtyBitmapDisable(_) => "block-dirty-bitmap-disable",
             Action::BlockDirtyBitmapMerge(_) => "block-dirty-bitmap-merge",
             Action::BlockdevBackup(_) => "blockdev-backup",
+            Action::DriveBackup(_) => "drive-backup",
             Action::Abort(_) => "abort",
         }
     }
@@ -131,7 +134,32 @@ impl Prepared {
             }
             Action::BlockDirtyBitmapMerge(b) => prepare_merge(state, b).map(Prepared::Bitmap),
             Action::Abort(_) => Err(QmpError::generic("Transaction aborted using Abort action")),
-            Action::BlockdevBackup(_) => unreachable!("backups are not prepared"),
+            Action::BlockdevBackup(_) | Action::DriveBackup(_) => {
+                unreachable!("backups are not prepared")
+            }
+        }
+    }
+}
+
+/// A backup action: started last, in the drained section.
+#[derive(Clone)]
+enum Backup {
+    Blockdev(BackupArgs),
+    Drive(DriveBackupArgs),
+}
+
+impl Backup {
+    fn source(&self, state: &State) -> Result<Arc<Node>, QmpError> {
+        match self {
+            Backup::Blockdev(b) => crate::jobs::backup_source(state, b),
+            Backup::Drive(b) => crate::jobs::drive_backup_source(state, b),
+        }
+    }
+
+    fn start(&self, state: &Arc<State>, txn: Option<&Arc<JobTxn>>) -> Result<String, QmpError> {
+        match self {
+            Backup::Blockdev(b) => crate::jobs::backup_in(state, b.clone(), txn),
+            Backup::Drive(b) => crate::jobs::drive_backup_in(state, b.clone(), txn),
         }
     }
 }
@@ -144,16 +172,23 @@ struct Plan {
     /// Backups start last, inside the same drained section, once every
     /// other action has been performed (a backup that cannot start undoes
     /// them all, and cancels the backups started before it).
-    backups: Vec<(usize, BackupArgs)>,
+    backups: Vec<(usize, Backup)>,
     created: Vec<CreatedOverlay>,
 }
 
 impl Plan {
     /// Checks action `i` and adds it to the plan.
     fn add(&mut self, state: &State, i: usize, a: &Action) -> Result<(), QmpError> {
-        if let Action::BlockdevBackup(b) = a {
-            self.backups.push((i, b.clone()));
-            return Ok(());
+        match a {
+            Action::BlockdevBackup(b) => {
+                self.backups.push((i, Backup::Blockdev(b.clone())));
+                return Ok(());
+            }
+            Action::DriveBackup(b) => {
+                self.backups.push((i, Backup::Drive(b.clone())));
+                return Ok(());
+            }
+            _ => {}
         }
         let p = Prepared::of(state, a, &mut self.created)?;
         if self.adds_a_bitmap_twice(&p) {
@@ -194,7 +229,7 @@ impl Plan {
         let backed_up = self
             .backups
             .iter()
-            .filter_map(|(_, b)| crate::jobs::backup_source(state, b).ok());
+            .filter_map(|(_, b)| b.source(state).ok());
         let touched = self.prepared.iter().map(|p| p.node().clone());
         for n in touched.chain(backed_up) {
             if !nodes.iter().any(|m| Arc::ptr_eq(m, &n)) {
@@ -220,7 +255,7 @@ impl Plan {
         }
         let mut started: Vec<String> = Vec::new();
         for (i, b) in &self.backups {
-            match crate::jobs::backup_in(state, b.clone(), txn) {
+            match b.start(state, txn) {
                 Ok(id) => started.push(id),
                 Err(e) => {
                     match txn {

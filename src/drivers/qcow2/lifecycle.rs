@@ -282,7 +282,7 @@ impl Qcow2Driver {
 
     /// What close does, with its error: caches written, persistent bitmaps
     /// stored, the dirty bit we set cleared, the file flushed.
-    fn write_back(&self) -> Result<(), BlockError> {
+    pub(super) fn write_back(&self) -> Result<(), BlockError> {
         if self.read_only.load(Ordering::Acquire) || self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }

@@ -26,6 +26,7 @@
 //!   read.rs       mapping guest offsets, reads, block status, flush
 //!   write.rs      writes (in place or allocating), write-zeroes, discard
 //!   lifecycle.rs  read-only <-> writable, resize, close
+//!   reopen.rs     blockdev-reopen: what may change, and changing it
 //!   chain.rs      backing edge and the backing file name in the header
 //!   snap.rs       internal snapshots        bitmaps.rs  persistent bitmaps
 //!   header.rs     the on-disk header        build.rs    creating images
@@ -41,6 +42,7 @@ mod lifecycle;
 mod meta;
 mod open;
 mod read;
+mod reopen;
 mod snap;
 mod write;
 
@@ -48,6 +50,7 @@ use crate::io::lock;
 
 pub use build::{create, create_in, probe_size, CreateOptions, Preallocation};
 pub use header::{parse_snapshots, Header, Snapshot};
+pub use reopen::{Applied, Qcow2Reopen};
 pub use snap::SnapshotRef;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
