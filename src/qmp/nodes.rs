@@ -27,7 +27,71 @@ pub static COMMANDS: &[CommandDef<Arc<State>>] = &[
     crate::command!("blockdev-reopen", blockdev_reopen),
     crate::command!("block-set-write-threshold", set_write_threshold),
     crate::command!("blockdev-set-active", blockdev_set_active),
+    crate::command!("x-blockdev-change", x_blockdev_change),
 ];
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct BlockdevChange {
+    parent: String,
+    #[serde(default)]
+    child: Option<String>,
+    #[serde(default)]
+    node: Option<String>,
+}
+
+/// x-blockdev-change (QEMU's qmp_x_blockdev_change): removes the child
+/// edge `child` of `parent`, or adds the node `node` as a new child, in a
+/// drained section of `parent`'s users. Only quorum nodes take either.
+fn x_blockdev_change(state: &Arc<State>, a: BlockdevChange) -> Result<(), QmpError> {
+    let (parent, new) = {
+        let graph = state.graph();
+        let parent = graph.get(&a.parent).map_err(|_| {
+            QmpError::generic(format!(
+                "Cannot find device='{0}' nor node-name='{0}'",
+                a.parent
+            ))
+        })?;
+        let new = match (&a.child, &a.node) {
+            (Some(_), Some(_)) => {
+                return Err(QmpError::generic(
+                    "The parameters child and node are in conflict",
+                ))
+            }
+            (None, None) => {
+                return Err(QmpError::generic("Either child or node must be specified"))
+            }
+            (None, Some(n)) => Some(
+                graph
+                    .get(n)
+                    .map_err(|_| QmpError::generic(format!("Node '{n}' not found")))?,
+            ),
+            (Some(_), None) => None,
+        };
+        (parent, new)
+    };
+    let name = parent.name().to_string();
+    let r = match (a.child, new) {
+        (Some(child), _) => {
+            let found = parent
+                .block_driver()
+                .named_children()
+                .iter()
+                .any(|(n, _)| *n == child);
+            if !found {
+                return Err(QmpError::generic(format!(
+                    "Node '{name}' does not have child '{child}'"
+                )));
+            }
+            state.drained(&parent, || parent.block_driver().del_child(&name, &child))
+        }
+        (None, Some(new)) => state.drained(&parent, || parent.block_driver().add_child(&name, new)),
+        (None, None) => Ok(()),
+    };
+    r.map_err(QmpError::generic)?;
+    log::info!("node {name}: children changed (x-blockdev-change)");
+    Ok(())
+}
 
 #[derive(Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -266,10 +330,10 @@ fn block_graph(state: &Arc<State>) -> Result<Value, QmpError> {
     let mut edges = Vec::new();
     for (i, n) in nodes.iter().enumerate() {
         out_nodes.push(json!({"id": i + 1, "type": "block-driver", "name": n.name()}));
-        for c in n.children() {
+        for (name, c) in n.block_driver().named_children() {
             if let Some(child) = id_of(c.node()) {
                 edges.push(json!({
-                    "parent": i + 1, "child": child, "name": c.role().name(),
+                    "parent": i + 1, "child": child, "name": name,
                     "perm": perm_names(c.perm()), "shared-perm": perm_names(c.shared()),
                 }));
             }

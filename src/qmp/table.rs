@@ -198,6 +198,8 @@ mod tests {
         "nbd-server-start",
         "nbd-server-stop",
         "x-nbd-server-query",
+        // issue 24: quorum children at run time.
+        "x-blockdev-change",
     ];
 
     #[test]
