@@ -83,7 +83,24 @@ fn x_blockdev_change(state: &Arc<State>, a: BlockdevChange) -> Result<(), QmpErr
                     "Node '{name}' does not have child '{child}'"
                 )));
             }
-            state.drained(&parent, || parent.block_driver().del_child(&name, &child))
+            let gone = parent
+                .block_driver()
+                .named_children()
+                .iter()
+                .find(|(n, _)| *n == child)
+                .map(|(_, c)| c.node().clone());
+            let r = state.drained(&parent, || parent.block_driver().del_child(&name, &child));
+            // A child opened in place (inline) goes with its last parent,
+            // as QEMU drops its reference.
+            if let (Ok(()), Some(gone)) = (&r, gone) {
+                let mut graph = state.graph();
+                if graph.is_implicit(gone.name()) && gone.parents().is_empty() {
+                    if let Err(e) = graph.remove(gone.name()) {
+                        log::warn!("node {}: not removed: {e}", gone.name());
+                    }
+                }
+            }
+            r
         }
         (None, Some(new)) => state.drained(&parent, || parent.block_driver().add_child(&name, new)),
         (None, None) => Ok(()),

@@ -371,3 +371,23 @@ def test_a_child_added_and_removed_while_verified_io_runs(daemon, tmp_path):
     finally:
         qnbd.terminate()
         qnbd.wait()
+
+
+def test_an_inline_child_removed_leaves_the_graph(daemon):
+    async def go():
+        d = daemon.workdir
+        make_images(d)
+        c = await connect(daemon.monitor)
+        await c.execute("blockdev-add", {
+            "driver": "quorum", "node-name": "q", "vote-threshold": 1,
+            "children": [{"driver": "file", "filename": str(d / f"{n}.img")} for n in "abc"]})
+        names = lambda g: sorted(n["node-name"] for n in g)
+        assert names(await c.execute("query-named-block-nodes")) == [
+            "q", "q-children.0", "q-children.1", "q-children.2"]
+        await c.execute("x-blockdev-change", {"parent": "q", "child": "children.1"})
+        assert names(await c.execute("query-named-block-nodes")) == [
+            "q", "q-children.0", "q-children.2"]
+        await c.execute("blockdev-del", {"node-name": "q"})
+        assert names(await c.execute("query-named-block-nodes")) == []
+        await c.disconnect()
+    run(go())
