@@ -102,7 +102,23 @@ fn x_blockdev_change(state: &Arc<State>, a: BlockdevChange) -> Result<(), QmpErr
             }
             r
         }
-        (None, Some(new)) => state.drained(&parent, || parent.block_driver().add_child(&name, new)),
+        (None, Some(new)) => {
+            // Requests are not split or padded here: every export above
+            // must still meet the new child's alignment (as blockdev-reopen
+            // checks a file node's).
+            let align = new.request_alignment().max(1);
+            for e in state.export_states() {
+                let lbs = e.config.logical_block_size;
+                if e.blk.node().reaches(&parent) && lbs % align != 0 {
+                    return Err(QmpError::generic(format!(
+                        "node '{}' needs requests aligned to {align} bytes, but export '{}' above '{name}' has logical-block-size {lbs}",
+                        new.name(),
+                        e.config.id
+                    )));
+                }
+            }
+            state.drained(&parent, || parent.block_driver().add_child(&name, new))
+        }
         (None, None) => Ok(()),
     };
     r.map_err(QmpError::generic)?;

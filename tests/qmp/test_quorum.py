@@ -13,7 +13,7 @@ import pytest
 from qemu.qmp import ExecuteError
 
 from conftest import run
-from test_qmp import connect, file_node
+from test_qmp import connect, export, file_node
 
 SIZE = 1 << 20
 CHUNK = 64 * 1024
@@ -389,5 +389,30 @@ def test_an_inline_child_removed_leaves_the_graph(daemon):
             "q", "q-children.0", "q-children.2"]
         await c.execute("blockdev-del", {"node-name": "q"})
         assert names(await c.execute("query-named-block-nodes")) == []
+        await c.disconnect()
+    run(go())
+
+
+def test_a_child_with_a_larger_alignment_than_an_export_takes_is_refused(daemon):
+    async def go():
+        d = daemon.workdir
+        make_images(d, ("a", "b", "c"))
+        c = await connect(daemon.monitor)
+        await add_files(c, d, "abc")
+        await c.execute("blockdev-add", {"driver": "quorum", "node-name": "q",
+                                         "children": ["fa", "fb"], "vote-threshold": 1})
+        await c.execute("block-export-add", export("e0", "q", d / "e0.sock", writable=True))
+        await c.execute("blockdev-add", {"driver": "blkdebug", "node-name": "big",
+                                         "image": "fc", "align": 4096})
+        with pytest.raises(ExecuteError) as e:
+            await c.execute("x-blockdev-change", {"parent": "q", "node": "big"})
+        assert e.value.error.error.desc == (
+            "node 'big' needs requests aligned to 4096 bytes, but export 'e0' "
+            "above 'q' has logical-block-size 512")
+        # Without the export it is taken.
+        await c.execute("block-export-del", {"id": "e0"})
+        while (await asyncio.wait_for(c.events.get(), 20))["event"] != "BLOCK_EXPORT_DELETED":
+            pass
+        await c.execute("x-blockdev-change", {"parent": "q", "node": "big"})
         await c.disconnect()
     run(go())
