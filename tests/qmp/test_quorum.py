@@ -50,17 +50,19 @@ def qemu_io(sock, *cmds):
     return p.stdout + p.stderr
 
 
-async def drain_events(c, settle=0.3):
-    """The events queued so far (waits `settle` s for the last ones; no
-    assertion depends on that time: a late event only fails the test when
-    it should not be there at all)."""
+async def drain_events(c, want, settle=0.2):
+    """The events queued so far: waits (up to 20 s) for `want` QUORUM_*
+    events, then `settle` s for any more (an extra one arriving later than
+    that would go unseen: the wait never makes a right answer fail)."""
     out = []
+    n = 0
     while True:
         try:
-            ev = await asyncio.wait_for(c.events.get(), settle)
+            ev = await asyncio.wait_for(c.events.get(), 20 if n < want else settle)
         except asyncio.TimeoutError:
             return out
         out.append(ev)
+        n += ev["event"].startswith("QUORUM_")
 
 
 def quorum_events(evs):
@@ -99,7 +101,7 @@ def test_majority_wins_bad_copy_reported_and_rewritten_as_qsd(daemon, qsd):
         c = await connect(mon)
         sock = await setup(c, d, ["a", "b", "c"], 2, {"rewrite-corrupted": True})
         out = qemu_io(sock, "read -P 0x11 8192 4096")
-        evs = quorum_events(await drain_events(c))
+        evs = quorum_events(await drain_events(c, 1))
         repaired = peek(d / "b.img", 8192, 4096)
         await c.disconnect()
         return out, evs, repaired
@@ -121,7 +123,7 @@ def test_without_rewrite_the_bad_copy_stays(daemon):
         c = await connect(daemon.monitor)
         sock = await setup(c, d, ["a", "b", "c"], 2)
         out = qemu_io(sock, "read -P 0x11 0 4096")
-        evs = quorum_events(await drain_events(c))
+        evs = quorum_events(await drain_events(c, 1))
         await c.disconnect()
         assert "read 4096/4096" in out, out
         assert evs == [("QUORUM_REPORT_BAD", {"type": "read", "node-name": "c",
@@ -138,7 +140,7 @@ def test_two_copies_corrupted_differently_fail_the_read_as_qsd(daemon, qsd):
         c = await connect(mon)
         sock = await setup(c, d, ["a", "b", "c"], 2)
         out = qemu_io(sock, "read 65536 4096")
-        evs = quorum_events(await drain_events(c))
+        evs = quorum_events(await drain_events(c, 1))
         await c.disconnect()
         return out, evs
 
@@ -173,7 +175,7 @@ def test_fifo_reads_the_next_child_when_the_first_fails_as_qsd(daemon, qsd):
                  "b": blkdebug("b", "fb")}
         sock = await setup(c, d, ["a", "b"], 1, {"read-pattern": "fifo"}, nodes)
         out = qemu_io(sock, "read -P 0x55 0 4096")
-        evs = quorum_events(await drain_events(c))
+        evs = quorum_events(await drain_events(c, 1))
         await c.disconnect()
         return out, evs
 
@@ -197,7 +199,7 @@ def test_writes_need_vote_threshold_successes_as_qsd(daemon, qsd, failing, ok):
                  for i, n in enumerate("abc")}
         sock = await setup(c, d, ["a", "b", "c"], 2, None, nodes)
         out = qemu_io(sock, "write -P 0x77 4096 4096")
-        evs = quorum_events(await drain_events(c))
+        evs = quorum_events(await drain_events(c, failing + (0 if failing < 2 else 1)))
         await c.disconnect()
         return out, evs, [peek(d / f"{n}.img", 4096, 1) for n in "abc"]
 
