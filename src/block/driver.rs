@@ -45,6 +45,30 @@ pub trait BlockDriver: Send + Sync + 'static {
         self.file().into_iter().chain(self.backing()).collect()
     }
 
+    /// Every child with its name as QEMU names the edge (`file`,
+    /// `backing`, quorum's `children.N`).
+    fn named_children(&self) -> Vec<(String, &Child)> {
+        self.children()
+            .into_iter()
+            .map(|c| (c.role().name().to_string(), c))
+            .collect()
+    }
+
+    /// x-blockdev-change adding `child` (QEMU's bdrv_add_child); the
+    /// caller holds the node's users drained. `name` is the node's.
+    fn add_child(&self, name: &str, child: Arc<Node>) -> Result<(), String> {
+        let _ = child;
+        Err(format!("The node {name} does not support adding a child"))
+    }
+
+    /// x-blockdev-change removing the child edge `child` (QEMU's
+    /// bdrv_del_child); the caller checked the edge exists and holds the
+    /// node's users drained.
+    fn del_child(&self, name: &str, child: &str) -> Result<(), String> {
+        let _ = child;
+        Err(format!("The node {name} does not support removing a child"))
+    }
+
     /// Whether the driver passes requests to its `file` child unchanged
     /// in content (throttle, copy-on-read): jobs and snapshots look
     /// through it.

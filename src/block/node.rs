@@ -27,6 +27,9 @@ pub enum ChildRole {
     Filtered,
     /// The root of a BlockBackend (an export or a job).
     Root,
+    /// One of several children holding the same data (quorum's
+    /// `children.N`; QEMU's BDRV_CHILD_DATA).
+    Data,
 }
 
 impl ChildRole {
@@ -36,6 +39,7 @@ impl ChildRole {
             ChildRole::Backing => "backing",
             ChildRole::Filtered => "filtered",
             ChildRole::Root => "root",
+            ChildRole::Data => "children",
         }
     }
 }

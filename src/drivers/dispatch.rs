@@ -7,8 +7,8 @@ use std::sync::Arc;
 use futures::future::LocalBoxFuture;
 
 use super::{
-    BlkdebugDriver, CorDriver, FileDriver, NbdDriver, NullDriver, Qcow2Driver, RawDriver,
-    RbdDriver, ThrottleDriver,
+    BlkdebugDriver, CorDriver, FileDriver, NbdDriver, NullDriver, Qcow2Driver, QuorumDriver,
+    RawDriver, RbdDriver, ThrottleDriver,
 };
 use crate::block::{
     Allocation, BlockDriver, BlockError, BlockFuture, BlockStatus, Child, DebugEvent, Node, Perm,
@@ -635,6 +635,77 @@ impl BlockDriver for BlkdebugDriver {
     }
     fn debug_event(&self, event: DebugEvent) {
         BlkdebugDriver::event(self, event)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl BlockDriver for QuorumDriver {
+    fn name(&self) -> &'static str {
+        "quorum"
+    }
+    fn size(&self) -> u64 {
+        QuorumDriver::size(self)
+    }
+    fn request_alignment(&self) -> u32 {
+        QuorumDriver::request_alignment(self)
+    }
+    fn children(&self) -> Vec<&Child> {
+        self.children_list().iter().map(|c| c.child()).collect()
+    }
+    fn named_children(&self) -> Vec<(String, &Child)> {
+        self.children_list()
+            .iter()
+            .map(|c| (c.name().to_string(), c.child()))
+            .collect()
+    }
+    fn add_child(&self, _name: &str, child: Arc<Node>) -> Result<(), String> {
+        QuorumDriver::add_child(self, child)
+    }
+    fn del_child(&self, _name: &str, child: &str) -> Result<(), String> {
+        QuorumDriver::del_child(self, child)
+    }
+    fn preadv<'a>(&'a self, _node: &'a Node, offset: u64, iov: &'a IoVecs) -> BlockFuture<'a> {
+        QuorumDriver::preadv(self, offset, iov)
+    }
+    fn pwritev<'a>(
+        &'a self,
+        _node: &'a Node,
+        offset: u64,
+        iov: &'a IoVecs,
+        fua: bool,
+    ) -> BlockFuture<'a> {
+        QuorumDriver::pwritev(self, offset, iov, fua)
+    }
+    fn flush<'a>(&'a self, _node: &'a Node) -> BlockFuture<'a> {
+        QuorumDriver::flush(self)
+    }
+    fn pdiscard<'a>(&'a self, _node: &'a Node, _offset: u64, _len: u64) -> BlockFuture<'a> {
+        // QEMU's quorum has no discard: the request succeeds, unchanged.
+        BlockFuture::ready(Ok(()))
+    }
+    fn pwrite_zeroes<'a>(
+        &'a self,
+        _node: &'a Node,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        fua: bool,
+    ) -> BlockFuture<'a> {
+        QuorumDriver::pwrite_zeroes(self, offset, len, may_unmap, fua)
+    }
+    fn block_status<'a>(
+        &'a self,
+        _node: &'a Node,
+        offset: u64,
+        len: u64,
+    ) -> LocalBoxFuture<'a, Result<BlockStatus, BlockError>> {
+        Box::pin(QuorumDriver::block_status(self, offset, len))
+    }
+    fn truncate(&self, _node: &Node, _size: u64) -> Result<(), String> {
+        // QEMU's block_resize on a quorum node.
+        Err("Image format driver does not support resize".into())
     }
     fn as_any(&self) -> &dyn Any {
         self

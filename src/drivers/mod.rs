@@ -19,6 +19,7 @@ pub mod nbd;
 mod null;
 pub mod probe;
 pub mod qcow2;
+mod quorum;
 mod raw;
 pub mod rbd;
 mod reopen;
@@ -34,6 +35,7 @@ pub use qcow2::{Qcow2Driver, Qcow2Options};
 pub use reopen::PreparedReopen;
 // Moved to the block layer; callers should import them from there.
 pub use crate::block::{Allocation, BlockStatus};
+pub use quorum::{QuorumDriver, QuorumOptions};
 pub use raw::{RawDriver, RawOptions};
 pub use rbd::{RbdDriver, RbdOptions};
 pub use throttle::{ThrottleDriver, ThrottleOptions};
@@ -58,6 +60,7 @@ pub enum BlockdevOptions {
     Nbd(NbdOptions),
     NullCo(NullOptions),
     Qcow2(Qcow2Options),
+    Quorum(Box<QuorumOptions>),
     Raw(RawOptions),
     Rbd(RbdOptions),
     Throttle(ThrottleOptions),
@@ -188,6 +191,7 @@ impl BlockdevOptions {
             BlockdevOptions::Nbd(o) => c!(o),
             BlockdevOptions::NullCo(o) => c!(o),
             BlockdevOptions::Qcow2(o) => c!(o),
+            BlockdevOptions::Quorum(o) => c!(o),
             BlockdevOptions::Raw(o) => c!(o),
             BlockdevOptions::Rbd(o) => c!(o),
             BlockdevOptions::Throttle(o) => c!(o),
@@ -205,6 +209,7 @@ impl BlockdevOptions {
             BlockdevOptions::NullCo(_)
             | BlockdevOptions::Throttle(_)
             | BlockdevOptions::Blkdebug(_)
+            | BlockdevOptions::Quorum(_)
             | BlockdevOptions::CopyOnRead(_) => DiscardMode::Ignore,
         }
     }
@@ -243,6 +248,7 @@ impl BlockdevOptions {
             "nbd" => de(inner).map(BlockdevOptions::Nbd),
             "null-co" => de(inner).map(BlockdevOptions::NullCo),
             "qcow2" => de(inner).map(BlockdevOptions::Qcow2),
+            "quorum" => de(inner).map(|o| BlockdevOptions::Quorum(Box::new(o))),
             "raw" => de(inner).map(BlockdevOptions::Raw),
             "rbd" => de(inner).map(BlockdevOptions::Rbd),
             "throttle" => de(inner).map(BlockdevOptions::Throttle),
@@ -265,6 +271,7 @@ impl BlockdevOptions {
             BlockdevOptions::File(o) | BlockdevOptions::HostDevice(o) => o.active = a,
             BlockdevOptions::NullCo(o) => o.active = a,
             BlockdevOptions::Qcow2(o) => o.active = a,
+            BlockdevOptions::Quorum(o) => o.active = a,
             BlockdevOptions::Raw(o) => o.active = a,
             BlockdevOptions::Rbd(o) => o.active = a,
             BlockdevOptions::Nbd(o) => o.active = a,
@@ -285,6 +292,7 @@ impl BlockdevOptions {
             BlockdevOptions::NullCo(_)
             | BlockdevOptions::Throttle(_)
             | BlockdevOptions::Blkdebug(_)
+            | BlockdevOptions::Quorum(_)
             | BlockdevOptions::CopyOnRead(_) => {}
         }
     }
@@ -297,6 +305,7 @@ impl BlockdevOptions {
             BlockdevOptions::Nbd(o) => &o.node_name,
             BlockdevOptions::NullCo(o) => &o.node_name,
             BlockdevOptions::Qcow2(o) => &o.node_name,
+            BlockdevOptions::Quorum(o) => &o.node_name,
             BlockdevOptions::Raw(o) => &o.node_name,
             BlockdevOptions::Rbd(o) => &o.node_name,
             BlockdevOptions::Throttle(o) => &o.node_name,
@@ -311,6 +320,7 @@ impl BlockdevOptions {
             BlockdevOptions::Nbd(o) => o.node_name = name,
             BlockdevOptions::NullCo(o) => o.node_name = name,
             BlockdevOptions::Qcow2(o) => o.node_name = name,
+            BlockdevOptions::Quorum(o) => o.node_name = name,
             BlockdevOptions::Raw(o) => o.node_name = name,
             BlockdevOptions::Rbd(o) => o.node_name = name,
             BlockdevOptions::Throttle(o) => o.node_name = name,
@@ -325,6 +335,7 @@ impl BlockdevOptions {
             BlockdevOptions::Nbd(o) => o.read_only,
             BlockdevOptions::NullCo(o) => o.read_only,
             BlockdevOptions::Qcow2(o) => o.read_only,
+            BlockdevOptions::Quorum(o) => o.read_only,
             BlockdevOptions::Raw(o) => o.read_only,
             BlockdevOptions::Rbd(o) => o.read_only,
             BlockdevOptions::Throttle(o) => o.read_only,
@@ -340,6 +351,7 @@ impl BlockdevOptions {
             BlockdevOptions::Nbd(_) => "nbd",
             BlockdevOptions::NullCo(_) => "null-co",
             BlockdevOptions::Qcow2(_) => "qcow2",
+            BlockdevOptions::Quorum(_) => "quorum",
             BlockdevOptions::Raw(_) => "raw",
             BlockdevOptions::Rbd(_) => "rbd",
             BlockdevOptions::Throttle(_) => "throttle",
@@ -358,6 +370,7 @@ pub fn open(opts: &BlockdevOptions, graph: &mut Graph) -> Result<Box<dyn BlockDr
         BlockdevOptions::Nbd(o) => Box::new(NbdDriver::open(o)?),
         BlockdevOptions::NullCo(o) => Box::new(NullDriver::open(o)?),
         BlockdevOptions::Qcow2(o) => Box::new(Qcow2Driver::open(o, graph)?),
+        BlockdevOptions::Quorum(o) => Box::new(QuorumDriver::open(o, graph)?),
         BlockdevOptions::Raw(o) => Box::new(RawDriver::open(o, graph)?),
         BlockdevOptions::Rbd(o) => Box::new(RbdDriver::open(o, graph)?),
         BlockdevOptions::Throttle(o) => Box::new(ThrottleDriver::open(o, graph)?),

@@ -133,6 +133,13 @@ impl Node {
                     self.name()
                 ))
             }
+            BlockdevOptions::Quorum(_) => {
+                // QEMU's quorum has no bdrv_reopen_prepare either.
+                return Err(format!(
+                    "Block format 'quorum' used by node '{}' does not support reopening files",
+                    self.name()
+                ));
+            }
             BlockdevOptions::Blkdebug(_) => {
                 return Err(format!(
                     "node '{}': blkdebug nodes cannot be reopened",

@@ -27,7 +27,104 @@ pub static COMMANDS: &[CommandDef<Arc<State>>] = &[
     crate::command!("blockdev-reopen", blockdev_reopen, raw),
     crate::command!("block-set-write-threshold", set_write_threshold),
     crate::command!("blockdev-set-active", blockdev_set_active),
+    crate::command!("x-blockdev-change", x_blockdev_change),
 ];
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct BlockdevChange {
+    parent: String,
+    #[serde(default)]
+    child: Option<String>,
+    #[serde(default)]
+    node: Option<String>,
+}
+
+/// x-blockdev-change (QEMU's qmp_x_blockdev_change): removes the child
+/// edge `child` of `parent`, or adds the node `node` as a new child, in a
+/// drained section of `parent`'s users. Only quorum nodes take either.
+fn x_blockdev_change(state: &Arc<State>, a: BlockdevChange) -> Result<(), QmpError> {
+    let (parent, new) = {
+        let graph = state.graph();
+        let parent = graph.get(&a.parent).map_err(|_| {
+            QmpError::generic(format!(
+                "Cannot find device='{0}' nor node-name='{0}'",
+                a.parent
+            ))
+        })?;
+        let new = match (&a.child, &a.node) {
+            (Some(_), Some(_)) => {
+                return Err(QmpError::generic(
+                    "The parameters child and node are in conflict",
+                ))
+            }
+            (None, None) => {
+                return Err(QmpError::generic("Either child or node must be specified"))
+            }
+            (None, Some(n)) => Some(
+                graph
+                    .get(n)
+                    .map_err(|_| QmpError::generic(format!("Node '{n}' not found")))?,
+            ),
+            (Some(_), None) => None,
+        };
+        (parent, new)
+    };
+    let name = parent.name().to_string();
+    let r = match (a.child, new) {
+        (Some(child), _) => {
+            let found = parent
+                .block_driver()
+                .named_children()
+                .iter()
+                .any(|(n, _)| *n == child);
+            if !found {
+                return Err(QmpError::generic(format!(
+                    "Node '{name}' does not have child '{child}'"
+                )));
+            }
+            let gone = parent
+                .block_driver()
+                .named_children()
+                .iter()
+                .find(|(n, _)| *n == child)
+                .map(|(_, c)| c.node().clone());
+            let r = state.drained(&parent, || parent.block_driver().del_child(&name, &child));
+            // A child opened in place (inline) goes with its last parent,
+            // as QEMU drops its reference.
+            if let (Ok(()), Some(gone)) = (&r, gone) {
+                let mut graph = state.graph();
+                if graph.is_implicit(gone.name()) && gone.parents().is_empty() {
+                    if let Err(e) = graph.remove(gone.name()) {
+                        log::warn!("node {}: not removed: {e}", gone.name());
+                    }
+                }
+            }
+            r
+        }
+        (None, Some(new)) => {
+            // Requests are not split or padded here: every export above
+            // must still meet the new child's alignment (as blockdev-reopen
+            // checks a file node's).
+            let align = new.request_alignment().max(1);
+            for e in state.export_states() {
+                let lbs = e.config.logical_block_size;
+                if e.blk.node().reaches(&parent) && lbs % align != 0 {
+                    return Err(QmpError::generic(format!(
+                        "node '{}' needs requests aligned to {align} bytes, but export '{}' above '{name}' has logical-block-size {lbs}",
+                        new.name(),
+                        e.config.id
+                    )));
+                }
+            }
+            state.drained(&parent, || parent.block_driver().add_child(&name, new))
+        }
+        (None, None) => Ok(()),
+    };
+    r.map_err(QmpError::generic)?;
+    log::info!("node {name}: children changed (x-blockdev-change)");
+    Ok(())
+}
 
 #[derive(Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -282,10 +379,10 @@ fn block_graph(state: &Arc<State>) -> Result<Value, QmpError> {
     let mut edges = Vec::new();
     for (i, n) in nodes.iter().enumerate() {
         out_nodes.push(json!({"id": i + 1, "type": "block-driver", "name": n.name()}));
-        for c in n.children() {
+        for (name, c) in n.block_driver().named_children() {
             if let Some(child) = id_of(c.node()) {
                 edges.push(json!({
-                    "parent": i + 1, "child": child, "name": c.role().name(),
+                    "parent": i + 1, "child": child, "name": name,
                     "perm": perm_names(c.perm()), "shared-perm": perm_names(c.shared()),
                 }));
             }

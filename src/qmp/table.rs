@@ -200,6 +200,8 @@ mod tests {
         "x-nbd-server-query",
         // issue 24.
         "drive-backup",
+        // issue 24: quorum children at run time.
+        "x-blockdev-change",
     ];
 
     #[test]
