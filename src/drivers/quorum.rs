@@ -141,10 +141,11 @@ pub struct QuorumDriver {
 
 /// The permissions a quorum takes on each child and shares (QEMU's
 /// quorum_child_perm: no one else writes or resizes a child, or the
-/// copies would differ).
-fn child_perm(read_only: bool) -> (Perm, Perm) {
+/// copies would differ). With `rewrite`, reads may write a winning copy
+/// over a losing one, so it writes even when read-only itself.
+fn child_perm(read_only: bool, rewrite: bool) -> (Perm, Perm) {
     let mut perm = Perm::CONSISTENT_READ;
-    if !read_only {
+    if !read_only || rewrite {
         perm = perm | Perm::WRITE;
     }
     (perm, Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED)
@@ -193,7 +194,7 @@ impl QuorumDriver {
                 ));
             }
         }
-        let (perm, shared) = child_perm(o.read_only);
+        let (perm, shared) = child_perm(o.read_only, rewrite);
         let mut children = Vec::with_capacity(refs.len());
         for (i, r) in refs.iter().enumerate() {
             let cname = format!("children.{i}");
@@ -273,7 +274,7 @@ impl QuorumDriver {
         let mut next = self.next_index.lock().unwrap_or_else(|e| e.into_inner());
         let idx = *next;
         let bumped = idx.checked_add(1).ok_or("Too many children")?;
-        let (perm, shared) = child_perm(self.read_only);
+        let (perm, shared) = child_perm(self.read_only, self.rewrite);
         let child = Child::attach(&self.node_name, ChildRole::Data, node, perm, shared)
             .map_err(|e| e.to_string())?;
         let mut list: Vec<Arc<QuorumChild>> = self.children.get().clone();

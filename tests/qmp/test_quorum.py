@@ -238,6 +238,8 @@ async def refusals(mon, d):
     for n in ("a", "b", "c", "e"):
         await c.execute("blockdev-add", file_node(n, d / f"{n}.img"))
     await c.execute("blockdev-add", file_node("big", d / "big.img"))
+    for n in ("a", "b"):
+        await c.execute("blockdev-add", {**file_node(f"r{n}", d / f"{n}.img"), "read-only": True})
     q = {"driver": "quorum", "node-name": "x"}
     for name, extra in [
         ("threshold-0", {"children": ["a", "b"], "vote-threshold": 0}),
@@ -252,6 +254,11 @@ async def refusals(mon, d):
         # QEMU 7.2 takes rewrite-corrupted with fifo and ignores it.
         ("fifo-rewrite", {"children": ["a", "b"], "vote-threshold": 1, "read-pattern": "fifo",
                           "rewrite-corrupted": True}),
+        # A read-only quorum reads read-only children; with rewrite-corrupted
+        # it writes to them (QEMU's quorum_child_perm), so they cannot be.
+        ("read-only", {"children": ["ra", "rb"], "vote-threshold": 1, "read-only": True}),
+        ("read-only-rewrite", {"children": ["ra", "rb"], "vote-threshold": 1, "read-only": True,
+                               "rewrite-corrupted": True}),
     ]:
         await try_(name, "blockdev-add", {**q, **extra})
         if out[name] == "ok":
@@ -287,6 +294,10 @@ def test_refusals_and_child_names_as_qsd(daemon, qsd):
         got = ours[name]
         if want == "ok" or name == "edges":
             assert got == want, f"{name}: qemu-storage-daemon says {want!r}, we say {got!r}"
+        elif name == "read-only-rewrite":
+            # Ours says which node and which parent ("node 'ra' is
+            # read-only, but x needs write permission on it").
+            assert want == "Block node is read-only" and "is read-only" in got, (want, got)
         else:
             # Ours names the node first ("cannot open node 'x': ...").
             assert got != "ok" and got.endswith(want), \
