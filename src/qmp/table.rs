@@ -198,6 +198,8 @@ mod tests {
         "nbd-server-start",
         "nbd-server-stop",
         "x-nbd-server-query",
+        // issue 24: moving exports between iothreads.
+        "x-blockdev-set-iothread",
     ];
 
     #[test]

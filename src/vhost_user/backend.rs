@@ -305,7 +305,16 @@ impl VhostUserBackend for VhostUserBlk {
         // The library started this thread: it takes the iothread filter
         // at its first event (until then it has its creator's).
         crate::sandbox::enter_foreign(crate::sandbox::Class::Iothread);
-        // Never return an error: the library would end the worker thread.
+        if self.moves.must_retire(thread_id) {
+            // x-blockdev-set-iothread (iothread.rs): a new thread takes
+            // over. The error ends the library's loop, and this thread.
+            worker::retire();
+            self.moves.retired(thread_id);
+            return Err(io::Error::other("moved to another iothread"));
+        }
+        super::iothread::on_event(&self.export, thread_id);
+        // Never return an error otherwise: the library would end the
+        // worker thread.
         worker::handle_event(self, device_event, vrings, thread_id);
         Ok(())
     }

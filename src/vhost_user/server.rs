@@ -207,6 +207,7 @@ impl Server {
                 }
             }
         }
+        self.export.end_current();
         log::info!("export {}: stopped", self.export.config.id);
         // Dropping the server removes the socket file.
     }
@@ -278,6 +279,9 @@ impl Server {
                 .map_err(setup_err)?;
         }
         backend.publish_wakers().map_err(setup_err)?;
+        // From here a move (x-blockdev-set-iothread) replaces these threads.
+        self.export
+            .set_current(backend.clone(), daemon.get_epoll_handlers());
         let stream = self.accept_allowed()?;
         daemon
             .start_with_stream(stream)
@@ -307,6 +311,8 @@ impl Server {
         backend.set_shutdown(None);
         backend.drain_all();
         drop(daemon);
+        // The threads that replaced the library's (moves) end with it.
+        self.export.end_current();
         match result {
             Ok(()) => log::info!("export {id}: frontend disconnected"),
             Err(e) if is_disconnect(&e) => log::info!("export {id}: frontend disconnected"),

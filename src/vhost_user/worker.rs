@@ -293,7 +293,7 @@ impl Worker {
             io.kind()
         );
         Worker {
-            poll: Poller::new(blk.export.config.poll_max_ns),
+            poll: Poller::new(blk.export.poll_max_ns()),
             signal: SignalTuner::new(),
             timer: blk.take_timer(thread_id),
             timer_at: None,
@@ -967,6 +967,15 @@ impl Future for Parked {
         PARKED.with(|p| p.borrow_mut().push(cx.waker().clone()));
         Poll::Pending
     }
+}
+
+/// x-blockdev-set-iothread: this thread hands its queues over to a new
+/// one (iothread.rs) and ends. Its worker goes now, ring and timerfd
+/// closed; nothing is in flight (the export is drained).
+pub fn retire() {
+    let _ = WORKER.try_with(|cell| cell.borrow_mut().take());
+    aio::set_current(None);
+    aio::set_current_wake_fd(None);
 }
 
 /// Entry point from `VhostUserBackend::handle_event` on the worker thread.
