@@ -72,11 +72,13 @@ impl State {
         self.drained_many(&refs, || {
             for e in &exports {
                 let n = e.in_flight().get();
-                if n > 0 {
+                if n > 0 && e.is_stopped() {
                     // Requests parked by the `stop` policy stay in flight
-                    // until `cont`.
+                    // until `cont`; a thread hands over only once it has
+                    // nothing in flight. (A request popped just as the
+                    // drain began completes before its thread hands over.)
                     return Err(format!(
-                        "export {}: {n} requests are still in flight (stopped by an error policy?); not moved",
+                        "export {}: stopped after an I/O error with {n} requests parked;                          'cont' first",
                         e.config.id
                     ));
                 }

@@ -110,11 +110,15 @@ impl Moves {
     }
 
     /// On thread `t`, at each event: whether it must hand over now (it
-    /// then does, and says so with [`Moves::retired`]). Taking the flag
-    /// decides: a move that gave up waiting took it back first.
-    pub(super) fn must_retire(&self, t: usize) -> bool {
+    /// then does, and says so with [`Moves::retired`]). Only once `idle`
+    /// says it has nothing in flight: a request it popped just as the
+    /// drain began (after its look at the quiesce counter, before it
+    /// counted the request) completes here first. Taking the flag decides:
+    /// a move that gave up waiting took it back first.
+    pub(super) fn must_retire(&self, t: usize, idle: impl FnOnce() -> bool) -> bool {
         self.retire.get(t).is_some_and(|r| {
             r.load(Ordering::Relaxed)
+                && idle()
                 && r.compare_exchange(true, false, Ordering::AcqRel, Ordering::Relaxed)
                     .is_ok()
         })

@@ -310,9 +310,11 @@ impl Server {
         backend.close();
         backend.set_shutdown(None);
         backend.drain_all();
-        drop(daemon);
-        // The threads that replaced the library's (moves) end with it.
+        // No move reaches the connection from here (one under way ends
+        // first, while its threads still run); the threads that replaced
+        // the library's end now, the library's own when it is dropped.
         self.export.end_current();
+        drop(daemon);
         match result {
             Ok(()) => log::info!("export {id}: frontend disconnected"),
             Err(e) if is_disconnect(&e) => log::info!("export {id}: frontend disconnected"),

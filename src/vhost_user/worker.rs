@@ -978,6 +978,16 @@ pub fn retire() {
     aio::set_current_wake_fd(None);
 }
 
+/// Whether this thread has no request popped and not yet returned (a
+/// move hands over only then).
+pub fn idle() -> bool {
+    WORKER.with(|cell| {
+        cell.borrow()
+            .as_ref()
+            .is_none_or(|w| w.heads.iter().all(|h| h.count() == 0))
+    })
+}
+
 /// Entry point from `VhostUserBackend::handle_event` on the worker thread.
 pub fn handle_event(blk: &VhostUserBlk, device_event: u16, vrings: &[Vring], thread_id: usize) {
     WORKER.with(|cell| {
