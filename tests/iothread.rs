@@ -389,10 +389,13 @@ fn moves_race_with_connections_and_io() {
     };
     let mut requests = 0;
     for round in 0..10u64 {
+        // Half the frontends keep an inflight buffer, as QEMU does: a new
+        // thread's worker looks at it before its first pop.
         let mut vm = Vm::connect(
             &d.socket,
             VmOptions {
                 num_queues: 2,
+                inflight: round % 2 == 1,
                 ..Default::default()
             },
         );
