@@ -86,8 +86,8 @@ pub struct VhostUserBlkOptions {
     /// of them (QEMU 9's multiqueue export); see ExportConfig::iothreads.
     #[serde(default)]
     pub iothread: Option<IothreadRef>,
-    /// qemu-storage-daemon's `fixed-iothread`; accepted (an export's
-    /// threads are its own and never change).
+    /// qemu-storage-daemon's `fixed-iothread`: the export refuses
+    /// x-blockdev-set-iothread.
     #[serde(default, deserialize_with = "opts::bool")]
     pub fixed_iothread: bool,
     /// QEMU 10's `allow-inactive`: the export may serve an inactive node

@@ -211,7 +211,7 @@ pub struct ExportConfig {
     pub iothreads: Vec<String>,
     /// `poll-max-ns` was given on the export (it wins over the iothread's).
     pub poll_max_ns_given: bool,
-    /// `fixed-iothread`: accepted; our exports never move between threads.
+    /// `fixed-iothread`: the export refuses x-blockdev-set-iothread.
     pub fixed_iothread: bool,
     /// `allow-inactive` (QEMU 10): see VhostUserBlkOptions::allow_inactive.
     pub allow_inactive: bool,

@@ -202,6 +202,8 @@ mod tests {
         "drive-backup",
         // issue 24: quorum children at run time.
         "x-blockdev-change",
+        // issue 24: moving exports between iothreads.
+        "x-blockdev-set-iothread",
     ];
 
     #[test]

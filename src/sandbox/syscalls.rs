@@ -546,6 +546,8 @@ impl Class {
             Class::Monitor => &[
                 Class::Monitor,
                 Class::Control,
+                // x-blockdev-set-iothread starts an export's new threads.
+                Class::Iothread,
                 Class::Job,
                 Class::Helper,
                 Class::Network,

@@ -170,6 +170,8 @@ impl State {
                 node_name: e.state.blk.node().name().to_string(),
                 shutting_down: e.shutting_down,
                 writeback: e.state.writeback(),
+                iothreads: e.state.iothreads(),
+                thread_ids: e.state.thread_ids(),
             })
             .collect()
     }

@@ -9,6 +9,7 @@
 //!   mod.rs          State: graph, nodes, objects, drained sections,
 //!                   block_resize, shutdown
 //!   exports.rs      exports: bind, start, delete, list
+//!   iothread.rs     x-blockdev-set-iothread: a component's exports moved
 //!   reopen.rs       blockdev-reopen: prepare, check, commit
 //!   participant.rs  DrainParticipant, what block jobs implement (jobs/drain.rs)
 //!   error.rs        StateError and the refusals it carries
@@ -20,6 +21,7 @@
 mod active;
 mod error;
 mod exports;
+mod iothread;
 mod nbd;
 mod participant;
 pub mod qmp;
@@ -61,6 +63,10 @@ pub struct ExportInfo {
     pub shutting_down: bool,
     /// The device's write cache is on.
     pub writeback: bool,
+    /// The iothread objects its threads run as (x-blockdev-set-iothread).
+    pub iothreads: Vec<String>,
+    /// Its current connection's worker threads (ids).
+    pub thread_ids: Vec<i32>,
 }
 
 /// The graph and the exports, shared by start-up, the monitors and shutdown.

@@ -310,8 +310,22 @@ impl VhostUserBackend for VhostUserBlk {
         // The library started this thread: it takes the iothread filter
         // at its first event (until then it has its creator's).
         crate::sandbox::enter_foreign(crate::sandbox::Class::Iothread);
-        // Never return an error: the library would end the worker thread.
-        worker::handle_event(self, device_event, vrings, thread_id);
-        Ok(())
+        // x-blockdev-set-iothread (iothread.rs) asks before it wakes us;
+        // asked after this first look, its wake-up may be the one this
+        // event consumes: so look again after it.
+        if !self.moves.must_retire(thread_id, worker::idle) {
+            super::iothread::on_event(&self.export, thread_id);
+            worker::handle_event(self, device_event, vrings, thread_id);
+            if !self.moves.must_retire(thread_id, worker::idle) {
+                // Never return an error otherwise: the library would end
+                // the worker thread.
+                return Ok(());
+            }
+        }
+        // A new thread takes over. The error ends the library's loop, and
+        // this thread.
+        worker::retire();
+        self.moves.retired(thread_id);
+        Err(io::Error::other("moved to another iothread"))
     }
 }

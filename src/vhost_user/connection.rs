@@ -44,11 +44,11 @@ pub struct VhostUserBlk {
     /// Requests in flight per queue, for GET_VRING_BASE.
     pub(super) queues: Vec<DrainCounter>,
     /// io_urings prepared for each iothread, taken on its first event.
-    rings: Vec<Mutex<Option<PreparedRing>>>,
+    pub(super) rings: Vec<Mutex<Option<PreparedRing>>>,
     /// One wake-up eventfd per iothread (see ExportState::drained_end).
     wakers: Vec<Arc<EventFd>>,
     /// One timerfd per iothread, for I/O limits; taken on its first event.
-    timers: Vec<Mutex<Option<TimerFd>>>,
+    pub(super) timers: Vec<Mutex<Option<TimerFd>>>,
     pub(super) backend_req: Mutex<Option<Backend>>,
     /// The frontend is gone (or broke the protocol): nothing more is popped.
     closed: AtomicBool,
@@ -71,6 +71,26 @@ pub struct VhostUserBlk {
     pub(super) inflight_gen: AtomicU32,
     /// The dirty log of live migration (SET_LOG_BASE, LOG_ALL).
     pub(super) dirty: Arc<LogState>,
+    /// Its threads being replaced (x-blockdev-set-iothread, iothread.rs).
+    pub(super) moves: super::iothread::Moves,
+}
+
+/// An iothread's timerfd, for I/O limits.
+pub(super) fn new_timer() -> io::Result<TimerFd> {
+    let t = TimerFd::new()?;
+    // Non-blocking: a re-armed timer may have nothing to read.
+    // SAFETY: fcntl on a descriptor we own changes only its flags.
+    unsafe {
+        let fd = t.as_raw_fd();
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+    }
+    Ok(t)
+}
+
+/// The io_uring entries of an iothread's ring.
+pub(super) const fn ring_entries() -> u32 {
+    RING_ENTRIES
 }
 
 impl VhostUserBlk {
@@ -95,15 +115,7 @@ impl VhostUserBlk {
             .collect::<io::Result<Vec<_>>>()?;
         let mut timers = Vec::with_capacity(threads);
         for _ in 0..threads {
-            let t = TimerFd::new()?;
-            // Non-blocking: a re-armed timer may have nothing to read.
-            // SAFETY: fcntl on a descriptor we own changes only its flags.
-            unsafe {
-                let fd = t.as_raw_fd();
-                let flags = libc::fcntl(fd, libc::F_GETFL);
-                libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
-            }
-            timers.push(Mutex::new(Some(t)));
+            timers.push(Mutex::new(Some(new_timer()?)));
         }
         let mapped = sigbus::Mapped::new();
         Ok(VhostUserBlk {
@@ -124,6 +136,7 @@ impl VhostUserBlk {
             inflight: Mutex::new(None),
             inflight_gen: AtomicU32::new(0),
             dirty: Arc::default(),
+            moves: super::iothread::Moves::new(threads),
         })
     }
 

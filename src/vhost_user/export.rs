@@ -63,6 +63,10 @@ pub struct ExportState {
     /// x-block-export-set-writethrough (a migration destination takes the
     /// guest's choice from the source this way).
     writethrough: AtomicBool,
+    /// The iothread objects the export's threads run as now, the poll
+    /// window they take, the current connection's threads
+    /// (x-blockdev-set-iothread, iothread.rs).
+    pub(super) threads: super::iothread::Threads,
 }
 
 impl ExportState {
@@ -84,6 +88,7 @@ impl ExportState {
             notifier: Mutex::new(None),
             listener_name: Mutex::new(Vec::new()),
             writethrough: AtomicBool::new(config.writethrough),
+            threads: super::iothread::Threads::new(&config),
             config,
         }
     }

@@ -10,6 +10,8 @@
 //!               stop policy's parking, counters, device parameters
 //!   worker.rs   the iothread: pop chains, run request tasks on its
 //!               io_uring, fill the used ring, notify once per batch
+//!   iothread.rs x-blockdev-set-iothread: the iothread objects an export
+//!               runs as; its threads replaced by new ones in a drain
 //!   inflight.rs the inflight buffer (INFLIGHT_SHMFD): which requests a
 //!               restarted daemon resubmits, in which order
 //!   dirty_log.rs the dirty log of live migration (LOG_ALL, LOG_SHMFD)
@@ -22,6 +24,7 @@ mod connection;
 pub mod dirty_log;
 mod export;
 pub mod inflight;
+mod iothread;
 mod notify;
 mod server;
 mod shm;

@@ -207,6 +207,7 @@ impl Server {
                 }
             }
         }
+        self.export.end_current();
         log::info!("export {}: stopped", self.export.config.id);
         // Dropping the server removes the socket file.
     }
@@ -278,6 +279,9 @@ impl Server {
                 .map_err(setup_err)?;
         }
         backend.publish_wakers().map_err(setup_err)?;
+        // From here a move (x-blockdev-set-iothread) replaces these threads.
+        self.export
+            .set_current(backend.clone(), daemon.get_epoll_handlers());
         let stream = self.accept_allowed()?;
         daemon
             .start_with_stream(stream)
@@ -306,6 +310,10 @@ impl Server {
         backend.close();
         backend.set_shutdown(None);
         backend.drain_all();
+        // No move reaches the connection from here (one under way ends
+        // first, while its threads still run); the threads that replaced
+        // the library's end now, the library's own when it is dropped.
+        self.export.end_current();
         drop(daemon);
         match result {
             Ok(()) => log::info!("export {id}: frontend disconnected"),

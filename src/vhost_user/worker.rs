@@ -356,7 +356,7 @@ impl Worker {
             io.kind()
         );
         Worker {
-            poll: Poller::new(blk.export.config.poll_max_ns),
+            poll: Poller::new(blk.export.poll_max_ns()),
             cache,
             signal: SignalTuner::new(),
             timer: blk.take_timer(thread_id),
@@ -1073,6 +1073,25 @@ impl Future for Parked {
         PARKED.with(|p| p.borrow_mut().push(cx.waker().clone()));
         Poll::Pending
     }
+}
+
+/// x-blockdev-set-iothread: this thread hands its queues over to a new
+/// one (iothread.rs) and ends. Its worker goes now, ring and timerfd
+/// closed; nothing is in flight (the export is drained).
+pub fn retire() {
+    let _ = WORKER.try_with(|cell| cell.borrow_mut().take());
+    aio::set_current(None);
+    aio::set_current_wake_fd(None);
+}
+
+/// Whether this thread has no request popped and not yet returned (a
+/// move hands over only then).
+pub fn idle() -> bool {
+    WORKER.with(|cell| {
+        cell.borrow()
+            .as_ref()
+            .is_none_or(|w| w.heads.iter().all(|h| h.count() == 0))
+    })
 }
 
 /// Entry point from `VhostUserBackend::handle_event` on the worker thread.

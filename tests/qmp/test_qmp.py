@@ -165,7 +165,7 @@ def test_nodes_and_exports_are_added_used_and_deleted_at_run_time(daemon, workdi
         await c.execute("block-export-add", export("e0", "d0", sock, writable=True, **{"num-queues": 2}))
         assert await c.execute("query-block-exports") == [
             {"type": "vhost-user-blk", "id": "e0", "node-name": "d0", "shutting-down": False,
-             "x-writethrough": False}]
+             "x-writethrough": False, "x-iothread": None, "x-thread-ids": []}]
         graph = await c.execute("x-debug-query-block-graph")
         assert any(n["type"] == "block-backend" and n["name"] == "e0" for n in graph["nodes"])
         assert any(e["name"] == "file" and "write" in e["perm"] for e in graph["edges"])

@@ -25,7 +25,37 @@ pub static COMMANDS: &[CommandDef<Arc<State>>] = &[
     crate::command!("cont", cont, no_args),
     crate::command!("query-blockstats", query_blockstats),
     crate::command!("block-latency-histogram-set", histogram_set),
+    crate::command!("x-blockdev-set-iothread", set_iothread),
 ];
+
+/// x-blockdev-set-iothread (QEMU's `iothread` is a StrOrNull, required).
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct SetIothread {
+    node_name: String,
+    #[serde(deserialize_with = "str_or_null")]
+    iothread: Option<String>,
+    #[serde(default, deserialize_with = "opts::bool")]
+    force: bool,
+}
+
+fn str_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    match Value::deserialize(d)? {
+        Value::Null => Ok(None),
+        Value::String(s) => Ok(Some(s)),
+        _ => Err(serde::de::Error::custom(
+            "Invalid parameter type for 'iothread', expected: StrOrNull",
+        )),
+    }
+}
+
+/// Moves the exports on a node's graph component to another iothread
+/// object (state/iothread.rs).
+fn set_iothread(state: &Arc<State>, a: SetIothread) -> Result<(), QmpError> {
+    state
+        .set_iothread(&a.node_name, a.iothread.as_deref(), a.force)
+        .map_err(QmpError::generic)
+}
 
 fn block_export_add(state: &Arc<State>, a: ExportOptions) -> Result<(), QmpError> {
     match a {
@@ -91,6 +121,15 @@ fn query_block_exports(state: &Arc<State>) -> Result<Value, QmpError> {
             // extension, x- as QEMU names them; a migration copies it to
             // the destination's export).
             "x-writethrough": !e.writeback,
+            // The iothread object(s) the export runs as (QEMU shows a
+            // node's or export's iothread nowhere): a name, a list
+            // (multiqueue), or null; and its threads' ids (/proc/PID/task).
+            "x-iothread": match e.iothreads.as_slice() {
+                [] => Value::Null,
+                [one] => json!(one),
+                many => json!(many),
+            },
+            "x-thread-ids": e.thread_ids,
         }))
         .chain(state.nbd_export_list().iter().map(|e| json!({
             "type": "nbd",

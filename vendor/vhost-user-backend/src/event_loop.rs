@@ -212,8 +212,11 @@ where
     /// Run the event poll loop to handle all pending events on registered fds.
     ///
     /// The event loop will be terminated once an event is received from the `exit event fd`
-    /// associated with the backend.
-    pub(crate) fn run(&self) -> VringEpollResult<()> {
+    /// associated with the backend, or once the backend's `handle_event`
+    /// fails. Public so that a backend may run the loop of one of its
+    /// handlers on a thread of its own, after the thread the handler
+    /// started with has ended (on an error its `handle_event` returned).
+    pub fn run(&self) -> VringEpollResult<()> {
         const EPOLL_EVENTS_LEN: usize = 100;
         let mut events = vec![EpollEvent::new(EventSet::empty(), 0); EPOLL_EVENTS_LEN];
 
