@@ -250,10 +250,9 @@ impl ExportState {
         // What the new thread needs is made first: a failure here leaves
         // the old thread serving.
         let ring = match self.engine {
-            EngineKind::IoUring => Some(
-                PreparedRing::new(ring_entries())
-                    .map_err(|e| format!("export {id}: cannot make an io_uring: {e}"))?,
-            ),
+            EngineKind::IoUring => {
+                Some(new_ring().map_err(|e| format!("export {id}: cannot make an io_uring: {e}"))?)
+            }
             EngineKind::Sync => None,
         };
         let timer = new_timer().map_err(|e| format!("export {id}: cannot make a timerfd: {e}"))?;
@@ -331,6 +330,22 @@ impl ExportState {
                 blk.end_connection(&format!("iothread {t} could not be replaced: {e}"));
                 Err(format!("export {id}: cannot start a thread: {e}"))
             }
+        }
+    }
+}
+
+/// A ring for a new thread. The kernel frees a closed ring's memory
+/// asynchronously and counts it against the locked-memory limit until
+/// then, so moves back to back can meet ENOMEM for a moment (a test making
+/// hundreds of moves a second did): retried for up to a second.
+fn new_ring() -> std::io::Result<PreparedRing> {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        match PreparedRing::new(ring_entries()) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOMEM) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            r => return r,
         }
     }
 }
