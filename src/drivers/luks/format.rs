@@ -624,7 +624,7 @@ impl CreateSpec {
     /// Applies QEMU's option values (cipher-alg aes-128|aes-256,
     /// cipher-mode xts|cbc, ivgen-alg plain|plain64|essiv, ivgen-hash-alg,
     /// hash-alg sha1|sha256, iter-time); `ivgen-hash-alg` defaults to
-    /// `hash-alg` as in QEMU.
+    /// sha256 as in QEMU.
     pub fn from_options(
         cipher_alg: Option<&str>,
         cipher_mode: Option<&str>,
@@ -656,7 +656,7 @@ impl CreateSpec {
                 "plain" => IvGen::Plain,
                 "plain64" => IvGen::Plain64,
                 "essiv" => {
-                    let h = Hash::parse(ivgen_hash_alg.unwrap_or(c.hash.name()))?;
+                    let h = Hash::parse(ivgen_hash_alg.unwrap_or("sha256"))?;
                     if h != Hash::Sha256 {
                         return Err(format!(
                             "Cipher 'aes' cannot take an ESSIV key from '{}'",

@@ -1,0 +1,431 @@
+//! driver=luks against QEMU 7.2's tools: volumes qemu-img makes open here
+//! and what we write reads back in qemu-io, volumes we make (`create -f
+//! luks`, blockdev-create) open in qemu-img and compare identical; a
+//! wrong passphrase is refused with QEMU's words; a second key slot
+//! opens; the passphrase appears in no log and no query output.
+//!
+//! The daemon serves the luks node over NBD, so that qemu-img and qemu-io
+//! read and write it as a guest would.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Daemon, Qmp};
+use serde_json::json;
+
+const PW: &str = "correct horse battery";
+
+fn sh(cmd: &str, args: &[&str]) -> String {
+    let mut out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    // qemu-img create times PBKDF2 with getrusage and gives up now and
+    // then on a busy machine ("Unable to get accurate CPU usage").
+    for _ in 0..5 {
+        if out.status.success()
+            || !String::from_utf8_lossy(&out.stderr).contains("Unable to get accurate CPU usage")
+        {
+            break;
+        }
+        out = Command::new(cmd).args(args).output().unwrap();
+    }
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+fn secret(id: &str, pw: &str) -> String {
+    format!("secret,id={id},data={pw}")
+}
+
+/// The luks image as qemu-img/qemu-io open it.
+fn luks_opts(img: &Path, id: &str) -> String {
+    format!("driver=luks,key-secret={id},file.filename={}", p(img))
+}
+
+fn nbd_opts(sock: &Path) -> String {
+    format!(
+        "driver=nbd,server.type=unix,server.path={},export=d",
+        p(sock)
+    )
+}
+
+/// A daemon serving `img` as a luks node over NBD (and a QMP monitor).
+fn serve(dir: tempfile::TempDir, img: &Path, pw: &str) -> Daemon {
+    let s = secret("sec0", pw);
+    let f = format!("driver=file,node-name=f,filename={}", p(img));
+    let args = [
+        "--object",
+        s.as_str(),
+        "--blockdev",
+        f.as_str(),
+        "--blockdev",
+        "driver=luks,node-name=d,file=f,key-secret=sec0",
+        "--nbd-server",
+        "addr.type=unix,addr.path={sock}",
+        "--export",
+        "type=nbd,id=e0,node-name=d,writable=on",
+        "--chardev",
+        "socket,id=m0,path={dir}/qmp.sock,server=on,wait=off",
+        "--monitor",
+        "chardev=m0",
+    ];
+    let d = Daemon::start_in(dir, &args);
+    d.wait_ready();
+    d
+}
+
+/// Writes through the daemon with qemu-io, checks that qemu-img sees the
+/// volume and the export identical while the daemon runs, stops it, then
+/// reads what it wrote with QEMU's own luks driver.
+fn write_through_daemon_and_check_in_qemu(dir: tempfile::TempDir, img: &Path) {
+    let d = serve(dir, img, PW);
+    let nbd = nbd_opts(&d.socket);
+    sh(
+        "qemu-io",
+        &[
+            "--image-opts",
+            "-c",
+            "write -P 0xa5 1536 5k",
+            "-c",
+            "write -P 0x3c 1M 192k",
+            nbd.as_str(),
+        ],
+    );
+    let s = secret("sec0", PW);
+    let l = luks_opts(img, "sec0");
+    let out = sh(
+        "qemu-img",
+        &["compare", "-U", "--object", &s, "--image-opts", &l, &nbd],
+    );
+    assert!(out.contains("Images are identical"), "{out}");
+    let mut d = d;
+    assert!(d.terminate().success(), "{}", d.log());
+    let log = d.log();
+    assert!(!log.contains(PW), "the passphrase is in the log:\n{log}");
+    let out = sh(
+        "qemu-io",
+        &[
+            "--object",
+            &s,
+            "--image-opts",
+            "-c",
+            "read -P 0xa5 1536 5k",
+            "-c",
+            "read -P 0x3c 1M 192k",
+            &l,
+        ],
+    );
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+}
+
+#[test]
+fn qemu_img_volumes_open_here_and_our_writes_read_back_in_qemu() {
+    for opts in [
+        "cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,hash-alg=sha256",
+        "cipher-alg=aes-128,cipher-mode=xts,ivgen-alg=plain64,hash-alg=sha1",
+        "cipher-alg=aes-256,cipher-mode=cbc,ivgen-alg=essiv,hash-alg=sha256",
+        "cipher-alg=aes-128,cipher-mode=cbc,ivgen-alg=plain64,hash-alg=sha1",
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("q.luks");
+        let s = secret("sec0", PW);
+        sh(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "luks",
+                "--object",
+                &s,
+                "-o",
+                &format!("key-secret=sec0,iter-time=10,{opts}"),
+                p(&img),
+                "4M",
+            ],
+        );
+        // QEMU writes first: the daemon must read it identically.
+        sh(
+            "qemu-io",
+            &[
+                "--object",
+                &s,
+                "--image-opts",
+                "-c",
+                "write -P 0x11 0 512k",
+                "-c",
+                "write -P 0x22 3M 4k",
+                &luks_opts(&img, "sec0"),
+            ],
+        );
+        write_through_daemon_and_check_in_qemu(dir, &img);
+    }
+}
+
+#[test]
+fn volumes_we_create_open_in_qemu() {
+    for opts in [
+        "",
+        ",cipher-alg=aes-128,cipher-mode=cbc,ivgen-alg=essiv,hash-alg=sha1",
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("ours.luks");
+        let s = secret("sec0", PW);
+        let o = format!("key-secret=sec0,iter-time=10{opts}");
+        let out = sh(
+            common::daemon_bin(),
+            &[
+                "create",
+                "--object",
+                &s,
+                "-f",
+                "luks",
+                "-o",
+                &o,
+                p(&img),
+                "4M",
+            ],
+        );
+        assert!(!out.contains(PW), "{out}");
+        let info = sh(
+            "qemu-img",
+            &[
+                "info",
+                "--object",
+                &s,
+                "--image-opts",
+                &luks_opts(&img, "sec0"),
+            ],
+        );
+        assert!(info.contains("virtual size: 4 MiB"), "{info}");
+        sh(
+            "qemu-io",
+            &[
+                "--object",
+                &s,
+                "--image-opts",
+                "-c",
+                "write -P 0x77 2M 64k",
+                &luks_opts(&img, "sec0"),
+            ],
+        );
+        write_through_daemon_and_check_in_qemu(dir, &img);
+    }
+}
+
+#[test]
+fn a_wrong_passphrase_is_refused_with_qemus_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("q.luks");
+    let s = secret("sec0", PW);
+    sh(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "luks",
+            "--object",
+            &s,
+            "-o",
+            "key-secret=sec0,iter-time=10",
+            p(&img),
+            "4M",
+        ],
+    );
+    let bad = secret("sec0", "not the passphrase");
+    let f = format!("driver=file,node-name=f,filename={}", p(&img));
+    let (code, err) = common::run_daemon(&[
+        "--object",
+        &bad,
+        "--blockdev",
+        &f,
+        "--blockdev",
+        "driver=luks,node-name=d,file=f,key-secret=sec0",
+        "--export",
+        "type=vhost-user-blk,id=e0,node-name=d,addr.type=unix,addr.path=/nonexistent/x.sock",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("Invalid password, cannot unlock any keyslot"),
+        "{err}"
+    );
+    assert!(!err.contains("not the passphrase"), "{err}");
+    // QEMU says the same about it.
+    let out = Command::new("qemu-io")
+        .args(["--object", &bad, "-c", "read 0 512", "--image-opts"])
+        .arg(luks_opts(&img, "sec0"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("Invalid password, cannot unlock any keyslot"));
+}
+
+#[test]
+fn a_second_key_slot_opens_the_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("q.luks");
+    let s0 = secret("sec0", "first passphrase");
+    let s1 = secret("sec1", PW);
+    sh(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "luks",
+            "--object",
+            &s0,
+            "-o",
+            "key-secret=sec0,iter-time=10",
+            p(&img),
+            "4M",
+        ],
+    );
+    sh(
+        "qemu-img",
+        &[
+            "amend",
+            "--object",
+            &s0,
+            "--object",
+            &s1,
+            "--image-opts",
+            "-o",
+            "state=active,new-secret=sec1,keyslot=3,iter-time=10",
+            &luks_opts(&img, "sec0"),
+        ],
+    );
+    sh(
+        "qemu-io",
+        &[
+            "--object",
+            &s0,
+            "--image-opts",
+            "-c",
+            "write -P 0x99 0 64k",
+            &luks_opts(&img, "sec0"),
+        ],
+    );
+    // Slot 0 fails with PW, slot 3 opens.
+    write_through_daemon_and_check_in_qemu(dir, &img);
+}
+
+fn wait_concluded(qmp: &mut Qmp, id: &str) {
+    loop {
+        let ev = qmp.wait_event("JOB_STATUS_CHANGE", Duration::from_secs(30));
+        if ev["data"]["id"] == id && ev["data"]["status"] == "concluded" {
+            return;
+        }
+    }
+}
+
+#[test]
+fn blockdev_create_makes_a_volume_qemu_opens_and_no_query_shows_the_passphrase() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("q.luks");
+    sh(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "luks",
+            "--object",
+            &secret("sec0", PW),
+            "-o",
+            "key-secret=sec0,iter-time=10",
+            p(&img),
+            "4M",
+        ],
+    );
+    let d = serve(dir, &img, PW);
+    let mut qmp = Qmp::connect(&d.dir.path().join("qmp.sock"));
+    let new = d.dir.path().join("new.luks");
+    let r = qmp.execute(
+        "blockdev-create",
+        json!({"job-id": "c0", "options": {"driver": "file", "filename": new, "size": 0}}),
+    );
+    assert!(r.get("return").is_some(), "{r}");
+    wait_concluded(&mut qmp, "c0");
+    let r = qmp.execute(
+        "object-add",
+        json!({"qom-type": "secret", "id": "sec9", "data": "the second passphrase"}),
+    );
+    assert!(r.get("return").is_some(), "{r}");
+    let r = qmp.execute(
+        "blockdev-add",
+        json!({"driver": "file", "node-name": "nf", "filename": new}),
+    );
+    assert!(r.get("return").is_some(), "{r}");
+    let r = qmp.execute(
+        "blockdev-create",
+        json!({"job-id": "c1", "options": {"driver": "luks", "file": "nf", "size": 2 << 20,
+               "key-secret": "sec9", "cipher-alg": "aes-128", "cipher-mode": "cbc",
+               "ivgen-alg": "essiv", "hash-alg": "sha1", "iter-time": 10}}),
+    );
+    assert!(r.get("return").is_some(), "{r}");
+    wait_concluded(&mut qmp, "c1");
+    let jobs = qmp.execute("query-jobs", json!({}));
+    assert!(!jobs.to_string().contains("\"error\""), "{jobs}");
+    let r = qmp.execute(
+        "blockdev-add",
+        json!({"driver": "luks", "node-name": "nl", "file": "nf", "key-secret": "sec9"}),
+    );
+    assert!(r.get("return").is_some(), "{r}");
+    let nodes = qmp
+        .execute("query-named-block-nodes", json!({}))
+        .to_string();
+    assert!(
+        nodes.contains("sec9") || nodes.contains("\"luks\""),
+        "{nodes}"
+    );
+    for pw in [PW, "the second passphrase"] {
+        assert!(
+            !nodes.contains(pw),
+            "query-named-block-nodes shows it: {nodes}"
+        );
+        let dump = qmp.execute("query-block", json!({})).to_string();
+        assert!(!dump.contains(pw), "{dump}");
+    }
+    let r = qmp.execute("blockdev-del", json!({"node-name": "nl"}));
+    assert!(r.get("return").is_some(), "{r}");
+    let r = qmp.execute("blockdev-del", json!({"node-name": "nf"}));
+    assert!(r.get("return").is_some(), "{r}");
+    let mut d = d;
+    assert!(d.terminate().success());
+    let log = d.log();
+    assert!(
+        !log.contains(PW) && !log.contains("the second passphrase"),
+        "{log}"
+    );
+    let s = secret("s", "the second passphrase");
+    let info = sh(
+        "qemu-img",
+        &[
+            "info",
+            "--object",
+            &s,
+            "--image-opts",
+            &luks_opts(&new, "s"),
+        ],
+    );
+    assert!(
+        info.contains("virtual size: 2 MiB") && info.contains("cipher mode: cbc"),
+        "{info}"
+    );
+}
