@@ -153,6 +153,11 @@ pub fn run(args: &[String]) -> Result<(), CreateError> {
                     c.lazy_refcounts = opts::parse_bool(&v).ok_or_else(|| bad("bool"))?
                 }
                 "preallocation" => c.preallocation = v.parse().map_err(CreateError::Options)?,
+                k if k.starts_with("encrypt.") || k == "encryption" => {
+                    return Err(CreateError::Image(
+                        crate::drivers::qcow2::ENCRYPTED_QCOW2.into(),
+                    ))
+                }
                 "refcount_bits" => {
                     c.refcount_bits = opts::parse_uint(&v)
                         .and_then(|n| u32::try_from(n).ok())

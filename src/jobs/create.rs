@@ -92,6 +92,9 @@ struct Qcow2Create {
     backing_file: Option<String>,
     #[serde(default)]
     backing_fmt: Option<String>,
+    /// QEMU's `encrypt`: refused (qcow2 encryption is not supported yet).
+    #[serde(default)]
+    encrypt: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -223,6 +226,9 @@ impl Work {
                 size: r.size,
             }),
             Options::Qcow2(q) => {
+                if q.encrypt.is_some() {
+                    return Err(QmpError::generic(crate::drivers::qcow2::ENCRYPTED_QCOW2));
+                }
                 let (node, filename) = unused_file_node(graph, &q.file)?;
                 let mut opts = CreateOptions {
                     size: q.size,

@@ -145,7 +145,12 @@ impl Header {
         let crypt = be32(b, 32);
         if crypt != 0 {
             return Err(format!(
-                "encrypted images (crypt_method {crypt}) are not supported"
+                "encrypted images (crypt_method {crypt}) are not supported{}",
+                if crypt == 2 {
+                    " (qcow2 LUKS encryption is not supported yet; driver=luks opens raw LUKS volumes)"
+                } else {
+                    ""
+                }
             ));
         }
         if version == 3 {

@@ -48,6 +48,7 @@ use crate::io::lock;
 
 pub use build::{create, create_in, probe_size, CreateOptions, Preallocation};
 pub use header::{parse_snapshots, Header, Snapshot};
+pub use open::ENCRYPTED_QCOW2;
 pub use snap::SnapshotRef;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -93,6 +94,10 @@ pub enum OverlapCheck {
 pub struct Qcow2Options {
     #[serde(default)]
     pub node_name: String,
+    /// QEMU's `encrypt` (format, key-secret): qcow2's own encryption is
+    /// not supported yet; given, it is refused with a message saying so.
+    #[serde(default)]
+    pub encrypt: Option<serde_json::Value>,
     pub file: BlockdevRef,
     #[serde(default, deserialize_with = "backing_opt")]
     pub backing: Option<Option<BlockdevRef>>,

@@ -73,10 +73,19 @@ fn backing_options(name: &str, path: &str, fmt: &str) -> Result<BlockdevOptions,
     serde_json::from_value(json).map_err(|e| e.to_string())
 }
 
+/// The answer to qcow2 encryption options and encrypted qcow2 images.
+pub const ENCRYPTED_QCOW2: &str = "qcow2 encryption (encrypt.format=luks) is not supported yet; use driver=luks on a raw LUKS volume";
+
 impl Qcow2Driver {
     /// Opens the image of `o.file` (QEMU's qcow2_do_open), step by step.
     pub fn open(o: &Qcow2Options, graph: &mut Graph) -> Result<Self, GraphError> {
         let name = o.node_name.as_str();
+        if o.encrypt.is_some() {
+            return Err(GraphError::Open {
+                node: name.to_string(),
+                reason: ENCRYPTED_QCOW2.into(),
+            });
+        }
         let file = attach_file(o, graph)?;
         let f = file.node().clone();
         // An inactive open (QEMU's BDRV_O_INACTIVE) reads and writes
