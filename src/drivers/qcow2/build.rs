@@ -139,6 +139,9 @@ async fn count_references(
         limit: file_clusters,
     };
     counts.add(0, "the header")?;
+    if let Some((off, len)) = h.crypto_ext {
+        counts.add_range(off, len, &g, "the encryption header")?;
+    }
     counts.add_range(m.l1_offset, u64::from(m.l1_size) * 8, &g, "the L1 table")?;
     if h.nb_snapshots > 0 {
         counts.add_range(

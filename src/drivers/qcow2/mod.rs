@@ -94,10 +94,10 @@ pub enum OverlapCheck {
 pub struct Qcow2Options {
     #[serde(default)]
     pub node_name: String,
-    /// QEMU's `encrypt` (format, key-secret): qcow2's own encryption is
-    /// not supported yet; given, it is refused with a message saying so.
+    /// QEMU's `encrypt` (`format=luks`, `key-secret`): the passphrase of
+    /// an encrypted image.
     #[serde(default)]
-    pub encrypt: Option<serde_json::Value>,
+    pub encrypt: Option<Qcow2Encrypt>,
     pub file: BlockdevRef,
     #[serde(default, deserialize_with = "backing_opt")]
     pub backing: Option<Option<BlockdevRef>>,
@@ -140,8 +140,22 @@ pub struct Qcow2Options {
 
 pub use crate::block::{Allocation, BlockStatus};
 
+/// `encrypt.*` of a qcow2 node (QEMU's BlockdevQcow2Encryption).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Qcow2Encrypt {
+    #[serde(default)]
+    pub format: Option<String>,
+    #[serde(default)]
+    pub key_secret: Option<String>,
+}
+
 pub struct Qcow2Driver {
     name: String,
+    /// The unlocked LUKS volume of an encrypted image: data clusters are
+    /// encrypted with the IV of their host offset (QEMU's qcow2_co_encrypt
+    /// with crypt_physical_offset, which LUKS sets).
+    crypto: Option<crate::drivers::luks::Volume>,
     file: Child,
     /// Set once more by an external snapshot (an overlay gets its backing).
     backing: crate::block::swap::Swap<Option<Child>>,

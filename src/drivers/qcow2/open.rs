@@ -73,19 +73,30 @@ fn backing_options(name: &str, path: &str, fmt: &str) -> Result<BlockdevOptions,
     serde_json::from_value(json).map_err(|e| e.to_string())
 }
 
-/// The answer to qcow2 encryption options and encrypted qcow2 images.
-pub const ENCRYPTED_QCOW2: &str = "qcow2 encryption (encrypt.format=luks) is not supported yet; use driver=luks on a raw LUKS volume";
+/// The answer to qcow2 encryption options at creation.
+pub const ENCRYPTED_QCOW2: &str = "creating encrypted qcow2 images (encrypt.format=luks) is not supported yet; qemu-img create -f qcow2 -o encrypt.format=luks,encrypt.key-secret=ID makes them, and they open here";
 
 impl Qcow2Driver {
     /// Opens the image of `o.file` (QEMU's qcow2_do_open), step by step.
     pub fn open(o: &Qcow2Options, graph: &mut Graph) -> Result<Self, GraphError> {
         let name = o.node_name.as_str();
-        if o.encrypt.is_some() {
-            return Err(GraphError::Open {
-                node: name.to_string(),
-                reason: ENCRYPTED_QCOW2.into(),
-            });
+        if let Some(fmt) = o.encrypt.as_ref().and_then(|e| e.format.as_deref()) {
+            if fmt != "luks" {
+                return Err(GraphError::Open {
+                    node: name.to_string(),
+                    reason: format!("encrypt.format '{fmt}' is not supported (only luks)"),
+                });
+            }
         }
+        let secret = match o.encrypt.as_ref().and_then(|e| e.key_secret.as_deref()) {
+            Some(id) => Some(crate::drivers::luks::secret_of(graph, Some(id)).map_err(
+                |reason| GraphError::Open {
+                    node: name.to_string(),
+                    reason,
+                },
+            )?),
+            None => None,
+        };
         let file = attach_file(o, graph)?;
         let f = file.node().clone();
         // An inactive open (QEMU's BDRV_O_INACTIVE) reads and writes
@@ -101,13 +112,37 @@ impl Qcow2Driver {
             lazy,
         } = load(o, &f, active)?;
         let discard_unmap = o.discard == DiscardMode::Unmap;
+        let crypto = match (hdr.crypto_ext, &secret) {
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(GraphError::Open {
+                    node: name.to_string(),
+                    reason: "Parameter 'encrypt.key-secret' is required for cipher".into(),
+                })
+            }
+            (Some((off, _)), Some(s)) => Some(
+                futures::executor::block_on(crate::drivers::luks::Volume::unlock(
+                    &f,
+                    off,
+                    s.bytes(),
+                ))
+                .map_err(|reason| GraphError::Open {
+                    node: name.to_string(),
+                    reason,
+                })?,
+            ),
+        };
         let backing = Self::open_backing(o, graph, &hdr, &f)?;
         let mut align = f.request_alignment();
+        if crypto.is_some() {
+            align = align.max(crate::drivers::luks::format::SECTOR as u32);
+        }
         if let Some(b) = &backing {
             align = align.max(b.node().request_alignment());
         }
         Ok(Qcow2Driver {
             name: name.to_string(),
+            crypto,
             file,
             backing: crate::block::swap::Swap::new(backing),
             g,
@@ -455,6 +490,11 @@ fn new_meta(
     );
     m.snap_offset = hdr.snapshots_offset;
     m.snap_len = snap_table_len;
+    m.crypt_method = hdr.crypt_method;
+    if let Some((off, len)) = hdr.crypto_ext {
+        m.fixed
+            .push((off, off.saturating_add(len), "the encryption header".into()));
+    }
     if hdr.nb_snapshots > 0 {
         m.fixed.push((
             hdr.snapshots_offset,
