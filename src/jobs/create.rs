@@ -92,9 +92,29 @@ struct Qcow2Create {
     backing_file: Option<String>,
     #[serde(default)]
     backing_fmt: Option<String>,
-    /// QEMU's `encrypt`: refused (qcow2 encryption is not supported yet).
+    /// QEMU's QCryptoBlockCreateOptions: `format` (luks) and the luks
+    /// options.
     #[serde(default)]
-    encrypt: Option<serde_json::Value>,
+    encrypt: Option<Qcow2EncryptCreate>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct Qcow2EncryptCreate {
+    format: String,
+    key_secret: Option<String>,
+    #[serde(default)]
+    cipher_alg: Option<String>,
+    #[serde(default)]
+    cipher_mode: Option<String>,
+    #[serde(default)]
+    ivgen_alg: Option<String>,
+    #[serde(default)]
+    ivgen_hash_alg: Option<String>,
+    #[serde(default)]
+    hash_alg: Option<String>,
+    #[serde(default)]
+    iter_time: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -226,9 +246,30 @@ impl Work {
                 size: r.size,
             }),
             Options::Qcow2(q) => {
-                if q.encrypt.is_some() {
-                    return Err(QmpError::generic(crate::drivers::qcow2::ENCRYPTED_QCOW2));
-                }
+                let encrypt = match &q.encrypt {
+                    None => None,
+                    Some(e) => {
+                        if e.format != "luks" {
+                            return Err(QmpError::generic(format!(
+                                "encrypt.format '{}' is not supported (only luks)",
+                                e.format
+                            )));
+                        }
+                        let spec = crate::drivers::luks::CreateSpec::from_options(
+                            e.cipher_alg.as_deref(),
+                            e.cipher_mode.as_deref(),
+                            e.ivgen_alg.as_deref(),
+                            e.ivgen_hash_alg.as_deref(),
+                            e.hash_alg.as_deref(),
+                            e.iter_time,
+                        )
+                        .map_err(QmpError::generic)?;
+                        let secret =
+                            crate::drivers::luks::secret_of(graph, e.key_secret.as_deref())
+                                .map_err(QmpError::generic)?;
+                        Some(crate::drivers::qcow2::Encrypt { spec, secret })
+                    }
+                };
                 let (node, filename) = unused_file_node(graph, &q.file)?;
                 let mut opts = CreateOptions {
                     size: q.size,
@@ -251,6 +292,7 @@ impl Work {
                 }
                 opts.lazy_refcounts = q.lazy_refcounts.unwrap_or(false);
                 opts.extended_l2 = q.extended_l2.unwrap_or(false);
+                opts.encrypt = encrypt;
                 opts.backing_file = q.backing_file;
                 opts.backing_fmt = q.backing_fmt;
                 opts.preallocation = match q.preallocation {

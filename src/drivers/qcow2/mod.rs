@@ -46,9 +46,8 @@ mod write;
 
 use crate::io::lock;
 
-pub use build::{create, create_in, probe_size, CreateOptions, Preallocation};
+pub use build::{create, create_in, probe_size, CreateOptions, Encrypt, Preallocation};
 pub use header::{parse_snapshots, Header, Snapshot};
-pub use open::ENCRYPTED_QCOW2;
 pub use snap::SnapshotRef;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

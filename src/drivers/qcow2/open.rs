@@ -73,9 +73,6 @@ fn backing_options(name: &str, path: &str, fmt: &str) -> Result<BlockdevOptions,
     serde_json::from_value(json).map_err(|e| e.to_string())
 }
 
-/// The answer to qcow2 encryption options at creation.
-pub const ENCRYPTED_QCOW2: &str = "creating encrypted qcow2 images (encrypt.format=luks) is not supported yet; qemu-img create -f qcow2 -o encrypt.format=luks,encrypt.key-secret=ID makes them, and they open here";
-
 impl Qcow2Driver {
     /// Opens the image of `o.file` (QEMU's qcow2_do_open), step by step.
     pub fn open(o: &Qcow2Options, graph: &mut Graph) -> Result<Self, GraphError> {
