@@ -408,6 +408,13 @@ fn blockdev_create_makes_a_volume_qemu_opens_and_no_query_shows_the_passphrase()
                "encrypt": {"format": "luks", "key-secret": "sec9"}}),
     );
     assert!(r.get("return").is_some(), "{r}");
+    let reply = qmp.execute("query-named-block-nodes", json!({}));
+    let qq = reply["return"]
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n["node-name"] == "qq"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no node qq: {reply}"));
+    assert_eq!(qq["encrypted"], true, "{qq}");
     for n in ["qq", "nq"] {
         let r = qmp.execute("blockdev-del", json!({"node-name": n}));
         assert!(r.get("return").is_some(), "{r}");
@@ -772,4 +779,84 @@ fn encrypted_qcow2_we_create_opens_in_qemu() {
         &["check", "--object", &s, "--image-opts", &qopts],
     );
     assert!(check.contains("No errors were found"), "{check}");
+}
+
+/// An encrypted qcow2 left dirty (lazy refcounts, qemu-io aborted) has its
+/// refcounts rebuilt at open: the encryption header's clusters stay
+/// counted, so qemu-img check finds the image clean afterwards and the
+/// data reads back.
+#[test]
+fn encrypted_qcow2_refcount_rebuild_keeps_the_encryption_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("dirty.qcow2");
+    let s = secret("sec0", PW);
+    sh(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "--object",
+            &s,
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,lazy_refcounts=on",
+            p(&img),
+            "4M",
+        ],
+    );
+    let qopts = format!(
+        "driver=qcow2,encrypt.format=luks,encrypt.key-secret=sec0,file.filename={}",
+        p(&img)
+    );
+    // qemu-io's abort leaves the dirty bit set.
+    let _ = Command::new("qemu-io")
+        .args([
+            "--object",
+            &s,
+            "--image-opts",
+            "-c",
+            "write -P 0x44 0 128k",
+            "-c",
+            "abort",
+        ])
+        .arg(&qopts)
+        .output()
+        .unwrap();
+    let info = sh("qemu-img", &["info", "-U", p(&img)]);
+    assert!(info.contains("corrupt: false"), "{info}");
+    let d = serve_qcow2(dir, &img, PW, None);
+    let nbd = nbd_opts(&d.socket);
+    sh(
+        "qemu-io",
+        &[
+            "--image-opts",
+            "-c",
+            "read -P 0x44 0 128k",
+            "-c",
+            "write -P 0x45 1M 64k",
+            nbd.as_str(),
+        ],
+    );
+    let mut d = d;
+    assert!(d.terminate().success(), "{}", d.log());
+    let check = sh(
+        "qemu-img",
+        &["check", "--object", &s, "--image-opts", &qopts],
+    );
+    assert!(check.contains("No errors were found"), "{check}");
+    let out = sh(
+        "qemu-io",
+        &[
+            "--object",
+            &s,
+            "--image-opts",
+            "-c",
+            "read -P 0x44 0 128k",
+            "-c",
+            "read -P 0x45 1M 64k",
+            &qopts,
+        ],
+    );
+    assert!(!out.contains("Pattern verification failed"), "{out}");
 }

@@ -375,6 +375,9 @@ impl BlockDriver for Qcow2Driver {
     fn name(&self) -> &'static str {
         "qcow2"
     }
+    fn is_encrypted(&self) -> bool {
+        Qcow2Driver::is_encrypted(self)
+    }
     fn size(&self) -> u64 {
         Qcow2Driver::size(self)
     }
@@ -644,6 +647,9 @@ impl BlockDriver for BlkdebugDriver {
 impl BlockDriver for LuksDriver {
     fn name(&self) -> &'static str {
         "luks"
+    }
+    fn is_encrypted(&self) -> bool {
+        true
     }
     fn activate(&self, _node: &Node) -> Result<(), String> {
         LuksDriver::reread_size(self);

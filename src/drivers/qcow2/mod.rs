@@ -202,6 +202,11 @@ impl Qcow2Driver {
         self.header.get()
     }
 
+    /// Whether the image is LUKS encrypted (and unlocked).
+    pub fn is_encrypted(&self) -> bool {
+        self.crypto.is_some()
+    }
+
     /// The internal snapshots, as the snapshot table lists them.
     pub fn snapshots(&self) -> Vec<Snapshot> {
         self.lock_snapshots().clone()
