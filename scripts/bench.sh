@@ -35,7 +35,10 @@
 #                         `--backings qcow2` runs only the qcow2 cases; nbd = an
 #                         nbd node (both daemons' nbd driver) on qemu-nbd serving
 #                         a raw file on /dev/shm over a UNIX socket, qemu-nbd
-#                         pinned to the client CPU (scripts/bench-nbd.sh)
+#                         pinned to the client CPU (scripts/bench-nbd.sh);
+#                         luks = a LUKS1 volume (aes-256-xts-plain64, made by
+#                         qemu-img) on /dev/shm, driver=luks over a file node
+#                         (scripts/bench-luks.sh)
 #   --cases LIST          comma list of case-name globs, e.g. 'randread-*,read-128k*';
 #                         cases: randread-4k-qd{1,32,128}-q1, randread-4k-qd32-q{2,4},
 #                         the same for randwrite, read-128k-qd32-q1, write-128k-qd32-q1.
@@ -237,6 +240,7 @@ DISK_IMG=
 QCOW2_IMG=
 NBD_IMG=
 NBD_PID=
+LUKS_IMG=
 # shellcheck disable=SC2317 # invoked via trap
 cleanup() {
     if [[ -n $DAEMON_PID ]]; then
@@ -252,6 +256,7 @@ cleanup() {
         wait "$NBD_PID" 2>/dev/null || true
     fi
     [[ -n $NBD_IMG ]] && rm -f "$NBD_IMG"
+    [[ -n $LUKS_IMG ]] && rm -f "$LUKS_IMG"
     return 0
 }
 trap cleanup EXIT
@@ -315,7 +320,7 @@ done
 IFS=, read -ra BACKING_LIST <<<"${BACKINGS//qcow2/qc2-pre,qc2-grow}"
 IFS=, read -ra PLACEMENT_LIST <<<"$PLACEMENTS"
 for b in "${BACKING_LIST[@]}"; do
-    [[ $b =~ ^(null|shm|disk|qc2-pre|qc2-grow|nbd)$ ]] || die "unknown backing '$b'"
+    [[ $b =~ ^(null|shm|disk|qc2-pre|qc2-grow|nbd|luks)$ ]] || die "unknown backing '$b'"
 done
 # Cases per backing; a backing none of whose cases is selected is dropped.
 declare -A BACKING_CASES
@@ -421,6 +426,11 @@ blockdev_args() {
             NODE=d0 ;;
         nbd)
             BLOCKDEV_ARGS=(--blockdev "driver=nbd,node-name=d0,server.type=unix,server.path=$NBD_SOCK")
+            NODE=d0 ;;
+        luks)
+            BLOCKDEV_ARGS=(--object "secret,id=sec0,file=$WORK/luks.pw"
+                           --blockdev "driver=file,node-name=f0,filename=$LUKS_IMG,cache.direct=off"
+                           --blockdev "driver=luks,node-name=d0,file=f0,key-secret=sec0")
             NODE=d0 ;;
     esac
 }
@@ -728,6 +738,21 @@ for b in "${BACKING_LIST[@]}"; do
             [[ -S $NBD_SOCK ]] || die "qemu-nbd did not start: $(cat "$WORK/qemu-nbd.log")"
             printf 'server (nbd): taskset -c %s qemu-nbd -f raw -t -e 2 --cache=writeback --aio=threads -k SOCK %s\n' \
                 "$CCPU" "$NBD_IMG" >>"$COMMANDS"
+            ;;
+        luks)
+            # Both daemons open the same volume; its payload is filled
+            # once so that reads decrypt written sectors.
+            LUKS_IMG=/dev/shm/vub-bench-luks-$$.img
+            printf 'bench-passphrase' >"$WORK/luks.pw"
+            qemu-img create -q -f luks --object "secret,id=sec0,file=$WORK/luks.pw" \
+                -o key-secret=sec0,iter-time=50 "$LUKS_IMG" "$((FILE_MIB << 20))" ||
+                die "qemu-img create -f luks failed"
+            qemu-io --object "secret,id=sec0,file=$WORK/luks.pw" --image-opts \
+                    -c "write -P 0x5a 0 $((FILE_MIB << 20))" \
+                    "driver=luks,key-secret=sec0,file.filename=$LUKS_IMG" >/dev/null ||
+                die "filling the luks volume failed"
+            printf 'image (luks): qemu-img create -f luks -o key-secret=sec0,iter-time=50 %s %s MiB\n' \
+                "$LUKS_IMG" "$FILE_MIB" >>"$COMMANDS"
             ;;
     esac
 done

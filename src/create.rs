@@ -8,13 +8,22 @@
 //! qcow2 options: `cluster_size`, `compat` (0.10 / 1.1), `backing_file`,
 //! `backing_fmt`, `extended_l2`, `lazy_refcounts`, `preallocation`
 //! (off / metadata / falloc / full), `refcount_bits`.
+//!
+//! qcow2 also takes `encrypt.format=luks`, `encrypt.key-secret` and the
+//! luks options below under `encrypt.` (an encrypted image).
+//!
+//! luks options (qemu-img's): `key-secret` (the id of a `--object
+//! secret,id=...,data=|file=,format=raw|base64` given before it, as
+//! qemu-img takes them), `cipher-alg` (aes-128 / aes-256), `cipher-mode`
+//! (xts / cbc), `ivgen-alg` (plain / plain64 / essiv), `ivgen-hash-alg`,
+//! `hash-alg` (sha1 / sha256), `iter-time` (ms).
 
 use crate::config::keyval;
 use crate::drivers::file::{self, NewFile};
 use crate::drivers::qcow2::{self, CreateOptions};
 use crate::opts;
 
-const USAGE: &str = "usage: vhost-user-blkd create [-f qcow2|raw] [-o opt=val,...] [-b backing_file [-F backing_fmt]] FILE [SIZE]";
+const USAGE: &str = "usage: vhost-user-blkd create [--object secret,id=ID,data=...|file=...] [-f qcow2|raw|luks] [-o opt=val,...] [-b backing_file [-F backing_fmt]] FILE [SIZE]";
 
 /// Why `create` failed (main prints it after `vhost-user-blkd create: `).
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +74,7 @@ pub fn run(args: &[String]) -> Result<(), CreateError> {
     let mut backing: Option<String> = None;
     let mut backing_fmt: Option<String> = None;
     let mut pos = Vec::new();
+    let mut secrets: Vec<std::sync::Arc<crate::secret::Secret>> = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut val = |name: &str| {
@@ -77,6 +87,24 @@ pub fn run(args: &[String]) -> Result<(), CreateError> {
             "-o" => o_opts.push(val("-o")?),
             "-b" => backing = Some(val("-b")?),
             "-F" => backing_fmt = Some(val("-F")?),
+            "--object" => {
+                let v = val("--object")?;
+                let j = keyval::parse(&v, Some("qom-type"))
+                    .map_err(|e| CreateError::Options(e.to_string()))?;
+                match serde_json::from_value::<crate::config::ObjectOptions>(j) {
+                    Ok(crate::config::ObjectOptions::Secret(o)) => secrets.push(
+                        crate::secret::Secret::load(&o)
+                            .map_err(CreateError::Options)?
+                            .into(),
+                    ),
+                    Ok(_) => {
+                        return Err(CreateError::Options(
+                            "create takes only secret objects".into(),
+                        ))
+                    }
+                    Err(e) => return Err(CreateError::Options(format!("--object: {e}"))),
+                }
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(());
@@ -100,7 +128,11 @@ pub fn run(args: &[String]) -> Result<(), CreateError> {
         backing_fmt,
         ..CreateOptions::default()
     };
+    if fmt == "luks" {
+        return create_luks(&path, size, &o_opts, &secrets);
+    }
     let mut size = size;
+    let mut encrypt: std::collections::BTreeMap<String, String> = Default::default();
     for o in &o_opts {
         for (k, v) in keyval::split_pairs(o).map_err(CreateError::Options)? {
             let bad = |what: &'static str| CreateError::InvalidValue {
@@ -127,6 +159,9 @@ pub fn run(args: &[String]) -> Result<(), CreateError> {
                     c.lazy_refcounts = opts::parse_bool(&v).ok_or_else(|| bad("bool"))?
                 }
                 "preallocation" => c.preallocation = v.parse().map_err(CreateError::Options)?,
+                k if k.starts_with("encrypt.") => {
+                    encrypt.insert(k.trim_start_matches("encrypt.").to_string(), v.clone());
+                }
                 "refcount_bits" => {
                     c.refcount_bits = opts::parse_uint(&v)
                         .and_then(|n| u32::try_from(n).ok())
@@ -140,6 +175,9 @@ pub fn run(args: &[String]) -> Result<(), CreateError> {
                 }
             }
         }
+    }
+    if !encrypt.is_empty() {
+        c.encrypt = Some(qcow2_encrypt(&encrypt, &secrets)?);
     }
     // As qemu-img (since 6.1): the backing format is given, never probed
     // from the backing file's content, which its guest controls.
@@ -181,5 +219,143 @@ pub fn run(args: &[String]) -> Result<(), CreateError> {
         other => return Err(CreateError::UnknownFormat(other.to_string())),
     }
     println!("Formatting '{path}', fmt={fmt} size={size}");
+    Ok(())
+}
+
+/// qcow2's `-o encrypt.format=luks,encrypt.key-secret=ID,encrypt.*`
+/// (the luks options under `encrypt.`).
+fn qcow2_encrypt(
+    kv: &std::collections::BTreeMap<String, String>,
+    secrets: &[std::sync::Arc<crate::secret::Secret>],
+) -> Result<qcow2::Encrypt, CreateError> {
+    for k in kv.keys() {
+        if !matches!(
+            k.as_str(),
+            "format"
+                | "key-secret"
+                | "cipher-alg"
+                | "cipher-mode"
+                | "ivgen-alg"
+                | "ivgen-hash-alg"
+                | "hash-alg"
+                | "iter-time"
+        ) {
+            return Err(CreateError::UnknownOption {
+                key: format!("encrypt.{k}"),
+                fmt: "qcow2".into(),
+            });
+        }
+    }
+    match kv.get("format").map(String::as_str) {
+        Some("luks") => {}
+        Some(f) => {
+            return Err(CreateError::Image(format!(
+                "encrypt.format '{f}' is not supported (only luks)"
+            )))
+        }
+        None => {
+            return Err(CreateError::Image(
+                "encrypt.format is required (luks)".into(),
+            ))
+        }
+    }
+    let iter_time = match kv.get("iter-time") {
+        Some(v) => Some(
+            opts::parse_uint(v).ok_or_else(|| CreateError::InvalidValue {
+                what: "number",
+                value: v.clone(),
+                key: "encrypt.iter-time".into(),
+            })?,
+        ),
+        None => None,
+    };
+    let spec = crate::drivers::luks::CreateSpec::from_options(
+        kv.get("cipher-alg").map(String::as_str),
+        kv.get("cipher-mode").map(String::as_str),
+        kv.get("ivgen-alg").map(String::as_str),
+        kv.get("ivgen-hash-alg").map(String::as_str),
+        kv.get("hash-alg").map(String::as_str),
+        iter_time,
+    )
+    .map_err(CreateError::Image)?;
+    let id = kv.get("key-secret").ok_or_else(|| {
+        CreateError::Image("Parameter 'encrypt.key-secret' is required for cipher".into())
+    })?;
+    let secret = secrets
+        .iter()
+        .rev()
+        .find(|s| s.id() == id)
+        .cloned()
+        .ok_or_else(|| CreateError::Image(format!("No secret with id '{id}'")))?;
+    Ok(qcow2::Encrypt { spec, secret })
+}
+
+/// `create -f luks`: qemu-img's luks options; the passphrase from the
+/// secret object `key-secret` names.
+fn create_luks(
+    path: &str,
+    size: Option<u64>,
+    o_opts: &[String],
+    secrets: &[std::sync::Arc<crate::secret::Secret>],
+) -> Result<(), CreateError> {
+    let mut kv: std::collections::BTreeMap<String, String> = Default::default();
+    let mut size = size;
+    for o in o_opts {
+        for (k, v) in keyval::split_pairs(o).map_err(CreateError::Options)? {
+            match k.as_str() {
+                "size" => {
+                    size = Some(
+                        opts::parse_size(&v).ok_or_else(|| CreateError::InvalidValue {
+                            what: "size",
+                            value: v.clone(),
+                            key: k.clone(),
+                        })?,
+                    )
+                }
+                "key-secret" | "cipher-alg" | "cipher-mode" | "ivgen-alg" | "ivgen-hash-alg"
+                | "hash-alg" | "iter-time" => {
+                    kv.insert(k, v);
+                }
+                _ => {
+                    return Err(CreateError::UnknownOption {
+                        key: k,
+                        fmt: "luks".into(),
+                    })
+                }
+            }
+        }
+    }
+    let size = size.ok_or(CreateError::NoSize)?;
+    let iter_time = match kv.get("iter-time") {
+        Some(v) => Some(
+            opts::parse_uint(v).ok_or_else(|| CreateError::InvalidValue {
+                what: "number",
+                value: v.clone(),
+                key: "iter-time".into(),
+            })?,
+        ),
+        None => None,
+    };
+    let spec = crate::drivers::luks::CreateSpec::from_options(
+        kv.get("cipher-alg").map(String::as_str),
+        kv.get("cipher-mode").map(String::as_str),
+        kv.get("ivgen-alg").map(String::as_str),
+        kv.get("ivgen-hash-alg").map(String::as_str),
+        kv.get("hash-alg").map(String::as_str),
+        iter_time,
+    )
+    .map_err(CreateError::Image)?;
+    let id = kv.get("key-secret").ok_or_else(|| {
+        CreateError::Image("Parameter 'key-secret' is required for cipher".into())
+    })?;
+    let secret = secrets
+        .iter()
+        .rev()
+        .find(|s| s.id() == id)
+        .ok_or_else(|| CreateError::Image(format!("No secret with id '{id}'")))?;
+    let new = NewFile::open(path, &file::no_node).map_err(CreateError::Image)?;
+    crate::drivers::luks::create_file(new.file(), &spec, secret.bytes(), size)
+        .map_err(CreateError::Image)?;
+    println!("Formatting '{path}', fmt=luks size={size} key-secret={id}");
     Ok(())
 }

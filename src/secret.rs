@@ -114,6 +114,11 @@ impl Secret {
         &self.id
     }
 
+    /// The value's bytes (a LUKS passphrase). Callers must not print them.
+    pub fn bytes(&self) -> &[u8] {
+        &self.value
+    }
+
     /// The value as base64 (QEMU's qcrypto_secret_lookup_as_base64).
     pub fn as_base64(&self) -> String {
         base64_encode(&self.value)

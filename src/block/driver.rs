@@ -182,6 +182,12 @@ pub trait BlockDriver: Send + Sync + 'static {
         false
     }
 
+    /// Whether the format encrypts its data (QEMU's bdrv_is_encrypted:
+    /// luks, and qcow2 with LUKS encryption).
+    fn is_encrypted(&self) -> bool {
+        false
+    }
+
     /// The format's allocation unit (qcow2's cluster size).
     fn cluster_size(&self) -> Option<u64> {
         None

@@ -392,6 +392,11 @@ impl Node {
         self.protocol_leaf().driver.is_no_flush()
     }
 
+    /// Whether this node's format encrypts its data.
+    pub fn is_encrypted(&self) -> bool {
+        self.driver.is_encrypted()
+    }
+
     /// The format's allocation unit (qcow2's cluster size), if it has one.
     pub fn cluster_size(&self) -> Option<u64> {
         self.driver.cluster_size()

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use futures::future::LocalBoxFuture;
 
 use super::{
-    BlkdebugDriver, CorDriver, FileDriver, NbdDriver, NullDriver, Qcow2Driver, QuorumDriver,
-    RawDriver, RbdDriver, ThrottleDriver,
+    BlkdebugDriver, CorDriver, FileDriver, LuksDriver, NbdDriver, NullDriver, Qcow2Driver,
+    QuorumDriver, RawDriver, RbdDriver, ThrottleDriver,
 };
 use crate::block::{
     Allocation, BlockDriver, BlockError, BlockFuture, BlockStatus, Child, DebugEvent, Node, Perm,
@@ -375,6 +375,9 @@ impl BlockDriver for Qcow2Driver {
     fn name(&self) -> &'static str {
         "qcow2"
     }
+    fn is_encrypted(&self) -> bool {
+        Qcow2Driver::is_encrypted(self)
+    }
     fn size(&self) -> u64 {
         Qcow2Driver::size(self)
     }
@@ -706,6 +709,85 @@ impl BlockDriver for QuorumDriver {
     fn truncate(&self, _node: &Node, _size: u64) -> Result<(), String> {
         // QEMU's block_resize on a quorum node.
         Err("Image format driver does not support resize".into())
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl BlockDriver for LuksDriver {
+    fn name(&self) -> &'static str {
+        "luks"
+    }
+    fn is_encrypted(&self) -> bool {
+        true
+    }
+    fn activate(&self, _node: &Node) -> Result<(), String> {
+        LuksDriver::reread_size(self);
+        Ok(())
+    }
+    fn size(&self) -> u64 {
+        LuksDriver::size(self)
+    }
+    fn request_alignment(&self) -> u32 {
+        LuksDriver::request_alignment(self)
+    }
+    fn file(&self) -> Option<&Child> {
+        Some(LuksDriver::file(self))
+    }
+    fn preadv<'a>(&'a self, _node: &'a Node, offset: u64, iov: &'a IoVecs) -> BlockFuture<'a> {
+        BlockFuture::boxed(LuksDriver::preadv(self, offset, iov))
+    }
+    fn pwritev<'a>(
+        &'a self,
+        _node: &'a Node,
+        offset: u64,
+        iov: &'a IoVecs,
+        fua: bool,
+    ) -> BlockFuture<'a> {
+        BlockFuture::boxed(LuksDriver::pwritev(self, offset, iov, fua))
+    }
+    fn flush<'a>(&'a self, _node: &'a Node) -> BlockFuture<'a> {
+        LuksDriver::file(self).node().flush()
+    }
+    fn pdiscard<'a>(&'a self, _node: &'a Node, _offset: u64, _len: u64) -> BlockFuture<'a> {
+        // As QEMU's crypto driver: no discard (the file's holes would
+        // read back as noise).
+        BlockFuture::ready(Ok(()))
+    }
+    fn pwrite_zeroes<'a>(
+        &'a self,
+        _node: &'a Node,
+        offset: u64,
+        len: u64,
+        _may_unmap: bool,
+        fua: bool,
+    ) -> BlockFuture<'a> {
+        BlockFuture::boxed(LuksDriver::pwrite_zeroes(self, offset, len, fua))
+    }
+    fn block_status<'a>(
+        &'a self,
+        _node: &'a Node,
+        _offset: u64,
+        len: u64,
+    ) -> LocalBoxFuture<'a, Result<BlockStatus, BlockError>> {
+        Box::pin(std::future::ready(Ok(BlockStatus {
+            kind: Allocation::Data,
+            len,
+            depth: 0,
+        })))
+    }
+    fn truncate(&self, _node: &Node, size: u64) -> Result<(), String> {
+        LuksDriver::truncate(self, size)
+    }
+    fn make_read_only(&self) {
+        LuksDriver::file(self).set_perm(Perm::CONSISTENT_READ, Perm::ALL);
+    }
+    fn make_writable(&self) {
+        LuksDriver::file(self).set_perm(
+            Perm::CONSISTENT_READ | Perm::WRITE,
+            Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
+        );
     }
     fn as_any(&self) -> &dyn Any {
         self

@@ -15,6 +15,7 @@ mod caps;
 mod cor;
 mod dispatch;
 pub mod file;
+pub mod luks;
 pub mod nbd;
 mod null;
 pub mod probe;
@@ -29,6 +30,7 @@ pub use blkdebug::{BlkdebugDriver, BlkdebugOptions};
 pub use caps::{BackingFile, FormatSpecific, ImageFormat, InternalSnapshots, ProtocolFile};
 pub use cor::{CorDriver, CorOptions};
 pub use file::{Aio, CacheOptions, FileDriver, FileOptions, Locking};
+pub use luks::{LuksDriver, LuksOptions};
 pub use nbd::{NbdDriver, NbdOptions};
 pub use null::{NullDriver, NullOptions};
 pub use qcow2::{Qcow2Driver, Qcow2Options};
@@ -57,6 +59,7 @@ pub enum BlockdevOptions {
     /// host_device: the same options, and the file must be a device.
     #[serde(rename = "host_device")]
     HostDevice(FileOptions),
+    Luks(LuksOptions),
     Nbd(NbdOptions),
     NullCo(NullOptions),
     Qcow2(Qcow2Options),
@@ -188,6 +191,7 @@ impl BlockdevOptions {
             BlockdevOptions::Blkdebug(o) => c!(o),
             BlockdevOptions::CopyOnRead(o) => c!(o),
             BlockdevOptions::File(o) | BlockdevOptions::HostDevice(o) => c!(o),
+            BlockdevOptions::Luks(o) => c!(o),
             BlockdevOptions::Nbd(o) => c!(o),
             BlockdevOptions::NullCo(o) => c!(o),
             BlockdevOptions::Qcow2(o) => c!(o),
@@ -203,6 +207,7 @@ impl BlockdevOptions {
         match self {
             BlockdevOptions::File(o) | BlockdevOptions::HostDevice(o) => o.discard,
             BlockdevOptions::Raw(o) => o.discard,
+            BlockdevOptions::Luks(o) => o.discard,
             BlockdevOptions::Nbd(o) => o.discard,
             BlockdevOptions::Qcow2(o) => o.discard,
             BlockdevOptions::Rbd(o) => o.discard,
@@ -245,6 +250,7 @@ impl BlockdevOptions {
             "copy-on-read" => de(inner).map(BlockdevOptions::CopyOnRead),
             "file" => de(inner).map(BlockdevOptions::File),
             "host_device" => de(inner).map(BlockdevOptions::HostDevice),
+            "luks" => de(inner).map(BlockdevOptions::Luks),
             "nbd" => de(inner).map(BlockdevOptions::Nbd),
             "null-co" => de(inner).map(BlockdevOptions::NullCo),
             "qcow2" => de(inner).map(BlockdevOptions::Qcow2),
@@ -273,6 +279,7 @@ impl BlockdevOptions {
             BlockdevOptions::Qcow2(o) => o.active = a,
             BlockdevOptions::Quorum(o) => o.active = a,
             BlockdevOptions::Raw(o) => o.active = a,
+            BlockdevOptions::Luks(o) => o.active = a,
             BlockdevOptions::Rbd(o) => o.active = a,
             BlockdevOptions::Nbd(o) => o.active = a,
             BlockdevOptions::Throttle(o) => o.active = a,
@@ -286,6 +293,7 @@ impl BlockdevOptions {
                 o.discard = DiscardMode::Unmap
             }
             BlockdevOptions::Raw(o) => o.discard = DiscardMode::Unmap,
+            BlockdevOptions::Luks(o) => o.discard = DiscardMode::Unmap,
             BlockdevOptions::Nbd(o) => o.discard = DiscardMode::Unmap,
             BlockdevOptions::Qcow2(o) => o.discard = DiscardMode::Unmap,
             BlockdevOptions::Rbd(o) => o.discard = DiscardMode::Unmap,
@@ -307,6 +315,7 @@ impl BlockdevOptions {
             BlockdevOptions::Qcow2(o) => &o.node_name,
             BlockdevOptions::Quorum(o) => &o.node_name,
             BlockdevOptions::Raw(o) => &o.node_name,
+            BlockdevOptions::Luks(o) => &o.node_name,
             BlockdevOptions::Rbd(o) => &o.node_name,
             BlockdevOptions::Throttle(o) => &o.node_name,
         }
@@ -322,6 +331,7 @@ impl BlockdevOptions {
             BlockdevOptions::Qcow2(o) => o.node_name = name,
             BlockdevOptions::Quorum(o) => o.node_name = name,
             BlockdevOptions::Raw(o) => o.node_name = name,
+            BlockdevOptions::Luks(o) => o.node_name = name,
             BlockdevOptions::Rbd(o) => o.node_name = name,
             BlockdevOptions::Throttle(o) => o.node_name = name,
         }
@@ -337,6 +347,7 @@ impl BlockdevOptions {
             BlockdevOptions::Qcow2(o) => o.read_only,
             BlockdevOptions::Quorum(o) => o.read_only,
             BlockdevOptions::Raw(o) => o.read_only,
+            BlockdevOptions::Luks(o) => o.read_only,
             BlockdevOptions::Rbd(o) => o.read_only,
             BlockdevOptions::Throttle(o) => o.read_only,
         }
@@ -353,6 +364,7 @@ impl BlockdevOptions {
             BlockdevOptions::Qcow2(_) => "qcow2",
             BlockdevOptions::Quorum(_) => "quorum",
             BlockdevOptions::Raw(_) => "raw",
+            BlockdevOptions::Luks(_) => "luks",
             BlockdevOptions::Rbd(_) => "rbd",
             BlockdevOptions::Throttle(_) => "throttle",
         }
@@ -372,6 +384,7 @@ pub fn open(opts: &BlockdevOptions, graph: &mut Graph) -> Result<Box<dyn BlockDr
         BlockdevOptions::Qcow2(o) => Box::new(Qcow2Driver::open(o, graph)?),
         BlockdevOptions::Quorum(o) => Box::new(QuorumDriver::open(o, graph)?),
         BlockdevOptions::Raw(o) => Box::new(RawDriver::open(o, graph)?),
+        BlockdevOptions::Luks(o) => Box::new(LuksDriver::open(o, graph)?),
         BlockdevOptions::Rbd(o) => Box::new(RbdDriver::open(o, graph)?),
         BlockdevOptions::Throttle(o) => Box::new(ThrottleDriver::open(o, graph)?),
     })

@@ -140,6 +140,12 @@ impl Node {
                     self.name()
                 ));
             }
+            BlockdevOptions::Luks(_) => {
+                return Err(format!(
+                    "node '{}': luks nodes cannot be reopened",
+                    self.name()
+                ))
+            }
             BlockdevOptions::Blkdebug(_) => {
                 return Err(format!(
                     "node '{}': blkdebug nodes cannot be reopened",

@@ -9,6 +9,9 @@
 //!                 -> the node's file formatted as qcow2
 //!   driver=raw    file=<node-name>, size (our addition; QEMU has no raw
 //!                 create) -> the node's file truncated to that size
+//!   driver=luks   file=<node-name>, size, key-secret[, cipher-alg,
+//!                 cipher-mode, ivgen-alg, ivgen-hash-alg, hash-alg,
+//!                 iter-time] -> a LUKS1 volume with `size` bytes of payload
 //! ```
 //!
 //! As in QEMU, a qcow2 image is created on a node that already exists
@@ -38,6 +41,7 @@ pub struct CreateArgs {
 #[serde(tag = "driver", rename_all = "kebab-case")]
 enum Options {
     File(FileCreate),
+    Luks(LuksCreate),
     Qcow2(Qcow2Create),
     Raw(RawCreate),
     Rbd(crate::drivers::rbd::RbdCreate),
@@ -88,6 +92,29 @@ struct Qcow2Create {
     backing_file: Option<String>,
     #[serde(default)]
     backing_fmt: Option<String>,
+    /// QEMU's QCryptoBlockCreateOptions: `format` (luks) and the luks
+    /// options.
+    #[serde(default)]
+    encrypt: Option<Qcow2EncryptCreate>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct Qcow2EncryptCreate {
+    format: String,
+    key_secret: Option<String>,
+    #[serde(default)]
+    cipher_alg: Option<String>,
+    #[serde(default)]
+    cipher_mode: Option<String>,
+    #[serde(default)]
+    ivgen_alg: Option<String>,
+    #[serde(default)]
+    ivgen_hash_alg: Option<String>,
+    #[serde(default)]
+    hash_alg: Option<String>,
+    #[serde(default)]
+    iter_time: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -95,6 +122,30 @@ struct Qcow2Create {
 struct RawCreate {
     file: String,
     size: u64,
+}
+
+/// QEMU's BlockdevCreateOptionsLUKS.
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct LuksCreate {
+    file: String,
+    size: u64,
+    key_secret: Option<String>,
+    #[serde(default)]
+    cipher_alg: Option<String>,
+    #[serde(default)]
+    cipher_mode: Option<String>,
+    #[serde(default)]
+    ivgen_alg: Option<String>,
+    #[serde(default)]
+    ivgen_hash_alg: Option<String>,
+    #[serde(default)]
+    hash_alg: Option<String>,
+    #[serde(default)]
+    iter_time: Option<u64>,
+    /// Only `off` (QEMU's default).
+    #[serde(default)]
+    preallocation: Prealloc,
 }
 
 /// The work of one create job, checked up front so that bad options are a
@@ -115,6 +166,13 @@ pub enum Work {
         size: u64,
     },
     Rbd(crate::drivers::rbd::Creation),
+    Luks {
+        node: Arc<Node>,
+        filename: String,
+        spec: crate::drivers::luks::CreateSpec,
+        secret: Arc<crate::secret::Secret>,
+        size: u64,
+    },
 }
 
 /// The filename of file node `name`, which must have no parents (nothing
@@ -157,11 +215,61 @@ impl Work {
             Options::Rbd(r) => crate::drivers::rbd::prepare_create(&r, graph)
                 .map(Work::Rbd)
                 .map_err(QmpError::generic),
+            Options::Luks(l) => {
+                if l.preallocation != Prealloc::Off {
+                    return Err(QmpError::generic(
+                        "driver 'luks': only preallocation 'off' is supported",
+                    ));
+                }
+                let (node, filename) = unused_file_node(graph, &l.file)?;
+                let spec = crate::drivers::luks::CreateSpec::from_options(
+                    l.cipher_alg.as_deref(),
+                    l.cipher_mode.as_deref(),
+                    l.ivgen_alg.as_deref(),
+                    l.ivgen_hash_alg.as_deref(),
+                    l.hash_alg.as_deref(),
+                    l.iter_time,
+                )
+                .map_err(QmpError::generic)?;
+                let secret = crate::drivers::luks::secret_of(graph, l.key_secret.as_deref())
+                    .map_err(QmpError::generic)?;
+                Ok(Work::Luks {
+                    node,
+                    filename,
+                    spec,
+                    secret,
+                    size: l.size,
+                })
+            }
             Options::Raw(r) => Ok(Work::Raw {
                 node: unused_file_node(graph, &r.file)?.0,
                 size: r.size,
             }),
             Options::Qcow2(q) => {
+                let encrypt = match &q.encrypt {
+                    None => None,
+                    Some(e) => {
+                        if e.format != "luks" {
+                            return Err(QmpError::generic(format!(
+                                "encrypt.format '{}' is not supported (only luks)",
+                                e.format
+                            )));
+                        }
+                        let spec = crate::drivers::luks::CreateSpec::from_options(
+                            e.cipher_alg.as_deref(),
+                            e.cipher_mode.as_deref(),
+                            e.ivgen_alg.as_deref(),
+                            e.ivgen_hash_alg.as_deref(),
+                            e.hash_alg.as_deref(),
+                            e.iter_time,
+                        )
+                        .map_err(QmpError::generic)?;
+                        let secret =
+                            crate::drivers::luks::secret_of(graph, e.key_secret.as_deref())
+                                .map_err(QmpError::generic)?;
+                        Some(crate::drivers::qcow2::Encrypt { spec, secret })
+                    }
+                };
                 let (node, filename) = unused_file_node(graph, &q.file)?;
                 let mut opts = CreateOptions {
                     size: q.size,
@@ -184,6 +292,7 @@ impl Work {
                 }
                 opts.lazy_refcounts = q.lazy_refcounts.unwrap_or(false);
                 opts.extended_l2 = q.extended_l2.unwrap_or(false);
+                opts.encrypt = encrypt;
                 opts.backing_file = q.backing_file;
                 opts.backing_fmt = q.backing_fmt;
                 opts.preallocation = match q.preallocation {
@@ -255,6 +364,27 @@ impl Work {
             Work::Rbd(creation) => {
                 job.progress(0, 1);
                 creation.run().map_err(QmpError::generic)?;
+                job.progress(1, 1);
+                Ok(())
+            }
+            Work::Luks {
+                node,
+                filename,
+                spec,
+                secret,
+                size,
+            } => {
+                job.progress(0, 1);
+                let in_use = |dev, ino| file::node_using(&state.graph(), dev, ino, Some(&node));
+                let new = NewFile::open(&filename, &in_use).map_err(QmpError::generic)?;
+                crate::drivers::luks::create_file(new.file(), &spec, secret.bytes(), size)
+                    .map_err(QmpError::generic)?;
+                drop(new);
+                if let Some(f) = node.protocol_file() {
+                    f.refresh_size().map_err(|e| {
+                        QmpError::generic(format!("Could not read the size of '{filename}': {e}"))
+                    })?;
+                }
                 job.progress(1, 1);
                 Ok(())
             }

@@ -333,7 +333,8 @@ fn block_device_info(node: &Node, flat: bool) -> Value {
         "file": node.display_filename(),
         "ro": node.is_read_only(),
         "active": node.is_active(),
-        "encrypted": false,
+        // As QEMU's bdrv_is_encrypted: luks, and encrypted qcow2.
+        "encrypted": node.is_encrypted(),
         "backing_file_depth": node.backing_depth(),
         "detect_zeroes": node.detect_zeroes(),
         "bps": 0, "bps_rd": 0, "bps_wr": 0,

@@ -139,6 +139,9 @@ async fn count_references(
         limit: file_clusters,
     };
     counts.add(0, "the header")?;
+    if let Some((off, len)) = h.crypto_ext {
+        counts.add_range(off, len, &g, "the encryption header")?;
+    }
     counts.add_range(m.l1_offset, u64::from(m.l1_size) * 8, &g, "the L1 table")?;
     if h.nb_snapshots > 0 {
         counts.add_range(
@@ -287,6 +290,16 @@ pub struct CreateOptions {
     pub lazy_refcounts: bool,
     pub preallocation: Preallocation,
     pub refcount_bits: u32,
+    /// `encrypt.format=luks`: the cipher and the secret holding the
+    /// passphrase (its Debug hides the value).
+    pub encrypt: Option<Encrypt>,
+}
+
+/// The LUKS encryption of a new image.
+#[derive(Debug, Clone)]
+pub struct Encrypt {
+    pub spec: crate::drivers::luks::CreateSpec,
+    pub secret: std::sync::Arc<crate::secret::Secret>,
 }
 
 impl Default for CreateOptions {
@@ -301,6 +314,7 @@ impl Default for CreateOptions {
             lazy_refcounts: false,
             preallocation: Preallocation::Off,
             refcount_bits: 16,
+            encrypt: None,
         }
     }
 }
@@ -379,10 +393,31 @@ pub fn create_in(path: &str, o: &CreateOptions, in_use: file::InUse) -> Result<C
     let mut next = 1 + l1_clusters;
     let mut l1 = vec![0u64; (l1_clusters * cs / 8) as usize];
     let mut counts: Vec<u64> = vec![1; next as usize];
+    if o.encrypt.is_some() && o.preallocation != Preallocation::Off {
+        return Err(
+            "preallocation is not supported with encryption here (preallocated clusters would read as noise)"
+                .into(),
+        );
+    }
+    // The LUKS header and key material, in clusters of their own after
+    // the L1 table (QEMU's qcow2_crypto_hdr_init_func).
+    let crypto = match &o.encrypt {
+        Some(e) => {
+            let v = crate::drivers::luks::format::create(&e.spec, e.secret.bytes())?;
+            let off = next << cluster_bits;
+            next += v.payload.div_ceil(cs);
+            counts.resize(next as usize, 1);
+            Some((off, v))
+        }
+        None => None,
+    };
     let new = NewFile::open(path, in_use)?;
     let file = new.file();
     let werr = |e: std::io::Error| format!("writing '{path}': {e}");
     file.set_len(0).map_err(werr)?;
+    if let Some((off, v)) = &crypto {
+        file.write_all_at(&v.head, *off).map_err(werr)?;
+    }
     let mut data_ranges = Vec::new();
     if o.preallocation != Preallocation::Off {
         data_ranges =
@@ -405,7 +440,15 @@ pub fn create_in(path: &str, o: &CreateOptions, in_use: file::InUse) -> Result<C
     preallocate_data(path, file, o.preallocation, cluster_bits, end, &data_ranges)?;
 
     // The header, last.
-    let hdr_bytes = new_header(o, cluster_bits, refcount_order, l1_size, &layout)?;
+    let crypto_ext = crypto.as_ref().map(|(off, v)| (*off, v.payload));
+    let hdr_bytes = new_header(
+        o,
+        cluster_bits,
+        refcount_order,
+        l1_size,
+        &layout,
+        crypto_ext,
+    )?;
     file.write_all_at(&hdr_bytes, 0).map_err(werr)?;
     file.sync_all().map_err(werr)?;
     Ok(new.close())
@@ -511,6 +554,7 @@ fn new_header(
     refcount_order: u32,
     l1_size: u64,
     layout: &Layout,
+    crypto_ext: Option<(u64, u64)>,
 ) -> Result<Vec<u8>, String> {
     let cs = o.cluster_size;
     let mut hdr_bytes = vec![0u8; cs as usize];
@@ -519,6 +563,9 @@ fn new_header(
     put32(&mut hdr_bytes, 0, header::MAGIC);
     put32(&mut hdr_bytes, 4, o.version);
     put32(&mut hdr_bytes, 20, cluster_bits);
+    if crypto_ext.is_some() {
+        put32(&mut hdr_bytes, 32, 2);
+    }
     put64(&mut hdr_bytes, 24, o.size);
     put32(&mut hdr_bytes, 36, l1_size as u32);
     put64(&mut hdr_bytes, 40, cs);
@@ -552,6 +599,11 @@ fn new_header(
     };
     if let Some(fmt) = &o.backing_fmt {
         ext(header::EXT_BACKING_FORMAT, fmt.as_bytes(), &mut at);
+    }
+    if let Some((off, len)) = crypto_ext {
+        let mut d = off.to_be_bytes().to_vec();
+        d.extend_from_slice(&len.to_be_bytes());
+        ext(header::EXT_CRYPTO, &d, &mut at);
     }
     if o.version == 3 {
         let mut table = Vec::new();

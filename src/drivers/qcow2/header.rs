@@ -72,6 +72,10 @@ pub struct Header {
     pub extensions: Vec<u32>,
     /// The bitmaps extension's data, if present.
     pub bitmaps_ext: Option<Vec<u8>>,
+    /// 0, or 2 (LUKS; 1, the legacy AES, is refused).
+    pub crypt_method: u32,
+    /// The full disk encryption header pointer (offset, length).
+    pub crypto_ext: Option<(u64, u64)>,
 }
 
 fn be32(b: &[u8], off: usize) -> u32 {
@@ -141,13 +145,16 @@ impl Header {
             feature_names: BTreeMap::new(),
             extensions: Vec::new(),
             bitmaps_ext: None,
+            crypt_method: 0,
+            crypto_ext: None,
         };
         let crypt = be32(b, 32);
-        if crypt != 0 {
+        if crypt != 0 && crypt != 2 {
             return Err(format!(
-                "encrypted images (crypt_method {crypt}) are not supported"
+                "encrypted images (crypt_method {crypt}) are not supported (only LUKS, crypt_method 2)"
             ));
         }
+        h.crypt_method = crypt;
         if version == 3 {
             if b.len() < 104 {
                 return Err("image is too short for a version 3 header".into());
@@ -183,6 +190,12 @@ impl Header {
             h.check_backing_offset()?;
         }
         h.parse_extensions(b)?;
+        if h.crypt_method == 2 && h.crypto_ext.is_none() {
+            return Err("qcow2 LUKS encryption without a crypto header extension".into());
+        }
+        if h.crypt_method == 0 && h.crypto_ext.is_some() {
+            return Err("a crypto header extension in an image that is not encrypted".into());
+        }
         h.check_features()?;
         h.check_tables(file_size)?;
         h.read_backing_name(b)?;
@@ -243,7 +256,22 @@ impl Header {
                 }
                 EXT_BITMAPS => self.bitmaps_ext = Some(data.to_vec()),
                 EXT_CRYPTO => {
-                    return Err("encrypted images are not supported".into());
+                    if len != 16 {
+                        return Err(format!(
+                            "Unable to read CRYPTO header extension: length {len} is not 16"
+                        ));
+                    }
+                    let (o, l) = (be64(data, 0), be64(data, 8));
+                    let cs = 1u64 << self.cluster_bits;
+                    if o % cs != 0 || o == 0 {
+                        return Err(format!(
+                            "Encryption header offset '{o}' is not a multiple of cluster size '{cs}'"
+                        ));
+                    }
+                    if l == 0 || o.checked_add(l).is_none() {
+                        return Err(format!("Encryption header length '{l}' is invalid"));
+                    }
+                    self.crypto_ext = Some((o, l));
                 }
                 _ => {}
             }

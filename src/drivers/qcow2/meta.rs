@@ -251,6 +251,8 @@ pub struct Meta {
     rb_set: HashSet<u64>,
     /// Other metadata: (start, end, what), in bytes.
     pub fixed: Vec<(u64, u64, String)>,
+    /// The header's crypt_method (rewritten with the L1 table's fields).
+    pub crypt_method: u32,
     /// Guest clusters with an allocating write in flight, and who waits.
     pub busy: HashMap<u64, Vec<super::lock::Notifier>>,
     /// Lazy refcounts: refcount blocks are written at close only; the
@@ -339,6 +341,7 @@ impl Meta {
             snap_offset: 0,
             snap_len: 0,
             backing_name_bytes: None,
+            crypt_method: 0,
         }
     }
 
@@ -1054,10 +1057,10 @@ impl Meta {
         f.debug_event(Ev::L1GrowWriteTable);
         write_buf(f, new, &encode_be64(&table)).await?;
         f.flush().await?;
-        // size, crypt_method (0), l1_size, l1_table_offset: one write.
+        // size, crypt_method, l1_size, l1_table_offset: one write.
         let mut field = Vec::with_capacity(24);
         field.extend_from_slice(&new_size.to_be_bytes());
-        field.extend_from_slice(&0u32.to_be_bytes());
+        field.extend_from_slice(&self.crypt_method.to_be_bytes());
         field.extend_from_slice(&(entries as u32).to_be_bytes());
         field.extend_from_slice(&new.to_be_bytes());
         f.debug_event(Ev::L1GrowActivateTable);

@@ -48,7 +48,7 @@ mod write;
 
 use crate::io::lock;
 
-pub use build::{create, create_in, probe_size, CreateOptions, Preallocation};
+pub use build::{create, create_in, probe_size, CreateOptions, Encrypt, Preallocation};
 pub use header::{parse_snapshots, Header, Snapshot};
 pub use reopen::{Applied, Qcow2Reopen};
 pub use snap::SnapshotRef;
@@ -96,6 +96,10 @@ pub enum OverlapCheck {
 pub struct Qcow2Options {
     #[serde(default)]
     pub node_name: String,
+    /// QEMU's `encrypt` (`format=luks`, `key-secret`): the passphrase of
+    /// an encrypted image.
+    #[serde(default)]
+    pub encrypt: Option<Qcow2Encrypt>,
     pub file: BlockdevRef,
     #[serde(default, deserialize_with = "backing_opt")]
     pub backing: Option<Option<BlockdevRef>>,
@@ -138,8 +142,22 @@ pub struct Qcow2Options {
 
 pub use crate::block::{Allocation, BlockStatus};
 
+/// `encrypt.*` of a qcow2 node (QEMU's BlockdevQcow2Encryption).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Qcow2Encrypt {
+    #[serde(default)]
+    pub format: Option<String>,
+    #[serde(default)]
+    pub key_secret: Option<String>,
+}
+
 pub struct Qcow2Driver {
     name: String,
+    /// The unlocked LUKS volume of an encrypted image: data clusters are
+    /// encrypted with the IV of their host offset (QEMU's qcow2_co_encrypt
+    /// with crypt_physical_offset, which LUKS sets).
+    crypto: Option<crate::drivers::luks::Volume>,
     file: Child,
     /// Set once more by an external snapshot (an overlay gets its backing).
     backing: crate::block::swap::Swap<Option<Child>>,
@@ -185,6 +203,11 @@ impl Qcow2Driver {
 
     pub fn header(&self) -> &Header {
         self.header.get()
+    }
+
+    /// Whether the image is LUKS encrypted (and unlocked).
+    pub fn is_encrypted(&self) -> bool {
+        self.crypto.is_some()
     }
 
     /// The internal snapshots, as the snapshot table lists them.

@@ -77,6 +77,23 @@ impl Qcow2Driver {
     /// Opens the image of `o.file` (QEMU's qcow2_do_open), step by step.
     pub fn open(o: &Qcow2Options, graph: &mut Graph) -> Result<Self, GraphError> {
         let name = o.node_name.as_str();
+        if let Some(fmt) = o.encrypt.as_ref().and_then(|e| e.format.as_deref()) {
+            if fmt != "luks" {
+                return Err(GraphError::Open {
+                    node: name.to_string(),
+                    reason: format!("encrypt.format '{fmt}' is not supported (only luks)"),
+                });
+            }
+        }
+        let secret = match o.encrypt.as_ref().and_then(|e| e.key_secret.as_deref()) {
+            Some(id) => Some(crate::drivers::luks::secret_of(graph, Some(id)).map_err(
+                |reason| GraphError::Open {
+                    node: name.to_string(),
+                    reason,
+                },
+            )?),
+            None => None,
+        };
         let file = attach_file(o, graph)?;
         let f = file.node().clone();
         // An inactive open (QEMU's BDRV_O_INACTIVE) reads and writes
@@ -92,13 +109,37 @@ impl Qcow2Driver {
             lazy,
         } = load(o, &f, active)?;
         let discard_unmap = o.discard == DiscardMode::Unmap;
+        let crypto = match (hdr.crypto_ext, &secret) {
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(GraphError::Open {
+                    node: name.to_string(),
+                    reason: "Parameter 'encrypt.key-secret' is required for cipher".into(),
+                })
+            }
+            (Some((off, _)), Some(s)) => Some(
+                futures::executor::block_on(crate::drivers::luks::Volume::unlock(
+                    &f,
+                    off,
+                    s.bytes(),
+                ))
+                .map_err(|reason| GraphError::Open {
+                    node: name.to_string(),
+                    reason,
+                })?,
+            ),
+        };
         let backing = Self::open_backing(o, graph, &hdr, &f)?;
         let mut align = f.request_alignment();
+        if crypto.is_some() {
+            align = align.max(crate::drivers::luks::format::SECTOR as u32);
+        }
         if let Some(b) = &backing {
             align = align.max(b.node().request_alignment());
         }
         Ok(Qcow2Driver {
             name: name.to_string(),
+            crypto,
             file,
             backing: crate::block::swap::Swap::new(backing),
             g,
@@ -446,6 +487,11 @@ fn new_meta(
     );
     m.snap_offset = hdr.snapshots_offset;
     m.snap_len = snap_table_len;
+    m.crypt_method = hdr.crypt_method;
+    if let Some((off, len)) = hdr.crypto_ext {
+        m.fixed
+            .push((off, off.saturating_add(len), "the encryption header".into()));
+    }
     if hdr.nb_snapshots > 0 {
         m.fixed.push((
             hdr.snapshots_offset,

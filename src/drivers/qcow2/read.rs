@@ -11,6 +11,9 @@ use super::{header, Allocation, BlockStatus, Qcow2Driver};
 use crate::block::{BlockError, DebugEvent as Ev, Node};
 use crate::io::IoVecs;
 
+/// The encryption sector of encrypted images.
+const SECTOR: u64 = crate::drivers::luks::format::SECTOR;
+
 impl Qcow2Driver {
     pub(super) async fn corrupt(&self, m: &mut Meta, node: &Node, reason: String) -> BlockError {
         if !m.corrupt {
@@ -99,7 +102,7 @@ impl Qcow2Driver {
             Sc::Data(h) => {
                 let in_sc = pos & (self.g.sc_size() - 1);
                 self.f().debug_event(Ev::ReadAio);
-                self.f().preadv(h + in_sc, part).await
+                self.read_data(h + in_sc, pos, part).await
             }
             Sc::Zero => {
                 part.fill_zero();
@@ -108,6 +111,57 @@ impl Qcow2Driver {
             Sc::Unallocated => self.read_backing(pos, part).await,
             Sc::Compressed(entry) => self.read_compressed(entry, pos, part).await,
         }
+    }
+
+    /// Data cluster bytes at `host` (guest offset `pos`) into `part`:
+    /// decrypted in a bounce buffer first when the image is encrypted. The
+    /// IV is the host sector number: QEMU sets crypt_physical_offset for
+    /// LUKS in qcow2 (the guest offset is the legacy AES method's).
+    pub(super) async fn read_data(
+        &self,
+        host: u64,
+        pos: u64,
+        part: &IoVecs,
+    ) -> Result<(), BlockError> {
+        match &self.crypto {
+            None => self.f().preadv(host, part).await,
+            Some(v) => {
+                self.check_crypt_aligned("read", pos, part.len())?;
+                v.read(self.f(), host, host / SECTOR, part).await
+            }
+        }
+    }
+
+    /// `part` (guest offset `pos`) into the data cluster bytes at `host`:
+    /// encrypted in a bounce buffer when the image is encrypted.
+    pub(super) async fn write_data(
+        &self,
+        host: u64,
+        pos: u64,
+        part: &IoVecs,
+        fua: bool,
+    ) -> Result<(), BlockError> {
+        match &self.crypto {
+            None => self.f().pwritev(host, part, fua).await,
+            Some(v) => {
+                self.check_crypt_aligned("write", pos, part.len())?;
+                v.write(self.f(), host, host / SECTOR, part, fua).await
+            }
+        }
+    }
+
+    fn check_crypt_aligned(&self, op: &'static str, pos: u64, len: u64) -> Result<(), BlockError> {
+        // Host and guest offsets agree modulo the cluster size.
+        if pos % SECTOR == 0 && len % SECTOR == 0 {
+            return Ok(());
+        }
+        Err(BlockError::Io {
+            node: self.name.clone(),
+            op,
+            offset: pos,
+            len,
+            source: std::io::Error::from_raw_os_error(libc::EINVAL),
+        })
     }
 
     async fn read_backing(&self, pos: u64, part: &IoVecs) -> Result<(), BlockError> {

@@ -167,7 +167,7 @@ impl Qcow2Driver {
             req.iov.sub(req.skip, total)
         };
         self.f().debug_event(Ev::WriteAio);
-        let r = self.f().pwritev(host, &part, req.fua).await;
+        let r = self.write_data(host, pos, &part, req.fua).await;
         self.io_done();
         r.map(|()| (total, false))
     }
@@ -253,7 +253,12 @@ impl Qcow2Driver {
         let zero_fill = al.old_host == 0
             && !al.compressed
             && self.backing().is_none_or(|bk| base >= bk.node().size());
-        let fresh = !al.reuse && host >> g.cluster_bits >= al.end_before && zero_fill;
+        // Not when encrypted: the file's zeroes would decrypt to noise, so
+        // the rest of the cluster is written as encrypted zeroes.
+        let fresh = !al.reuse
+            && host >> g.cluster_bits >= al.end_before
+            && zero_fill
+            && self.crypto.is_none();
         if zero_fill && !al.reuse && n < g.cs {
             // QEMU's handle_alloc_space: the copy-on-write areas of a new
             // cluster read as zeroes.
@@ -266,7 +271,7 @@ impl Qcow2Driver {
                 iov.sub(skip, n)
             };
             self.f().debug_event(Ev::WriteAio);
-            return self.f().pwritev(host + in_c, &part, fua).await;
+            return self.write_data(host + in_c, base + in_c, &part, fua).await;
         }
         let mut parts = Vec::with_capacity(3);
         let cow = a < in_c || in_c + n < z;
@@ -287,7 +292,7 @@ impl Qcow2Driver {
         if cow {
             self.f().debug_event(Ev::CowWrite);
         }
-        self.f().pwritev(host + a, &data, fua).await
+        self.write_data(host + a, base + a, &data, fua).await
     }
 
     /// Under the lock again: the L2 entry points at the written cluster
