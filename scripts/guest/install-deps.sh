@@ -46,9 +46,10 @@ have systemd-socket-activate || apt_install systemd
 #     (monitor, OSD, the ceph CLI) and librbd, which the daemon loads at
 #     run time;
 #   scripts/callgrind-check.sh: valgrind (the instructions-per-request
-#     regression check).
+#     regression check);
+#   tests/luks.rs: cryptsetup (cryptsetup-bin), whose LUKS volumes must open.
 net=()
-for p in nbdkit libnbd-bin python3-libnbd ceph-mon ceph-osd ceph-common librbd1 valgrind; do
+for p in nbdkit libnbd-bin python3-libnbd ceph-mon ceph-osd ceph-common librbd1 valgrind cryptsetup-bin; do
     pkg_installed "$p" || { log "missing package: $p"; net+=("$p"); }
 done
 if [ "${#net[@]}" -gt 0 ]; then
