@@ -259,12 +259,29 @@ fn qcow2_encrypt(
             ))
         }
     }
+    let (spec, secret) = luks_spec(kv, "encrypt.", secrets)?;
+    Ok(qcow2::Encrypt { spec, secret })
+}
+
+/// The LUKS parameters and the secret of qemu-img's luks options in `kv`
+/// (`prefix` names them in errors: "encrypt." for qcow2, "" for luks).
+fn luks_spec(
+    kv: &std::collections::BTreeMap<String, String>,
+    prefix: &str,
+    secrets: &[std::sync::Arc<crate::secret::Secret>],
+) -> Result<
+    (
+        crate::drivers::luks::CreateSpec,
+        std::sync::Arc<crate::secret::Secret>,
+    ),
+    CreateError,
+> {
     let iter_time = match kv.get("iter-time") {
         Some(v) => Some(
             opts::parse_uint(v).ok_or_else(|| CreateError::InvalidValue {
                 what: "number",
                 value: v.clone(),
-                key: "encrypt.iter-time".into(),
+                key: format!("{prefix}iter-time"),
             })?,
         ),
         None => None,
@@ -279,7 +296,9 @@ fn qcow2_encrypt(
     )
     .map_err(CreateError::Image)?;
     let id = kv.get("key-secret").ok_or_else(|| {
-        CreateError::Image("Parameter 'encrypt.key-secret' is required for cipher".into())
+        CreateError::Image(format!(
+            "Parameter '{prefix}key-secret' is required for cipher"
+        ))
     })?;
     let secret = secrets
         .iter()
@@ -287,7 +306,7 @@ fn qcow2_encrypt(
         .find(|s| s.id() == id)
         .cloned()
         .ok_or_else(|| CreateError::Image(format!("No secret with id '{id}'")))?;
-    Ok(qcow2::Encrypt { spec, secret })
+    Ok((spec, secret))
 }
 
 /// `create -f luks`: qemu-img's luks options; the passphrase from the
@@ -326,33 +345,8 @@ fn create_luks(
         }
     }
     let size = size.ok_or(CreateError::NoSize)?;
-    let iter_time = match kv.get("iter-time") {
-        Some(v) => Some(
-            opts::parse_uint(v).ok_or_else(|| CreateError::InvalidValue {
-                what: "number",
-                value: v.clone(),
-                key: "iter-time".into(),
-            })?,
-        ),
-        None => None,
-    };
-    let spec = crate::drivers::luks::CreateSpec::from_options(
-        kv.get("cipher-alg").map(String::as_str),
-        kv.get("cipher-mode").map(String::as_str),
-        kv.get("ivgen-alg").map(String::as_str),
-        kv.get("ivgen-hash-alg").map(String::as_str),
-        kv.get("hash-alg").map(String::as_str),
-        iter_time,
-    )
-    .map_err(CreateError::Image)?;
-    let id = kv.get("key-secret").ok_or_else(|| {
-        CreateError::Image("Parameter 'key-secret' is required for cipher".into())
-    })?;
-    let secret = secrets
-        .iter()
-        .rev()
-        .find(|s| s.id() == id)
-        .ok_or_else(|| CreateError::Image(format!("No secret with id '{id}'")))?;
+    let (spec, secret) = luks_spec(&kv, "", secrets)?;
+    let id = secret.id();
     let new = NewFile::open(path, &file::no_node).map_err(CreateError::Image)?;
     crate::drivers::luks::create_file(new.file(), &spec, secret.bytes(), size)
         .map_err(CreateError::Image)?;
