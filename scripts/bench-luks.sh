@@ -9,10 +9,10 @@
 #
 # Usage: scripts/bench-luks.sh [bench.sh options, e.g. --repeats 5]
 #   defaults: --file-size 256 --repeats 3 --runtime 3 --ramp 0.5 --placements split
-#             --vub-variants event
+#             --vub-variants default
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 (cd "$ROOT" && cargo build --release --quiet --bin vhost-user-blkd -p vhost-user-blkd)
 exec bash "$ROOT/scripts/bench.sh" --backings luks \
     --cases 'randread-4k-qd32-q1,randwrite-4k-qd32-q1' \
-    --file-size 256 --repeats 3 --runtime 3 --ramp 0.5 --placements split --vub-variants event "$@"
+    --file-size 256 --repeats 3 --runtime 3 --ramp 0.5 --placements split --vub-variants default "$@"

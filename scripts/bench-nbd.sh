@@ -9,7 +9,7 @@
 #
 # Usage: scripts/bench-nbd.sh [bench.sh options, e.g. --repeats 5]
 #   defaults: --repeats 3 --runtime 3 --ramp 0.5 --placements split
-#             --vub-variants event
+#             --vub-variants default
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 # qemu-nbd (qemu-utils) and QSD's nbd driver (qemu-system-common;
@@ -19,4 +19,4 @@ command -v qemu-nbd >/dev/null || { echo "bench-nbd.sh: qemu-nbd missing" >&2; e
 (cd "$ROOT" && cargo build --release --quiet --bin vhost-user-blkd -p vhost-user-blkd)
 exec bash "$ROOT/scripts/bench.sh" --backings nbd \
     --cases 'randread-4k-qd32-q1,randread-4k-qd128-q1,read-128k-qd32-q1,write-128k-qd32-q1' \
-    --repeats 3 --runtime 3 --ramp 0.5 --placements split --vub-variants event "$@"
+    --repeats 3 --runtime 3 --ramp 0.5 --placements split --vub-variants default "$@"

@@ -7,19 +7,23 @@
 # interleaved A/B/C/A/B/C over --repeats (one run of every column per repeat);
 # the report gives per cell the median, min-max and the spread (max/min - 1).
 #
-# Columns: vub (ours, poll-max-ns=0: event driven), vub-poll (ours with
-# poll-max-ns=N: adaptive polling), qsd-iothread (the reference), optionally
+# Columns: vub (ours, default export: adaptive polling up to 32 us, which
+# stops where it costs more than sleeping), vub-event (ours, poll-max-ns=0:
+# event driven only), qsd-iothread (the reference), optionally
 # qsd-main, and fio-host (fio straight on the image file, disk backing's 128k
 # sequential cases only).
 #
 # Usage: scripts/bench.sh [options]
 #   --only-qsd            run only the QSD column(s) (also automatic when VUB_BIN
 #                         is not an executable)
-#   --vub-variants LIST   comma list of our daemon's variants: event (label vub,
+#   --vub-variants LIST   comma list of our daemon's variants: default (label
+#                         vub, the export's defaults), event (label vub-event,
 #                         poll-max-ns=0), poll (label vub-poll,
 #                         poll-max-ns=--poll-max-ns) and nosandbox (label
-#                         vub-nosb: event with --sandbox off, to measure what
-#                         the sandbox costs); default event,poll
+#                         vub-nosb: default with --sandbox off, to measure what
+#                         the sandbox costs); default default,event. (Before
+#                         adaptive polling became the export's default, label
+#                         vub was poll-max-ns=0, the variant named event.)
 #   --poll-max-ns N       the vub-poll variant's poll-max-ns (default 32768, as
 #                         QEMU's iothreads); QSD's command line is not changed
 #   --qsd VARIANT         QSD variant(s) to measure: iothread (default; export
@@ -112,7 +116,7 @@ COMPARE="$ROOT/bench/compare.py"
 
 ONLY_QSD=0
 QSD_VARIANTS=iothread
-VUB_VARIANTS=event,poll
+VUB_VARIANTS=default,event
 POLL_MAX_NS=32768
 FIO_BIN=${FIO_BIN:-fio}
 QUICK=0
@@ -181,7 +185,7 @@ esac
 IFS=, read -ra vv <<<"$VUB_VARIANTS"
 VUB_VARIANT_LIST=()
 for v in "${vv[@]}"; do
-    [[ $v =~ ^(event|poll|nosandbox)$ ]] || die "unknown --vub-variants entry '$v' (event, poll, nosandbox)"
+    [[ $v =~ ^(default|event|poll|nosandbox)$ ]] || die "unknown --vub-variants entry '$v' (default, event, poll, nosandbox)"
     [[ " ${VUB_VARIANT_LIST[*]} " == *" $v "* ]] || VUB_VARIANT_LIST+=("$v")
 done
 [[ ${#VUB_VARIANT_LIST[@]} -gt 0 ]] || die "--vub-variants selects no variant"
@@ -198,13 +202,13 @@ if [[ $ONLY_QSD == 0 && ! -x $VUB_BIN ]]; then
     ONLY_QSD=1
 fi
 # The QSD stand-in (bench/qsd-wrapper.sh) passes our --export string to QSD,
-# which rejects poll-max-ns: give it none, and run only the event variant.
+# which rejects poll-max-ns: give it none, and run only the default variant.
 VUB_POLL_OPT=1
 if [[ $ONLY_QSD == 0 && $(basename "$VUB_BIN") == qsd-wrapper* ]]; then
     VUB_POLL_OPT=0
-    if [[ " ${VUB_VARIANT_LIST[*]} " != " event " ]]; then
-        echo "bench.sh: VUB_BIN is the QSD wrapper (no poll-max-ns): running only the event variant" >&2
-        VUB_VARIANT_LIST=(event)
+    if [[ " ${VUB_VARIANT_LIST[*]} " != " default " ]]; then
+        echo "bench.sh: VUB_BIN is the QSD wrapper (no poll-max-ns): running only the default variant" >&2
+        VUB_VARIANT_LIST=(default)
     fi
 fi
 FIO_NOTE=
@@ -379,7 +383,8 @@ BACKENDS=()
 if [[ $ONLY_QSD == 0 ]]; then
     for v in "${VUB_VARIANT_LIST[@]}"; do
         case $v in
-            event) BACKENDS+=("vub ours") ;;
+            default) BACKENDS+=("vub ours") ;;
+            event) BACKENDS+=("vub-event ours") ;;
             poll) BACKENDS+=("vub-poll ours") ;;
             nosandbox) BACKENDS+=("vub-nosb ours") ;;
         esac
@@ -486,12 +491,11 @@ print(d.get("allocated-clusters", "-"), d.get("total-clusters", "-"), d.get("lea
 daemon_cmd() {
     local label=$1 sock=$2 q=$3
     local export="type=vhost-user-blk,id=e0,node-name=$NODE,addr.type=unix,addr.path=$sock,num-queues=$q,writable=on"
-    local poll0=
-    [[ $VUB_POLL_OPT == 1 ]] && poll0=,poll-max-ns=0
     case $label in
-        vub) DAEMON_CMD=("$VUB_BIN" "${BLOCKDEV_ARGS[@]}" --export "$export$poll0") ;;
+        vub) DAEMON_CMD=("$VUB_BIN" "${BLOCKDEV_ARGS[@]}" --export "$export") ;;
+        vub-event) DAEMON_CMD=("$VUB_BIN" "${BLOCKDEV_ARGS[@]}" --export "$export,poll-max-ns=0") ;;
         vub-poll) DAEMON_CMD=("$VUB_BIN" "${BLOCKDEV_ARGS[@]}" --export "$export,poll-max-ns=$POLL_MAX_NS") ;;
-        vub-nosb) DAEMON_CMD=("$VUB_BIN" --sandbox off "${BLOCKDEV_ARGS[@]}" --export "$export$poll0") ;;
+        vub-nosb) DAEMON_CMD=("$VUB_BIN" --sandbox off "${BLOCKDEV_ARGS[@]}" --export "$export") ;;
         qsd-main) DAEMON_CMD=("$QSD_BIN" "${BLOCKDEV_ARGS[@]}" --export "$export") ;;
         qsd-iothread) DAEMON_CMD=("$QSD_BIN" "${BLOCKDEV_ARGS[@]}" --object 'iothread,id=iot0'
                                   --export "$export,iothread=iot0") ;;
@@ -691,7 +695,8 @@ if [[ $ONLY_QSD == 0 ]]; then
     vub_desc=()
     for v in "${VUB_VARIANT_LIST[@]}"; do
         case $v in
-            event) vub_desc+=("vub ($([[ $VUB_POLL_OPT == 1 ]] && echo "poll-max-ns=0, event driven" || echo "QSD wrapper, no poll-max-ns"))") ;;
+            default) vub_desc+=("vub ($([[ $VUB_POLL_OPT == 1 ]] && echo "the export's defaults: adaptive polling" || echo "QSD wrapper, no poll-max-ns"))") ;;
+            event) vub_desc+=("vub-event (poll-max-ns=0, event driven)") ;;
             poll) vub_desc+=("vub-poll (poll-max-ns=$POLL_MAX_NS, adaptive polling)") ;;
             nosandbox) vub_desc+=("vub-nosb (as vub, with --sandbox off)") ;;
         esac

@@ -29,9 +29,10 @@ pub enum SocketAddress {
 /// attaches without tuning (QEMU refuses a device with more queues than the
 /// backend offers). A frontend may use fewer.
 pub const DEFAULT_NUM_QUEUES: u16 = 16;
-/// Default poll-max-ns: off until the performance work settles it (QEMU's
-/// iothreads default to 32768; see docs/PERFORMANCE.md).
-pub const DEFAULT_POLL_MAX_NS: u64 = 0;
+/// Default poll-max-ns: QEMU's iothread default. Polling stops by itself
+/// where it costs more CPU than sleeping (worker.rs, Poller); see
+/// docs/PERFORMANCE.md, "Adaptive polling by default".
+pub const DEFAULT_POLL_MAX_NS: u64 = 32768;
 /// Default (maximum) queue size the frontend may choose.
 pub const DEFAULT_QUEUE_SIZE: u16 = 1024;
 /// Default and largest `max-mem-regions`: the memory slots advertised by
@@ -72,9 +73,11 @@ pub struct VhostUserBlkOptions {
     #[serde(default, deserialize_with = "policy::export_policy")]
     pub on_write_error: Option<OnError>,
     /// Longest time an iothread polls its rings for more work before it
-    /// sleeps, in ns (like QEMU's iothread poll-max-ns); 0, the default,
-    /// turns polling off. The window adapts: it grows after polling found
-    /// work and shrinks when it found none. An idle export never polls.
+    /// sleeps, in ns (like QEMU's iothread poll-max-ns; default 32768, as
+    /// QEMU's); 0 turns polling off. The window adapts: it grows after
+    /// polling found work and shrinks when it found none, and polling stops
+    /// when it spins longer per batch found than sleeping costs. An idle
+    /// export never polls.
     #[serde(default, deserialize_with = "opts::opt_uint")]
     pub poll_max_ns: Option<u64>,
     /// Worker threads (iothreads) serving the queues: queue q goes to thread

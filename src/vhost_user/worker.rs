@@ -78,49 +78,133 @@ impl HeadSet {
 }
 
 /// Adaptive polling. After a batch the iothread polls its rings and its
-/// io_uring for up to `ns` before it sleeps in epoll. The window follows
-/// what polling achieves: it doubles (up to `max_ns`) after a window that
-/// found work, halves after one that found none, and at zero a short probe
-/// is tried every PROBE_EVERY events. Unlike QEMU's rule (grow when the
-/// next event came soon after sleeping), this does not grow when the
-/// frontend shares our CPU: there it can only run while we sleep, polling
-/// never finds work, and spinning only delays it.
+/// io_uring for up to `ns` before it sleeps in epoll: a frontend on another
+/// CPU that answers within the window finds the iothread awake, and neither
+/// its kick nor a wake-up of the iothread's CPU is paid (on this test VM a
+/// halted CPU takes about 30 µs to wake, more than a 32-request batch's
+/// work; docs/PERFORMANCE.md, "Adaptive polling by default").
+///
+/// Two rules set the window:
+/// - per event, the window follows what happened: it doubles after a
+///   polling session that found work, halves after one that found none,
+///   and from zero it opens when the thread slept for less than four
+///   ceilings (the sleep includes the thread's own wake-up, which polling
+///   avoids: a frontend that answers in 20 µs is seen after 50);
+/// - per period of `PERIOD` events, the ceiling follows what polling costs:
+///   the time spun per batch it found must stay under `BUDGET_NS`, about
+///   what sleeping and being woken costs the thread in CPU time, or the
+///   ceiling halves (down to off, retried every `RETRY` idle periods);
+///   otherwise it doubles back up to `max_ns`. A frontend that answers
+///   slowly (QD1 on another CPU: about 60 µs) or only while this thread
+///   sleeps (one sharing its CPU, which polling only delays) makes polling
+///   cost more than it saves, and it stops.
 struct Poller {
     max_ns: u64,
+    /// The window's current ceiling (the cost rule), at most `max_ns`.
+    cap_ns: u64,
     ns: u64,
-    /// Whether the last window found work.
+    /// Whether the last polling session found work.
     productive: bool,
+    /// When the thread last went to sleep.
+    slept_at: Option<Instant>,
+    /// This period: events, time spun, batches found by polling, and how
+    /// many periods in a row polled nothing with the ceiling at zero.
     events: u32,
+    spun_ns: u64,
+    found: u32,
+    idle_periods: u32,
 }
 
 impl Poller {
     const START_NS: u64 = 4000;
-    const PROBE_EVERY: u32 = 64;
+    const PERIOD: u32 = 64;
+    const BUDGET_NS: u64 = 20_000;
+    const RETRY: u32 = 16;
 
     fn new(max_ns: u64) -> Self {
         Poller {
             max_ns,
+            cap_ns: max_ns,
             ns: 0,
             productive: false,
+            slept_at: None,
             events: 0,
+            spun_ns: 0,
+            found: 0,
+            idle_periods: 0,
         }
     }
 
     /// Called when an event arrives (the thread slept): set the next window.
-    fn on_event(&mut self) {
+    fn on_event(&mut self, now: Instant) {
         if self.max_ns == 0 {
             return;
         }
-        self.events = self.events.wrapping_add(1);
-        if self.productive {
-            self.ns = (self.ns * 2).clamp(Self::START_NS, self.max_ns);
-        } else if self.ns > Self::START_NS {
-            self.ns /= 2;
-        } else if self.ns > 0 || self.events % Self::PROBE_EVERY != 0 {
-            self.ns = 0;
-        } else {
-            self.ns = Self::START_NS.min(self.max_ns);
+        let slept = self.slept_at.take().map_or(u64::MAX, |t| {
+            u64::try_from(now.saturating_duration_since(t).as_nanos()).unwrap_or(u64::MAX)
+        });
+        self.events += 1;
+        if self.events >= Self::PERIOD {
+            self.review();
         }
+        self.ns = if self.cap_ns == 0 {
+            0
+        } else if self.productive {
+            (self.ns * 2).clamp(Self::START_NS, self.cap_ns)
+        } else if self.ns > 0 {
+            if self.ns / 2 >= Self::START_NS {
+                self.ns / 2
+            } else {
+                0
+            }
+        } else if slept < self.cap_ns.saturating_mul(4) {
+            // The sleep includes our own wake-up, which polling avoids.
+            slept.clamp(Self::START_NS, self.cap_ns)
+        } else {
+            0
+        };
+        self.productive = false;
+    }
+
+    /// A polling session spun `ns` and then found work (`found`) or gave up.
+    fn spun(&mut self, ns: u64, found: bool) {
+        self.spun_ns = self.spun_ns.saturating_add(ns);
+        if found {
+            self.found += 1;
+            self.productive = true;
+        }
+    }
+
+    /// The thread goes to sleep.
+    fn sleeping(&mut self, now: Instant) {
+        if self.max_ns > 0 {
+            self.slept_at = Some(now);
+        }
+    }
+
+    /// End of a period: the cost rule.
+    fn review(&mut self) {
+        if self.spun_ns == 0 && self.found == 0 {
+            if self.cap_ns == 0 {
+                self.idle_periods += 1;
+                if self.idle_periods >= Self::RETRY {
+                    self.idle_periods = 0;
+                    self.cap_ns = Self::START_NS.min(self.max_ns);
+                }
+            }
+        } else if self.spun_ns / u64::from(self.found.max(1)) > Self::BUDGET_NS {
+            self.cap_ns = if self.cap_ns / 2 >= Self::START_NS {
+                self.cap_ns / 2
+            } else {
+                0
+            };
+            self.idle_periods = 0;
+        } else {
+            self.cap_ns = (self.cap_ns * 2).clamp(Self::START_NS, self.max_ns);
+        }
+        self.events = 0;
+        self.spun_ns = 0;
+        self.found = 0;
     }
 }
 
@@ -573,9 +657,9 @@ impl Worker {
     /// whatever turns up; returns once a whole window passed with nothing.
     fn poll(&mut self, blk: &VhostUserBlk, vrings: &[Vring]) {
         let mut last_work = Instant::now();
-        self.poll.productive = false;
         while self.poll.ns > 0 {
             let window = Duration::from_nanos(self.poll.ns);
+            let gap = last_work.elapsed();
             let mut work = self.io.in_flight() > 0 && self.io.reap() > 0;
             for (local, vring) in vrings.iter().enumerate() {
                 if self.has_published(blk, local, vring) {
@@ -583,13 +667,15 @@ impl Worker {
                     work = true;
                 }
             }
+            let gap_ns = u64::try_from(gap.as_nanos()).unwrap_or(u64::MAX);
             if work {
+                self.poll.spun(gap_ns, true);
                 aio::tick();
                 self.run();
                 self.flush(blk, vrings);
                 last_work = Instant::now();
-                self.poll.productive = true;
-            } else if last_work.elapsed() >= window {
+            } else if gap >= window {
+                self.poll.spun(gap_ns, false);
                 break;
             } else {
                 std::hint::spin_loop();
@@ -1104,7 +1190,7 @@ pub fn handle_event(blk: &VhostUserBlk, device_event: u16, vrings: &[Vring], thr
         worker.cache.refresh(blk);
         aio::tick();
         worker.signal.update();
-        worker.poll.on_event();
+        worker.poll.on_event(Instant::now());
         if device_event == blk.io_event_id() {
             worker.io.clear_event();
             worker.io.reap();
@@ -1130,6 +1216,7 @@ pub fn handle_event(blk: &VhostUserBlk, device_event: u16, vrings: &[Vring], thr
         worker.run();
         worker.flush(blk, vrings);
         worker.poll(blk, vrings);
+        worker.poll.sleeping(Instant::now());
         worker.arm_timer();
         if worker.poisoned.load(Ordering::Relaxed) {
             blk.end_poisoned();
@@ -1146,6 +1233,105 @@ mod tests {
         t.done = done;
         t.since = Instant::now() - SignalTuner::USE - Duration::from_millis(1);
         t.update();
+    }
+
+    /// One sleep of `slept_us` ending in an event, then a polling session
+    /// that spins `gaps_us` finding work after each, and gives up after
+    /// `give_up_us` if given (else it is still finding work: sleeps come
+    /// from a session that gave up, so `None` is only for the session's
+    /// end being cut by the next event in these tests).
+    fn cycle(
+        p: &mut Poller,
+        t: &mut Instant,
+        slept_us: u64,
+        gaps_us: &[u64],
+        give_up_us: Option<u64>,
+    ) {
+        p.sleeping(*t);
+        *t += Duration::from_micros(slept_us);
+        p.on_event(*t);
+        for &g in gaps_us {
+            p.spun(g * 1000, true);
+        }
+        if let Some(g) = give_up_us {
+            p.spun(g * 1000, false);
+        }
+    }
+
+    #[test]
+    fn poller_opens_after_a_short_sleep_and_follows_what_it_finds() {
+        let mut p = Poller::new(32_768);
+        let mut t = Instant::now();
+        // The first event (no sleep measured) does not open a window.
+        p.on_event(t);
+        assert_eq!(p.ns, 0);
+        // A long sleep (an idle frontend) does not either.
+        cycle(&mut p, &mut t, 1000, &[], None);
+        assert_eq!(p.ns, 0);
+        // A sleep shorter than four ceilings opens it, at the sleep's length.
+        cycle(&mut p, &mut t, 50, &[10, 10], Some(33));
+        assert_eq!(p.ns, 32_768);
+        cycle(&mut p, &mut t, 20, &[], Some(33));
+        // Work found: the window doubles (capped); none: it halves, then closes.
+        assert_eq!(p.ns, 32_768);
+        cycle(&mut p, &mut t, 60, &[], Some(16));
+        assert_eq!(p.ns, 16_384);
+        cycle(&mut p, &mut t, 60, &[], Some(8));
+        assert_eq!(p.ns, 8_192);
+        let mut q = Poller::new(32_768);
+        cycle(&mut q, &mut t, 10, &[], None);
+        assert_eq!(q.ns, 10_000, "opened at the sleep's length");
+        cycle(&mut q, &mut t, 10, &[], None);
+        assert_eq!(q.ns, 5_000);
+        cycle(&mut q, &mut t, 10, &[], None);
+        assert_eq!(q.ns, 0, "below the start window it closes");
+        // Off stays off.
+        let mut off = Poller::new(0);
+        for _ in 0..1000 {
+            cycle(&mut off, &mut t, 5, &[], None);
+            assert_eq!(off.ns, 0);
+        }
+    }
+
+    #[test]
+    fn poller_stops_when_polling_costs_more_than_sleeping() {
+        // A frontend that answers every 30 µs: found every time, but each
+        // find spun more than the budget. Within a few periods the
+        // ceiling falls to zero and the thread only sleeps.
+        let mut p = Poller::new(32_768);
+        let mut t = Instant::now();
+        for _ in 0..(Poller::PERIOD * 8) {
+            cycle(&mut p, &mut t, 40, &[30, 30], Some(33));
+        }
+        assert_eq!(p.cap_ns, 0);
+        assert_eq!(p.ns, 0);
+        // Retried after RETRY idle periods, from the start window.
+        for _ in 0..(Poller::PERIOD * (Poller::RETRY + 1)) {
+            cycle(&mut p, &mut t, 40, &[], None);
+        }
+        assert_eq!(p.cap_ns, Poller::START_NS);
+        // A frontend that answers in 5 µs: polling pays, the ceiling goes
+        // back up to the maximum.
+        for _ in 0..(Poller::PERIOD * 8) {
+            let w = p.ns / 1000 + 1;
+            cycle(&mut p, &mut t, 8, &[5, 5, 5, 5], Some(w));
+        }
+        assert_eq!(p.cap_ns, 32_768);
+        assert!(p.ns >= Poller::START_NS);
+    }
+
+    #[test]
+    fn poller_stops_when_polling_never_finds_work() {
+        // A frontend sharing the thread's CPU runs only while it sleeps:
+        // every window is spun for nothing, and the event comes soon after.
+        let mut p = Poller::new(32_768);
+        let mut t = Instant::now();
+        for _ in 0..(Poller::PERIOD * 8) {
+            let w = p.ns / 1000;
+            cycle(&mut p, &mut t, 3, &[], (w > 0).then_some(w));
+        }
+        assert_eq!(p.cap_ns, 0);
+        assert_eq!(p.ns, 0);
     }
 
     #[test]
