@@ -12,7 +12,6 @@ use std::mem::ManuallyDrop;
 use std::rc::Rc;
 
 use smallvec::SmallVec;
-use vm_memory::{GuestMemoryLoadGuard, GuestMemoryMmap};
 
 /// A scatter-gather list whose memory stays valid while the value lives.
 ///
@@ -81,7 +80,7 @@ struct Inner {
 /// boxed trait object: one allocation less per request.
 pub enum Owner {
     /// A snapshot of guest memory.
-    Guest(GuestMemoryLoadGuard<GuestMemoryMmap<()>>),
+    Guest(crate::virtio_blk::MemGuard),
     /// A bounce buffer.
     Bounce(AlignedBuf),
     /// Part of another list.

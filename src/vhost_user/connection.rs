@@ -299,7 +299,7 @@ impl VhostUserBlk {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
-            .map(|m| m.memory())
+            .map(|m| std::rc::Rc::new(m.memory()))
     }
 
     pub(super) fn config(&self) -> DeviceConfig {

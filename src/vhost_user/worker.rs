@@ -509,7 +509,7 @@ impl Worker {
             self.trackers[local] = None;
             return;
         }
-        let used = match q.used_idx(&*mem, Ordering::Acquire) {
+        let used = match q.used_idx(&**mem, Ordering::Acquire) {
             Ok(u) => u.0,
             Err(e) => {
                 log::debug!("queue {queue}: cannot read the used index: {e}");
@@ -644,7 +644,7 @@ impl Worker {
             return Some(rings.avail_idx());
         }
         let mem = self.cache.mem.as_ref()?;
-        match q.avail_idx(&**mem, Ordering::Acquire) {
+        match q.avail_idx(&***mem, Ordering::Acquire) {
             Ok(idx) => Some(idx.0),
             Err(e) => {
                 log::debug!("cannot read the avail index: {e}");
@@ -735,7 +735,7 @@ impl Worker {
         // Rings we cannot map directly. Iterate ourselves rather than with
         // pop_descriptor_chain, which logs a broken avail index at error
         // level: a guest must not be able to flood the log.
-        let iter = match state.get_queue_mut().iter(mem.clone()) {
+        let iter = match state.get_queue_mut().iter((*mem).clone()) {
             Ok(iter) => iter,
             Err(e) => {
                 log::debug!("queue {queue}: cannot read the avail ring: {e}");
