@@ -33,7 +33,10 @@ pub use future::BlockFuture;
 pub use graph::Graph;
 pub use node::{Child, ChildRole, DrainCounter, Node};
 pub use perm::Perm;
-pub use stats::{BlockStats, HistogramKind, IoKind, KindStats, LatencyHistogram};
+pub use stats::{
+    defer_on_this_thread, publish_deferred, stop_deferring, BlockStats, HistogramKind, IoKind,
+    KindStats, LatencyHistogram,
+};
 pub use status::{Allocation, BlockStatus};
 
 /// Bytes in a sector, the unit of virtio-blk and QEMU offsets.

@@ -404,6 +404,7 @@ impl Drop for Worker {
         self.tasks = Executor::new();
         let _ = PARKED.try_with(|p| p.borrow_mut().clear());
         self.io.wait_idle();
+        crate::block::stop_deferring();
         let cancelled: usize = self.heads.iter().map(HeadSet::count).sum();
         if cancelled > 0 {
             log::debug!(
@@ -439,6 +440,9 @@ impl Worker {
             blk.export.config.id,
             io.kind()
         );
+        // SAFETY: the worker holds the export, and so its BlockBackend,
+        // until it drops, which stops deferring first.
+        unsafe { crate::block::defer_on_this_thread(blk.export.blk.stats()) };
         Worker {
             poll: Poller::new(blk.export.poll_max_ns()),
             cache,
@@ -881,6 +885,8 @@ impl Worker {
     /// Returns completed requests to their used rings; one notification per
     /// queue per batch, as EVENT_IDX allows.
     fn flush(&mut self, blk: &VhostUserBlk, vrings: &[Vring]) {
+        // The batch's accounting is in before the guest sees its completions.
+        crate::block::publish_deferred();
         // Swap with a kept buffer: taking the Vec would regrow it from
         // empty on every batch.
         let mut done = std::mem::take(&mut self.spare);
