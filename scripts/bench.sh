@@ -44,9 +44,10 @@
 #                         qemu-img) on /dev/shm, driver=luks over a file node
 #                         (scripts/bench-luks.sh)
 #   --cases LIST          comma list of case-name globs, e.g. 'randread-*,read-128k*';
-#                         cases: randread-4k-qd{1,32,128}-q1, randread-4k-qd32-q{2,4},
-#                         the same for randwrite, read-128k-qd32-q1, write-128k-qd32-q1.
-#                         The q2 cases run on the null backing only; the qcow2
+#                         cases: randread-4k-qd{1,8,32,128}-q1, randread-4k-qd32-q{2,4},
+#                         the same for randwrite (but qd8), read-128k-qd32-q1,
+#                         write-128k-qd32-q1. The q2 cases and randread qd8 run on
+#                         the null backing only; the qcow2
 #                         backings run only rand{read,write}-4k-qd32-q{1,4}.
 #   --placements LIST     comma list of same,split,both (default split, where VMs
 #                         run: the daemon's iothread and the vCPU on different CPUs):
@@ -273,6 +274,7 @@ trap 'INTERRUPTED=1' INT TERM
 # name rw bs iodepth queues
 ALL_CASES=(
     "randread-4k-qd1-q1 randread 4k 1 1"
+    "randread-4k-qd8-q1 randread 4k 8 1"
     "randread-4k-qd32-q1 randread 4k 32 1"
     "randread-4k-qd128-q1 randread 4k 128 1"
     "randread-4k-qd32-q2 randread 4k 32 2"
@@ -289,7 +291,7 @@ ALL_CASES=(
 # The qcow2 backings run only these (4k random, QD32, 1 and 4 queues).
 QCOW2_CASES=" randread-4k-qd32-q1 randread-4k-qd32-q4 randwrite-4k-qd32-q1 randwrite-4k-qd32-q4 "
 # Only the null backing runs these (with q1 and q4: the queue-scaling view).
-NULL_ONLY_CASES=" randread-4k-qd32-q2 randwrite-4k-qd32-q2 "
+NULL_ONLY_CASES=" randread-4k-qd8-q1 randread-4k-qd32-q2 randwrite-4k-qd32-q2 "
 # The fio-host baseline runs for these cases of the disk backing.
 FIO_CASES=" read-128k-qd32-q1 write-128k-qd32-q1 "
 
