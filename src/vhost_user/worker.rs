@@ -184,6 +184,13 @@ impl Poller {
 
     /// End of a period: the cost rule.
     fn review(&mut self) {
+        log::trace!(
+            "poller: cap {} ns, window {} ns, spun {} ns for {} found",
+            self.cap_ns,
+            self.ns,
+            self.spun_ns,
+            self.found
+        );
         if self.spun_ns == 0 && self.found == 0 {
             if self.cap_ns == 0 {
                 self.idle_periods += 1;
@@ -219,8 +226,10 @@ const EARLY: usize = usize::MAX - 1;
 /// qemu-storage-daemon's IOPS); on another CPU, late ones leave the guest
 /// idle until the batch ends and serialise the two (QD32 0.4x late, 1.0x
 /// early). So the tuner measures: every `USE` it serves `PROBE` late, then
-/// `PROBE` early, and keeps the mode that completed more requests. Under a
-/// light load both rates are equal and late, the cheaper, is kept.
+/// `PROBE` early, and keeps the mode that completed more requests over the
+/// last `PAIRS` probe pairs (one 20 ms pair is noisy: a pair that chose late
+/// at QD32 with the iothread polling cost its run 10 %). Under a light load
+/// both rates are equal and late, the cheaper, is kept.
 struct SignalTuner {
     early: bool,
     phase: TunerPhase,
@@ -228,6 +237,10 @@ struct SignalTuner {
     /// Requests completed since `since`.
     done: usize,
     late_rate: f64,
+    /// The last probe pairs' (late, early) rates, and how many are set.
+    pairs: [(f64, f64); SignalTuner::PAIRS],
+    next_pair: usize,
+    set_pairs: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -240,6 +253,7 @@ enum TunerPhase {
 impl SignalTuner {
     const PROBE: Duration = Duration::from_millis(20);
     const USE: Duration = Duration::from_millis(460);
+    const PAIRS: usize = 3;
 
     fn new() -> Self {
         SignalTuner {
@@ -248,6 +262,9 @@ impl SignalTuner {
             since: Instant::now(),
             done: 0,
             late_rate: 0.0,
+            pairs: [(0.0, 0.0); Self::PAIRS],
+            next_pair: 0,
+            set_pairs: 0,
         }
     }
 
@@ -271,11 +288,18 @@ impl SignalTuner {
             }
             TunerPhase::ProbeEarly => {
                 self.phase = TunerPhase::Use;
+                self.pairs[self.next_pair] = (self.late_rate, rate);
+                self.next_pair = (self.next_pair + 1) % Self::PAIRS;
+                self.set_pairs = (self.set_pairs + 1).min(Self::PAIRS);
+                let (late, early) = self.pairs[..self.set_pairs]
+                    .iter()
+                    .fold((0.0, 0.0), |(l, e), &(pl, pe)| (l + pl, e + pe));
                 // A clear win only: measurement noise must not flip modes.
-                self.early = rate > self.late_rate * 1.1;
+                self.early = early > late * 1.1;
                 log::trace!(
-                    "signal tuner: late {:.0}/s, early {rate:.0}/s -> {}",
+                    "signal tuner: late {:.0}/s, early {rate:.0}/s; last {} pairs: late {late:.0}, early {early:.0} -> {}",
                     self.late_rate,
+                    self.set_pairs,
                     if self.early { "early" } else { "late" }
                 );
             }
@@ -1353,14 +1377,22 @@ mod tests {
         // Then probes again, late first.
         end_phase(&mut t, 0);
         assert!(!t.early);
-        // Early not clearly faster (within 10 %): late is kept.
+        // One pair where early is not clearly faster does not flip the
+        // mode: the last pairs together still say early.
         end_phase(&mut t, 1000);
         end_phase(&mut t, 1050);
+        assert!(t.early);
+        // A pair where late is much faster tips the sum: late.
+        end_phase(&mut t, 0);
+        end_phase(&mut t, 3000);
+        end_phase(&mut t, 1000);
         assert!(!t.early);
-        // No load at all: late.
-        end_phase(&mut t, 0);
-        end_phase(&mut t, 0);
-        end_phase(&mut t, 0);
+        // No load at all for three pairs: late.
+        for _ in 0..3 {
+            end_phase(&mut t, 0);
+            end_phase(&mut t, 0);
+            end_phase(&mut t, 0);
+        }
         assert!(!t.early);
         // A phase not over yet does not move.
         assert!(t.phase == TunerPhase::Use);
