@@ -314,7 +314,7 @@ impl VhostUserBackend for VhostUserBlk {
         // asked after this first look, its wake-up may be the one this
         // event consumes: so look again after it.
         if !self.moves.must_retire(thread_id, worker::idle) {
-            super::iothread::on_event(&self.export, thread_id);
+            super::threads::on_event(&self.export.threads, thread_id);
             worker::handle_event(self, device_event, vrings, thread_id);
             if !self.moves.must_retire(thread_id, worker::idle) {
                 // Never return an error otherwise: the library would end

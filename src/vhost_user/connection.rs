@@ -72,7 +72,7 @@ pub struct VhostUserBlk {
     /// The dirty log of live migration (SET_LOG_BASE, LOG_ALL).
     pub(super) dirty: Arc<LogState>,
     /// Its threads being replaced (x-blockdev-set-iothread, iothread.rs).
-    pub(super) moves: super::iothread::Moves,
+    pub(super) moves: super::threads::Moves,
 }
 
 /// An iothread's timerfd, for I/O limits.
@@ -136,7 +136,7 @@ impl VhostUserBlk {
             inflight: Mutex::new(None),
             inflight_gen: AtomicU32::new(0),
             dirty: Arc::default(),
-            moves: super::iothread::Moves::new(threads),
+            moves: super::threads::Moves::new(threads),
         })
     }
 

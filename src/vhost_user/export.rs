@@ -65,8 +65,8 @@ pub struct ExportState {
     writethrough: AtomicBool,
     /// The iothread objects the export's threads run as now, the poll
     /// window they take, the current connection's threads
-    /// (x-blockdev-set-iothread, iothread.rs).
-    pub(super) threads: super::iothread::Threads,
+    /// (x-blockdev-set-iothread, threads.rs and iothread.rs).
+    pub(super) threads: super::threads::Threads,
 }
 
 impl ExportState {
@@ -88,9 +88,44 @@ impl ExportState {
             notifier: Mutex::new(None),
             listener_name: Mutex::new(Vec::new()),
             writethrough: AtomicBool::new(config.writethrough),
-            threads: super::iothread::Threads::new(&config),
+            threads: super::threads::Threads::new(&config),
             config,
         }
+    }
+
+    /// The iothread objects the export's threads run as (empty: none).
+    pub fn iothreads(&self) -> Vec<String> {
+        self.threads.names()
+    }
+
+    /// The ids of the current connection's threads that have started.
+    pub fn thread_ids(&self) -> Vec<i32> {
+        self.threads.ids()
+    }
+
+    /// The poll window of threads that start now.
+    pub(super) fn poll_max_ns(&self) -> u64 {
+        self.threads.poll_max_ns()
+    }
+
+    /// The server's new connection (its threads exist from now on); the
+    /// previous one, if any, has ended.
+    pub(super) fn set_current(&self, c: Box<dyn super::threads::Swap>) {
+        self.threads.set_current(c);
+    }
+
+    /// The connection ends: no move reaches it from now on (one under way
+    /// finishes first), and the threads that replaced the library's end.
+    pub(super) fn end_current(&self) {
+        self.threads.end_current();
+    }
+
+    /// Runs the export as iothread objects `names` (empty: none) with poll
+    /// window `poll_max_ns`: the current connection's threads are replaced
+    /// by new ones (iothread.rs). The caller holds the export in a drained
+    /// section with nothing in flight.
+    pub fn move_to(&self, names: Vec<String>, poll_max_ns: u64) -> Result<(), String> {
+        self.threads.move_to(names, poll_max_ns)
     }
 
     /// The write cache new connections and device resets start with.

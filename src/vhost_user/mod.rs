@@ -29,6 +29,7 @@ mod notify;
 mod server;
 mod shm;
 pub mod sigbus;
+mod threads;
 mod worker;
 
 pub use connection::VhostUserBlk;

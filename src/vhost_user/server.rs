@@ -281,7 +281,10 @@ impl Server {
         backend.publish_wakers().map_err(setup_err)?;
         // From here a move (x-blockdev-set-iothread) replaces these threads.
         self.export
-            .set_current(backend.clone(), daemon.get_epoll_handlers());
+            .set_current(Box::new(super::iothread::Current::new(
+                backend.clone(),
+                daemon.get_epoll_handlers(),
+            )));
         let stream = self.accept_allowed()?;
         daemon
             .start_with_stream(stream)
