@@ -10,8 +10,11 @@
 //!               stop policy's parking, counters, device parameters
 //!   worker.rs   the iothread: pop chains, run request tasks on its
 //!               io_uring, fill the used ring, notify once per batch
-//!   iothread.rs x-blockdev-set-iothread: the iothread objects an export
-//!               runs as; its threads replaced by new ones in a drain
+//!   threads.rs  the iothread objects an export's threads run as, their
+//!               ids, a connection's side of moves (below export.rs and
+//!               connection.rs)
+//!   iothread.rs x-blockdev-set-iothread: a connection's threads replaced
+//!               by new ones in a drain (on top of the connection)
 //!   inflight.rs the inflight buffer (INFLIGHT_SHMFD): which requests a
 //!               restarted daemon resubmits, in which order
 //!   dirty_log.rs the dirty log of live migration (LOG_ALL, LOG_SHMFD)
