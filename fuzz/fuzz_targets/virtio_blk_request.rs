@@ -90,7 +90,7 @@ fuzz_target!(|data: &[u8]| {
     mem.write_slice(&image[..n], GuestAddress(0))
         .expect("image fits the first two regions");
     let atomic = GuestMemoryAtomic::new(mem);
-    let guard = atomic.memory();
+    let guard = std::rc::Rc::new(atomic.memory());
     let blk = backend(flags & 4 == 0);
 
     let rings = Rings::map(&guard, avail, used, queue_size);
