@@ -125,6 +125,12 @@ pub const BASE: &[Syscall] = &[
     sys!(SYS_clock_nanosleep),
     sys!(SYS_nanosleep),
     sys!(SYS_gettimeofday),
+    // An iothread's own involuntary context switches (adaptive polling
+    // stops on a contended CPU).
+    sys!(
+        SYS_getrusage,
+        Allow::If(&[Arg::Eq(0, libc::RUSAGE_THREAD as u64)])
+    ),
     // The log (stderr, a log file or the syslog pipe).
     sys!(SYS_write),
     sys!(SYS_writev),
