@@ -41,7 +41,18 @@ def dirty_flag(img):
 
 
 async def del_export(c, eid):
-    await c.execute("block-export-del", {"id": eid})
+    # The client (vub-bench) has exited, but the daemon may not have seen
+    # its socket close yet: a safe-mode delete is refused until it has
+    # (ours: "has a connected frontend", QEMU: "still in use"). Retry.
+    async with asyncio.timeout(10):
+        while True:
+            try:
+                await c.execute("block-export-del", {"id": eid})
+                break
+            except ExecuteError as e:
+                if "connected frontend" not in str(e) and "in use" not in str(e):
+                    raise
+                await asyncio.sleep(0.05)
     async with asyncio.timeout(10):
         while (await c.events.get())["event"] != "BLOCK_EXPORT_DELETED":
             pass
